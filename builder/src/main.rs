@@ -1,0 +1,4 @@
+//! `farm-builder` binary entry point.
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! `farm-coordinator` binary entry point.
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}
