@@ -12,8 +12,12 @@ pub mod executor;
 pub mod jobs;
 pub mod key;
 pub mod load;
+pub mod local;
+pub mod logs;
 pub mod probe;
+pub mod serve_client;
 pub mod session;
+pub mod transfer;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -112,6 +116,7 @@ pub async fn run(
         "builder capabilities"
     );
     let exec = executor::NixExecutor::new(&config)?;
+    exec.check_store().await?;
     run_with(config, key, caps, exec, shutdown).await
 }
 
