@@ -12,7 +12,7 @@ use common::Fake;
 use common::nixenv::NixEnv;
 use farm_builder::BuilderConfig;
 use farm_proto::v1::coordinator_message::Msg as Down;
-use farm_proto::v1::{CancelJob, Job, JobStatus};
+use farm_proto::v1::{CancelJob, Drain, Job, JobStatus};
 
 const JOBS_NIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jobs.nix");
 
@@ -319,4 +319,61 @@ async fn missing_or_corrupt_inputs_are_input_errors() {
     assert!(r.error_message.contains("hash"), "{r:?}");
     assert!(!b.builder_store.is_valid(&dep));
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn drain_lets_running_builds_finish_and_refuses_new_ones() {
+    let b = start_builder(2).await;
+    let client = Client::new();
+    let running = client.job(&b.fake, "d1", "pause");
+    let later = client.job(&b.fake, "d2", "top");
+    b.fake.send(Down::Job(running)).await;
+    b.fake
+        .wait_for("the build to start", Duration::from_secs(60), |s| {
+            s.logs
+                .get("d1")
+                .is_some_and(|l| String::from_utf8_lossy(l).contains("started"))
+        })
+        .await;
+    b.fake.send(Down::Drain(Drain { draining: true })).await;
+    b.fake.send(Down::Job(later.clone())).await;
+    let r = b.fake.wait_result("d2", Duration::from_secs(30)).await;
+    assert_eq!(r.status, JobStatus::MiscFailure as i32, "{r:?}");
+    assert!(r.error_message.contains("draining"), "{r:?}");
+    assert!(
+        b.fake.result("d1").is_none(),
+        "the running build is not interrupted"
+    );
+    let r = b.fake.wait_result("d1", Duration::from_secs(60)).await;
+    assert_eq!(r.status, JobStatus::Built as i32, "{r:?}");
+    // Undrained, it takes work again.
+    b.fake.send(Down::Drain(Drain { draining: false })).await;
+    let mut again = later;
+    again.job_id = "d3".into();
+    b.fake.send(Down::Job(again)).await;
+    let r = b.fake.wait_result("d3", Duration::from_secs(60)).await;
+    assert_eq!(r.status, JobStatus::Built as i32, "{r:?}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_running_builds_and_reports_them_as_transient() {
+    let b = start_builder(1).await;
+    let client = Client::new();
+    let job = client.job(&b.fake, "s1", "stopme");
+    b.fake.send(Down::Job(job)).await;
+    b.fake
+        .wait_for("the build to start", Duration::from_secs(60), |s| {
+            s.logs
+                .get("s1")
+                .is_some_and(|l| String::from_utf8_lossy(l).contains("started"))
+        })
+        .await;
+    let fake = b.fake.clone();
+    b.shutdown().await;
+    let r = fake
+        .result("s1")
+        .expect("the result is delivered before the builder exits");
+    assert_eq!(r.status, JobStatus::MiscFailure as i32, "{r:?}");
+    assert!(processes_with("sleep 4324").is_empty());
 }

@@ -28,5 +28,7 @@ in {
   slow = mk "slow" "echo started; /bin/sleep 4321; /bin/touch $out";
   quiet = mk "quiet" "echo started; /bin/sleep 4322; /bin/touch $out";
   failing = mk "failing" "echo about to fail; exit 3";
+  pause = mk "pause" "echo started; /bin/sleep 2; echo done > $out";
+  stopme = mk "stopme" "echo started; /bin/sleep 4324; /bin/touch $out";
   cancelme = mk "cancelme" "echo started; /bin/sleep 4323; /bin/touch $out";
 }
