@@ -245,17 +245,26 @@ pub fn validate(c: &BuilderConfig) -> Result<(), BuilderError> {
     if c.max_jobs == Some(0) {
         return Err(BuilderError::Config("max-jobs must be at least 1".into()));
     }
-    if let Some(name) = &c.name
-        && (name.is_empty()
-            || name.len() > 255
-            || name.chars().any(|ch| ch.is_control() || ch.is_whitespace()))
-    {
-        return Err(BuilderError::Config(format!(
-            "invalid builder name {name:?}"
-        )));
-    }
+    check_name(&c.resolved_name())?;
     crate::session::check_url(&c.coordinator, c.ca_cert.is_some())?;
     Ok(())
+}
+
+/// Builder names are 1–64 characters of `A-Z a-z 0-9 . _ -` (what the
+/// coordinator accepts), so a bad one is reported here, before connecting.
+pub fn check_name(name: &str) -> Result<(), BuilderError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BuilderError::Config(format!(
+            "invalid builder name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (set --name)"
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +356,19 @@ mod tests {
         .into_config()
         .unwrap_err();
         assert!(err.to_string().contains("max-jobs"), "{err}");
+        let err = parse(&[
+            "--coordinator",
+            "http://127.0.0.1:1",
+            "--state-dir",
+            "/s",
+            "--name",
+            "a b",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("invalid builder name"), "{err}");
+        assert!(check_name("builder-01.lab_x").is_ok());
+        assert!(check_name(&"x".repeat(65)).is_err());
         let err = parse(&[
             "--coordinator",
             "http://farm.example:7070",

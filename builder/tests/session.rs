@@ -154,3 +154,59 @@ async fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn https_with_the_pinned_certificate_connects_and_another_certificate_does_not() {
+    // Like the coordinator's generated certificate: self-signed, for localhost and loopback IPs.
+    let sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let ck = rcgen::generate_simple_self_signed(sans.clone()).unwrap();
+    let fake = Fake::start_tls(&ck.cert.pem(), &ck.key_pair.serialize_pem()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pinned = dir.path().join("coordinator.pem");
+    std::fs::write(&pinned, ck.cert.pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(sans).unwrap();
+    let wrong = dir.path().join("other.pem");
+    std::fs::write(&wrong, other.cert.pem()).unwrap();
+
+    for (host, ca) in [
+        ("127.0.0.1", &wrong),
+        ("localhost", &pinned),
+        ("127.0.0.1", &pinned),
+    ] {
+        let mut config =
+            BuilderConfig::new(format!("https://{host}:{}", fake.addr.port()), dir.path());
+        config.ca_cert = Some(ca.clone());
+        config.name = Some("tls".into());
+        let key = BuilderKey::load_or_generate(&config.key_path(), "tls")
+            .unwrap()
+            .0;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let before = fake.with(|s| s.sessions);
+        let builder = tokio::spawn(farm_builder::run_with(
+            config,
+            key,
+            caps(),
+            NoBuild,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        if ca == &wrong {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(
+                fake.with(|s| s.sessions),
+                before,
+                "connected despite a wrong pinned certificate"
+            );
+        } else {
+            fake.wait("a TLS session", |s| s.sessions == before + 1)
+                .await;
+        }
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), builder)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}

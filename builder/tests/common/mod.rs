@@ -55,6 +55,18 @@ const TOKEN: &str = "test-session-token";
 
 impl Fake {
     pub async fn start() -> Fake {
+        Self::start_with(None).await
+    }
+
+    /// A stand-in serving TLS with this certificate and key (PEM).
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> Fake {
+        Self::start_with(Some(tonic::transport::Identity::from_pem(
+            cert_pem, key_pem,
+        )))
+        .await
+    }
+
+    async fn start_with(identity: Option<tonic::transport::Identity>) -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
@@ -65,7 +77,13 @@ impl Fake {
             state: state.clone(),
         };
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Some(identity) = identity {
+                server = server
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .unwrap();
+            }
+            server
                 .add_service(
                     BuilderServiceServer::new(svc)
                         .max_decoding_message_size(32 << 20)
