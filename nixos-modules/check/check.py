@@ -195,6 +195,58 @@ def fields_as_sets(line):
     return [set(f.split(",")) if i in (1, 5, 6) else f for i, f in enumerate(line.split(" "))]
 
 
+# ----------------------------------------------------------- hosts
+def check_nixos_host(host, h, store_root, contract_only):
+    check(h["failedAssertions"] == [], f"{host}: no failed assertions {h['failedAssertions']}")
+    for unit, u in sorted(h["services"].items()):
+        sc = u["serviceConfig"]
+        label = f"{host}: {unit}.service"
+        argv = systemd_words(sc["ExecStart"], unit)
+        known = check_command(label, argv, contract_only)
+        kind = "coordinator" if "coordinator" in unit else "builder"
+        check_config_file(label, argv, h["settings"][kind], known, store_root)
+        creds = {c.split(":", 1)[0] for c in sc.get("LoadCredential", [])}
+        cred_dir = f"/run/credentials/{unit}.service/"
+        used = {a[len(cred_dir):] for a in argv if a.startswith(cred_dir)}
+        check(used == creds, f"{label}: credentials used {sorted(used)} are the ones loaded {sorted(creds)}")
+        check(sc["User"] not in ("root", None) and u["user"] and u["user"]["isSystemUser"],
+              f"{label}: runs as its own system user {sc['User']}")
+        check(sc["StateDirectory"] and sc["ProtectSystem"] == "strict" and sc["NoNewPrivileges"]
+              and sc["ProtectHome"] and sc["PrivateTmp"] and sc["PrivateDevices"],
+              f"{label}: StateDirectory={sc['StateDirectory']}, ProtectSystem=strict, NoNewPrivileges, ProtectHome, PrivateTmp, PrivateDevices")
+        for kf, keys in sorted(h["keys"].items()):
+            flag = "--" + kf.replace("_", "-")
+            if keys:
+                with open(store_root + argv[argv.index(flag) + 1]) as f:
+                    check(f.read().splitlines() == keys, f"{label}: {flag} file holds exactly the {len(keys)} {kf}")
+            else:
+                check(flag not in argv, f"{label}: no {flag} when none are configured")
+
+
+def check_client(host, c, expected, farm_host, host_key):
+    check(len(c["buildMachines"]) == 1 and c["distributedBuilds"], f"{host}: one build machine, distributedBuilds on")
+    m = c["buildMachines"][0]
+    line = nixos_machines_line(m)
+    print(f"      {host} /etc/nix/machines:  {line}")
+    if m["sshKey"] is None:
+        check(line == expected, f"{host}: machines line is byte-identical to `farm machines`")
+    else:
+        want, got = fields_as_sets(expected), fields_as_sets(line)
+        want[2] = m["sshKey"]
+        check(got == want, f"{host}: machines line equals `farm machines` but for its own ssh key {m['sshKey']}")
+    if host_key:
+        check(base64.b64decode(m["publicHostKey"]).decode() == host_key,
+              f"{host}: publicHostKey is base64 of the coordinator's host key line")
+        check(any(k["publicKey"] == host_key for k in c["knownHosts"].values()), f"{host}: host key in known hosts")
+    s = c["nixSettings"]
+    check(s["substituters"] == [f"http://{farm_host}:7080"], f"{host}: farm cache is a substituter {s['substituters']}")
+    check(len(s["trusted-public-keys"]) == 1 and re.fullmatch(r"[^:]+:[A-Za-z0-9+/]{43}=", s["trusted-public-keys"][0]),
+          f"{host}: farm cache key trusted {s['trusted-public-keys']}")
+    check(s.get("builders-use-substitutes") is True, f"{host}: builders-use-substitutes = true")
+    check(f"Host {farm_host}\n  Port 7022\n  HostKeyAlias {farm_host}\n" in c["sshConfig"],
+          f"{host}: ssh_config sends {farm_host} to port 7022")
+
+
 # ----------------------------------------------------------- docs
 def render_value(v):
     if isinstance(v, dict) and v.get("_type") in ("literalExpression", "literalMD"):
@@ -239,30 +291,7 @@ def main():
 
     print("== services")
     for host, h in sorted(d["nixos"].items()):
-        check(h["failedAssertions"] == [], f"{host}: no failed assertions {h['failedAssertions']}")
-        for unit, u in sorted(h["services"].items()):
-            sc = u["serviceConfig"]
-            label = f"{host}: {unit}.service"
-            argv = systemd_words(sc["ExecStart"], unit)
-            known = check_command(label, argv, contract_only)
-            kind = "coordinator" if "coordinator" in unit else "builder"
-            check_config_file(label, argv, h["settings"][kind], known, store_root)
-            creds = {c.split(":", 1)[0] for c in sc.get("LoadCredential", [])}
-            cred_dir = f"/run/credentials/{unit}.service/"
-            used = {a[len(cred_dir):] for a in argv if a.startswith(cred_dir)}
-            check(used == creds, f"{label}: credentials used {sorted(used)} are the ones loaded {sorted(creds)}")
-            check(sc["User"] not in ("root", None) and u["user"] and u["user"]["isSystemUser"],
-                  f"{label}: runs as its own system user {sc['User']}")
-            check(sc["StateDirectory"] and sc["ProtectSystem"] == "strict" and sc["NoNewPrivileges"]
-                  and sc["ProtectHome"] and sc["PrivateTmp"] and sc["PrivateDevices"],
-                  f"{label}: StateDirectory={sc['StateDirectory']}, ProtectSystem=strict, NoNewPrivileges, ProtectHome, PrivateTmp, PrivateDevices")
-            for kf, keys in h["keys"].items():
-                flag = "--" + kf.replace("_", "-")
-                if keys:
-                    with open(store_root + argv[argv.index(flag) + 1]) as f:
-                        check(f.read().splitlines() == keys, f"{label}: {flag} file holds exactly {kf}")
-                else:
-                    check(flag not in argv, f"{label}: no {flag} when none are configured")
+        check_nixos_host(host, h, store_root, contract_only)
 
     mac = d["darwin"]["mac"]
     sc = mac["launchd"]["nix-farm-builder"]["serviceConfig"]
@@ -276,26 +305,27 @@ def main():
     expected = farm_machines_line(d["farmHost"], d["farmHostKey"], d["advertised"])
     print("      farm machines (expected): " + expected)
     for host in ("client", "client-hostkey"):
-        c = d["nixos"][host]
-        check(len(c["buildMachines"]) == 1 and c["distributedBuilds"], f"{host}: one build machine, distributedBuilds on")
-        m = c["buildMachines"][0]
-        line = nixos_machines_line(m)
-        print(f"      {host} /etc/nix/machines:  {line}")
-        if m["sshKey"] is None:
-            check(line == expected, f"{host}: machines line is byte-identical to `farm machines`")
-        else:
-            want, got = fields_as_sets(expected), fields_as_sets(line)
-            want[2] = m["sshKey"]
-            check(got == want, f"{host}: machines line equals `farm machines` but for its own ssh key {m['sshKey']}")
-        check(base64.b64decode(m["publicHostKey"]).decode() == d["farmHostKey"],
-              f"{host}: publicHostKey is base64 of the coordinator's host key line")
-        s = c["nixSettings"]
-        check(s["substituters"] == [f"http://{d['farmHost']}:7080"], f"{host}: farm cache is a substituter {s['substituters']}")
-        check(len(s["trusted-public-keys"]) == 1 and s["trusted-public-keys"][0].startswith(d["farmHost"]),
-              f"{host}: farm cache key trusted {s['trusted-public-keys']}")
-        check(s.get("builders-use-substitutes") is True, f"{host}: builders-use-substitutes = true")
-        check(f"Host {d['farmHost']}\n  Port 7022\n" in c["sshConfig"], f"{host}: ssh_config sends {d['farmHost']} to port 7022")
-        check(any(k["publicKey"] == d["farmHostKey"] for k in c["knownHosts"].values()), f"{host}: host key in known hosts")
+        check_client(host, d["nixos"][host], expected, d["farmHost"], d["farmHostKey"])
+
+    print("== flake.nix: the VM test's nodes (nixos-modules/tests/farm.nix)")
+    vm = d["vmTest"]
+    check(sorted(vm["nodes"]) == ["builder1", "builder2", "client", "coordinator"],
+          f"VM test has a coordinator, two builders and a client: {sorted(vm['nodes'])}")
+    for host, h in sorted(vm["nodes"].items()):
+        check_nixos_host("vm " + host, h, store_root, contract_only)
+    expected = farm_machines_line("coordinator", None, vm["advertised"])
+    print("      farm machines (expected): " + expected)
+    check_client("vm client", vm["nodes"]["client"], expected, "coordinator", None)
+    check(vm["clientEtc"]["nix-farm/client_ed25519"]["mode"] == "0600", "vm client: its SSH key is copied out of the store, mode 0600")
+
+    print("== flake.nix: nixosModules.default, darwinModules.builder")
+    fm = d["flakeModules"]
+    for unit, u in sorted(fm["nixos"]["services"].items()):
+        argv0 = systemd_words(u["serviceConfig"]["ExecStart"], unit)[0]
+        check(argv0.startswith(d["packageDir"] + "/bin/"), f"nixosModules.default: {unit} runs the flake's package ({argv0})")
+    check(sorted(fm["nixos"]["services"]) == ["nix-farm-builder", "nix-farm-coordinator"],
+          "nixosModules.default: coordinator and builder services")
+    check(fm["darwin"][0] == d["packageDir"] + "/bin/farm-builder", f"darwinModules.builder runs the flake's package ({fm['darwin'][0]})")
 
     print("== configurations that must be refused")
     for name, failed in sorted(d["refused"].items()):

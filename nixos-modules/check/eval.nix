@@ -24,7 +24,12 @@ let
     inherit name outPath;
   };
   pkgs = {
+    stdenv.hostPlatform.system = "x86_64-linux";
     nix-farm = fakePackage "nix-farm" packageDir;
+    openssl = fakePackage "openssl" "/nix/store/00000000000000000000000000000000-openssl";
+    curl = fakePackage "curl" "/nix/store/00000000000000000000000000000000-curl";
+    # The VM test's build-time TLS material: only its path matters here.
+    runCommand = name: _env: _script: fakePackage name "/nix/store/00000000000000000000000000000000-${name}";
     # Evaluated with --read-write-mode into a throw-away chroot store, so the
     # check can read back every generated file.
     writeText = name: text: builtins.toFile name text;
@@ -242,6 +247,55 @@ let
       };
     };
 
+  # What the VM test's nodes set besides the farm options.
+  testStandIns =
+    { ... }:
+    {
+      options.environment.etc = mkOption {
+        type = types.attrsOf loose;
+        default = { };
+      };
+      options.environment.systemPackages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+      };
+    };
+
+  # flake.nix's outputs, with nixpkgs standing in as its lib and the package
+  # as the stand-in one.
+  flake =
+    let
+      outputs = (import ../../flake.nix).outputs {
+        self = flake;
+        nixpkgs = {
+          inherit lib;
+          legacyPackages = throw "the check evaluates no nixpkgs packages";
+        };
+      };
+    in
+    outputs
+    // {
+      packages = lib.genAttrs [ "x86_64-linux" "aarch64-darwin" ] (_: {
+        default = pkgs.nix-farm;
+      });
+    };
+
+  # The nodes of the VM test (nixos-modules/tests/farm.nix), through the
+  # flake's nixosModules.
+  vmTest = import ../tests/farm.nix { modules = flake.nixosModules; } { inherit pkgs lib; };
+  vmNodes = lib.mapAttrs (
+    name: node:
+    lib.evalModules {
+      modules = [
+        nixosStandIns
+        testStandIns
+        node
+        # The test driver names each machine after its node.
+        { networking.hostName = lib.mkDefault name; }
+      ];
+    }
+  ) vmTest.nodes;
+
   nixos =
     modules:
     lib.evalModules {
@@ -445,19 +499,27 @@ let
 
   enabledFarmServices =
     h:
-    lib.filterAttrs (_: c: c.enable) {
-      inherit (h.config.services.nix-farm) coordinator builder;
-    };
+    lib.filterAttrs (_: c: c.enable) (
+      builtins.intersectAttrs {
+        coordinator = null;
+        builder = null;
+      } h.config.services.nix-farm
+    );
 
   nixosSummary = h: {
     services = systemdUnits h;
     # What the generated files must hold.
     settings = lib.mapAttrs (_: c: c.settings) (enabledFarmServices h);
-    keys = lib.optionalAttrs h.config.services.nix-farm.coordinator.enable {
-      authorized_keys = h.config.services.nix-farm.coordinator.authorizedKeys.keys;
-      admin_keys = h.config.services.nix-farm.coordinator.adminKeys.keys;
-      builder_keys = h.config.services.nix-farm.coordinator.builderKeys.keys;
-    };
+    keys =
+      let
+        c = h.config.services.nix-farm.coordinator;
+        lines = k: k.keys ++ lib.concatMap (f: lib.splitString "\n" (lib.fileContents f)) k.keyFiles;
+      in
+      lib.optionalAttrs (enabledFarmServices h ? coordinator) {
+        authorized_keys = lines c.authorizedKeys;
+        admin_keys = lines c.adminKeys;
+        builder_keys = lines c.builderKeys;
+      };
     nixSettings = h.config.nix.settings;
     firewall = h.config.networking.firewall.allowedTCPPorts;
     buildMachines = h.config.nix.buildMachines;
@@ -474,7 +536,7 @@ let
     );
 in
 {
-  inherit farmHost farmHostKey advertised;
+  inherit farmHost farmHostKey advertised packageDir;
   nixos = lib.mapAttrs (_: nixosSummary) (
     builtins.removeAttrs hosts [ "mac" ] // clients
   );
@@ -486,6 +548,51 @@ in
     failedAssertions = failedAssertions hosts.mac;
   };
   refused = lib.mapAttrs (_: failedAssertions) refused;
+  vmTest = {
+    nodes = lib.mapAttrs (_: nixosSummary) vmNodes;
+    advertised = lib.mapAttrs (_: h: {
+      inherit (h.config.services.nix-farm.builder)
+        systems
+        maxJobs
+        speedFactor
+        supportedFeatures
+        mandatoryFeatures
+        ;
+    }) { inherit (vmNodes) builder1 builder2; };
+    clientEtc = vmNodes.client.config.environment.etc;
+  };
+  # nixosModules.default and darwinModules.builder from flake.nix, used as a
+  # host would, with the package defaulting to the flake's.
+  flakeModules = {
+    nixos = nixosSummary (
+      lib.evalModules {
+        modules = [
+          nixosStandIns
+          flake.nixosModules.default
+          {
+            services.nix-farm.coordinator.enable = true;
+            services.nix-farm.builder = {
+              enable = true;
+              coordinator = "https://${farmHost}:7070";
+            };
+          }
+        ];
+      }
+    );
+    darwin =
+      (lib.evalModules {
+        modules = [
+          darwinStandIns
+          flake.darwinModules.builder
+          {
+            services.nix-farm.builder = {
+              enable = true;
+              coordinator = "https://${farmHost}:7070";
+            };
+          }
+        ];
+      }).config.launchd.daemons.nix-farm-builder.serviceConfig.ProgramArguments;
+  };
   docs = {
     nixos = docsOf (nixos [ ]);
     darwin = docsOf (darwin [ ]);
