@@ -139,7 +139,8 @@ def check_command(label, argv, contract_only):
     unknown = sorted(set(used) - known)
     check(not unknown and source != "missing",
           f"{label}: flags {sorted(set(used))} are all in {name}'s "
-          + ("--help" if source == "binary" else "contract list (NOT the real binary)")
+          + {"binary": "--help", "contract": "contract list (NOT the real binary)",
+             "missing": "--help (binary missing)"}[source]
           + (f"; unknown: {unknown}" if unknown else ""))
     if source == "binary":
         res = run(argv + ["--help"])
