@@ -7,4 +7,5 @@ pub mod grpc;
 pub mod http;
 pub mod keys;
 pub mod scheduler;
+pub mod ssh;
 pub mod state;
