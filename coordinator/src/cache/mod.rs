@@ -22,7 +22,6 @@ mod storage;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_compression::Level;
 use async_compression::tokio::bufread::ZstdDecoder;
@@ -144,13 +143,6 @@ fn log_key(drv: &StorePath) -> ObjectPath {
     ObjectPath::from(format!("log/{}", drv.base_name()))
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Cache {
     /// Open (or create) the cache: connect its storage, delete temporary
     /// objects left by uploads a crash interrupted, and load the narinfo index.
@@ -240,11 +232,18 @@ impl Cache {
     }
 
     /// Which of `paths` are present.
-    pub async fn valid_paths(&self, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, CacheError> {
+    pub async fn valid_paths(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, CacheError> {
         let index = self.read_index();
         Ok(paths
             .iter()
-            .filter(|p| index.get(p.hash_part()).is_some_and(|ni| &ni.info.path == *p))
+            .filter(|p| {
+                index
+                    .get(p.hash_part())
+                    .is_some_and(|ni| &ni.info.path == *p)
+            })
             .cloned()
             .collect())
     }
@@ -348,7 +347,8 @@ impl Cache {
             rand::random::<u64>()
         ));
         let store = &self.inner.store;
-        let (file_hash, file_size) = match self.upload_nar(&claimed, &mut nar, &limits, &tmp).await {
+        let (file_hash, file_size) = match self.upload_nar(&claimed, &mut nar, &limits, &tmp).await
+        {
             Ok(v) => v,
             Err(e) => {
                 // The upload was aborted; make sure nothing stays behind.
@@ -370,7 +370,8 @@ impl Cache {
             deriver: claimed.deriver.clone(),
             nar_hash: claimed.nar_hash.clone(),
             references: claimed.references.clone(),
-            registration_time: now_secs(),
+            // A narinfo does not carry it; 0 keeps index and storage identical.
+            registration_time: 0,
             nar_size: claimed.nar_size,
             ultimate: false,
             sigs: BTreeSet::new(),
@@ -386,7 +387,10 @@ impl Cache {
         };
         let text = narinfo.render();
         if let Err(e) = store
-            .put(&narinfo_key(claimed.path.hash_part()), PutPayload::from(text.into_bytes()))
+            .put(
+                &narinfo_key(claimed.path.hash_part()),
+                PutPayload::from(text.into_bytes()),
+            )
             .await
         {
             // Unpublished: drop the NAR object unless another narinfo uses it
@@ -480,7 +484,11 @@ impl Cache {
     }
 
     fn path_lock(&self, hash_part: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.inner.ingesting.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .inner
+            .ingesting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(lock) = map.get(hash_part).and_then(Weak::upgrade) {
             return lock;
         }
@@ -599,7 +607,10 @@ async fn load_index(
                     .and_then(|s| NarInfo::parse(s).map_err(|e| e.to_string()));
                 match parsed {
                     Ok(ni) if format!("{}.narinfo", ni.info.path.hash_part()) == key.as_ref() => {
-                        Ok::<_, CacheError>(Some((ni.info.path.hash_part().to_string(), Arc::new(ni))))
+                        Ok::<_, CacheError>(Some((
+                            ni.info.path.hash_part().to_string(),
+                            Arc::new(ni),
+                        )))
                     }
                     Ok(_) => {
                         tracing::warn!(object = %key, "narinfo names another path; ignored");
@@ -617,3 +628,6 @@ async fn load_index(
         .await?;
     Ok(loaded.into_iter().flatten().collect())
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

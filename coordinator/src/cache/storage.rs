@@ -96,7 +96,8 @@ fn parse_credentials(text: &str) -> Result<S3Credentials, String> {
 }
 
 fn read_credentials(path: &Path) -> Result<S3Credentials, CacheError> {
-    let bad = |why: String| CacheError::Config(format!("S3 credentials file {}: {why}", path.display()));
+    let bad =
+        |why: String| CacheError::Config(format!("S3 credentials file {}: {why}", path.display()));
     let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if meta.len() > MAX_CREDENTIALS_FILE {
         return Err(bad("too large".into()));
@@ -182,7 +183,9 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(w.storage, StorageConfig::S3 { ref bucket, .. } if bucket == "b"));
-        assert!(toml::from_str::<W>("[storage]\ntype = \"s3\"\nbucket = \"b\"\nbogus = 1\n").is_err());
+        assert!(
+            toml::from_str::<W>("[storage]\ntype = \"s3\"\nbucket = \"b\"\nbogus = 1\n").is_err()
+        );
     }
 
     #[test]
