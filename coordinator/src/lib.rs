@@ -9,3 +9,4 @@ pub mod keys;
 pub mod scheduler;
 pub mod ssh;
 pub mod state;
+pub mod stdio;

@@ -163,3 +163,59 @@ async fn real_ssh_client_runs_routed_commands() {
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn stdio_relay_carries_streams_and_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nix.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(farm_coordinator::stdio::serve(
+        listener,
+        Arc::new(Echo),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = farm_coordinator::stdio::relay(
+        &sock,
+        "nix-daemon --stdio",
+        "alice",
+        &b"ping"[..],
+        &mut out,
+        &mut err,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, out.as_slice(), err.as_slice()),
+        (3, &b"Daemon:ping"[..], &b"hello on stderr\n"[..])
+    );
+
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code =
+        farm_coordinator::stdio::relay(&sock, "rm -rf /", "alice", &b""[..], &mut out, &mut err)
+            .await
+            .unwrap();
+    assert_eq!(code, 127);
+    assert!(out.is_empty());
+    assert!(String::from_utf8_lossy(&err).contains("only runs"));
+
+    let missing = dir.path().join("nope.sock");
+    let e = farm_coordinator::stdio::relay(
+        &missing,
+        "nix-daemon --stdio",
+        "a",
+        &b""[..],
+        Vec::new(),
+        Vec::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("is farm-coordinator running"), "{e}");
+
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
