@@ -127,8 +127,6 @@ const UPLOAD_CHUNK: usize = 8 << 20;
 const UPLOAD_CONCURRENCY: usize = 4;
 /// narinfo objects read at once when the cache opens.
 const LOAD_CONCURRENCY: usize = 32;
-/// Largest narinfo object read back from storage.
-const MAX_NARINFO_SIZE: u64 = 1 << 20;
 /// Longest content-address string accepted from an uploader.
 const MAX_CA_LEN: usize = 512;
 
@@ -594,7 +592,10 @@ async fn load_index(
     let keys: Vec<_> = listing
         .objects
         .into_iter()
-        .filter(|m| m.location.as_ref().ends_with(".narinfo") && m.size <= MAX_NARINFO_SIZE)
+        .filter(|m| {
+            m.location.as_ref().ends_with(".narinfo")
+                && m.size <= farm_nix::narinfo::MAX_NARINFO_SIZE as u64
+        })
         .map(|m| m.location)
         .collect();
     let loaded: Vec<Option<(String, Arc<NarInfo>)>> = futures::stream::iter(keys)
@@ -602,9 +603,7 @@ async fn load_index(
             let store = store.clone();
             async move {
                 let bytes = store.get(&key).await?.bytes().await?;
-                let parsed = std::str::from_utf8(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| NarInfo::parse(s).map_err(|e| e.to_string()));
+                let parsed = NarInfo::parse_bytes(&bytes);
                 match parsed {
                     Ok(ni) if format!("{}.narinfo", ni.info.path.hash_part()) == key.as_ref() => {
                         Ok::<_, CacheError>(Some((
