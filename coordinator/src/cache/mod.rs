@@ -146,6 +146,19 @@ impl Cache {
     /// objects left by uploads a crash interrupted, and load the narinfo index.
     pub async fn open(config: CacheConfig, signing_key: SigningKey) -> Result<Cache, CacheError> {
         let store = config.storage.build()?;
+        if let StorageConfig::Local { root } = &config.storage {
+            // object_store's listing hides a local store's staging files
+            // (`name#N`) of interrupted uploads: clear the directory itself.
+            match std::fs::remove_dir_all(root.join("tmp")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(CacheError::Config(format!(
+                        "clearing {}: {e}",
+                        root.join("tmp").display()
+                    )));
+                }
+                _ => {}
+            }
+        }
         Cache::with_store(config, store, signing_key).await
     }
 
@@ -345,11 +358,17 @@ impl Cache {
             rand::random::<u64>()
         ));
         let store = &self.inner.store;
+        // Deletes `tmp` if this future is dropped (cancelled) before it is renamed.
+        let mut guard = TmpGuard {
+            store: store.clone(),
+            path: Some(tmp.clone()),
+        };
         let (file_hash, file_size) = match self.upload_nar(&claimed, &mut nar, &limits, &tmp).await
         {
             Ok(v) => v,
             Err(e) => {
                 // The upload was aborted; make sure nothing stays behind.
+                guard.path = None;
                 if let Err(de) = ignore_not_found(store.delete(&tmp).await) {
                     tracing::warn!(object = %tmp, error = %de, "cannot delete failed upload");
                 }
@@ -358,7 +377,9 @@ impl Cache {
         };
 
         let nar_obj = nar_key(&file_hash);
-        if let Err(e) = store.rename(&tmp, &nar_obj).await {
+        let renamed = store.rename(&tmp, &nar_obj).await;
+        guard.path = None;
+        if let Err(e) = renamed {
             let _ = ignore_not_found(store.delete(&tmp).await);
             return Err(e.into());
         }
@@ -444,8 +465,10 @@ impl Cache {
             }
             return Err(e);
         }
+        // Completes the upload. On failure the writer cleans up after itself
+        // (and must not be aborted: `BufWriter::abort` panics once shut down);
+        // the caller still deletes `tmp`.
         if let Err(e) = zstd.shutdown().await {
-            let _ = zstd.get_mut().inner_mut().abort().await;
             return Err(CacheError::StorageIo(e));
         }
         Ok(zstd.into_inner().finish())
@@ -556,6 +579,29 @@ impl Cache {
             });
         }
         Ok(Some(log))
+    }
+}
+
+/// Deletes a temporary object in the background when dropped while still armed
+/// (`path` is `Some`): an ingest whose future was cancelled mid-upload.
+struct TmpGuard {
+    store: Arc<dyn ObjectStore>,
+    path: Option<ObjectPath>,
+}
+
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        let Some(path) = self.path.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = ignore_not_found(store.delete(&path).await) {
+                    tracing::warn!(object = %path, error = %e, "cannot delete cancelled upload");
+                }
+            });
+        }
     }
 }
 

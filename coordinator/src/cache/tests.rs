@@ -31,6 +31,15 @@ pub(crate) fn sample_nar(seed: &str) -> Vec<u8> {
     nix_dump(&root)
 }
 
+/// Incompressible bytes, so that a NAR holding them stays larger than one
+/// upload chunk after zstd and goes up as a multipart upload.
+fn random_bytes(n: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
 pub(crate) fn nix_dump(path: &Path) -> Vec<u8> {
     let out = std::process::Command::new("nix-store")
         .arg("--dump")
@@ -269,9 +278,7 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     // A larger-than-one-chunk upload that breaks off late also leaves nothing.
     let big_dir = tempfile::tempdir().unwrap();
     let big_file = big_dir.path().join("big");
-    let data: Vec<u8> = (0..12_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data = random_bytes(12_000_000);
     std::fs::write(&big_file, &data).unwrap();
     let big_nar = nix_dump(&big_file);
     let cut = &big_nar[..big_nar.len() - 100];
@@ -353,11 +360,15 @@ async fn local_store_reopens_with_its_index_and_sweeps_leftovers() {
     let leftover = dir.path().join("cache/tmp/xyz.nar.zst");
     std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
     std::fs::write(&leftover, b"partial").unwrap();
+    // A local store's multipart staging file (object_store's listing hides those).
+    let staging = dir.path().join("cache/tmp/abc.nar.zst#1");
+    std::fs::write(&staging, b"partial").unwrap();
     // Garbage beside the narinfos is ignored, not fatal.
     std::fs::write(dir.path().join("cache/junk.narinfo"), b"not a narinfo").unwrap();
 
     let cache = Cache::open(config, k).await.unwrap();
     assert!(!leftover.exists());
+    assert!(!staging.exists());
     assert_eq!(cache.len(), 1);
     assert_eq!(cache.path_info(&path).await.unwrap(), Some(info));
     let back = read_all(cache.nar_reader(&path).await.unwrap().unwrap()).await;
@@ -405,4 +416,88 @@ async fn config_is_checked() {
     assert_eq!(c.zstd_level, 9);
     assert_eq!(c.priority, 30);
     assert!(c.want_mass_query);
+}
+
+#[tokio::test]
+async fn storage_failures_are_server_errors_and_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let cache = Cache::open(CacheConfig::local(&root), key()).await.unwrap();
+    // Make every temporary upload fail: `tmp` is a file, not a directory.
+    std::fs::write(root.join("tmp"), b"in the way").unwrap();
+
+    let small = sample_nar("small");
+    let big_dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(10_000_000);
+    std::fs::write(big_dir.path().join("big"), &data).unwrap();
+    let big = nix_dump(&big_dir.path().join("big"));
+    for (path, nar) in [(sp('g', "small"), &small), (sp('h', "big"), &big)] {
+        let e = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap_err();
+        assert!(
+            !e.is_client_error(),
+            "{path}: storage failure blamed on the client: {e}"
+        );
+        assert_eq!(e.http_status(), 500);
+        assert!(cache.narinfo(&path).is_none());
+        assert_eq!(files_on_disk(&root), ["tmp".to_string()].into());
+    }
+
+    std::fs::remove_file(root.join("tmp")).unwrap();
+    let path = sp('h', "big");
+    cache.ingest(claim(&path, &big), &big[..]).await.unwrap();
+    assert!(cache.narinfo(&path).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let cache = Cache::open(CacheConfig::local(&root), key()).await.unwrap();
+    let big_dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(12_000_000);
+    std::fs::write(big_dir.path().join("big"), &data).unwrap();
+    let big = Arc::new(nix_dump(&big_dir.path().join("big")));
+    let path = sp('i', "cancelled");
+
+    // The uploader sends 10 MB, then stalls; the connection is then dropped.
+    let (mut w, r) = tokio::io::duplex(1 << 16);
+    let feed = big.clone();
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&feed[..10_000_000]).await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let task = {
+        let (cache, path, big) = (cache.clone(), path.clone(), big.clone());
+        tokio::spawn(async move { cache.ingest(claim(&path, &big), r).await })
+    };
+    let in_flight = |root: &Path| {
+        files_on_disk(root)
+            .into_iter()
+            .any(|f| f.starts_with("tmp/"))
+    };
+    let mut waited = 0;
+    while !in_flight(&root) {
+        assert!(waited < 200, "the upload never reached the disk");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    feeder.abort();
+    let mut waited = 0;
+    while !files_on_disk(&root).is_empty() {
+        assert!(waited < 100, "left behind: {:?}", files_on_disk(&root));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(cache.narinfo(&path).is_none());
+    // The path's lock was released with the cancelled ingest.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        cache.ingest(claim(&path, &big), &big[..]),
+    )
+    .await
+    .expect("the path stayed locked")
+    .unwrap();
 }
