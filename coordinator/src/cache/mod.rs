@@ -314,7 +314,7 @@ impl Cache {
         }
     }
 
-    /// The compressed NAR object `nar/<name>` for HTTP, `None` if absent.
+    /// The key of the compressed NAR object `nar/<name>`, for HTTP.
     /// `name` must already be validated (`<nix32 sha256>.nar.zst`).
     pub(crate) fn nar_object_key(name: &str) -> ObjectPath {
         ObjectPath::from(format!("nar/{name}"))
@@ -324,6 +324,12 @@ impl Cache {
     /// exactly one NAR from `nar` (not a byte past its end) and returns the
     /// published info: `claimed`'s path, deriver, references, CA and NAR hash/size,
     /// with the uploader's signatures replaced by the cache's own.
+    ///
+    /// If the path is already present, the upload is still read and checked
+    /// against its own claim, and the info already published is returned (its
+    /// NAR hash may differ from the claim's if the path was built twice,
+    /// non-deterministically). The NAR is bounded by the claimed size while it
+    /// streams. Cancel-safe: a dropped ingest deletes its temporary object.
     pub async fn ingest(
         &self,
         claimed: ValidPathInfo,
