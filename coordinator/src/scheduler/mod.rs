@@ -684,7 +684,8 @@ impl Scheduler {
     }
 
     /// End a build: record, notify, release or fail dependents, close submissions.
-    fn finish(&mut self, id: BuildId, outcome: Outcome, error: Option<String>, now: i64) {
+    fn finish(&mut self, id: BuildId, outcome: Outcome, error: Option<String>, now: i64) -> u32 {
+        let mut ended = 0;
         let mut work = vec![(id, outcome, error)];
         let mut touched_subs: BTreeSet<SubmissionId> = BTreeSet::new();
         while let Some((id, outcome, error)) = work.pop() {
@@ -700,6 +701,7 @@ impl Scheduler {
                     e.running.remove(&id);
                 }
             }
+            ended += 1;
             b.rec.error = error.clone();
             b.rec.finished_ms = Some(now);
             touched_subs.extend(b.rec.submissions.iter().copied());
@@ -757,6 +759,7 @@ impl Scheduler {
         for sid in touched_subs {
             self.check_submission(sid, now);
         }
+        ended
     }
 
     fn check_submission(&mut self, sid: SubmissionId, _now: i64) {
@@ -1181,8 +1184,12 @@ impl Scheduler {
                 }
                 self.finish(id, Outcome::Built, None, now);
             }
-            JobEnd::Failed(msg) => self.finish(id, Outcome::Failed, Some(msg), now),
-            JobEnd::TimedOut(msg) => self.finish(id, Outcome::TimedOut, Some(msg), now),
+            JobEnd::Failed(msg) => {
+                self.finish(id, Outcome::Failed, Some(msg), now);
+            }
+            JobEnd::TimedOut(msg) => {
+                self.finish(id, Outcome::TimedOut, Some(msg), now);
+            }
             JobEnd::Transient(msg) => {
                 if let Some(b) = self.builds.get_mut(&id) {
                     b.rec.error = Some(msg.clone());
@@ -1209,16 +1216,7 @@ impl Scheduler {
                 job_id: job_id.clone(),
             });
         }
-        let before = self.count_terminal();
-        self.finish(id, Outcome::Cancelled, Some("cancelled".into()), now);
-        (self.count_terminal() - before) as u32
-    }
-
-    fn count_terminal(&self) -> usize {
-        self.builds
-            .values()
-            .filter(|b| b.rec.state.is_terminal())
-            .count()
+        self.finish(id, Outcome::Cancelled, Some("cancelled".into()), now)
     }
 
     /// Cancel a submission: builds only it needs are cancelled; shared builds go
