@@ -10,6 +10,8 @@
 //! state-dir = "/var/lib/farm"
 //! grpc = "0.0.0.0:7070"
 //! builder-keys = "/etc/farm/builder_keys"
+//! [cache]                # optional: the cache's own settings (`cache::CacheConfig`)
+//! zstd_level = 3
 //! [cache.storage]        # optional; default: a local directory in the state dir
 //! type = "s3"
 //! bucket = "nix-farm"
@@ -23,6 +25,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::CoordinatorError;
+use crate::cache::CacheConfig;
 
 /// Default gRPC listen address.
 pub const DEFAULT_GRPC: &str = "127.0.0.1:7070";
@@ -82,10 +85,10 @@ pub struct Args {
     /// Directory of the local cache [default: STATE_DIR/cache].
     #[arg(long, env = "FARM_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// zstd level for stored NARs [default: 3].
+    /// zstd level for stored NARs and logs [default: 3].
     #[arg(long, env = "FARM_ZSTD_LEVEL", value_name = "N")]
     pub zstd_level: Option<i32>,
-    /// Priority advertised in nix-cache-info [default: 40].
+    /// Priority advertised in nix-cache-info; lower is preferred [default: 30].
     #[arg(long, env = "FARM_CACHE_PRIORITY", value_name = "N")]
     pub cache_priority: Option<u32>,
     /// Nix clients and CLI users (OpenSSH authorized_keys format).
@@ -123,14 +126,6 @@ pub struct Args {
     pub recent_builder_window: Option<u64>,
 }
 
-/// The cache section of the TOML file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileCache {
-    /// Handed to the cache's own `StorageConfig` (which refuses unknown keys too).
-    pub storage: Option<toml::Value>,
-}
-
 /// The TOML file: the same settings as the flags, by their long names.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -156,7 +151,9 @@ pub struct FileConfig {
     pub max_retries: Option<u32>,
     pub unschedulable_wait: Option<u64>,
     pub recent_builder_window: Option<u64>,
-    pub cache: Option<FileCache>,
+    /// The cache's own `CacheConfig` (which refuses unknown keys too); its
+    /// `storage` defaults to the local directory.
+    pub cache: Option<toml::Table>,
 }
 
 /// Everything the coordinator runs with, resolved.
@@ -169,12 +166,8 @@ pub struct CoordinatorConfig {
     pub public_host: Option<String>,
     pub cache_key_name: Option<String>,
     pub cache_key_file: Option<PathBuf>,
-    /// Object storage for the cache (`[cache.storage]` of the file, the cache's
-    /// `StorageConfig`); `None` = local directory `cache_dir`.
-    pub cache_storage: Option<toml::Value>,
-    pub cache_dir: Option<PathBuf>,
-    pub zstd_level: i32,
-    pub cache_priority: u32,
+    /// The binary cache's settings (default: local, in `STATE_DIR/cache`).
+    pub cache: CacheConfig,
     pub authorized_keys: Option<PathBuf>,
     pub admin_keys: Option<PathBuf>,
     pub builder_keys: Option<PathBuf>,
@@ -194,18 +187,16 @@ pub struct CoordinatorConfig {
 impl CoordinatorConfig {
     /// The defaults, with state in `state_dir`.
     pub fn new(state_dir: impl Into<PathBuf>) -> CoordinatorConfig {
+        let state_dir: PathBuf = state_dir.into();
         CoordinatorConfig {
-            state_dir: state_dir.into(),
+            state_dir: state_dir.clone(),
             grpc: DEFAULT_GRPC.into(),
             http: DEFAULT_HTTP.into(),
             ssh: DEFAULT_SSH.into(),
             public_host: None,
             cache_key_name: None,
             cache_key_file: None,
-            cache_storage: None,
-            cache_dir: None,
-            zstd_level: 3,
-            cache_priority: 40,
+            cache: CacheConfig::local(state_dir.join("cache")),
             authorized_keys: None,
             admin_keys: None,
             builder_keys: None,
@@ -240,6 +231,38 @@ impl CoordinatorConfig {
                 "tls-cert and tls-key go together".into(),
             ));
         }
+        let mut cache = match file.cache {
+            None => d.cache.clone(),
+            Some(mut table) => {
+                if !table.contains_key("storage") {
+                    let mut local = toml::Table::new();
+                    local.insert("type".into(), "local".into());
+                    local.insert(
+                        "root".into(),
+                        d.state_dir
+                            .join("cache")
+                            .to_string_lossy()
+                            .into_owned()
+                            .into(),
+                    );
+                    table.insert("storage".into(), local.into());
+                }
+                toml::Value::Table(table)
+                    .try_into::<CacheConfig>()
+                    .map_err(|e| {
+                        CoordinatorError::Config(format!("[cache] in the config file: {e}"))
+                    })?
+            }
+        };
+        if let Some(dir) = args.cache_dir.or(file.cache_dir) {
+            cache.storage = crate::cache::StorageConfig::Local { root: dir };
+        }
+        if let Some(level) = args.zstd_level.or(file.zstd_level) {
+            cache.zstd_level = level;
+        }
+        if let Some(p) = args.cache_priority.or(file.cache_priority) {
+            cache.priority = p;
+        }
         Ok(CoordinatorConfig {
             grpc: args.grpc.or(file.grpc).unwrap_or(d.grpc),
             http: args.http.or(file.http).unwrap_or(d.http),
@@ -247,13 +270,7 @@ impl CoordinatorConfig {
             public_host: args.public_host.or(file.public_host),
             cache_key_name: args.cache_key_name.or(file.cache_key_name),
             cache_key_file: args.cache_key_file.or(file.cache_key_file),
-            cache_storage: file.cache.and_then(|c| c.storage),
-            cache_dir: args.cache_dir.or(file.cache_dir),
-            zstd_level: args.zstd_level.or(file.zstd_level).unwrap_or(d.zstd_level),
-            cache_priority: args
-                .cache_priority
-                .or(file.cache_priority)
-                .unwrap_or(d.cache_priority),
+            cache,
             authorized_keys: args.authorized_keys.or(file.authorized_keys),
             admin_keys: args.admin_keys.or(file.admin_keys),
             builder_keys: args.builder_keys.or(file.builder_keys),
@@ -368,7 +385,7 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(
             &file,
-            "state-dir = \"/from/file\"\ngrpc = \"0.0.0.0:1\"\nmax-retries = 7\n[cache.storage]\ntype = \"local\"\nroot = \"/c\"\n",
+            "state-dir = \"/from/file\"\ngrpc = \"0.0.0.0:1\"\nmax-retries = 7\nzstd-level = 5\n[cache]\npriority = 10\n[cache.storage]\ntype = \"local\"\nroot = \"/c\"\n",
         )
         .unwrap();
         let c = CoordinatorConfig::from_args(parse(&[
@@ -382,7 +399,20 @@ mod tests {
         assert_eq!(c.grpc, "127.0.0.1:0");
         assert_eq!(c.http, DEFAULT_HTTP);
         assert_eq!(c.max_retries, 7);
-        assert!(c.cache_storage.is_some());
+        assert_eq!(c.cache.priority, 10);
+        assert_eq!(c.cache.zstd_level, 5);
+        assert_eq!(
+            c.cache.storage,
+            crate::cache::StorageConfig::Local { root: "/c".into() }
+        );
+        // without a [cache] table: local, in the state dir
+        let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s"])).unwrap();
+        assert_eq!(
+            c.cache.storage,
+            crate::cache::StorageConfig::Local {
+                root: "/s/cache".into()
+            }
+        );
     }
 
     #[test]

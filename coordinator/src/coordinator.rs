@@ -12,6 +12,7 @@ use farm_proto::v1;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::auth::{BuilderAuth, CliAuth};
+use crate::cache::Cache;
 use crate::scheduler::Scheduler;
 use crate::scheduler::types::*;
 
@@ -71,6 +72,7 @@ pub(crate) struct Inner {
     pub(crate) builder_auth: BuilderAuth,
     pub(crate) cli_auth: CliAuth,
     pub(crate) facts: Facts,
+    pub(crate) cache: Cache,
 }
 
 /// Handle on the coordinator's domain (cheap to clone).
@@ -83,6 +85,7 @@ impl Coordinator {
     /// A coordinator over a loaded scheduler.
     pub fn new(
         sched: Scheduler,
+        cache: Cache,
         builder_auth: BuilderAuth,
         cli_auth: CliAuth,
         facts: Facts,
@@ -99,6 +102,7 @@ impl Coordinator {
                 builder_auth,
                 cli_auth,
                 facts,
+                cache,
             }),
         }
     }
@@ -113,6 +117,10 @@ impl Coordinator {
 
     pub fn facts(&self) -> &Facts {
         &self.inner.facts
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
     }
 
     /// Run `f` on the scheduler, dispatch, then carry out what it decided.
@@ -247,10 +255,11 @@ impl Coordinator {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&build);
             if let Some(live) = live {
+                // Followers keep the Arc and read the tail after `ended`.
                 let data = {
                     let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
                     l.ended = true;
-                    std::mem::take(&mut l.data)
+                    l.data.clone()
                 };
                 this.inner.log_notify.notify_waiters();
                 this.store_log(build, data).await;
@@ -420,9 +429,9 @@ impl Coordinator {
             .cloned()
     }
 
-    /// Wait until some live log grows or ends.
-    pub async fn log_changed(&self) {
-        self.inner.log_notify.notified().await;
+    /// Resolves when some live log grows or ends (armed when called).
+    pub fn log_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.log_notify.notified()
     }
 }
 
@@ -440,15 +449,6 @@ pub fn random_token() -> String {
     let mut b = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-// Until the cache lands on main: no cache, so nothing to resolve or store.
-impl Coordinator {
-    async fn prepare(&self, _build: BuildId) -> Result<Prepared, String> {
-        Ok(Prepared::Ready(Vec::new()))
-    }
-
-    async fn store_log(&self, _build: BuildId, _data: Vec<u8>) {}
 }
 
 impl Coordinator {
@@ -472,14 +472,5 @@ impl Coordinator {
             }
         }
         self.with_sched(|s, now| s.job_ended(builder, &r.job_id, end, now));
-    }
-}
-
-impl Coordinator {
-    async fn verify_outputs(
-        &self,
-        _outputs: &[farm_nix::store_path::StorePath],
-    ) -> Result<(), String> {
-        Ok(())
     }
 }

@@ -21,7 +21,6 @@ pub mod server;
 pub mod ssh;
 pub mod state;
 pub mod stdio;
-pub mod wiring;
 
 pub use config::CoordinatorConfig;
 pub use server::{Endpoints, RunningCoordinator, run, start};

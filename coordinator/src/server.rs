@@ -135,6 +135,12 @@ fn shown(addr: SocketAddr) -> String {
     format!("{}:{}", host_for(addr.ip()), addr.port())
 }
 
+/// The HTTP listener's routes: the binary cache, plus `/healthz`.
+pub fn http_router(coord: &Coordinator) -> axum::Router {
+    crate::http::cache_router(coord.cache().clone())
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+}
+
 /// Start the coordinator: everything bound and `endpoints.json` written when this returns.
 pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, CoordinatorError> {
     let io = |context: String| move |source| CoordinatorError::Io { context, source };
@@ -208,8 +214,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         admin_keys: config.admin_keys.clone(),
         loopback: grpc_addr.ip().is_loopback(),
     };
-    let coordinator = Coordinator::new(sched, builder_auth, cli_auth, facts);
-    crate::wiring::attach(&coordinator, &config, signing_key).await?;
+    let cache = crate::cache::Cache::open(config.cache.clone(), signing_key)
+        .await
+        .map_err(|e| CoordinatorError::Cache(e.to_string()))?;
+    let coordinator = Coordinator::new(sched, cache, builder_auth, cli_auth, facts);
 
     let (stop, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -259,7 +267,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     }
     // HTTP
     {
-        let app = crate::wiring::http_router(&coordinator);
+        let app = http_router(&coordinator);
         let done = stopped();
         tasks.spawn(async move {
             axum::serve(http_l, app)

@@ -1262,6 +1262,16 @@ impl Scheduler {
         }
     }
 
+    /// The in-memory build of a derivation that is queued, running or built
+    /// (what a new submission shares).
+    pub fn known_build(&self, drv: &StorePath) -> Option<BuildRecord> {
+        let b = self.builds.get(self.by_drv.get(drv)?)?;
+        match b.rec.state {
+            BuildState::Done(o) if !o.is_success() => None,
+            _ => Some(b.rec.clone()),
+        }
+    }
+
     /// The latest build of a derivation.
     pub fn build_of_drv(&self, drv: &StorePath) -> Option<BuildId> {
         self.by_drv
