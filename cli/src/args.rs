@@ -299,30 +299,15 @@ pub struct UpArgs {
     /// State directory (coordinator state, cache, builder key) [default: $XDG_STATE_HOME/nix-farm, or ~/.local/state/nix-farm].
     #[arg(long, env = "FARM_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// gRPC listen address.
-    #[arg(
-        long,
-        env = "FARM_GRPC",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7070"
-    )]
-    pub grpc: String,
-    /// HTTP listen address (binary cache, metrics, dashboard).
-    #[arg(
-        long,
-        env = "FARM_HTTP",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7080"
-    )]
-    pub http: String,
-    /// SSH listen address (the Nix endpoint).
-    #[arg(
-        long,
-        env = "FARM_SSH",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7022"
-    )]
-    pub ssh: String,
+    /// gRPC listen address [default: 127.0.0.1:7070].
+    #[arg(long, env = "FARM_GRPC", value_name = "ADDR")]
+    pub grpc: Option<String>,
+    /// HTTP listen address (binary cache, metrics, dashboard) [default: 127.0.0.1:7080].
+    #[arg(long, env = "FARM_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// SSH listen address (the Nix endpoint) [default: 127.0.0.1:7022].
+    #[arg(long, env = "FARM_SSH", value_name = "ADDR")]
+    pub ssh: Option<String>,
     /// Host name clients are told to use [default: the listen address, or the host name].
     #[arg(long, env = "FARM_PUBLIC_HOST", value_name = "HOST")]
     pub public_host: Option<String>,

@@ -388,6 +388,10 @@ async fn handle_event(
         }
         build_event::Event::Queued(_) => {}
         build_event::Event::Started(s) => {
+            // A watcher that fell behind gets a fresh snapshot: skip repeats.
+            if t.running.contains_key(&s.build_id) || t.finished.contains_key(&s.drv_path) {
+                return None;
+            }
             out.line(&format!(
                 "{} building {} on {}",
                 t.counter(),
@@ -406,6 +410,9 @@ async fn handle_event(
                 .insert(s.build_id, (s.drv_path, s.builder, Instant::now()));
         }
         build_event::Event::Finished(f) => {
+            if t.finished.contains_key(&f.drv_path) {
+                return None;
+            }
             let started = t.running.remove(&f.build_id);
             let took = match (f.start_time_unix, f.stop_time_unix) {
                 (a, b) if a > 0 && b >= a => format!(" ({})", style::duration((b - a) as u64)),
@@ -414,7 +421,10 @@ async fn handle_event(
                     .unwrap_or_default(),
             };
             let name = outcome_name(f.outcome);
-            t.done += 1;
+            // Cached roots are reported too, but `Submitted` counted them already.
+            if name != "cached" {
+                t.done += 1;
+            }
             let on = if f.builder.is_empty() {
                 String::new()
             } else {
