@@ -441,7 +441,7 @@ async fn handle_event(
                 let why = if f.error_message.is_empty() {
                     String::new()
                 } else {
-                    format!(": {}", f.error_message)
+                    format!(": {}", style::sanitize(&f.error_message))
                 };
                 out.line(&format!(
                     "{} {} {}{on}{took}{why}",
@@ -574,7 +574,7 @@ async fn collect_results(
                     outcome: outcome_name(f.outcome),
                     outputs: outs,
                     builder: (!f.builder.is_empty()).then(|| f.builder.clone()),
-                    error: (!f.error_message.is_empty()).then(|| f.error_message.clone()),
+                    error: (!f.error_message.is_empty()).then(|| style::sanitize(&f.error_message)),
                     start_time: (f.start_time_unix > 0).then_some(f.start_time_unix),
                     stop_time: (f.stop_time_unix > 0).then_some(f.stop_time_unix),
                 }

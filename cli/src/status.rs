@@ -147,7 +147,7 @@ pub fn to_json(s: &StatusResponse, now: i64) -> StatusJson {
                 build_id: f.build_id.clone(),
                 drv_path: f.drv_path.clone(),
                 builder: f.builder.clone(),
-                error: f.error_message.clone(),
+                error: style::sanitize(&f.error_message),
                 finished: f.finished_unix,
             })
             .collect(),

@@ -53,6 +53,45 @@ impl Painter {
     }
 }
 
+/// Text from the farm (error messages Nix coloured, names) made safe to print
+/// and to put in JSON: ANSI escape sequences removed, other control characters
+/// but newline and tab dropped.
+pub fn sanitize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                // CSI: parameters and intermediates up to a final byte @..~
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\x07' {
+                            break;
+                        }
+                        if c == '\x1b' {
+                            chars.next_if_eq(&'\\');
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// `1.5 GiB`-style sizes (binary units).
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -189,6 +228,17 @@ mod tests {
         assert_eq!(ago(0, 100), "never");
         assert_eq!(ago(95, 100), "5s ago");
         assert_eq!(ago(100, 100), "just now");
+    }
+
+    #[test]
+    fn sanitizes_remote_text() {
+        assert_eq!(
+            sanitize("\x1b[0mbuilder for '\x1b[35;1m/nix/store/x-bad.drv\x1b[0m' failed"),
+            "builder for '/nix/store/x-bad.drv' failed"
+        );
+        assert_eq!(sanitize("a\x1b]0;title\x07b\rc\nd\te"), "abc\nd\te");
+        assert_eq!(sanitize("plain ünïcode"), "plain ünïcode");
+        assert_eq!(sanitize("cut\x1b["), "cut");
     }
 
     #[test]
