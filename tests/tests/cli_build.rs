@@ -186,6 +186,27 @@ fn a_failing_derivation_exits_1_with_its_log() -> anyhow::Result<()> {
     assert_eq!(outcome("d2").as_deref(), Some("built"), "{doc}");
     assert_eq!(outcome("d4").as_deref(), Some("dependency_failed"), "{doc}");
 
+    // The log stays readable by derivation path, and status lists the failure.
+    let d3 = doc["derivations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|d| d["drv_path"].as_str().filter(|p| p.ends_with("-d3.drv")))
+        .unwrap()
+        .to_owned();
+    let out = farm.run(None, &["logs", &d3])?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("d3 says this build is doomed"));
+    let s = farm.status(None)?;
+    let failures = s["recent_failures"].as_array().cloned().unwrap_or_default();
+    assert!(failures.iter().any(|f| f["drv_path"] == d3.as_str()), "{s}");
+    assert!(
+        !failures
+            .iter()
+            .any(|f| f["error"].as_str().unwrap_or("").contains('\x1b')),
+        "{s}"
+    );
+
     // A bad installable is a usage error.
     let out = farm.run(None, &["build", "/no/such/file.nix"])?;
     assert_eq!(out.status.code(), Some(2));

@@ -75,6 +75,31 @@ fn farm_up_runs_a_farm_that_builds() -> anyhow::Result<()> {
         assert_eq!(d["builder"], "local", "{doc}");
     }
 
+    // --out-link brings the outputs back into the client's store, signed by the farm.
+    let link = client.root().join("result");
+    let mut cmd = client.command(farm_bin("farm")?);
+    cmd.args([
+        "build",
+        &file.display().to_string(),
+        "-A",
+        "d1",
+        "--out-link",
+        &link.display().to_string(),
+    ])
+    .env("FARM_COORDINATOR", format!("http://{}", endpoints.grpc));
+    let printed = client.run_command(cmd)?;
+    let out_path = farm_nix::StorePath::parse(printed.trim())?;
+    assert!(
+        client.is_valid_path(&out_path)?,
+        "{out_path} was copied back"
+    );
+    assert_eq!(
+        std::fs::read_link(&link)?.display().to_string(),
+        out_path.to_string()
+    );
+    let text = client.run("cat", &[link.display().to_string()])?;
+    assert!(text.contains(&salt), "{text}");
+
     // SIGTERM stops both cleanly.
     let status = up.stop(Duration::from_secs(30))?;
     assert!(

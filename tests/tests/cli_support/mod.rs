@@ -167,7 +167,7 @@ impl TestFarm {
 }
 
 /// A `.nix` file of `n` derivations in layers (each depends on up to two of
-/// the previous), each sleeping `sleep` seconds; attribute `all` depends on all.
+/// the previous), each sleeping `sleep` seconds (with the host's `/bin/sleep`: builds have no `PATH`); attribute `all` depends on all.
 /// `salt` makes the outputs unique to this test run.
 pub fn graph_expr(n: usize, sleep: f32, salt: &str, failing: Option<usize>) -> String {
     let mut s = String::from(
@@ -182,7 +182,7 @@ pub fn graph_expr(n: usize, sleep: f32, salt: &str, failing: Option<usize>) -> S
         let script = if failing == Some(i) {
             format!("echo d{i} says this build is doomed; exit 3")
         } else {
-            format!("echo building d{i} {salt}; sleep {sleep}; echo d{i} {salt} $deps > $out")
+            format!("echo building d{i} {salt}; /bin/sleep {sleep}; echo d{i} {salt} $deps > $out")
         };
         s.push_str(&format!(
             "  d{i} = mk \"d{i}\" [ {} ] {};\n",
