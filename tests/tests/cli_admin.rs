@@ -149,3 +149,55 @@ fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[test]
+fn ctrl_c_cancels_what_was_submitted() -> anyhow::Result<()> {
+    let farm = TestFarm::start(
+        "cli_ctrl_c",
+        &[BuilderSpec {
+            name: "b1",
+            max_jobs: 1,
+        }],
+        &[],
+    )?;
+    farm.wait_for_builders(None, 1)?;
+    let salt = farm.client.root().display().to_string();
+    let file = farm
+        .client
+        .write_file("slow.nix", &graph_expr(3, 30.0, &salt, None))?;
+    let child = farm
+        .farm(None, &["build", &file.display().to_string(), "-A", "d2"])?
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = farm.status(None)?;
+        if s["running"].as_array().is_some_and(|r| !r.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing started: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The actor's command execs farm, so this PID is farm's.
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    farm.logs.record("farm build (ctrl-c)", stderr.to_string());
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cancelling submission"), "{stderr}");
+    // The running build is stopped and nothing else waits.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = farm.status(None)?;
+        let idle = s["running"].as_array().is_none_or(|r| r.is_empty())
+            && s["queued_total"].as_u64() == Some(0);
+        if idle {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the submission still runs: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
