@@ -7,4 +7,6 @@ pub mod grpc;
 pub mod http;
 pub mod keys;
 pub mod scheduler;
+pub mod ssh;
 pub mod state;
+pub mod stdio;
