@@ -13,8 +13,17 @@
 //! rejects non-zero padding, and reports failures as [`WireError`].
 
 mod framed;
+pub mod pipe;
+mod types;
 
 pub use framed::{DEFAULT_FRAME_SIZE, FramedReader, FramedWriter};
+#[cfg(test)]
+pub(crate) use types::tests as test_support;
+pub use types::{
+    BuildResult, BuildResultFields, BuildStatus, DerivedPath, HandlerError, OutputsSpec,
+    parse_nar_hash, read_basic_derivation, read_path_info, read_path_info_fields,
+    write_basic_derivation, write_path_info, write_path_info_fields,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -107,6 +116,22 @@ pub async fn read_u64<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<u64, W
     let mut b = [0u8; 8];
     r.read_exact(&mut b).await.map_err(WireError::from_io)?;
     Ok(u64::from_le_bytes(b))
+}
+
+/// Read a `u64`, or `None` if the stream ends cleanly before its first byte
+/// (how a peer closes a connection between operations).
+pub async fn read_u64_or_eof<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<Option<u64>, WireError> {
+    let mut b = [0u8; 8];
+    let n = r.read(&mut b).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    r.read_exact(&mut b[n..])
+        .await
+        .map_err(WireError::from_io)?;
+    Ok(Some(u64::from_le_bytes(b)))
 }
 
 /// Read a `u64` that must be 0 or 1.

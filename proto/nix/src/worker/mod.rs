@@ -1,0 +1,1 @@
+//! The worker protocol (`nix-daemon --stdio`, what `ssh-ng://` store URIs speak).
