@@ -120,6 +120,16 @@ fn captures_decode_and_reencode_byte_identically() {
                 );
             }
         }
+        if std::env::var_os("PRINT_CAPTURE_OPS").is_some() {
+            for cap in &caps {
+                let ops: Vec<String> = cap
+                    .exchanges
+                    .iter()
+                    .map(|e| format!("{:?}", e.req.command()))
+                    .collect();
+                println!("{}: {}", cap.name, ops.join(", "));
+            }
+        }
         // What Nix 2.8's build hook, `nix copy` and `nix store ping` send over ssh://.
         for cmd in [
             "QueryValidPaths",

@@ -113,10 +113,10 @@ pub struct BuildResultFields {
 
 /// The result of building a derivation.
 ///
-/// Wire layout: `u64 status`, `errorMsg`, [timings: `u64 timesBuilt`,
-/// `bool isNonDeterministic`, `u64 startTime`, `u64 stopTime`], [cpu: two
-/// optional durations in µs, each `u64 0` or `u64 1, i64`], [built outputs:
-/// `u64 n`, then `n` × (DrvOutput id `sha256:<hex>!<output>`, Realisation JSON)].
+/// Wire layout: `u64 status`, `errorMsg`; if timings: `u64 timesBuilt`,
+/// `bool isNonDeterministic`, `u64 startTime`, `u64 stopTime`; if cpu: two
+/// optional durations in µs, each `u64 0` or `u64 1, i64`; if built outputs:
+/// `u64 n`, then `n` × (DrvOutput id `sha256:<hex>!<output>`, Realisation JSON).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildResult {
     pub status: BuildStatus,

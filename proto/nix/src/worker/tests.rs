@@ -214,6 +214,16 @@ fn captures_decode_and_reencode_byte_identically() {
                 assert_eq!(out, ex.reply_bytes, "{what}: reply");
             }
         }
+        if std::env::var_os("PRINT_CAPTURE_OPS").is_some() {
+            for cap in all_captures().await {
+                let ops: Vec<String> = cap
+                    .exchanges
+                    .iter()
+                    .map(|e| format!("{:?}", e.req.op()))
+                    .collect();
+                println!("{}: {}", cap.name, ops.join(", "));
+            }
+        }
         // What Nix 2.8's build hook, `nix copy`, `nix path-info` and
         // `nix build --store` send over ssh-ng://.
         for op in [

@@ -46,7 +46,8 @@ def pump(src, dst, log, close_dst):
             break
         log.write(data); log.flush()
         try:
-            os.write(dst, data) if isinstance(dst, int) else (dst.write(data), dst.flush())
+            while data:
+                data = data[os.write(dst, data):]
         except BrokenPipeError:
             break
     close_dst()
