@@ -1,1 +1,25 @@
 //! The end-to-end harness: actors with their own /nix, the farm binaries on ephemeral ports.
+//!
+//! - [`Actor`]: a test participant with its own Nix store, mounted on `/nix`
+//!   in a private mount namespace for every command it runs.
+//! - [`FarmProcess`]: a long-running process with a log file, killed on drop;
+//!   [`Endpoints`] / [`wait_for_endpoints`] read a coordinator's `endpoints.json`.
+//! - [`Coordinator`]: `farm-coordinator` on ephemeral loopback ports.
+//! - [`TestLogs`]: every process log and actor command of a test, printed
+//!   (to libtest's captured output) when the test ends.
+//! - [`farm_bin`]: the path of a farm binary, built on first use.
+//!
+//! Needs root (mount namespaces), `unshare` and Nix (`nix-store`, `nix-build`)
+//! on PATH; see the README.
+
+mod actor;
+mod bins;
+mod farm;
+mod logs;
+mod process;
+
+pub use actor::{Actor, BASE_NIX_CONF, nix_string, sh_derivation};
+pub use bins::{FARM_BINARIES, FARM_PACKAGES, farm_bin};
+pub use farm::Coordinator;
+pub use logs::{TAIL_LINES, TestLogs, keep_temp_dirs};
+pub use process::{Endpoints, FarmProcess, wait_for_endpoints};

@@ -1,1 +1,684 @@
-//! (being written: see the lead's plan)
+//! The farm's binary cache: every output builders produce and every input a
+//! client pushes lands here, verified, zstd-compressed and signed, and every
+//! host can substitute from it over HTTP (see [`crate::http`]).
+//!
+//! Ingest ([`Cache::ingest`]) parses and verifies one NAR while it streams
+//! (structure, sha256, size; the size claim bounds how much is read), compresses
+//! it with zstd into a uniquely named temporary object `tmp/…`, then renames it to
+//! `nar/<filehash>.nar.zst` (filehash = nix32 sha256 of the compressed bytes),
+//! and only then writes the signed `<hash>.narinfo`. A reader therefore never
+//! sees a narinfo whose NAR is missing or partial; a failed upload deletes its
+//! temporary object and publishes nothing. Ingests of one store path are
+//! serialised by a per-path lock: the second waits, verifies its own stream
+//! against its claim, and returns what the first published.
+//!
+//! The narinfos are also kept in an in-memory index (hash part → narinfo),
+//! loaded from storage when the cache opens; this cache is the index's only
+//! writer, so queries never touch storage.
+
+mod error;
+mod hashing;
+mod storage;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use async_compression::Level;
+use async_compression::tokio::bufread::ZstdDecoder;
+use async_compression::tokio::write::ZstdEncoder;
+use farm_nix::hash::{Hash, HashAlgo};
+use farm_nix::nar::{NarError, NarLimits, NarSummary, copy_nar};
+use farm_nix::narinfo::NarInfo;
+use farm_nix::path_info::ValidPathInfo;
+use farm_nix::signing::{SigningKey, VerifyingKey};
+use farm_nix::store_path::StorePath;
+use futures::{StreamExt, TryStreamExt};
+use object_store::buffered::BufWriter;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio_util::io::StreamReader;
+
+pub use error::CacheError;
+pub use storage::StorageConfig;
+
+/// The cache's settings. TOML (inside the coordinator's config):
+/// ```toml
+/// [cache]
+/// zstd_level = 3
+/// priority = 30
+/// [cache.storage]
+/// type = "local"
+/// root = "/var/lib/farm/cache"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub storage: StorageConfig,
+    /// zstd level for NARs and logs (1 fastest … 19 smallest; negative: faster still).
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// `Priority` in `nix-cache-info`: lower is preferred (cache.nixos.org is 40).
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// `WantMassQuery` in `nix-cache-info`.
+    #[serde(default = "default_true")]
+    pub want_mass_query: bool,
+    /// The largest NAR accepted, in bytes.
+    #[serde(default = "default_max_nar_size")]
+    pub max_nar_size: u64,
+    /// The largest build log kept, in bytes (uncompressed).
+    #[serde(default = "default_max_log_size")]
+    pub max_log_size: u64,
+}
+
+fn default_zstd_level() -> i32 {
+    3
+}
+fn default_priority() -> u32 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_nar_size() -> u64 {
+    64 << 30
+}
+fn default_max_log_size() -> u64 {
+    256 << 20
+}
+
+impl CacheConfig {
+    /// Defaults, storing objects on the local filesystem under `root`.
+    pub fn local(root: impl Into<std::path::PathBuf>) -> CacheConfig {
+        CacheConfig {
+            storage: StorageConfig::Local { root: root.into() },
+            zstd_level: default_zstd_level(),
+            priority: default_priority(),
+            want_mass_query: true,
+            max_nar_size: default_max_nar_size(),
+            max_log_size: default_max_log_size(),
+        }
+    }
+}
+
+/// The binary cache. Cheap to clone (one `Arc` inside).
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: CacheConfig,
+    store: Arc<dyn ObjectStore>,
+    key: SigningKey,
+    public_key: VerifyingKey,
+    /// hash part → published narinfo.
+    index: RwLock<HashMap<String, Arc<NarInfo>>>,
+    /// hash part → lock held while that path is being ingested.
+    ingesting: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+/// Size of the buffer in front of the object store; larger NARs go up as a
+/// multipart upload of parts this big.
+const UPLOAD_CHUNK: usize = 8 << 20;
+/// Parts of one NAR uploaded at once.
+const UPLOAD_CONCURRENCY: usize = 4;
+/// narinfo objects read at once when the cache opens.
+const LOAD_CONCURRENCY: usize = 32;
+/// Longest content-address string accepted from an uploader.
+const MAX_CA_LEN: usize = 512;
+
+/// Object keys.
+fn narinfo_key(hash_part: &str) -> ObjectPath {
+    ObjectPath::from(format!("{hash_part}.narinfo"))
+}
+fn nar_key(file_hash: &Hash) -> ObjectPath {
+    ObjectPath::from(format!("nar/{}.nar.zst", file_hash.to_nix32()))
+}
+fn log_key(drv: &StorePath) -> ObjectPath {
+    ObjectPath::from(format!("log/{}", drv.base_name()))
+}
+
+impl Cache {
+    /// Open (or create) the cache: connect its storage, delete temporary
+    /// objects left by uploads a crash interrupted, and load the narinfo index.
+    pub async fn open(config: CacheConfig, signing_key: SigningKey) -> Result<Cache, CacheError> {
+        let store = config.storage.build()?;
+        if let StorageConfig::Local { root } = &config.storage {
+            // object_store's listing hides a local store's staging files
+            // (`name#N`) of interrupted uploads: clear the directory itself.
+            match std::fs::remove_dir_all(root.join("tmp")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(CacheError::Config(format!(
+                        "clearing {}: {e}",
+                        root.join("tmp").display()
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Cache::with_store(config, store, signing_key).await
+    }
+
+    /// As [`Cache::open`], over an already built object store (tests use
+    /// `object_store::memory::InMemory`); `config.storage` is then ignored.
+    pub async fn with_store(
+        config: CacheConfig,
+        store: Arc<dyn ObjectStore>,
+        signing_key: SigningKey,
+    ) -> Result<Cache, CacheError> {
+        if config.zstd_level > 22 || config.zstd_level < -7 {
+            return Err(CacheError::Config(format!(
+                "zstd level {} is outside -7..=22",
+                config.zstd_level
+            )));
+        }
+        // Leftovers of interrupted uploads: nothing refers to them.
+        let tmp = ObjectPath::from("tmp");
+        let leftovers: Vec<_> = store
+            .list(Some(&tmp))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await?;
+        for loc in leftovers {
+            tracing::info!(object = %loc, "deleting leftover temporary upload");
+            ignore_not_found(store.delete(&loc).await)?;
+        }
+
+        let index = load_index(&store).await?;
+        tracing::info!(paths = index.len(), "binary cache opened");
+        let public_key = signing_key.verifying_key();
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                key: signing_key,
+                public_key,
+                index: RwLock::new(index),
+                ingesting: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The key narinfos are signed with, for clients' `trusted-public-keys`.
+    pub fn public_key(&self) -> VerifyingKey {
+        self.inner.public_key.clone()
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// The object store behind the cache (tests list it to check nothing leaked).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.inner.store.clone()
+    }
+
+    /// Number of published paths.
+    pub fn len(&self) -> usize {
+        self.read_index().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<NarInfo>>> {
+        // A poisoned lock only means a panic elsewhere mid-insert of a whole value.
+        self.inner.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The published narinfo of the path whose hash part is `hash_part`.
+    pub fn narinfo_by_hash(&self, hash_part: &str) -> Option<Arc<NarInfo>> {
+        self.read_index().get(hash_part).cloned()
+    }
+
+    /// The published narinfo of `path` (`None` if absent, or if only another
+    /// path with the same hash part is present).
+    pub fn narinfo(&self, path: &StorePath) -> Option<Arc<NarInfo>> {
+        self.narinfo_by_hash(path.hash_part())
+            .filter(|ni| &ni.info.path == path)
+    }
+
+    /// Which of `paths` are present.
+    pub async fn valid_paths(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, CacheError> {
+        let index = self.read_index();
+        Ok(paths
+            .iter()
+            .filter(|p| {
+                index
+                    .get(p.hash_part())
+                    .is_some_and(|ni| &ni.info.path == *p)
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// The published info of `path` (signed with the cache's key).
+    pub async fn path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, CacheError> {
+        Ok(self.narinfo(path).map(|ni| ni.info.clone()))
+    }
+
+    /// The closure of `paths` under references, restricted to present paths:
+    /// absent roots and absent references are left out.
+    pub async fn closure(&self, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, CacheError> {
+        let index = self.read_index();
+        let mut seen = BTreeSet::new();
+        let mut queue: VecDeque<&StorePath> = paths.iter().collect();
+        while let Some(p) = queue.pop_front() {
+            if seen.contains(p) {
+                continue;
+            }
+            let Some(ni) = index.get(p.hash_part()).filter(|ni| &ni.info.path == p) else {
+                continue;
+            };
+            seen.insert(p.clone());
+            for r in &ni.info.references {
+                if !seen.contains(r) {
+                    queue.push_back(r);
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The decompressed NAR of `path`, streaming; `None` if the path is absent.
+    pub async fn nar_reader(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<Box<dyn AsyncRead + Unpin + Send>>, CacheError> {
+        let Some(ni) = self.narinfo(path) else {
+            return Ok(None);
+        };
+        let key = ObjectPath::from(ni.url.as_str());
+        let stream = self
+            .inner
+            .store
+            .get(&key)
+            .await?
+            .into_stream()
+            .map_err(std::io::Error::other);
+        let reader = StreamReader::new(stream);
+        match ni.compression.as_str() {
+            "zstd" => Ok(Some(Box::new(ZstdDecoder::new(reader)))),
+            "none" => Ok(Some(Box::new(reader))),
+            other => Err(CacheError::Corrupt {
+                key: key.to_string(),
+                reason: format!("unknown compression {other:?}"),
+            }),
+        }
+    }
+
+    /// The key of the compressed NAR object `nar/<name>`, for HTTP.
+    /// `name` must already be validated (`<nix32 sha256>.nar.zst`).
+    pub(crate) fn nar_object_key(name: &str) -> ObjectPath {
+        ObjectPath::from(format!("nar/{name}"))
+    }
+
+    /// Verify and store one NAR for `claimed.path` (see the module docs). Reads
+    /// exactly one NAR from `nar` (not a byte past its end) and returns the
+    /// published info: `claimed`'s path, deriver, references, CA and NAR hash/size,
+    /// with the uploader's signatures replaced by the cache's own.
+    ///
+    /// If the path is already present, the upload is still read and checked
+    /// against its own claim, and the info already published is returned (its
+    /// NAR hash may differ from the claim's if the path was built twice,
+    /// non-deterministically). The NAR is bounded by the claimed size while it
+    /// streams. Cancel-safe: a dropped ingest deletes its temporary object.
+    pub async fn ingest(
+        &self,
+        claimed: ValidPathInfo,
+        mut nar: impl AsyncRead + Unpin + Send,
+    ) -> Result<ValidPathInfo, CacheError> {
+        self.check_claim(&claimed)?;
+        let limits = NarLimits {
+            max_total_size: claimed.nar_size,
+            ..NarLimits::default()
+        };
+
+        let lock = self.path_lock(claimed.path.hash_part());
+        let _guard = lock.lock().await;
+
+        if let Some(existing) = self.narinfo(&claimed.path) {
+            // Stored already: still read and check the upload, so the caller's
+            // stream stays in step and a bad upload is still refused.
+            let summary = copy_nar(&mut nar, &mut tokio::io::sink(), &limits)
+                .await
+                .map_err(|source| CacheError::BadNar {
+                    path: claimed.path.clone(),
+                    source,
+                })?;
+            check_summary(&claimed, &summary)?;
+            tracing::debug!(path = %claimed.path, "already in the cache");
+            return Ok(existing.info.clone());
+        }
+
+        let tmp = ObjectPath::from(format!(
+            "tmp/{}-{:016x}.nar.zst",
+            claimed.path.hash_part(),
+            rand::random::<u64>()
+        ));
+        let store = &self.inner.store;
+        // Deletes `tmp` if this future is dropped (cancelled) before it is renamed.
+        let mut guard = TmpGuard {
+            store: store.clone(),
+            path: Some(tmp.clone()),
+        };
+        let (file_hash, file_size) = match self.upload_nar(&claimed, &mut nar, &limits, &tmp).await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                // The upload was aborted; make sure nothing stays behind.
+                guard.path = None;
+                if let Err(de) = ignore_not_found(store.delete(&tmp).await) {
+                    tracing::warn!(object = %tmp, error = %de, "cannot delete failed upload");
+                }
+                return Err(e);
+            }
+        };
+
+        let nar_obj = nar_key(&file_hash);
+        let renamed = store.rename(&tmp, &nar_obj).await;
+        guard.path = None;
+        if let Err(e) = renamed {
+            let _ = ignore_not_found(store.delete(&tmp).await);
+            return Err(e.into());
+        }
+
+        let mut info = ValidPathInfo {
+            path: claimed.path.clone(),
+            deriver: claimed.deriver.clone(),
+            nar_hash: claimed.nar_hash.clone(),
+            references: claimed.references.clone(),
+            // A narinfo does not carry it; 0 keeps index and storage identical.
+            registration_time: 0,
+            nar_size: claimed.nar_size,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: claimed.ca.clone(),
+        };
+        info.sign(&self.inner.key);
+        let narinfo = NarInfo {
+            info,
+            url: nar_obj.to_string(),
+            compression: "zstd".to_string(),
+            file_hash: Some(file_hash),
+            file_size: Some(file_size),
+        };
+        let text = narinfo.render();
+        if let Err(e) = store
+            .put(
+                &narinfo_key(claimed.path.hash_part()),
+                PutPayload::from(text.into_bytes()),
+            )
+            .await
+        {
+            // Unpublished: drop the NAR object unless another narinfo uses it
+            // (identical NARs of different paths share one object).
+            let shared = self.read_index().values().any(|ni| ni.url == narinfo.url);
+            if !shared {
+                let _ = ignore_not_found(store.delete(&nar_obj).await);
+            }
+            return Err(e.into());
+        }
+        tracing::info!(
+            path = %narinfo.info.path,
+            nar_size = narinfo.info.nar_size,
+            file_size,
+            "stored in the cache"
+        );
+        let info = narinfo.info.clone();
+        self.inner
+            .index
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(claimed.path.hash_part().to_string(), Arc::new(narinfo));
+        Ok(info)
+    }
+
+    /// Stream, verify and compress the NAR into `tmp`. On error the multipart
+    /// upload (if any) is aborted; the caller deletes `tmp`.
+    async fn upload_nar(
+        &self,
+        claimed: &ValidPathInfo,
+        nar: &mut (impl AsyncRead + Unpin + Send),
+        limits: &NarLimits,
+        tmp: &ObjectPath,
+    ) -> Result<(Hash, u64), CacheError> {
+        let upload = BufWriter::with_capacity(self.inner.store.clone(), tmp.clone(), UPLOAD_CHUNK)
+            .with_max_concurrency(UPLOAD_CONCURRENCY);
+        let mut zstd = ZstdEncoder::with_quality(
+            hashing::HashingWriter::new(upload),
+            Level::Precise(self.inner.config.zstd_level),
+        );
+        let copied = copy_nar(nar, &mut zstd, limits).await;
+        let checked = match copied {
+            Ok(summary) => check_summary(claimed, &summary),
+            Err(NarError::Io(e)) if zstd.get_ref().failed() => Err(CacheError::StorageIo(e)),
+            Err(source) => Err(CacheError::BadNar {
+                path: claimed.path.clone(),
+                source,
+            }),
+        };
+        if let Err(e) = checked {
+            if let Err(ae) = zstd.get_mut().inner_mut().abort().await {
+                tracing::warn!(object = %tmp, error = %ae, "cannot abort upload");
+            }
+            return Err(e);
+        }
+        // Completes the upload. On failure the writer cleans up after itself
+        // (and must not be aborted: `BufWriter::abort` panics once shut down);
+        // the caller still deletes `tmp`.
+        if let Err(e) = zstd.shutdown().await {
+            return Err(CacheError::StorageIo(e));
+        }
+        Ok(zstd.into_inner().finish())
+    }
+
+    fn check_claim(&self, claimed: &ValidPathInfo) -> Result<(), CacheError> {
+        let bad = |reason: String| CacheError::InvalidClaim {
+            path: claimed.path.clone(),
+            reason,
+        };
+        if claimed.nar_hash.algo() != HashAlgo::Sha256 {
+            return Err(bad("the NAR hash must be sha256".into()));
+        }
+        if claimed.nar_size == 0 {
+            return Err(bad("the NAR size is zero".into()));
+        }
+        if claimed.nar_size > self.inner.config.max_nar_size {
+            return Err(bad(format!(
+                "the NAR is larger than the cache accepts ({} > {} bytes)",
+                claimed.nar_size, self.inner.config.max_nar_size
+            )));
+        }
+        if let Some(ca) = &claimed.ca {
+            // It goes into the narinfo verbatim: no line breaks, nothing odd.
+            if ca.is_empty()
+                || ca.len() > MAX_CA_LEN
+                || !ca.bytes().all(|b| b.is_ascii_graphic())
+                || !(ca.starts_with("fixed:") || ca.starts_with("text:"))
+            {
+                return Err(bad("malformed content address".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn path_lock(&self, hash_part: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self
+            .inner
+            .ingesting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(lock) = map.get(hash_part).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if map.len() >= 1024 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        map.insert(hash_part.to_string(), Arc::downgrade(&lock));
+        lock
+    }
+
+    /// Store the build log of `drv`, zstd-compressed, under `log/<drv base name>`.
+    pub async fn put_log(&self, drv: &StorePath, log: &[u8]) -> Result<(), CacheError> {
+        if !drv.is_derivation() {
+            return Err(CacheError::NotADerivation { drv: drv.clone() });
+        }
+        let limit = self.inner.config.max_log_size;
+        if log.len() as u64 > limit {
+            return Err(CacheError::LogTooLarge {
+                size: log.len() as u64,
+                limit,
+            });
+        }
+        let level = self.inner.config.zstd_level;
+        let data = log.to_vec();
+        let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level))
+            .await
+            .map_err(|e| CacheError::StorageIo(std::io::Error::other(e)))?
+            .map_err(CacheError::StorageIo)?;
+        self.inner
+            .store
+            .put(&log_key(drv), PutPayload::from(compressed))
+            .await?;
+        Ok(())
+    }
+
+    /// The build log of `drv`, if one was stored.
+    pub async fn get_log(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, CacheError> {
+        if !drv.is_derivation() {
+            return Ok(None);
+        }
+        let key = log_key(drv);
+        let compressed = match self.inner.store.get(&key).await {
+            Ok(r) => r.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let limit = self.inner.config.max_log_size;
+        let log = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut out = Vec::new();
+            zstd::stream::read::Decoder::new(&compressed[..])?
+                .take(limit + 1)
+                .read_to_end(&mut out)?;
+            Ok::<_, std::io::Error>(out)
+        })
+        .await
+        .map_err(|e| CacheError::StorageIo(std::io::Error::other(e)))?
+        .map_err(|e| CacheError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        if log.len() as u64 > limit {
+            return Err(CacheError::Corrupt {
+                key: key.to_string(),
+                reason: "decompresses beyond the log size limit".into(),
+            });
+        }
+        Ok(Some(log))
+    }
+}
+
+/// Deletes a temporary object in the background when dropped while still armed
+/// (`path` is `Some`): an ingest whose future was cancelled mid-upload.
+struct TmpGuard {
+    store: Arc<dyn ObjectStore>,
+    path: Option<ObjectPath>,
+}
+
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        let Some(path) = self.path.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = ignore_not_found(store.delete(&path).await) {
+                    tracing::warn!(object = %path, error = %e, "cannot delete cancelled upload");
+                }
+            });
+        }
+    }
+}
+
+fn check_summary(claimed: &ValidPathInfo, summary: &NarSummary) -> Result<(), CacheError> {
+    if summary.nar_size != claimed.nar_size {
+        return Err(CacheError::SizeMismatch {
+            path: claimed.path.clone(),
+            claimed: claimed.nar_size,
+            actual: summary.nar_size,
+        });
+    }
+    if summary.nar_hash != claimed.nar_hash {
+        return Err(CacheError::HashMismatch {
+            path: claimed.path.clone(),
+            claimed: Box::new(claimed.nar_hash.clone()),
+            actual: Box::new(summary.nar_hash.clone()),
+        });
+    }
+    Ok(())
+}
+
+fn ignore_not_found(r: object_store::Result<()>) -> object_store::Result<()> {
+    match r {
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        r => r,
+    }
+}
+
+/// Read every `<hash>.narinfo` at the top level of the store.
+async fn load_index(
+    store: &Arc<dyn ObjectStore>,
+) -> Result<HashMap<String, Arc<NarInfo>>, CacheError> {
+    let listing = store.list_with_delimiter(None).await?;
+    let keys: Vec<_> = listing
+        .objects
+        .into_iter()
+        .filter(|m| {
+            m.location.as_ref().ends_with(".narinfo")
+                && m.size <= farm_nix::narinfo::MAX_NARINFO_SIZE as u64
+        })
+        .map(|m| m.location)
+        .collect();
+    let loaded: Vec<Option<(String, Arc<NarInfo>)>> = futures::stream::iter(keys)
+        .map(|key| {
+            let store = store.clone();
+            async move {
+                let bytes = store.get(&key).await?.bytes().await?;
+                let parsed = NarInfo::parse_bytes(&bytes);
+                match parsed {
+                    Ok(ni) if format!("{}.narinfo", ni.info.path.hash_part()) == key.as_ref() => {
+                        Ok::<_, CacheError>(Some((
+                            ni.info.path.hash_part().to_string(),
+                            Arc::new(ni),
+                        )))
+                    }
+                    Ok(_) => {
+                        tracing::warn!(object = %key, "narinfo names another path; ignored");
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        tracing::warn!(object = %key, error = %e, "unreadable narinfo; ignored");
+                        Ok(None)
+                    }
+                }
+            }
+        })
+        .buffer_unordered(LOAD_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(loaded.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

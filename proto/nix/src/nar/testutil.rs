@@ -55,12 +55,10 @@ pub(crate) fn nix_hash(path: &Path) -> String {
 
 /// A fresh, private Nix store: `ROOT/nix` is bind-mounted over `/nix` in a
 /// private mount namespace for every command.
-#[allow(dead_code)] // used by the export tests
 pub(crate) struct PrivateStore {
     dir: tempfile::TempDir,
 }
 
-#[allow(dead_code)]
 impl PrivateStore {
     pub(crate) fn new() -> PrivateStore {
         let dir = tempfile::tempdir().expect("tempdir");

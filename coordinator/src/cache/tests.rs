@@ -1,0 +1,503 @@
+//! Unit tests of the cache over an in-memory and a local object store, with NARs
+//! that real `nix-store --dump` produced.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use farm_nix::hash::HashAlgo;
+use farm_nix::path_info::ValidPathInfo;
+use farm_nix::signing::SigningKey;
+use farm_nix::store_path::StorePath;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use tokio::io::AsyncReadExt;
+
+use super::*;
+
+/// A directory tree with a file, an executable and a symlink, as `nix-store --dump` serialises it.
+pub(crate) fn sample_nar(seed: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(root.join("data.txt"), format!("hello {seed}\n").repeat(500)).unwrap();
+    let exe = root.join("bin/run");
+    std::fs::write(&exe, format!("#!/bin/sh\necho {seed}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("bin/run", root.join("link")).unwrap();
+    nix_dump(&root)
+}
+
+/// Incompressible bytes, so that a NAR holding them stays larger than one
+/// upload chunk after zstd and goes up as a multipart upload.
+fn random_bytes(n: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+pub(crate) fn nix_dump(path: &Path) -> Vec<u8> {
+    let out = std::process::Command::new("nix-store")
+        .arg("--dump")
+        .arg(path)
+        .output()
+        .expect("nix-store runs");
+    assert!(out.status.success(), "nix-store --dump failed: {:?}", out);
+    out.stdout
+}
+
+fn sp(hash_char: char, name: &str) -> StorePath {
+    StorePath::parse(&format!(
+        "/nix/store/{}-{name}",
+        hash_char.to_string().repeat(32)
+    ))
+    .unwrap()
+}
+
+fn claim(path: &StorePath, nar: &[u8]) -> ValidPathInfo {
+    ValidPathInfo::new(path.clone(), HashAlgo::Sha256.digest(nar), nar.len() as u64)
+}
+
+fn key() -> SigningKey {
+    SigningKey::generate("farm-test-1").unwrap()
+}
+
+async fn memory_cache() -> Cache {
+    let config = CacheConfig::local("/nonexistent-unused");
+    Cache::with_store(config, Arc::new(InMemory::new()), key())
+        .await
+        .unwrap()
+}
+
+async fn objects(cache: &Cache) -> BTreeSet<String> {
+    cache
+        .object_store()
+        .list(None)
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+async fn read_all(mut r: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).await.unwrap();
+    v
+}
+
+#[tokio::test]
+async fn ingest_publishes_signed_narinfo_and_nar() {
+    let cache = memory_cache().await;
+    let dep = sp('1', "dep");
+    let top = sp('2', "top");
+    let dep_nar = sample_nar("dep");
+    let top_nar = sample_nar("top");
+
+    let dep_info = cache
+        .ingest(claim(&dep, &dep_nar), &dep_nar[..])
+        .await
+        .unwrap();
+    let mut top_claim = claim(&top, &top_nar);
+    top_claim.references = [dep.clone(), top.clone()].into();
+    top_claim.deriver = Some(sp('3', "top.drv"));
+    top_claim.sigs.insert("someone:bogus".into());
+    let top_info = cache.ingest(top_claim.clone(), &top_nar[..]).await.unwrap();
+
+    // Our signature replaces the uploader's, and verifies.
+    assert_eq!(top_info.sigs.len(), 1);
+    assert!(top_info.verify_any(&[cache.public_key()]));
+    assert!(dep_info.verify_any(&[cache.public_key()]));
+    assert!(!top_info.verify_any(&[key().verifying_key()]));
+    assert_eq!(top_info.references, top_claim.references);
+    assert_eq!(top_info.deriver, top_claim.deriver);
+
+    let objs = objects(&cache).await;
+    assert_eq!(objs.len(), 4, "{objs:?}");
+    assert!(objs.contains(&format!("{}.narinfo", top.hash_part())));
+    assert!(objs.iter().all(|o| !o.starts_with("tmp/")));
+
+    // The stored narinfo is the one served, and names a NAR object that exists.
+    let ni = cache.narinfo(&top).unwrap();
+    assert_eq!(ni.compression, "zstd");
+    let stored = cache
+        .object_store()
+        .get(&ObjectPath::from(format!("{}.narinfo", top.hash_part())))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(std::str::from_utf8(&stored).unwrap(), ni.render());
+    let compressed = cache
+        .object_store()
+        .get(&ObjectPath::from(ni.url.as_str()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(Some(compressed.len() as u64), ni.file_size);
+    assert_eq!(Some(HashAlgo::Sha256.digest(&compressed)), ni.file_hash);
+    assert_eq!(zstd::decode_all(&compressed[..]).unwrap(), top_nar);
+
+    // Queries.
+    let reader = cache.nar_reader(&top).await.unwrap().unwrap();
+    assert_eq!(read_all(reader).await, top_nar);
+    let absent = sp('4', "absent");
+    assert!(cache.nar_reader(&absent).await.unwrap().is_none());
+    assert_eq!(
+        cache
+            .valid_paths(&[dep.clone(), absent.clone(), top.clone()])
+            .await
+            .unwrap(),
+        [dep.clone(), top.clone()].into()
+    );
+    assert_eq!(cache.path_info(&top).await.unwrap().unwrap(), top_info);
+    assert_eq!(cache.path_info(&absent).await.unwrap(), None);
+    // Same hash part, other name: not the same path.
+    assert_eq!(cache.path_info(&sp('2', "other")).await.unwrap(), None);
+    assert_eq!(
+        cache.closure(&[top.clone(), absent.clone()]).await.unwrap(),
+        [dep.clone(), top.clone()].into()
+    );
+    assert_eq!(
+        cache.closure(std::slice::from_ref(&dep)).await.unwrap(),
+        [dep].into()
+    );
+}
+
+async fn assert_nothing_published(cache: &Cache, expect: &BTreeSet<String>) {
+    assert_eq!(
+        &objects(cache).await,
+        expect,
+        "a failed upload left objects behind"
+    );
+}
+
+/// Every file under `dir`, relative (object_store's listing hides a local
+/// store's in-progress staging files; the disk does not).
+fn files_on_disk(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn bad_uploads_publish_nothing_in_memory() {
+    bad_uploads_publish_nothing_and_a_good_one_follows(memory_cache().await, None).await;
+}
+
+#[tokio::test]
+async fn bad_uploads_publish_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let cache = Cache::open(CacheConfig::local(&root), key()).await.unwrap();
+    bad_uploads_publish_nothing_and_a_good_one_follows(cache, Some(&root)).await;
+    assert_eq!(files_on_disk(&root).len(), 4, "{:?}", files_on_disk(&root));
+}
+
+async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: Option<&Path>) {
+    let assert_nothing_published = async |cache: &Cache, expect: &BTreeSet<String>| {
+        assert_nothing_published(cache, expect).await;
+        if let Some(root) = disk {
+            assert_eq!(&files_on_disk(root), expect, "files left on disk");
+        }
+    };
+    let path = sp('5', "victim");
+    let nar = sample_nar("victim");
+    let other = sample_nar("other");
+    let empty = BTreeSet::new();
+
+    // Wrong hash (the NAR of something else, same size claim of that).
+    let mut c = claim(&path, &nar);
+    c.nar_hash = HashAlgo::Sha256.digest(&other);
+    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    assert!(matches!(e, CacheError::HashMismatch { .. }), "{e}");
+    assert!(e.is_client_error());
+    assert_nothing_published(&cache, &empty).await;
+
+    // Claimed size too small: the stream is cut at the claim.
+    let mut c = claim(&path, &nar);
+    c.nar_size -= 8;
+    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    assert!(e.is_client_error(), "{e}");
+    assert_nothing_published(&cache, &empty).await;
+
+    // Claimed size too large.
+    let mut c = claim(&path, &nar);
+    c.nar_size += 8;
+    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    assert!(matches!(e, CacheError::SizeMismatch { .. }), "{e}");
+    assert_nothing_published(&cache, &empty).await;
+
+    // Cut off halfway.
+    let half = &nar[..nar.len() / 2];
+    let e = cache.ingest(claim(&path, &nar), half).await.unwrap_err();
+    assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
+    assert_nothing_published(&cache, &empty).await;
+
+    // Malformed: a claim that matches garbage bytes exactly.
+    let mut garbage = nar.clone();
+    garbage[8..21].copy_from_slice(b"nix-archive-2");
+    let e = cache
+        .ingest(claim(&path, &garbage), &garbage[..])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
+    assert_nothing_published(&cache, &empty).await;
+
+    // Bad claims are refused before reading.
+    let mut c = claim(&path, &nar);
+    c.ca = Some("fixed:r:sha256:abc\nSig: evil".into());
+    assert!(matches!(
+        cache.ingest(c, &nar[..]).await.unwrap_err(),
+        CacheError::InvalidClaim { .. }
+    ));
+    let mut c = claim(&path, &nar);
+    c.nar_hash = HashAlgo::Sha1.digest(&nar);
+    assert!(matches!(
+        cache.ingest(c, &nar[..]).await.unwrap_err(),
+        CacheError::InvalidClaim { .. }
+    ));
+    assert!(cache.is_empty());
+
+    // A larger-than-one-chunk upload that breaks off late also leaves nothing.
+    let big_dir = tempfile::tempdir().unwrap();
+    let big_file = big_dir.path().join("big");
+    let data = random_bytes(12_000_000);
+    std::fs::write(&big_file, &data).unwrap();
+    let big_nar = nix_dump(&big_file);
+    let cut = &big_nar[..big_nar.len() - 100];
+    let big = sp('6', "big");
+    let e = cache.ingest(claim(&big, &big_nar), cut).await.unwrap_err();
+    assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
+    assert_nothing_published(&cache, &empty).await;
+
+    // Now the correct uploads succeed.
+    cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
+    cache
+        .ingest(claim(&big, &big_nar), &big_nar[..])
+        .await
+        .unwrap();
+    assert_eq!(objects(&cache).await.len(), 4);
+    let back = read_all(cache.nar_reader(&big).await.unwrap().unwrap()).await;
+    assert!(back == big_nar, "big NAR round trip differs");
+}
+
+#[tokio::test]
+async fn same_path_twice_or_concurrently_is_stored_once() {
+    let cache = memory_cache().await;
+    let path = sp('7', "twice");
+    let nar = sample_nar("twice");
+    let first = cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
+    let again = cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(objects(&cache).await.len(), 2);
+
+    // A second upload of a present path is still checked.
+    let mut c = claim(&path, &nar);
+    c.nar_size += 1;
+    assert!(cache.ingest(c, &nar[..]).await.is_err());
+
+    // Sixteen concurrent uploads of a fresh path: all succeed with one result.
+    let path = sp('8', "racy");
+    let nar = Arc::new(sample_nar("racy"));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (cache, path, nar) = (cache.clone(), path.clone(), nar.clone());
+            tokio::spawn(async move { cache.ingest(claim(&path, &nar), &nar[..]).await })
+        })
+        .collect();
+    let mut results = BTreeSet::new();
+    for t in tasks {
+        let info = t.await.unwrap().unwrap();
+        results.insert(info.fingerprint() + &info.sigs.iter().cloned().collect::<String>());
+    }
+    assert_eq!(results.len(), 1);
+    assert_eq!(objects(&cache).await.len(), 4);
+}
+
+#[tokio::test]
+async fn identical_nars_of_two_paths_share_one_object() {
+    let cache = memory_cache().await;
+    let nar = sample_nar("same");
+    let (a, b) = (sp('a', "a"), sp('b', "b"));
+    cache.ingest(claim(&a, &nar), &nar[..]).await.unwrap();
+    cache.ingest(claim(&b, &nar), &nar[..]).await.unwrap();
+    assert_eq!(
+        cache.narinfo(&a).unwrap().url,
+        cache.narinfo(&b).unwrap().url
+    );
+    assert_eq!(objects(&cache).await.len(), 3);
+}
+
+#[tokio::test]
+async fn local_store_reopens_with_its_index_and_sweeps_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig::local(dir.path().join("cache"));
+    let k = key();
+    let path = sp('c', "persist");
+    let nar = sample_nar("persist");
+    let info = {
+        let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
+        cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap()
+    };
+    // An upload a crash interrupted.
+    let leftover = dir.path().join("cache/tmp/xyz.nar.zst");
+    std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    std::fs::write(&leftover, b"partial").unwrap();
+    // A local store's multipart staging file (object_store's listing hides those).
+    let staging = dir.path().join("cache/tmp/abc.nar.zst#1");
+    std::fs::write(&staging, b"partial").unwrap();
+    // Garbage beside the narinfos is ignored, not fatal.
+    std::fs::write(dir.path().join("cache/junk.narinfo"), b"not a narinfo").unwrap();
+
+    let cache = Cache::open(config, k).await.unwrap();
+    assert!(!leftover.exists());
+    assert!(!staging.exists());
+    assert_eq!(cache.len(), 1);
+    assert_eq!(cache.path_info(&path).await.unwrap(), Some(info));
+    let back = read_all(cache.nar_reader(&path).await.unwrap().unwrap()).await;
+    assert_eq!(back, nar);
+}
+
+#[tokio::test]
+async fn logs_round_trip_compressed() {
+    let cache = memory_cache().await;
+    let drv = sp('d', "hello.drv");
+    let log = b"building...\nbuilt\n".repeat(1000);
+    assert_eq!(cache.get_log(&drv).await.unwrap(), None);
+    cache.put_log(&drv, &log).await.unwrap();
+    assert_eq!(cache.get_log(&drv).await.unwrap(), Some(log.clone()));
+    let objs = objects(&cache).await;
+    let stored = cache
+        .object_store()
+        .get(&ObjectPath::from(format!("log/{}", drv.base_name())))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        stored.len() < log.len() / 10,
+        "log stored uncompressed? {objs:?}"
+    );
+    assert!(matches!(
+        cache.put_log(&sp('f', "hello"), b"x").await.unwrap_err(),
+        CacheError::NotADerivation { .. }
+    ));
+}
+
+#[tokio::test]
+async fn config_is_checked() {
+    let mut config = CacheConfig::local("/unused");
+    config.zstd_level = 40;
+    assert!(matches!(
+        Cache::with_store(config, Arc::new(InMemory::new()), key()).await,
+        Err(CacheError::Config(_))
+    ));
+    let c: CacheConfig =
+        toml::from_str("zstd_level = 9\n[storage]\ntype = \"local\"\nroot = \"/var/cache\"\n")
+            .unwrap();
+    assert_eq!(c.zstd_level, 9);
+    assert_eq!(c.priority, 30);
+    assert!(c.want_mass_query);
+}
+
+#[tokio::test]
+async fn storage_failures_are_server_errors_and_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let cache = Cache::open(CacheConfig::local(&root), key()).await.unwrap();
+    // Make every temporary upload fail: `tmp` is a file, not a directory.
+    std::fs::write(root.join("tmp"), b"in the way").unwrap();
+
+    let small = sample_nar("small");
+    let big_dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(10_000_000);
+    std::fs::write(big_dir.path().join("big"), &data).unwrap();
+    let big = nix_dump(&big_dir.path().join("big"));
+    for (path, nar) in [(sp('g', "small"), &small), (sp('h', "big"), &big)] {
+        let e = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap_err();
+        assert!(
+            !e.is_client_error(),
+            "{path}: storage failure blamed on the client: {e}"
+        );
+        assert_eq!(e.http_status(), 500);
+        assert!(cache.narinfo(&path).is_none());
+        assert_eq!(files_on_disk(&root), ["tmp".to_string()].into());
+    }
+
+    std::fs::remove_file(root.join("tmp")).unwrap();
+    let path = sp('h', "big");
+    cache.ingest(claim(&path, &big), &big[..]).await.unwrap();
+    assert!(cache.narinfo(&path).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let cache = Cache::open(CacheConfig::local(&root), key()).await.unwrap();
+    let big_dir = tempfile::tempdir().unwrap();
+    let data = random_bytes(12_000_000);
+    std::fs::write(big_dir.path().join("big"), &data).unwrap();
+    let big = Arc::new(nix_dump(&big_dir.path().join("big")));
+    let path = sp('i', "cancelled");
+
+    // The uploader sends 10 MB, then stalls; the connection is then dropped.
+    let (mut w, r) = tokio::io::duplex(1 << 16);
+    let feed = big.clone();
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&feed[..10_000_000]).await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let task = {
+        let (cache, path, big) = (cache.clone(), path.clone(), big.clone());
+        tokio::spawn(async move { cache.ingest(claim(&path, &big), r).await })
+    };
+    let in_flight = |root: &Path| {
+        files_on_disk(root)
+            .into_iter()
+            .any(|f| f.starts_with("tmp/"))
+    };
+    let mut waited = 0;
+    while !in_flight(&root) {
+        assert!(waited < 200, "the upload never reached the disk");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    feeder.abort();
+    let mut waited = 0;
+    while !files_on_disk(&root).is_empty() {
+        assert!(waited < 100, "left behind: {:?}", files_on_disk(&root));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(cache.narinfo(&path).is_none());
+    // The path's lock was released with the cancelled ingest.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        cache.ingest(claim(&path, &big), &big[..]),
+    )
+    .await
+    .expect("the path stayed locked")
+    .unwrap();
+}

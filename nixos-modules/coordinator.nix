@@ -1,0 +1,316 @@
+# services.nix-farm.coordinator: the farm's coordinator (scheduler, binary
+# cache, gRPC endpoint for builders and the CLI, SSH endpoint for Nix) as a
+# hardened systemd service.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    optional
+    optionals
+    types
+    ;
+  farmLib = import ./lib.nix { inherit lib; };
+  cfg = config.services.nix-farm.coordinator;
+
+  # `[::]` and `0.0.0.0` take a port after a colon, like every other address.
+  listenOption = name: defaultPort: {
+    listenAddress = mkOption {
+      type = types.str;
+      default = "[::]";
+      example = "127.0.0.1";
+      description = ''
+        Address the ${name} listener binds to. IPv6 addresses go in brackets
+        (`[::1]`); `[::]` listens on every IPv4 and IPv6 address.
+      '';
+    };
+    port = mkOption {
+      type = types.port;
+      default = defaultPort;
+      description = "TCP port of the ${name} listener (0 picks a free one).";
+    };
+  };
+
+  keysOption = what: {
+    keys = mkOption {
+      type = types.listOf types.singleLineStr;
+      default = [ ];
+      example = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOeVY5wR0QX0cJZ3uvC5vPqLzq4hMxp1nXK6S8oS9W3P alice@laptop" ];
+      description = ''
+        ${what}, as OpenSSH public key lines (`authorized_keys` format).
+      '';
+    };
+    keyFiles = mkOption {
+      type = types.listOf types.path;
+      default = [ ];
+      description = ''
+        Files in `authorized_keys` format whose keys are added to
+        {option}`keys`. They are read when the configuration is evaluated,
+        like `users.users.<name>.openssh.authorizedKeys.keyFiles`.
+      '';
+    };
+  };
+
+  keysFile =
+    name: k:
+    let
+      lines = k.keys ++ map builtins.readFile k.keyFiles;
+    in
+    if lines == [ ] then null else pkgs.writeText name (lib.concatMapStrings (l: lib.removeSuffix "\n" l + "\n") lines);
+
+  settingsFile =
+    if cfg.settings == { } then null else farmLib.toml.generate pkgs.writeText "nix-farm-coordinator.toml" cfg.settings;
+
+  address = l: "${l.listenAddress}:${toString l.port}";
+
+  arg = farmLib.escapeSystemdArg;
+  flag = name: value: [
+    (arg name)
+    (arg value)
+  ];
+  fileFlag = name: file: optionals (file != null) (flag name file);
+  credentialFlag = name: credential: file: optionals (file != null) [
+    (arg name)
+    (farmLib.credentialArg credential)
+  ];
+
+  commandLine =
+    [ (arg "${cfg.package}/bin/farm-coordinator") ]
+    ++ flag "--state-dir" cfg.stateDir
+    ++ flag "--grpc" (address cfg.grpc)
+    ++ flag "--http" (address cfg.http)
+    ++ flag "--ssh" (address cfg.ssh)
+    ++ optionals (cfg.publicHost != null) (flag "--public-host" cfg.publicHost)
+    ++ flag "--cache-key-name" cfg.cacheKeyName
+    ++ credentialFlag "--cache-key-file" "cache-key" cfg.cacheKeyFile
+    ++ fileFlag "--authorized-keys" (keysFile "authorized_keys" cfg.authorizedKeys)
+    ++ fileFlag "--admin-keys" (keysFile "admin_keys" cfg.adminKeys)
+    ++ fileFlag "--builder-keys" (keysFile "builder_keys" cfg.builderKeys)
+    ++ flag "--tls" cfg.tls.mode
+    ++ fileFlag "--tls-cert" cfg.tls.certificateFile
+    ++ credentialFlag "--tls-key" "tls-key" cfg.tls.keyFile
+    ++ fileFlag "--config" settingsFile;
+
+  privilegedPort = builtins.any (l: l.port != 0 && l.port < 1024) [
+    cfg.grpc
+    cfg.http
+    cfg.ssh
+  ];
+in
+{
+  options.services.nix-farm.coordinator = {
+    enable = mkEnableOption "the nix-farm coordinator: scheduler, binary cache and the endpoints Nix, builders and the `farm` CLI connect to";
+
+    package = lib.mkPackageOption pkgs "nix-farm" { };
+
+    grpc = listenOption "gRPC (builders and the `farm` CLI)" 7070;
+    http = listenOption "HTTP (binary cache, `/metrics`, dashboard)" 7080;
+    ssh = listenOption "SSH (Nix's `ssh-ng://` and `ssh://` remote store endpoint)" 7022;
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open the gRPC, HTTP and SSH ports in the firewall.";
+    };
+
+    publicHost = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "farm.example.org";
+      description = ''
+        Host name clients and builders reach the coordinator by, used in what
+        it prints (`farm machines`, the TLS certificate it generates). `null`
+        means the listen address's host when it is a specific one, else the
+        machine's host name.
+      '';
+    };
+
+    stateDir = mkOption {
+      type = types.strMatching "/var/lib/[^/].*";
+      default = "/var/lib/nix-farm-coordinator";
+      description = ''
+        Directory of the coordinator's state: its database, the local binary
+        cache, generated keys and certificate, `endpoints.json`. Managed by
+        systemd's `StateDirectory=`, so it must be under {file}`/var/lib`; it is
+        the one directory to persist on an impermanent root.
+      '';
+    };
+
+    cacheKeyName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = literalExpression "config.networking.hostName";
+      example = "farm.example.org-1";
+      description = ''
+        Name of the cache signing key the coordinator generates on first start
+        (the part before the colon of its public key). Unused when
+        {option}`cacheKeyFile` is set.
+      '';
+    };
+
+    cacheKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/nix-farm-cache-key";
+      description = ''
+        Secret key signing the binary cache (Nix format `name:base64`, as
+        written by `nix-store --generate-binary-cache-key`). Passed to the
+        service as a systemd credential, so a root-only file (sops-nix, agenix)
+        works. `null`: a key is generated in {option}`stateDir` on first start.
+        Do not use a Nix path literal here: it would be copied to the world-readable
+        store.
+      '';
+    };
+
+    authorizedKeys = keysOption ''
+      Who may connect: Nix clients (through the SSH endpoint) and `farm` CLI
+      users (read the farm, submit builds). Empty: the flag is not passed, and
+      only loopback callers are let in'';
+    adminKeys = keysOption ''
+      `farm` CLI users who may also change the farm (drain builders, cancel
+      builds)'';
+    builderKeys = keysOption ''
+      Builders' public keys: only these builders may join (each builder prints
+      its key line on first start)'';
+
+    tls = {
+      mode = mkOption {
+        type = types.enum [
+          "auto"
+          "on"
+          "off"
+        ];
+        default = "auto";
+        description = ''
+          Whether gRPC runs over TLS. `auto`: TLS unless the gRPC listener is
+          on loopback. `off` beyond loopback is refused by the coordinator
+          unless `insecure-plaintext = true` is in {option}`settings`.
+        '';
+      };
+      certificateFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/var/lib/acme/farm.example.org/fullchain.pem";
+        description = ''
+          TLS certificate chain (PEM) for the gRPC listener. `null`: a
+          self-signed certificate is generated in {option}`stateDir`; builders
+          then pin it (`services.nix-farm.builder.caCertFile`).
+        '';
+      };
+      keyFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/var/lib/acme/farm.example.org/key.pem";
+        description = ''
+          Private key (PEM) of {option}`tls.certificateFile`, passed as a
+          systemd credential.
+        '';
+      };
+    };
+
+    settings = mkOption {
+      type = types.submodule { freeformType = farmLib.toml.type; };
+      default = { };
+      example = literalExpression ''
+        {
+          zstd-level = 9;
+          builder-grace = 120;
+          cache.storage = { type = "s3"; bucket = "nix-farm"; region = "garage"; endpoint = "https://s3.example.org"; };
+        }
+      '';
+      description = ''
+        Further settings, written to a TOML file passed with `--config`. Keys
+        are the coordinator's long flag names (`farm-coordinator --help`);
+        unknown keys are refused when the coordinator starts. Settings that
+        have their own option above are passed as flags, which take
+        precedence.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = (cfg.tls.certificateFile == null) == (cfg.tls.keyFile == null);
+        message = "services.nix-farm.coordinator: set both tls.certificateFile and tls.keyFile, or neither.";
+      }
+    ];
+
+    users.users.nix-farm-coordinator = {
+      isSystemUser = true;
+      group = "nix-farm-coordinator";
+      home = cfg.stateDir;
+      description = "nix-farm coordinator";
+    };
+    users.groups.nix-farm-coordinator = { };
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
+      builtins.filter (p: p != 0) [
+        cfg.grpc.port
+        cfg.http.port
+        cfg.ssh.port
+      ]
+    );
+
+    systemd.services.nix-farm-coordinator = {
+      description = "nix-farm coordinator";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      serviceConfig = {
+        ExecStart = lib.concatStringsSep " " commandLine;
+        User = "nix-farm-coordinator";
+        Group = "nix-farm-coordinator";
+        StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
+        StateDirectoryMode = "0700";
+        WorkingDirectory = cfg.stateDir;
+        LoadCredential =
+          optional (cfg.cacheKeyFile != null) "cache-key:${cfg.cacheKeyFile}"
+          ++ optional (cfg.tls.keyFile != null) "tls-key:${cfg.tls.keyFile}";
+        Restart = "on-failure";
+        RestartSec = 5;
+        UMask = "0077";
+
+        AmbientCapabilities = if privilegedPort then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
+        CapabilityBoundingSet = if privilegedPort then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateUsers = !privilegedPort;
+        ProtectHostname = true;
+        ProtectClock = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        RemoveIPC = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+      };
+    };
+  };
+}

@@ -1,0 +1,264 @@
+//! Per-test log collection: every farm process writes its stdout and stderr to a
+//! file in one log directory, every actor command leaves a transcript, and when
+//! the last handle is dropped all of it is printed to the test's (captured)
+//! stderr, so a failing test shows what each process and command said.
+//!
+//! Printing goes through `eprintln!`, which libtest captures: a passing test's
+//! logs are discarded, a failing one's (panic *or* `Err` return) are shown.
+//! Each file is cut to its last [`TAIL_LINES`] lines; the full files stay in
+//! the log directory when `FARM_TEST_KEEP=1`.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+
+/// How many trailing lines of each log file are printed.
+pub const TAIL_LINES: usize = 200;
+
+/// Whether temp roots and log directories are kept (`FARM_TEST_KEEP=1`).
+pub fn keep_temp_dirs() -> bool {
+    std::env::var_os("FARM_TEST_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Creates a temp dir with the given prefix, kept (and announced) when
+/// `FARM_TEST_KEEP=1`.
+pub(crate) fn temp_dir(prefix: &str) -> anyhow::Result<KeptTempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("farm-{prefix}-"))
+        .tempdir()
+        .context("creating a temp dir")?;
+    Ok(KeptTempDir { dir: Some(dir) })
+}
+
+/// A [`tempfile::TempDir`] that is left on disk when `FARM_TEST_KEEP=1`.
+#[derive(Debug)]
+pub(crate) struct KeptTempDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl KeptTempDir {
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new(""))
+    }
+}
+
+impl Drop for KeptTempDir {
+    fn drop(&mut self) {
+        // Unless kept, TempDir's own Drop removes it (we run as root, so Nix's
+        // read-only store directories are no obstacle).
+        if let Some(dir) = self.dir.take()
+            && keep_temp_dirs()
+        {
+            eprintln!("farm-tests: kept {}", dir.keep().display());
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Section {
+    /// A process's combined stdout+stderr file.
+    File { title: String, path: PathBuf },
+    /// An in-memory transcript (an actor command and its output).
+    Text { title: String, text: String },
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    dir: KeptTempDir,
+    sections: Mutex<Vec<Section>>,
+}
+
+/// A handle on one test's logs; clones share the same directory and sections.
+/// The logs are printed when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct TestLogs {
+    inner: Arc<Inner>,
+}
+
+impl TestLogs {
+    /// A fresh log directory for the test `name`.
+    pub fn new(name: &str) -> anyhow::Result<TestLogs> {
+        Ok(TestLogs {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                dir: temp_dir(&format!("logs-{}", sanitize(name)))?,
+                sections: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The directory holding the log files.
+    pub fn dir(&self) -> &Path {
+        self.inner.dir.path()
+    }
+
+    /// Creates `DIR/<name>.log` (a numbered variant if taken) and registers it
+    /// so it is printed with the other logs; returns its path and the open file.
+    pub fn create_log_file(&self, name: &str) -> anyhow::Result<(PathBuf, File)> {
+        let base = sanitize(name);
+        let mut sections = self.sections();
+        let mut n = 0;
+        let path = loop {
+            let candidate = if n == 0 {
+                self.dir().join(format!("{base}.log"))
+            } else {
+                self.dir().join(format!("{base}.{n}.log"))
+            };
+            if !candidate.exists() {
+                break candidate;
+            }
+            n += 1;
+        };
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        sections.push(Section::File {
+            title: name.to_owned(),
+            path: path.clone(),
+        });
+        Ok((path, file))
+    }
+
+    /// Records a transcript (e.g. a command with its status and output).
+    pub fn record(&self, title: impl Into<String>, text: impl Into<String>) {
+        self.sections().push(Section::Text {
+            title: title.into(),
+            text: text.into(),
+        });
+    }
+
+    /// Everything recorded so far, each file cut to its last [`TAIL_LINES`] lines.
+    pub fn render(&self) -> String {
+        render(&self.inner.name, self.dir(), &self.sections())
+    }
+
+    fn sections(&self) -> std::sync::MutexGuard<'_, Vec<Section>> {
+        // A panic while holding the lock must not hide the logs.
+        self.inner
+            .sections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let sections = self
+            .sections
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if sections.is_empty() {
+            return;
+        }
+        let header = if std::thread::panicking() {
+            "(test panicked)"
+        } else {
+            "(libtest shows this only if the test failed)"
+        };
+        // Runs before the fields drop, so the files are still there to read.
+        eprintln!(
+            "{header}\n{}",
+            render(&self.name, self.dir.path(), sections)
+        );
+    }
+}
+
+fn render(name: &str, dir: &Path, sections: &[Section]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "===== farm-tests logs for `{name}` ({}) =====",
+        dir.display()
+    );
+    for section in sections {
+        match section {
+            Section::File { title, path } => {
+                let text = std::fs::read(path)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
+                let _ = writeln!(out, "----- process {title} ({}) -----", path.display());
+                out.push_str(&tail(&text, TAIL_LINES));
+            }
+            Section::Text { title, text } => {
+                let _ = writeln!(out, "----- {title} -----");
+                out.push_str(text);
+            }
+        }
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    let _ = writeln!(out, "===== end of logs for `{name}` =====");
+    out
+}
+
+/// The last `n` lines of `text`, with a note of how many were cut.
+pub(crate) fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= n {
+        return text.to_owned();
+    }
+    let cut = lines.len() - n;
+    let mut out = format!("[… {cut} earlier lines cut …]\n");
+    for line in &lines[cut..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// A file-name-safe version of `name`.
+pub(crate) fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.starts_with('.') {
+        format!("x{s}")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 5), "a\nb\nc\n");
+        assert_eq!(tail("a\nb\nc\n", 2), "[… 1 earlier lines cut …]\nb\nc\n");
+    }
+
+    #[test]
+    fn sanitize_makes_file_names() {
+        assert_eq!(sanitize("farm coordinator/1"), "farm_coordinator_1");
+        assert_eq!(sanitize(".."), "x..");
+        assert_eq!(sanitize(""), "x");
+    }
+
+    #[test]
+    fn render_includes_files_and_transcripts() -> anyhow::Result<()> {
+        let logs = TestLogs::new("render")?;
+        let (path, _file) = logs.create_log_file("proc")?;
+        std::fs::write(&path, "hello from the process\n")?;
+        let (path2, _file2) = logs.create_log_file("proc")?;
+        assert_ne!(
+            path, path2,
+            "a second log of the same name gets its own file"
+        );
+        logs.record("$ echo hi", "hi\n");
+        let text = logs.render();
+        assert!(text.contains("hello from the process"), "{text}");
+        assert!(text.contains("$ echo hi"), "{text}");
+        Ok(())
+    }
+}
