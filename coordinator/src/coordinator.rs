@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     pub(crate) cli_auth: CliAuth,
     pub(crate) facts: Facts,
     pub(crate) cache: Cache,
+    /// Cancelled when the coordinator stops: sessions and followers end.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Handle on the coordinator's domain (cheap to clone).
@@ -103,6 +105,7 @@ impl Coordinator {
                 cli_auth,
                 facts,
                 cache,
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
     }
@@ -121,6 +124,27 @@ impl Coordinator {
 
     pub fn cache(&self) -> &Cache {
         &self.inner.cache
+    }
+
+    /// Cancelled once the coordinator is stopping.
+    pub fn stopping(&self) -> &tokio_util::sync::CancellationToken {
+        &self.inner.stopping
+    }
+
+    /// End every builder session and stream follower.
+    pub fn stop(&self) {
+        self.inner.stopping.cancel();
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner.log_notify.notify_waiters();
     }
 
     /// Run `f` on the scheduler, dispatch, then carry out what it decided.

@@ -25,6 +25,9 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::state::Store;
 use crate::{CoordinatorError, keys};
 
+/// How long servers get to finish once the coordinator stops.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where the coordinator listens and how to trust it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoints {
@@ -74,10 +77,31 @@ impl RunningCoordinator {
         self.join().await
     }
 
-    /// Wait until a server fails (or all stop).
+    /// Wait until a server fails (or all stop). Once stopping, sessions and
+    /// followers are ended, and servers get [`STOP_TIMEOUT`] to finish.
     async fn join(&mut self) -> Result<(), CoordinatorError> {
         let mut result = Ok(());
-        while let Some(r) = self.tasks.join_next().await {
+        let mut stop_rx = self.stop.subscribe();
+        let coord = self.coordinator.clone();
+        let stopped = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            coord.stop();
+            tokio::time::sleep(STOP_TIMEOUT).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let r = tokio::select! {
+                r = self.tasks.join_next() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+                _ = &mut stopped => {
+                    tracing::warn!("servers did not stop in time; aborting them");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            };
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -95,6 +119,7 @@ impl RunningCoordinator {
                 }
             }
         }
+        self.coordinator.stop();
         let store = self.coordinator.read_sched(|s| s.store().clone());
         store.flush().await?;
         result
