@@ -108,6 +108,9 @@ fn starts_writes_endpoints_and_reuses_keys() {
     let info = http_get(&e.http, "/nix-cache-info");
     assert!(info.starts_with("HTTP/1.1 200"), "{info}");
     assert!(info.contains("StoreDir: /nix/store"), "{info}");
+    let metrics = http_get(&e.http, "/metrics");
+    assert!(metrics.contains("farm_running_builds 0"), "{metrics}");
+    assert!(metrics.contains("farm_cache_paths 0"), "{metrics}");
 
     // kill -9 and start again: same keys
     p.0.kill().unwrap();

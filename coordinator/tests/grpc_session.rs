@@ -715,3 +715,44 @@ async fn restart_finishes_the_graph_without_rebuilding() {
     assert_eq!(done.built, 3);
     c.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn grpc_over_tls_with_the_pinned_certificate() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CoordinatorConfig::new(dir.path().join("state"));
+    config.grpc = "127.0.0.1:0".into();
+    config.http = "127.0.0.1:0".into();
+    config.ssh = "127.0.0.1:0".into();
+    config.tls = farm_coordinator::config::TlsMode::On;
+    let c = farm_coordinator::start(config).await.unwrap();
+    let e = c.endpoints().clone();
+    assert!(e.grpc_tls);
+    let pem = std::fs::read(e.tls_cert.as_ref().unwrap()).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        .domain_name("127.0.0.1");
+    let ch = Channel::from_shared(e.grpc_url())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut farm = FarmServiceClient::new(ch);
+    farm.status(v1::StatusRequest {}).await.unwrap();
+    // plaintext to the TLS port fails
+    let plain = Channel::from_shared(format!("http://{}", e.grpc))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        assert!(
+            FarmServiceClient::new(ch)
+                .status(v1::StatusRequest {})
+                .await
+                .is_err()
+        );
+    }
+    c.shutdown().await.unwrap();
+}
