@@ -11,9 +11,9 @@ use std::task::{Context, Poll};
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
-use super::testutil::{nix_dump, nix_hash, run};
 use super::*;
 use crate::hash::HashAlgo;
+use crate::testutil::{nix_dump, nix_hash, run};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
