@@ -240,15 +240,8 @@ pub(crate) async fn write_trailer<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::hash::Hash;
-    use crate::testutil::{PrivateStore, nix_dump};
+    use crate::testutil::{PrivateStore, nix_dump, rt};
     use crate::wire::test_support::nar_of_file;
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-    }
 
     fn sp(s: &str) -> StorePath {
         StorePath::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))

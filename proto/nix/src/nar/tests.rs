@@ -13,14 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::*;
 use crate::hash::HashAlgo;
-use crate::testutil::{nix_dump, nix_hash, run};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::testutil::{nix_dump, nix_hash, rt, run};
 
 fn write_file(path: &Path, data: &[u8], mode: u32) {
     std::fs::write(path, data).unwrap();

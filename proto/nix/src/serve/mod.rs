@@ -37,7 +37,7 @@ use crate::nar::{NarError, NarLimits, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, BuildResultFields, HandlerError, Limits, WireError, read_bool,
+    self, BuildResult, BuildResultFields, HandlerError, Limits, NarMismatch, WireError, read_bool,
     read_opt_store_path, read_store_path, read_store_paths, read_string, read_string_set,
     read_strings, read_u64, read_u64_or_eof, write_bool, write_opt_store_path, write_store_path,
     write_store_paths, write_string, write_strings, write_u64,
@@ -52,10 +52,7 @@ pub const MIN_SERVE_VERSION: u64 = 0x204;
 /// The magic before each path's metadata in an export stream.
 pub use crate::export::EXPORT_MAGIC;
 
-/// The minor part of a protocol version.
-pub const fn minor(version: u64) -> u64 {
-    version & 0xff
-}
+pub use crate::wire::minor;
 
 /// Everything that ends a serve connection with an error.
 #[derive(Debug, thiserror::Error)]
@@ -68,16 +65,8 @@ pub enum ServeError {
     Export(#[from] ExportError),
     #[error(transparent)]
     Handler(#[from] HandlerError),
-    #[error(
-        "NAR of {path} does not match its info: got {got_size} bytes {got_hash}, expected {expected_size} bytes {expected_hash}"
-    )]
-    NarMismatch {
-        path: String,
-        got_size: u64,
-        got_hash: String,
-        expected_size: u64,
-        expected_hash: String,
-    },
+    #[error(transparent)]
+    NarMismatch(#[from] NarMismatch),
     #[error("'nix-store --serve' protocol error: {0}")]
     Protocol(String),
 }
