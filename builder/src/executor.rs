@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use farm_nix::derivation::{BasicDerivation, Derivation, name_from_drv_path};
 use farm_nix::path_info::ValidPathInfo;
+use farm_nix::serve::BuildOptions;
 use farm_nix::store_path::StorePath;
+use farm_nix::wire::{BuildResult, BuildStatus};
 use farm_proto::v1::{Job, JobResult, JobStatus};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -27,7 +29,6 @@ use crate::jobs::{Execute, JobContext, cancel_message, failure, now_unix, status
 use crate::local::LocalServe;
 use crate::logs::LogState;
 use crate::probe::NixBin;
-use crate::serve_client::{BuildOptions, BuildResult};
 use crate::session::{Link, current_link};
 use crate::transfer;
 
@@ -155,7 +156,7 @@ fn plan(job: &Job) -> Result<Plan, Fail> {
         options: BuildOptions {
             max_silent_time: job.max_silent_time_secs,
             build_timeout: job.build_timeout_secs,
-            max_log_size: 0,
+            ..BuildOptions::default()
         },
     })
 }
@@ -240,11 +241,17 @@ impl NixExecutor {
             }
         };
         let stopped = now_unix_u64();
-        match result.status {
-            0..=2 => {}
-            8 => return Err(fail(JobStatus::TimedOut, plain_text(&result.error_msg))),
-            6 | 9 => return Err(fail(JobStatus::MiscFailure, plain_text(&result.error_msg))),
-            _ => return Err(fail(JobStatus::Failed, plain_text(&result.error_msg))),
+        let status = match result.status {
+            BuildStatus::Built | BuildStatus::Substituted | BuildStatus::AlreadyValid => None,
+            BuildStatus::TimedOut => Some(JobStatus::TimedOut),
+            // Worth another try, here or elsewhere.
+            BuildStatus::TransientFailure | BuildStatus::MiscFailure => {
+                Some(JobStatus::MiscFailure)
+            }
+            _ => Some(JobStatus::Failed),
+        };
+        if let Some(status) = status {
+            return Err(fail(status, plain_text(&result.error_msg)));
         }
         // Uploads use the newest link (the session may have been re-established).
         let mut link = link.clone();
