@@ -11,7 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::*;
 use crate::derivation::{BasicDerivation, DerivationOutput};
 use crate::hash::HashAlgo;
-use crate::testutil::{PrivateStore, captures};
+use crate::testutil::{
+    PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
+};
 use crate::wire::test_support::*;
 use crate::wire::{BuildStatus, HandlerError};
 
@@ -140,6 +142,37 @@ fn captures_decode_and_reencode_byte_identically() {
         ] {
             assert!(seen.contains(cmd), "no {cmd} in the captures: {seen:?}");
         }
+    });
+}
+
+/// The `BasicDerivation`s Nix 2.8's build hook sent (captured bytes) are
+/// the `.drv` files `nix-instantiate` writes for the same expression, as
+/// `Derivation::to_basic` makes them, with the outputs of the input
+/// derivations added to the input sources (what the hook sends); and they
+/// encode back to the captured bytes.
+#[test]
+fn captured_basic_derivations_match_the_drv_files() {
+    rt().block_on(async {
+        let store = PrivateStore::new();
+        instantiate_capture_drv(&store, "serve-hook");
+        let mut checked = 0;
+        for cap in all_captures().await {
+            for ex in &cap.exchanges {
+                let ServeRequest::BuildDerivation { drv_path, drv, .. } = &ex.req else {
+                    continue;
+                };
+                check_captured_basic_derivation(
+                    &store,
+                    ServeCommand::BuildDerivation as u64,
+                    &ex.req_bytes,
+                    drv_path,
+                    drv,
+                )
+                .await;
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2, "capdep and capture-test");
     });
 }
 

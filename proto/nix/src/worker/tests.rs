@@ -12,7 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::*;
 use crate::derivation::DerivationOutput;
 use crate::hash::HashAlgo;
-use crate::testutil::{PrivateStore, captures};
+use crate::testutil::{
+    PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
+};
 use crate::wire::test_support::*;
 use crate::wire::{BuildStatus, FramedReader, FramedWriter, HandlerError, OutputsSpec};
 
@@ -129,6 +131,38 @@ async fn parse_capture(name: &str, c2s: &[u8], s2c: &[u8]) -> Capture {
         nix_version,
         exchanges,
     }
+}
+
+/// The `BasicDerivation`s Nix 2.8's build hook sent over ssh-ng (captured
+/// bytes) are what the `.drv` files of the same expression say (see
+/// [`check_captured_basic_derivation`]).
+#[test]
+fn captured_basic_derivations_match_the_drv_files() {
+    rt().block_on(async {
+        let store = PrivateStore::new();
+        instantiate_capture_drv(&store, "worker-hook");
+        let mut checked = 0;
+        for cap in all_captures().await {
+            if !cap.name.starts_with("worker-build-hook") {
+                continue;
+            }
+            for ex in &cap.exchanges {
+                let WorkerRequest::BuildDerivation { drv_path, drv, .. } = &ex.req else {
+                    continue;
+                };
+                check_captured_basic_derivation(
+                    &store,
+                    WorkerOp::BuildDerivation as u64,
+                    &ex.req_bytes,
+                    drv_path,
+                    drv,
+                )
+                .await;
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2, "capdep and capture-test");
+    });
 }
 
 async fn all_captures() -> Vec<Capture> {
