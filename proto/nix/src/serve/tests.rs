@@ -2,14 +2,14 @@
 //! and re-encoded byte for byte, the captures replayed against our server,
 //! malformed input, and our client against our server and a real `nix-store --serve`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::derivation::{BasicDerivation, DerivationOutput};
+use crate::derivation::BasicDerivation;
 use crate::hash::HashAlgo;
 use crate::testutil::{
     PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
@@ -356,10 +356,11 @@ proptest! {
     fn request_roundtrip(req in arb_request(), v in MIN_SERVE_VERSION..=SERVE_PROTOCOL_VERSION) {
         // Before 2.7 `keepFailed` is not sent, so it reads back as false.
         let mut want = req.clone();
-        if minor(v) < 7 {
-            if let ServeRequest::BuildPaths { options, .. } | ServeRequest::BuildDerivation { options, .. } = &mut want {
-                options.keep_failed = false;
-            }
+        if minor(v) < 7
+            && let ServeRequest::BuildPaths { options, .. }
+            | ServeRequest::BuildDerivation { options, .. } = &mut want
+        {
+            options.keep_failed = false;
         }
         rt().block_on(async {
             let mut out = Vec::new();
@@ -436,7 +437,7 @@ fn build_options_follow_the_version() {
 /// of the client tests.
 #[derive(Default)]
 struct MemStore {
-    paths: HashMap<StorePath, (ValidPathInfo, Vec<u8>)>,
+    paths: MemPaths,
 }
 
 impl ServeHandler for MemStore {
@@ -448,7 +449,7 @@ impl ServeHandler for MemStore {
     ) -> Result<BTreeSet<StorePath>, HandlerError> {
         Ok(paths
             .iter()
-            .filter(|p| self.paths.contains_key(p))
+            .filter(|p| self.paths.contains(p))
             .cloned()
             .collect())
     }
@@ -457,7 +458,7 @@ impl ServeHandler for MemStore {
         &mut self,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, HandlerError> {
-        Ok(self.paths.get(path).map(|(i, _)| i.clone()))
+        Ok(self.paths.info(path))
     }
 
     async fn nar_from_path(
@@ -465,11 +466,7 @@ impl ServeHandler for MemStore {
         path: &StorePath,
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let (_, nar) = self
-            .paths
-            .get(path)
-            .ok_or_else(|| HandlerError::new(format!("{path} is not valid")))?;
-        out.write_all(nar).await.map_err(HandlerError::new)
+        self.paths.write_nar(path, out).await
     }
 
     async fn add_to_store_nar(
@@ -477,15 +474,7 @@ impl ServeHandler for MemStore {
         info: ValidPathInfo,
         nar: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let mut data = Vec::new();
-        nar.read_to_end(&mut data)
-            .await
-            .map_err(HandlerError::new)?;
-        if HashAlgo::Sha256.digest(&data) != info.nar_hash {
-            return Err(HandlerError::new("hash mismatch"));
-        }
-        self.paths.insert(info.path.clone(), (info, data));
-        Ok(())
+        self.paths.add(info, nar).await
     }
 
     async fn build_derivation(
@@ -494,60 +483,8 @@ impl ServeHandler for MemStore {
         drv: BasicDerivation,
         _options: &BuildOptions,
     ) -> Result<BuildResult, HandlerError> {
-        for p in &drv.input_srcs {
-            if !self.paths.contains_key(p) {
-                return Ok(BuildResult::new(
-                    BuildStatus::MiscFailure,
-                    format!("missing input {p}"),
-                ));
-            }
-        }
-        let mut res = BuildResult::new(BuildStatus::Built, "");
-        for (name, out) in &drv.outputs {
-            let path = out.path.clone().unwrap();
-            let nar = nar_of_file(drv.env.get("text").map(|s| s.as_bytes()).unwrap_or(b""));
-            let mut info = info_for_nar(&path, &nar);
-            info.references = drv.input_srcs.clone();
-            self.paths.insert(path.clone(), (info, nar));
-            res.add_built_output(name, &path);
-        }
-        Ok(res)
+        Ok(self.paths.build(&drv))
     }
-}
-
-fn test_path(name: &str) -> StorePath {
-    StorePath::make("text", &HashAlgo::Sha256.digest(name.as_bytes()), name).unwrap()
-}
-
-fn test_drv(input: &StorePath, out: &StorePath, text: &str) -> (StorePath, BasicDerivation) {
-    let drv_path = test_path("farm-wire-test.drv");
-    let drv = BasicDerivation {
-        name: "farm-wire-test".into(),
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: Some(out.clone()),
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
-        )]),
-        input_srcs: BTreeSet::from([input.clone()]),
-        platform: "x86_64-linux".into(),
-        builder: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
-            "read -r x < $input; echo \"$text $x $input\" > $out".into(),
-        ],
-        env: BTreeMap::from([
-            ("builder".into(), "/bin/sh".into()),
-            ("input".into(), input.to_string()),
-            ("name".into(), "farm-wire-test".into()),
-            ("out".into(), out.to_string()),
-            ("system".into(), "x86_64-linux".into()),
-            ("text".into(), text.into()),
-        ]),
-    };
-    (drv_path, drv)
 }
 
 #[test]

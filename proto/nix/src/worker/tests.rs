@@ -3,14 +3,13 @@
 //! malformed input, every handshake version, and our client against our
 //! server and against a real `nix-daemon --stdio`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::derivation::DerivationOutput;
 use crate::hash::HashAlgo;
 use crate::testutil::{
     PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
@@ -738,7 +737,7 @@ fn version_gates() {
 /// An in-memory store that builds by writing `$text` into each output.
 #[derive(Default)]
 struct MemStore {
-    paths: HashMap<StorePath, (ValidPathInfo, Vec<u8>)>,
+    paths: MemPaths,
 }
 
 impl WorkerHandler for MemStore {
@@ -746,7 +745,7 @@ impl WorkerHandler for MemStore {
         &mut self,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, HandlerError> {
-        Ok(self.paths.get(path).map(|(i, _)| i.clone()))
+        Ok(self.paths.info(path))
     }
 
     async fn nar_from_path(
@@ -754,11 +753,7 @@ impl WorkerHandler for MemStore {
         path: &StorePath,
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let (_, nar) = self
-            .paths
-            .get(path)
-            .ok_or_else(|| HandlerError::new(format!("path '{path}' is not valid")))?;
-        out.write_all(nar).await.map_err(HandlerError::new)
+        self.paths.write_nar(path, out).await
     }
 
     async fn add_to_store_nar(
@@ -768,15 +763,7 @@ impl WorkerHandler for MemStore {
         _dont_check_sigs: bool,
         nar: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let mut data = Vec::new();
-        nar.read_to_end(&mut data)
-            .await
-            .map_err(HandlerError::new)?;
-        if HashAlgo::Sha256.digest(&data) != info.nar_hash {
-            return Err(HandlerError::new("hash mismatch"));
-        }
-        self.paths.insert(info.path.clone(), (info, data));
-        Ok(())
+        self.paths.add(info, nar).await
     }
 
     async fn build_derivation(
@@ -793,52 +780,8 @@ impl WorkerHandler for MemStore {
             .await
             .map_err(HandlerError::new)?;
         log.stop_activity(1).await.map_err(HandlerError::new)?;
-        let mut res = BuildResult::new(BuildStatus::Built, "");
-        for (name, out) in &drv.outputs {
-            let path = out.path.clone().unwrap();
-            let nar = nar_of_file(drv.env["text"].as_bytes());
-            self.paths
-                .insert(path.clone(), (info_for_nar(&path, &nar), nar));
-            res.add_built_output(name, &path);
-        }
-        Ok(res)
+        Ok(self.paths.build(&drv))
     }
-}
-
-fn test_path(name: &str) -> StorePath {
-    StorePath::make("text", &HashAlgo::Sha256.digest(name.as_bytes()), name).unwrap()
-}
-
-fn test_drv(input: &StorePath, out: &StorePath, text: &str) -> (StorePath, BasicDerivation) {
-    let drv_path = test_path(&format!("{}.drv", out.name()));
-    let drv = BasicDerivation {
-        name: out.name().to_owned(),
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: Some(out.clone()),
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
-        )]),
-        input_srcs: BTreeSet::from([input.clone()]),
-        platform: "x86_64-linux".into(),
-        builder: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
-            "echo log line from the builder >&2; read -r x < $input; echo \"$text $x $input\" > $out"
-                .into(),
-        ],
-        env: BTreeMap::from([
-            ("builder".into(), "/bin/sh".into()),
-            ("input".into(), input.to_string()),
-            ("name".into(), out.name().to_owned()),
-            ("out".into(), out.to_string()),
-            ("system".into(), "x86_64-linux".into()),
-            ("text".into(), text.into()),
-        ]),
-    };
-    (drv_path, drv)
 }
 
 type Duplex = tokio::io::DuplexStream;
