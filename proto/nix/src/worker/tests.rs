@@ -1049,6 +1049,169 @@ fn malformed_input_closes_the_connection_with_an_error() {
     });
 }
 
+/// Every data-free operation our client encodes is one a real `nix-daemon
+/// --stdio` (Nix 2.8) understands, and its reply decodes to what the store
+/// holds (the content-addressed `RegisterDrvOutput`/`QueryRealisation` need
+/// the `ca-derivations` feature and are left out).
+#[test]
+fn every_data_free_op_against_real_nix_daemon() {
+    rt().block_on(async {
+        use WorkerRequest as Q;
+        let store = PrivateStore::new();
+        let drv_path = StorePath::parse(&store.run_str(
+            "nix-instantiate",
+            &[
+                "-E",
+                "derivation { name = \"farm-op\"; system = builtins.currentSystem; \
+                 builder = \"/bin/sh\"; args = [\"-c\" \"echo op > $out\"]; }",
+            ],
+        ))
+        .unwrap();
+        let drv_out = StorePath::parse(
+            &store.run_str("nix-store", &["-q", "--outputs", &drv_path.to_string()]),
+        )
+        .unwrap();
+        let mut child = store
+            .async_command("nix-daemon", &["--stdio"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut c = WorkerClient::connect(stdout, stdin).await.unwrap();
+        let mut ask = async |req: Q| {
+            c.request(&req)
+                .await
+                .unwrap_or_else(|e| panic!("{:?}: {e}", req.op()))
+        };
+
+        let settings = ClientSettings {
+            max_build_jobs: 1,
+            build_cores: 1,
+            verbosity: 0,
+            overrides: vec![("sandbox".into(), "false".into())],
+            ..ClientSettings::default()
+        };
+        assert_eq!(ask(Q::SetOptions(settings)).await, WorkerReply::Nothing);
+
+        let t1 = StorePath::make("text", &HashAlgo::Sha256.digest(b"one"), "farm-t1").unwrap();
+        let req = Q::AddTextToStore {
+            name: "farm-t1".into(),
+            text: "one".into(),
+            references: BTreeSet::new(),
+        };
+        assert_eq!(ask(req).await, WorkerReply::Path(t1.clone()));
+        let text2 = format!("two {t1}");
+        let t2 = StorePath::make(
+            &format!("text:{t1}"),
+            &HashAlgo::Sha256.digest(text2.as_bytes()),
+            "farm-t2",
+        )
+        .unwrap();
+        let req = Q::AddTextToStore {
+            name: "farm-t2".into(),
+            text: text2,
+            references: BTreeSet::from([t1.clone()]),
+        };
+        assert_eq!(ask(req).await, WorkerReply::Path(t2.clone()));
+        assert_eq!(
+            ask(Q::IsValidPath(t2.clone())).await,
+            WorkerReply::Bool(true)
+        );
+        let missing = test_path("farm-missing");
+        assert_eq!(
+            ask(Q::IsValidPath(missing.clone())).await,
+            WorkerReply::Bool(false)
+        );
+        assert_eq!(
+            ask(Q::QueryReferrers(t1.clone())).await,
+            WorkerReply::Paths(BTreeSet::from([t2.clone()]))
+        );
+        assert_eq!(ask(Q::EnsurePath(t1.clone())).await, WorkerReply::Success);
+        assert_eq!(ask(Q::AddTempRoot(t1.clone())).await, WorkerReply::Success);
+        assert_eq!(
+            ask(Q::QueryPathFromHashPart(t2.hash_part().into())).await,
+            WorkerReply::OptPath(Some(t2.clone()))
+        );
+        assert_eq!(
+            ask(Q::QueryPathFromHashPart(missing.hash_part().into())).await,
+            WorkerReply::OptPath(None)
+        );
+        let both = BTreeSet::from([t1.clone(), missing.clone()]);
+        let req = Q::QueryValidPaths {
+            paths: both.clone(),
+            substitute: false,
+        };
+        assert_eq!(
+            ask(req).await,
+            WorkerReply::Paths(BTreeSet::from([t1.clone()]))
+        );
+        assert_eq!(
+            ask(Q::QuerySubstitutablePaths(both)).await,
+            WorkerReply::Paths(BTreeSet::new())
+        );
+        let key = crate::signing::SigningKey::generate("farm-op-test").unwrap();
+        let WorkerReply::OptPathInfo(Some(info)) = ask(Q::QueryPathInfo(t1.clone())).await else {
+            panic!("no info for {t1}");
+        };
+        let sig = key.sign(&info.fingerprint());
+        let req = Q::AddSignatures {
+            path: t1.clone(),
+            sigs: BTreeSet::from([sig.clone()]),
+        };
+        assert_eq!(ask(req).await, WorkerReply::Success);
+        let WorkerReply::OptPathInfo(Some(info)) = ask(Q::QueryPathInfo(t1.clone())).await else {
+            panic!("no info for {t1}");
+        };
+        assert_eq!(info.sigs, BTreeSet::from([sig]));
+
+        assert_eq!(
+            ask(Q::QueryDerivationOutputMap(drv_path.clone())).await,
+            WorkerReply::OutputMap(BTreeMap::from([("out".into(), Some(drv_out.clone()))]))
+        );
+        let built = DerivedPath::Built {
+            drv_path: drv_path.clone(),
+            outputs: OutputsSpec::Names(BTreeSet::from(["out".to_string()])),
+        };
+        let WorkerReply::Missing(m) = ask(Q::QueryMissing(vec![built.clone()])).await else {
+            panic!("QueryMissing");
+        };
+        assert_eq!(m.will_build, BTreeSet::from([drv_path.clone()]));
+        let req = Q::BuildPaths {
+            paths: vec![built.clone()],
+            mode: BuildMode::Normal,
+        };
+        assert_eq!(ask(req).await, WorkerReply::Success);
+        assert_eq!(
+            ask(Q::IsValidPath(drv_out.clone())).await,
+            WorkerReply::Bool(true)
+        );
+        let req = Q::BuildPathsWithResults {
+            paths: vec![built.clone(), DerivedPath::Opaque(t1.clone())],
+            mode: BuildMode::Normal,
+        };
+        let WorkerReply::BuildResults(results) = ask(req).await else {
+            panic!("BuildPathsWithResults");
+        };
+        // Nix 2.8 answers in its own order (its goals'), not the request's.
+        assert_eq!(results.len(), 2);
+        let result = |p: &DerivedPath| &results.iter().find(|(q, _)| q == p).unwrap().1;
+        assert_eq!(result(&built).status, BuildStatus::AlreadyValid);
+        assert_eq!(
+            result(&built).output_paths(),
+            BTreeMap::from([("out".into(), drv_out)])
+        );
+        assert!(result(&DerivedPath::Opaque(t1.clone())).status.is_success());
+
+        // An error from the daemon is an error; the connection goes on.
+        assert!(c.request(&Q::EnsurePath(missing)).await.is_err());
+        assert!(c.is_valid_path(&t1).await.unwrap());
+        drop(c);
+        let _ = child.wait().await.unwrap();
+    });
+}
+
 /// Our client drives a real `nix-daemon --stdio` in a private store.
 #[test]
 fn our_client_against_real_nix_daemon() {
