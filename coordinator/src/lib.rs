@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod endpoint;
 pub mod grpc;
 pub mod http;
 pub mod keys;

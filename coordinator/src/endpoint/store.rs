@@ -1,0 +1,155 @@
+//! The store behind both Nix protocols: the farm's cache. Path queries are
+//! answered from its index, uploads are verified and ingested into it, and
+//! NARs are streamed back out of it. Both protocol handlers call this; it
+//! turns cache failures into the messages a Nix client prints (the details of
+//! internal failures stay in the coordinator's log).
+
+use std::collections::BTreeSet;
+
+use farm_nix::export::ExportReader;
+use farm_nix::nar::NarLimits;
+use farm_nix::path_info::ValidPathInfo;
+use farm_nix::store_path::StorePath;
+use farm_nix::wire::HandlerError;
+use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+
+use crate::cache::{Cache, CacheError};
+
+/// The cache as a Nix store.
+#[derive(Clone)]
+pub struct FarmStore {
+    cache: Cache,
+}
+
+/// A cache error as the client sees it: the cause when the client caused it,
+/// otherwise a generic message (the cause is logged).
+pub fn client_error(context: &str, e: CacheError) -> HandlerError {
+    if e.is_client_error() {
+        HandlerError::new(format!("{context}: {e}"))
+    } else {
+        tracing::error!(error = %e, "{context}");
+        HandlerError::new(format!(
+            "{context}: internal error in the farm's cache (see the coordinator's log)"
+        ))
+    }
+}
+
+impl FarmStore {
+    pub fn new(cache: Cache) -> FarmStore {
+        FarmStore { cache }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Which of `paths` the cache holds.
+    pub async fn valid_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, HandlerError> {
+        let list: Vec<StorePath> = paths.iter().cloned().collect();
+        self.cache
+            .valid_paths(&list)
+            .await
+            .map_err(|e| client_error("querying valid paths", e))
+    }
+
+    pub async fn is_valid(&self, path: &StorePath) -> Result<bool, HandlerError> {
+        Ok(self.path_info(path).await?.is_some())
+    }
+
+    /// The published info of `path` (with the cache's signature).
+    pub async fn path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, HandlerError> {
+        self.cache
+            .path_info(path)
+            .await
+            .map_err(|e| client_error(&format!("querying {path}"), e))
+    }
+
+    /// The closure of `paths` under references (paths the cache lacks are left out).
+    pub async fn closure(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, HandlerError> {
+        let list: Vec<StorePath> = paths.iter().cloned().collect();
+        self.cache
+            .closure(&list)
+            .await
+            .map_err(|e| client_error("computing a closure", e))
+    }
+
+    /// Stream the NAR of `path` to `out`. A path the cache lacks is an error.
+    pub async fn write_nar(
+        &self,
+        path: &StorePath,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, HandlerError> {
+        let reader = self
+            .cache
+            .nar_reader(path)
+            .await
+            .map_err(|e| client_error(&format!("reading {path}"), e))?;
+        let Some(mut reader) = reader else {
+            return Err(HandlerError::new(format!(
+                "path '{path}' is not valid in the farm's store"
+            )));
+        };
+        let n = tokio::io::copy(&mut reader, out).await.map_err(|e| {
+            tracing::error!(%path, error = %e, "streaming a NAR out of the cache");
+            HandlerError::new(format!("reading {path} from the farm's cache failed"))
+        })?;
+        Ok(n)
+    }
+
+    /// Verify and store one uploaded path; `nar` yields exactly its NAR.
+    pub async fn add(
+        &self,
+        info: ValidPathInfo,
+        nar: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<ValidPathInfo, HandlerError> {
+        let path = info.path.clone();
+        let stored = self
+            .cache
+            .ingest(info, nar)
+            .await
+            .map_err(|e| client_error(&format!("adding {path}"), e))?;
+        tracing::debug!(%path, "path uploaded into the cache");
+        Ok(stored)
+    }
+
+    /// Import an export stream (`nix-store --export` format): each NAR is
+    /// spooled to a temporary file while it is validated (its hash and size
+    /// come after it in the stream), then ingested.
+    pub async fn import(
+        &self,
+        stream: &mut (dyn AsyncRead + Unpin + Send),
+        limits: &NarLimits,
+    ) -> Result<Vec<StorePath>, HandlerError> {
+        let spool_err = |e: std::io::Error| {
+            tracing::error!(error = %e, "spooling an imported NAR");
+            HandlerError::new("importing paths: cannot spool the NAR on the farm")
+        };
+        let mut stream = stream;
+        let mut reader = ExportReader::new(&mut stream, limits);
+        let mut imported = Vec::new();
+        loop {
+            let file = tempfile::tempfile().map_err(spool_err)?;
+            let mut file = tokio::fs::File::from_std(file);
+            let next = reader
+                .next_path(&mut file)
+                .await
+                .map_err(|e| HandlerError::new(format!("importing paths: {e}")))?;
+            let Some(exported) = next else {
+                return Ok(imported);
+            };
+            file.flush().await.map_err(spool_err)?;
+            file.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(spool_err)?;
+            let info = exported.to_path_info();
+            self.add(info, &mut file).await?;
+            imported.push(exported.path);
+        }
+    }
+}
