@@ -1,4 +1,47 @@
-//! `farm-builder` binary entry point.
-fn main() -> anyhow::Result<()> {
+//! `farm-builder` binary entry point: flags, logging, signals, then [`farm_builder::run`].
+
+use anyhow::Context;
+use clap::Parser;
+use farm_builder::config::Args;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let print_only = args.print_public_key;
+    let config = args.into_config()?;
+    if print_only {
+        let (key, origin) = farm_builder::prepare_key(&config)?;
+        // prepare_key already printed a freshly generated key.
+        if origin == farm_builder::KeyOrigin::Loaded {
+            println!("{}", key.public_line());
+        }
+        return Ok(());
+    }
+    farm_builder::run(config, shutdown_signal())
+        .await
+        .context("farm-builder")?;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
 }

@@ -1,1 +1,448 @@
-//! (being written: see the lead's plan)
+//! The coordinator's settings: command-line flags (each also read from the
+//! environment as `FARM_<FLAG>`), an optional TOML file (`--config`, unknown keys
+//! refused) holding the same settings under the flags' names, and the resolved
+//! [`CoordinatorConfig`] the library runs with (what `farm up` builds directly).
+//!
+//! Precedence: flag or environment variable, then the file, then the default.
+//!
+//! TOML example (keys are the long flag names):
+//! ```toml
+//! state-dir = "/var/lib/farm"
+//! grpc = "0.0.0.0:7070"
+//! builder-keys = "/etc/farm/builder_keys"
+//! [cache]                # optional: the cache's own settings (`cache::CacheConfig`)
+//! zstd_level = 3
+//! [cache.storage]        # optional; default: a local directory in the state dir
+//! type = "s3"
+//! bucket = "nix-farm"
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::CoordinatorError;
+use crate::cache::CacheConfig;
+
+/// Default gRPC listen address.
+pub const DEFAULT_GRPC: &str = "127.0.0.1:7070";
+/// Default HTTP listen address (cache, metrics, dashboard).
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7080";
+/// Default SSH listen address (the Nix endpoint).
+pub const DEFAULT_SSH: &str = "127.0.0.1:7022";
+
+/// Whether gRPC runs over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS when the gRPC address is not loopback, plaintext on loopback.
+    #[default]
+    Auto,
+    /// Always TLS.
+    On,
+    /// Never TLS; beyond loopback this needs `--insecure-plaintext` too.
+    Off,
+}
+
+/// `farm-coordinator`: the nix-farm coordinator (scheduler, binary cache, gRPC, HTTP and SSH endpoints).
+///
+/// Authentication: builders join only with a key listed in --builder-keys.
+/// CLI users sign each call with a key from --authorized-keys (read, submit) or
+/// --admin-keys (also drain and cancel). When the gRPC listener is on loopback
+/// and --authorized-keys / --admin-keys are not given, every local caller is
+/// allowed that level; beyond loopback a missing key file means nobody is.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "farm-coordinator", version, about, long_about)]
+pub struct Args {
+    /// TOML file holding any of these settings (keys are the long flag names).
+    #[arg(long, env = "FARM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the state database, keys, the local cache and endpoints.json.
+    #[arg(long, env = "FARM_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// gRPC listen address (builders, CLI) [default: 127.0.0.1:7070]; port 0 picks one.
+    #[arg(long, env = "FARM_GRPC", value_name = "ADDR")]
+    pub grpc: Option<String>,
+    /// HTTP listen address (binary cache, /metrics, dashboard) [default: 127.0.0.1:7080].
+    #[arg(long, env = "FARM_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// SSH listen address (Nix's ssh:// and ssh-ng:// endpoint) [default: 127.0.0.1:7022].
+    #[arg(long, env = "FARM_SSH", value_name = "ADDR")]
+    pub ssh: Option<String>,
+    /// Host name clients and builders reach this coordinator by [default: the
+    /// listen address's host when specific, else this machine's host name].
+    #[arg(long, env = "FARM_PUBLIC_HOST", value_name = "HOST")]
+    pub public_host: Option<String>,
+    /// Name of the generated cache signing key [default: the host name].
+    #[arg(long, env = "FARM_CACHE_KEY_NAME", value_name = "NAME")]
+    pub cache_key_name: Option<String>,
+    /// Use this existing cache signing key (Nix format `name:base64`) instead of generating one.
+    #[arg(long, env = "FARM_CACHE_KEY_FILE", value_name = "FILE")]
+    pub cache_key_file: Option<PathBuf>,
+    /// Directory of the local cache [default: STATE_DIR/cache].
+    #[arg(long, env = "FARM_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// zstd level for stored NARs and logs [default: 3].
+    #[arg(long, env = "FARM_ZSTD_LEVEL", value_name = "N")]
+    pub zstd_level: Option<i32>,
+    /// Priority advertised in nix-cache-info; lower is preferred [default: 30].
+    #[arg(long, env = "FARM_CACHE_PRIORITY", value_name = "N")]
+    pub cache_priority: Option<u32>,
+    /// Nix clients and CLI users (OpenSSH authorized_keys format).
+    #[arg(long, env = "FARM_AUTHORIZED_KEYS", value_name = "FILE")]
+    pub authorized_keys: Option<PathBuf>,
+    /// CLI users who may change the farm: drain, cancel (authorized_keys format).
+    #[arg(long, env = "FARM_ADMIN_KEYS", value_name = "FILE")]
+    pub admin_keys: Option<PathBuf>,
+    /// Builders' public keys (authorized_keys format); re-read on every builder connection.
+    #[arg(long, env = "FARM_BUILDER_KEYS", value_name = "FILE")]
+    pub builder_keys: Option<PathBuf>,
+    /// gRPC TLS [default: auto = TLS unless the gRPC address is loopback].
+    #[arg(long, env = "FARM_TLS", value_name = "MODE")]
+    pub tls: Option<TlsMode>,
+    /// TLS certificate chain (PEM) [default: generated, STATE_DIR/tls/cert.pem].
+    #[arg(long, env = "FARM_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) [default: generated, STATE_DIR/tls/key.pem].
+    #[arg(long, env = "FARM_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plaintext gRPC on a non-loopback address (with --tls off). Insecure.
+    #[arg(long, env = "FARM_INSECURE_PLAINTEXT", action = ArgAction::SetTrue)]
+    pub insecure_plaintext: bool,
+    /// Seconds a vanished builder's jobs wait for it before they are requeued [default: 60].
+    #[arg(long, env = "FARM_BUILDER_GRACE", value_name = "SECS")]
+    pub builder_grace: Option<u64>,
+    /// How many times a build is retried after transient failures or lost builders [default: 3].
+    #[arg(long, env = "FARM_MAX_RETRIES", value_name = "N")]
+    pub max_retries: Option<u32>,
+    /// Seconds work waits for a matching builder that was seen recently but is gone [default: 600].
+    #[arg(long, env = "FARM_UNSCHEDULABLE_WAIT", value_name = "SECS")]
+    pub unschedulable_wait: Option<u64>,
+    /// A builder last seen within this many seconds counts as "seen recently" [default: 86400].
+    #[arg(long, env = "FARM_RECENT_BUILDER_WINDOW", value_name = "SECS")]
+    pub recent_builder_window: Option<u64>,
+}
+
+/// The TOML file: the same settings as the flags, by their long names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub state_dir: Option<PathBuf>,
+    pub grpc: Option<String>,
+    pub http: Option<String>,
+    pub ssh: Option<String>,
+    pub public_host: Option<String>,
+    pub cache_key_name: Option<String>,
+    pub cache_key_file: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub zstd_level: Option<i32>,
+    pub cache_priority: Option<u32>,
+    pub authorized_keys: Option<PathBuf>,
+    pub admin_keys: Option<PathBuf>,
+    pub builder_keys: Option<PathBuf>,
+    pub tls: Option<TlsMode>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure_plaintext: Option<bool>,
+    pub builder_grace: Option<u64>,
+    pub max_retries: Option<u32>,
+    pub unschedulable_wait: Option<u64>,
+    pub recent_builder_window: Option<u64>,
+    /// The cache's own `CacheConfig` (which refuses unknown keys too); its
+    /// `storage` defaults to the local directory.
+    pub cache: Option<toml::Table>,
+}
+
+/// Everything the coordinator runs with, resolved.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub state_dir: PathBuf,
+    pub grpc: String,
+    pub http: String,
+    pub ssh: String,
+    pub public_host: Option<String>,
+    pub cache_key_name: Option<String>,
+    pub cache_key_file: Option<PathBuf>,
+    /// The binary cache's settings (default: local, in `STATE_DIR/cache`).
+    pub cache: CacheConfig,
+    pub authorized_keys: Option<PathBuf>,
+    pub admin_keys: Option<PathBuf>,
+    pub builder_keys: Option<PathBuf>,
+    /// Builder keys accepted in addition to the file (OpenSSH public key lines);
+    /// `farm up` enrols its in-process builder this way.
+    pub extra_builder_keys: Vec<String>,
+    pub tls: TlsMode,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure_plaintext: bool,
+    pub builder_grace: Duration,
+    pub max_retries: u32,
+    pub unschedulable_wait: Duration,
+    pub recent_builder_window: Duration,
+}
+
+impl CoordinatorConfig {
+    /// The defaults, with state in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> CoordinatorConfig {
+        let state_dir: PathBuf = state_dir.into();
+        CoordinatorConfig {
+            state_dir: state_dir.clone(),
+            grpc: DEFAULT_GRPC.into(),
+            http: DEFAULT_HTTP.into(),
+            ssh: DEFAULT_SSH.into(),
+            public_host: None,
+            cache_key_name: None,
+            cache_key_file: None,
+            cache: CacheConfig::local(state_dir.join("cache")),
+            authorized_keys: None,
+            admin_keys: None,
+            builder_keys: None,
+            extra_builder_keys: Vec::new(),
+            tls: TlsMode::Auto,
+            tls_cert: None,
+            tls_key: None,
+            insecure_plaintext: false,
+            builder_grace: Duration::from_secs(60),
+            max_retries: 3,
+            unschedulable_wait: Duration::from_secs(600),
+            recent_builder_window: Duration::from_secs(86_400),
+        }
+    }
+
+    /// Merge flags (and environment) over the `--config` file over the defaults.
+    pub fn from_args(args: Args) -> Result<CoordinatorConfig, CoordinatorError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let state_dir = args.state_dir.or(file.state_dir).ok_or_else(|| {
+            CoordinatorError::Config(
+                "--state-dir (or FARM_STATE_DIR, or state-dir in --config) is required".into(),
+            )
+        })?;
+        let d = CoordinatorConfig::new(state_dir);
+        let tls_cert = args.tls_cert.or(file.tls_cert);
+        let tls_key = args.tls_key.or(file.tls_key);
+        if tls_cert.is_some() != tls_key.is_some() {
+            return Err(CoordinatorError::Config(
+                "tls-cert and tls-key go together".into(),
+            ));
+        }
+        let mut cache = match file.cache {
+            None => d.cache.clone(),
+            Some(mut table) => {
+                if !table.contains_key("storage") {
+                    let mut local = toml::Table::new();
+                    local.insert("type".into(), "local".into());
+                    local.insert(
+                        "root".into(),
+                        d.state_dir
+                            .join("cache")
+                            .to_string_lossy()
+                            .into_owned()
+                            .into(),
+                    );
+                    table.insert("storage".into(), local.into());
+                }
+                toml::Value::Table(table)
+                    .try_into::<CacheConfig>()
+                    .map_err(|e| {
+                        CoordinatorError::Config(format!("[cache] in the config file: {e}"))
+                    })?
+            }
+        };
+        if let Some(dir) = args.cache_dir.or(file.cache_dir) {
+            cache.storage = crate::cache::StorageConfig::Local { root: dir };
+        }
+        if let Some(level) = args.zstd_level.or(file.zstd_level) {
+            cache.zstd_level = level;
+        }
+        if let Some(p) = args.cache_priority.or(file.cache_priority) {
+            cache.priority = p;
+        }
+        Ok(CoordinatorConfig {
+            grpc: args.grpc.or(file.grpc).unwrap_or(d.grpc),
+            http: args.http.or(file.http).unwrap_or(d.http),
+            ssh: args.ssh.or(file.ssh).unwrap_or(d.ssh),
+            public_host: args.public_host.or(file.public_host),
+            cache_key_name: args.cache_key_name.or(file.cache_key_name),
+            cache_key_file: args.cache_key_file.or(file.cache_key_file),
+            cache,
+            authorized_keys: args.authorized_keys.or(file.authorized_keys),
+            admin_keys: args.admin_keys.or(file.admin_keys),
+            builder_keys: args.builder_keys.or(file.builder_keys),
+            extra_builder_keys: Vec::new(),
+            tls: args.tls.or(file.tls).unwrap_or(d.tls),
+            tls_cert,
+            tls_key,
+            insecure_plaintext: args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false),
+            builder_grace: args
+                .builder_grace
+                .or(file.builder_grace)
+                .map(Duration::from_secs)
+                .unwrap_or(d.builder_grace),
+            max_retries: args
+                .max_retries
+                .or(file.max_retries)
+                .unwrap_or(d.max_retries),
+            unschedulable_wait: args
+                .unschedulable_wait
+                .or(file.unschedulable_wait)
+                .map(Duration::from_secs)
+                .unwrap_or(d.unschedulable_wait),
+            recent_builder_window: args
+                .recent_builder_window
+                .or(file.recent_builder_window)
+                .map(Duration::from_secs)
+                .unwrap_or(d.recent_builder_window),
+            state_dir: d.state_dir,
+        })
+    }
+
+    /// Whether the gRPC listener (bound at `addr`) uses TLS, or an error when
+    /// plaintext beyond loopback was asked for without `insecure_plaintext`.
+    pub fn grpc_tls(&self, addr: SocketAddr) -> Result<bool, CoordinatorError> {
+        let loopback = addr.ip().is_loopback();
+        match self.tls {
+            TlsMode::On => Ok(true),
+            TlsMode::Auto => Ok(!loopback),
+            TlsMode::Off if loopback || self.insecure_plaintext => Ok(false),
+            TlsMode::Off => Err(CoordinatorError::Config(format!(
+                "refusing plaintext gRPC on non-loopback address {addr}: use TLS, or pass --insecure-plaintext to force it"
+            ))),
+        }
+    }
+
+    /// The host name clients are told to use for a listener bound at `addr`.
+    pub fn advertised_host(&self, addr: SocketAddr) -> String {
+        if let Some(h) = &self.public_host {
+            return h.clone();
+        }
+        if addr.ip().is_unspecified() {
+            return hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into());
+        }
+        host_for(addr.ip())
+    }
+
+    /// Name for a generated cache signing key.
+    pub fn cache_key_name(&self) -> String {
+        if let Some(n) = &self.cache_key_name {
+            return n.clone();
+        }
+        hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty() && !h.contains(':'))
+            .unwrap_or_else(|| "nix-farm".into())
+    }
+
+    /// The sled database directory.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("state.sled")
+    }
+}
+
+/// An IP as it goes in front of `:port` (IPv6 in brackets).
+pub fn host_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Most bytes a config file may have.
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+
+fn read_file_config(path: &Path) -> Result<FileConfig, CoordinatorError> {
+    let bad = |why: String| CoordinatorError::Config(format!("{}: {why}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.len() > MAX_CONFIG_FILE {
+        return Err(bad("config file too large".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("farm-coordinator").chain(argv.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn flags_over_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "state-dir = \"/from/file\"\ngrpc = \"0.0.0.0:1\"\nmax-retries = 7\nzstd-level = 5\n[cache]\npriority = 10\n[cache.storage]\ntype = \"local\"\nroot = \"/c\"\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::from_args(parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--grpc",
+            "127.0.0.1:0",
+        ]))
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/from/file"));
+        assert_eq!(c.grpc, "127.0.0.1:0");
+        assert_eq!(c.http, DEFAULT_HTTP);
+        assert_eq!(c.max_retries, 7);
+        assert_eq!(c.cache.priority, 10);
+        assert_eq!(c.cache.zstd_level, 5);
+        assert_eq!(
+            c.cache.storage,
+            crate::cache::StorageConfig::Local { root: "/c".into() }
+        );
+        // without a [cache] table: local, in the state dir
+        let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s"])).unwrap();
+        assert_eq!(
+            c.cache.storage,
+            crate::cache::StorageConfig::Local {
+                root: "/s/cache".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "state-dir = \"/x\"\ngrcp = \"typo\"\n").unwrap();
+        let e =
+            CoordinatorConfig::from_args(parse(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("grcp"), "{e}");
+    }
+
+    #[test]
+    fn state_dir_required() {
+        assert!(CoordinatorConfig::from_args(parse(&[])).is_err());
+    }
+
+    #[test]
+    fn tls_policy() {
+        let mut c = CoordinatorConfig::new("/x");
+        let lo: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7070".parse().unwrap();
+        assert!(!c.grpc_tls(lo).unwrap());
+        assert!(c.grpc_tls(any).unwrap());
+        c.tls = TlsMode::Off;
+        assert!(!c.grpc_tls(lo).unwrap());
+        assert!(c.grpc_tls(any).is_err());
+        c.insecure_plaintext = true;
+        assert!(!c.grpc_tls(any).unwrap());
+        c.tls = TlsMode::On;
+        assert!(c.grpc_tls(lo).unwrap());
+    }
+}

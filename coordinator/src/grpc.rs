@@ -1,1 +1,377 @@
-//! (being written: see the lead's plan)
+//! The gRPC services, thin: authenticate, convert, call the [`Coordinator`],
+//! convert back.
+//!
+//! `BuilderService.Session` handshake: the builder's first message must be
+//! `Hello` (within [`HANDSHAKE_TIMEOUT`]); an unknown key is refused with
+//! UNAUTHENTICATED before anything else is sent (and the refusal logged). Else
+//! the coordinator sends a `Challenge` with a fresh nonce, the builder answers
+//! with its signature, and a valid one gets `Welcome` with a session token for
+//! data calls; a bad one ends the stream with UNAUTHENTICATED (logged).
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use farm_proto::v1;
+use farm_proto::v1::builder_message::Msg as Up;
+use farm_proto::v1::coordinator_message::Msg as Down;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::BuilderAuth;
+use crate::coordinator::{Coordinator, SessionSender};
+use crate::keys::{fingerprint_ed25519, parse_ed25519_line};
+use crate::scheduler::JobEnd;
+use crate::scheduler::types::{Capabilities, Load};
+
+/// How long a builder has for each handshake step.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest builder name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most entries in a capability list.
+const MAX_LIST: usize = 64;
+/// Messages buffered towards one builder.
+const SESSION_BUFFER: usize = 1024;
+
+/// A boxed response stream.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Whether `name` is an acceptable builder name: 1–64 of `[A-Za-z0-9._-]`.
+pub fn valid_builder_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn bounded_list(field: &str, v: Vec<String>) -> Result<Vec<String>, Status> {
+    if v.len() > MAX_LIST || v.iter().any(|s| s.is_empty() || s.len() > 128) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most {MAX_LIST} non-empty entries of at most 128 bytes"
+        )));
+    }
+    Ok(v)
+}
+
+/// Capabilities from a `Hello`, checked.
+pub fn capabilities_from(c: v1::Capabilities) -> Result<Capabilities, Status> {
+    let systems = bounded_list("systems", c.systems)?;
+    if systems.is_empty() {
+        return Err(Status::invalid_argument("capabilities.systems is empty"));
+    }
+    Ok(Capabilities {
+        systems,
+        supported_features: bounded_list("supported_features", c.supported_features)?
+            .into_iter()
+            .collect(),
+        mandatory_features: bounded_list("mandatory_features", c.mandatory_features)?
+            .into_iter()
+            .collect(),
+        max_jobs: c.max_jobs.clamp(1, 1024),
+        speed_factor: if c.speed_factor.is_finite() && c.speed_factor > 0.0 {
+            c.speed_factor.min(1000.0)
+        } else {
+            1.0
+        },
+        cores: c.cores,
+        memory_bytes: c.memory_bytes,
+        nix_version: c.nix_version.chars().take(128).collect(),
+    })
+}
+
+/// Capabilities as `farm status` shows them.
+pub fn capabilities_to(c: &Capabilities) -> v1::Capabilities {
+    v1::Capabilities {
+        systems: c.systems.clone(),
+        supported_features: c.supported_features.iter().cloned().collect(),
+        mandatory_features: c.mandatory_features.iter().cloned().collect(),
+        max_jobs: c.max_jobs,
+        speed_factor: c.speed_factor,
+        cores: c.cores,
+        memory_bytes: c.memory_bytes,
+        nix_version: c.nix_version.clone(),
+    }
+}
+
+/// A load report.
+pub fn load_from(l: v1::LoadReport) -> Load {
+    let finite = |x: f64| if x.is_finite() { x } else { -1.0 };
+    Load {
+        running_jobs: l.running_jobs,
+        load_avg_1: finite(l.load_avg_1).max(0.0),
+        load_avg_5: finite(l.load_avg_5).max(0.0),
+        memory_available_bytes: l.memory_available_bytes,
+        disk_free_bytes: l.disk_free_bytes,
+        cpu_pressure: finite(l.cpu_pressure),
+        memory_pressure: finite(l.memory_pressure),
+        io_pressure: finite(l.io_pressure),
+    }
+}
+
+/// A load report as `farm status` shows it.
+pub fn load_to(l: &Load) -> v1::LoadReport {
+    v1::LoadReport {
+        running_jobs: l.running_jobs,
+        load_avg_1: l.load_avg_1,
+        load_avg_5: l.load_avg_5,
+        memory_available_bytes: l.memory_available_bytes,
+        disk_free_bytes: l.disk_free_bytes,
+        cpu_pressure: l.cpu_pressure,
+        memory_pressure: l.memory_pressure,
+        io_pressure: l.io_pressure,
+    }
+}
+
+/// How a builder's job result maps onto the scheduler (before output verification).
+pub fn job_end_from(status: v1::JobStatus, error: &str) -> JobEnd {
+    let msg = || {
+        if error.is_empty() {
+            format!("{status:?}")
+        } else {
+            error.chars().take(4096).collect()
+        }
+    };
+    match status {
+        v1::JobStatus::Built => JobEnd::Built,
+        v1::JobStatus::Failed => JobEnd::Failed(msg()),
+        v1::JobStatus::TimedOut => JobEnd::TimedOut(msg()),
+        v1::JobStatus::Cancelled
+        | v1::JobStatus::InputError
+        | v1::JobStatus::UploadError
+        | v1::JobStatus::MiscFailure
+        | v1::JobStatus::Unspecified => JobEnd::Transient(msg()),
+    }
+}
+
+/// `BuilderService`.
+#[derive(Clone)]
+pub struct BuilderSvc {
+    pub coord: Coordinator,
+}
+
+impl BuilderSvc {
+    /// The builder a data call's session token belongs to.
+    pub fn session_of<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let token = req
+            .metadata()
+            .get(farm_proto::auth::SESSION_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Status::unauthenticated("missing x-farm-session"))?;
+        self.coord
+            .session_builder(token)
+            .ok_or_else(|| Status::unauthenticated("unknown or expired session"))
+    }
+}
+
+async fn next_msg(inbound: &mut Streaming<v1::BuilderMessage>, what: &str) -> Result<Up, Status> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, inbound.message()).await {
+        Err(_) => Err(Status::deadline_exceeded(format!("no {what} in time"))),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(None)) => Err(Status::cancelled(format!("stream ended before {what}"))),
+        Ok(Ok(Some(v1::BuilderMessage { msg: None }))) => {
+            Err(Status::invalid_argument("empty message"))
+        }
+        Ok(Ok(Some(v1::BuilderMessage { msg: Some(m) }))) => Ok(m),
+    }
+}
+
+#[tonic::async_trait]
+impl v1::builder_service_server::BuilderService for BuilderSvc {
+    type SessionStream = ReceiverStream<Result<v1::CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::BuilderMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into());
+        let mut inbound = request.into_inner();
+        let hello = match next_msg(&mut inbound, "Hello").await? {
+            Up::Hello(h) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if !valid_builder_name(&hello.name) {
+            tracing::warn!(%peer, "refused builder: invalid name");
+            return Err(Status::invalid_argument(
+                "builder name must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        let name = hello.name.clone();
+        let key = match parse_ed25519_line(&hello.public_key) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(builder = %name, %peer, error = %e, "refused builder: bad public key");
+                return Err(Status::unauthenticated(format!("bad public key: {e}")));
+            }
+        };
+        let fp = fingerprint_ed25519(&key);
+        match self.coord.builder_auth().enrolled(&key) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::warn!(
+                    builder = %name,
+                    %peer,
+                    key = %fp,
+                    "refused builder: key is not enrolled (add its public key to --builder-keys)"
+                );
+                return Err(Status::unauthenticated(format!(
+                    "builder key {fp} is not enrolled on this coordinator"
+                )));
+            }
+            Err(e) => {
+                tracing::error!(builder = %name, %peer, error = %e, "refused builder: cannot read the builder keys");
+                return Err(Status::unauthenticated(
+                    "the coordinator cannot read its builder keys",
+                ));
+            }
+        }
+        if let Some(other) = self.coord.connected_key(&name)
+            && parse_ed25519_line(&other).ok() != Some(key)
+        {
+            tracing::warn!(builder = %name, %peer, key = %fp, "refused builder: name in use by another key");
+            return Err(Status::already_exists(format!(
+                "a builder named {name} is connected with another key"
+            )));
+        }
+        let caps = capabilities_from(hello.capabilities.clone().unwrap_or_default())?;
+        if hello.running_jobs.len() > 4096 {
+            return Err(Status::invalid_argument("too many running_jobs"));
+        }
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let coord = self.coord.clone();
+        tokio::spawn(async move {
+            run_session(coord, hello, key, fp, caps, peer, inbound, tx).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DownloadNarStream = BoxStream<v1::NarChunk>;
+
+    async fn download_nar(
+        &self,
+        request: Request<v1::DownloadNarRequest>,
+    ) -> Result<Response<Self::DownloadNarStream>, Status> {
+        self.session_of(&request)?;
+        crate::grpc_data::download_nar(&self.coord, request.into_inner()).await
+    }
+
+    async fn upload_nar(
+        &self,
+        request: Request<Streaming<v1::UploadNarRequest>>,
+    ) -> Result<Response<v1::UploadNarResponse>, Status> {
+        let builder = self.session_of(&request)?;
+        tracing::debug!(%builder, "builder upload");
+        crate::grpc_data::upload_nar(&self.coord, request.into_inner()).await
+    }
+
+    async fn query_path_infos(
+        &self,
+        request: Request<v1::QueryPathInfosRequest>,
+    ) -> Result<Response<v1::QueryPathInfosResponse>, Status> {
+        self.session_of(&request)?;
+        crate::grpc_data::query_path_infos(&self.coord, request.into_inner()).await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    coord: Coordinator,
+    hello: v1::Hello,
+    key: [u8; 32],
+    fp: String,
+    caps: Capabilities,
+    peer: String,
+    mut inbound: Streaming<v1::BuilderMessage>,
+    tx: SessionSender,
+) {
+    let name = hello.name.clone();
+    let nonce = {
+        use rand::RngCore;
+        let mut n = [0u8; farm_proto::auth::NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut n);
+        n
+    };
+    let challenge = v1::CoordinatorMessage {
+        msg: Some(Down::Challenge(v1::Challenge {
+            nonce: nonce.to_vec(),
+        })),
+    };
+    if tx.send(Ok(challenge)).await.is_err() {
+        return;
+    }
+    let sig = match next_msg(&mut inbound, "ChallengeResponse").await {
+        Ok(Up::ChallengeResponse(r)) => r.signature,
+        Ok(_) => {
+            tracing::warn!(builder = %name, %peer, "refused builder: expected ChallengeResponse");
+            let _ = tx
+                .send(Err(Status::invalid_argument("expected ChallengeResponse")))
+                .await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(builder = %name, %peer, error = %e.message(), "refused builder: handshake failed");
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    if !BuilderAuth::verify_challenge(&key, &nonce, &name, &sig) {
+        tracing::warn!(builder = %name, %peer, key = %fp, "refused builder: bad challenge signature");
+        let _ = tx
+            .send(Err(Status::unauthenticated("bad challenge signature")))
+            .await;
+        return;
+    }
+    let public_key = crate::keys::public_key_line_ed25519(&key);
+    let (conn, token, draining) =
+        coord.builder_online(&name, &public_key, caps, &hello.running_jobs, tx.clone());
+    let welcome = v1::CoordinatorMessage {
+        msg: Some(Down::Welcome(v1::Welcome {
+            session_token: token,
+            cache_public_key: coord.facts().cache_public_key.clone(),
+            draining,
+        })),
+    };
+    // Welcome goes first: the channel is FIFO and nothing was sent on it yet
+    // except the challenge (builder_online dispatches nothing by itself).
+    if tx.send(Ok(welcome)).await.is_err() {
+        coord.builder_offline(&name, conn);
+        return;
+    }
+    tracing::info!(builder = %name, %peer, key = %fp, version = %hello.version, "builder authenticated");
+    coord.kick();
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(v1::BuilderMessage { msg: Some(m) })) => m,
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(builder = %name, error = %e.message(), "builder stream error");
+                break;
+            }
+        };
+        match msg {
+            Up::Load(l) => coord.builder_load(&name, load_from(l)),
+            Up::Log(l) => coord.job_log(&name, &l.job_id, &l.data),
+            Up::Started(s) => tracing::debug!(builder = %name, job = %s.job_id, "job started"),
+            Up::Result(r) => {
+                let coord = coord.clone();
+                let name = name.clone();
+                tokio::spawn(async move { coord.job_result(&name, r).await });
+            }
+            Up::Hello(_) | Up::ChallengeResponse(_) => {
+                tracing::warn!(builder = %name, "unexpected handshake message in session; closing");
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "unexpected handshake message",
+                    )))
+                    .await;
+                break;
+            }
+        }
+    }
+    coord.builder_offline(&name, conn);
+}

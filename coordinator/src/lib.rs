@@ -1,13 +1,52 @@
 //! The farm coordinator: scheduler, state, cache, and the gRPC, HTTP and SSH endpoints.
+//!
+//! Library entry points (what `farm-coordinator` and `farm up` call):
+//! [`server::start`] binds every listener and returns a [`server::RunningCoordinator`]
+//! (its [`server::Endpoints`], and `shutdown()`); [`server::run`] runs until a
+//! shutdown future resolves.
 
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod coordinator;
 pub mod endpoint;
+pub mod graph;
 pub mod grpc;
+pub mod grpc_data;
+pub mod grpc_farm;
 pub mod http;
 pub mod keys;
+pub mod logs;
 pub mod scheduler;
+pub mod server;
 pub mod ssh;
 pub mod state;
 pub mod stdio;
+
+pub use config::CoordinatorConfig;
+pub use server::{Endpoints, RunningCoordinator, run, start};
+
+/// What can stop the coordinator from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("key: {0}")]
+    Key(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("state database: {0}")]
+    State(#[from] state::StateError),
+    #[error("cache: {0}")]
+    Cache(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Grpc(String),
+}

@@ -1,1 +1,1373 @@
-//! (being written: see the lead's plan)
+//! The scheduler: the build graph, the runnable queue, the builder registry,
+//! and the decisions between them. Pure and synchronous (callers hold it
+//! behind a mutex and never across an await); it writes every change through
+//! to the [`Store`] and hands back [`Action`]s (jobs to send, closures to
+//! resolve, logs to store) and [`Notice`]s (events for submissions).
+//!
+//! Model (design.md, "Scheduling model"):
+//! - a build may run on a builder when the builder has its system, supports
+//!   every required feature, and every mandatory feature of the builder is
+//!   required ([`Capabilities::can_build`]);
+//! - runnable builds wait in per-class queues (class = system + required
+//!   features), each ordered by priority, then the longest chain of unfinished
+//!   work waiting on the build, then age; a dispatch looks at each class's head
+//!   and at the builders indexed under its system only;
+//! - among capable builders with a free slot the lowest [`select::score`] wins;
+//! - a derivation is built once however many submissions ask for it;
+//! - a builder that vanishes keeps its jobs for a grace period, then they are
+//!   requeued (each time counts as a retry; past the limit the build fails);
+//! - work no builder can take fails at once with a message naming what is
+//!   missing, unless a matching builder was seen recently (then it waits, bounded).
+
+pub mod select;
+pub mod types;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use farm_nix::store_path::StorePath;
+
+use crate::state::{StateError, Store};
+use types::*;
+
+/// Most paths remembered per builder for input locality.
+const MAX_HELD_PATHS: usize = 200_000;
+/// Recent failures kept for `farm status`.
+const RECENT_FAILURES: usize = 50;
+
+/// The scheduler's tunables (milliseconds).
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How long a vanished builder's jobs wait for it.
+    pub grace_ms: i64,
+    /// Retries after transient failures or lost builders before a build fails.
+    pub max_retries: u32,
+    /// How long runnable work waits for a recently seen matching builder.
+    pub unschedulable_wait_ms: i64,
+    /// A builder seen within this window counts as "seen recently".
+    pub recent_window_ms: i64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> SchedulerConfig {
+        SchedulerConfig {
+            grace_ms: 60_000,
+            max_retries: 3,
+            unschedulable_wait_ms: 600_000,
+            recent_window_ms: 86_400_000,
+        }
+    }
+}
+
+/// A derivation of a submitted graph that is not in the cache yet.
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub drv_path: StorePath,
+    pub drv_aterm: String,
+    pub system: String,
+    pub required_features: BTreeSet<String>,
+    pub outputs: BTreeMap<String, StorePath>,
+    /// Input derivations that are not in the cache (each one is in the graph too,
+    /// or already known to the scheduler).
+    pub input_drvs: Vec<StorePath>,
+}
+
+/// A submitted derivation graph, cached parts already removed.
+#[derive(Debug, Clone, Default)]
+pub struct GraphSubmission {
+    pub roots: Vec<StorePath>,
+    pub builds: Vec<NewBuild>,
+    /// Derivations of the graph whose outputs the cache has.
+    pub cached: BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+    pub priority: Priority,
+    pub max_silent_time_secs: u64,
+    pub build_timeout_secs: u64,
+}
+
+/// How a job ended, as the builder reported it (and, for `Built`, as verified
+/// against the cache by the caller).
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEnd {
+    Built,
+    /// The build itself failed: permanent.
+    Failed(String),
+    TimedOut(String),
+    /// Inputs, uploads, the builder itself, or outputs missing from the cache: worth a retry.
+    Transient(String),
+}
+
+/// A runnable build's place in its class queue: best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ReadyKey {
+    priority: Reverse<Priority>,
+    chain: Reverse<u32>,
+    created_ms: i64,
+    id: BuildId,
+}
+
+/// Builds needing the same kind of builder.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Class {
+    system: String,
+    features: BTreeSet<String>,
+}
+
+struct Build {
+    rec: BuildRecord,
+    dependents: BTreeSet<BuildId>,
+    /// Unfinished dependencies.
+    pending: BTreeSet<BuildId>,
+    /// Length of the longest chain of unfinished builds starting here.
+    chain: u32,
+    /// The input closure with NAR sizes, once resolved.
+    inputs: Option<Vec<(StorePath, u64)>>,
+}
+
+impl Build {
+    fn class(&self) -> Class {
+        Class {
+            system: self.rec.system.clone(),
+            features: self.rec.required_features.clone(),
+        }
+    }
+    fn key(&self) -> ReadyKey {
+        ReadyKey {
+            priority: Reverse(self.rec.priority),
+            chain: Reverse(self.chain),
+            created_ms: self.rec.created_ms,
+            id: self.rec.id,
+        }
+    }
+}
+
+struct BuilderEntry {
+    rec: BuilderRecord,
+    load: Load,
+    online: bool,
+    conn: u64,
+    disconnected_ms: Option<i64>,
+    running: BTreeSet<BuildId>,
+    held: HashSet<StorePath>,
+}
+
+/// A builder as `farm status` shows it.
+#[derive(Debug, Clone)]
+pub struct BuilderView {
+    pub record: BuilderRecord,
+    pub load: Load,
+    pub online: bool,
+    pub running: usize,
+}
+
+/// A recent failure as `farm status` shows it.
+#[derive(Debug, Clone)]
+pub struct FailureView {
+    pub build: BuildId,
+    pub drv_path: StorePath,
+    pub builder: Option<String>,
+    pub error: String,
+    pub finished_ms: i64,
+}
+
+/// The scheduler state.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    store: Store,
+    builds: HashMap<BuildId, Build>,
+    by_drv: HashMap<StorePath, BuildId>,
+    submissions: HashMap<SubmissionId, SubmissionRecord>,
+    ready: BTreeMap<Class, BTreeSet<ReadyKey>>,
+    /// Since when a class with runnable work has had no capable builder online.
+    unmatched_since: HashMap<Class, i64>,
+    builders: HashMap<String, BuilderEntry>,
+    by_system: HashMap<String, BTreeSet<String>>,
+    next_conn: u64,
+    actions: Vec<Action>,
+    notices: Vec<Notice>,
+    recent_failures: VecDeque<FailureView>,
+}
+
+impl Scheduler {
+    /// An empty scheduler over `store` (tests, or a fresh farm).
+    pub fn new(cfg: SchedulerConfig, store: Store) -> Scheduler {
+        Scheduler {
+            cfg,
+            store,
+            builds: HashMap::new(),
+            by_drv: HashMap::new(),
+            submissions: HashMap::new(),
+            ready: BTreeMap::new(),
+            unmatched_since: HashMap::new(),
+            builders: HashMap::new(),
+            by_system: HashMap::new(),
+            next_conn: 1,
+            actions: Vec::new(),
+            notices: Vec::new(),
+            recent_failures: VecDeque::new(),
+        }
+    }
+
+    /// Resume from the store: unfinished submissions and builds come back;
+    /// running builds wait for their builder's grace period (counted from `now`);
+    /// runnable builds have their input closures resolved again.
+    pub fn load(cfg: SchedulerConfig, store: Store, now: i64) -> Result<Scheduler, StateError> {
+        let loaded = store.load()?;
+        let mut s = Scheduler::new(cfg, store);
+        for rec in loaded.builders {
+            s.index_builder(&rec);
+            s.builders.insert(
+                rec.name.clone(),
+                BuilderEntry {
+                    rec,
+                    load: Load::default(),
+                    online: false,
+                    conn: 0,
+                    disconnected_ms: Some(now),
+                    running: BTreeSet::new(),
+                    held: HashSet::new(),
+                },
+            );
+        }
+        for rec in loaded.builds {
+            s.by_drv.insert(rec.drv_path.clone(), rec.id);
+            s.builds.insert(
+                rec.id,
+                Build {
+                    rec,
+                    dependents: BTreeSet::new(),
+                    pending: BTreeSet::new(),
+                    chain: 1,
+                    inputs: None,
+                },
+            );
+        }
+        for sub in loaded.submissions {
+            s.submissions.insert(sub.id, sub);
+        }
+        // Links: a dependency that was not loaded finished successfully long ago.
+        let ids: Vec<BuildId> = s.builds.keys().copied().collect();
+        for id in &ids {
+            let deps = s.builds[id].rec.deps.clone();
+            for d in deps {
+                let dep_done = match s.builds.get_mut(&d) {
+                    None => true,
+                    Some(dep) => {
+                        dep.dependents.insert(*id);
+                        dep.rec.state.is_terminal()
+                    }
+                };
+                if !dep_done {
+                    s.builds.get_mut(id).map(|b| b.pending.insert(d));
+                }
+            }
+        }
+        for id in &ids {
+            let b = &s.builds[id];
+            match b.rec.state.clone() {
+                BuildState::Running { builder, .. } => {
+                    if let Some(e) = s.builders.get_mut(&builder) {
+                        e.running.insert(*id);
+                    } else {
+                        // Its builder is unknown: requeue it straight away.
+                        s.requeue(*id, now, "its builder is unknown after a restart", false);
+                    }
+                }
+                BuildState::Queued | BuildState::Waiting if b.pending.is_empty() => {
+                    s.set_state(*id, BuildState::Waiting);
+                    s.actions.push(Action::Prepare { build: *id });
+                }
+                _ => {}
+            }
+        }
+        s.recompute_chains(ids);
+        // Submissions that were complete but not yet marked.
+        let subs: Vec<SubmissionId> = s.submissions.keys().copied().collect();
+        for sid in subs {
+            s.check_submission(sid, now);
+        }
+        Ok(s)
+    }
+
+    /// The store this scheduler writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Actions to carry out, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Events to deliver, in order.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    fn persist_build(&self, id: BuildId) {
+        if let Some(b) = self.builds.get(&id)
+            && let Err(e) = self.store.put_build(&b.rec)
+        {
+            tracing::error!(build = id, error = %e, "cannot persist build");
+        }
+    }
+
+    fn persist_submission(&self, id: SubmissionId) {
+        if let Some(s) = self.submissions.get(&id)
+            && let Err(e) = self.store.put_submission(s)
+        {
+            tracing::error!(submission = id, error = %e, "cannot persist submission");
+        }
+    }
+
+    fn persist_builder(&self, name: &str) {
+        if let Some(b) = self.builders.get(name)
+            && let Err(e) = self.store.put_builder(&b.rec)
+        {
+            tracing::error!(builder = name, error = %e, "cannot persist builder");
+        }
+    }
+
+    fn notify(&mut self, id: BuildId, event: Event) {
+        let submissions = self
+            .builds
+            .get(&id)
+            .map(|b| b.rec.submissions.iter().copied().collect())
+            .unwrap_or_default();
+        self.notices.push(Notice { submissions, event });
+    }
+
+    fn set_state(&mut self, id: BuildId, state: BuildState) {
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        if b.rec.state == state {
+            return;
+        }
+        let class = b.class();
+        let key = b.key();
+        if b.rec.state == BuildState::Queued
+            && let Some(q) = self.ready.get_mut(&class)
+        {
+            q.remove(&key);
+            if q.is_empty() {
+                self.ready.remove(&class);
+            }
+        }
+        let drv = b.rec.drv_path.clone();
+        match &state {
+            BuildState::Waiting => tracing::info!(build = %format!("b{id}"), %drv, "build waiting"),
+            BuildState::Queued => tracing::info!(build = %format!("b{id}"), %drv, "build queued"),
+            BuildState::Running {
+                builder, job_id, ..
+            } => {
+                tracing::info!(build = %format!("b{id}"), %drv, %builder, job = %job_id, "build running")
+            }
+            BuildState::Done(outcome) => tracing::info!(
+                build = %format!("b{id}"),
+                %drv,
+                outcome = ?outcome,
+                error = b.rec.error.as_deref().unwrap_or(""),
+                "build finished"
+            ),
+        }
+        b.rec.state = state;
+        if b.rec.state == BuildState::Queued {
+            self.ready.entry(class).or_default().insert(key);
+        }
+        self.persist_build(id);
+    }
+
+    // ───────────────────────────── submissions ─────────────────────────────
+
+    /// Add a derivation graph. Derivations already known and not failed are
+    /// shared (built once); new ones a builder can never take fail at once.
+    pub fn submit(&mut self, g: GraphSubmission, now: i64) -> Result<SubmissionId, StateError> {
+        let sid = self.store.next_id()?;
+        let mut sub = SubmissionRecord {
+            id: sid,
+            roots: g.roots.clone(),
+            builds: BTreeSet::new(),
+            cached: g.cached.clone(),
+            priority: g.priority,
+            created_ms: now,
+            done: false,
+            cancelled: false,
+        };
+        let mut ids: HashMap<StorePath, BuildId> = HashMap::new();
+        let mut fresh: Vec<BuildId> = Vec::new();
+        for nb in &g.builds {
+            let existing = self.by_drv.get(&nb.drv_path).copied().filter(|id| {
+                self.builds.get(id).is_some_and(|b| match b.rec.state {
+                    BuildState::Done(o) => o.is_success(),
+                    _ => true,
+                })
+            });
+            let id = match existing {
+                Some(id) => {
+                    let b = self.builds.get_mut(&id).expect("indexed build exists");
+                    b.rec.submissions.insert(sid);
+                    if g.priority > b.rec.priority {
+                        let queued = b.rec.state == BuildState::Queued;
+                        if queued {
+                            let (class, key) = (b.class(), b.key());
+                            if let Some(q) = self.ready.get_mut(&class) {
+                                q.remove(&key);
+                            }
+                            b.rec.priority = g.priority;
+                            let key = b.key();
+                            self.ready.entry(class).or_default().insert(key);
+                        } else {
+                            b.rec.priority = g.priority;
+                        }
+                    }
+                    self.persist_build(id);
+                    id
+                }
+                None => {
+                    let id = self.store.next_id()?;
+                    let rec = BuildRecord {
+                        id,
+                        drv_path: nb.drv_path.clone(),
+                        drv_aterm: nb.drv_aterm.clone(),
+                        system: nb.system.clone(),
+                        required_features: nb.required_features.clone(),
+                        outputs: nb.outputs.clone(),
+                        deps: BTreeSet::new(),
+                        priority: g.priority,
+                        created_ms: now,
+                        submissions: BTreeSet::from([sid]),
+                        state: BuildState::Waiting,
+                        retries: 0,
+                        attempt: 0,
+                        max_silent_time_secs: g.max_silent_time_secs,
+                        build_timeout_secs: g.build_timeout_secs,
+                        error: None,
+                        builder: None,
+                        started_ms: None,
+                        finished_ms: None,
+                    };
+                    self.by_drv.insert(nb.drv_path.clone(), id);
+                    self.builds.insert(
+                        id,
+                        Build {
+                            rec,
+                            dependents: BTreeSet::new(),
+                            pending: BTreeSet::new(),
+                            chain: 1,
+                            inputs: None,
+                        },
+                    );
+                    fresh.push(id);
+                    id
+                }
+            };
+            ids.insert(nb.drv_path.clone(), id);
+            sub.builds.insert(id);
+        }
+        // Link the new builds to their dependencies.
+        for nb in &g.builds {
+            let id = ids[&nb.drv_path];
+            if !fresh.contains(&id) {
+                continue;
+            }
+            for input in &nb.input_drvs {
+                let dep = ids
+                    .get(input)
+                    .copied()
+                    .or_else(|| self.by_drv.get(input).copied());
+                let Some(dep) = dep else { continue };
+                if dep == id {
+                    continue;
+                }
+                let dep_state = match self.builds.get_mut(&dep) {
+                    Some(d) => {
+                        d.dependents.insert(id);
+                        d.rec.state.clone()
+                    }
+                    None => continue,
+                };
+                let b = self.builds.get_mut(&id).expect("fresh build exists");
+                b.rec.deps.insert(dep);
+                if !dep_state.is_terminal() {
+                    b.pending.insert(dep);
+                }
+            }
+            self.persist_build(id);
+        }
+        self.submissions.insert(sid, sub);
+        self.persist_submission(sid);
+        tracing::info!(
+            submission = %format!("s{sid}"),
+            builds = g.builds.len(),
+            new = fresh.len(),
+            cached = g.cached.len(),
+            "submission accepted"
+        );
+        self.recompute_chains(fresh.clone());
+        for &id in &fresh {
+            self.notify(
+                id,
+                Event::Queued {
+                    build: id,
+                    drv_path: self.builds[&id].rec.drv_path.clone(),
+                },
+            );
+        }
+        // Builds no builder can take fail now (their dependents with them).
+        for &id in &fresh {
+            let Some(b) = self.builds.get(&id) else {
+                continue;
+            };
+            if b.rec.state.is_terminal() {
+                continue;
+            }
+            if let Err(msg) = self.schedulable(
+                &b.rec.system,
+                &b.rec.required_features,
+                &b.rec.drv_path,
+                now,
+            ) {
+                self.finish(id, Outcome::Unschedulable, Some(msg), now);
+            }
+        }
+        for &id in &fresh {
+            let Some(b) = self.builds.get(&id) else {
+                continue;
+            };
+            if b.rec.state == BuildState::Waiting && b.pending.is_empty() {
+                self.actions.push(Action::Prepare { build: id });
+            }
+        }
+        self.check_submission(sid, now);
+        Ok(sid)
+    }
+
+    /// Whether some builder can take this kind of work now or soon; else why not.
+    fn schedulable(
+        &self,
+        system: &str,
+        required: &BTreeSet<String>,
+        drv: &StorePath,
+        now: i64,
+    ) -> Result<(), String> {
+        let capable_recent = self.by_system.get(system).is_some_and(|names| {
+            names.iter().any(|n| {
+                let e = &self.builders[n];
+                e.rec.capabilities.can_build(system, required)
+                    && (e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
+            })
+        });
+        if capable_recent {
+            return Ok(());
+        }
+        Err(self.unschedulable_message(drv, system, required, now))
+    }
+
+    fn unschedulable_message(
+        &self,
+        drv: &StorePath,
+        system: &str,
+        required: &BTreeSet<String>,
+        now: i64,
+    ) -> String {
+        let mut names: Vec<&String> = self
+            .builders
+            .iter()
+            .filter(|(_, e)| e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        let known: Vec<select::Known<'_>> = names
+            .iter()
+            .map(|n| select::Known {
+                name: n,
+                caps: &self.builders[*n].rec.capabilities,
+            })
+            .collect();
+        select::unschedulable_message(drv, system, required, &known)
+    }
+
+    /// Chain lengths for `start` and everything they depend on, dependents first.
+    fn recompute_chains(&mut self, start: Vec<BuildId>) {
+        let mut affected: HashSet<BuildId> = HashSet::new();
+        let mut stack = start;
+        while let Some(id) = stack.pop() {
+            if !affected.insert(id) {
+                continue;
+            }
+            if let Some(b) = self.builds.get(&id) {
+                stack.extend(b.pending.iter().copied());
+            }
+        }
+        // Kahn's order over `affected`: a build after every affected dependent.
+        let mut waiting_on: HashMap<BuildId, usize> = HashMap::new();
+        for &id in &affected {
+            let n = self.builds[&id]
+                .dependents
+                .iter()
+                .filter(|d| affected.contains(d))
+                .count();
+            waiting_on.insert(id, n);
+        }
+        let mut queue: Vec<BuildId> = waiting_on
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        while let Some(id) = queue.pop() {
+            let chain = 1 + self.builds[&id]
+                .dependents
+                .iter()
+                .filter_map(|d| self.builds.get(d))
+                .filter(|d| !d.rec.state.is_terminal())
+                .map(|d| d.chain)
+                .max()
+                .unwrap_or(0);
+            let b = self.builds.get_mut(&id).expect("affected build exists");
+            if b.chain != chain {
+                if b.rec.state == BuildState::Queued {
+                    let (class, key) = (b.class(), b.key());
+                    b.chain = chain;
+                    let new_key = b.key();
+                    if let Some(q) = self.ready.get_mut(&class) {
+                        q.remove(&key);
+                        q.insert(new_key);
+                    }
+                } else {
+                    b.chain = chain;
+                }
+            }
+            let pending: Vec<BuildId> = b.pending.iter().copied().collect();
+            for d in pending {
+                if let Some(n) = waiting_on.get_mut(&d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        queue.push(d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A build's input closure is resolved: it is runnable.
+    pub fn set_ready(&mut self, id: BuildId, inputs: Vec<(StorePath, u64)>) {
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        if b.rec.state != BuildState::Waiting || !b.pending.is_empty() {
+            return;
+        }
+        b.inputs = Some(inputs);
+        self.set_state(id, BuildState::Queued);
+    }
+
+    /// Its outputs are already in the cache: done without building.
+    pub fn set_cached(&mut self, id: BuildId, now: i64) {
+        if self
+            .builds
+            .get(&id)
+            .is_some_and(|b| !b.rec.state.is_terminal())
+        {
+            self.finish(id, Outcome::Cached, None, now);
+        }
+    }
+
+    /// Its inputs cannot be resolved (missing from the cache): it fails.
+    pub fn prepare_failed(&mut self, id: BuildId, error: String, now: i64) {
+        if self
+            .builds
+            .get(&id)
+            .is_some_and(|b| !b.rec.state.is_terminal())
+        {
+            self.finish(id, Outcome::Failed, Some(error), now);
+        }
+    }
+
+    /// End a build: record, notify, release or fail dependents, close submissions.
+    fn finish(&mut self, id: BuildId, outcome: Outcome, error: Option<String>, now: i64) -> u32 {
+        let mut ended = 0;
+        let mut work = vec![(id, outcome, error)];
+        let mut touched_subs: BTreeSet<SubmissionId> = BTreeSet::new();
+        while let Some((id, outcome, error)) = work.pop() {
+            let Some(b) = self.builds.get_mut(&id) else {
+                continue;
+            };
+            if b.rec.state.is_terminal() {
+                continue;
+            }
+            if let BuildState::Running { builder, .. } = &b.rec.state {
+                let builder = builder.clone();
+                if let Some(e) = self.builders.get_mut(&builder) {
+                    e.running.remove(&id);
+                }
+            }
+            ended += 1;
+            b.rec.error = error.clone();
+            b.rec.finished_ms = Some(now);
+            touched_subs.extend(b.rec.submissions.iter().copied());
+            self.set_state(id, BuildState::Done(outcome));
+            self.actions.push(Action::BuildEnded { build: id });
+            let b = &self.builds[&id];
+            let event = Event::Finished {
+                build: id,
+                drv_path: b.rec.drv_path.clone(),
+                outcome,
+                error: error.clone(),
+                outputs: if outcome.is_success() {
+                    b.rec.outputs.clone()
+                } else {
+                    BTreeMap::new()
+                },
+                builder: b.rec.builder.clone(),
+                started_ms: b.rec.started_ms,
+                finished_ms: b.rec.finished_ms,
+            };
+            if !outcome.is_success() {
+                self.recent_failures.push_front(FailureView {
+                    build: id,
+                    drv_path: b.rec.drv_path.clone(),
+                    builder: b.rec.builder.clone(),
+                    error: error.clone().unwrap_or_else(|| format!("{outcome:?}")),
+                    finished_ms: now,
+                });
+                self.recent_failures.truncate(RECENT_FAILURES);
+            }
+            self.notify(id, event);
+            let dependents: Vec<BuildId> = self.builds[&id].dependents.iter().copied().collect();
+            let drv = self.builds[&id].rec.drv_path.clone();
+            for d in dependents {
+                let Some(db) = self.builds.get_mut(&d) else {
+                    continue;
+                };
+                db.pending.remove(&id);
+                if db.rec.state.is_terminal() {
+                    continue;
+                }
+                if outcome.is_success() {
+                    if db.pending.is_empty() && db.rec.state == BuildState::Waiting {
+                        self.actions.push(Action::Prepare { build: d });
+                    }
+                } else {
+                    work.push((
+                        d,
+                        Outcome::DependencyFailed,
+                        Some(format!("dependency {drv} did not build")),
+                    ));
+                }
+            }
+        }
+        for sid in touched_subs {
+            self.check_submission(sid, now);
+        }
+        ended
+    }
+
+    fn check_submission(&mut self, sid: SubmissionId, _now: i64) {
+        let Some(sub) = self.submissions.get(&sid) else {
+            return;
+        };
+        if sub.done {
+            return;
+        }
+        let mut built = 0u32;
+        let mut cached = sub.cached.len() as u32;
+        let mut failed = 0u32;
+        for id in &sub.builds {
+            match self.builds.get(id).map(|b| &b.rec.state) {
+                Some(BuildState::Done(Outcome::Built)) => built += 1,
+                Some(BuildState::Done(Outcome::Cached)) => cached += 1,
+                Some(BuildState::Done(_)) => failed += 1,
+                Some(_) if !sub.cancelled => return,
+                Some(_) => failed += 1,
+                None => built += 1,
+            }
+        }
+        let success = failed == 0 && !sub.cancelled;
+        let sub = self.submissions.get_mut(&sid).expect("checked above");
+        sub.done = true;
+        tracing::info!(submission = %format!("s{sid}"), success, built, cached, failed, "submission done");
+        self.persist_submission(sid);
+        self.notices.push(Notice {
+            submissions: vec![sid],
+            event: Event::SubmissionDone {
+                submission: sid,
+                success,
+                built,
+                cached,
+                failed,
+            },
+        });
+        self.evict(sid);
+    }
+
+    /// Forget, in memory, finished builds no unfinished submission needs (the
+    /// store keeps them for logs).
+    fn evict(&mut self, sid: SubmissionId) {
+        let Some(sub) = self.submissions.get(&sid) else {
+            return;
+        };
+        let ids: Vec<BuildId> = sub.builds.iter().copied().collect();
+        for id in ids {
+            let keep = self.builds.get(&id).is_none_or(|b| {
+                !b.rec.state.is_terminal()
+                    || b.rec
+                        .submissions
+                        .iter()
+                        .any(|s| self.submissions.get(s).is_some_and(|s| !s.done))
+                    || b.dependents.iter().any(|d| {
+                        self.builds
+                            .get(d)
+                            .is_some_and(|d| !d.rec.state.is_terminal())
+                    })
+            });
+            if !keep && let Some(b) = self.builds.remove(&id) {
+                if self.by_drv.get(&b.rec.drv_path) == Some(&id) {
+                    self.by_drv.remove(&b.rec.drv_path);
+                }
+                for d in &b.rec.deps {
+                    if let Some(db) = self.builds.get_mut(d) {
+                        db.dependents.remove(&id);
+                    }
+                }
+            }
+        }
+        self.submissions.remove(&sid);
+    }
+
+    // ───────────────────────────── builders ─────────────────────────────
+
+    fn index_builder(&mut self, rec: &BuilderRecord) {
+        for names in self.by_system.values_mut() {
+            names.remove(&rec.name);
+        }
+        for s in &rec.capabilities.systems {
+            self.by_system
+                .entry(s.clone())
+                .or_default()
+                .insert(rec.name.clone());
+        }
+    }
+
+    /// An authenticated builder joined (or came back). `running_jobs` are the
+    /// job ids it still runs: builds we had on it that it does not report are
+    /// requeued; jobs it reports that are not ours to run there are cancelled.
+    /// Returns the connection number and whether it is drained.
+    pub fn builder_connected(
+        &mut self,
+        name: &str,
+        public_key: &str,
+        caps: Capabilities,
+        running_jobs: &[String],
+        now: i64,
+    ) -> (u64, bool) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let draining = self.builders.get(name).is_some_and(|e| e.rec.draining);
+        let rec = BuilderRecord {
+            name: name.to_owned(),
+            public_key: public_key.to_owned(),
+            capabilities: caps,
+            last_seen_ms: now,
+            draining,
+        };
+        self.index_builder(&rec);
+        let entry = self
+            .builders
+            .entry(name.to_owned())
+            .or_insert_with(|| BuilderEntry {
+                rec: rec.clone(),
+                load: Load::default(),
+                online: true,
+                conn,
+                disconnected_ms: None,
+                running: BTreeSet::new(),
+                held: HashSet::new(),
+            });
+        entry.rec = rec;
+        entry.online = true;
+        entry.conn = conn;
+        entry.disconnected_ms = None;
+        let ours: Vec<BuildId> = entry.running.iter().copied().collect();
+        self.persist_builder(name);
+        tracing::info!(builder = name, conn, draining, "builder online");
+        let reported: HashSet<&str> = running_jobs.iter().map(String::as_str).collect();
+        for id in ours {
+            let still = match &self.builds.get(&id).map(|b| &b.rec.state) {
+                Some(BuildState::Running { job_id, .. }) => reported.contains(job_id.as_str()),
+                _ => false,
+            };
+            if !still {
+                self.requeue(id, now, "its builder reconnected without it", true);
+            }
+        }
+        for job in running_jobs {
+            let ok = parse_job_id(job).is_some_and(|(id, _)| {
+                matches!(self.builds.get(&id).map(|b| &b.rec.state),
+                    Some(BuildState::Running { builder, job_id, .. }) if builder == name && job_id == job)
+            });
+            if !ok {
+                self.actions.push(Action::Cancel {
+                    builder: name.to_owned(),
+                    job_id: job.clone(),
+                });
+            }
+        }
+        (conn, draining)
+    }
+
+    /// A builder's stream ended. Its jobs wait `grace_ms` for it to come back.
+    pub fn builder_disconnected(&mut self, name: &str, conn: u64, now: i64) {
+        let Some(e) = self.builders.get_mut(name) else {
+            return;
+        };
+        if e.conn != conn || !e.online {
+            return;
+        }
+        e.online = false;
+        e.disconnected_ms = Some(now);
+        e.rec.last_seen_ms = now;
+        tracing::info!(builder = name, running = e.running.len(), "builder offline");
+        self.persist_builder(name);
+    }
+
+    /// A load report.
+    pub fn builder_load(&mut self, name: &str, load: Load, now: i64) {
+        if let Some(e) = self.builders.get_mut(name) {
+            e.load = load;
+            e.rec.last_seen_ms = now;
+        }
+    }
+
+    /// Drain (or undrain) a builder; false when unknown.
+    pub fn set_drain(&mut self, name: &str, draining: bool) -> bool {
+        let Some(e) = self.builders.get_mut(name) else {
+            return false;
+        };
+        e.rec.draining = draining;
+        let online = e.online;
+        tracing::info!(builder = name, draining, "builder drain changed");
+        self.persist_builder(name);
+        if online {
+            self.actions.push(Action::Drain {
+                builder: name.to_owned(),
+                draining,
+            });
+        }
+        true
+    }
+
+    /// Put a build back in the queue after losing its run; past the retry limit it fails.
+    fn requeue(&mut self, id: BuildId, now: i64, why: &str, counts: bool) {
+        let Some(b) = self.builds.get_mut(&id) else {
+            return;
+        };
+        if b.rec.state.is_terminal() {
+            return;
+        }
+        if let BuildState::Running { builder, .. } = &b.rec.state {
+            let builder = builder.clone();
+            if let Some(e) = self.builders.get_mut(&builder) {
+                e.running.remove(&id);
+            }
+        }
+        let b = self.builds.get_mut(&id).expect("checked above");
+        if counts {
+            b.rec.retries += 1;
+        }
+        if b.rec.retries > self.cfg.max_retries {
+            let msg = format!("gave up after {} attempts; last: {why}", b.rec.retries);
+            self.finish(id, Outcome::Failed, Some(msg), now);
+            return;
+        }
+        tracing::info!(build = %format!("b{id}"), retries = b.rec.retries, why, "build requeued");
+        if b.inputs.is_some() {
+            self.set_state(id, BuildState::Queued);
+        } else {
+            self.set_state(id, BuildState::Waiting);
+            self.actions.push(Action::Prepare { build: id });
+        }
+        self.notify(
+            id,
+            Event::Queued {
+                build: id,
+                drv_path: self.builds[&id].rec.drv_path.clone(),
+            },
+        );
+    }
+
+    /// Periodic work: requeue the jobs of builders gone past their grace period,
+    /// and fail runnable work whose wait for a matching builder ran out.
+    pub fn tick(&mut self, now: i64) {
+        let expired: Vec<(String, Vec<BuildId>)> = self
+            .builders
+            .iter()
+            .filter(|(_, e)| {
+                !e.online
+                    && !e.running.is_empty()
+                    && e.disconnected_ms
+                        .is_some_and(|t| now - t >= self.cfg.grace_ms)
+            })
+            .map(|(n, e)| (n.clone(), e.running.iter().copied().collect()))
+            .collect();
+        for (name, ids) in expired {
+            for id in ids {
+                self.requeue(id, now, &format!("builder {name} vanished"), true);
+            }
+        }
+        let classes: Vec<Class> = self.ready.keys().cloned().collect();
+        self.unmatched_since.retain(|c, _| classes.contains(c));
+        for class in classes {
+            let online_capable = self.by_system.get(&class.system).is_some_and(|names| {
+                names.iter().any(|n| {
+                    let e = &self.builders[n];
+                    e.online && e.rec.capabilities.can_build(&class.system, &class.features)
+                })
+            });
+            if online_capable {
+                self.unmatched_since.remove(&class);
+                continue;
+            }
+            let since = *self.unmatched_since.entry(class.clone()).or_insert(now);
+            let ids: Vec<BuildId> = self.ready[&class].iter().map(|k| k.id).collect();
+            let Some(first) = ids.first() else { continue };
+            let drv = self.builds[first].rec.drv_path.clone();
+            let verdict = self.schedulable(&class.system, &class.features, &drv, now);
+            let expired = now - since >= self.cfg.unschedulable_wait_ms;
+            let msg = match verdict {
+                Err(msg) => msg,
+                Ok(()) if expired => format!(
+                    "{}; waited {}s for a matching builder to come back",
+                    self.unschedulable_message(&drv, &class.system, &class.features, now),
+                    (now - since) / 1000
+                ),
+                Ok(()) => continue,
+            };
+            for id in ids {
+                self.finish(id, Outcome::Unschedulable, Some(msg.clone()), now);
+            }
+            self.unmatched_since.remove(&class);
+        }
+    }
+
+    /// Match runnable builds to builders with free slots, best first.
+    pub fn dispatch(&mut self, now: i64) {
+        loop {
+            // The best head among classes that some free, capable builder can take.
+            let mut best: Option<(ReadyKey, Class, Vec<String>)> = None;
+            for (class, queue) in &self.ready {
+                let Some(head) = queue.first() else { continue };
+                if best.as_ref().is_some_and(|(k, _, _)| k <= head) {
+                    continue;
+                }
+                let Some(names) = self.by_system.get(&class.system) else {
+                    continue;
+                };
+                let candidates: Vec<String> = names
+                    .iter()
+                    .filter(|n| {
+                        let e = &self.builders[*n];
+                        e.online
+                            && !e.rec.draining
+                            && (e.running.len() as u32) < e.rec.capabilities.max_jobs.max(1)
+                            && e.rec.capabilities.can_build(&class.system, &class.features)
+                    })
+                    .cloned()
+                    .collect();
+                if !candidates.is_empty() {
+                    best = Some((*head, class.clone(), candidates));
+                }
+            }
+            let Some((key, _class, candidates)) = best else {
+                break;
+            };
+            let id = key.id;
+            let b = &self.builds[&id];
+            let empty = Vec::new();
+            let inputs = b.inputs.as_ref().unwrap_or(&empty);
+            let chosen = candidates
+                .iter()
+                .map(|n| {
+                    let e = &self.builders[n];
+                    let s = select::score(
+                        &e.rec.capabilities,
+                        &e.load,
+                        e.running.len(),
+                        &e.held,
+                        inputs,
+                    );
+                    (s, n)
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)))
+                .map(|(_, n)| n.clone())
+                .expect("candidates is not empty");
+            self.start(id, &chosen, now);
+        }
+    }
+
+    fn start(&mut self, id: BuildId, builder: &str, now: i64) {
+        let b = self.builds.get_mut(&id).expect("queued build exists");
+        b.rec.attempt += 1;
+        b.rec.builder = Some(builder.to_owned());
+        b.rec.started_ms = Some(now);
+        let job = job_id(id, b.rec.attempt);
+        let inputs: Vec<StorePath> = b
+            .inputs
+            .as_ref()
+            .map(|v| v.iter().map(|(p, _)| p.clone()).collect())
+            .unwrap_or_default();
+        let assignment = Assignment {
+            builder: builder.to_owned(),
+            build: id,
+            job_id: job.clone(),
+            drv_path: b.rec.drv_path.clone(),
+            drv_aterm: b.rec.drv_aterm.clone(),
+            input_paths: inputs.clone(),
+            max_silent_time_secs: b.rec.max_silent_time_secs,
+            build_timeout_secs: b.rec.build_timeout_secs,
+        };
+        let drv = b.rec.drv_path.clone();
+        self.set_state(
+            id,
+            BuildState::Running {
+                builder: builder.to_owned(),
+                job_id: job,
+                started_ms: now,
+            },
+        );
+        let e = self
+            .builders
+            .get_mut(builder)
+            .expect("candidate builder exists");
+        e.running.insert(id);
+        if e.held.len() + inputs.len() > MAX_HELD_PATHS {
+            e.held.clear();
+        }
+        e.held.extend(inputs);
+        self.actions.push(Action::Dispatch(assignment));
+        self.notify(
+            id,
+            Event::Started {
+                build: id,
+                drv_path: drv,
+                builder: builder.to_owned(),
+            },
+        );
+    }
+
+    /// The build of a job, if `builder` is running that exact job now.
+    pub fn running_job(&self, builder: &str, job: &str) -> Option<BuildId> {
+        let (id, _) = parse_job_id(job)?;
+        match &self.builds.get(&id)?.rec.state {
+            BuildState::Running {
+                builder: b, job_id, ..
+            } if b == builder && job_id == job => Some(id),
+            _ => None,
+        }
+    }
+
+    /// A builder reported how a job ended (a `Built` already checked against the cache).
+    pub fn job_ended(&mut self, builder: &str, job: &str, end: JobEnd, now: i64) {
+        let Some(id) = self.running_job(builder, job) else {
+            tracing::info!(
+                builder,
+                job,
+                "result for a job that is not running there; ignored"
+            );
+            return;
+        };
+        match end {
+            JobEnd::Built => {
+                let outputs: Vec<StorePath> =
+                    self.builds[&id].rec.outputs.values().cloned().collect();
+                if let Some(e) = self.builders.get_mut(builder) {
+                    e.held.extend(outputs);
+                }
+                self.finish(id, Outcome::Built, None, now);
+            }
+            JobEnd::Failed(msg) => {
+                self.finish(id, Outcome::Failed, Some(msg), now);
+            }
+            JobEnd::TimedOut(msg) => {
+                self.finish(id, Outcome::TimedOut, Some(msg), now);
+            }
+            JobEnd::Transient(msg) => {
+                if let Some(b) = self.builds.get_mut(&id) {
+                    b.rec.error = Some(msg.clone());
+                }
+                self.requeue(id, now, &msg, true);
+            }
+        }
+    }
+
+    /// Cancel a build (and, with it, what depends on it). Returns how many builds ended.
+    pub fn cancel_build(&mut self, id: BuildId, now: i64) -> u32 {
+        let Some(b) = self.builds.get(&id) else {
+            return 0;
+        };
+        if b.rec.state.is_terminal() {
+            return 0;
+        }
+        if let BuildState::Running {
+            builder, job_id, ..
+        } = &b.rec.state
+        {
+            self.actions.push(Action::Cancel {
+                builder: builder.clone(),
+                job_id: job_id.clone(),
+            });
+        }
+        self.finish(id, Outcome::Cancelled, Some("cancelled".into()), now)
+    }
+
+    /// Cancel a submission: builds only it needs are cancelled; shared builds go
+    /// on for the others. Returns how many builds were cancelled.
+    pub fn cancel_submission(&mut self, sid: SubmissionId, now: i64) -> u32 {
+        let Some(sub) = self.submissions.get_mut(&sid) else {
+            return 0;
+        };
+        if sub.done {
+            return 0;
+        }
+        sub.cancelled = true;
+        let ids: Vec<BuildId> = sub.builds.iter().copied().collect();
+        self.persist_submission(sid);
+        let mut n = 0;
+        for id in ids {
+            let Some(b) = self.builds.get_mut(&id) else {
+                continue;
+            };
+            if b.rec.state.is_terminal() {
+                continue;
+            }
+            let others = b
+                .rec
+                .submissions
+                .iter()
+                .any(|s| *s != sid && self.submissions.get(s).is_some_and(|s| !s.done));
+            if !others {
+                n += self.cancel_build(id, now);
+            }
+        }
+        self.check_submission(sid, now);
+        n
+    }
+
+    // ───────────────────────────── queries ─────────────────────────────
+
+    /// A build's record, in memory or in the store.
+    pub fn build(&self, id: BuildId) -> Option<BuildRecord> {
+        match self.builds.get(&id) {
+            Some(b) => Some(b.rec.clone()),
+            None => self.store.get_build(id).ok().flatten(),
+        }
+    }
+
+    /// The in-memory build of a derivation that is queued, running or built
+    /// (what a new submission shares).
+    pub fn known_build(&self, drv: &StorePath) -> Option<BuildRecord> {
+        let b = self.builds.get(self.by_drv.get(drv)?)?;
+        match b.rec.state {
+            BuildState::Done(o) if !o.is_success() => None,
+            _ => Some(b.rec.clone()),
+        }
+    }
+
+    /// The latest build of a derivation.
+    pub fn build_of_drv(&self, drv: &StorePath) -> Option<BuildId> {
+        self.by_drv
+            .get(drv)
+            .copied()
+            .or_else(|| self.store.build_of_drv(&drv.base_name()).ok().flatten())
+    }
+
+    /// A submission and its builds, if it is still in memory or stored.
+    pub fn submission(&self, sid: SubmissionId) -> Option<(SubmissionRecord, Vec<BuildRecord>)> {
+        let sub = match self.submissions.get(&sid) {
+            Some(s) => s.clone(),
+            None => self.store.get_submission(sid).ok().flatten()?,
+        };
+        let builds = sub.builds.iter().filter_map(|id| self.build(*id)).collect();
+        Some((sub, builds))
+    }
+
+    /// Whether the submission is finished (or unknown).
+    pub fn submission_done(&self, sid: SubmissionId) -> bool {
+        self.submissions.get(&sid).is_none_or(|s| s.done)
+    }
+
+    /// Every known builder.
+    pub fn builders(&self) -> Vec<BuilderView> {
+        let mut v: Vec<BuilderView> = self
+            .builders
+            .values()
+            .map(|e| BuilderView {
+                record: e.rec.clone(),
+                load: e.load.clone(),
+                online: e.online,
+                running: e.running.len(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        v
+    }
+
+    /// The online builders' public keys by name.
+    pub fn builder_key(&self, name: &str) -> Option<(String, bool)> {
+        self.builders
+            .get(name)
+            .map(|e| (e.rec.public_key.clone(), e.online))
+    }
+
+    /// Unfinished, not running builds per system.
+    pub fn queue_depths(&self) -> BTreeMap<String, u32> {
+        let mut m = BTreeMap::new();
+        for b in self.builds.values() {
+            if matches!(b.rec.state, BuildState::Queued | BuildState::Waiting) {
+                *m.entry(b.rec.system.clone()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    /// Running builds.
+    pub fn running(&self) -> Vec<BuildRecord> {
+        let mut v: Vec<BuildRecord> = self
+            .builds
+            .values()
+            .filter(|b| matches!(b.rec.state, BuildState::Running { .. }))
+            .map(|b| b.rec.clone())
+            .collect();
+        v.sort_by_key(|b| b.id);
+        v
+    }
+
+    /// The most recent failures, newest first.
+    pub fn recent_failures(&self) -> Vec<FailureView> {
+        self.recent_failures.iter().cloned().collect()
+    }
+
+    /// The runnable builds of a system in dispatch order (tests, dashboards).
+    pub fn queue_order(&self, system: &str) -> Vec<BuildId> {
+        let mut keys: Vec<ReadyKey> = self
+            .ready
+            .iter()
+            .filter(|(c, _)| c.system == system)
+            .flat_map(|(_, q)| q.iter().copied())
+            .collect();
+        keys.sort();
+        keys.into_iter().map(|k| k.id).collect()
+    }
+
+    /// A build's current state (tests, the SSH endpoint).
+    pub fn state_of(&self, id: BuildId) -> Option<BuildState> {
+        self.builds.get(&id).map(|b| b.rec.state.clone())
+    }
+
+    /// A build's input closure, once resolved.
+    pub fn inputs_of(&self, id: BuildId) -> Option<Vec<(StorePath, u64)>> {
+        self.builds.get(&id).and_then(|b| b.inputs.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,17 @@
 //! Generated gRPC code for the farm (tonic + prost) and conversions into domain types.
+//!
+//! - [`v1`]: the `farm.v1` package compiled from `proto/farm.proto`.
+//! - [`convert`]: `From`/`TryFrom` between messages and `farm-nix` domain types.
+//! - [`auth`]: the exact bytes builders and CLI users sign, and the metadata keys
+//!   that carry session tokens and signatures, shared by every side.
+
+pub mod auth;
+pub mod convert;
 
 /// The generated `farm.v1` package.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("farm.v1");
 }
+
+pub use convert::ConvertError;

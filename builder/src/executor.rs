@@ -1,0 +1,435 @@
+//! Runs one job with the local Nix, the way Nix's own remote builds do:
+//! start `nix-store --serve --write`, ask which inputs the store lacks, fetch
+//! those from the cache (in parallel, verified) and add them in dependency order,
+//! send the derivation as a BasicDerivation (inputSrcs = the whole input
+//! closure, so no `.drv` files are needed locally), stream its stderr as the
+//! log, then upload each output and report.
+//!
+//! Timeouts: build-timeout and max-silent-time go to Nix (which stops the build
+//! and reports TimedOut); a watchdog here kills the process group if Nix has not
+//! acted 30 s after either limit. Cancel kills the process group at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use farm_nix::derivation::{BasicDerivation, Derivation, name_from_drv_path};
+use farm_nix::path_info::ValidPathInfo;
+use farm_nix::store_path::StorePath;
+use farm_proto::v1::{Job, JobResult, JobStatus};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::BuilderConfig;
+use crate::error::BuilderError;
+use crate::jobs::{Execute, JobContext, cancel_message, failure, now_unix, status_for};
+use crate::local::LocalServe;
+use crate::logs::LogState;
+use crate::probe::NixBin;
+use crate::serve_client::{BuildOptions, BuildResult};
+use crate::session::{Link, current_link};
+use crate::transfer;
+
+/// Longest derivation accepted.
+const MAX_ATERM: usize = 64 * 1024 * 1024;
+/// Most input paths accepted for one job.
+const MAX_INPUTS: usize = 1_000_000;
+/// How long a job waits for a coordinator link before giving up.
+const LINK_WAIT: Duration = Duration::from_secs(120);
+/// How long after a limit Nix should have enforced the watchdog steps in.
+const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
+
+/// Builds with the local Nix.
+pub struct NixExecutor {
+    bin: NixBin,
+    scratch: PathBuf,
+    parallelism: usize,
+}
+
+impl NixExecutor {
+    /// An executor for this configuration (scratch space in `STATE_DIR/tmp`).
+    pub fn new(config: &BuilderConfig) -> Result<Self, BuilderError> {
+        let scratch = config.state_dir.join("tmp");
+        std::fs::create_dir_all(&scratch).map_err(|e| BuilderError::writing(&scratch, e))?;
+        Ok(NixExecutor {
+            bin: NixBin::new(config.nix_bin_dir.clone()),
+            scratch,
+            parallelism: config.download_parallelism.max(1),
+        })
+    }
+
+    /// Open the local store once (a first `nix-store --serve` initialises a
+    /// fresh store; concurrent first opens race) and fail early if it is unusable.
+    pub async fn check_store(&self) -> Result<(), BuilderError> {
+        let (events, mut rx) = tokio::sync::mpsc::channel(16);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let serve = LocalServe::spawn(&self.bin, "store-check", events).await?;
+        serve.finish().await;
+        let _ = drain.await;
+        Ok(())
+    }
+}
+
+/// Why a job did not build.
+struct Fail {
+    status: JobStatus,
+    message: String,
+    /// The local Nix must be stopped (it is still busy with the build).
+    kill: bool,
+}
+
+fn fail(status: JobStatus, message: impl Into<String>) -> Fail {
+    Fail {
+        status,
+        message: message.into(),
+        kill: false,
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    downloaded: u64,
+    uploaded: u64,
+}
+
+struct Built {
+    outputs: BTreeMap<String, String>,
+    start: u64,
+    stop: u64,
+}
+
+/// A parsed job.
+struct Plan {
+    drv_path: StorePath,
+    drv: BasicDerivation,
+    inputs: Vec<StorePath>,
+    outputs: BTreeMap<String, StorePath>,
+    options: BuildOptions,
+}
+
+fn plan(job: &Job) -> Result<Plan, Fail> {
+    let invalid = |m: String| fail(JobStatus::Failed, format!("invalid job: {m}"));
+    let drv_path = StorePath::parse(&job.drv_path)
+        .map_err(|e| invalid(format!("drv path {:?}: {e}", job.drv_path)))?;
+    let name = name_from_drv_path(&drv_path).map_err(|e| invalid(e.to_string()))?;
+    if job.drv_aterm.len() > MAX_ATERM {
+        return Err(invalid("derivation too large".into()));
+    }
+    let full = Derivation::parse_aterm(&job.drv_aterm)
+        .map_err(|e| invalid(format!("derivation {drv_path}: {e}")))?;
+    if job.input_paths.len() > MAX_INPUTS {
+        return Err(invalid("too many input paths".into()));
+    }
+    let mut seen = BTreeSet::new();
+    let mut inputs = Vec::with_capacity(job.input_paths.len());
+    for p in &job.input_paths {
+        let p = StorePath::parse(p).map_err(|e| invalid(format!("input {p:?}: {e}")))?;
+        if seen.insert(p.clone()) {
+            inputs.push(p);
+        }
+    }
+    let mut drv = full.to_basic(&name);
+    // The inputs the coordinator closed over include the input derivations'
+    // outputs; the derivation's own sources are there too (added if missing).
+    for src in &full.input_srcs {
+        if seen.insert(src.clone()) {
+            inputs.push(src.clone());
+        }
+    }
+    drv.input_srcs = seen;
+    let outputs = drv.output_paths();
+    if outputs.len() != drv.outputs.len() {
+        return Err(fail(
+            JobStatus::Failed,
+            format!(
+                "{drv_path} has outputs without a known path (floating content-addressed derivations are not supported)"
+            ),
+        ));
+    }
+    Ok(Plan {
+        drv_path,
+        drv,
+        inputs,
+        outputs,
+        options: BuildOptions {
+            max_silent_time: job.max_silent_time_secs,
+            build_timeout: job.build_timeout_secs,
+            max_log_size: 0,
+        },
+    })
+}
+
+impl Execute for NixExecutor {
+    async fn execute(&self, job: Job, ctx: JobContext) -> JobResult {
+        let mut stats = Stats::default();
+        let outcome = self.run(&job, &ctx, &mut stats).await;
+        let mut result = match outcome {
+            Ok(built) => JobResult {
+                job_id: job.job_id.clone(),
+                status: JobStatus::Built as i32,
+                outputs: built.outputs.into_iter().collect(),
+                start_time_unix: i64::try_from(built.start).unwrap_or(0),
+                stop_time_unix: i64::try_from(built.stop).unwrap_or(0),
+                ..Default::default()
+            },
+            Err(f) => failure(&job.job_id, f.status, f.message),
+        };
+        result.bytes_downloaded = stats.downloaded;
+        result.bytes_uploaded = stats.uploaded;
+        result
+    }
+}
+
+impl NixExecutor {
+    async fn run(&self, job: &Job, ctx: &JobContext, stats: &mut Stats) -> Result<Built, Fail> {
+        let plan = plan(job)?;
+        let mut link_rx = ctx.link.clone();
+        let link = current_link(&mut link_rx, LINK_WAIT)
+            .await
+            .ok_or_else(|| fail(JobStatus::MiscFailure, "no connection to the coordinator"))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("job-")
+            .tempdir_in(&self.scratch)
+            .map_err(|e| fail(JobStatus::MiscFailure, format!("scratch directory: {e}")))?;
+        let mut serve = LocalServe::spawn(&self.bin, &job.job_id, ctx.events.clone())
+            .await
+            .map_err(|e| fail(JobStatus::MiscFailure, e.to_string()))?;
+
+        let outcome = tokio::select! {
+            r = self.steps(&plan, &link, &mut serve, scratch.path(), ctx, stats) => r,
+            () = ctx.cancel.cancelled() => Err(Fail {
+                status: status_for(ctx.cancel.reason()),
+                message: cancel_message(ctx.cancel.reason()).to_owned(),
+                kill: true,
+            }),
+        };
+        if let Err(f) = &outcome
+            && f.kill
+        {
+            tracing::info!(job = %job.job_id, "stopping the local nix");
+            serve.stop().await;
+        }
+        serve.finish().await;
+        outcome
+    }
+
+    async fn steps(
+        &self,
+        plan: &Plan,
+        link: &Link,
+        serve: &mut LocalServe,
+        scratch: &std::path::Path,
+        ctx: &JobContext,
+        stats: &mut Stats,
+    ) -> Result<Built, Fail> {
+        stats.downloaded = self.fetch_inputs(plan, link, serve, scratch).await?;
+
+        serve.log.touch();
+        let started = now_unix_u64();
+        let build = serve
+            .client
+            .build_derivation(&plan.drv_path, &plan.drv, &plan.options);
+        let result: BuildResult = tokio::select! {
+            r = build => r.map_err(|e| fail(
+                JobStatus::MiscFailure,
+                format!("local nix failed: {e}: {}", serve.log.tail()),
+            ))?,
+            why = watchdog(Arc::clone(&serve.log), &plan.options) => {
+                return Err(Fail { status: JobStatus::TimedOut, message: why, kill: true });
+            }
+        };
+        let stopped = now_unix_u64();
+        match result.status {
+            0..=2 => {}
+            8 => return Err(fail(JobStatus::TimedOut, result.error_msg)),
+            6 | 9 => return Err(fail(JobStatus::MiscFailure, result.error_msg)),
+            _ => return Err(fail(JobStatus::Failed, result.error_msg)),
+        }
+        // Uploads use the newest link (the session may have been re-established).
+        let mut link = link.clone();
+
+        // Upload the outputs, referenced ones first.
+        let wanted: BTreeSet<StorePath> = plan.outputs.values().cloned().collect();
+        let infos = serve
+            .client
+            .query_path_infos(&wanted)
+            .await
+            .map_err(|e| fail(JobStatus::MiscFailure, format!("querying outputs: {e}")))?;
+        let have: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+        if let Some(missing) = wanted.iter().find(|p| !have.contains(p)) {
+            return Err(fail(
+                JobStatus::MiscFailure,
+                format!("output {missing} is not valid after the build"),
+            ));
+        }
+        for info in transfer::references_first(infos) {
+            if let Some(current) = ctx.link.borrow().clone() {
+                link = current;
+            }
+            let (mut w, r) = tokio::io::duplex(256 * 1024);
+            let dump = async {
+                let summary = serve.client.dump_store_path(&info.path, &mut w).await;
+                let _ = w.shutdown().await;
+                drop(w);
+                summary
+            };
+            let (sent, dumped) = tokio::join!(transfer::upload(&link, &info, r), dump);
+            let summary = dumped.map_err(|e| {
+                fail(
+                    JobStatus::UploadError,
+                    format!("dumping {}: {e}", info.path),
+                )
+            })?;
+            transfer::check_summary(&info, &summary)
+                .map_err(|e| fail(JobStatus::UploadError, e.0))?;
+            sent.map_err(|e| fail(JobStatus::UploadError, e.0))?;
+            stats.uploaded += summary.nar_size;
+        }
+        Ok(Built {
+            outputs: plan
+                .outputs
+                .iter()
+                .map(|(name, p)| (name.clone(), p.to_string()))
+                .collect(),
+            start: if result.start_time > 0 {
+                result.start_time
+            } else {
+                started
+            },
+            stop: if result.stop_time > 0 {
+                result.stop_time
+            } else {
+                stopped
+            },
+        })
+    }
+
+    /// Fetch what the store lacks, in parallel; add it in dependency order.
+    async fn fetch_inputs(
+        &self,
+        plan: &Plan,
+        link: &Link,
+        serve: &mut LocalServe,
+        scratch: &std::path::Path,
+    ) -> Result<u64, Fail> {
+        let input_err = |m: String| fail(JobStatus::InputError, m);
+        let all: BTreeSet<StorePath> = plan.inputs.iter().cloned().collect();
+        let valid = serve
+            .client
+            .query_valid_paths(&all, false, false)
+            .await
+            .map_err(|e| {
+                input_err(format!(
+                    "querying the local store: {e}: {}",
+                    serve.log.tail()
+                ))
+            })?;
+        let missing: Vec<StorePath> = plan
+            .inputs
+            .iter()
+            .filter(|p| !valid.contains(*p))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        tracing::info!(drv = %plan.drv_path, missing = missing.len(), of = plan.inputs.len(), "fetching inputs");
+        let infos = transfer::query_infos(link, &missing)
+            .await
+            .map_err(|e| input_err(e.0))?;
+        let jobs: Vec<(ValidPathInfo, PathBuf)> = missing
+            .iter()
+            .map(|p| (infos[p].clone(), scratch.join(p.base_name())))
+            .collect();
+        let link = link.clone();
+        let downloads = jobs.into_iter().map(move |(info, dest)| {
+            let link = link.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                transfer::download(&link, &info, &dest)
+                    .await
+                    .map(|n| (info, dest, n))
+            }))
+        });
+        let mut stream = futures::stream::iter(downloads).buffered(self.parallelism);
+        let mut total = 0u64;
+        while let Some(joined) = stream.next().await {
+            let (info, dest, n) = joined
+                .map_err(|e| input_err(format!("download task: {e}")))?
+                .map_err(|e| input_err(e.0))?;
+            total += n;
+            let mut file = tokio::fs::File::open(&dest)
+                .await
+                .map_err(|e| input_err(format!("{}: {e}", dest.display())))?;
+            serve
+                .client
+                .add_to_store_nar(&info, &mut file)
+                .await
+                .map_err(|e| {
+                    input_err(format!(
+                        "adding {} to the local store: {e}: {}",
+                        info.path,
+                        serve.log.tail()
+                    ))
+                })?;
+            drop(file);
+            let _ = tokio::fs::remove_file(&dest).await;
+        }
+        Ok(total)
+    }
+}
+
+/// Resolves (with a reason) when the build is overdue by the watchdog's measure.
+async fn watchdog(log: Arc<LogState>, options: &BuildOptions) -> String {
+    let start = Instant::now();
+    let timeout = (options.build_timeout > 0).then(|| Duration::from_secs(options.build_timeout));
+    let silent =
+        (options.max_silent_time > 0).then(|| Duration::from_secs(options.max_silent_time));
+    if timeout.is_none() && silent.is_none() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(t) = timeout
+            && start.elapsed() > t + WATCHDOG_GRACE
+        {
+            return format!(
+                "build timed out after {} seconds (killed by the builder)",
+                t.as_secs()
+            );
+        }
+        if let Some(s) = silent
+            && log.silent_for() > s + WATCHDOG_GRACE
+        {
+            return format!(
+                "build produced no output for {} seconds (killed by the builder)",
+                s.as_secs()
+            );
+        }
+    }
+}
+
+fn now_unix_u64() -> u64 {
+    u64::try_from(now_unix()).unwrap_or(0)
+}
+
+/// A task handle that aborts the task when dropped (a failed job stops its
+/// remaining downloads).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}

@@ -1,0 +1,476 @@
+//! The coordinator's domain service: the scheduler behind a mutex, the
+//! connected builders' sessions, live logs, and the submission event channels.
+//! gRPC handlers (and later the SSH endpoint) call into [`Coordinator`]; it
+//! carries out what the scheduler decides (send jobs, resolve input closures,
+//! store logs) and delivers events to watchers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use farm_proto::v1;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+use crate::auth::{BuilderAuth, CliAuth};
+use crate::cache::Cache;
+use crate::scheduler::Scheduler;
+use crate::scheduler::types::*;
+
+/// Capacity of a submission's event channel (a watcher that falls further
+/// behind gets a fresh snapshot).
+const EVENT_CHANNEL: usize = 4096;
+/// Live log bytes kept per running build; beyond it the head is dropped.
+pub const MAX_LIVE_LOG: usize = 64 * 1024 * 1024;
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What goes down a builder's session stream.
+pub type SessionSender = mpsc::Sender<Result<v1::CoordinatorMessage, tonic::Status>>;
+
+struct Session {
+    conn: u64,
+    token: String,
+    tx: SessionSender,
+}
+
+/// A running build's log so far, and a signal for followers.
+#[derive(Default)]
+pub struct LiveLog {
+    pub data: Vec<u8>,
+    /// Bytes dropped from the head to stay under [`MAX_LIVE_LOG`].
+    pub dropped: u64,
+    pub ended: bool,
+}
+
+/// Fixed facts about this coordinator that handlers report.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub cache_public_key: String,
+    /// `ssh-ed25519 AAAA…`.
+    pub ssh_host_key: String,
+    /// Host and port Nix clients reach the SSH endpoint at.
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    /// `http://host:port` of the cache.
+    pub http_url: String,
+}
+
+pub(crate) struct Inner {
+    pub(crate) sched: Mutex<Scheduler>,
+    sessions: Mutex<HashMap<String, Session>>,
+    tokens: Mutex<HashMap<String, String>>,
+    events: Mutex<HashMap<SubmissionId, broadcast::Sender<Event>>>,
+    logs: Mutex<HashMap<BuildId, Arc<Mutex<LiveLog>>>>,
+    log_notify: Notify,
+    kick: Notify,
+    pub(crate) builder_auth: BuilderAuth,
+    pub(crate) cli_auth: CliAuth,
+    pub(crate) facts: Facts,
+    pub(crate) cache: Cache,
+}
+
+/// Handle on the coordinator's domain (cheap to clone).
+#[derive(Clone)]
+pub struct Coordinator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Coordinator {
+    /// A coordinator over a loaded scheduler.
+    pub fn new(
+        sched: Scheduler,
+        cache: Cache,
+        builder_auth: BuilderAuth,
+        cli_auth: CliAuth,
+        facts: Facts,
+    ) -> Coordinator {
+        Coordinator {
+            inner: Arc::new(Inner {
+                sched: Mutex::new(sched),
+                sessions: Mutex::new(HashMap::new()),
+                tokens: Mutex::new(HashMap::new()),
+                events: Mutex::new(HashMap::new()),
+                logs: Mutex::new(HashMap::new()),
+                log_notify: Notify::new(),
+                kick: Notify::new(),
+                builder_auth,
+                cli_auth,
+                facts,
+                cache,
+            }),
+        }
+    }
+
+    pub fn builder_auth(&self) -> &BuilderAuth {
+        &self.inner.builder_auth
+    }
+
+    pub fn cli_auth(&self) -> &CliAuth {
+        &self.inner.cli_auth
+    }
+
+    pub fn facts(&self) -> &Facts {
+        &self.inner.facts
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// Run `f` on the scheduler, dispatch, then carry out what it decided.
+    pub fn with_sched<R>(&self, f: impl FnOnce(&mut Scheduler, i64) -> R) -> R {
+        let now = now_ms();
+        let (r, actions, notices) = {
+            let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
+            let r = f(&mut s, now);
+            s.dispatch(now);
+            (r, s.take_actions(), s.take_notices())
+        };
+        self.carry_out(actions, notices);
+        r
+    }
+
+    /// Read-only look at the scheduler.
+    pub fn read_sched<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
+        let s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
+        f(&s)
+    }
+
+    fn carry_out(&self, actions: Vec<Action>, notices: Vec<Notice>) {
+        for n in notices {
+            let events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+            for sid in &n.submissions {
+                if let Some(tx) = events.get(sid) {
+                    let _ = tx.send(n.event.clone());
+                }
+            }
+        }
+        let mut lost: Vec<(String, String)> = Vec::new();
+        for a in actions {
+            match a {
+                Action::Dispatch(job) => {
+                    self.inner
+                        .logs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(job.build, Arc::new(Mutex::new(LiveLog::default())));
+                    let builder = job.builder.clone();
+                    let job_id = job.job_id.clone();
+                    let msg = v1::CoordinatorMessage {
+                        msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
+                            job_id: job.job_id,
+                            drv_path: job.drv_path.to_string(),
+                            drv_aterm: job.drv_aterm,
+                            input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
+                            max_silent_time_secs: job.max_silent_time_secs,
+                            build_timeout_secs: job.build_timeout_secs,
+                        })),
+                    };
+                    if !self.send_to(&builder, msg) {
+                        lost.push((builder, job_id));
+                    }
+                }
+                Action::Cancel { builder, job_id } => {
+                    self.send_to(
+                        &builder,
+                        v1::CoordinatorMessage {
+                            msg: Some(v1::coordinator_message::Msg::Cancel(v1::CancelJob {
+                                job_id,
+                            })),
+                        },
+                    );
+                }
+                Action::Drain { builder, draining } => {
+                    self.send_to(
+                        &builder,
+                        v1::CoordinatorMessage {
+                            msg: Some(v1::coordinator_message::Msg::Drain(v1::Drain { draining })),
+                        },
+                    );
+                }
+                Action::Prepare { build } => self.spawn_prepare(build),
+                Action::BuildEnded { build } => self.spawn_build_ended(build),
+            }
+        }
+        let store = self.read_sched(|s| s.store().clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.flush().await {
+                tracing::error!(error = %e, "cannot flush the state database");
+            }
+        });
+        for (builder, job) in lost {
+            tracing::warn!(%builder, %job, "could not send a job to its builder");
+            self.with_sched(|s, now| {
+                s.job_ended(
+                    &builder,
+                    &job,
+                    crate::scheduler::JobEnd::Transient(format!(
+                        "could not send the job to {builder}"
+                    )),
+                    now,
+                )
+            });
+        }
+    }
+
+    fn send_to(&self, builder: &str, msg: v1::CoordinatorMessage) -> bool {
+        let sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match sessions.get(builder) {
+            Some(s) => s.tx.try_send(Ok(msg)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Resolve a build's input closure (from the cache), then make it runnable.
+    fn spawn_prepare(&self, build: BuildId) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let r = this.prepare(build).await;
+            this.with_sched(|s, now| match r {
+                Ok(Prepared::Ready(inputs)) => s.set_ready(build, inputs),
+                Ok(Prepared::Cached) => s.set_cached(build, now),
+                Err(e) => s.prepare_failed(build, e, now),
+            });
+        });
+    }
+
+    /// A build ended: store its log and forget the live copy.
+    fn spawn_build_ended(&self, build: BuildId) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let live = this
+                .inner
+                .logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&build);
+            if let Some(live) = live {
+                // Followers keep the Arc and read the tail after `ended`.
+                let data = {
+                    let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+                    l.ended = true;
+                    l.data.clone()
+                };
+                this.inner.log_notify.notify_waiters();
+                this.store_log(build, data).await;
+            }
+        });
+    }
+
+    // ───────────────────────────── builder sessions ─────────────────────────────
+
+    /// An authenticated builder's session begins. Returns its session token.
+    pub fn builder_online(
+        &self,
+        name: &str,
+        public_key: &str,
+        caps: Capabilities,
+        running_jobs: &[String],
+        tx: SessionSender,
+    ) -> (u64, String, bool) {
+        let token = random_token();
+        // Register the session before the scheduler can dispatch to it.
+        let (conn, draining) = {
+            let mut sessions = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
+            let (conn, draining) =
+                s.builder_connected(name, public_key, caps, running_jobs, now_ms());
+            if let Some(old) = sessions.insert(
+                name.to_owned(),
+                Session {
+                    conn,
+                    token: token.clone(),
+                    tx,
+                },
+            ) {
+                self.inner
+                    .tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&old.token);
+            }
+            (conn, draining)
+        };
+        self.inner
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.clone(), name.to_owned());
+        (conn, token, draining)
+    }
+
+    /// Run the scheduler after a builder came online (called once `Welcome` is sent).
+    pub fn kick(&self) {
+        self.with_sched(|_, _| ());
+        self.inner.kick.notify_one();
+    }
+
+    /// The builder's stream ended.
+    pub fn builder_offline(&self, name: &str, conn: u64) {
+        {
+            let mut sessions = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if sessions.get(name).is_some_and(|s| s.conn == conn)
+                && let Some(s) = sessions.remove(name)
+            {
+                self.inner
+                    .tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&s.token);
+            }
+        }
+        self.with_sched(|s, now| s.builder_disconnected(name, conn, now));
+    }
+
+    /// Whether a builder with this name is connected now, and with which key.
+    pub fn connected_key(&self, name: &str) -> Option<String> {
+        let online = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name);
+        if !online {
+            return None;
+        }
+        self.read_sched(|s| s.builder_key(name).map(|(k, _)| k))
+    }
+
+    /// The builder a data-call session token belongs to.
+    pub fn session_builder(&self, token: &str) -> Option<String> {
+        self.inner
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    /// A load report.
+    pub fn builder_load(&self, name: &str, load: Load) {
+        self.with_sched(|s, now| s.builder_load(name, load, now));
+    }
+
+    /// Log bytes of a running job.
+    pub fn job_log(&self, builder: &str, job: &str, data: &[u8]) {
+        let Some(build) = self.read_sched(|s| s.running_job(builder, job)) else {
+            return;
+        };
+        let live = self
+            .inner
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&build)
+            .cloned();
+        if let Some(live) = live {
+            let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+            l.data.extend_from_slice(data);
+            if l.data.len() > MAX_LIVE_LOG {
+                let cut = l.data.len() - MAX_LIVE_LOG;
+                l.data.drain(..cut);
+                l.dropped += cut as u64;
+            }
+            drop(l);
+            self.inner.log_notify.notify_waiters();
+        }
+    }
+
+    /// Periodic scheduler work; runs until the coordinator stops.
+    pub async fn ticker(self, period: Duration) {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            self.with_sched(|s, now| s.tick(now));
+        }
+    }
+
+    /// Subscribe to a submission's events.
+    pub fn subscribe(&self, sid: SubmissionId) -> broadcast::Receiver<Event> {
+        let mut events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        events
+            .entry(sid)
+            .or_insert_with(|| broadcast::channel(EVENT_CHANNEL).0)
+            .subscribe()
+    }
+
+    /// Drop event channels nobody listens to any more.
+    pub fn unsubscribe_idle(&self) {
+        let mut events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.retain(|_, tx| tx.receiver_count() > 0);
+    }
+
+    /// The live log of a running build, if it is running.
+    pub fn live_log(&self, build: BuildId) -> Option<Arc<Mutex<LiveLog>>> {
+        self.inner
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&build)
+            .cloned()
+    }
+
+    /// Resolves when some live log grows or ends (armed when called).
+    pub fn log_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.log_notify.notified()
+    }
+}
+
+/// What resolving a build's inputs found.
+pub enum Prepared {
+    /// Its input closure, in dependency order, with NAR sizes.
+    Ready(Vec<(farm_nix::store_path::StorePath, u64)>),
+    /// Its outputs are in the cache already.
+    Cached,
+}
+
+/// 32 random bytes, hex.
+pub fn random_token() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Coordinator {
+    /// A builder reported a job's end. A `Built` counts only once every output
+    /// is in the cache; otherwise it is a transient failure.
+    pub async fn job_result(&self, builder: &str, r: v1::JobResult) {
+        let status = v1::JobStatus::try_from(r.status).unwrap_or(v1::JobStatus::Unspecified);
+        let mut end = crate::grpc::job_end_from(status, &r.error_message);
+        if end == crate::scheduler::JobEnd::Built {
+            let outputs = self.read_sched(|s| {
+                s.running_job(builder, &r.job_id)
+                    .and_then(|id| s.build(id))
+                    .map(|b| b.outputs.values().cloned().collect::<Vec<_>>())
+            });
+            let Some(outputs) = outputs else {
+                tracing::info!(builder, job = %r.job_id, "result for a job that is not running there; ignored");
+                return;
+            };
+            if let Err(msg) = self.verify_outputs(&outputs).await {
+                end = crate::scheduler::JobEnd::Transient(msg);
+            }
+        }
+        self.with_sched(|s, now| s.job_ended(builder, &r.job_id, end, now));
+    }
+}

@@ -1,0 +1,368 @@
+//! Submitted derivation graphs and the cache-facing side of builds: read the
+//! `.drv` closure from the cache (skipping every derivation whose outputs the
+//! cache has, and not descending below it), hand the rest to the scheduler;
+//! resolve a runnable build's input closure in dependency order; check a
+//! reported build's outputs; store its log.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use farm_nix::derivation::Derivation;
+use farm_nix::nar::{NarEvent, NarLimits, NarReader};
+use farm_nix::store_path::StorePath;
+
+use crate::coordinator::{Coordinator, Prepared};
+use crate::scheduler::types::{BuildId, BuildState, Priority, SubmissionId};
+use crate::scheduler::{GraphSubmission, NewBuild};
+
+/// Largest `.drv` file read.
+pub const MAX_DRV_SIZE: u64 = 16 * 1024 * 1024;
+/// Most derivations in one submitted graph.
+pub const MAX_GRAPH: usize = 200_000;
+
+/// How a submission is to be built.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubmitOptions {
+    pub priority: Priority,
+    pub max_silent_time_secs: u64,
+    pub build_timeout_secs: u64,
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The request names something unusable (missing from the cache, not a derivation…).
+    #[error("{0}")]
+    Invalid(String),
+    /// The coordinator failed (storage); details are logged.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl SubmitError {
+    pub fn to_status(&self) -> tonic::Status {
+        match self {
+            SubmitError::Invalid(m) => tonic::Status::failed_precondition(m.clone()),
+            SubmitError::Internal(m) => {
+                tracing::error!(error = %m, "submission failed");
+                tonic::Status::internal("the coordinator could not accept the submission")
+            }
+        }
+    }
+}
+
+/// Dependencies first: each path after every path it references (within `infos`).
+pub fn dependency_order(
+    infos: &BTreeMap<StorePath, (BTreeSet<StorePath>, u64)>,
+) -> Vec<(StorePath, u64)> {
+    let mut out = Vec::with_capacity(infos.len());
+    let mut done: HashSet<&StorePath> = HashSet::new();
+    for root in infos.keys() {
+        if done.contains(root) {
+            continue;
+        }
+        // Iterative post-order DFS.
+        let mut stack: Vec<(&StorePath, bool)> = vec![(root, false)];
+        let mut on_stack: HashSet<&StorePath> = HashSet::new();
+        while let Some((p, expanded)) = stack.pop() {
+            if done.contains(p) {
+                continue;
+            }
+            if expanded {
+                done.insert(p);
+                on_stack.remove(p);
+                out.push((p.clone(), infos[p].1));
+                continue;
+            }
+            on_stack.insert(p);
+            stack.push((p, true));
+            for r in &infos[p].0 {
+                if r != p && infos.contains_key(r) && !done.contains(r) && !on_stack.contains(r) {
+                    stack.push((r, false));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Coordinator {
+    /// The text of a `.drv` file in the cache (its NAR holds one regular file).
+    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<String>, SubmitError> {
+        let reader = self
+            .cache()
+            .nar_reader(drv)
+            .await
+            .map_err(|e| SubmitError::Internal(format!("reading {drv}: {e}")))?;
+        let Some(mut reader) = reader else {
+            return Ok(None);
+        };
+        let bad =
+            |why: String| SubmitError::Invalid(format!("{drv} is not a derivation file: {why}"));
+        let mut sink = tokio::io::sink();
+        let limits = NarLimits {
+            max_total_size: MAX_DRV_SIZE + 4096,
+            max_file_size: MAX_DRV_SIZE,
+            ..NarLimits::default()
+        };
+        let mut nar = NarReader::new(&mut reader, &mut sink, &limits);
+        match nar.next_event().await.map_err(|e| bad(e.to_string()))? {
+            Some(NarEvent::Regular { size, .. }) if size <= MAX_DRV_SIZE => {
+                let mut text = vec![0u8; size as usize];
+                let mut got = 0;
+                while got < text.len() {
+                    let n = nar
+                        .read_contents(&mut text[got..])
+                        .await
+                        .map_err(|e| bad(e.to_string()))?;
+                    if n == 0 {
+                        return Err(bad("truncated".into()));
+                    }
+                    got += n;
+                }
+                nar.finish().await.map_err(|e| bad(e.to_string()))?;
+                String::from_utf8(text)
+                    .map(Some)
+                    .map_err(|_| bad("not UTF-8".into()))
+            }
+            Some(NarEvent::Regular { size, .. }) => Err(bad(format!("{size} bytes is too large"))),
+            _ => Err(bad("not a regular file".into())),
+        }
+    }
+
+    async fn parsed_drv(&self, drv: &StorePath) -> Result<(String, Derivation), SubmitError> {
+        let text = self.read_drv(drv).await?.ok_or_else(|| {
+            SubmitError::Invalid(format!("{drv} is not in the farm's cache; upload it first"))
+        })?;
+        let parsed = Derivation::parse_aterm(&text)
+            .map_err(|e| SubmitError::Invalid(format!("{drv}: {e}")))?;
+        Ok((text, parsed))
+    }
+
+    /// Submit derivations whose `.drv` files (and sources) are in the cache:
+    /// walk their graph, skip what the cache has, schedule the rest.
+    pub async fn submit(
+        &self,
+        roots: Vec<StorePath>,
+        opts: SubmitOptions,
+    ) -> Result<SubmissionId, SubmitError> {
+        let mut seen: HashSet<StorePath> = HashSet::new();
+        let mut queue: Vec<StorePath> = roots.clone();
+        let mut builds: Vec<NewBuild> = Vec::new();
+        let mut cached: BTreeMap<StorePath, BTreeMap<String, StorePath>> = BTreeMap::new();
+        while let Some(d) = queue.pop() {
+            if !seen.insert(d.clone()) {
+                continue;
+            }
+            if seen.len() > MAX_GRAPH {
+                return Err(SubmitError::Invalid(format!(
+                    "the graph has more than {MAX_GRAPH} derivations"
+                )));
+            }
+            // A derivation the scheduler already has (queued, running or built)
+            // is shared as it is; its own dependencies are linked already.
+            if let Some(rec) = self.read_sched(|s| s.known_build(&d)) {
+                builds.push(NewBuild {
+                    drv_path: rec.drv_path,
+                    drv_aterm: rec.drv_aterm,
+                    system: rec.system,
+                    required_features: rec.required_features,
+                    outputs: rec.outputs,
+                    input_drvs: Vec::new(),
+                });
+                continue;
+            }
+            let (text, drv) = self.parsed_drv(&d).await?;
+            let outputs = drv.output_paths();
+            if outputs.len() != drv.outputs.len() || outputs.is_empty() {
+                return Err(SubmitError::Invalid(format!(
+                    "{d}: outputs without a known path (floating content-addressed derivations) are not supported"
+                )));
+            }
+            let out_paths: Vec<StorePath> = outputs.values().cloned().collect();
+            let present = self
+                .cache()
+                .valid_paths(&out_paths)
+                .await
+                .map_err(|e| SubmitError::Internal(e.to_string()))?;
+            if present.len() == out_paths.len() {
+                cached.insert(d, outputs);
+                continue;
+            }
+            let srcs: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
+            let have = self
+                .cache()
+                .valid_paths(&srcs)
+                .await
+                .map_err(|e| SubmitError::Internal(e.to_string()))?;
+            if let Some(missing) = srcs.iter().find(|s| !have.contains(*s)) {
+                return Err(SubmitError::Invalid(format!(
+                    "{missing} (an input source of {d}) is not in the farm's cache; upload it first"
+                )));
+            }
+            let input_drvs: Vec<StorePath> = drv.input_drvs.keys().cloned().collect();
+            queue.extend(input_drvs.iter().cloned());
+            let name = farm_nix::derivation::name_from_drv_path(&d)
+                .map_err(|e| SubmitError::Invalid(format!("{d}: {e}")))?;
+            tracing::debug!(drv = %d, %name, "derivation to build");
+            builds.push(NewBuild {
+                drv_path: d,
+                drv_aterm: text,
+                system: drv.platform.clone(),
+                required_features: drv.required_system_features(),
+                outputs,
+                input_drvs,
+            });
+        }
+        for b in &mut builds {
+            b.input_drvs.retain(|d| !cached.contains_key(d));
+        }
+        let g = GraphSubmission {
+            roots,
+            builds,
+            cached,
+            priority: opts.priority,
+            max_silent_time_secs: opts.max_silent_time_secs,
+            build_timeout_secs: opts.build_timeout_secs,
+        };
+        let sid = self
+            .with_sched(|s, now| s.submit(g, now))
+            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+        let store = self.read_sched(|s| s.store().clone());
+        store
+            .flush()
+            .await
+            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+        Ok(sid)
+    }
+
+    /// The output paths of an input derivation: from the scheduler, else from its `.drv`.
+    async fn outputs_of(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>, String> {
+        if let Some(rec) = self.read_sched(|s| s.build_of_drv(drv).and_then(|id| s.build(id))) {
+            return Ok(rec.outputs);
+        }
+        let (_, d) = self.parsed_drv(drv).await.map_err(|e| e.to_string())?;
+        Ok(d.output_paths())
+    }
+
+    /// Resolve a build's input closure from the cache, dependencies first, or
+    /// find its outputs there already.
+    pub(crate) async fn prepare(&self, build: BuildId) -> Result<Prepared, String> {
+        let rec = self
+            .read_sched(|s| s.build(build))
+            .ok_or_else(|| format!("unknown build b{build}"))?;
+        let outs: Vec<StorePath> = rec.outputs.values().cloned().collect();
+        let present = self
+            .cache()
+            .valid_paths(&outs)
+            .await
+            .map_err(|e| format!("cache: {e}"))?;
+        if !outs.is_empty() && present.len() == outs.len() {
+            return Ok(Prepared::Cached);
+        }
+        let drv = Derivation::parse_aterm(&rec.drv_aterm)
+            .map_err(|e| format!("{}: {e}", rec.drv_path))?;
+        let mut wanted: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
+        for (dep, names) in &drv.input_drvs {
+            let outputs = self.outputs_of(dep).await?;
+            for n in names {
+                let p = outputs
+                    .get(n)
+                    .ok_or_else(|| format!("{dep} has no output {n:?}"))?;
+                wanted.push(p.clone());
+            }
+        }
+        let closure = self
+            .cache()
+            .closure(&wanted)
+            .await
+            .map_err(|e| format!("cache: {e}"))?;
+        if let Some(missing) = wanted.iter().find(|p| !closure.contains(*p)) {
+            return Err(format!(
+                "input {missing} of {} is not in the farm's cache",
+                rec.drv_path
+            ));
+        }
+        let mut infos = BTreeMap::new();
+        for p in &closure {
+            let info = self
+                .cache()
+                .path_info(p)
+                .await
+                .map_err(|e| format!("cache: {e}"))?
+                .ok_or_else(|| format!("{p} vanished from the cache"))?;
+            infos.insert(p.clone(), (info.references, info.nar_size));
+        }
+        Ok(Prepared::Ready(dependency_order(&infos)))
+    }
+
+    /// Whether every output is in the cache now.
+    pub(crate) async fn verify_outputs(&self, outputs: &[StorePath]) -> Result<(), String> {
+        let present = self
+            .cache()
+            .valid_paths(outputs)
+            .await
+            .map_err(|e| format!("cache: {e}"))?;
+        match outputs.iter().find(|o| !present.contains(*o)) {
+            None => Ok(()),
+            Some(missing) => Err(format!(
+                "the builder reported success but output {missing} is not in the cache"
+            )),
+        }
+    }
+
+    /// Store a finished build's log (the tail, if it is over the cache's limit).
+    pub(crate) async fn store_log(&self, build: BuildId, data: Vec<u8>) {
+        let Some(rec) = self.read_sched(|s| s.build(build)) else {
+            return;
+        };
+        let limit = self.cache().config().max_log_size as usize;
+        let data = if data.len() > limit {
+            data[data.len() - limit..].to_vec()
+        } else {
+            data
+        };
+        if let Err(e) = self.cache().put_log(&rec.drv_path, &data).await {
+            tracing::warn!(build = %format!("b{build}"), drv = %rec.drv_path, error = %e, "cannot store the build log");
+        }
+    }
+
+    /// Whether a build is still waiting to run (for log followers).
+    pub fn is_pending(&self, build: BuildId) -> bool {
+        self.read_sched(|s| {
+            matches!(
+                s.state_of(build),
+                Some(BuildState::Waiting | BuildState::Queued)
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(name: &str) -> StorePath {
+        let d = farm_nix::hash::HashAlgo::Sha256.digest(name.as_bytes());
+        let mut digest = [0u8; 20];
+        digest.copy_from_slice(&d.digest()[..20]);
+        StorePath::from_digest(&digest, name).unwrap()
+    }
+
+    #[test]
+    fn dependencies_first() {
+        let (a, b, c, d) = (sp("a"), sp("b"), sp("c"), sp("d"));
+        // d -> c -> b -> a, d -> a, and self-references
+        let mut infos = BTreeMap::new();
+        infos.insert(a.clone(), (BTreeSet::from([a.clone()]), 1));
+        infos.insert(b.clone(), (BTreeSet::from([a.clone()]), 2));
+        infos.insert(c.clone(), (BTreeSet::from([b.clone(), c.clone()]), 3));
+        infos.insert(d.clone(), (BTreeSet::from([c.clone(), a.clone()]), 4));
+        let order: Vec<StorePath> = dependency_order(&infos)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let pos = |p: &StorePath| order.iter().position(|x| x == p).unwrap();
+        assert_eq!(order.len(), 4);
+        assert!(pos(&a) < pos(&b) && pos(&b) < pos(&c) && pos(&c) < pos(&d));
+    }
+}

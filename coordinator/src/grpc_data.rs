@@ -1,0 +1,124 @@
+//! NAR transfer and path-info calls shared by `BuilderService` and
+//! `FarmService`: thin wrappers over the cache.
+//!
+//! Upload framing: the first `UploadNarRequest` carries `info` (the claimed
+//! path info), every later one a `data` chunk of the NAR, in order. The cache
+//! verifies hash, size and structure while the bytes stream and publishes
+//! nothing unless they match.
+
+use farm_nix::path_info::ValidPathInfo;
+use farm_proto::convert::parse_store_paths;
+use farm_proto::v1;
+use futures::StreamExt;
+use tonic::{Response, Status, Streaming};
+
+use crate::cache::CacheError;
+use crate::coordinator::Coordinator;
+use crate::grpc::BoxStream;
+
+/// Bytes per downloaded chunk.
+const CHUNK: usize = 256 * 1024;
+/// Most paths in one query.
+const MAX_QUERY: usize = 100_000;
+
+/// A cache error as a gRPC status; internals are logged, not sent.
+pub fn cache_status(e: CacheError) -> Status {
+    if e.is_client_error() {
+        Status::invalid_argument(e.to_string())
+    } else {
+        tracing::error!(error = %e, "cache failure");
+        Status::internal("the farm's cache failed; see the coordinator's log")
+    }
+}
+
+pub async fn download_nar(
+    coord: &Coordinator,
+    req: v1::DownloadNarRequest,
+) -> Result<Response<BoxStream<v1::NarChunk>>, Status> {
+    let path = farm_proto::convert::parse_store_path("store_path", &req.store_path)?;
+    let reader = coord
+        .cache()
+        .nar_reader(&path)
+        .await
+        .map_err(cache_status)?
+        .ok_or_else(|| Status::not_found(format!("{path} is not in the cache")))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK).map(move |r| match r {
+        Ok(data) => Ok(v1::NarChunk {
+            data: data.to_vec(),
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "reading a NAR from the cache");
+            Err(Status::internal("reading the NAR from the cache failed"))
+        }
+    });
+    Ok(Response::new(Box::pin(stream)))
+}
+
+pub async fn upload_nar(
+    coord: &Coordinator,
+    mut stream: Streaming<v1::UploadNarRequest>,
+) -> Result<Response<v1::UploadNarResponse>, Status> {
+    let first = stream
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+    let info = match first.msg {
+        Some(v1::upload_nar_request::Msg::Info(i)) => i,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message must carry info",
+            ));
+        }
+    };
+    let claimed = ValidPathInfo::try_from(info)?;
+    let path = claimed.path.clone();
+    let data = stream.map(|m| match m {
+        Ok(v1::UploadNarRequest {
+            msg: Some(v1::upload_nar_request::Msg::Data(d)),
+        }) => Ok(bytes::Bytes::from(d)),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "info sent twice in one upload",
+        )),
+        Err(s) => Err(std::io::Error::other(s.message().to_string())),
+    });
+    let reader = tokio_util::io::StreamReader::new(data);
+    let published = coord
+        .cache()
+        .ingest(claimed, reader)
+        .await
+        .map_err(cache_status)?;
+    tracing::debug!(path = %path, size = published.nar_size, "NAR ingested");
+    Ok(Response::new(v1::UploadNarResponse {
+        store_path: published.path.to_string(),
+    }))
+}
+
+pub async fn query_path_infos(
+    coord: &Coordinator,
+    req: v1::QueryPathInfosRequest,
+) -> Result<Response<v1::QueryPathInfosResponse>, Status> {
+    let paths = parse_store_paths("store_paths", &req.store_paths, MAX_QUERY)?;
+    let mut infos = Vec::new();
+    for p in &paths {
+        if let Some(info) = coord.cache().path_info(p).await.map_err(cache_status)? {
+            infos.push(v1::PathInfo::from(&info));
+        }
+    }
+    Ok(Response::new(v1::QueryPathInfosResponse { infos }))
+}
+
+pub async fn query_valid_paths(
+    coord: &Coordinator,
+    req: v1::QueryValidPathsRequest,
+) -> Result<Response<v1::QueryValidPathsResponse>, Status> {
+    let paths = parse_store_paths("store_paths", &req.store_paths, MAX_QUERY)?;
+    let valid = coord
+        .cache()
+        .valid_paths(&paths)
+        .await
+        .map_err(cache_status)?;
+    Ok(Response::new(v1::QueryValidPathsResponse {
+        valid: valid.iter().map(|p| p.to_string()).collect(),
+    }))
+}

@@ -1,0 +1,516 @@
+//! `FarmService`, what the CLI and CI call: every method authorises the caller
+//! (see [`crate::auth::CliAuth`]), converts, calls the [`Coordinator`], converts back.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use farm_nix::store_path::StorePath;
+use farm_proto::auth::methods;
+use farm_proto::v1;
+use farm_proto::v1::build_event::Event as Ev;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Level;
+use crate::coordinator::{Coordinator, now_ms};
+use crate::grpc::{BoxStream, capabilities_to, load_to};
+use crate::scheduler::types::*;
+
+/// `FarmService`.
+#[derive(Clone)]
+pub struct FarmSvc {
+    pub coord: Coordinator,
+}
+
+impl FarmSvc {
+    fn authorize<T>(&self, req: &Request<T>, method: &str, level: Level) -> Result<(), Status> {
+        let caller = self
+            .coord
+            .cli_auth()
+            .check(req.metadata(), method, level, now_ms() / 1000)?;
+        tracing::debug!(method, caller = ?caller, "CLI call");
+        Ok(())
+    }
+}
+
+fn secs(ms: Option<i64>) -> i64 {
+    ms.map(|m| m / 1000).unwrap_or(0)
+}
+
+fn outputs_map(o: &BTreeMap<String, StorePath>) -> std::collections::HashMap<String, String> {
+    o.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+}
+
+/// The wire outcome of a domain outcome.
+pub fn outcome_to(o: Outcome) -> v1::BuildOutcome {
+    match o {
+        Outcome::Built => v1::BuildOutcome::Built,
+        Outcome::Cached => v1::BuildOutcome::Cached,
+        Outcome::Failed => v1::BuildOutcome::Failed,
+        Outcome::DependencyFailed => v1::BuildOutcome::DependencyFailed,
+        Outcome::Cancelled => v1::BuildOutcome::Cancelled,
+        Outcome::TimedOut => v1::BuildOutcome::TimedOut,
+        Outcome::Unschedulable => v1::BuildOutcome::Unschedulable,
+    }
+}
+
+/// A domain event as a `BuildEvent`.
+pub fn event_to(e: &Event) -> v1::BuildEvent {
+    let ev = match e {
+        Event::Queued { build, drv_path } => Ev::Queued(v1::BuildQueued {
+            build_id: format!("b{build}"),
+            drv_path: drv_path.to_string(),
+        }),
+        Event::Started {
+            build,
+            drv_path,
+            builder,
+        } => Ev::Started(v1::BuildStarted {
+            build_id: format!("b{build}"),
+            drv_path: drv_path.to_string(),
+            builder: builder.clone(),
+        }),
+        Event::Finished {
+            build,
+            drv_path,
+            outcome,
+            error,
+            outputs,
+            builder,
+            started_ms,
+            finished_ms,
+        } => Ev::Finished(v1::BuildFinished {
+            build_id: format!("b{build}"),
+            drv_path: drv_path.to_string(),
+            outcome: outcome_to(*outcome) as i32,
+            error_message: error.clone().unwrap_or_default(),
+            outputs: outputs_map(outputs),
+            builder: builder.clone().unwrap_or_default(),
+            start_time_unix: secs(*started_ms),
+            stop_time_unix: secs(*finished_ms),
+        }),
+        Event::SubmissionDone {
+            submission,
+            success,
+            built,
+            cached,
+            failed,
+        } => Ev::Done(v1::SubmissionDone {
+            submission_id: format!("s{submission}"),
+            success: *success,
+            built: *built,
+            cached: *cached,
+            failed: *failed,
+        }),
+    };
+    v1::BuildEvent { event: Some(ev) }
+}
+
+/// The events that describe a submission as it stands: `Submitted`, then per
+/// build its latest event, then `Done` if it is done.
+pub fn snapshot_events(sub: &SubmissionRecord, builds: &[BuildRecord]) -> Vec<v1::BuildEvent> {
+    let mut out = vec![v1::BuildEvent {
+        event: Some(Ev::Submitted(v1::Submitted {
+            submission_id: format!("s{}", sub.id),
+            total: (sub.builds.len() + sub.cached.len()) as u32,
+            cached: sub.cached.len() as u32,
+        })),
+    }];
+    for (drv, outputs) in &sub.cached {
+        if sub.roots.contains(drv) {
+            out.push(event_to(&Event::Finished {
+                build: 0,
+                drv_path: drv.clone(),
+                outcome: Outcome::Cached,
+                error: None,
+                outputs: outputs.clone(),
+                builder: None,
+                started_ms: None,
+                finished_ms: None,
+            }));
+        }
+    }
+    let mut built = 0;
+    let mut cached = sub.cached.len() as u32;
+    let mut failed = 0;
+    for b in builds {
+        let e = match &b.state {
+            BuildState::Waiting | BuildState::Queued => Event::Queued {
+                build: b.id,
+                drv_path: b.drv_path.clone(),
+            },
+            BuildState::Running { builder, .. } => Event::Started {
+                build: b.id,
+                drv_path: b.drv_path.clone(),
+                builder: builder.clone(),
+            },
+            BuildState::Done(o) => {
+                match o {
+                    Outcome::Built => built += 1,
+                    Outcome::Cached => cached += 1,
+                    _ => failed += 1,
+                }
+                Event::Finished {
+                    build: b.id,
+                    drv_path: b.drv_path.clone(),
+                    outcome: *o,
+                    error: b.error.clone(),
+                    outputs: if o.is_success() {
+                        b.outputs.clone()
+                    } else {
+                        BTreeMap::new()
+                    },
+                    builder: b.builder.clone(),
+                    started_ms: b.started_ms,
+                    finished_ms: b.finished_ms,
+                }
+            }
+        };
+        out.push(event_to(&e));
+    }
+    if sub.done {
+        out.push(event_to(&Event::SubmissionDone {
+            submission: sub.id,
+            success: failed == 0 && !sub.cancelled,
+            built,
+            cached,
+            failed,
+        }));
+    }
+    out
+}
+
+/// Follow a submission: a snapshot, then live events until it is done. A
+/// watcher that falls behind gets a fresh snapshot.
+pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::BuildEvent> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::BuildEvent, Status>>(256);
+    tokio::spawn(async move {
+        'outer: loop {
+            let mut events = coord.subscribe(sid);
+            let Some((sub, builds)) = coord.read_sched(|s| s.submission(sid)) else {
+                let _ = tx
+                    .send(Err(Status::not_found(format!("no submission s{sid}"))))
+                    .await;
+                break;
+            };
+            for e in snapshot_events(&sub, &builds) {
+                if tx.send(Ok(e)).await.is_err() {
+                    break 'outer;
+                }
+            }
+            if sub.done {
+                break;
+            }
+            loop {
+                match events.recv().await {
+                    Ok(e) => {
+                        let done = matches!(e, Event::SubmissionDone { .. });
+                        if tx.send(Ok(event_to(&e))).await.is_err() || done {
+                            break 'outer;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => continue 'outer,
+                    Err(RecvError::Closed) => break 'outer,
+                }
+            }
+        }
+        drop(tx);
+        coord.unsubscribe_idle();
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn parse_priority(p: i32) -> Priority {
+    match v1::Priority::try_from(p) {
+        Ok(v1::Priority::Interactive) => Priority::Interactive,
+        _ => Priority::Ci,
+    }
+}
+
+#[tonic::async_trait]
+impl v1::farm_service_server::FarmService for FarmSvc {
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.authorize(&request, methods::STATUS, Level::Read)?;
+        let resp = self.coord.read_sched(|s| {
+            let builders = s
+                .builders()
+                .into_iter()
+                .map(|b| {
+                    let state = if !b.online {
+                        v1::BuilderState::Offline
+                    } else if b.record.draining {
+                        v1::BuilderState::Draining
+                    } else if b.running > 0 {
+                        v1::BuilderState::Busy
+                    } else {
+                        v1::BuilderState::Idle
+                    };
+                    v1::BuilderStatus {
+                        name: b.record.name.clone(),
+                        state: state as i32,
+                        capabilities: Some(capabilities_to(&b.record.capabilities)),
+                        load: Some(load_to(&b.load)),
+                        last_seen_unix: b.record.last_seen_ms / 1000,
+                        public_key: b.record.public_key.clone(),
+                    }
+                })
+                .collect();
+            let queue = s
+                .queue_depths()
+                .into_iter()
+                .map(|(system, queued)| v1::QueueDepth { system, queued })
+                .collect();
+            let running = s
+                .running()
+                .into_iter()
+                .map(|b| {
+                    let (builder, started) = match &b.state {
+                        BuildState::Running {
+                            builder,
+                            started_ms,
+                            ..
+                        } => (builder.clone(), *started_ms / 1000),
+                        _ => (String::new(), 0),
+                    };
+                    v1::RunningBuild {
+                        build_id: format!("b{}", b.id),
+                        drv_path: b.drv_path.to_string(),
+                        builder,
+                        started_unix: started,
+                    }
+                })
+                .collect();
+            let recent_failures = s
+                .recent_failures()
+                .into_iter()
+                .map(|f| v1::RecentFailure {
+                    build_id: format!("b{}", f.build),
+                    drv_path: f.drv_path.to_string(),
+                    builder: f.builder.unwrap_or_default(),
+                    error_message: f.error,
+                    finished_unix: f.finished_ms / 1000,
+                })
+                .collect();
+            v1::StatusResponse {
+                builders,
+                queue,
+                running,
+                recent_failures,
+            }
+        });
+        Ok(Response::new(resp))
+    }
+
+    type SubmitStream = BoxStream<v1::BuildEvent>;
+
+    async fn submit(
+        &self,
+        request: Request<v1::SubmitRequest>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        self.authorize(&request, methods::SUBMIT, Level::Read)?;
+        let req = request.into_inner();
+        let drvs = farm_proto::convert::parse_store_paths("drv_paths", &req.drv_paths, 100_000)?;
+        if drvs.is_empty() {
+            return Err(Status::invalid_argument("drv_paths is empty"));
+        }
+        if let Some(bad) = drvs.iter().find(|p| !p.is_derivation()) {
+            return Err(Status::invalid_argument(format!(
+                "{bad} is not a .drv path"
+            )));
+        }
+        let opts = crate::graph::SubmitOptions {
+            priority: parse_priority(req.priority),
+            max_silent_time_secs: req.max_silent_time_secs,
+            build_timeout_secs: req.build_timeout_secs,
+        };
+        let sid = self
+            .coord
+            .submit(drvs, opts)
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(watch_stream(self.coord.clone(), sid)))
+    }
+
+    type WatchStream = BoxStream<v1::BuildEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&request, methods::WATCH, Level::Read)?;
+        let id = request.into_inner().submission_id;
+        let sid = parse_submission_id(&id)
+            .ok_or_else(|| Status::invalid_argument(format!("bad submission id {id:?}")))?;
+        if self.coord.read_sched(|s| s.submission(sid)).is_none() {
+            return Err(Status::not_found(format!("no submission {id}")));
+        }
+        Ok(Response::new(watch_stream(self.coord.clone(), sid)))
+    }
+
+    type LogsStream = BoxStream<v1::LogChunk>;
+
+    async fn logs(
+        &self,
+        request: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        self.authorize(&request, methods::LOGS, Level::Read)?;
+        let req = request.into_inner();
+        crate::logs::logs_stream(self.coord.clone(), &req.build_id, req.follow).await
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::CancelResponse>, Status> {
+        self.authorize(&request, methods::CANCEL, Level::Admin)?;
+        let id = request.into_inner().id;
+        let cancelled = if id.starts_with('s') {
+            let sid = parse_submission_id(&id)
+                .ok_or_else(|| Status::invalid_argument(format!("bad submission id {id:?}")))?;
+            self.coord
+                .with_sched(|s, now| s.cancel_submission(sid, now))
+        } else if let Some(b) = parse_build_id(&id) {
+            self.coord.with_sched(|s, now| s.cancel_build(b, now))
+        } else if let Ok(drv) = StorePath::parse(&id) {
+            self.coord.with_sched(|s, now| match s.build_of_drv(&drv) {
+                Some(b) => s.cancel_build(b, now),
+                None => 0,
+            })
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "{id:?} is not a build id (b…), submission id (s…) or .drv path"
+            )));
+        };
+        tracing::info!(%id, cancelled, "cancel requested");
+        Ok(Response::new(v1::CancelResponse { cancelled }))
+    }
+
+    async fn set_drain(
+        &self,
+        request: Request<v1::SetDrainRequest>,
+    ) -> Result<Response<v1::SetDrainResponse>, Status> {
+        self.authorize(&request, methods::SET_DRAIN, Level::Admin)?;
+        let req = request.into_inner();
+        if !self
+            .coord
+            .with_sched(|s, _| s.set_drain(&req.builder, req.draining))
+        {
+            return Err(Status::not_found(format!(
+                "no builder named {:?}",
+                req.builder
+            )));
+        }
+        Ok(Response::new(v1::SetDrainResponse {}))
+    }
+
+    async fn query_valid_paths(
+        &self,
+        request: Request<v1::QueryValidPathsRequest>,
+    ) -> Result<Response<v1::QueryValidPathsResponse>, Status> {
+        self.authorize(&request, methods::QUERY_VALID_PATHS, Level::Read)?;
+        crate::grpc_data::query_valid_paths(&self.coord, request.into_inner()).await
+    }
+
+    async fn upload_nar(
+        &self,
+        request: Request<Streaming<v1::UploadNarRequest>>,
+    ) -> Result<Response<v1::UploadNarResponse>, Status> {
+        self.authorize(&request, methods::UPLOAD_NAR, Level::Read)?;
+        crate::grpc_data::upload_nar(&self.coord, request.into_inner()).await
+    }
+
+    type DownloadNarStream = BoxStream<v1::NarChunk>;
+
+    async fn download_nar(
+        &self,
+        request: Request<v1::DownloadNarRequest>,
+    ) -> Result<Response<Self::DownloadNarStream>, Status> {
+        self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)?;
+        crate::grpc_data::download_nar(&self.coord, request.into_inner()).await
+    }
+
+    async fn machines(
+        &self,
+        request: Request<v1::MachinesRequest>,
+    ) -> Result<Response<v1::MachinesResponse>, Status> {
+        self.authorize(&request, methods::MACHINES, Level::Read)?;
+        let protocol = request.into_inner().protocol;
+        let protocol = match protocol.as_str() {
+            "" | "ssh-ng" => "ssh-ng",
+            "ssh" => "ssh",
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "protocol must be ssh-ng or ssh, not {other:?}"
+                )));
+            }
+        };
+        let builders = self.coord.read_sched(|s| s.builders());
+        Ok(Response::new(machines(
+            self.coord.facts(),
+            protocol,
+            &builders,
+        )))
+    }
+}
+
+/// The machines line, nix.conf lines and ssh_config for using the farm as one
+/// remote builder: every system any builder has (online or not), the sum of
+/// their slots, the union of their supported features, no mandatory feature.
+pub fn machines(
+    facts: &crate::coordinator::Facts,
+    protocol: &str,
+    builders: &[crate::scheduler::BuilderView],
+) -> v1::MachinesResponse {
+    use base64::Engine;
+    let mut systems: Vec<String> = Vec::new();
+    let mut features: BTreeSet<String> = BTreeSet::new();
+    let mut jobs: u32 = 0;
+    for b in builders {
+        for s in &b.record.capabilities.systems {
+            if !systems.contains(s) {
+                systems.push(s.clone());
+            }
+        }
+        features.extend(b.record.capabilities.supported_features.iter().cloned());
+        jobs = jobs.saturating_add(b.record.capabilities.max_jobs);
+    }
+    let alias = "nix-farm";
+    let host = if facts.ssh_port == 22 {
+        facts.ssh_host.clone()
+    } else {
+        alias.to_string()
+    };
+    let host_key_b64 = base64::engine::general_purpose::STANDARD.encode(&facts.ssh_host_key);
+    let join = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let machines_line = format!(
+        "{protocol}://{host} {} - {} 1 {} - {host_key_b64}",
+        join(systems),
+        jobs.max(1),
+        join(features.into_iter().collect()),
+    );
+    let ssh_config = if facts.ssh_port == 22 {
+        String::new()
+    } else {
+        format!(
+            "Host {alias}\n  HostName {}\n  Port {}\n",
+            facts.ssh_host.trim_start_matches('[').trim_end_matches(']'),
+            facts.ssh_port
+        )
+    };
+    v1::MachinesResponse {
+        machines_line,
+        nix_conf_lines: vec![
+            format!("extra-substituters = {}", facts.http_url),
+            format!("extra-trusted-public-keys = {}", facts.cache_public_key),
+        ],
+        ssh_config,
+    }
+}

@@ -1,0 +1,143 @@
+//! Choosing among builders: how soon a builder would finish a build (free
+//! slots, speed factor, live load and pressure, bytes of the input closure it
+//! still lacks), and the message for work no builder can ever take.
+
+use std::collections::{BTreeSet, HashSet};
+
+use farm_nix::store_path::StorePath;
+
+use super::types::{Capabilities, Load};
+
+/// Estimated relative time for a builder to finish a build; lower is better.
+///
+/// `(1 + busy + load/2 + pressure) * (1 + missing/2) / speed` where `busy` is
+/// the share of its slots in use, `load` the 1-minute load average per core
+/// (capped at 4), `pressure` the worst PSI share (0..1) and `missing` the share
+/// of the input closure's bytes it does not hold.
+pub fn score(
+    caps: &Capabilities,
+    load: &Load,
+    running: usize,
+    held: &HashSet<StorePath>,
+    inputs: &[(StorePath, u64)],
+) -> f64 {
+    let slots = caps.max_jobs.max(1) as f64;
+    let busy = running as f64 / slots;
+    let cores = caps.cores.max(1) as f64;
+    let per_core = if load.load_avg_1.is_finite() {
+        (load.load_avg_1 / cores).clamp(0.0, 4.0)
+    } else {
+        0.0
+    };
+    let pressure = [load.cpu_pressure, load.memory_pressure, load.io_pressure]
+        .into_iter()
+        .filter(|p| p.is_finite() && *p >= 0.0)
+        .fold(0.0f64, f64::max)
+        .min(100.0)
+        / 100.0;
+    let speed = if caps.speed_factor.is_finite() && caps.speed_factor > 0.0 {
+        caps.speed_factor
+    } else {
+        1.0
+    };
+    let total: u64 = inputs.iter().map(|(_, s)| *s).sum();
+    let missing: u64 = inputs
+        .iter()
+        .filter(|(p, _)| !held.contains(p))
+        .map(|(_, s)| *s)
+        .sum();
+    let transfer = if total > 0 {
+        missing as f64 / total as f64
+    } else {
+        0.0
+    };
+    (1.0 + busy + 0.5 * per_core + pressure) * (1.0 + 0.5 * transfer) / speed
+}
+
+/// A builder as the unschedulable message describes it.
+pub struct Known<'a> {
+    pub name: &'a str,
+    pub caps: &'a Capabilities,
+}
+
+fn list(set: &BTreeSet<String>) -> String {
+    if set.is_empty() {
+        "-".into()
+    } else {
+        set.iter().cloned().collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Why no builder in `known` can take a derivation for `system` needing
+/// `required`, and what the farm has.
+pub fn unschedulable_message(
+    drv: &StorePath,
+    system: &str,
+    required: &BTreeSet<String>,
+    known: &[Known<'_>],
+) -> String {
+    let same_system: Vec<&Known<'_>> = known
+        .iter()
+        .filter(|k| k.caps.systems.iter().any(|s| s == system))
+        .collect();
+    let missing = if same_system.is_empty() {
+        format!("no builder has system {system}")
+    } else {
+        let lacking: BTreeSet<String> = required
+            .iter()
+            .filter(|f| {
+                !same_system.iter().any(|k| {
+                    k.caps.supported_features.contains(*f) || k.caps.mandatory_features.contains(*f)
+                })
+            })
+            .cloned()
+            .collect();
+        if !lacking.is_empty() {
+            format!("no {system} builder supports feature(s) {}", list(&lacking))
+        } else {
+            let unrequested: BTreeSet<String> = same_system
+                .iter()
+                .flat_map(|k| k.caps.mandatory_features.iter())
+                .filter(|f| !required.contains(*f))
+                .cloned()
+                .collect();
+            if unrequested.is_empty() {
+                format!("no single {system} builder has all of {}", list(required))
+            } else {
+                format!(
+                    "the {system} builders that have these features also require mandatory feature(s) {} that it does not request",
+                    list(&unrequested)
+                )
+            }
+        }
+    };
+    let has = if known.is_empty() {
+        "the farm has no builders".to_string()
+    } else {
+        let mut parts: Vec<String> = known
+            .iter()
+            .take(20)
+            .map(|k| {
+                format!(
+                    "{} (systems {}; features {}; mandatory {})",
+                    k.name,
+                    if k.caps.systems.is_empty() {
+                        "-".into()
+                    } else {
+                        k.caps.systems.join(",")
+                    },
+                    list(&k.caps.supported_features),
+                    list(&k.caps.mandatory_features)
+                )
+            })
+            .collect();
+        if known.len() > 20 {
+            parts.push(format!("and {} more", known.len() - 20));
+        }
+        format!("the farm has: {}", parts.join("; "))
+    };
+    format!(
+        "no builder can build {drv} (system {system}, required features {}): {missing}; {has}",
+        list(required)
+    )
+}

@@ -1,0 +1,824 @@
+//! Scheduler unit tests: capability matching, preference, ordering, dedup,
+//! unschedulable work, lost builders, retries, and recovery from the store.
+
+use super::*;
+use farm_nix::hash::HashAlgo;
+
+fn sp(name: &str) -> StorePath {
+    let d = HashAlgo::Sha256.digest(name.as_bytes());
+    let mut digest = [0u8; 20];
+    digest.copy_from_slice(&d.digest()[..20]);
+    StorePath::from_digest(&digest, name).unwrap()
+}
+
+fn drv(name: &str) -> StorePath {
+    sp(&format!("{name}.drv"))
+}
+
+fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
+    NewBuild {
+        drv_path: drv(name),
+        drv_aterm: format!("Derive-{name}"),
+        system: system.into(),
+        required_features: features.iter().map(|s| s.to_string()).collect(),
+        outputs: BTreeMap::from([("out".to_string(), sp(name))]),
+        input_drvs: deps.iter().map(|d| drv(d)).collect(),
+    }
+}
+
+fn caps(
+    systems: &[&str],
+    supported: &[&str],
+    mandatory: &[&str],
+    max_jobs: u32,
+    speed: f64,
+) -> Capabilities {
+    Capabilities {
+        systems: systems.iter().map(|s| s.to_string()).collect(),
+        supported_features: supported.iter().map(|s| s.to_string()).collect(),
+        mandatory_features: mandatory.iter().map(|s| s.to_string()).collect(),
+        max_jobs,
+        speed_factor: speed,
+        cores: 4,
+        memory_bytes: 1 << 30,
+        nix_version: "2.8".into(),
+    }
+}
+
+fn cfg() -> SchedulerConfig {
+    SchedulerConfig {
+        grace_ms: 10_000,
+        max_retries: 1,
+        unschedulable_wait_ms: 60_000,
+        recent_window_ms: 3_600_000,
+    }
+}
+
+fn sched() -> Scheduler {
+    Scheduler::new(cfg(), Store::temporary().unwrap())
+}
+
+fn graph(builds: Vec<NewBuild>, roots: &[&str]) -> GraphSubmission {
+    GraphSubmission {
+        roots: roots.iter().map(|r| drv(r)).collect(),
+        builds,
+        ..Default::default()
+    }
+}
+
+/// Resolve every pending Prepare with an empty closure; return the dispatches.
+fn settle(s: &mut Scheduler, now: i64) -> Vec<Assignment> {
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        s.dispatch(now);
+        let actions = s.take_actions();
+        if actions.is_empty() {
+            break;
+        }
+        for a in actions {
+            match a {
+                Action::Prepare { build } => s.set_ready(build, Vec::new()),
+                Action::Dispatch(j) => out.push(j),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn id_of(s: &Scheduler, name: &str) -> BuildId {
+    s.build_of_drv(&drv(name)).unwrap()
+}
+
+fn finished(notices: &[Notice]) -> Vec<(StorePath, Outcome, Option<String>)> {
+    notices
+        .iter()
+        .filter_map(|n| match &n.event {
+            Event::Finished {
+                drv_path,
+                outcome,
+                error,
+                ..
+            } => Some((drv_path.clone(), *outcome, error.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn capability_rules() {
+    let plain = caps(
+        &["x86_64-linux", "i686-linux"],
+        &["kvm", "big-parallel"],
+        &[],
+        4,
+        1.0,
+    );
+    let none = BTreeSet::new();
+    let kvm: BTreeSet<String> = ["kvm".to_string()].into();
+    let bench: BTreeSet<String> = ["benchmark".to_string()].into();
+    assert!(plain.can_build("x86_64-linux", &none));
+    assert!(plain.can_build("i686-linux", &kvm));
+    assert!(!plain.can_build("aarch64-linux", &none));
+    assert!(!plain.can_build("x86_64-linux", &bench));
+    let mandatory = caps(&["x86_64-linux"], &["kvm"], &["benchmark"], 4, 1.0);
+    // a builder with a mandatory feature takes only work that asks for it
+    assert!(!mandatory.can_build("x86_64-linux", &none));
+    assert!(!mandatory.can_build("x86_64-linux", &kvm));
+    assert!(mandatory.can_build("x86_64-linux", &bench));
+    let both: BTreeSet<String> = ["benchmark".to_string(), "kvm".to_string()].into();
+    assert!(mandatory.can_build("x86_64-linux", &both));
+}
+
+#[test]
+fn dispatch_matches_capabilities() {
+    let mut s = sched();
+    s.builder_connected(
+        "plain",
+        "k1",
+        caps(&["x86_64-linux"], &[], &[], 4, 1.0),
+        &[],
+        0,
+    );
+    s.builder_connected(
+        "kvm",
+        "k2",
+        caps(&["x86_64-linux"], &["kvm"], &["benchmark"], 4, 1.0),
+        &[],
+        0,
+    );
+    s.builder_connected(
+        "arm",
+        "k3",
+        caps(&["aarch64-linux"], &[], &[], 4, 1.0),
+        &[],
+        0,
+    );
+    s.submit(
+        graph(
+            vec![
+                nb("p", "x86_64-linux", &[], &[]),
+                nb("bench", "x86_64-linux", &["benchmark", "kvm"], &[]),
+                nb("a", "aarch64-linux", &[], &[]),
+            ],
+            &["p", "bench", "a"],
+        ),
+        0,
+    )
+    .unwrap();
+    let jobs = settle(&mut s, 0);
+    let by: HashMap<StorePath, String> =
+        jobs.into_iter().map(|j| (j.drv_path, j.builder)).collect();
+    assert_eq!(by[&drv("p")], "plain");
+    assert_eq!(by[&drv("bench")], "kvm");
+    assert_eq!(by[&drv("a")], "arm");
+}
+
+#[test]
+fn preference_ordering() {
+    let held = HashSet::new();
+    let c = caps(&["x"], &[], &[], 4, 1.0);
+    let idle = Load::default();
+    // free slots
+    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &idle, 2, &held, &[]));
+    // speed factor
+    let fast = caps(&["x"], &[], &[], 4, 2.0);
+    assert!(select::score(&fast, &idle, 0, &held, &[]) < select::score(&c, &idle, 0, &held, &[]));
+    // live load
+    let loaded = Load {
+        load_avg_1: 8.0,
+        ..Load::default()
+    };
+    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &loaded, 0, &held, &[]));
+    // pressure
+    let pressed = Load {
+        memory_pressure: 60.0,
+        ..Load::default()
+    };
+    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &pressed, 0, &held, &[]));
+    // locality: holding the big input wins
+    let inputs = vec![(sp("big"), 1_000_000u64), (sp("small"), 10)];
+    let holds_big: HashSet<StorePath> = [sp("big")].into();
+    let holds_small: HashSet<StorePath> = [sp("small")].into();
+    assert!(
+        select::score(&c, &idle, 0, &holds_big, &inputs)
+            < select::score(&c, &idle, 0, &holds_small, &inputs)
+    );
+
+    // and through dispatch: the fast idle builder gets the job
+    let mut s = sched();
+    s.builder_connected(
+        "slow",
+        "k1",
+        caps(&["x86_64-linux"], &[], &[], 4, 1.0),
+        &[],
+        0,
+    );
+    s.builder_connected(
+        "fast",
+        "k2",
+        caps(&["x86_64-linux"], &[], &[], 4, 3.0),
+        &[],
+        0,
+    );
+    s.builder_load(
+        "fast",
+        Load {
+            load_avg_1: 1.0,
+            ..Load::default()
+        },
+        0,
+    );
+    s.submit(
+        graph(vec![nb("one", "x86_64-linux", &[], &[])], &["one"]),
+        0,
+    )
+    .unwrap();
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].builder, "fast");
+    // a loaded fast builder loses to an idle slow one
+    let mut s = sched();
+    s.builder_connected(
+        "slow",
+        "k1",
+        caps(&["x86_64-linux"], &[], &[], 4, 1.0),
+        &[],
+        0,
+    );
+    s.builder_connected(
+        "fast",
+        "k2",
+        caps(&["x86_64-linux"], &[], &[], 4, 1.5),
+        &[],
+        0,
+    );
+    s.builder_load(
+        "fast",
+        Load {
+            load_avg_1: 16.0,
+            cpu_pressure: 90.0,
+            ..Load::default()
+        },
+        0,
+    );
+    s.submit(
+        graph(vec![nb("one", "x86_64-linux", &[], &[])], &["one"]),
+        0,
+    )
+    .unwrap();
+    assert_eq!(settle(&mut s, 0)[0].builder, "slow");
+}
+
+#[test]
+fn longest_chain_then_priority_then_age() {
+    let mut s = sched();
+    // One builder, drained for now, so the work queues up.
+    s.builder_connected(
+        "only",
+        "k",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        0,
+    );
+    s.set_drain("only", true);
+    // c depends on b depends on a; x and y stand alone (y submitted later).
+    s.submit(
+        graph(
+            vec![
+                nb("x", "x86_64-linux", &[], &[]),
+                nb("a", "x86_64-linux", &[], &[]),
+                nb("b", "x86_64-linux", &[], &["a"]),
+                nb("c", "x86_64-linux", &[], &["b"]),
+            ],
+            &["x", "c"],
+        ),
+        0,
+    )
+    .unwrap();
+    s.submit(graph(vec![nb("y", "x86_64-linux", &[], &[])], &["y"]), 10)
+        .unwrap();
+    settle(&mut s, 10); // drained: everything stays queued
+    let order = s.queue_order("x86_64-linux");
+    assert_eq!(order, vec![id_of(&s, "a"), id_of(&s, "x"), id_of(&s, "y")]);
+
+    // an interactive submission jumps the queue
+    let mut g = graph(vec![nb("z", "x86_64-linux", &[], &[])], &["z"]);
+    g.priority = Priority::Interactive;
+    s.submit(g, 20).unwrap();
+    settle(&mut s, 20);
+    assert_eq!(s.queue_order("x86_64-linux")[0], id_of(&s, "z"));
+
+    // one slot: the builder takes them in that order
+    s.set_drain("only", false);
+    let jobs = settle(&mut s, 30);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].drv_path, drv("z"));
+    s.job_ended("only", &jobs[0].job_id, JobEnd::Built, 31);
+    let jobs = settle(&mut s, 31);
+    assert_eq!(jobs[0].drv_path, drv("a"));
+}
+
+#[test]
+fn identical_derivations_built_once() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 8, 1.0), &[], 0);
+    s.set_drain("b", true);
+    let s1 = s
+        .submit(
+            graph(
+                vec![
+                    nb("lib", "x86_64-linux", &[], &[]),
+                    nb("app1", "x86_64-linux", &[], &["lib"]),
+                ],
+                &["app1"],
+            ),
+            0,
+        )
+        .unwrap();
+    let s2 = s
+        .submit(
+            graph(
+                vec![
+                    nb("lib", "x86_64-linux", &[], &[]),
+                    nb("app2", "x86_64-linux", &[], &["lib"]),
+                ],
+                &["app2"],
+            ),
+            1,
+        )
+        .unwrap();
+    // the same derivation twice in one submission, too
+    let s3 = s
+        .submit(
+            graph(vec![nb("lib", "x86_64-linux", &[], &[])], &["lib", "lib"]),
+            2,
+        )
+        .unwrap();
+    s.set_drain("b", false);
+    let jobs = settle(&mut s, 3);
+    let lib_jobs: Vec<_> = jobs.iter().filter(|j| j.drv_path == drv("lib")).collect();
+    assert_eq!(lib_jobs.len(), 1, "lib is built once: {jobs:?}");
+    assert_eq!(jobs.len(), 1, "apps wait for lib");
+    s.take_notices();
+    s.job_ended("b", &lib_jobs[0].job_id, JobEnd::Built, 4);
+    let notices = s.take_notices();
+    let lib_done = notices
+        .iter()
+        .find(|n| matches!(&n.event, Event::Finished { drv_path, .. } if *drv_path == drv("lib")))
+        .unwrap();
+    let mut subs = lib_done.submissions.clone();
+    subs.sort();
+    assert_eq!(subs, vec![s1, s2, s3]);
+    assert!(notices.iter().any(|n| matches!(n.event, Event::SubmissionDone { submission, success: true, .. } if submission == s3)));
+    let jobs = settle(&mut s, 5);
+    assert_eq!(jobs.len(), 2);
+    for j in &jobs {
+        s.job_ended("b", &j.job_id, JobEnd::Built, 6);
+    }
+    assert!(s.submission_done(s1) && s.submission_done(s2));
+}
+
+#[test]
+fn unschedulable_fails_at_once_with_what_is_missing() {
+    let mut s = sched();
+    s.builder_connected(
+        "x1",
+        "k",
+        caps(&["x86_64-linux"], &["kvm"], &[], 4, 1.0),
+        &[],
+        0,
+    );
+    s.builder_connected(
+        "bench",
+        "k2",
+        caps(&["x86_64-linux"], &[], &["benchmark"], 4, 1.0),
+        &[],
+        0,
+    );
+    let sid = s
+        .submit(
+            graph(
+                vec![
+                    nb("mac", "aarch64-darwin", &[], &[]),
+                    nb("uses-mac", "x86_64-linux", &[], &["mac"]),
+                    nb("gpu", "x86_64-linux", &["cuda"], &[]),
+                    nb("ok", "x86_64-linux", &[], &[]),
+                ],
+                &["uses-mac", "gpu", "ok"],
+            ),
+            0,
+        )
+        .unwrap();
+    let f = finished(&s.take_notices());
+    let mac = f.iter().find(|(d, ..)| *d == drv("mac")).unwrap();
+    assert_eq!(mac.1, Outcome::Unschedulable);
+    let msg = mac.2.as_deref().unwrap();
+    assert!(
+        msg.contains("no builder has system aarch64-darwin"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("x1 (systems x86_64-linux; features kvm; mandatory -)"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("bench (systems x86_64-linux; features -; mandatory benchmark)"),
+        "{msg}"
+    );
+    let dep = f.iter().find(|(d, ..)| *d == drv("uses-mac")).unwrap();
+    assert_eq!(dep.1, Outcome::DependencyFailed);
+    let gpu = f.iter().find(|(d, ..)| *d == drv("gpu")).unwrap();
+    assert_eq!(gpu.1, Outcome::Unschedulable);
+    assert!(
+        gpu.2
+            .as_deref()
+            .unwrap()
+            .contains("supports feature(s) cuda"),
+        "{:?}",
+        gpu.2
+    );
+    // the rest goes on
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].drv_path, drv("ok"));
+    s.job_ended(&jobs[0].builder, &jobs[0].job_id, JobEnd::Built, 1);
+    let done = s
+        .take_notices()
+        .into_iter()
+        .find_map(|n| match n.event {
+            Event::SubmissionDone {
+                submission,
+                success,
+                built,
+                failed,
+                ..
+            } if submission == sid => Some((success, built, failed)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(done, (false, 1, 3));
+
+    // a mandatory-feature mismatch is named as such
+    let msg = select::unschedulable_message(
+        &drv("m"),
+        "x86_64-linux",
+        &BTreeSet::new(),
+        &[select::Known {
+            name: "bench",
+            caps: &caps(&["x86_64-linux"], &[], &["benchmark"], 1, 1.0),
+        }],
+    );
+    assert!(msg.contains("mandatory feature(s) benchmark"), "{msg}");
+}
+
+#[test]
+fn recently_seen_builder_means_wait_bounded() {
+    let mut s = sched();
+    let (conn, _) = s.builder_connected(
+        "arm",
+        "k",
+        caps(&["aarch64-linux"], &[], &[], 1, 1.0),
+        &[],
+        0,
+    );
+    s.builder_disconnected("arm", conn, 1_000);
+    s.submit(
+        graph(vec![nb("a", "aarch64-linux", &[], &[])], &["a"]),
+        2_000,
+    )
+    .unwrap();
+    settle(&mut s, 2_000);
+    assert_eq!(s.state_of(id_of(&s, "a")), Some(BuildState::Queued));
+    s.tick(2_000);
+    s.tick(30_000);
+    assert_eq!(s.state_of(id_of(&s, "a")), Some(BuildState::Queued));
+    s.tick(62_001);
+    let f = finished(&s.take_notices());
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].1, Outcome::Unschedulable);
+    assert!(
+        f[0].2.as_deref().unwrap().contains("waited 60s"),
+        "{:?}",
+        f[0].2
+    );
+
+    // if it comes back in time, the work runs
+    let mut s = sched();
+    let (conn, _) = s.builder_connected(
+        "arm",
+        "k",
+        caps(&["aarch64-linux"], &[], &[], 1, 1.0),
+        &[],
+        0,
+    );
+    s.builder_disconnected("arm", conn, 1_000);
+    s.submit(
+        graph(vec![nb("a", "aarch64-linux", &[], &[])], &["a"]),
+        2_000,
+    )
+    .unwrap();
+    settle(&mut s, 2_000);
+    s.tick(2_000);
+    s.builder_connected(
+        "arm",
+        "k",
+        caps(&["aarch64-linux"], &[], &[], 1, 1.0),
+        &[],
+        50_000,
+    );
+    s.tick(70_000);
+    let jobs = settle(&mut s, 70_000);
+    assert_eq!(jobs.len(), 1);
+}
+
+#[test]
+fn vanished_builder_requeued_after_grace_with_retry_limit() {
+    let mut s = sched(); // grace 10 s, max_retries 1
+    let (c1, _) = s.builder_connected(
+        "b1",
+        "k1",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        0,
+    );
+    s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+        .unwrap();
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs[0].builder, "b1");
+    let first_job = jobs[0].job_id.clone();
+    s.builder_disconnected("b1", c1, 1_000);
+    s.tick(5_000);
+    assert!(matches!(
+        s.state_of(id_of(&s, "t")),
+        Some(BuildState::Running { .. })
+    ));
+    // a second builder appears; after the grace period the job moves there
+    s.builder_connected(
+        "b2",
+        "k2",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        6_000,
+    );
+    s.tick(11_000);
+    let jobs = settle(&mut s, 11_000);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].builder, "b2");
+    assert_ne!(jobs[0].job_id, first_job);
+    // a late result from the first attempt is ignored
+    s.job_ended("b1", &first_job, JobEnd::Built, 11_500);
+    assert!(matches!(
+        s.state_of(id_of(&s, "t")),
+        Some(BuildState::Running { .. })
+    ));
+    // b2 vanishes too: past the retry limit the build fails
+    let conn_b2 = 2; // second connection number
+    s.builder_disconnected("b2", conn_b2, 12_000);
+    s.tick(23_000);
+    let f = finished(&s.take_notices());
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].1, Outcome::Failed);
+    assert!(
+        f[0].2
+            .as_deref()
+            .unwrap()
+            .contains("gave up after 2 attempts"),
+        "{:?}",
+        f[0].2
+    );
+}
+
+#[test]
+fn reconnect_keeps_reported_jobs_and_requeues_the_rest() {
+    let mut s = sched();
+    let (c, _) = s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 2, 1.0), &[], 0);
+    s.submit(
+        graph(
+            vec![
+                nb("one", "x86_64-linux", &[], &[]),
+                nb("two", "x86_64-linux", &[], &[]),
+            ],
+            &["one", "two"],
+        ),
+        0,
+    )
+    .unwrap();
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs.len(), 2);
+    s.builder_disconnected("b", c, 100);
+    let keep = jobs[0].job_id.clone();
+    s.builder_connected(
+        "b",
+        "k",
+        caps(&["x86_64-linux"], &[], &[], 2, 1.0),
+        &[keep.clone(), "b999.1".to_string()],
+        200,
+    );
+    let actions = s.take_actions();
+    assert!(actions.contains(&Action::Cancel {
+        builder: "b".into(),
+        job_id: "b999.1".into()
+    }));
+    // the unreported one is requeued and sent again
+    for a in actions {
+        if let Action::Prepare { build } = a {
+            s.set_ready(build, Vec::new());
+        }
+    }
+    let again = settle(&mut s, 200);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].drv_path, jobs[1].drv_path);
+    assert_eq!(s.running_job("b", &keep), Some(jobs[0].build));
+}
+
+#[test]
+fn failures_transient_retry_permanent_propagate() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
+    s.submit(
+        graph(
+            vec![
+                nb("base", "x86_64-linux", &[], &[]),
+                nb("top", "x86_64-linux", &[], &["base"]),
+            ],
+            &["top"],
+        ),
+        0,
+    )
+    .unwrap();
+    let j = settle(&mut s, 0);
+    s.job_ended(
+        "b",
+        &j[0].job_id,
+        JobEnd::Transient("input fetch failed".into()),
+        1,
+    );
+    let j = settle(&mut s, 1);
+    assert_eq!(j.len(), 1, "retried");
+    s.job_ended(
+        "b",
+        &j[0].job_id,
+        JobEnd::Failed("builder exited 1".into()),
+        2,
+    );
+    let f = finished(&s.take_notices());
+    assert_eq!(f.len(), 2);
+    assert!(f.contains(&(
+        drv("base"),
+        Outcome::Failed,
+        Some("builder exited 1".into())
+    )));
+    assert!(
+        f.iter()
+            .any(|(d, o, _)| *d == drv("top") && *o == Outcome::DependencyFailed)
+    );
+    // a failed derivation submitted again is built again
+    s.submit(
+        graph(vec![nb("base", "x86_64-linux", &[], &[])], &["base"]),
+        3,
+    )
+    .unwrap();
+    assert_eq!(settle(&mut s, 3).len(), 1);
+}
+
+#[test]
+fn cancel_submission_spares_shared_builds() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
+    let s1 = s
+        .submit(
+            graph(
+                vec![
+                    nb("shared", "x86_64-linux", &[], &[]),
+                    nb("mine", "x86_64-linux", &[], &[]),
+                ],
+                &["shared", "mine"],
+            ),
+            0,
+        )
+        .unwrap();
+    s.submit(
+        graph(vec![nb("shared", "x86_64-linux", &[], &[])], &["shared"]),
+        0,
+    )
+    .unwrap();
+    settle(&mut s, 0);
+    assert_eq!(s.cancel_submission(s1, 1), 1);
+    assert!(
+        s.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Cancel { .. }))
+    );
+    assert!(s.submission_done(s1));
+    assert!(matches!(
+        s.state_of(id_of(&s, "shared")),
+        Some(BuildState::Running { .. })
+    ));
+}
+
+#[test]
+fn drained_builder_gets_no_work() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
+    assert!(s.set_drain("b", true));
+    assert!(s.take_actions().contains(&Action::Drain {
+        builder: "b".into(),
+        draining: true
+    }));
+    s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+        .unwrap();
+    assert!(settle(&mut s, 0).is_empty());
+    s.set_drain("b", false);
+    assert_eq!(settle(&mut s, 0).len(), 1);
+    assert!(!s.set_drain("nobody", true));
+}
+
+#[test]
+fn restart_recovers_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (sid, done_id, running_job, waiting_id);
+    {
+        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+        sid = s
+            .submit(
+                graph(
+                    vec![
+                        nb("first", "x86_64-linux", &[], &[]),
+                        nb("second", "x86_64-linux", &[], &["first"]),
+                        nb("third", "x86_64-linux", &[], &["second"]),
+                    ],
+                    &["third"],
+                ),
+                0,
+            )
+            .unwrap();
+        let j = settle(&mut s, 0);
+        done_id = j[0].build;
+        s.job_ended("b", &j[0].job_id, JobEnd::Built, 1);
+        let j = settle(&mut s, 1);
+        running_job = j[0].job_id.clone();
+        waiting_id = id_of(&s, "third");
+        s.store().flush_blocking().unwrap();
+        // dropped here, as after kill -9 (sled's flushed state is what survives)
+    }
+    let mut s = Scheduler::load(cfg(), Store::open(&path).unwrap(), 10_000).unwrap();
+    assert!(!s.submission_done(sid));
+    assert_eq!(s.state_of(done_id), Some(BuildState::Done(Outcome::Built)));
+    assert_eq!(s.state_of(waiting_id), Some(BuildState::Waiting));
+    let (running_id, _) = parse_job_id(&running_job).unwrap();
+    assert!(matches!(
+        s.state_of(running_id),
+        Some(BuildState::Running { .. })
+    ));
+    // the builder comes back without the job: it is sent again, nothing finished is rebuilt
+    s.builder_connected(
+        "b",
+        "k",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        11_000,
+    );
+    let j = settle(&mut s, 11_000);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].build, running_id);
+    s.job_ended("b", &j[0].job_id, JobEnd::Built, 12_000);
+    let j = settle(&mut s, 12_000);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].build, waiting_id);
+    s.job_ended("b", &j[0].job_id, JobEnd::Built, 13_000);
+    assert!(s.submission_done(sid));
+    // ids keep growing across restarts
+    let next = s.store().next_id().unwrap();
+    assert!(next > waiting_id);
+}
+
+#[test]
+fn restart_with_builder_gone_requeues_after_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+        s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+            .unwrap();
+        settle(&mut s, 0);
+        s.store().flush_blocking().unwrap();
+    }
+    let mut s = Scheduler::load(cfg(), Store::open(&path).unwrap(), 100_000).unwrap();
+    s.builder_connected(
+        "other",
+        "k2",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        100_000,
+    );
+    s.tick(105_000);
+    assert!(settle(&mut s, 105_000).is_empty(), "still within grace");
+    s.tick(110_000);
+    let j = settle(&mut s, 110_000);
+    assert_eq!(j.len(), 1);
+    assert_eq!(j[0].builder, "other");
+}

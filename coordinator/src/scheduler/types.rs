@@ -1,0 +1,267 @@
+//! The scheduler's domain types: builds, submissions, builders (what is
+//! persisted, as serde records), and the events and actions the scheduler emits.
+//!
+//! Times are unix milliseconds (`i64`) everywhere, so a restart keeps every timer.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use farm_nix::store_path::StorePath;
+use serde::{Deserialize, Serialize};
+
+/// A build's id (`b<n>` on the wire).
+pub type BuildId = u64;
+/// A submission's id (`s<n>` on the wire).
+pub type SubmissionId = u64;
+
+/// How urgent a submission is; higher goes first.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub enum Priority {
+    #[default]
+    Ci,
+    Interactive,
+}
+
+/// How a build ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Outcome {
+    /// A builder built it and every output is in the cache.
+    Built,
+    /// Its outputs turned up in the cache without building (after a restart or a race).
+    Cached,
+    Failed,
+    DependencyFailed,
+    Cancelled,
+    TimedOut,
+    Unschedulable,
+}
+
+impl Outcome {
+    /// Whether the outputs exist.
+    pub fn is_success(self) -> bool {
+        matches!(self, Outcome::Built | Outcome::Cached)
+    }
+}
+
+/// Where a build is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildState {
+    /// Waiting for dependencies (or for its input closure to be resolved).
+    Waiting,
+    /// Runnable, waiting for a builder.
+    Queued,
+    /// Sent to `builder` as job `job_id`.
+    Running {
+        builder: String,
+        job_id: String,
+        started_ms: i64,
+    },
+    /// Finished.
+    Done(Outcome),
+}
+
+impl BuildState {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, BuildState::Done(_))
+    }
+}
+
+/// A derivation the farm builds, as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: BuildId,
+    pub drv_path: StorePath,
+    /// The `.drv` text, so a restart needs nothing from the cache to resume.
+    pub drv_aterm: String,
+    pub system: String,
+    pub required_features: BTreeSet<String>,
+    /// Output name → path.
+    pub outputs: BTreeMap<String, StorePath>,
+    /// Builds this one needs first.
+    pub deps: BTreeSet<BuildId>,
+    pub priority: Priority,
+    pub created_ms: i64,
+    pub submissions: BTreeSet<SubmissionId>,
+    pub state: BuildState,
+    /// Attempts so far that ended in a transient failure or a lost builder.
+    pub retries: u32,
+    /// The current attempt number (job ids are `b<id>.<attempt>`).
+    pub attempt: u32,
+    pub max_silent_time_secs: u64,
+    pub build_timeout_secs: u64,
+    pub error: Option<String>,
+    /// The builder of the last attempt.
+    pub builder: Option<String>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+}
+
+/// A set of derivations somebody asked for, as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmissionRecord {
+    pub id: SubmissionId,
+    pub roots: Vec<StorePath>,
+    pub builds: BTreeSet<BuildId>,
+    /// Derivations of the graph whose outputs were already in the cache.
+    pub cached: BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+    pub priority: Priority,
+    pub created_ms: i64,
+    pub done: bool,
+    pub cancelled: bool,
+}
+
+/// What a builder says it can do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Capabilities {
+    /// Own system first, then extra platforms.
+    pub systems: Vec<String>,
+    pub supported_features: BTreeSet<String>,
+    pub mandatory_features: BTreeSet<String>,
+    pub max_jobs: u32,
+    pub speed_factor: f64,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub nix_version: String,
+}
+
+impl Capabilities {
+    /// Nix's rule: the system is one of ours, every required feature is
+    /// supported (mandatory ones count as supported), and every mandatory
+    /// feature is required.
+    pub fn can_build(&self, system: &str, required: &BTreeSet<String>) -> bool {
+        self.systems.iter().any(|s| s == system)
+            && required
+                .iter()
+                .all(|f| self.supported_features.contains(f) || self.mandatory_features.contains(f))
+            && self.mandatory_features.iter().all(|f| required.contains(f))
+    }
+}
+
+/// A builder's last load report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub running_jobs: u32,
+    pub load_avg_1: f64,
+    pub load_avg_5: f64,
+    pub memory_available_bytes: u64,
+    pub disk_free_bytes: u64,
+    /// PSI "some avg10" percentages; negative = unknown.
+    pub cpu_pressure: f64,
+    pub memory_pressure: f64,
+    pub io_pressure: f64,
+}
+
+impl Default for Load {
+    fn default() -> Load {
+        Load {
+            running_jobs: 0,
+            load_avg_1: 0.0,
+            load_avg_5: 0.0,
+            memory_available_bytes: 0,
+            disk_free_bytes: 0,
+            cpu_pressure: -1.0,
+            memory_pressure: -1.0,
+            io_pressure: -1.0,
+        }
+    }
+}
+
+/// A builder the farm has seen, as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuilderRecord {
+    pub name: String,
+    /// OpenSSH public key line.
+    pub public_key: String,
+    pub capabilities: Capabilities,
+    pub last_seen_ms: i64,
+    pub draining: bool,
+}
+
+/// Something that happened to a build or submission, for the submissions that include it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Queued {
+        build: BuildId,
+        drv_path: StorePath,
+    },
+    Started {
+        build: BuildId,
+        drv_path: StorePath,
+        builder: String,
+    },
+    Finished {
+        build: BuildId,
+        drv_path: StorePath,
+        outcome: Outcome,
+        error: Option<String>,
+        outputs: BTreeMap<String, StorePath>,
+        builder: Option<String>,
+        started_ms: Option<i64>,
+        finished_ms: Option<i64>,
+    },
+    SubmissionDone {
+        submission: SubmissionId,
+        success: bool,
+        built: u32,
+        cached: u32,
+        failed: u32,
+    },
+}
+
+/// An event and the submissions it concerns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub submissions: Vec<SubmissionId>,
+    pub event: Event,
+}
+
+/// A job to send to a builder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub builder: String,
+    pub build: BuildId,
+    pub job_id: String,
+    pub drv_path: StorePath,
+    pub drv_aterm: String,
+    pub input_paths: Vec<StorePath>,
+    pub max_silent_time_secs: u64,
+    pub build_timeout_secs: u64,
+}
+
+/// What the scheduler wants done outside itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a job to a builder.
+    Dispatch(Assignment),
+    /// Tell a builder to stop a job.
+    Cancel { builder: String, job_id: String },
+    /// Tell a builder whether it is drained.
+    Drain { builder: String, draining: bool },
+    /// Resolve a build's input closure (then call `Scheduler::set_ready`).
+    Prepare { build: BuildId },
+    /// A build ended: store its log, forget its live state.
+    BuildEnded { build: BuildId },
+}
+
+/// The job id of a build's attempt.
+pub fn job_id(build: BuildId, attempt: u32) -> String {
+    format!("b{build}.{attempt}")
+}
+
+/// Parse a job id into build id and attempt.
+pub fn parse_job_id(s: &str) -> Option<(BuildId, u32)> {
+    let rest = s.strip_prefix('b')?;
+    let (b, a) = rest.split_once('.')?;
+    Some((b.parse().ok()?, a.parse().ok()?))
+}
+
+/// Parse `b<n>` (or a bare number).
+pub fn parse_build_id(s: &str) -> Option<BuildId> {
+    s.strip_prefix('b').unwrap_or(s).parse().ok()
+}
+
+/// Parse `s<n>` (or a bare number).
+pub fn parse_submission_id(s: &str) -> Option<SubmissionId> {
+    s.strip_prefix('s').unwrap_or(s).parse().ok()
+}

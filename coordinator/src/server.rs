@@ -1,0 +1,347 @@
+//! Starting and stopping the coordinator: keys, the state database, the
+//! cache, the scheduler, and the gRPC, HTTP and SSH listeners; then
+//! `DIR/endpoints.json` once every listener is bound.
+//!
+//! `endpoints.json`:
+//! `{"grpc": "host:port", "http": "host:port", "ssh": "host:port",
+//!   "cache_public_key": "name:base64", "ssh_host_key": "ssh-ed25519 AAAA…",
+//!   "grpc_tls": bool, "tls_cert": "/path/cert.pem" | null}`
+//! (addresses as bound, so port 0 becomes the real port).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::auth::{BuilderAuth, CliAuth};
+use crate::config::{CoordinatorConfig, host_for};
+use crate::coordinator::{Coordinator, Facts, now_ms};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::state::Store;
+use crate::{CoordinatorError, keys};
+
+/// Where the coordinator listens and how to trust it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub grpc: String,
+    pub http: String,
+    pub ssh: String,
+    pub cache_public_key: String,
+    pub ssh_host_key: String,
+    #[serde(default)]
+    pub grpc_tls: bool,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+}
+
+impl Endpoints {
+    /// The URL a builder or the CLI dials for gRPC.
+    pub fn grpc_url(&self) -> String {
+        format!(
+            "{}://{}",
+            if self.grpc_tls { "https" } else { "http" },
+            self.grpc
+        )
+    }
+}
+
+/// A coordinator that is up.
+pub struct RunningCoordinator {
+    endpoints: Endpoints,
+    coordinator: Coordinator,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<Result<(), CoordinatorError>>,
+}
+
+impl RunningCoordinator {
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The domain handle (for in-process callers such as the SSH endpoint).
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// Stop every listener and wait for them; the state is flushed.
+    pub async fn shutdown(mut self) -> Result<(), CoordinatorError> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Wait until a server fails (or all stop).
+    async fn join(&mut self) -> Result<(), CoordinatorError> {
+        let mut result = Ok(());
+        while let Some(r) = self.tasks.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    let _ = self.stop.send(true);
+                }
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(CoordinatorError::Grpc(format!("server task failed: {e}")));
+                    }
+                    let _ = self.stop.send(true);
+                }
+            }
+        }
+        let store = self.coordinator.read_sched(|s| s.store().clone());
+        store.flush().await?;
+        result
+    }
+}
+
+/// Run until `shutdown` resolves (or a server fails).
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let mut running = start(config).await?;
+    let stop = running.stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    running.join().await
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, CoordinatorError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| CoordinatorError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+fn local(l: &TcpListener, what: &str) -> Result<SocketAddr, CoordinatorError> {
+    l.local_addr().map_err(|source| CoordinatorError::Io {
+        context: format!("address of the {what} listener"),
+        source,
+    })
+}
+
+fn shown(addr: SocketAddr) -> String {
+    format!("{}:{}", host_for(addr.ip()), addr.port())
+}
+
+/// The HTTP listener's routes: the binary cache, plus `/healthz`.
+pub fn http_router(coord: &Coordinator) -> axum::Router {
+    crate::http::cache_router(coord.cache().clone())
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+}
+
+/// Start the coordinator: everything bound and `endpoints.json` written when this returns.
+pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, CoordinatorError> {
+    let io = |context: String| move |source| CoordinatorError::Io { context, source };
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(io(format!("creating {}", config.state_dir.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let signing_key = keys::cache_signing_key(&config)?;
+    let host_key = keys::ssh_host_key(&config.state_dir)?;
+    let ssh_host_key = keys::public_key_line(host_key.public_key());
+
+    let grpc_l = bind(&config.grpc).await?;
+    let http_l = bind(&config.http).await?;
+    let ssh_l = bind(&config.ssh).await?;
+    let grpc_addr = local(&grpc_l, "gRPC")?;
+    let http_addr = local(&http_l, "HTTP")?;
+    let ssh_addr = local(&ssh_l, "SSH")?;
+    let tls_on = config.grpc_tls(grpc_addr)?;
+    let tls = if tls_on {
+        let mut names = vec![config.advertised_host(grpc_addr)];
+        if let Ok(h) = hostname::get()
+            && let Ok(h) = h.into_string()
+        {
+            names.push(h);
+        }
+        if !grpc_addr.ip().is_unspecified() {
+            names.push(grpc_addr.ip().to_string());
+        }
+        Some(keys::tls_files(&config, &names)?)
+    } else {
+        None
+    };
+
+    let db_path = config.db_path();
+    let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
+        .await
+        .map_err(|e| CoordinatorError::Io {
+            context: "opening the state database".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let sched_cfg = SchedulerConfig {
+        grace_ms: config.builder_grace.as_millis() as i64,
+        max_retries: config.max_retries,
+        unschedulable_wait_ms: config.unschedulable_wait.as_millis() as i64,
+        recent_window_ms: config.recent_builder_window.as_millis() as i64,
+    };
+    let sched = Scheduler::load(sched_cfg, store, now_ms())?;
+
+    let facts = Facts {
+        cache_public_key: signing_key.verifying_key().to_string(),
+        ssh_host_key: ssh_host_key.clone(),
+        ssh_host: config.advertised_host(ssh_addr),
+        ssh_port: ssh_addr.port(),
+        http_url: format!(
+            "http://{}:{}",
+            config.advertised_host(http_addr),
+            http_addr.port()
+        ),
+    };
+    let builder_auth = BuilderAuth {
+        file: config.builder_keys.clone(),
+        extra: config.extra_builder_keys.clone(),
+    };
+    if builder_auth.file.is_none() && builder_auth.extra.is_empty() {
+        tracing::warn!("no --builder-keys configured: no builder can join");
+    }
+    let cli_auth = CliAuth {
+        authorized_keys: config.authorized_keys.clone(),
+        admin_keys: config.admin_keys.clone(),
+        loopback: grpc_addr.ip().is_loopback(),
+    };
+    let cache = crate::cache::Cache::open(config.cache.clone(), signing_key)
+        .await
+        .map_err(|e| CoordinatorError::Cache(e.to_string()))?;
+    let coordinator = Coordinator::new(sched, cache, builder_auth, cli_auth, facts);
+
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks: JoinSet<Result<(), CoordinatorError>> = JoinSet::new();
+
+    // gRPC
+    {
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(t) = &tls {
+            let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| CoordinatorError::Grpc(format!("TLS configuration: {e}")))?;
+        }
+        let router = builder
+            .add_service(
+                farm_proto::v1::builder_service_server::BuilderServiceServer::new(
+                    crate::grpc::BuilderSvc {
+                        coord: coordinator.clone(),
+                    },
+                )
+                .max_decoding_message_size(8 * 1024 * 1024),
+            )
+            .add_service(
+                farm_proto::v1::farm_service_server::FarmServiceServer::new(
+                    crate::grpc_farm::FarmSvc {
+                        coord: coordinator.clone(),
+                    },
+                )
+                .max_decoding_message_size(8 * 1024 * 1024),
+            );
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true));
+        let done = stopped();
+        tasks.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, done)
+                .await
+                .map_err(|e| CoordinatorError::Grpc(e.to_string()))
+        });
+    }
+    // HTTP
+    {
+        let app = http_router(&coordinator);
+        let done = stopped();
+        tasks.spawn(async move {
+            axum::serve(http_l, app)
+                .with_graceful_shutdown(done)
+                .await
+                .map_err(|source| CoordinatorError::Io {
+                    context: "HTTP server".into(),
+                    source,
+                })
+        });
+    }
+    // SSH: the Nix endpoint comes with issue 5; until then the port is held and
+    // connections are closed at once.
+    {
+        let done = stopped();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = done => {}
+                _ = async {
+                    loop {
+                        match ssh_l.accept().await {
+                            Ok((sock, _)) => drop(sock),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "ssh accept failed");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                } => {}
+            }
+            Ok(())
+        });
+    }
+    // Scheduler ticks
+    {
+        let done = stopped();
+        let c = coordinator.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = done => {}
+                _ = c.ticker(Duration::from_secs(1)) => {}
+            }
+            Ok(())
+        });
+    }
+
+    let endpoints = Endpoints {
+        grpc: shown(grpc_addr),
+        http: shown(http_addr),
+        ssh: shown(ssh_addr),
+        cache_public_key: coordinator.facts().cache_public_key.clone(),
+        ssh_host_key,
+        grpc_tls: tls.is_some(),
+        tls_cert: tls.map(|t| t.cert_path),
+    };
+    let path = config.state_dir.join("endpoints.json");
+    let json = serde_json::to_vec_pretty(&endpoints).map_err(|e| CoordinatorError::Io {
+        context: "encoding endpoints.json".into(),
+        source: std::io::Error::other(e),
+    })?;
+    keys::write_file_atomic(&path, &json, 0o644)
+        .map_err(io(format!("writing {}", path.display())))?;
+    tracing::info!(
+        grpc = %endpoints.grpc,
+        http = %endpoints.http,
+        ssh = %endpoints.ssh,
+        tls = endpoints.grpc_tls,
+        cache_key = %endpoints.cache_public_key,
+        "coordinator listening"
+    );
+    Ok(RunningCoordinator {
+        endpoints,
+        coordinator,
+        stop,
+        tasks,
+    })
+}
