@@ -7,7 +7,9 @@
 //! one-line message on its stderr and a non-zero exit status; it never
 //! affects another session.
 
+pub mod access;
 pub mod build;
+pub mod farm;
 pub mod serve;
 pub mod store;
 pub mod worker;
@@ -40,6 +42,14 @@ impl Endpoint {
             store: FarmStore::new(cache),
             builds,
         }
+    }
+
+    /// The endpoint of a running coordinator: its cache, builds on its scheduler.
+    pub fn for_coordinator(coord: &crate::coordinator::Coordinator) -> Endpoint {
+        Endpoint::new(
+            coord.cache().clone(),
+            Some(Arc::new(farm::FarmBuilds::new(coord.clone()))),
+        )
     }
 
     /// Run one session to its end; returns the exit status.
@@ -89,6 +99,24 @@ impl Endpoint {
     }
 }
 
+/// Bind the relay socket at `path` (a stale socket file left by a previous
+/// run is replaced), readable and writable by its owner and group only: the
+/// OpenSSH account running `farm-coordinator stdio` must be in that group.
+pub fn bind_relay_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
 impl NixSessionHandler for Endpoint {
     fn run(
         &self,
@@ -98,5 +126,55 @@ impl NixSessionHandler for Endpoint {
     ) -> BoxFuture<'static, u32> {
         let this = self.clone();
         Box::pin(async move { this.run_session(program, client, io).await })
+    }
+}
+
+/// `farm-coordinator stdio`: the forced command of an OpenSSH account in
+/// front of the farm (`command="farm-coordinator stdio --socket PATH --client
+/// NAME" ssh-ed25519 …` in its authorized_keys). Reads what the client asked
+/// to run from `SSH_ORIGINAL_COMMAND` and relays the session to the
+/// coordinator's relay socket.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "farm-coordinator stdio")]
+pub struct StdioArgs {
+    /// The coordinator's `--relay-socket`.
+    #[arg(long, env = "FARM_RELAY_SOCKET", value_name = "PATH")]
+    pub socket: std::path::PathBuf,
+    /// Who this key belongs to, recorded with the builds it asks for
+    /// [default: the local user name].
+    #[arg(long, value_name = "NAME")]
+    pub client: Option<String>,
+}
+
+/// Run the stdio relay on this process's stdin, stdout and stderr; returns the exit status.
+pub async fn run_stdio(args: StdioArgs) -> u32 {
+    let mut stderr = tokio::io::stderr();
+    let Ok(command) = std::env::var("SSH_ORIGINAL_COMMAND") else {
+        let _ = stderr
+            .write_all(b"nix-farm: no SSH_ORIGINAL_COMMAND; use this as an OpenSSH forced command for Nix (ssh:// or ssh-ng://)\n")
+            .await;
+        return 1;
+    };
+    let client = args
+        .client
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into());
+    match crate::stdio::relay(
+        &args.socket,
+        &command,
+        &client,
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+        tokio::io::stderr(),
+    )
+    .await
+    {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = stderr
+                .write_all(format!("error: nix-farm: {e}\n").as_bytes())
+                .await;
+            1
+        }
     }
 }
