@@ -16,6 +16,8 @@ pub mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod worker_tests;
 
 use std::sync::Arc;
 

@@ -6,8 +6,10 @@
 
 use std::collections::BTreeSet;
 
+use farm_nix::derivation::{Derivation, MAX_DRV_SIZE};
 use farm_nix::export::ExportReader;
-use farm_nix::nar::NarLimits;
+use farm_nix::hash::HashAlgo;
+use farm_nix::nar::{NarEvent, NarLimits, NarReader};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::HandlerError;
@@ -152,4 +154,95 @@ impl FarmStore {
             imported.push(exported.path);
         }
     }
+
+    /// A derivation in the cache (its `.drv` file), parsed; `None` if absent.
+    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<Derivation>, HandlerError> {
+        let reader = self
+            .cache
+            .nar_reader(drv)
+            .await
+            .map_err(|e| client_error(&format!("reading {drv}"), e))?;
+        let Some(mut reader) = reader else {
+            return Ok(None);
+        };
+        let bad = |why: String| HandlerError::new(format!("'{drv}' is not a derivation: {why}"));
+        let limits = NarLimits {
+            max_total_size: MAX_DRV_SIZE as u64 + 4096,
+            max_file_size: MAX_DRV_SIZE as u64,
+            ..NarLimits::default()
+        };
+        let mut sink = tokio::io::sink();
+        let mut nar = NarReader::new(&mut reader, &mut sink, &limits);
+        let size = match nar.next_event().await.map_err(|e| bad(e.to_string()))? {
+            Some(NarEvent::Regular { size, .. }) => size,
+            _ => return Err(bad("not a regular file".into())),
+        };
+        let mut text = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < text.len() {
+            let n = nar
+                .read_contents(&mut text[got..])
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            if n == 0 {
+                return Err(bad("truncated".into()));
+            }
+            got += n;
+        }
+        nar.finish().await.map_err(|e| bad(e.to_string()))?;
+        let text = String::from_utf8(text).map_err(|_| bad("not UTF-8".into()))?;
+        Derivation::parse_aterm(&text)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Add a text file as Nix's `addTextToStore` does (a `text:` content-addressed
+    /// path, e.g. a `.drv` written by a client evaluating against this store).
+    pub async fn add_text(
+        &self,
+        name: &str,
+        text: &str,
+        references: &BTreeSet<StorePath>,
+    ) -> Result<StorePath, HandlerError> {
+        let inner = HashAlgo::Sha256.digest(text.as_bytes());
+        let mut path_type = String::from("text");
+        for r in references {
+            path_type.push(':');
+            path_type.push_str(&r.to_string());
+        }
+        let path = StorePath::make(&path_type, &inner, name)
+            .map_err(|e| HandlerError::new(format!("adding text {name:?}: {e}")))?;
+        let nar = regular_file_nar(text.as_bytes());
+        let mut info = ValidPathInfo::new(
+            path.clone(),
+            HashAlgo::Sha256.digest(&nar),
+            nar.len() as u64,
+        );
+        info.references = references.clone();
+        info.ca = Some(format!("text:{}", inner.to_nix32_prefixed()));
+        self.add(info, &mut &nar[..]).await?;
+        Ok(path)
+    }
+}
+
+/// The NAR of a single non-executable regular file.
+fn regular_file_nar(contents: &[u8]) -> Vec<u8> {
+    fn token(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+        out.resize(out.len() + (8 - b.len() % 8) % 8, 0);
+    }
+    let mut out = Vec::with_capacity(contents.len() + 128);
+    for t in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+    ] {
+        token(&mut out, t);
+    }
+    token(&mut out, contents);
+    token(&mut out, b")");
+    out
 }
