@@ -66,6 +66,12 @@ fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
             "{d} ran on {builder}"
         );
     }
+    let l1n0 = drvs
+        .iter()
+        .find(|d| d.name() == format!("{salt}-l1n0.drv"))
+        .context("no l1n0")?;
+    let log = farm.client.run("nix", &["log", &l1n0.to_string()])?;
+    ensure!(log.contains("building L1N0"), "nix log shows {log:?}");
     let outputs = outputs_of(&farm.client, &drvs)?;
     let mut args = vec!["path-info".to_string(), "--store".into(), farm.cache_url()];
     args.extend(outputs.iter().map(|p| p.to_string()));
