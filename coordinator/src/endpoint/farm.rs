@@ -94,6 +94,7 @@ impl BuildBackend for FarmBuilds {
                 priority: Priority::Interactive,
                 max_silent_time_secs: settings.max_silent_time,
                 build_timeout_secs: settings.build_timeout,
+                client: Some(client_name(&client)),
             };
             let sid = this
                 .coord
@@ -119,6 +120,14 @@ impl BuildBackend for FarmBuilds {
             Ok(out)
         })
     }
+}
+
+/// How a Nix client is recorded with the builds it asks for: its key's
+/// fingerprint and the comment of its authorized_keys line.
+fn client_name(client: &ClientIdentity) -> String {
+    format!("{} {}", client.fingerprint, client.comment)
+        .trim_end()
+        .to_owned()
 }
 
 /// How `drv` ended within a finished submission.
@@ -245,6 +254,7 @@ impl FarmBuilds {
             priority: Priority::Interactive,
             max_silent_time_secs: settings.max_silent_time,
             build_timeout_secs: settings.build_timeout,
+            client: Some(client_name(client)),
         };
         let sid = self
             .coord
