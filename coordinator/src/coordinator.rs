@@ -73,6 +73,10 @@ pub(crate) struct Inner {
     pub(crate) cli_auth: CliAuth,
     pub(crate) facts: Facts,
     pub(crate) cache: Cache,
+    /// Cancelled when the coordinator stops: sessions and followers end.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
+    /// A state flush is scheduled (flushes coalesce).
+    flush_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Handle on the coordinator's domain (cheap to clone).
@@ -103,6 +107,8 @@ impl Coordinator {
                 cli_auth,
                 facts,
                 cache,
+                stopping: tokio_util::sync::CancellationToken::new(),
+                flush_pending: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -121,6 +127,27 @@ impl Coordinator {
 
     pub fn cache(&self) -> &Cache {
         &self.inner.cache
+    }
+
+    /// Cancelled once the coordinator is stopping.
+    pub fn stopping(&self) -> &tokio_util::sync::CancellationToken {
+        &self.inner.stopping
+    }
+
+    /// End every builder session and stream follower.
+    pub fn stop(&self) {
+        self.inner.stopping.cancel();
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner.log_notify.notify_waiters();
     }
 
     /// Run `f` on the scheduler, dispatch, then carry out what it decided.
@@ -198,12 +225,7 @@ impl Coordinator {
                 Action::BuildEnded { build } => self.spawn_build_ended(build),
             }
         }
-        let store = self.read_sched(|s| s.store().clone());
-        tokio::spawn(async move {
-            if let Err(e) = store.flush().await {
-                tracing::error!(error = %e, "cannot flush the state database");
-            }
-        });
+        self.schedule_flush();
         for (builder, job) in lost {
             tracing::warn!(%builder, %job, "could not send a job to its builder");
             self.with_sched(|s, now| {
@@ -217,6 +239,23 @@ impl Coordinator {
                 )
             });
         }
+    }
+
+    /// Make the scheduler's writes durable soon; concurrent requests share one flush.
+    fn schedule_flush(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.flush_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Cleared first: a write after this point schedules its own flush.
+            this.inner.flush_pending.store(false, Ordering::Release);
+            let store = this.read_sched(|s| s.store().clone());
+            if let Err(e) = store.flush().await {
+                tracing::error!(error = %e, "cannot flush the state database");
+            }
+        });
     }
 
     fn send_to(&self, builder: &str, msg: v1::CoordinatorMessage) -> bool {
@@ -374,14 +413,16 @@ impl Coordinator {
         let Some(build) = self.read_sched(|s| s.running_job(builder, job)) else {
             return;
         };
+        // A job that survived a coordinator restart has no buffer yet.
         let live = self
             .inner
             .logs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&build)
-            .cloned();
-        if let Some(live) = live {
+            .entry(build)
+            .or_default()
+            .clone();
+        {
             let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
             l.data.extend_from_slice(data);
             if l.data.len() > MAX_LIVE_LOG {

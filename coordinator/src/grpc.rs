@@ -343,8 +343,13 @@ async fn run_session(
     }
     tracing::info!(builder = %name, %peer, key = %fp, version = %hello.version, "builder authenticated");
     coord.kick();
+    let stopping = coord.stopping().clone();
     loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = stopping.cancelled() => break,
+        };
+        let msg = match next {
             Ok(Some(v1::BuilderMessage { msg: Some(m) })) => m,
             Ok(Some(_)) => continue,
             Ok(None) => break,

@@ -201,7 +201,11 @@ pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::Buil
                 break;
             }
             loop {
-                match events.recv().await {
+                let next = tokio::select! {
+                    e = events.recv() => e,
+                    _ = coord.stopping().cancelled() => break 'outer,
+                };
+                match next {
                     Ok(e) => {
                         let done = matches!(e, Event::SubmissionDone { .. });
                         if tx.send(Ok(event_to(&e))).await.is_err() || done {

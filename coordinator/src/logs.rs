@@ -71,7 +71,7 @@ pub async fn logs_stream(
             if let Some(l) = coord.live_log(build) {
                 break Some(l);
             }
-            if !coord.is_pending(build) {
+            if !coord.is_pending(build) || coord.stopping().is_cancelled() {
                 break None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -112,7 +112,7 @@ pub async fn logs_stream(
                     return;
                 }
             }
-            if ended || !follow {
+            if ended || !follow || coord.stopping().is_cancelled() {
                 return;
             }
             // Woken by new bytes, or re-check now and then.

@@ -25,6 +25,9 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::state::Store;
 use crate::{CoordinatorError, keys};
 
+/// How long servers get to finish once the coordinator stops.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where the coordinator listens and how to trust it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoints {
@@ -74,10 +77,31 @@ impl RunningCoordinator {
         self.join().await
     }
 
-    /// Wait until a server fails (or all stop).
+    /// Wait until a server fails (or all stop). Once stopping, sessions and
+    /// followers are ended, and servers get [`STOP_TIMEOUT`] to finish.
     async fn join(&mut self) -> Result<(), CoordinatorError> {
         let mut result = Ok(());
-        while let Some(r) = self.tasks.join_next().await {
+        let mut stop_rx = self.stop.subscribe();
+        let coord = self.coordinator.clone();
+        let stopped = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            coord.stop();
+            tokio::time::sleep(STOP_TIMEOUT).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let r = tokio::select! {
+                r = self.tasks.join_next() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+                _ = &mut stopped => {
+                    tracing::warn!("servers did not stop in time; aborting them");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            };
             match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -95,6 +119,7 @@ impl RunningCoordinator {
                 }
             }
         }
+        self.coordinator.stop();
         let store = self.coordinator.read_sched(|s| s.store().clone());
         store.flush().await?;
         result
@@ -135,10 +160,86 @@ fn shown(addr: SocketAddr) -> String {
     format!("{}:{}", host_for(addr.ip()), addr.port())
 }
 
-/// The HTTP listener's routes: the binary cache, plus `/healthz`.
+/// The HTTP listener's routes: the binary cache, `/metrics` and `/healthz`.
 pub fn http_router(coord: &Coordinator) -> axum::Router {
-    crate::http::cache_router(coord.cache().clone())
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+    let c = coord.clone();
+    let metrics = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let c = c.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        metrics_text(&c),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    metrics.merge(crate::http::cache_router(coord.cache().clone()))
+}
+
+/// Prometheus text exposition of the farm's state.
+pub fn metrics_text(coord: &Coordinator) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let (builders, queue, running) =
+        coord.read_sched(|s| (s.builders(), s.queue_depths(), s.running().len()));
+    let _ = writeln!(
+        out,
+        "# HELP farm_builder_up Whether a builder is connected."
+    );
+    let _ = writeln!(out, "# TYPE farm_builder_up gauge");
+    for b in &builders {
+        let _ = writeln!(
+            out,
+            "farm_builder_up{{builder=\"{}\"}} {}",
+            b.record.name, b.online as u8
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP farm_builder_running_jobs Jobs the coordinator has on a builder."
+    );
+    let _ = writeln!(out, "# TYPE farm_builder_running_jobs gauge");
+    for b in &builders {
+        let _ = writeln!(
+            out,
+            "farm_builder_running_jobs{{builder=\"{}\"}} {}",
+            b.record.name, b.running
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP farm_builder_load1 A builder's reported 1-minute load average."
+    );
+    let _ = writeln!(out, "# TYPE farm_builder_load1 gauge");
+    for b in builders.iter().filter(|b| b.online) {
+        let _ = writeln!(
+            out,
+            "farm_builder_load1{{builder=\"{}\"}} {}",
+            b.record.name, b.load.load_avg_1
+        );
+    }
+    let _ = writeln!(out, "# HELP farm_queue_depth Builds waiting, per system.");
+    let _ = writeln!(out, "# TYPE farm_queue_depth gauge");
+    for (system, n) in &queue {
+        let _ = writeln!(out, "farm_queue_depth{{system=\"{system}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP farm_running_builds Builds running now.");
+    let _ = writeln!(out, "# TYPE farm_running_builds gauge");
+    let _ = writeln!(out, "farm_running_builds {running}");
+    let _ = writeln!(
+        out,
+        "# HELP farm_cache_paths Store paths in the binary cache."
+    );
+    let _ = writeln!(out, "# TYPE farm_cache_paths gauge");
+    let _ = writeln!(out, "farm_cache_paths {}", coord.cache().len());
+    out
 }
 
 /// Start the coordinator: everything bound and `endpoints.json` written when this returns.

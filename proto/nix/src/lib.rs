@@ -11,6 +11,8 @@ pub mod path_info;
 pub mod serve;
 pub mod signing;
 pub mod store_path;
+#[cfg(test)]
+mod testutil;
 pub mod wire;
 pub mod worker;
 

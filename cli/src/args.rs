@@ -1,0 +1,344 @@
+//! The command line: every subcommand, flag and environment variable of `farm`
+//! (clap derive). Also the source of `farm completions` and the man page.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// Shown after `farm --help`: exit codes and where settings come from.
+const MAIN_AFTER_HELP: &str = "\
+Settings: --coordinator, --key and --ca-cert come from the flag, else the
+environment (FARM_COORDINATOR, FARM_KEY, FARM_CA_CERT), else the config file
+($XDG_CONFIG_HOME/nix-farm/config.toml or ~/.config/nix-farm/config.toml, or
+--config / FARM_CONFIG), else the defaults (http://127.0.0.1:7070,
+~/.ssh/id_ed25519 when it exists). The config file takes the same names:
+    coordinator = \"https://farm.example.org:7070\"
+    key = \"/home/me/.ssh/id_ed25519\"
+    ca-cert = \"/etc/nix-farm/ca.pem\"
+
+Authentication: each call is signed with the SSH ed25519 key (--key).
+Reading needs a key in the coordinator's --authorized-keys; drain, undrain and
+cancel need one in its --admin-keys.
+
+Exit status: 0 success; 1 a build failed; 2 usage error (flags, config, key,
+an installable that does not evaluate); 3 the farm is unreachable or refused
+the call; 130 interrupted.";
+
+const STATUS_AFTER_HELP: &str = "\
+JSON (--json; with --watch one document per line):
+  {\"builders\": [{\"name\", \"state\": \"idle\"|\"busy\"|\"draining\"|\"offline\",
+                 \"systems\": [..], \"supported_features\": [..], \"mandatory_features\": [..],
+                 \"running_jobs\", \"max_jobs\", \"speed_factor\", \"cores\",
+                 \"load\" (1-minute load average), \"load_5\",
+                 \"memory_bytes\", \"memory_available_bytes\", \"disk_free_bytes\",
+                 \"cpu_pressure\", \"memory_pressure\", \"io_pressure\" (percent, null when unknown),
+                 \"last_seen\" (unix seconds, null if never), \"nix_version\", \"public_key\"}],
+   \"queue\": [{\"system\", \"queued\"}], \"queued_total\",
+   \"running\": [{\"build_id\", \"drv_path\", \"builder\", \"started\" (unix seconds), \"elapsed_secs\"}],
+   \"recent_failures\": [{\"build_id\", \"drv_path\", \"builder\", \"error\", \"finished\"}]}";
+
+const BUILD_AFTER_HELP: &str = "\
+INSTALLABLES: a store derivation (/nix/store/…-x.drv), a Nix file (with -A,
+--arg, --argstr; evaluated with nix-instantiate), or a flake reference
+(.#checks.x86_64-linux.foo; evaluated with `nix path-info --derivation`).
+
+Only .drv files and sources the farm lacks are uploaded; nothing is downloaded
+unless --copy-out or --out-link asks for it.
+
+JSON (--json, on stdout, once at the end):
+  {\"submission_id\", \"success\": bool,
+   \"derivations\": [{\"drv_path\", \"requested\": bool,
+                     \"outcome\": \"built\"|\"cached\"|\"failed\"|\"dependency_failed\"|
+                                \"cancelled\"|\"timed_out\"|\"unschedulable\"|\"not_built\",
+                     \"outputs\": {\"out\": \"/nix/store/…\", …},
+                     \"builder\" (or null), \"error\" (or null),
+                     \"start_time\", \"stop_time\" (unix seconds or null)}],
+   \"uploaded\": {\"paths\", \"bytes\"}}
+With --detach: {\"submission_id\"}.
+
+Exit status: 0 all built, 1 a build failed, 2 usage error, 3 farm unreachable
+or refused, 130 interrupted (what was submitted is cancelled unless --detach).";
+
+/// `farm`: see and drive a nix-farm build farm.
+#[derive(Debug, Parser)]
+#[command(
+    name = "farm",
+    version,
+    about = "See and drive a nix-farm build farm",
+    after_long_help = MAIN_AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach the coordinator and who we are.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalArgs {
+    /// Coordinator gRPC URL (http://host:port on loopback, https://host:port elsewhere) [default: http://127.0.0.1:7070].
+    #[arg(long, env = "FARM_COORDINATOR", global = true, value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// SSH ed25519 private key proving who you are [default: ~/.ssh/id_ed25519].
+    #[arg(long, env = "FARM_KEY", global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// PEM certificate (or CA) of the coordinator, for https:// [default: none].
+    #[arg(long, env = "FARM_CA_CERT", global = true, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Config file [default: $XDG_CONFIG_HOME/nix-farm/config.toml].
+    #[arg(long, env = "FARM_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Builders, queue, running builds and recent failures.
+    #[command(after_long_help = STATUS_AFTER_HELP)]
+    Status(StatusArgs),
+    /// Build installables on the farm (the CI entry point).
+    #[command(after_long_help = BUILD_AFTER_HELP)]
+    Build(BuildArgs),
+    /// Print a build's log (by build id or derivation path).
+    Logs(LogsArgs),
+    /// Cancel a build or a whole submission (admin).
+    Cancel(CancelArgs),
+    /// Let a builder finish its running builds and take no new ones (admin).
+    Drain(DrainArgs),
+    /// Let a drained builder take builds again (admin).
+    Undrain(DrainArgs),
+    /// The /etc/nix/machines line and nix.conf lines that point Nix at this farm.
+    Machines(MachinesArgs),
+    /// Generate and rotate keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Run a coordinator and one builder using the local Nix, in one process.
+    Up(UpArgs),
+    /// Show the settings in effect and where each comes from.
+    Config,
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+    /// Write the man pages (farm.1, farm-build.1, …) to a directory.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print JSON for programs (format below).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every SECS seconds until interrupted.
+    #[arg(long, short = 'w', value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    pub watch: Option<f64>,
+}
+
+/// How urgent a submission is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    Ci,
+    Interactive,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BuildArgs {
+    /// What to build: .drv paths, a .nix file, or flake references.
+    #[arg(required = true, value_name = "INSTALLABLE")]
+    pub installables: Vec<String>,
+    /// Attribute of a .nix file to build (repeatable).
+    #[arg(short = 'A', long = "attr", value_name = "ATTR")]
+    pub attrs: Vec<String>,
+    /// Pass NAME = EXPR to the .nix file's function.
+    #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"], action = ArgAction::Append)]
+    pub args: Vec<String>,
+    /// Pass NAME = "STRING" to the .nix file's function.
+    #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "STRING"], action = ArgAction::Append)]
+    pub argstrs: Vec<String>,
+    /// Print every build's log as it runs (failed builds' logs are always printed).
+    #[arg(short = 'L', long = "print-build-logs")]
+    pub print_build_logs: bool,
+    /// Print each derivation's result and outputs as JSON on stdout (format below).
+    #[arg(long)]
+    pub json: bool,
+    /// Download the outputs into the local store and make these GC roots (like nix-build).
+    #[arg(short = 'o', long, value_name = "PATH")]
+    pub out_link: Option<PathBuf>,
+    /// Download the requested outputs (and their closure) into the local store.
+    #[arg(long)]
+    pub copy_out: bool,
+    /// Submit, print the submission id and return; the builds go on.
+    #[arg(long)]
+    pub detach: bool,
+    /// Scheduling priority.
+    #[arg(long, value_enum, default_value = "ci")]
+    pub priority: PriorityArg,
+    /// Fail a build that prints nothing for SECS seconds [default: no limit].
+    #[arg(long, value_name = "SECS")]
+    pub max_silent_time: Option<u64>,
+    /// Fail a build that runs longer than SECS seconds [default: no limit].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Progress as plain lines even on a terminal.
+    #[arg(long)]
+    pub no_progress_bar: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// Keep printing while the build runs.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// A build id, or a derivation path (/nix/store/…-x.drv).
+    #[arg(value_name = "DRV|BUILD")]
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CancelArgs {
+    /// A build id or a submission id.
+    #[arg(value_name = "BUILD")]
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// The builder's name (as in `farm status`).
+    #[arg(value_name = "BUILDER")]
+    pub builder: String,
+}
+
+/// The machine URI scheme Nix uses to reach the farm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    #[value(name = "ssh-ng")]
+    SshNg,
+    #[value(name = "ssh")]
+    Ssh,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::SshNg => "ssh-ng",
+            Protocol::Ssh => "ssh",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MachinesArgs {
+    /// Machine URI scheme.
+    #[arg(long, value_enum, default_value = "ssh-ng")]
+    pub protocol: Protocol,
+    /// Print {"machines_line", "nix_conf_lines": [..], "ssh_config"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a binary cache signing key (Nix format NAME:BASE64).
+    Cache(CacheKeyArgs),
+    /// Generate an SSH ed25519 key pair (OpenSSH format).
+    Ssh(SshKeyArgs),
+    /// Rotate a stopped coordinator's cache signing key: every narinfo in its
+    /// local cache gets a signature by the new key beside the old one, then
+    /// the new key takes over; trust both keys during the switch.
+    RotateCache(RotateCacheArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CacheKeyArgs {
+    /// The key's name (conventionally the cache's host name and a number, e.g. farm.example.org-1).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// Write the secret key here (0600) and the public key to FILE.pub [default: print both].
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SshKeyArgs {
+    /// Write the private key here (0600) and the public key to FILE.pub.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: PathBuf,
+    /// Comment of the public key [default: user@host].
+    #[arg(long, short = 'C')]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RotateCacheArgs {
+    /// The coordinator's state directory (the coordinator must be stopped).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Name of the new key [default: the old name with its trailing number incremented].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The coordinator's local cache directory [default: STATE_DIR/cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Directory to write the pages to.
+    #[arg(long, short = 'o', value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// State directory (coordinator state, cache, builder key) [default: $XDG_STATE_HOME/nix-farm, or ~/.local/state/nix-farm].
+    #[arg(long, env = "FARM_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7070].
+    #[arg(long, env = "FARM_GRPC", value_name = "ADDR")]
+    pub grpc: Option<String>,
+    /// HTTP listen address (binary cache, metrics, dashboard) [default: 127.0.0.1:7080].
+    #[arg(long, env = "FARM_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// SSH listen address (the Nix endpoint) [default: 127.0.0.1:7022].
+    #[arg(long, env = "FARM_SSH", value_name = "ADDR")]
+    pub ssh: Option<String>,
+    /// Host name clients are told to use [default: the listen address, or the host name].
+    #[arg(long, env = "FARM_PUBLIC_HOST", value_name = "HOST")]
+    pub public_host: Option<String>,
+    /// Nix clients and CLI users (OpenSSH authorized_keys format).
+    #[arg(long, env = "FARM_AUTHORIZED_KEYS", value_name = "FILE")]
+    pub authorized_keys: Option<PathBuf>,
+    /// CLI users who may change the farm: drain, cancel.
+    #[arg(long, env = "FARM_ADMIN_KEYS", value_name = "FILE")]
+    pub admin_keys: Option<PathBuf>,
+    /// More builders' public keys (they may join this farm too).
+    #[arg(long, env = "FARM_BUILDER_KEYS", value_name = "FILE")]
+    pub builder_keys: Option<PathBuf>,
+    /// Name of the cache signing key generated on first start [default: the host name].
+    #[arg(long, env = "FARM_CACHE_KEY_NAME", value_name = "NAME")]
+    pub cache_key_name: Option<String>,
+    /// Coordinator TOML config file (the farm-coordinator --config format).
+    #[arg(long, value_name = "FILE")]
+    pub coordinator_config: Option<PathBuf>,
+    /// The local builder's name [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub builder_name: Option<String>,
+    /// Builds the local builder runs at once [default: the local Nix's max-jobs].
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<u32>,
+    /// Systems the local builder advertises [default: probed from Nix].
+    #[arg(long = "system", value_name = "SYSTEM")]
+    pub systems: Vec<String>,
+    /// Features the local builder supports [default: probed from Nix].
+    #[arg(long = "feature", value_name = "FEATURE")]
+    pub features: Vec<String>,
+    /// Run no builder, only the coordinator.
+    #[arg(long)]
+    pub no_builder: bool,
+}

@@ -1,0 +1,148 @@
+//! Pushing what the farm lacks: ask the farm which paths of a closure it has
+//! (batched `QueryValidPaths`), then upload the rest in dependency order with
+//! `UploadNar` (first message the path info, then the NAR in chunks, dumped
+//! from the local store as it streams).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use farm_nix::store_path::StorePath;
+use farm_proto::v1::{PathInfo, UploadNarRequest, upload_nar_request};
+use futures::StreamExt;
+use tokio_util::io::ReaderStream;
+
+use crate::client::Farm;
+use crate::error::CliError;
+use crate::nix::LocalPathInfo;
+
+/// Paths per `QueryValidPaths` call.
+pub const QUERY_BATCH: usize = 1000;
+/// Bytes per NAR chunk message.
+const CHUNK: usize = 256 * 1024;
+
+/// The subset of `paths` the farm's cache holds.
+pub async fn farm_has(farm: &Farm, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, CliError> {
+    let mut valid = BTreeSet::new();
+    for chunk in paths.chunks(QUERY_BATCH) {
+        let asked: BTreeSet<&StorePath> = chunk.iter().collect();
+        for p in farm
+            .query_valid_paths(chunk.iter().map(|p| p.to_string()).collect())
+            .await?
+        {
+            // Only what we asked about counts.
+            if let Ok(sp) = StorePath::parse(&p)
+                && asked.contains(&sp)
+            {
+                valid.insert(sp);
+            }
+        }
+    }
+    Ok(valid)
+}
+
+/// The gRPC path info of a local path.
+pub fn to_proto(info: &LocalPathInfo) -> PathInfo {
+    PathInfo {
+        store_path: info.path.to_string(),
+        deriver: info
+            .deriver
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+        nar_hash: info.nar_hash.to_nix32_prefixed(),
+        nar_size: info.nar_size,
+        references: info.references.iter().map(|r| r.to_string()).collect(),
+        sigs: info.sigs.clone(),
+        ca: info.ca.clone().unwrap_or_default(),
+    }
+}
+
+/// Upload one path from the local store.
+pub async fn upload_one(farm: &Farm, info: &LocalPathInfo) -> Result<(), CliError> {
+    let fs_path = PathBuf::from(info.path.to_string());
+    let (mut w, r) = tokio::io::duplex(CHUNK);
+    let dump = tokio::spawn(async move { farm_nix::nar::dump_path(&fs_path, &mut w).await });
+    let first = UploadNarRequest {
+        msg: Some(upload_nar_request::Msg::Info(to_proto(info))),
+    };
+    let data = ReaderStream::with_capacity(r, CHUNK)
+        // A read error can only come from the dump side, reported below.
+        .take_while(|c| std::future::ready(c.is_ok()))
+        .filter_map(|c| {
+            std::future::ready(c.ok().map(|b| UploadNarRequest {
+                msg: Some(upload_nar_request::Msg::Data(b.to_vec())),
+            }))
+        });
+    let stream = futures::stream::once(std::future::ready(first)).chain(data);
+    let result = farm.upload_nar(stream).await;
+    let dumped = dump.await;
+    match dumped {
+        Ok(Ok(summary)) => {
+            if summary.nar_size != info.nar_size || summary.nar_hash != info.nar_hash {
+                return Err(CliError::Nix {
+                    command: format!("dumping {}", info.path),
+                    message: format!(
+                        "the local store's NAR ({} bytes, {}) differs from its registered info ({} bytes, {}): run `nix-store --verify --check-contents`",
+                        summary.nar_size,
+                        summary.nar_hash.to_nix32_prefixed(),
+                        info.nar_size,
+                        info.nar_hash.to_nix32_prefixed()
+                    ),
+                });
+            }
+        }
+        Ok(Err(e)) => {
+            return Err(CliError::Nix {
+                command: format!("dumping {}", info.path),
+                message: e.to_string(),
+            });
+        }
+        Err(e) => {
+            return Err(CliError::Nix {
+                command: format!("dumping {}", info.path),
+                message: e.to_string(),
+            });
+        }
+    }
+    result
+        .map(|_| ())
+        .map_err(|s| farm.status_error(&format!("uploading {}", info.path), false, s))
+}
+
+/// What an upload did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Paths in the closure.
+    pub closure: usize,
+    /// Paths uploaded.
+    pub paths: usize,
+    /// NAR bytes uploaded.
+    pub bytes: u64,
+}
+
+/// Upload whatever of `order` (dependency-ordered) the farm lacks; `on_path`
+/// hears of each path before its upload.
+pub async fn upload_missing(
+    farm: &Farm,
+    order: &[StorePath],
+    infos: &BTreeMap<StorePath, LocalPathInfo>,
+    mut on_path: impl FnMut(&LocalPathInfo, usize, usize),
+) -> Result<UploadStats, CliError> {
+    let present = farm_has(farm, order).await?;
+    let missing: Vec<&StorePath> = order.iter().filter(|p| !present.contains(*p)).collect();
+    let mut stats = UploadStats {
+        closure: order.len(),
+        ..Default::default()
+    };
+    for (i, p) in missing.iter().enumerate() {
+        let info = infos.get(*p).ok_or_else(|| CliError::Nix {
+            command: "nix path-info".into(),
+            message: format!("no information about {p}"),
+        })?;
+        on_path(info, i, missing.len());
+        upload_one(farm, info).await?;
+        stats.paths += 1;
+        stats.bytes += info.nar_size;
+    }
+    Ok(stats)
+}

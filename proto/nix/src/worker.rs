@@ -1,1 +1,0 @@
-//! (being written: see the lead's plan)

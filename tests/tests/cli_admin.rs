@@ -1,0 +1,203 @@
+//! Who may do what through the CLI, and draining, end to end: unknown keys
+//! cannot read status, authorized keys can read but not drain or cancel, admin
+//! keys can; a drained builder finishes its running build, takes no new ones,
+//! and takes them again once undrained.
+
+mod cli_support;
+
+use std::time::{Duration, Instant};
+
+use cli_support::{BuilderSpec, TestFarm, graph_expr, ssh_key};
+
+#[test]
+fn keys_decide_who_reads_and_who_changes() -> anyhow::Result<()> {
+    let keys = tempfile::tempdir()?;
+    let (user, user_line) = ssh_key(keys.path(), "user")?;
+    let (admin, admin_line) = ssh_key(keys.path(), "admin")?;
+    let (stranger, _) = ssh_key(keys.path(), "stranger")?;
+    let users = keys.path().join("authorized_keys");
+    let admins = keys.path().join("admin_keys");
+    std::fs::write(&users, format!("{user_line}\n"))?;
+    std::fs::write(&admins, format!("{admin_line}\n"))?;
+    let farm = TestFarm::start(
+        "cli_admin_keys",
+        &[BuilderSpec {
+            name: "b1",
+            max_jobs: 1,
+        }],
+        &[
+            "--authorized-keys".into(),
+            users.display().to_string(),
+            "--admin-keys".into(),
+            admins.display().to_string(),
+        ],
+    )?;
+    farm.wait_for_builders(Some(&user), 1)?;
+
+    // Unknown key, and no key: no status.
+    for key in [Some(stranger.as_path()), None] {
+        let out = farm.run(key, &["status"])?;
+        assert_eq!(out.status.code(), Some(3), "{key:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--authorized-keys"), "{err}");
+    }
+    // User: reads, but cannot drain or cancel.
+    assert!(farm.run(Some(&user), &["status"])?.status.success());
+    assert!(farm.run(Some(&user), &["machines"])?.status.success());
+    for args in [&["drain", "b1"][..], &["cancel", "s1"][..]] {
+        let out = farm.run(Some(&user), args)?;
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--admin-keys"), "{err}");
+    }
+    let s = farm.status(Some(&user))?;
+    assert_eq!(
+        s["builders"][0]["state"], "idle",
+        "the user's drain did nothing: {s}"
+    );
+    // Admin: drains and undrains.
+    assert!(farm.run(Some(&admin), &["drain", "b1"])?.status.success());
+    assert_eq!(
+        farm.status(Some(&user))?["builders"][0]["state"],
+        "draining"
+    );
+    assert!(farm.run(Some(&admin), &["undrain", "b1"])?.status.success());
+    assert_eq!(farm.status(Some(&user))?["builders"][0]["state"], "idle");
+    Ok(())
+}
+
+#[test]
+fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()> {
+    let farm = TestFarm::start(
+        "cli_drain",
+        &[BuilderSpec {
+            name: "b1",
+            max_jobs: 1,
+        }],
+        &[],
+    )?;
+    farm.wait_for_builders(None, 1)?;
+    let salt = farm.client.root().display().to_string();
+    // A chain of 3 (each depends on the previous), 3 seconds each.
+    let file = farm
+        .client
+        .write_file("chain.nix", &graph_expr(3, 3.0, &salt, None))?;
+    let file = file.display().to_string();
+    let mut child = farm
+        .farm(None, &["build", &file, "-A", "d2", "--json"])?
+        .spawn()?;
+
+    // Wait for the first build to run, then drain.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let s = farm.status(None)?;
+        if let Some(r) = s["running"].as_array().and_then(|r| r.first()) {
+            break r["drv_path"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "nothing started: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(first.ends_with("-d0.drv"), "{first}");
+    assert!(farm.run(None, &["drain", "b1"])?.status.success());
+
+    // The running build finishes; nothing new starts while drained.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = farm.status(None)?;
+        let running = s["running"].as_array().map(Vec::len).unwrap_or(0);
+        if running == 0 {
+            assert_eq!(s["builders"][0]["state"], "draining", "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running build did not finish: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..15 {
+        let s = farm.status(None)?;
+        assert!(
+            s["running"].as_array().is_none_or(|r| r.is_empty()),
+            "a drained builder took a build: {s}"
+        );
+        assert!(
+            s["queued_total"].as_u64().unwrap_or(0) >= 1,
+            "d1 waits in the queue: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        child.try_wait()?.is_none(),
+        "the build cannot finish while drained"
+    );
+
+    // Undrain: the rest builds and farm build succeeds.
+    assert!(farm.run(None, &["undrain", "b1"])?.status.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    farm.logs.record("farm build (drain)", stderr.to_string());
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        doc["derivations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["outcome"] == "built"),
+        "{doc}"
+    );
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_cancels_what_was_submitted() -> anyhow::Result<()> {
+    let farm = TestFarm::start(
+        "cli_ctrl_c",
+        &[BuilderSpec {
+            name: "b1",
+            max_jobs: 1,
+        }],
+        &[],
+    )?;
+    farm.wait_for_builders(None, 1)?;
+    let salt = farm.client.root().display().to_string();
+    let file = farm
+        .client
+        .write_file("slow.nix", &graph_expr(3, 30.0, &salt, None))?;
+    let child = farm
+        .farm(None, &["build", &file.display().to_string(), "-A", "d2"])?
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = farm.status(None)?;
+        if s["running"].as_array().is_some_and(|r| !r.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing started: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The actor's command execs farm, so this PID is farm's.
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    farm.logs.record("farm build (ctrl-c)", stderr.to_string());
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cancelling submission"), "{stderr}");
+    // The running build is stopped and nothing else waits.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = farm.status(None)?;
+        let idle = s["running"].as_array().is_none_or(|r| r.is_empty())
+            && s["queued_total"].as_u64() == Some(0);
+        if idle {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the submission still runs: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! `farm build` end to end with real Nix: a 30-derivation graph built by two
+//! builders from a client without a terminal (exit 0, every output in the
+//! JSON and in the cache, `farm status --json` showing the builders and the
+//! running builds meanwhile), and a graph with a failing derivation (exit 1,
+//! its log printed).
+
+mod cli_support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use cli_support::{BuilderSpec, TestFarm, graph_expr};
+
+#[test]
+fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
+    let farm = TestFarm::start(
+        "cli_build_graph",
+        &[
+            BuilderSpec {
+                name: "b1",
+                max_jobs: 2,
+            },
+            BuilderSpec {
+                name: "b2",
+                max_jobs: 2,
+            },
+        ],
+        &[],
+    )?;
+    farm.wait_for_builders(None, 2)?;
+    let salt = farm.client.root().display().to_string();
+    let file = farm
+        .client
+        .write_file("graph.nix", &graph_expr(30, 0.3, &salt, None))?;
+    let file = file.display().to_string();
+
+    // The build runs in the background while we watch the status.
+    let mut child = farm
+        .farm(None, &["build", &file, "-A", "all", "--json"])?
+        .spawn()?;
+    let mut saw_running = false;
+    let mut saw_caps = false;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait()?.is_none() {
+        let s = farm.status(None)?;
+        let builders = s["builders"].as_array().cloned().unwrap_or_default();
+        let names: BTreeSet<&str> = builders.iter().filter_map(|b| b["name"].as_str()).collect();
+        assert_eq!(names, BTreeSet::from(["b1", "b2"]), "{s}");
+        saw_caps |= builders.iter().all(|b| {
+            b["systems"].as_array().is_some_and(|v| !v.is_empty())
+                && b["max_jobs"] == 2
+                && b["supported_features"].is_array()
+                && b["mandatory_features"].is_array()
+        });
+        if let Some(r) = s["running"].as_array()
+            && !r.is_empty()
+        {
+            saw_running = true;
+            for b in r {
+                assert!(
+                    b["drv_path"].as_str().unwrap_or("").ends_with(".drv"),
+                    "{s}"
+                );
+                assert!(
+                    ["b1", "b2"].contains(&b["builder"].as_str().unwrap_or("")),
+                    "{s}"
+                );
+            }
+            assert!(
+                builders.iter().any(|b| b["state"] == "busy"),
+                "a builder runs something but none is busy: {s}"
+            );
+        }
+        assert!(Instant::now() < deadline, "farm build takes too long");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8(out.stdout)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    farm.logs.record(
+        "farm build graph",
+        format!("stdout:\n{stdout}\nstderr:\n{stderr}"),
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(saw_running, "farm status never showed a running build");
+    assert!(
+        saw_caps,
+        "farm status never showed both builders' capabilities"
+    );
+    // No terminal: plain lines, no progress bar escapes.
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    assert!(stderr.contains("building d"), "{stderr}");
+
+    let doc: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(doc["success"], true);
+    let drvs = doc["derivations"].as_array().expect("derivations");
+    assert_eq!(drvs.len(), 30, "{doc}");
+    let mut outputs = Vec::new();
+    for d in drvs {
+        assert_eq!(d["outcome"], "built", "{d}");
+        let out = d["outputs"]["out"].as_str().expect("an out output");
+        outputs.push(out.to_owned());
+    }
+    assert_eq!(drvs.iter().filter(|d| d["requested"] == true).count(), 30);
+
+    // Every output is in the farm's cache: real Nix reads it from there.
+    let cache = farm.coordinator.endpoints.http_url();
+    let key = &farm.coordinator.endpoints.cache_public_key;
+    let reader = farm_tests::Actor::with_logs("reader", &farm.logs)?;
+    reader.nix_conf_append(&format!("trusted-public-keys = {key}"))?;
+    let mut args = vec![
+        "--extra-experimental-features".to_owned(),
+        "nix-command".to_owned(),
+        "copy".to_owned(),
+        "--from".to_owned(),
+        cache.clone(),
+    ];
+    args.extend(outputs.iter().cloned());
+    reader.run("nix", &args)?;
+    for o in &outputs {
+        let text = reader.run("cat", &[o])?;
+        assert!(text.contains(&salt), "{o}: {text}");
+        assert!(
+            !farm.client.is_valid_path(&farm_nix::StorePath::parse(o)?)?,
+            "nothing is downloaded by default"
+        );
+    }
+
+    // Again: everything is cached now, nothing is uploaded or built.
+    let out = farm.run(None, &["build", &file, "-A", "d29", "--json"])?;
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["uploaded"]["paths"], 0, "{doc}");
+    assert!(
+        doc["derivations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["outcome"] == "cached"),
+        "{doc}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failing_derivation_exits_1_with_its_log() -> anyhow::Result<()> {
+    let farm = TestFarm::start(
+        "cli_build_failure",
+        &[BuilderSpec {
+            name: "b1",
+            max_jobs: 2,
+        }],
+        &[],
+    )?;
+    farm.wait_for_builders(None, 1)?;
+    let salt = farm.client.root().display().to_string();
+    let file = farm
+        .client
+        .write_file("graph.nix", &graph_expr(6, 0.0, &salt, Some(3)))?;
+    let out = farm.run(
+        None,
+        &["build", &file.display().to_string(), "-A", "all", "--json"],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("d3 says this build is doomed"),
+        "the failed build's log is printed:\n{stderr}"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["success"], false);
+    let outcome = |name: &str| {
+        doc["derivations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| {
+                d["drv_path"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("-{name}.drv"))
+            })
+            .map(|d| d["outcome"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(outcome("d3").as_deref(), Some("failed"), "{doc}");
+    assert_eq!(outcome("d2").as_deref(), Some("built"), "{doc}");
+    assert_eq!(outcome("d4").as_deref(), Some("dependency_failed"), "{doc}");
+
+    // The log stays readable by derivation path, and status lists the failure.
+    let d3 = doc["derivations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|d| d["drv_path"].as_str().filter(|p| p.ends_with("-d3.drv")))
+        .unwrap()
+        .to_owned();
+    let out = farm.run(None, &["logs", &d3])?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("d3 says this build is doomed"));
+    let s = farm.status(None)?;
+    let failures = s["recent_failures"].as_array().cloned().unwrap_or_default();
+    assert!(failures.iter().any(|f| f["drv_path"] == d3.as_str()), "{s}");
+    assert!(
+        !failures
+            .iter()
+            .any(|f| f["error"].as_str().unwrap_or("").contains('\x1b')),
+        "{s}"
+    );
+
+    // A bad installable is a usage error.
+    let out = farm.run(None, &["build", "/no/such/file.nix"])?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
