@@ -56,6 +56,11 @@ pub fn ssh_keygen(path: &std::path::Path) -> anyhow::Result<String> {
 
 impl TestFarm {
     pub fn start(name: &str) -> anyhow::Result<TestFarm> {
+        Self::start_with(name, &[])
+    }
+
+    /// [`TestFarm::start`] with extra coordinator arguments.
+    pub fn start_with(name: &str, extra: &[&std::ffi::OsStr]) -> anyhow::Result<TestFarm> {
         let logs = TestLogs::new(name)?;
         let client = Actor::with_logs("client", &logs)?;
         let b_x86 = Actor::with_logs(X86_BUILDER, &logs)?;
@@ -83,15 +88,14 @@ impl TestFarm {
         let authorized = keys_dir.join("authorized_keys");
         std::fs::write(&authorized, &client_pub)?;
 
-        let coordinator = Coordinator::start(
-            &logs,
-            &[
-                "--authorized-keys".as_ref(),
-                authorized.as_os_str(),
-                "--builder-keys".as_ref(),
-                builder_keys_file.as_os_str(),
-            ],
-        )?;
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--authorized-keys".as_ref(),
+            authorized.as_os_str(),
+            "--builder-keys".as_ref(),
+            builder_keys_file.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        let coordinator = Coordinator::start(&logs, &args)?;
         let ssh_port = coordinator.endpoints.ssh_port()?;
         let known_hosts = keys_dir.join("known_hosts");
         std::fs::write(
