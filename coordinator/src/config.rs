@@ -91,7 +91,10 @@ pub struct Args {
     /// Priority advertised in nix-cache-info; lower is preferred [default: 30].
     #[arg(long, env = "FARM_CACHE_PRIORITY", value_name = "N")]
     pub cache_priority: Option<u32>,
-    /// Nix clients and CLI users (OpenSSH authorized_keys format).
+    /// Nix clients and CLI users (OpenSSH authorized_keys format). These keys are
+    /// trusted like Nix's trusted-users: they may upload any store path into the
+    /// farm's cache (signed by the farm), since a build hook must push its input
+    /// closure. Builders may upload only the outputs of their running jobs.
     #[arg(long, env = "FARM_AUTHORIZED_KEYS", value_name = "FILE")]
     pub authorized_keys: Option<PathBuf>,
     /// CLI users who may change the farm: drain, cancel (authorized_keys format).

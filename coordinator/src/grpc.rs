@@ -265,7 +265,12 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
         let builder = self.session_of(&request)?;
         tracing::debug!(%builder, "builder upload");
-        crate::grpc_data::upload_nar(&self.coord, request.into_inner()).await
+        crate::grpc_data::upload_nar(
+            &self.coord,
+            crate::grpc_data::Uploader::Builder(&builder),
+            request.into_inner(),
+        )
+        .await
     }
 
     async fn query_path_infos(

@@ -5,6 +5,11 @@
 //! path info), every later one a `data` chunk of the NAR, in order. The cache
 //! verifies hash, size and structure while the bytes stream and publishes
 //! nothing unless they match.
+//!
+//! Who may upload what (see [`Uploader`]): a builder only the outputs of the
+//! jobs it is running now; an authorized client (a key in `--authorized-keys` or
+//! `--admin-keys`) any path, like a Nix trusted-user, because the build hook
+//! pushes the input closure. The cache still verifies every NAR against its claim.
 
 use farm_nix::path_info::ValidPathInfo;
 use farm_proto::convert::parse_store_paths;
@@ -54,8 +59,17 @@ pub async fn download_nar(
     Ok(Response::new(Box::pin(stream)))
 }
 
+/// Who is uploading: builders may publish only outputs of their running jobs;
+/// authorized clients (CLI, Nix) are trusted like Nix's trusted-users, since the
+/// build hook must push the input closure.
+pub enum Uploader<'a> {
+    Builder(&'a str),
+    Client,
+}
+
 pub async fn upload_nar(
     coord: &Coordinator,
+    uploader: Uploader<'_>,
     mut stream: Streaming<v1::UploadNarRequest>,
 ) -> Result<Response<v1::UploadNarResponse>, Status> {
     let first = stream
@@ -72,6 +86,14 @@ pub async fn upload_nar(
     };
     let claimed = ValidPathInfo::try_from(info)?;
     let path = claimed.path.clone();
+    if let Uploader::Builder(builder) = uploader
+        && !coord.read_sched(|s| s.is_expected_output(builder, &path))
+    {
+        tracing::warn!(%builder, %path, "refused upload: not an output of a job running on this builder");
+        return Err(Status::permission_denied(format!(
+            "{path} is not an output of a job running on builder {builder}; builders may upload only their jobs' outputs"
+        )));
+    }
     let data = stream.map(|m| match m {
         Ok(v1::UploadNarRequest {
             msg: Some(v1::upload_nar_request::Msg::Data(d)),

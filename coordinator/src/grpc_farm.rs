@@ -422,7 +422,12 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         request: Request<Streaming<v1::UploadNarRequest>>,
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
         self.authorize(&request, methods::UPLOAD_NAR, Level::Read)?;
-        crate::grpc_data::upload_nar(&self.coord, request.into_inner()).await
+        crate::grpc_data::upload_nar(
+            &self.coord,
+            crate::grpc_data::Uploader::Client,
+            request.into_inner(),
+        )
+        .await
     }
 
     type DownloadNarStream = BoxStream<v1::NarChunk>;

@@ -419,6 +419,26 @@ async fn builder_handshake_accepts_enrolled_refuses_others() {
         .await
         .unwrap();
 
+    // a builder may not publish a path that is no output of a job it runs
+    let (info, nar) = path_info_for(&sp("not-a-job-output"), b"planted", &[]).await;
+    let err = client
+        .upload_nar(with_session(
+            tokio_stream::iter(upload_requests(info, nar)),
+            &b.token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not an output"), "{}", err.message());
+    let farm_check = FarmServiceClient::new(ch.clone())
+        .query_valid_paths(v1::QueryValidPathsRequest {
+            store_paths: vec![sp("not-a-job-output").to_string()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(farm_check.valid.is_empty(), "nothing was published");
+
     // unknown key: refused before any challenge, and logged
     let err = connect(ch.clone(), "stranger-builder", &stranger, &stranger, vec![])
         .await

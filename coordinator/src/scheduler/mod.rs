@@ -1165,6 +1165,21 @@ impl Scheduler {
         }
     }
 
+    /// Whether `path` is an output of a build `builder` is running now: the only
+    /// paths a builder may upload (anything else it could publish, signed by the
+    /// farm, would later be taken as a cached build result).
+    pub fn is_expected_output(&self, builder: &str, path: &StorePath) -> bool {
+        let Some(e) = self.builders.get(builder) else {
+            return false;
+        };
+        e.running.iter().any(|id| {
+            self.builds.get(id).is_some_and(|b| {
+                matches!(&b.rec.state, BuildState::Running { builder: on, .. } if on == builder)
+                    && b.rec.outputs.values().any(|o| o == path)
+            })
+        })
+    }
+
     /// A builder reported how a job ended (a `Built` already checked against the cache).
     pub fn job_ended(&mut self, builder: &str, job: &str, end: JobEnd, now: i64) {
         let Some(id) = self.running_job(builder, job) else {
