@@ -52,8 +52,9 @@ pub enum TlsMode {
 /// Authentication: builders join only with a key listed in --builder-keys.
 /// CLI users sign each call with a key from --authorized-keys (read, submit) or
 /// --admin-keys (also drain and cancel). When the gRPC listener is on loopback
-/// and --authorized-keys / --admin-keys are not given, every local caller is
-/// allowed that level; beyond loopback a missing key file means nobody is.
+/// and neither --authorized-keys nor --admin-keys is given, every local caller
+/// may do everything; once either is given, or beyond loopback, a level whose
+/// key file is missing is closed to everybody.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "farm-coordinator", version, about, long_about)]
 pub struct Args {

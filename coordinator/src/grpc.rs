@@ -209,7 +209,14 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
             }
         };
         let fp = fingerprint_ed25519(&key);
-        match self.coord.builder_auth().enrolled(&key) {
+        let auth = self.coord.builder_auth().clone();
+        let enrolled = tokio::task::spawn_blocking(move || auth.enrolled(&key))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "checking builder enrolment");
+                Status::internal("checking the builder's enrolment failed")
+            })?;
+        match enrolled {
             Ok(Some(_)) => {}
             Ok(None) => {
                 tracing::warn!(

@@ -22,11 +22,17 @@ pub struct FarmSvc {
 }
 
 impl FarmSvc {
-    fn authorize<T>(&self, req: &Request<T>, method: &str, level: Level) -> Result<(), Status> {
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+        level: Level,
+    ) -> Result<(), Status> {
         let caller = self
             .coord
             .cli_auth()
-            .check(req.metadata(), method, level, now_ms() / 1000)?;
+            .check(req.metadata(), method, level, now_ms() / 1000)
+            .await?;
         tracing::debug!(method, caller = ?caller, "CLI call");
         Ok(())
     }
@@ -236,7 +242,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.authorize(&request, methods::STATUS, Level::Read)?;
+        self.authorize(&request, methods::STATUS, Level::Read)
+            .await?;
         let resp = self.coord.read_sched(|s| {
             let builders = s
                 .builders()
@@ -313,7 +320,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
-        self.authorize(&request, methods::SUBMIT, Level::Read)?;
+        self.authorize(&request, methods::SUBMIT, Level::Read)
+            .await?;
         let req = request.into_inner();
         let drvs = farm_proto::convert::parse_store_paths("drv_paths", &req.drv_paths, 100_000)?;
         if drvs.is_empty() {
@@ -343,7 +351,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.authorize(&request, methods::WATCH, Level::Read)?;
+        self.authorize(&request, methods::WATCH, Level::Read)
+            .await?;
         let id = request.into_inner().submission_id;
         let sid = parse_submission_id(&id)
             .ok_or_else(|| Status::invalid_argument(format!("bad submission id {id:?}")))?;
@@ -359,7 +368,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        self.authorize(&request, methods::LOGS, Level::Read)?;
+        self.authorize(&request, methods::LOGS, Level::Read).await?;
         let req = request.into_inner();
         crate::logs::logs_stream(self.coord.clone(), &req.build_id, req.follow).await
     }
@@ -368,7 +377,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::CancelResponse>, Status> {
-        self.authorize(&request, methods::CANCEL, Level::Admin)?;
+        self.authorize(&request, methods::CANCEL, Level::Admin)
+            .await?;
         let id = request.into_inner().id;
         let cancelled = if id.starts_with('s') {
             let sid = parse_submission_id(&id)
@@ -395,7 +405,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::SetDrainRequest>,
     ) -> Result<Response<v1::SetDrainResponse>, Status> {
-        self.authorize(&request, methods::SET_DRAIN, Level::Admin)?;
+        self.authorize(&request, methods::SET_DRAIN, Level::Admin)
+            .await?;
         let req = request.into_inner();
         if !self
             .coord
@@ -413,7 +424,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::QueryValidPathsRequest>,
     ) -> Result<Response<v1::QueryValidPathsResponse>, Status> {
-        self.authorize(&request, methods::QUERY_VALID_PATHS, Level::Read)?;
+        self.authorize(&request, methods::QUERY_VALID_PATHS, Level::Read)
+            .await?;
         crate::grpc_data::query_valid_paths(&self.coord, request.into_inner()).await
     }
 
@@ -421,7 +433,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<Streaming<v1::UploadNarRequest>>,
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
-        self.authorize(&request, methods::UPLOAD_NAR, Level::Read)?;
+        self.authorize(&request, methods::UPLOAD_NAR, Level::Read)
+            .await?;
         crate::grpc_data::upload_nar(
             &self.coord,
             crate::grpc_data::Uploader::Client,
@@ -436,7 +449,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::DownloadNarRequest>,
     ) -> Result<Response<Self::DownloadNarStream>, Status> {
-        self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)?;
+        self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)
+            .await?;
         crate::grpc_data::download_nar(&self.coord, request.into_inner()).await
     }
 
@@ -444,7 +458,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::MachinesRequest>,
     ) -> Result<Response<v1::MachinesResponse>, Status> {
-        self.authorize(&request, methods::MACHINES, Level::Read)?;
+        self.authorize(&request, methods::MACHINES, Level::Read)
+            .await?;
         let protocol = request.into_inner().protocol;
         let protocol = match protocol.as_str() {
             "" | "ssh-ng" => "ssh-ng",

@@ -239,6 +239,48 @@ pub fn read_authorized_keys(path: &Path) -> Result<Vec<AuthorizedKey>, Coordinat
         .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))
 }
 
+/// What identifies a version of a key file without reading it.
+type FileStamp = (std::time::SystemTime, u64, u64);
+
+/// Parsed authorized_keys files by path, with the stamp they were read at.
+type KeyFileCache =
+    std::collections::HashMap<PathBuf, (FileStamp, std::sync::Arc<Vec<AuthorizedKey>>)>;
+
+static KEY_FILES: std::sync::Mutex<Option<KeyFileCache>> = std::sync::Mutex::new(None);
+
+/// As [`read_authorized_keys`], but re-reads and re-parses the file only when its
+/// modification time, length or inode changed (a `stat` per call otherwise).
+/// Blocking: call it off the async runtime.
+pub fn cached_authorized_keys(
+    path: &Path,
+) -> Result<std::sync::Arc<Vec<AuthorizedKey>>, CoordinatorError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?;
+    let stamp: FileStamp = (
+        meta.modified()
+            .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?,
+        meta.len(),
+        meta.ino(),
+    );
+    {
+        let cache = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, keys)) = cache.as_ref().and_then(|c| c.get(path))
+            && *s == stamp
+        {
+            return Ok(keys.clone());
+        }
+    }
+    let keys = std::sync::Arc::new(read_authorized_keys(path)?);
+    let mut cache = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    if cache.len() > 64 {
+        cache.clear();
+    }
+    cache.insert(path.to_path_buf(), (stamp, keys.clone()));
+    Ok(keys)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +310,38 @@ mod tests {
         let t2 = tls_files(&config, &[]).unwrap();
         assert_eq!(t1.cert_pem, t2.cert_pem);
         assert!(String::from_utf8_lossy(&t1.cert_pem).contains("BEGIN CERTIFICATE"));
+    }
+
+    #[test]
+    fn key_files_are_cached_by_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ssh_host_key(&dir.path().join("a")).unwrap();
+        let b = ssh_host_key(&dir.path().join("b")).unwrap();
+        let line_a = public_key_line(a.public_key());
+        let line_b = public_key_line(b.public_key());
+        assert_eq!(line_a.len(), line_b.len());
+        let file = dir.path().join("keys");
+        std::fs::write(&file, format!("{line_a}\n")).unwrap();
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let first = cached_authorized_keys(&file).unwrap();
+        assert_eq!(first[0].key, parse_ed25519_line(&line_a).unwrap());
+        // Same length, same mtime, same inode: the cached parse is used.
+        {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+            f.write_all(format!("{line_b}\n").as_bytes()).unwrap();
+            f.set_modified(mtime).unwrap();
+        }
+        let second = cached_authorized_keys(&file).unwrap();
+        assert_eq!(second[0].key, parse_ed25519_line(&line_a).unwrap());
+        // A new mtime: read again.
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime + std::time::Duration::from_secs(5))
+            .unwrap();
+        let third = cached_authorized_keys(&file).unwrap();
+        assert_eq!(third[0].key, parse_ed25519_line(&line_b).unwrap());
     }
 
     #[test]
