@@ -242,6 +242,22 @@ struct TestDrv {
     drv: Derivation,
 }
 
+/// Where Nix would put `drv`: a text path of its ATerm, referring to its inputs.
+fn drv_path_of(name: &str, drv: &Derivation) -> StorePath {
+    let refs: BTreeSet<StorePath> = drv
+        .input_srcs
+        .iter()
+        .chain(drv.input_drvs.keys())
+        .cloned()
+        .collect();
+    farm_coordinator::cache::content::make_text_path(
+        &format!("{name}.drv"),
+        &HashAlgo::Sha256.digest(drv.to_aterm().as_bytes()),
+        &refs,
+    )
+    .unwrap()
+}
+
 fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
     let out = sp(name);
     let mut env = BTreeMap::new();
@@ -267,7 +283,7 @@ fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
         env,
     };
     TestDrv {
-        drv_path: sp(&format!("{name}.drv")),
+        drv_path: drv_path_of(name, &drv),
         out,
         drv,
     }
@@ -597,6 +613,7 @@ async fn submitted_graph_is_built_once_in_dependency_order() {
     // a derivation the farm cannot build fails at once, naming what is missing
     let mut mac = test_drv("mac-only", &[], &[]);
     mac.drv.platform = "aarch64-darwin".into();
+    mac.drv_path = drv_path_of("mac-only", &mac.drv);
     upload_drv(ch.clone(), &mac).await;
     let events = farm
         .submit(v1::SubmitRequest {
