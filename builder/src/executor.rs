@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use farm_nix::derivation::{BasicDerivation, Derivation, name_from_drv_path};
 use farm_nix::path_info::ValidPathInfo;
+use farm_nix::serve::BuildOptions;
 use farm_nix::store_path::StorePath;
+use farm_nix::wire::{BuildResult, BuildStatus};
 use farm_proto::v1::{Job, JobResult, JobStatus};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -27,7 +29,6 @@ use crate::jobs::{Execute, JobContext, cancel_message, failure, now_unix, status
 use crate::local::LocalServe;
 use crate::logs::LogState;
 use crate::probe::NixBin;
-use crate::serve_client::{BuildOptions, BuildResult};
 use crate::session::{Link, current_link};
 use crate::transfer;
 
@@ -155,7 +156,7 @@ fn plan(job: &Job) -> Result<Plan, Fail> {
         options: BuildOptions {
             max_silent_time: job.max_silent_time_secs,
             build_timeout: job.build_timeout_secs,
-            max_log_size: 0,
+            ..BuildOptions::default()
         },
     })
 }
@@ -240,11 +241,17 @@ impl NixExecutor {
             }
         };
         let stopped = now_unix_u64();
-        match result.status {
-            0..=2 => {}
-            8 => return Err(fail(JobStatus::TimedOut, result.error_msg)),
-            6 | 9 => return Err(fail(JobStatus::MiscFailure, result.error_msg)),
-            _ => return Err(fail(JobStatus::Failed, result.error_msg)),
+        let status = match result.status {
+            BuildStatus::Built | BuildStatus::Substituted | BuildStatus::AlreadyValid => None,
+            BuildStatus::TimedOut => Some(JobStatus::TimedOut),
+            // Worth another try, here or elsewhere.
+            BuildStatus::TransientFailure | BuildStatus::MiscFailure => {
+                Some(JobStatus::MiscFailure)
+            }
+            _ => Some(JobStatus::Failed),
+        };
+        if let Some(status) = status {
+            return Err(fail(status, plain_text(&result.error_msg)));
         }
         // Uploads use the newest link (the session may have been re-established).
         let mut link = link.clone();
@@ -409,6 +416,40 @@ async fn watchdog(log: Arc<LogState>, options: &BuildOptions) -> String {
     }
 }
 
+/// Nix's error message without its terminal colours (ANSI escape sequences)
+/// and other control characters: it is shown by `farm` and stored, not
+/// printed to a terminal as is.
+fn plain_text(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    // CSI: parameters and intermediates, then one final byte.
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('\u{40}'..='\u{7e}').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    // Other escapes: intermediates, then one final character.
+                    while chars
+                        .next_if(|c| ('\u{20}'..='\u{2f}').contains(c))
+                        .is_some()
+                    {}
+                    chars.next();
+                }
+            }
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn now_unix_u64() -> u64 {
     u64::try_from(now_unix()).unwrap_or(0)
 }
@@ -431,5 +472,22 @@ impl<T> std::future::Future for AbortOnDrop<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_text;
+
+    #[test]
+    fn nix_error_colours_are_removed() {
+        // As Nix 2.8 sends it over the serve protocol.
+        let msg = "\u{1b}[0mbuilder for '\u{1b}[35;1m/nix/store/x-f.drv\u{1b}[0m' failed with exit code 3";
+        assert_eq!(
+            plain_text(msg),
+            "builder for '/nix/store/x-f.drv' failed with exit code 3"
+        );
+        assert_eq!(plain_text("a\nb\tc\u{7}d\u{1b}(B"), "a\nb\tcd");
+        assert_eq!(plain_text("cut \u{1b}[1"), "cut ");
     }
 }

@@ -15,17 +15,9 @@ use ssh_key::{LineEnding, PrivateKey};
 
 use crate::error::BuilderError;
 
-/// The fixed prefix of the signed challenge message.
-pub const AUTH_CONTEXT: &[u8] = b"nix-farm builder auth v1\n";
-
-/// The bytes a builder signs to answer a challenge.
-pub fn challenge_message(nonce: &[u8], name: &str) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(AUTH_CONTEXT.len() + nonce.len() + name.len());
-    msg.extend_from_slice(AUTH_CONTEXT);
-    msg.extend_from_slice(nonce);
-    msg.extend_from_slice(name.as_bytes());
-    msg
-}
+/// The bytes a builder signs to answer a challenge (the one definition in
+/// `farm_proto::auth`, shared with the coordinator).
+pub use farm_proto::auth::builder_auth_message as challenge_message;
 
 /// The builder's ed25519 key.
 #[derive(Clone)]
@@ -245,7 +237,7 @@ mod tests {
         other.push(b'x');
         assert!(key.verifying_key().verify(&other, &sig).is_err());
         let mut other = msg;
-        other[AUTH_CONTEXT.len()] ^= 1;
+        other[b"nix-farm builder auth v1\n".len()] ^= 1;
         assert!(key.verifying_key().verify(&other, &sig).is_err());
     }
 

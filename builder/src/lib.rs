@@ -15,7 +15,6 @@ pub mod load;
 pub mod local;
 pub mod logs;
 pub mod probe;
-pub mod serve_client;
 pub mod session;
 pub mod transfer;
 

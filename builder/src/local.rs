@@ -16,7 +16,7 @@ use crate::error::BuilderError;
 use crate::jobs::Event;
 use crate::logs::{LogState, spawn_pump};
 use crate::probe::NixBin;
-use crate::serve_client::ServeClient;
+use farm_nix::serve::ServeClient;
 
 /// How long Nix gets to wind down after SIGINT before SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(5);

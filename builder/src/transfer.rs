@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use farm_nix::hash::Hash;
 use farm_nix::nar::{NarLimits, NarSummary, copy_nar, expect_eof};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::VerifyingKey;
@@ -31,46 +30,11 @@ fn terr(msg: impl Into<String>) -> TransferError {
     TransferError(msg.into())
 }
 
-/// A `PathInfo` message as a domain path info (bounded, validated).
+/// A `PathInfo` message as a domain path info (bounded, validated by
+/// `farm_proto::convert`).
 pub fn info_from_proto(p: v1::PathInfo) -> Result<ValidPathInfo, TransferError> {
-    let parse = |field: &str, s: &str| {
-        StorePath::parse(s).map_err(|e| terr(format!("path info {field} {s:?}: {e}")))
-    };
-    let path = parse("store_path", &p.store_path)?;
-    if p.nar_hash.len() > 1024 || p.references.len() > 100_000 || p.sigs.len() > 64 {
-        return Err(terr(format!("path info of {path} is oversized")));
-    }
-    let nar_hash = Hash::parse_any(&p.nar_hash)
-        .map_err(|e| terr(format!("nar hash of {path} {:?}: {e}", p.nar_hash)))?;
-    let mut info = ValidPathInfo::new(path, nar_hash, p.nar_size);
-    if !p.deriver.is_empty() {
-        info.deriver = Some(parse("deriver", &p.deriver)?);
-    }
-    info.references = p
-        .references
-        .iter()
-        .map(|r| parse("reference", r))
-        .collect::<Result<_, _>>()?;
-    info.sigs = p.sigs.into_iter().collect();
-    info.ca = (!p.ca.is_empty()).then_some(p.ca);
-    Ok(info)
-}
-
-/// A domain path info as a `PathInfo` message.
-pub fn info_to_proto(info: &ValidPathInfo) -> v1::PathInfo {
-    v1::PathInfo {
-        store_path: info.path.to_string(),
-        deriver: info
-            .deriver
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
-        nar_hash: info.nar_hash.to_nix32_prefixed(),
-        nar_size: info.nar_size,
-        references: info.references.iter().map(ToString::to_string).collect(),
-        sigs: info.sigs.iter().cloned().collect(),
-        ca: info.ca.clone().unwrap_or_default(),
-    }
+    let path = p.store_path.clone();
+    ValidPathInfo::try_from(p).map_err(|e| terr(format!("path info of {path:?}: {e}")))
 }
 
 /// The cache's infos for `paths`; every one must be there and, when the
@@ -182,7 +146,7 @@ pub async fn upload<R: AsyncRead + Send + 'static>(
     nar: R,
 ) -> Result<(), TransferError> {
     let head = futures::stream::once(futures::future::ready(UploadNarRequest {
-        msg: Some(v1::upload_nar_request::Msg::Info(info_to_proto(info))),
+        msg: Some(v1::upload_nar_request::Msg::Info(v1::PathInfo::from(info))),
     }));
     let body = tokio_util::io::ReaderStream::with_capacity(nar, UPLOAD_CHUNK)
         .take_while(|c| futures::future::ready(c.is_ok()))
@@ -269,9 +233,9 @@ mod tests {
         info.deriver = Some(sp("x.drv"));
         info.references = [sp("dep"), sp("out")].into_iter().collect();
         info.sigs = ["k:sig".to_string()].into_iter().collect();
-        let back = info_from_proto(info_to_proto(&info)).unwrap();
+        let back = info_from_proto(v1::PathInfo::from(&info)).unwrap();
         assert_eq!(back, info);
-        let mut bad = info_to_proto(&info);
+        let mut bad = v1::PathInfo::from(&info);
         bad.references.push("/tmp/nope".into());
         assert!(info_from_proto(bad).is_err());
     }

@@ -288,11 +288,15 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         .iter()
         .filter(|r| r.requested && !is_success(r.outcome))
         .collect();
+    // Name a derivation that failed itself rather than one that only depended on it.
+    let first = failed
+        .iter()
+        .find(|r| r.outcome != "dependency_failed")
+        .or(failed.first());
     let failure_summary = format!(
         "{} of the requested derivations did not build{}",
         failed.len().max(done.failed as usize),
-        failed
-            .first()
+        first
             .map(|r| format!(" (first: {}, {})", r.drv_path, r.outcome))
             .unwrap_or_default()
     );
@@ -465,9 +469,31 @@ async fn handle_event(
     None
 }
 
+/// How long a failed build's stored log may take to appear after its result.
+const LOG_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The stored log of a finished build. The coordinator may announce the
+/// result a moment before the log is stored, so "no log" is retried briefly.
+async fn finished_log(
+    farm: &Farm,
+    build_id: &str,
+) -> Result<tonic::Streaming<farm_proto::v1::LogChunk>, CliError> {
+    let deadline = Instant::now() + LOG_APPEAR_TIMEOUT;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match farm.logs(build_id, false).await {
+            Err(CliError::NotFound(_)) if Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn print_failed_log(farm: &Farm, out: &Out, build_id: &str, drv: &str) {
     let mut log = Vec::new();
-    match farm.logs(build_id, false).await {
+    match finished_log(farm, build_id).await {
         Ok(mut stream) => {
             while let Some(chunk) = stream.next().await {
                 match chunk {

@@ -1,7 +1,7 @@
 //! The connection to the coordinator's `FarmService`, every call signed with
 //! the user's SSH key.
 //!
-//! Signature (the contract in `proto/farm.proto`): metadata `x-farm-key`
+//! Signature (the contract in `proto/farm.proto`, bytes from `farm_proto::auth`): metadata `x-farm-key`
 //! (OpenSSH public key line), `x-farm-time` (unix seconds) and `x-farm-sig`
 //! (standard base64 of an ed25519 signature over
 //! `"nix-farm cli auth v1\n" || time || "\n" || method path`).
@@ -15,11 +15,11 @@ use farm_proto::v1::farm_service_client::FarmServiceClient;
 use farm_proto::v1::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::auth::{
-    CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA, cli_auth_message, methods,
-};
 use crate::config::Settings;
 use crate::error::{CallContext, CliError};
+use farm_proto::auth::{
+    CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA, cli_auth_message, methods,
+};
 
 /// Largest private key file read.
 const MAX_KEY_FILE: u64 = 64 * 1024;

@@ -3,7 +3,6 @@
 //! the documented exit status (see [`error`]).
 
 mod args;
-mod auth;
 mod build;
 mod client;
 mod config;

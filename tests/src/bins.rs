@@ -8,7 +8,9 @@
 //! the same target directory and profile as the running test executable
 //! (`target/<profile>/deps/<test>` → `target/<profile>/`). When the binaries are
 //! fresh this is a no-op taking well under a second; the cargo build lock makes
-//! concurrent test binaries safe. `FARM_BIN_DIR=DIR` skips the build and takes
+//! concurrent test binaries safe. The nested cargo runs without the `CARGO_*`
+//! variables `cargo test` sets for the test process (they would make build
+//! scripts rerun). `FARM_BIN_DIR=DIR` skips the build and takes
 //! the binaries from `DIR` (e.g. when packaging the tests).
 
 use std::path::{Path, PathBuf};
@@ -63,6 +65,32 @@ fn locate_and_build() -> anyhow::Result<PathBuf> {
         cmd.arg("-p").arg(package);
     }
     cmd.args(layout.profile_args());
+    // `cargo test` runs us with the test crate's CARGO_MANIFEST_DIR,
+    // CARGO_PKG_*, … in the environment. Build scripts that declare
+    // `rerun-if-env-changed` on them (ring does, for CARGO_MANIFEST_DIR) would
+    // see a change and rebuild half the dependency tree here, and again in the
+    // next plain `cargo` run: give the nested cargo a plain environment.
+    // (User settings such as CARGO_HOME, CARGO_INCREMENTAL, CARGO_PROFILE_*
+    // stay: the outer build used them too.)
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        let set_by_cargo_test = k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                &*k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "CARGO_MAKEFLAGS"
+            );
+        if set_by_cargo_test {
+            cmd.env_remove(&key);
+        }
+    }
     if let Some(triple) = &layout.triple {
         cmd.arg("--target").arg(triple);
     }

@@ -188,7 +188,7 @@ fn sign(s: &State, info: PathInfo) -> PathInfo {
     let Some(key) = &s.cache_key else { return info };
     let mut v = farm_builder::transfer::info_from_proto(info).unwrap();
     v.sign(key);
-    farm_builder::transfer::info_to_proto(&v)
+    PathInfo::from(&v)
 }
 
 /// "sha256:<nix32>" of bytes.

@@ -19,46 +19,41 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::nar::{self, NarError, NarLimits, NarSummary};
 use crate::path_info::ValidPathInfo;
-use crate::store_path::{StorePath, StorePathError};
+use crate::store_path::StorePath;
+use crate::wire::{
+    self, Limits, WireError, read_bytes, read_count, read_opt_store_path, read_store_path,
+    read_u64, write_bytes, write_opt_store_path, write_store_path, write_store_paths, write_u64,
+};
 
 /// The magic number after each NAR ("NIXE" little-endian).
 pub const EXPORT_MAGIC: u64 = 0x4558_494e;
-/// Longest store path string accepted.
-const MAX_PATH_LEN: usize = 4096;
-/// Longest legacy signature string accepted (and skipped).
-const MAX_SIG_LEN: usize = 4096;
-/// Most references accepted for one path.
+/// Longest legacy signature string accepted (and skipped) by default.
+const MAX_SIG_LEN: u64 = 4096;
+/// Most references accepted for one path by default.
 pub const MAX_REFERENCES: u64 = 1 << 16;
 
 /// Why an export stream could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    /// I/O, truncation, or a malformed string, path or reference list.
+    #[error(transparent)]
+    Wire(#[from] WireError),
     #[error("in a NAR: {0}")]
     Nar(#[from] NarError),
-    #[error("export stream is truncated")]
-    Truncated,
     #[error("expected 1 (another path) or 0 (end), found {0}")]
     BadMarker(u64),
-    #[error("expected the export magic 0x4558494e after the NAR, found {0:#x}")]
-    BadMagic(u64),
-    #[error("string of {len} bytes exceeds the limit of {max}")]
-    StringTooLong { len: u64, max: usize },
-    #[error("non-zero padding after a string")]
-    NonZeroPadding,
-    #[error("string is not UTF-8")]
-    NotUtf8,
-    #[error("{count} references exceed the limit of {max}")]
-    TooManyReferences { count: u64, max: u64 },
     #[error("expected a signature flag of 0 or 1, found {0}")]
     BadSignatureFlag(u64),
-    #[error("invalid store path: {0}")]
-    StorePath(#[from] StorePathError),
+}
+
+impl From<std::io::Error> for ExportError {
+    fn from(e: std::io::Error) -> Self {
+        ExportError::Wire(WireError::from_io(e))
+    }
 }
 
 /// The metadata of one path read from an export stream, with the size and
@@ -88,16 +83,30 @@ impl ExportedPath {
 /// Reads an export stream path by path.
 pub struct ExportReader<'a, R> {
     r: &'a mut R,
-    limits: NarLimits,
+    limits: Limits,
+    nar_limits: NarLimits,
     done: bool,
 }
 
 impl<'a, R: AsyncRead + Unpin> ExportReader<'a, R> {
-    /// Read from `r`, validating each NAR against `limits`.
+    /// Read from `r`, validating each NAR against `limits`; at most
+    /// [`MAX_REFERENCES`] references per path.
     pub fn new(r: &'a mut R, limits: &NarLimits) -> Self {
+        let wire_limits = Limits {
+            max_string: MAX_SIG_LEN,
+            max_list: MAX_REFERENCES,
+            ..Limits::default()
+        };
+        Self::with_limits(r, &wire_limits, limits)
+    }
+
+    /// Read from `r`: references per path bounded by `limits.max_list`, a
+    /// legacy signature by `limits.max_string`, each NAR by `nar_limits`.
+    pub fn with_limits(r: &'a mut R, limits: &Limits, nar_limits: &NarLimits) -> Self {
         ExportReader {
             r,
-            limits: limits.clone(),
+            limits: *limits,
+            nar_limits: nar_limits.clone(),
             done: false,
         }
     }
@@ -110,54 +119,55 @@ impl<'a, R: AsyncRead + Unpin> ExportReader<'a, R> {
         &mut self,
         nar_out: &mut W,
     ) -> Result<Option<ExportedPath>, ExportError> {
-        if self.done {
+        if !self.has_next().await? {
             return Ok(None);
+        }
+        Ok(Some(self.read_entry(nar_out).await?.0))
+    }
+
+    /// Read the marker before the next path: whether one follows.
+    pub(crate) async fn has_next(&mut self) -> Result<bool, ExportError> {
+        if self.done {
+            return Ok(false);
         }
         match read_u64(self.r).await? {
             0 => {
                 self.done = true;
-                return Ok(None);
+                Ok(false)
             }
-            1 => {}
-            other => return Err(ExportError::BadMarker(other)),
+            1 => Ok(true),
+            other => Err(ExportError::BadMarker(other)),
         }
-        let nar = nar::copy_nar(self.r, nar_out, &self.limits).await?;
-        let magic = read_u64(self.r).await?;
-        if magic != EXPORT_MAGIC {
-            return Err(ExportError::BadMagic(magic));
-        }
-        let path = StorePath::parse(&read_str(self.r, MAX_PATH_LEN).await?)?;
-        let count = read_u64(self.r).await?;
-        if count > MAX_REFERENCES {
-            return Err(ExportError::TooManyReferences {
-                count,
-                max: MAX_REFERENCES,
-            });
-        }
+    }
+
+    /// Read one path after its marker: the NAR (copied to `nar_out`), the
+    /// metadata, and the legacy signature if there is one (Nix reads and
+    /// ignores it).
+    pub(crate) async fn read_entry<W: AsyncWrite + Unpin>(
+        &mut self,
+        nar_out: &mut W,
+    ) -> Result<(ExportedPath, Option<Vec<u8>>), ExportError> {
+        let nar = nar::copy_nar(self.r, nar_out, &self.nar_limits).await?;
+        wire::expect_u64(self.r, EXPORT_MAGIC).await?;
+        let path = read_store_path(self.r).await?;
+        let count = read_count(self.r, &self.limits).await?;
         let mut references = BTreeSet::new();
         for _ in 0..count {
-            references.insert(StorePath::parse(&read_str(self.r, MAX_PATH_LEN).await?)?);
+            references.insert(read_store_path(self.r).await?);
         }
-        let deriver = read_str(self.r, MAX_PATH_LEN).await?;
-        let deriver = if deriver.is_empty() {
-            None
-        } else {
-            Some(StorePath::parse(&deriver)?)
-        };
-        match read_u64(self.r).await? {
-            0 => {}
-            1 => {
-                // A legacy signature: Nix reads and ignores it; so do we.
-                read_bytes(self.r, MAX_SIG_LEN).await?;
-            }
+        let deriver = read_opt_store_path(self.r).await?;
+        let signature = match read_u64(self.r).await? {
+            0 => None,
+            1 => Some(read_bytes(self.r, self.limits.max_string).await?),
             other => return Err(ExportError::BadSignatureFlag(other)),
-        }
-        Ok(Some(ExportedPath {
+        };
+        let entry = ExportedPath {
             path,
             references,
             deriver,
             nar,
-        }))
+        };
+        Ok((entry, signature))
     }
 }
 
@@ -172,9 +182,9 @@ pub async fn write_export_entry<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(
     nar: &mut R,
     limits: &NarLimits,
 ) -> Result<NarSummary, ExportError> {
-    w.write_all(&1u64.to_le_bytes()).await?;
+    write_u64(w, 1).await?;
     let summary = nar::copy_nar(nar, w, limits).await?;
-    write_trailer(w, path, references, deriver).await?;
+    write_trailer(w, path, references, deriver, None).await?;
     Ok(summary)
 }
 
@@ -187,96 +197,51 @@ pub async fn write_export_entry_from_path<W: AsyncWrite + Unpin>(
     deriver: Option<&StorePath>,
     fs_path: &Path,
 ) -> Result<NarSummary, ExportError> {
-    w.write_all(&1u64.to_le_bytes()).await?;
+    write_u64(w, 1).await?;
     let summary = nar::dump_path(fs_path, w).await?;
-    write_trailer(w, path, references, deriver).await?;
+    write_trailer(w, path, references, deriver, None).await?;
     Ok(summary)
 }
 
 /// End an export stream (the `u64 0` marker) and flush.
 pub async fn finish<W: AsyncWrite + Unpin>(w: &mut W) -> Result<(), ExportError> {
-    w.write_all(&0u64.to_le_bytes()).await?;
+    write_u64(w, 0).await?;
     w.flush().await?;
     Ok(())
 }
 
-async fn write_trailer<W: AsyncWrite + Unpin>(
+/// The metadata after a path's NAR (with `signature`, a legacy signature
+/// flag of 1 and the signature), written in one piece and flushed.
+pub(crate) async fn write_trailer<W: AsyncWrite + Unpin>(
     w: &mut W,
     path: &StorePath,
     references: &BTreeSet<StorePath>,
     deriver: Option<&StorePath>,
+    signature: Option<&[u8]>,
 ) -> Result<(), ExportError> {
     let mut buf = Vec::with_capacity(256 + 80 * references.len());
-    buf.extend_from_slice(&EXPORT_MAGIC.to_le_bytes());
-    put_str(&mut buf, &path.to_string());
-    buf.extend_from_slice(&(references.len() as u64).to_le_bytes());
-    for r in references {
-        put_str(&mut buf, &r.to_string());
+    write_u64(&mut buf, EXPORT_MAGIC).await?;
+    write_store_path(&mut buf, path).await?;
+    write_store_paths(&mut buf, references).await?;
+    write_opt_store_path(&mut buf, deriver).await?;
+    match signature {
+        None => write_u64(&mut buf, 0).await?,
+        Some(sig) => {
+            write_u64(&mut buf, 1).await?;
+            write_bytes(&mut buf, sig).await?;
+        }
     }
-    put_str(
-        &mut buf,
-        &deriver.map(|d| d.to_string()).unwrap_or_default(),
-    );
-    buf.extend_from_slice(&0u64.to_le_bytes());
     w.write_all(&buf).await?;
     w.flush().await?;
     Ok(())
-}
-
-// Minimal private wire helpers (farm_nix::wire was not available yet).
-
-fn put_str(buf: &mut Vec<u8>, s: &str) {
-    buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    buf.extend_from_slice(s.as_bytes());
-    buf.resize(buf.len() + (8 - s.len() % 8) % 8, 0);
-}
-
-async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ExportError> {
-    match r.read_exact(buf).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ExportError::Truncated),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn read_u64<R: AsyncRead + Unpin>(r: &mut R) -> Result<u64, ExportError> {
-    let mut b = [0u8; 8];
-    read_exact(r, &mut b).await?;
-    Ok(u64::from_le_bytes(b))
-}
-
-async fn read_bytes<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, ExportError> {
-    let len = read_u64(r).await?;
-    if len > max as u64 {
-        return Err(ExportError::StringTooLong { len, max });
-    }
-    let mut v = vec![0u8; len as usize];
-    read_exact(r, &mut v).await?;
-    let pad = (8 - len % 8) % 8;
-    let mut p = [0u8; 8];
-    read_exact(r, &mut p[..pad as usize]).await?;
-    if p.iter().any(|&b| b != 0) {
-        return Err(ExportError::NonZeroPadding);
-    }
-    Ok(v)
-}
-
-async fn read_str<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<String, ExportError> {
-    String::from_utf8(read_bytes(r, max).await?).map_err(|_| ExportError::NotUtf8)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::hash::Hash;
-    use crate::nar::testutil::{PrivateStore, nix_dump};
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-    }
+    use crate::testutil::{PrivateStore, nix_dump, rt};
+    use crate::wire::test_support::nar_of_file;
 
     fn sp(s: &str) -> StorePath {
         StorePath::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
@@ -458,12 +423,7 @@ mod tests {
     fn one_entry() -> Vec<u8> {
         let path = sp("/nix/store/00000000000000000000000000000000-a");
         let dep = sp("/nix/store/11111111111111111111111111111111-b");
-        let mut nar = Vec::new();
-        nar.extend_from_slice(&13u64.to_le_bytes());
-        nar.extend_from_slice(b"nix-archive-1\0\0\0");
-        for t in ["(", "type", "regular", "contents", "x", ")"] {
-            put_str(&mut nar, t);
-        }
+        let nar = nar_of_file(b"x");
         rt().block_on(async {
             let mut out = Vec::new();
             write_export_entry(
@@ -502,9 +462,51 @@ mod tests {
         // Replace the final "no signature" with a legacy signature: ignored.
         let mut with_sig = good[..good.len() - 16].to_vec();
         with_sig.extend_from_slice(&1u64.to_le_bytes());
-        put_str(&mut with_sig, "key:c2ln");
+        rt().block_on(wire::write_string(&mut with_sig, "key:c2ln"))
+            .unwrap();
         with_sig.extend_from_slice(&0u64.to_le_bytes());
         assert_eq!(read_all(&with_sig).unwrap(), v);
+
+        // The serve protocol's pass-through copy (ImportPaths) parses with
+        // the same reader and reproduces both streams byte for byte.
+        for stream in [&good, &with_sig] {
+            let mut out = Vec::new();
+            let entries = rt()
+                .block_on(crate::serve::copy_export_stream(
+                    &mut &stream[..],
+                    &mut out,
+                    &Limits::default(),
+                    &NarLimits::default(),
+                ))
+                .unwrap();
+            assert_eq!(entries, v);
+            assert!(out == *stream, "copied stream differs");
+        }
+        // Its own limit on the number of paths.
+        let two = [&good[..good.len() - 8], &good[..]].concat();
+        let tight = Limits {
+            max_list: 1,
+            ..Limits::default()
+        };
+        let e = rt()
+            .block_on(crate::serve::copy_export_stream(
+                &mut &two[..],
+                &mut Vec::new(),
+                &tight,
+                &NarLimits::default(),
+            ))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                crate::serve::ServeError::Wire(WireError::TooLong {
+                    what: "export stream",
+                    len: 2,
+                    max: 1
+                })
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -523,7 +525,13 @@ mod tests {
             .unwrap();
         let mut bad = good.clone();
         bad[8 + nar_len] = 0;
-        assert!(matches!(err(&bad), ExportError::BadMagic(_)));
+        assert!(matches!(
+            err(&bad),
+            ExportError::Wire(WireError::BadMagic {
+                expected: EXPORT_MAGIC,
+                got: 0x4558_4900
+            })
+        ));
 
         let mut bad = good.clone();
         bad[n - 16] = 7;
@@ -543,7 +551,8 @@ mod tests {
             assert!(
                 matches!(
                     e,
-                    ExportError::Truncated | ExportError::Nar(NarError::Truncated)
+                    ExportError::Wire(WireError::UnexpectedEof)
+                        | ExportError::Nar(NarError::Truncated)
                 ),
                 "prefix {len}: {e:?}"
             );
@@ -553,22 +562,42 @@ mod tests {
         let path_at = 8 + nar_len + 8;
         let mut bad = good.clone();
         bad[path_at..path_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(err(&bad), ExportError::StringTooLong { .. }));
+        assert!(matches!(
+            err(&bad),
+            ExportError::Wire(WireError::TooLong {
+                what: "string",
+                len: u64::MAX,
+                ..
+            })
+        ));
         let mut bad = good.clone();
         bad[path_at + 8] = b'/';
         bad[path_at + 9] = b'x';
-        assert!(matches!(err(&bad), ExportError::StorePath(_)));
+        assert!(matches!(
+            err(&bad),
+            ExportError::Wire(WireError::StorePath(_))
+        ));
         let mut bad = good.clone();
         let plen = u64::from_le_bytes(good[path_at..path_at + 8].try_into().unwrap()) as usize;
         assert_ne!(plen % 8, 0);
         bad[path_at + 8 + plen] = 1;
-        assert!(matches!(err(&bad), ExportError::NonZeroPadding));
+        assert!(matches!(
+            err(&bad),
+            ExportError::Wire(WireError::NonZeroPadding)
+        ));
 
         // Reference count over the limit.
         let count_at = path_at + 8 + plen + (8 - plen % 8) % 8;
         assert_eq!(good[count_at], 1);
         let mut bad = good.clone();
         bad[count_at..count_at + 8].copy_from_slice(&(MAX_REFERENCES + 1).to_le_bytes());
-        assert!(matches!(err(&bad), ExportError::TooManyReferences { .. }));
+        assert!(matches!(
+            err(&bad),
+            ExportError::Wire(WireError::TooLong {
+                what: "list",
+                len,
+                max: MAX_REFERENCES
+            }) if len == MAX_REFERENCES + 1
+        ));
     }
 }

@@ -1,7 +1,19 @@
-//! Test helpers shared by the protocol tests: captures of real Nix 2.8
-//! conversations, and private Nix stores for live tests against real Nix.
+//! Test helpers shared by farm-nix's unit tests: captures of real Nix 2.8
+//! conversations, running the real `nix-store`/`nix-hash`, and private Nix
+//! stores (`unshare --mount` + a bind mount over `/nix`, with their own
+//! nix.conf), so tests never touch the host's `/nix`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A current-thread tokio runtime (I/O and timers enabled) for tests.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
 
 /// Directory holding the captures.
 pub fn captures_dir() -> PathBuf {
@@ -27,48 +39,112 @@ pub fn captures(prefix: &str) -> Vec<(String, Vec<u8>, Vec<u8>)> {
     out
 }
 
-/// A private Nix store (its own `/nix`, bound in a mount namespace) and nix.conf.
+/// Run `cmd`, feeding `stdin`, and return stdout; panics with stderr on failure.
+pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> Vec<u8> {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let feeder = stdin.map(|data| {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        })
+    });
+    let out = child.wait_with_output().expect("wait");
+    if let Some(f) = feeder {
+        f.join().expect("stdin feeder");
+    }
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `nix-store --dump path`.
+pub fn nix_dump(path: &Path) -> Vec<u8> {
+    let mut cmd = Command::new("nix-store");
+    cmd.arg("--dump").arg(path);
+    run(cmd, None)
+}
+
+/// `nix-hash --type sha256 --base32 path` (the sha256 of its NAR, nix32).
+pub fn nix_hash(path: &Path) -> String {
+    let mut cmd = Command::new("nix-hash");
+    cmd.args(["--type", "sha256", "--base32"]).arg(path);
+    String::from_utf8(run(cmd, None))
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+/// A fresh, private Nix store: `ROOT/nix` is bind-mounted over `/nix` in a
+/// private mount namespace for every command, with `ROOT/conf/nix.conf`.
 pub struct PrivateStore {
-    pub dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl PrivateStore {
     pub fn new() -> PrivateStore {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         for d in ["nix/store", "nix/var/nix", "conf"] {
-            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+            std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
         }
         std::fs::write(
             dir.path().join("conf/nix.conf"),
-            "sandbox = false\nsubstituters =\nbuild-users-group =\nexperimental-features = nix-command\n",
+            "sandbox = false\nsubstituters =\nbuild-users-group =\n\
+             experimental-features = nix-command\n",
         )
-        .unwrap();
+        .expect("write nix.conf");
         PrivateStore { dir }
     }
 
-    /// `program args…` running with this store on `/nix`.
-    pub fn command(&self, program: &str, args: &[&str]) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new("unshare");
-        c.arg("--mount")
-            .arg("sh")
-            .arg("-c")
-            .arg(r#"mount --bind "$0/nix" /nix && NIX_CONF_DIR="$0/conf" exec "$@""#)
-            .arg(self.dir.path())
-            .arg(program)
-            .args(args)
-            .env_remove("NIX_REMOTE")
-            .kill_on_drop(true);
-        c
+    /// Host path of this store's `/nix/store`.
+    pub fn store_on_host(&self) -> PathBuf {
+        self.dir.path().join("nix/store")
     }
 
-    /// Run to completion; stdout on success, panic with stderr otherwise.
-    pub async fn run(&self, program: &str, args: &[&str]) -> String {
-        let out = self.command(program, args).output().await.unwrap();
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+    /// `program args…` inside the namespace.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "sh",
+            "-c",
+            r#"mount --bind "$0/nix" /nix && NIX_CONF_DIR="$0/conf" exec "$@""#,
+        ])
+        .arg(self.dir.path())
+        .arg(program)
+        .args(args)
+        .env_remove("NIX_REMOTE");
+        cmd
+    }
+
+    /// [`PrivateStore::command`] as a tokio process, killed when dropped.
+    pub fn async_command(&self, program: &str, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::from(self.command(program, args));
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// Run and return stdout.
+    pub fn run(&self, program: &str, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
+        run(self.command(program, args), stdin)
+    }
+
+    /// Run and return stdout as trimmed text.
+    pub fn run_str(&self, program: &str, args: &[&str]) -> String {
+        String::from_utf8(self.run(program, args, None))
+            .expect("utf-8")
+            .trim()
+            .to_string()
     }
 }

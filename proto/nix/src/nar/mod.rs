@@ -203,5 +203,3 @@ pub fn validate_entry_name(name: &[u8]) -> Result<(), NarError> {
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-pub(crate) mod testutil;

@@ -11,16 +11,9 @@ use std::task::{Context, Poll};
 use proptest::prelude::*;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
-use super::testutil::{nix_dump, nix_hash, run};
 use super::*;
 use crate::hash::HashAlgo;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::testutil::{nix_dump, nix_hash, rt, run};
 
 fn write_file(path: &Path, data: &[u8], mode: u32) {
     std::fs::write(path, data).unwrap();

@@ -32,11 +32,12 @@ use std::collections::BTreeSet;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::derivation::BasicDerivation;
+use crate::export::{self, ExportError, ExportReader, ExportedPath};
 use crate::nar::{NarError, NarLimits, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, BuildResultFields, HandlerError, Limits, WireError, read_bool,
+    self, BuildResult, BuildResultFields, HandlerError, Limits, NarMismatch, WireError, read_bool,
     read_opt_store_path, read_store_path, read_store_paths, read_string, read_string_set,
     read_strings, read_u64, read_u64_or_eof, write_bool, write_opt_store_path, write_store_path,
     write_store_paths, write_string, write_strings, write_u64,
@@ -49,12 +50,9 @@ pub const SERVE_PROTOCOL_VERSION: u64 = 0x207;
 /// The oldest version we accept (2.4: NAR hashes in path infos).
 pub const MIN_SERVE_VERSION: u64 = 0x204;
 /// The magic before each path's metadata in an export stream.
-pub const EXPORT_MAGIC: u64 = 0x4558_494e;
+pub use crate::export::EXPORT_MAGIC;
 
-/// The minor part of a protocol version.
-pub const fn minor(version: u64) -> u64 {
-    version & 0xff
-}
+pub use crate::wire::minor;
 
 /// Everything that ends a serve connection with an error.
 #[derive(Debug, thiserror::Error)]
@@ -63,18 +61,12 @@ pub enum ServeError {
     Wire(#[from] WireError),
     #[error("invalid NAR: {0}")]
     Nar(#[from] NarError),
+    #[error("invalid export stream: {0}")]
+    Export(#[from] ExportError),
     #[error(transparent)]
     Handler(#[from] HandlerError),
-    #[error(
-        "NAR of {path} does not match its info: got {got_size} bytes {got_hash}, expected {expected_size} bytes {expected_hash}"
-    )]
-    NarMismatch {
-        path: String,
-        got_size: u64,
-        got_hash: String,
-        expected_size: u64,
-        expected_hash: String,
-    },
+    #[error(transparent)]
+    NarMismatch(#[from] NarMismatch),
     #[error("'nix-store --serve' protocol error: {0}")]
     Protocol(String),
 }
@@ -413,46 +405,26 @@ pub async fn read_path_infos<R: AsyncRead + Unpin + ?Sized>(
     }
 }
 
-/// One path's metadata as an export stream carries it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportedPathMeta {
-    pub path: StorePath,
-    pub references: BTreeSet<StorePath>,
-    pub deriver: Option<StorePath>,
-    pub nar_size: u64,
-    pub nar_hash: crate::hash::Hash,
-}
-
-/// Validate an export stream from `r` while copying it byte for byte to `w`;
-/// reads nothing past its end.
+/// Validate an export stream from `r` while copying it byte for byte to `w`
+/// (through [`ExportReader`], the one export stream parser); reads nothing
+/// past its end. At most `limits.max_list` paths.
 ///
-/// Layout: per path `u64 1`, NAR, `u64 0x4558494e`, path, references (set),
-/// deriver (or `""`), `u64 0` (or `u64 1` and a legacy signature string); then `u64 0`.
+/// Layout: see [`crate::export`].
 pub async fn copy_export_stream<R, W>(
     r: &mut R,
     w: &mut W,
     limits: &Limits,
     nar_limits: &NarLimits,
-) -> Result<Vec<ExportedPathMeta>, ServeError>
+) -> Result<Vec<ExportedPath>, ServeError>
 where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
+    let mut r = r;
+    let mut w = w;
+    let mut reader = ExportReader::with_limits(&mut r, limits, nar_limits);
     let mut out = Vec::new();
-    loop {
-        match read_u64(r).await? {
-            0 => {
-                write_u64(w, 0).await?;
-                w.flush().await.map_err(WireError::from)?;
-                return Ok(out);
-            }
-            1 => write_u64(w, 1).await?,
-            v => {
-                return Err(ServeError::Protocol(format!(
-                    "invalid export stream marker {v}"
-                )));
-            }
-        }
+    while reader.has_next().await? {
         if out.len() as u64 >= limits.max_list {
             return Err(WireError::TooLong {
                 what: "export stream",
@@ -461,38 +433,20 @@ where
             }
             .into());
         }
-        let mut r2 = &mut *r;
-        let mut w2 = &mut *w;
-        let summary = copy_nar(&mut r2, &mut w2, nar_limits).await?;
-        wire::expect_u64(r, EXPORT_MAGIC).await?;
-        write_u64(w, EXPORT_MAGIC).await?;
-        let path = read_store_path(r).await?;
-        let references = read_store_paths(r, limits).await?;
-        let deriver = read_opt_store_path(r).await?;
-        write_store_path(w, &path).await?;
-        write_store_paths(w, &references).await?;
-        write_opt_store_path(w, deriver.as_ref()).await?;
-        match read_u64(r).await? {
-            0 => write_u64(w, 0).await?,
-            1 => {
-                let sig = read_string(r, limits.max_string).await?;
-                write_u64(w, 1).await?;
-                write_string(w, &sig).await?;
-            }
-            v => {
-                return Err(ServeError::Protocol(format!(
-                    "invalid export signature marker {v}"
-                )));
-            }
-        }
-        out.push(ExportedPathMeta {
-            path,
-            references,
-            deriver,
-            nar_size: summary.nar_size,
-            nar_hash: summary.nar_hash,
-        });
+        write_u64(&mut w, 1).await?;
+        let (entry, signature) = reader.read_entry(&mut w).await?;
+        export::write_trailer(
+            &mut w,
+            &entry.path,
+            &entry.references,
+            entry.deriver.as_ref(),
+            signature.as_deref(),
+        )
+        .await?;
+        out.push(entry);
     }
+    export::finish(&mut w).await?;
+    Ok(out)
 }
 
 /// A serve protocol reply, held in memory (for tests, captures and small data;

@@ -249,27 +249,19 @@ where
         }
         ServeRequest::AddToStoreNar { info } => {
             let (mut tx, mut rx) = pipe();
-            let expected = (info.nar_size, info.nar_hash.clone(), info.path.to_string());
+            let expected = info.clone();
             let nar_limits = &config.nar_limits;
             let produce = async move {
-                let mut take = (&mut *r).take(expected.0);
+                let mut take = (&mut *r).take(expected.nar_size);
                 let summary = copy_nar(&mut take, &mut tx, nar_limits).await?;
                 if take.limit() != 0 {
                     return Err(ServeError::Protocol(format!(
                         "NAR of {} is shorter than its announced size {}",
-                        expected.2, expected.0
+                        expected.path, expected.nar_size
                     )));
                 }
                 drop(tx);
-                if summary.nar_size != expected.0 || summary.nar_hash != expected.1 {
-                    return Err(ServeError::NarMismatch {
-                        path: expected.2,
-                        got_size: summary.nar_size,
-                        got_hash: summary.nar_hash.to_string(),
-                        expected_size: expected.0,
-                        expected_hash: expected.1.to_string(),
-                    });
-                }
+                wire::check_nar(&expected, &summary)?;
                 Ok(())
             };
             let consume = async move {

@@ -233,11 +233,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-    }
+    use crate::testutil::rt;
 
     #[test]
     fn layout_and_position() {

@@ -30,6 +30,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::hash::HashError;
+use crate::nar::NarSummary;
+use crate::path_info::ValidPathInfo;
 use crate::store_path::{StorePath, StorePathError};
 
 /// Bounds applied to untrusted input before anything is allocated.
@@ -104,6 +106,38 @@ impl WireError {
     pub fn is_eof(&self) -> bool {
         matches!(self, WireError::UnexpectedEof)
     }
+}
+
+/// The minor part of a protocol version (serve `0x2mm`, worker `0x1mm`).
+pub const fn minor(version: u64) -> u64 {
+    version & 0xff
+}
+
+/// A NAR whose size or sha256 is not what its path info announced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "NAR of {path} does not match its info: got {got_size} bytes {got_hash}, expected {expected_size} bytes {expected_hash}"
+)]
+pub struct NarMismatch {
+    pub path: String,
+    pub got_size: u64,
+    pub got_hash: String,
+    pub expected_size: u64,
+    pub expected_hash: String,
+}
+
+/// Check a NAR as read (`got`) against the `info` it came with.
+pub fn check_nar(info: &ValidPathInfo, got: &NarSummary) -> Result<(), NarMismatch> {
+    if got.nar_size == info.nar_size && got.nar_hash == info.nar_hash {
+        return Ok(());
+    }
+    Err(NarMismatch {
+        path: info.path.to_string(),
+        got_size: got.nar_size,
+        got_hash: got.nar_hash.to_string(),
+        expected_size: info.nar_size,
+        expected_hash: info.nar_hash.to_string(),
+    })
 }
 
 /// Padding after a string of `len` bytes.
@@ -403,11 +437,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-    }
+    use crate::testutil::rt;
 
     #[test]
     fn string_layout() {

@@ -473,12 +473,7 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    pub use crate::testutil::rt;
 
     /// The NAR of a single regular file.
     pub fn nar_of_file(contents: &[u8]) -> Vec<u8> {

@@ -61,11 +61,11 @@ use crate::nar::{NarError, NarLimits, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, BuildResultFields, DerivedPath, HandlerError, Limits, WireError, read_bool,
-    read_bytes, read_count, read_opt_store_path, read_store_path, read_store_paths, read_string,
-    read_string_set, read_strings, read_u64, read_u64_or_eof, write_bool, write_bytes,
-    write_opt_store_path, write_store_path, write_store_paths, write_string, write_strings,
-    write_u64,
+    self, BuildResult, BuildResultFields, DerivedPath, HandlerError, Limits, NarMismatch,
+    WireError, read_bool, read_bytes, read_count, read_opt_store_path, read_store_path,
+    read_store_paths, read_string, read_string_set, read_strings, read_u64, read_u64_or_eof,
+    write_bool, write_bytes, write_opt_store_path, write_store_path, write_store_paths,
+    write_string, write_strings, write_u64,
 };
 
 pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;
@@ -89,10 +89,7 @@ pub const ACT_BUILD: u64 = 105;
 /// Result type of a build log line (`resBuildLogLine`).
 pub const RES_BUILD_LOG_LINE: u64 = 101;
 
-/// The minor part of a protocol version.
-pub const fn minor(version: u64) -> u64 {
-    version & 0xff
-}
+pub use crate::wire::minor;
 
 /// [`BuildResult`] fields of a worker protocol version.
 pub fn build_result_fields(version: u64) -> BuildResultFields {
@@ -115,16 +112,8 @@ pub enum WorkerError {
     /// The daemon reported an error (client side).
     #[error("remote error: {}", .0.message)]
     Remote(RemoteError),
-    #[error(
-        "NAR of {path} does not match its info: got {got_size} bytes {got_hash}, expected {expected_size} bytes {expected_hash}"
-    )]
-    NarMismatch {
-        path: String,
-        got_size: u64,
-        got_hash: String,
-        expected_size: u64,
-        expected_hash: String,
-    },
+    #[error(transparent)]
+    NarMismatch(#[from] NarMismatch),
     #[error("worker protocol error: {0}")]
     Protocol(String),
 }

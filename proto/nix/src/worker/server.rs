@@ -529,7 +529,7 @@ where
         drop(tx);
         res
     };
-    let expected = (info.nar_size, info.nar_hash.clone(), info.path.to_string());
+    let expected = info.clone();
     let consume = async move {
         let res = handler
             .add_to_store_nar(info, repair, dont_check_sigs, &mut rx)
@@ -542,19 +542,7 @@ where
     if let Err(e) = handled {
         return Ok(Err(e));
     }
-    if summary.nar_size != expected.0 || summary.nar_hash != expected.1 {
-        return Ok(Err(HandlerError::new(
-            WorkerError::NarMismatch {
-                path: expected.2,
-                got_size: summary.nar_size,
-                got_hash: summary.nar_hash.to_string(),
-                expected_size: expected.0,
-                expected_hash: expected.1.to_string(),
-            }
-            .to_string(),
-        )));
-    }
-    Ok(Ok(()))
+    Ok(wire::check_nar(&expected, &summary).map_err(HandlerError::new))
 }
 
 async fn handle<R, W, H>(

@@ -1078,7 +1078,7 @@ fn our_client_against_real_nix_daemon() {
     rt().block_on(async {
         let store = PrivateStore::new();
         let mut child = store
-            .command("nix-daemon", &["--stdio"])
+            .async_command("nix-daemon", &["--stdio"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
