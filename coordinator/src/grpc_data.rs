@@ -105,9 +105,10 @@ pub async fn upload_nar(
         Err(s) => Err(std::io::Error::other(s.message().to_string())),
     });
     let reader = tokio_util::io::StreamReader::new(data);
+    // The whole stream must be this one NAR: trailing bytes are refused.
     let published = coord
         .cache()
-        .ingest(claimed, reader)
+        .ingest_exact(claimed, reader)
         .await
         .map_err(cache_status)?;
     tracing::debug!(path = %path, size = published.nar_size, "NAR ingested");

@@ -334,7 +334,26 @@ impl Cache {
     pub async fn ingest(
         &self,
         claimed: ValidPathInfo,
+        nar: impl AsyncRead + Unpin + Send,
+    ) -> Result<ValidPathInfo, CacheError> {
+        self.ingest_inner(claimed, nar, false).await
+    }
+
+    /// As [`Cache::ingest`], for a stream that must hold the NAR and nothing
+    /// else: bytes after the NAR's end are refused before anything is published.
+    pub async fn ingest_exact(
+        &self,
+        claimed: ValidPathInfo,
+        nar: impl AsyncRead + Unpin + Send,
+    ) -> Result<ValidPathInfo, CacheError> {
+        self.ingest_inner(claimed, nar, true).await
+    }
+
+    async fn ingest_inner(
+        &self,
+        claimed: ValidPathInfo,
         mut nar: impl AsyncRead + Unpin + Send,
+        exact: bool,
     ) -> Result<ValidPathInfo, CacheError> {
         let check = self.check_claim(&claimed)?;
         let limits = NarLimits {
@@ -355,6 +374,9 @@ impl Cache {
                         path: claimed.path.clone(),
                         source,
                     })?;
+            if exact {
+                expect_end(&claimed, &mut nar).await?;
+            }
             check_summary(&claimed, &summary)?;
             check_content(&claimed, &check, &summary, &contents)?;
             tracing::debug!(path = %claimed.path, "already in the cache");
@@ -373,7 +395,7 @@ impl Cache {
             path: Some(tmp.clone()),
         };
         let (file_hash, file_size) = match self
-            .upload_nar(&claimed, &check, &mut nar, &limits, &tmp)
+            .upload_nar(&claimed, &check, &mut nar, &limits, &tmp, exact)
             .await
         {
             Ok(v) => v,
@@ -455,6 +477,7 @@ impl Cache {
         nar: &mut (impl AsyncRead + Unpin + Send),
         limits: &NarLimits,
         tmp: &ObjectPath,
+        exact: bool,
     ) -> Result<(Hash, u64), CacheError> {
         let upload = BufWriter::with_capacity(self.inner.store.clone(), tmp.clone(), UPLOAD_CHUNK)
             .with_max_concurrency(UPLOAD_CONCURRENCY);
@@ -462,7 +485,12 @@ impl Cache {
             hashing::HashingWriter::new(upload),
             Level::Precise(self.inner.config.zstd_level),
         );
-        let copied = content::copy_inspect(nar, &mut zstd, limits, check).await;
+        let mut copied = content::copy_inspect(nar, &mut zstd, limits, check).await;
+        if exact && copied.is_ok() {
+            if let Err(e) = farm_nix::nar::expect_eof(nar).await {
+                copied = Err(e);
+            }
+        }
         let checked = match copied {
             Ok((summary, contents)) => check_summary(claimed, &summary)
                 .and_then(|()| check_content(claimed, check, &summary, &contents)),
@@ -635,6 +663,19 @@ fn check_summary(claimed: &ValidPathInfo, summary: &NarSummary) -> Result<(), Ca
         });
     }
     Ok(())
+}
+
+/// Refuse bytes after the NAR.
+async fn expect_end(
+    claimed: &ValidPathInfo,
+    nar: &mut (impl AsyncRead + Unpin),
+) -> Result<(), CacheError> {
+    farm_nix::nar::expect_eof(nar)
+        .await
+        .map_err(|source| CacheError::BadNar {
+            path: claimed.path.clone(),
+            source,
+        })
 }
 
 fn check_content(
