@@ -179,6 +179,7 @@ impl Coordinator {
             }
         }
         let mut lost: Vec<(String, String)> = Vec::new();
+        let mut too_big: Vec<(String, String, usize)> = Vec::new();
         for a in actions {
             match a {
                 Action::Dispatch(job) => {
@@ -199,7 +200,12 @@ impl Coordinator {
                             build_timeout_secs: job.build_timeout_secs,
                         })),
                     };
-                    if !self.send_to(&builder, msg) {
+                    // A message past the builder's decoding limit would end its
+                    // whole session; fail this build instead.
+                    let len = prost::Message::encoded_len(&msg);
+                    if len > farm_proto::MAX_MESSAGE_SIZE {
+                        too_big.push((builder, job_id, len));
+                    } else if !self.send_to(&builder, msg) {
                         lost.push((builder, job_id));
                     }
                 }
@@ -226,6 +232,21 @@ impl Coordinator {
             }
         }
         self.schedule_flush();
+        for (builder, job, len) in too_big {
+            tracing::warn!(%builder, %job, len, "job too large to send");
+            self.with_sched(|s, now| {
+                s.job_ended(
+                    &builder,
+                    &job,
+                    crate::scheduler::JobEnd::Failed(format!(
+                        "the job (its .drv and input paths) is {len} bytes encoded, over the farm's \
+                         {} byte message limit",
+                        farm_proto::MAX_MESSAGE_SIZE
+                    )),
+                    now,
+                )
+            });
+        }
         for (builder, job) in lost {
             tracing::warn!(%builder, %job, "could not send a job to its builder");
             self.with_sched(|s, now| {

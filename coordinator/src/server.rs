@@ -27,6 +27,10 @@ use crate::{CoordinatorError, keys};
 
 /// How long servers get to finish once the coordinator stops.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 streams one gRPC connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Requests one gRPC connection may have in flight at once.
+pub const CONCURRENCY_PER_CONNECTION: usize = 64;
 
 /// Where the coordinator listens and how to trust it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -333,7 +337,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     {
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Bounds per HTTP/2 connection: open streams, and requests in flight.
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION);
         if let Some(t) = &tls {
             let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
             builder = builder
@@ -347,7 +354,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         coord: coordinator.clone(),
                     },
                 )
-                .max_decoding_message_size(8 * 1024 * 1024),
+                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             )
             .add_service(
                 farm_proto::v1::farm_service_server::FarmServiceServer::new(
@@ -355,7 +363,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         coord: coordinator.clone(),
                     },
                 )
-                .max_decoding_message_size(8 * 1024 * 1024),
+                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             );
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true));
         let done = stopped();
