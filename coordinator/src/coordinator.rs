@@ -77,6 +77,9 @@ pub(crate) struct Inner {
     pub(crate) stopping: tokio_util::sync::CancellationToken,
     /// A state flush is scheduled (flushes coalesce).
     flush_pending: std::sync::atomic::AtomicBool,
+    /// Notices in order, to the task that delivers them (after a flush when
+    /// they report an end: see [`Coordinator::carry_out`]).
+    notices_tx: mpsc::UnboundedSender<Vec<Notice>>,
 }
 
 /// Handle on the coordinator's domain (cheap to clone).
@@ -94,7 +97,8 @@ impl Coordinator {
         cli_auth: CliAuth,
         facts: Facts,
     ) -> Coordinator {
-        Coordinator {
+        let (notices_tx, notices_rx) = mpsc::unbounded_channel();
+        let coord = Coordinator {
             inner: Arc::new(Inner {
                 sched: Mutex::new(sched),
                 sessions: Mutex::new(HashMap::new()),
@@ -109,8 +113,17 @@ impl Coordinator {
                 cache,
                 stopping: tokio_util::sync::CancellationToken::new(),
                 flush_pending: std::sync::atomic::AtomicBool::new(false),
+                notices_tx,
             }),
-        }
+        };
+        tokio::spawn(deliver_notices(Arc::downgrade(&coord.inner), notices_rx));
+        coord
+    }
+
+    /// Make every state write so far durable.
+    pub async fn flush(&self) -> Result<(), crate::state::StateError> {
+        let store = self.read_sched(|s| s.store().clone());
+        store.flush().await
     }
 
     pub fn builder_auth(&self) -> &BuilderAuth {
@@ -169,14 +182,12 @@ impl Coordinator {
         f(&s)
     }
 
+    /// Carry out the scheduler's actions, and hand its notices (in order) to
+    /// the delivery task: a `Finished` or `SubmissionDone` reaches watchers only
+    /// once the state that says so is flushed to disk.
     fn carry_out(&self, actions: Vec<Action>, notices: Vec<Notice>) {
-        for n in notices {
-            let events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
-            for sid in &n.submissions {
-                if let Some(tx) = events.get(sid) {
-                    let _ = tx.send(n.event.clone());
-                }
-            }
+        if !notices.is_empty() {
+            let _ = self.inner.notices_tx.send(notices);
         }
         let mut lost: Vec<(String, String)> = Vec::new();
         let mut too_big: Vec<(String, String, usize)> = Vec::new();
@@ -494,6 +505,48 @@ impl Coordinator {
     /// Resolves when some live log grows or ends (armed when called).
     pub fn log_changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.inner.log_notify.notified()
+    }
+}
+
+/// Deliver notices in the order they were made; a batch that reports a build's
+/// or a submission's end waits for a state flush first. Ends with the coordinator.
+async fn deliver_notices(
+    inner: std::sync::Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Notice>>,
+) {
+    while let Some(mut batch) = rx.recv().await {
+        // Take whatever else is waiting: one flush covers them all.
+        while let Ok(more) = rx.try_recv() {
+            batch.extend(more);
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let ends = batch.iter().any(|n| {
+            matches!(
+                n.event,
+                Event::Finished { .. } | Event::SubmissionDone { .. }
+            )
+        });
+        if ends {
+            let store = inner
+                .sched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .store()
+                .clone();
+            if let Err(e) = store.flush().await {
+                tracing::error!(error = %e, "cannot flush the state database before reporting build results");
+            }
+        }
+        let events = inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        for n in batch {
+            for sid in &n.submissions {
+                if let Some(tx) = events.get(sid) {
+                    let _ = tx.send(n.event.clone());
+                }
+            }
+        }
     }
 }
 

@@ -36,6 +36,14 @@ impl FarmSvc {
         tracing::debug!(method, caller = ?caller, "CLI call");
         Ok(())
     }
+
+    /// Make the state durable before acknowledging a change.
+    async fn flushed(&self) -> Result<(), Status> {
+        self.coord.flush().await.map_err(|e| {
+            tracing::error!(error = %e, "cannot flush the state database");
+            Status::internal("the coordinator could not save its state")
+        })
+    }
 }
 
 fn secs(ms: Option<i64>) -> i64 {
@@ -192,6 +200,10 @@ pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::Buil
     tokio::spawn(async move {
         'outer: loop {
             let mut events = coord.subscribe(sid);
+            // The snapshot reports only what is on disk.
+            if let Err(e) = coord.flush().await {
+                tracing::error!(error = %e, "cannot flush the state database");
+            }
             let Some((sub, builds)) = coord.read_sched(|s| s.submission(sid)) else {
                 let _ = tx
                     .send(Err(Status::not_found(format!("no submission s{sid}"))))
@@ -398,6 +410,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             )));
         };
         tracing::info!(%id, cancelled, "cancel requested");
+        self.flushed().await?;
         Ok(Response::new(v1::CancelResponse { cancelled }))
     }
 
@@ -417,6 +430,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
                 req.builder
             )));
         }
+        self.flushed().await?;
         Ok(Response::new(v1::SetDrainResponse {}))
     }
 
