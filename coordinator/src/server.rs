@@ -86,10 +86,12 @@ impl RunningCoordinator {
     async fn join(&mut self) -> Result<(), CoordinatorError> {
         let mut result = Ok(());
         let mut stop_rx = self.stop.subscribe();
-        let coord = self.coordinator.clone();
+        let coord = std::sync::Arc::downgrade(&self.coordinator.inner);
         let stopped = async move {
             let _ = stop_rx.wait_for(|s| *s).await;
-            coord.stop();
+            if let Some(inner) = coord.upgrade() {
+                Coordinator { inner }.stop();
+            }
             tokio::time::sleep(STOP_TIMEOUT).await;
         };
         tokio::pin!(stopped);
@@ -126,6 +128,16 @@ impl RunningCoordinator {
         self.coordinator.stop();
         let store = self.coordinator.read_sched(|s| s.store().clone());
         store.flush().await?;
+        drop(store);
+        // Tasks still winding down (session ends, spawned work) hold the
+        // coordinator and with it the state database's lock: give them a moment,
+        // so that the same process can open the state again at once.
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while std::sync::Arc::strong_count(&self.coordinator.inner) > 1
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         result
     }
 }
