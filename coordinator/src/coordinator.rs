@@ -425,6 +425,11 @@ impl Coordinator {
         self.read_sched(|s| s.builder_key(name).map(|(k, _)| k))
     }
 
+    /// The key a builder of this name last joined with, online or not.
+    pub fn known_key(&self, name: &str) -> Option<String> {
+        self.read_sched(|s| s.builder_key(name).map(|(k, _)| k))
+    }
+
     /// The builder a data-call session token belongs to.
     pub fn session_builder(&self, token: &str) -> Option<String> {
         self.inner

@@ -495,6 +495,58 @@ async fn builder_handshake_accepts_enrolled_refuses_others() {
 }
 
 #[tokio::test]
+async fn a_builder_name_stays_bound_to_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = key(11);
+    let second = key(12);
+    let c = start(dir.path(), &[&first, &second]).await;
+    let ch = channel(&c).await;
+    let b = connect(ch.clone(), "named", &first, &first, vec![])
+        .await
+        .unwrap();
+    drop(b);
+    // wait until it is offline
+    let mut farm = FarmServiceClient::new(ch.clone());
+    loop {
+        let st = farm
+            .status(v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.builders[0].state == v1::BuilderState::Offline as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // another enrolled key may not take the name, even with the first one offline
+    let err = connect(ch.clone(), "named", &second, &second, vec![])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("--builder-keys"),
+        "{}",
+        err.message()
+    );
+    // the first key still can
+    let b = connect(ch.clone(), "named", &first, &first, vec![])
+        .await
+        .unwrap();
+    drop(b);
+    // once the old key is no longer enrolled, the name can be re-enrolled
+    std::fs::write(
+        dir.path().join("builder_keys"),
+        format!("{}\n", second.line),
+    )
+    .unwrap();
+    connect(ch.clone(), "named", &second, &second, vec![])
+        .await
+        .unwrap();
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn submitted_graph_is_built_once_in_dependency_order() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(3);
