@@ -22,27 +22,43 @@ use crate::config::CoordinatorConfig;
 /// Largest key or authorized_keys file read.
 const MAX_KEY_FILE: u64 = 4 * 1024 * 1024;
 
-/// Write `contents` to `path` atomically with `mode` (a temp file renamed in place).
+/// Write `contents` to `path` atomically with `mode`: a fresh temporary file
+/// (created exclusively, mode 0600 from the start, so a secret is never readable
+/// by others even for a moment) is written, synced, given `mode`, renamed in
+/// place, and the directory synced. Temporary files a crash left behind are removed.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!(".{base}.tmp");
+    // Leftovers of an interrupted write of this file (ours are unique per call).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
+        "{prefix}{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
     ));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
+            .create_new(true)
+            .mode(0o600)
             .open(&tmp)?;
         f.write_all(contents)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -310,6 +326,28 @@ mod tests {
         let t2 = tls_files(&config, &[]).unwrap();
         assert_eq!(t1.cert_pem, t2.cert_pem);
         assert!(String::from_utf8_lossy(&t1.cert_pem).contains("BEGIN CERTIFICATE"));
+    }
+
+    #[test]
+    fn atomic_writes_are_private_and_clean_up() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        // a leftover of a crashed write
+        std::fs::write(dir.path().join(".secret.tmp1234"), b"old").unwrap();
+        write_file_atomic(&path, b"one", 0o600).unwrap();
+        write_file_atomic(&path, b"two", 0o644).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        write_file_atomic(&path, b"three", 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["secret".to_string()]);
     }
 
     #[test]

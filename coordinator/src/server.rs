@@ -265,7 +265,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         .map_err(io(format!("creating {}", config.state_dir.display())))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+        if let Err(e) =
+            std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        {
+            tracing::warn!(
+                dir = %config.state_dir.display(),
+                error = %e,
+                "cannot make the state directory private (mode 0700); it holds the farm's keys"
+            );
+        }
     }
     let signing_key = keys::cache_signing_key(&config)?;
     let host_key = keys::ssh_host_key(&config.state_dir)?;
