@@ -39,13 +39,64 @@ struct Session {
     tx: SessionSender,
 }
 
-/// A running build's log so far, and a signal for followers.
+/// A running build's log so far, and a signal for followers. Kept as the
+/// chunks the builder sent; past [`MAX_LIVE_LOG`] whole chunks are dropped from
+/// the head (no bytes are moved).
 #[derive(Default)]
 pub struct LiveLog {
-    pub data: Vec<u8>,
+    chunks: std::collections::VecDeque<bytes::Bytes>,
+    /// Bytes held in `chunks`.
+    held: usize,
     /// Bytes dropped from the head to stay under [`MAX_LIVE_LOG`].
     pub dropped: u64,
     pub ended: bool,
+}
+
+impl LiveLog {
+    /// Append bytes, dropping whole chunks from the head past [`MAX_LIVE_LOG`].
+    pub fn push(&mut self, data: &[u8]) {
+        self.push_capped(data, MAX_LIVE_LOG);
+    }
+
+    fn push_capped(&mut self, data: &[u8], cap: usize) {
+        if data.is_empty() {
+            return;
+        }
+        self.chunks.push_back(bytes::Bytes::copy_from_slice(data));
+        self.held += data.len();
+        while self.held > cap
+            && let Some(front) = self.chunks.pop_front()
+        {
+            self.held -= front.len();
+            self.dropped += front.len() as u64;
+        }
+    }
+
+    /// Absolute offset of the end of the log (dropped bytes count).
+    pub fn end(&self) -> u64 {
+        self.dropped + self.held as u64
+    }
+
+    /// The bytes from absolute `offset` (or from the oldest kept byte) to the end.
+    pub fn read_from(&self, offset: u64) -> Vec<u8> {
+        let mut skip = offset.saturating_sub(self.dropped);
+        let mut out = Vec::new();
+        for c in &self.chunks {
+            let len = c.len() as u64;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            out.extend_from_slice(&c[skip as usize..]);
+            skip = 0;
+        }
+        out
+    }
+
+    /// The kept chunks (cheap: reference-counted).
+    pub fn chunks(&self) -> Vec<bytes::Bytes> {
+        self.chunks.iter().cloned().collect()
+    }
 }
 
 /// Fixed facts about this coordinator that handlers report.
@@ -327,13 +378,15 @@ impl Coordinator {
                 .remove(&build);
             if let Some(live) = live {
                 // Followers keep the Arc and read the tail after `ended`.
-                let data = {
+                // The chunks are shared, not copied, under the lock; followers
+                // still read the tail from the live log.
+                let chunks = {
                     let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
                     l.ended = true;
-                    l.data.clone()
+                    l.chunks()
                 };
                 this.inner.log_notify.notify_waiters();
-                this.store_log(build, data).await;
+                this.store_log(build, chunks.concat()).await;
             }
         });
     }
@@ -461,12 +514,7 @@ impl Coordinator {
             .clone();
         {
             let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
-            l.data.extend_from_slice(data);
-            if l.data.len() > MAX_LIVE_LOG {
-                let cut = l.data.len() - MAX_LIVE_LOG;
-                l.data.drain(..cut);
-                l.dropped += cut as u64;
-            }
+            l.push(data);
             drop(l);
             self.inner.log_notify.notify_waiters();
         }
@@ -592,5 +640,29 @@ impl Coordinator {
             }
         }
         self.with_sched(|s, now| s.job_ended(builder, &r.job_id, end, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_log_drops_whole_chunks_past_the_cap() {
+        let mut l = LiveLog::default();
+        l.push_capped(b"aaaa", 10);
+        l.push_capped(b"bbbb", 10);
+        assert_eq!((l.dropped, l.end()), (0, 8));
+        l.push_capped(b"cccc", 10);
+        // 12 > 10: the oldest chunk goes, whole
+        assert_eq!((l.dropped, l.end()), (4, 12));
+        assert_eq!(l.read_from(0), b"bbbbcccc");
+        assert_eq!(l.read_from(6), b"bbcccc");
+        assert_eq!(l.read_from(9), b"ccc");
+        assert_eq!(l.read_from(12), b"");
+        assert_eq!(l.read_from(40), b"");
+        assert_eq!(l.chunks().concat(), b"bbbbcccc");
+        l.push_capped(b"", 10);
+        assert_eq!(l.chunks().len(), 2);
     }
 }
