@@ -104,6 +104,10 @@ pub struct Args {
     /// Builders' public keys (authorized_keys format); re-read on every builder connection.
     #[arg(long, env = "FARM_BUILDER_KEYS", value_name = "FILE")]
     pub builder_keys: Option<PathBuf>,
+    /// Unix socket for `farm-coordinator stdio` (sites with OpenSSH in front of
+    /// the Nix endpoint); not opened unless given.
+    #[arg(long, env = "FARM_RELAY_SOCKET", value_name = "PATH")]
+    pub relay_socket: Option<PathBuf>,
     /// gRPC TLS [default: auto = TLS unless the gRPC address is loopback].
     #[arg(long, env = "FARM_TLS", value_name = "MODE")]
     pub tls: Option<TlsMode>,
@@ -147,6 +151,7 @@ pub struct FileConfig {
     pub authorized_keys: Option<PathBuf>,
     pub admin_keys: Option<PathBuf>,
     pub builder_keys: Option<PathBuf>,
+    pub relay_socket: Option<PathBuf>,
     pub tls: Option<TlsMode>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -178,6 +183,8 @@ pub struct CoordinatorConfig {
     /// Builder keys accepted in addition to the file (OpenSSH public key lines);
     /// `farm up` enrols its in-process builder this way.
     pub extra_builder_keys: Vec<String>,
+    /// Unix socket the stdio relay (`farm-coordinator stdio`) connects to.
+    pub relay_socket: Option<PathBuf>,
     pub tls: TlsMode,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -205,6 +212,7 @@ impl CoordinatorConfig {
             admin_keys: None,
             builder_keys: None,
             extra_builder_keys: Vec::new(),
+            relay_socket: None,
             tls: TlsMode::Auto,
             tls_cert: None,
             tls_key: None,
@@ -279,6 +287,7 @@ impl CoordinatorConfig {
             admin_keys: args.admin_keys.or(file.admin_keys),
             builder_keys: args.builder_keys.or(file.builder_keys),
             extra_builder_keys: Vec::new(),
+            relay_socket: args.relay_socket.or(file.relay_socket),
             tls: args.tls.or(file.tls).unwrap_or(d.tls),
             tls_cert,
             tls_key,

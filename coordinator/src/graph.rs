@@ -20,11 +20,13 @@ pub const MAX_DRV_SIZE: u64 = 16 * 1024 * 1024;
 pub const MAX_GRAPH: usize = 200_000;
 
 /// How a submission is to be built.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SubmitOptions {
     pub priority: Priority,
     pub max_silent_time_secs: u64,
     pub build_timeout_secs: u64,
+    /// Who asks (key fingerprint and comment, or `local`); recorded with the builds.
+    pub client: Option<String>,
 }
 
 /// Why a submission was refused.
@@ -228,6 +230,7 @@ impl Coordinator {
             priority: opts.priority,
             max_silent_time_secs: opts.max_silent_time_secs,
             build_timeout_secs: opts.build_timeout_secs,
+            client: opts.client,
         };
         let sid = self
             .with_sched(|s, now| s.submit(g, now))

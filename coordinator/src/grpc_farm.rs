@@ -10,7 +10,7 @@ use farm_proto::v1::build_event::Event as Ev;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::Level;
+use crate::auth::{Caller, Level};
 use crate::coordinator::{Coordinator, now_ms};
 use crate::grpc::{BoxStream, capabilities_to, load_to};
 use crate::scheduler::types::*;
@@ -27,14 +27,14 @@ impl FarmSvc {
         req: &Request<T>,
         method: &str,
         level: Level,
-    ) -> Result<(), Status> {
+    ) -> Result<Caller, Status> {
         let caller = self
             .coord
             .cli_auth()
             .check(req.metadata(), method, level, now_ms() / 1000)
             .await?;
         tracing::debug!(method, caller = ?caller, "CLI call");
-        Ok(())
+        Ok(caller)
     }
 
     /// Make the state durable before acknowledging a change.
@@ -332,7 +332,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
-        self.authorize(&request, methods::SUBMIT, Level::Read)
+        let caller = self
+            .authorize(&request, methods::SUBMIT, Level::Read)
             .await?;
         let req = request.into_inner();
         let drvs = farm_proto::convert::parse_store_paths("drv_paths", &req.drv_paths, 100_000)?;
@@ -348,6 +349,13 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             priority: parse_priority(req.priority),
             max_silent_time_secs: req.max_silent_time_secs,
             build_timeout_secs: req.build_timeout_secs,
+            client: Some(match caller {
+                Caller::Local => "local".to_owned(),
+                Caller::Key {
+                    fingerprint,
+                    comment,
+                } => format!("{fingerprint} {comment}").trim_end().to_owned(),
+            }),
         };
         let sid = self
             .coord

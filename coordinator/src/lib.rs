@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod coordinator;
+pub mod endpoint;
 pub mod graph;
 pub mod grpc;
 pub mod grpc_data;

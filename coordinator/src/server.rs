@@ -277,6 +277,9 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     }
     let signing_key = keys::cache_signing_key(&config)?;
     let host_key = keys::ssh_host_key(&config.state_dir)?;
+    let host_key_openssh = host_key
+        .to_openssh(ssh_key::LineEnding::LF)
+        .map_err(|e| CoordinatorError::Key(format!("SSH host key: {e}")))?;
     let ssh_host_key = keys::public_key_line(host_key.public_key());
 
     let grpc_l = bind(&config.grpc).await?;
@@ -409,27 +412,55 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                 })
         });
     }
-    // SSH: the Nix endpoint comes with issue 5; until then the port is held and
-    // connections are closed at once.
+    // SSH: the Nix endpoint (ssh:// and ssh-ng://), and the relay socket for
+    // sites with OpenSSH in front.
     {
+        let endpoint = crate::endpoint::Endpoint::for_coordinator(&coordinator);
+        let keys = crate::endpoint::access::AuthorizedKeysFiles::new(
+            config
+                .authorized_keys
+                .iter()
+                .chain(config.admin_keys.iter())
+                .cloned()
+                .collect(),
+        );
+        if keys.files.is_empty() {
+            tracing::warn!("no --authorized-keys configured: no Nix client can connect over SSH");
+        }
+        let ssh_config = crate::ssh::SshConfig {
+            host_key: crate::ssh::load_host_key(&host_key_openssh)
+                .map_err(|e| CoordinatorError::Key(format!("SSH host key: {e}")))?,
+            inactivity_timeout: Duration::from_secs(24 * 3600),
+        };
         let done = stopped();
+        let ep = endpoint.clone();
         tasks.spawn(async move {
-            tokio::select! {
-                _ = done => {}
-                _ = async {
-                    loop {
-                        match ssh_l.accept().await {
-                            Ok((sock, _)) => drop(sock),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "ssh accept failed");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
-                } => {}
-            }
-            Ok(())
+            crate::ssh::serve(
+                ssh_l,
+                ssh_config,
+                std::sync::Arc::new(keys),
+                std::sync::Arc::new(ep),
+                done,
+            )
+            .await
+            .map_err(|source| CoordinatorError::Io {
+                context: "SSH server".into(),
+                source,
+            })
         });
+        if let Some(path) = &config.relay_socket {
+            let listener = crate::endpoint::bind_relay_socket(path)
+                .map_err(io(format!("binding the relay socket {}", path.display())))?;
+            let done = stopped();
+            tasks.spawn(async move {
+                crate::stdio::serve(listener, std::sync::Arc::new(endpoint), done)
+                    .await
+                    .map_err(|source| CoordinatorError::Io {
+                        context: "relay socket".into(),
+                        source,
+                    })
+            });
+        }
     }
     // Scheduler ticks
     {

@@ -202,12 +202,22 @@ impl FarmProcess {
         }
     }
 
-    /// Waits until the log contains `needle`, failing if the process exits or
-    /// `timeout` passes first.
+    /// What the process itself wrote: the log without the harness's header
+    /// line (which quotes the command line, and so may contain any needle).
+    pub fn output(&self) -> String {
+        let log = self.log();
+        match log.split_once('\n') {
+            Some((header, rest)) if header.starts_with("[farm-tests] $ ") => rest.to_owned(),
+            _ => log,
+        }
+    }
+
+    /// Waits until the process's output contains `needle`, failing if the
+    /// process exits or `timeout` passes first.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
+            if self.output().contains(needle) {
                 return Ok(());
             }
             self.ensure_running()?;

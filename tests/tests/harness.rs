@@ -172,6 +172,17 @@ fn processes_are_logged_waited_for_and_killed() -> anyhow::Result<()> {
         "-c",
         "trap 'echo got-term; exit 0' TERM; echo trapped; while :; do sleep 0.05; done",
     ]);
+    // The log's header quotes the command line: waiting for a word of the
+    // script must wait for the process to print it, not match the header.
+    let mut late = std::process::Command::new("sh");
+    late.args(["-c", "sleep 30; echo late-marker"]);
+    let mut late = FarmProcess::spawn(&logs, "late", late)?;
+    assert!(
+        late.wait_for_log("late-marker", Duration::from_millis(300))
+            .is_err()
+    );
+    late.kill()?;
+
     let mut polite = FarmProcess::spawn(&logs, "polite", cmd)?;
     polite.wait_for_log("trapped", Duration::from_secs(10))?;
     let status = polite.stop(Duration::from_secs(10))?;

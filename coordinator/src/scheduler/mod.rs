@@ -82,6 +82,8 @@ pub struct GraphSubmission {
     pub priority: Priority,
     pub max_silent_time_secs: u64,
     pub build_timeout_secs: u64,
+    /// Who asked (recorded on the submission and on each of its builds).
+    pub client: Option<String>,
 }
 
 /// How a job ended, as the builder reported it (and, for `Built`, as verified
@@ -402,6 +404,7 @@ impl Scheduler {
             created_ms: now,
             done: false,
             cancelled: false,
+            client: g.client.clone(),
         };
         let mut ids: HashMap<StorePath, BuildId> = HashMap::new();
         let mut fresh: Vec<BuildId> = Vec::new();
@@ -416,6 +419,7 @@ impl Scheduler {
                 Some(id) => {
                     let b = self.builds.get_mut(&id).expect("indexed build exists");
                     b.rec.submissions.insert(sid);
+                    b.rec.requested_by.extend(g.client.iter().cloned());
                     if g.priority > b.rec.priority {
                         let queued = b.rec.state == BuildState::Queued;
                         if queued {
@@ -455,6 +459,7 @@ impl Scheduler {
                         builder: None,
                         started_ms: None,
                         finished_ms: None,
+                        requested_by: g.client.iter().cloned().collect(),
                     };
                     self.by_drv.insert(nb.drv_path.clone(), id);
                     self.builds.insert(

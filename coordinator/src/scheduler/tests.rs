@@ -822,3 +822,42 @@ fn restart_with_builder_gone_requeues_after_grace() {
     assert_eq!(j.len(), 1);
     assert_eq!(j[0].builder, "other");
 }
+
+#[test]
+fn builds_record_every_client_that_asked() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    let mut g = graph(vec![nb("shared", "x86_64-linux", &[], &[])], &["shared"]);
+    g.client = Some("SHA256:alice alice@laptop".into());
+    let s1 = s.submit(g, 1).unwrap();
+    let mut g = graph(
+        vec![
+            nb("shared", "x86_64-linux", &[], &[]),
+            nb("own", "x86_64-linux", &[], &["shared"]),
+        ],
+        &["own"],
+    );
+    g.client = Some("SHA256:bob bob@ci".into());
+    let s2 = s.submit(g, 2).unwrap();
+    let shared = s.build(id_of(&s, "shared")).unwrap();
+    assert_eq!(
+        shared.requested_by,
+        BTreeSet::from([
+            "SHA256:alice alice@laptop".to_string(),
+            "SHA256:bob bob@ci".to_string()
+        ])
+    );
+    let own = s.build(id_of(&s, "own")).unwrap();
+    assert_eq!(
+        own.requested_by,
+        BTreeSet::from(["SHA256:bob bob@ci".to_string()])
+    );
+    assert_eq!(
+        s.submission(s1).unwrap().0.client.as_deref(),
+        Some("SHA256:alice alice@laptop")
+    );
+    assert_eq!(
+        s.submission(s2).unwrap().0.client.as_deref(),
+        Some("SHA256:bob bob@ci")
+    );
+}

@@ -95,6 +95,10 @@ pub struct BuildRecord {
     pub builder: Option<String>,
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
+    /// Who asked for it: each client (SSH/CLI key fingerprint and comment,
+    /// or `local`) of every submission that included it.
+    #[serde(default)]
+    pub requested_by: BTreeSet<String>,
 }
 
 /// A set of derivations somebody asked for, as persisted.
@@ -109,6 +113,9 @@ pub struct SubmissionRecord {
     pub created_ms: i64,
     pub done: bool,
     pub cancelled: bool,
+    /// Who submitted it (key fingerprint and comment, or `local`).
+    #[serde(default)]
+    pub client: Option<String>,
 }
 
 /// What a builder says it can do.

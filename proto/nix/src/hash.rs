@@ -304,6 +304,87 @@ mod tests {
         ));
     }
 
+    /// Every format of sha1, sha256 and sha512 hashes against Nix 2.8's own
+    /// conversions (`nix-hash --to-base32/--to-base16`, `nix hash to-sri/to-base64`)
+    /// and `nix-hash --flat` of the same bytes.
+    #[test]
+    fn formats_match_nix() {
+        use crate::testutil::run;
+        use std::process::Command;
+        let lines = |mut cmd: Command| -> Vec<String> {
+            cmd.arg("--extra-experimental-features").arg("nix-command");
+            String::from_utf8(run(cmd, None))
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        let nix_hash = |args: &[&str], hashes: &[String]| {
+            let mut cmd = Command::new("nix-hash");
+            cmd.args(args).args(hashes);
+            // nix-hash takes no --extra-experimental-features.
+            String::from_utf8(run(cmd, None))
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let inputs: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"abc".to_vec(),
+            (0..=255u8).cycle().take(1000).collect(),
+        ];
+        let mut files = Vec::new();
+        for (i, data) in inputs.iter().enumerate() {
+            let f = dir.path().join(format!("in{i}"));
+            std::fs::write(&f, data).unwrap();
+            files.push(f.to_str().unwrap().to_owned());
+        }
+        for (algo, name) in [
+            (HashAlgo::Sha1, "sha1"),
+            (HashAlgo::Sha256, "sha256"),
+            (HashAlgo::Sha512, "sha512"),
+        ] {
+            let ours: Vec<Hash> = inputs.iter().map(|d| algo.digest(d)).collect();
+            let hex: Vec<String> = ours.iter().map(Hash::to_base16).collect();
+            let nix32: Vec<String> = ours.iter().map(Hash::to_nix32).collect();
+            let sri: Vec<String> = ours.iter().map(Hash::to_sri).collect();
+            assert_eq!(nix_hash(&["--type", name, "--flat"], &files), hex, "{name}");
+            assert_eq!(
+                nix_hash(&["--type", name, "--to-base32"], &hex),
+                nix32,
+                "{name}"
+            );
+            assert_eq!(
+                nix_hash(&["--type", name, "--to-base16"], &nix32),
+                hex,
+                "{name}"
+            );
+            let mut cmd = Command::new("nix");
+            cmd.args(["hash", "to-sri", "--type", name]).args(&nix32);
+            let nix_sri = lines(cmd);
+            assert_eq!(nix_sri, sri, "{name}");
+            let mut cmd = Command::new("nix");
+            cmd.args(["hash", "to-base64", "--type", name]).args(&hex);
+            let nix_b64 = lines(cmd);
+            for (i, h) in ours.iter().enumerate() {
+                assert_eq!(nix_b64[i], h.to_base64(), "{name}");
+                // Everything Nix printed parses back to the same hash.
+                for s in [
+                    format!("{name}:{}", hex[i]),
+                    format!("{name}:{}", nix32[i]),
+                    format!("{name}:{}", nix_b64[i]),
+                    nix_sri[i].clone(),
+                ] {
+                    assert_eq!(Hash::parse_any(&s).unwrap(), *h, "{s}");
+                }
+                assert_eq!(Hash::parse_bare(algo, &nix32[i]).unwrap(), *h);
+                assert_eq!(Hash::parse_bare(algo, &hex[i]).unwrap(), *h);
+            }
+        }
+    }
+
     #[test]
     fn every_algo_round_trips() {
         for algo in [

@@ -208,6 +208,68 @@ mod tests {
         assert!(StorePath::parse(&long).is_err());
     }
 
+    /// Paths computed here are the ones a real Nix 2.8 store gives: added
+    /// files and trees (`source`), flat fixed-output paths, and text files
+    /// with and without references.
+    #[test]
+    fn paths_match_real_nix() {
+        use crate::testutil::{PrivateStore, nix_dump};
+        let store = PrivateStore::new();
+        let src = tempfile::tempdir().unwrap();
+        let file = src.path().join("hello.txt");
+        std::fs::write(&file, "hello\n").unwrap();
+        let tree = src.path().join("a-tree");
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::write(tree.join("sub/x"), "x").unwrap();
+        std::os::unix::fs::symlink("sub/x", tree.join("link")).unwrap();
+
+        let added = store.run_str(
+            "nix-store",
+            &["--add", file.to_str().unwrap(), tree.to_str().unwrap()],
+        );
+        let added: Vec<&str> = added.lines().collect();
+        for (fs_path, printed) in [&file, &tree].into_iter().zip(&added) {
+            let nar_hash = HashAlgo::Sha256.digest(&nix_dump(fs_path));
+            let name = fs_path.file_name().unwrap().to_str().unwrap();
+            let want = StorePath::make("source", &nar_hash, name).unwrap();
+            assert_eq!(*printed, want.to_string());
+            assert_eq!(StorePath::parse(printed).unwrap(), want);
+        }
+        assert_eq!(added.len(), 2);
+
+        let flat = store.run_str(
+            "nix-store",
+            &["--add-fixed", "sha256", file.to_str().unwrap()],
+        );
+        let content = HashAlgo::Sha256.digest(b"hello\n");
+        let inner = HashAlgo::Sha256
+            .digest(format!("fixed:out:sha256:{}:", content.to_base16()).as_bytes());
+        assert_eq!(
+            flat,
+            StorePath::make("output:out", &inner, "hello.txt")
+                .unwrap()
+                .to_string()
+        );
+
+        let text = store.run_str(
+            "nix-instantiate",
+            &[
+                "--eval",
+                "--read-write-mode",
+                "-E",
+                "let a = builtins.toFile \"a\" \"x\"; in builtins.toFile \"b\" \"see ${a}\"",
+            ],
+        );
+        let a = StorePath::make("text", &HashAlgo::Sha256.digest(b"x"), "a").unwrap();
+        let b = StorePath::make(
+            &format!("text:{a}"),
+            &HashAlgo::Sha256.digest(format!("see {a}").as_bytes()),
+            "b",
+        )
+        .unwrap();
+        assert_eq!(text, format!("\"{b}\""));
+    }
+
     #[test]
     fn make_text_path_like_nix() {
         // `nix-instantiate --eval` of builtins.toFile "hello" "hello world\n" in Nix 2.8 is

@@ -7,6 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::derivation::{BasicDerivation, Derivation, name_from_drv_path};
+use crate::store_path::StorePath;
+use crate::wire;
+
 /// A current-thread tokio runtime (I/O and timers enabled) for tests.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -147,4 +151,64 @@ impl PrivateStore {
             .trim()
             .to_string()
     }
+}
+
+/// Instantiate the captures' test derivation (`test.nix`, taken from
+/// `make-captures.sh`) with `salt` in `store`, as the capture scenario did;
+/// returns the `.drv` path `nix-instantiate` printed.
+pub fn instantiate_capture_drv(store: &PrivateStore, salt: &str) -> String {
+    let script = std::fs::read_to_string(captures_dir().join("make-captures.sh")).unwrap();
+    let start = script
+        .find("<<'NIX'\n")
+        .expect("test.nix in make-captures.sh")
+        + "<<'NIX'\n".len();
+    let len = script[start..].find("\nNIX\n").expect("end of test.nix");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("test.nix");
+    std::fs::write(&file, &script[start..start + len + 1]).unwrap();
+    store.run_str(
+        "nix-instantiate",
+        &[file.to_str().unwrap(), "--argstr", "salt", salt],
+    )
+}
+
+/// Check a `BasicDerivation` a real Nix client sent in a `BuildDerivation`
+/// request (`req_bytes`: op `op`, the `.drv` path, the derivation, options)
+/// against the `.drv` files in `store`: it must be `Derivation::to_basic` of
+/// `drv_path` with the used outputs of its input derivations added to the
+/// input sources (what Nix's build hook sends), and our encoding of that must
+/// be the captured bytes.
+pub async fn check_captured_basic_derivation(
+    store: &PrivateStore,
+    op: u64,
+    req_bytes: &[u8],
+    drv_path: &StorePath,
+    drv: &BasicDerivation,
+) {
+    let read_drv = |p: &StorePath| {
+        let file = store.store_on_host().join(p.base_name());
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{p} was not instantiated: {e}"));
+        Derivation::parse_aterm(&text).unwrap()
+    };
+    let full = read_drv(drv_path);
+    let mut want = full.to_basic(&name_from_drv_path(drv_path).unwrap());
+    for (input, outputs) in &full.input_drvs {
+        let paths = read_drv(input).output_paths();
+        for o in outputs {
+            want.input_srcs.insert(paths[o].clone());
+        }
+    }
+    assert_eq!(*drv, want, "{drv_path}");
+    let mut head = op.to_le_bytes().to_vec();
+    wire::write_store_path(&mut head, drv_path).await.unwrap();
+    let mut bytes = Vec::new();
+    wire::write_basic_derivation(&mut bytes, &want)
+        .await
+        .unwrap();
+    assert_eq!(req_bytes[..head.len()], head[..], "{drv_path}");
+    assert!(
+        req_bytes[head.len()..].starts_with(&bytes),
+        "wire form of {drv_path}"
+    );
 }

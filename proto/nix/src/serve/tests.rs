@@ -2,16 +2,18 @@
 //! and re-encoded byte for byte, the captures replayed against our server,
 //! malformed input, and our client against our server and a real `nix-store --serve`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::derivation::{BasicDerivation, DerivationOutput};
+use crate::derivation::BasicDerivation;
 use crate::hash::HashAlgo;
-use crate::testutil::{PrivateStore, captures};
+use crate::testutil::{
+    PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
+};
 use crate::wire::test_support::*;
 use crate::wire::{BuildStatus, HandlerError};
 
@@ -140,6 +142,37 @@ fn captures_decode_and_reencode_byte_identically() {
         ] {
             assert!(seen.contains(cmd), "no {cmd} in the captures: {seen:?}");
         }
+    });
+}
+
+/// The `BasicDerivation`s Nix 2.8's build hook sent (captured bytes) are
+/// the `.drv` files `nix-instantiate` writes for the same expression, as
+/// `Derivation::to_basic` makes them, with the outputs of the input
+/// derivations added to the input sources (what the hook sends); and they
+/// encode back to the captured bytes.
+#[test]
+fn captured_basic_derivations_match_the_drv_files() {
+    rt().block_on(async {
+        let store = PrivateStore::new();
+        instantiate_capture_drv(&store, "serve-hook");
+        let mut checked = 0;
+        for cap in all_captures().await {
+            for ex in &cap.exchanges {
+                let ServeRequest::BuildDerivation { drv_path, drv, .. } = &ex.req else {
+                    continue;
+                };
+                check_captured_basic_derivation(
+                    &store,
+                    ServeCommand::BuildDerivation as u64,
+                    &ex.req_bytes,
+                    drv_path,
+                    drv,
+                )
+                .await;
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2, "capdep and capture-test");
     });
 }
 
@@ -320,13 +353,21 @@ fn arb_request() -> impl Strategy<Value = ServeRequest> {
 
 proptest! {
     #[test]
-    fn request_roundtrip(req in arb_request()) {
+    fn request_roundtrip(req in arb_request(), v in MIN_SERVE_VERSION..=SERVE_PROTOCOL_VERSION) {
+        // Before 2.7 `keepFailed` is not sent, so it reads back as false.
+        let mut want = req.clone();
+        if minor(v) < 7
+            && let ServeRequest::BuildPaths { options, .. }
+            | ServeRequest::BuildDerivation { options, .. } = &mut want
+        {
+            options.keep_failed = false;
+        }
         rt().block_on(async {
             let mut out = Vec::new();
-            req.write(&mut out, SERVE_PROTOCOL_VERSION).await.unwrap();
+            req.write(&mut out, v).await.unwrap();
             let mut r = &out[..];
-            let back = ServeRequest::read(&mut r, SERVE_PROTOCOL_VERSION, &Limits::default()).await.unwrap();
-            prop_assert_eq!(back, Some(req));
+            let back = ServeRequest::read(&mut r, v, &Limits::default()).await.unwrap();
+            prop_assert_eq!(back, Some(want));
             prop_assert!(r.is_empty());
             Ok(())
         })?;
@@ -396,7 +437,7 @@ fn build_options_follow_the_version() {
 /// of the client tests.
 #[derive(Default)]
 struct MemStore {
-    paths: HashMap<StorePath, (ValidPathInfo, Vec<u8>)>,
+    paths: MemPaths,
 }
 
 impl ServeHandler for MemStore {
@@ -408,7 +449,7 @@ impl ServeHandler for MemStore {
     ) -> Result<BTreeSet<StorePath>, HandlerError> {
         Ok(paths
             .iter()
-            .filter(|p| self.paths.contains_key(p))
+            .filter(|p| self.paths.contains(p))
             .cloned()
             .collect())
     }
@@ -417,7 +458,7 @@ impl ServeHandler for MemStore {
         &mut self,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, HandlerError> {
-        Ok(self.paths.get(path).map(|(i, _)| i.clone()))
+        Ok(self.paths.info(path))
     }
 
     async fn nar_from_path(
@@ -425,11 +466,7 @@ impl ServeHandler for MemStore {
         path: &StorePath,
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let (_, nar) = self
-            .paths
-            .get(path)
-            .ok_or_else(|| HandlerError::new(format!("{path} is not valid")))?;
-        out.write_all(nar).await.map_err(HandlerError::new)
+        self.paths.write_nar(path, out).await
     }
 
     async fn add_to_store_nar(
@@ -437,15 +474,7 @@ impl ServeHandler for MemStore {
         info: ValidPathInfo,
         nar: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let mut data = Vec::new();
-        nar.read_to_end(&mut data)
-            .await
-            .map_err(HandlerError::new)?;
-        if HashAlgo::Sha256.digest(&data) != info.nar_hash {
-            return Err(HandlerError::new("hash mismatch"));
-        }
-        self.paths.insert(info.path.clone(), (info, data));
-        Ok(())
+        self.paths.add(info, nar).await
     }
 
     async fn build_derivation(
@@ -454,60 +483,8 @@ impl ServeHandler for MemStore {
         drv: BasicDerivation,
         _options: &BuildOptions,
     ) -> Result<BuildResult, HandlerError> {
-        for p in &drv.input_srcs {
-            if !self.paths.contains_key(p) {
-                return Ok(BuildResult::new(
-                    BuildStatus::MiscFailure,
-                    format!("missing input {p}"),
-                ));
-            }
-        }
-        let mut res = BuildResult::new(BuildStatus::Built, "");
-        for (name, out) in &drv.outputs {
-            let path = out.path.clone().unwrap();
-            let nar = nar_of_file(drv.env.get("text").map(|s| s.as_bytes()).unwrap_or(b""));
-            let mut info = info_for_nar(&path, &nar);
-            info.references = drv.input_srcs.clone();
-            self.paths.insert(path.clone(), (info, nar));
-            res.add_built_output(name, &path);
-        }
-        Ok(res)
+        Ok(self.paths.build(&drv))
     }
-}
-
-fn test_path(name: &str) -> StorePath {
-    StorePath::make("text", &HashAlgo::Sha256.digest(name.as_bytes()), name).unwrap()
-}
-
-fn test_drv(input: &StorePath, out: &StorePath, text: &str) -> (StorePath, BasicDerivation) {
-    let drv_path = test_path("farm-wire-test.drv");
-    let drv = BasicDerivation {
-        name: "farm-wire-test".into(),
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: Some(out.clone()),
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
-        )]),
-        input_srcs: BTreeSet::from([input.clone()]),
-        platform: "x86_64-linux".into(),
-        builder: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
-            "read -r x < $input; echo \"$text $x $input\" > $out".into(),
-        ],
-        env: BTreeMap::from([
-            ("builder".into(), "/bin/sh".into()),
-            ("input".into(), input.to_string()),
-            ("name".into(), "farm-wire-test".into()),
-            ("out".into(), out.to_string()),
-            ("system".into(), "x86_64-linux".into()),
-            ("text".into(), text.into()),
-        ]),
-    };
-    (drv_path, drv)
 }
 
 #[test]

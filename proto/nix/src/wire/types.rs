@@ -500,6 +500,123 @@ pub(crate) mod tests {
         out
     }
 
+    /// A `text` store path named `name` (its hash is that of the name).
+    pub fn test_path(name: &str) -> StorePath {
+        StorePath::make("text", &HashAlgo::Sha256.digest(name.as_bytes()), name).unwrap()
+    }
+
+    /// A derivation building `out` with `/bin/sh`: it logs a line on stderr
+    /// and writes `$text`, the first line of `input` and `input`'s path.
+    pub fn test_drv(
+        input: &StorePath,
+        out: &StorePath,
+        text: &str,
+    ) -> (StorePath, BasicDerivation) {
+        let drv_path = test_path(&format!("{}.drv", out.name()));
+        let drv = BasicDerivation {
+            name: out.name().to_owned(),
+            outputs: BTreeMap::from([(
+                "out".to_string(),
+                DerivationOutput {
+                    path: Some(out.clone()),
+                    hash_algo: String::new(),
+                    hash: String::new(),
+                },
+            )]),
+            input_srcs: BTreeSet::from([input.clone()]),
+            platform: "x86_64-linux".into(),
+            builder: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "echo log line from the builder >&2; read -r x < $input; echo \"$text $x $input\" > $out"
+                    .into(),
+            ],
+            env: BTreeMap::from([
+                ("builder".into(), "/bin/sh".into()),
+                ("input".into(), input.to_string()),
+                ("name".into(), out.name().to_owned()),
+                ("out".into(), out.to_string()),
+                ("system".into(), "x86_64-linux".into()),
+                ("text".into(), text.into()),
+            ]),
+        };
+        (drv_path, drv)
+    }
+
+    /// The paths of an in-memory store (the serve and worker test handlers').
+    #[derive(Default)]
+    pub struct MemPaths(pub std::collections::HashMap<StorePath, (ValidPathInfo, Vec<u8>)>);
+
+    impl MemPaths {
+        pub fn len(&self) -> usize {
+            self.0.len()
+        }
+
+        pub fn contains(&self, path: &StorePath) -> bool {
+            self.0.contains_key(path)
+        }
+
+        pub fn info(&self, path: &StorePath) -> Option<ValidPathInfo> {
+            self.0.get(path).map(|(i, _)| i.clone())
+        }
+
+        /// Write the NAR of `path`; an error if the store lacks it.
+        pub async fn write_nar(
+            &self,
+            path: &StorePath,
+            out: &mut (dyn AsyncWrite + Unpin + Send),
+        ) -> Result<(), HandlerError> {
+            use tokio::io::AsyncWriteExt;
+            let (_, nar) = self
+                .0
+                .get(path)
+                .ok_or_else(|| HandlerError::new(format!("path '{path}' is not valid")))?;
+            out.write_all(nar).await.map_err(HandlerError::new)
+        }
+
+        /// Store `path` with the NAR read from `nar`, if its hash is the info's.
+        pub async fn add(
+            &mut self,
+            info: ValidPathInfo,
+            nar: &mut (dyn AsyncRead + Unpin + Send),
+        ) -> Result<(), HandlerError> {
+            use tokio::io::AsyncReadExt;
+            let mut data = Vec::new();
+            nar.read_to_end(&mut data)
+                .await
+                .map_err(HandlerError::new)?;
+            if HashAlgo::Sha256.digest(&data) != info.nar_hash {
+                return Err(HandlerError::new("hash mismatch"));
+            }
+            self.0.insert(info.path.clone(), (info, data));
+            Ok(())
+        }
+
+        /// "Build" `drv`: each output becomes a file holding `$text`, referring
+        /// to the inputs; a failure if an input is missing.
+        pub fn build(&mut self, drv: &BasicDerivation) -> BuildResult {
+            for p in &drv.input_srcs {
+                if !self.contains(p) {
+                    return BuildResult::new(
+                        BuildStatus::MiscFailure,
+                        format!("missing input {p}"),
+                    );
+                }
+            }
+            let mut res = BuildResult::new(BuildStatus::Built, "");
+            for (name, out) in &drv.outputs {
+                let path = out.path.clone().unwrap();
+                let text = drv.env.get("text").map(|s| s.as_bytes()).unwrap_or(b"");
+                let nar = nar_of_file(text);
+                let mut info = info_for_nar(&path, &nar);
+                info.references = drv.input_srcs.clone();
+                self.0.insert(path.clone(), (info, nar));
+                res.add_built_output(name, &path);
+            }
+            res
+        }
+    }
+
     /// A path info matching `nar`.
     pub fn info_for_nar(path: &StorePath, nar: &[u8]) -> ValidPathInfo {
         ValidPathInfo::new(path.clone(), HashAlgo::Sha256.digest(nar), nar.len() as u64)

@@ -3,16 +3,17 @@
 //! malformed input, every handshake version, and our client against our
 //! server and against a real `nix-daemon --stdio`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::derivation::DerivationOutput;
 use crate::hash::HashAlgo;
-use crate::testutil::{PrivateStore, captures};
+use crate::testutil::{
+    PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
+};
 use crate::wire::test_support::*;
 use crate::wire::{BuildStatus, FramedReader, FramedWriter, HandlerError, OutputsSpec};
 
@@ -129,6 +130,38 @@ async fn parse_capture(name: &str, c2s: &[u8], s2c: &[u8]) -> Capture {
         nix_version,
         exchanges,
     }
+}
+
+/// The `BasicDerivation`s Nix 2.8's build hook sent over ssh-ng (captured
+/// bytes) are what the `.drv` files of the same expression say (see
+/// [`check_captured_basic_derivation`]).
+#[test]
+fn captured_basic_derivations_match_the_drv_files() {
+    rt().block_on(async {
+        let store = PrivateStore::new();
+        instantiate_capture_drv(&store, "worker-hook");
+        let mut checked = 0;
+        for cap in all_captures().await {
+            if !cap.name.starts_with("worker-build-hook") {
+                continue;
+            }
+            for ex in &cap.exchanges {
+                let WorkerRequest::BuildDerivation { drv_path, drv, .. } = &ex.req else {
+                    continue;
+                };
+                check_captured_basic_derivation(
+                    &store,
+                    WorkerOp::BuildDerivation as u64,
+                    &ex.req_bytes,
+                    drv_path,
+                    drv,
+                )
+                .await;
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2, "capdep and capture-test");
+    });
 }
 
 async fn all_captures() -> Vec<Capture> {
@@ -704,7 +737,7 @@ fn version_gates() {
 /// An in-memory store that builds by writing `$text` into each output.
 #[derive(Default)]
 struct MemStore {
-    paths: HashMap<StorePath, (ValidPathInfo, Vec<u8>)>,
+    paths: MemPaths,
 }
 
 impl WorkerHandler for MemStore {
@@ -712,7 +745,7 @@ impl WorkerHandler for MemStore {
         &mut self,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, HandlerError> {
-        Ok(self.paths.get(path).map(|(i, _)| i.clone()))
+        Ok(self.paths.info(path))
     }
 
     async fn nar_from_path(
@@ -720,11 +753,7 @@ impl WorkerHandler for MemStore {
         path: &StorePath,
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let (_, nar) = self
-            .paths
-            .get(path)
-            .ok_or_else(|| HandlerError::new(format!("path '{path}' is not valid")))?;
-        out.write_all(nar).await.map_err(HandlerError::new)
+        self.paths.write_nar(path, out).await
     }
 
     async fn add_to_store_nar(
@@ -734,15 +763,7 @@ impl WorkerHandler for MemStore {
         _dont_check_sigs: bool,
         nar: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<(), HandlerError> {
-        let mut data = Vec::new();
-        nar.read_to_end(&mut data)
-            .await
-            .map_err(HandlerError::new)?;
-        if HashAlgo::Sha256.digest(&data) != info.nar_hash {
-            return Err(HandlerError::new("hash mismatch"));
-        }
-        self.paths.insert(info.path.clone(), (info, data));
-        Ok(())
+        self.paths.add(info, nar).await
     }
 
     async fn build_derivation(
@@ -759,52 +780,8 @@ impl WorkerHandler for MemStore {
             .await
             .map_err(HandlerError::new)?;
         log.stop_activity(1).await.map_err(HandlerError::new)?;
-        let mut res = BuildResult::new(BuildStatus::Built, "");
-        for (name, out) in &drv.outputs {
-            let path = out.path.clone().unwrap();
-            let nar = nar_of_file(drv.env["text"].as_bytes());
-            self.paths
-                .insert(path.clone(), (info_for_nar(&path, &nar), nar));
-            res.add_built_output(name, &path);
-        }
-        Ok(res)
+        Ok(self.paths.build(&drv))
     }
-}
-
-fn test_path(name: &str) -> StorePath {
-    StorePath::make("text", &HashAlgo::Sha256.digest(name.as_bytes()), name).unwrap()
-}
-
-fn test_drv(input: &StorePath, out: &StorePath, text: &str) -> (StorePath, BasicDerivation) {
-    let drv_path = test_path(&format!("{}.drv", out.name()));
-    let drv = BasicDerivation {
-        name: out.name().to_owned(),
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: Some(out.clone()),
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
-        )]),
-        input_srcs: BTreeSet::from([input.clone()]),
-        platform: "x86_64-linux".into(),
-        builder: "/bin/sh".into(),
-        args: vec![
-            "-c".into(),
-            "echo log line from the builder >&2; read -r x < $input; echo \"$text $x $input\" > $out"
-                .into(),
-        ],
-        env: BTreeMap::from([
-            ("builder".into(), "/bin/sh".into()),
-            ("input".into(), input.to_string()),
-            ("name".into(), out.name().to_owned()),
-            ("out".into(), out.to_string()),
-            ("system".into(), "x86_64-linux".into()),
-            ("text".into(), text.into()),
-        ]),
-    };
-    (drv_path, drv)
 }
 
 type Duplex = tokio::io::DuplexStream;
@@ -1069,6 +1046,169 @@ fn malformed_input_closes_the_connection_with_an_error() {
         // Clean close after the handshake.
         let (_, res) = serve_bytes(handshake()).await;
         res.unwrap();
+    });
+}
+
+/// Every data-free operation our client encodes is one a real `nix-daemon
+/// --stdio` (Nix 2.8) understands, and its reply decodes to what the store
+/// holds (the content-addressed `RegisterDrvOutput`/`QueryRealisation` need
+/// the `ca-derivations` feature and are left out).
+#[test]
+fn every_data_free_op_against_real_nix_daemon() {
+    rt().block_on(async {
+        use WorkerRequest as Q;
+        let store = PrivateStore::new();
+        let drv_path = StorePath::parse(&store.run_str(
+            "nix-instantiate",
+            &[
+                "-E",
+                "derivation { name = \"farm-op\"; system = builtins.currentSystem; \
+                 builder = \"/bin/sh\"; args = [\"-c\" \"echo op > $out\"]; }",
+            ],
+        ))
+        .unwrap();
+        let drv_out = StorePath::parse(
+            &store.run_str("nix-store", &["-q", "--outputs", &drv_path.to_string()]),
+        )
+        .unwrap();
+        let mut child = store
+            .async_command("nix-daemon", &["--stdio"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut c = WorkerClient::connect(stdout, stdin).await.unwrap();
+        let mut ask = async |req: Q| {
+            c.request(&req)
+                .await
+                .unwrap_or_else(|e| panic!("{:?}: {e}", req.op()))
+        };
+
+        let settings = ClientSettings {
+            max_build_jobs: 1,
+            build_cores: 1,
+            verbosity: 0,
+            overrides: vec![("sandbox".into(), "false".into())],
+            ..ClientSettings::default()
+        };
+        assert_eq!(ask(Q::SetOptions(settings)).await, WorkerReply::Nothing);
+
+        let t1 = StorePath::make("text", &HashAlgo::Sha256.digest(b"one"), "farm-t1").unwrap();
+        let req = Q::AddTextToStore {
+            name: "farm-t1".into(),
+            text: "one".into(),
+            references: BTreeSet::new(),
+        };
+        assert_eq!(ask(req).await, WorkerReply::Path(t1.clone()));
+        let text2 = format!("two {t1}");
+        let t2 = StorePath::make(
+            &format!("text:{t1}"),
+            &HashAlgo::Sha256.digest(text2.as_bytes()),
+            "farm-t2",
+        )
+        .unwrap();
+        let req = Q::AddTextToStore {
+            name: "farm-t2".into(),
+            text: text2,
+            references: BTreeSet::from([t1.clone()]),
+        };
+        assert_eq!(ask(req).await, WorkerReply::Path(t2.clone()));
+        assert_eq!(
+            ask(Q::IsValidPath(t2.clone())).await,
+            WorkerReply::Bool(true)
+        );
+        let missing = test_path("farm-missing");
+        assert_eq!(
+            ask(Q::IsValidPath(missing.clone())).await,
+            WorkerReply::Bool(false)
+        );
+        assert_eq!(
+            ask(Q::QueryReferrers(t1.clone())).await,
+            WorkerReply::Paths(BTreeSet::from([t2.clone()]))
+        );
+        assert_eq!(ask(Q::EnsurePath(t1.clone())).await, WorkerReply::Success);
+        assert_eq!(ask(Q::AddTempRoot(t1.clone())).await, WorkerReply::Success);
+        assert_eq!(
+            ask(Q::QueryPathFromHashPart(t2.hash_part().into())).await,
+            WorkerReply::OptPath(Some(t2.clone()))
+        );
+        assert_eq!(
+            ask(Q::QueryPathFromHashPart(missing.hash_part().into())).await,
+            WorkerReply::OptPath(None)
+        );
+        let both = BTreeSet::from([t1.clone(), missing.clone()]);
+        let req = Q::QueryValidPaths {
+            paths: both.clone(),
+            substitute: false,
+        };
+        assert_eq!(
+            ask(req).await,
+            WorkerReply::Paths(BTreeSet::from([t1.clone()]))
+        );
+        assert_eq!(
+            ask(Q::QuerySubstitutablePaths(both)).await,
+            WorkerReply::Paths(BTreeSet::new())
+        );
+        let key = crate::signing::SigningKey::generate("farm-op-test").unwrap();
+        let WorkerReply::OptPathInfo(Some(info)) = ask(Q::QueryPathInfo(t1.clone())).await else {
+            panic!("no info for {t1}");
+        };
+        let sig = key.sign(&info.fingerprint());
+        let req = Q::AddSignatures {
+            path: t1.clone(),
+            sigs: BTreeSet::from([sig.clone()]),
+        };
+        assert_eq!(ask(req).await, WorkerReply::Success);
+        let WorkerReply::OptPathInfo(Some(info)) = ask(Q::QueryPathInfo(t1.clone())).await else {
+            panic!("no info for {t1}");
+        };
+        assert_eq!(info.sigs, BTreeSet::from([sig]));
+
+        assert_eq!(
+            ask(Q::QueryDerivationOutputMap(drv_path.clone())).await,
+            WorkerReply::OutputMap(BTreeMap::from([("out".into(), Some(drv_out.clone()))]))
+        );
+        let built = DerivedPath::Built {
+            drv_path: drv_path.clone(),
+            outputs: OutputsSpec::Names(BTreeSet::from(["out".to_string()])),
+        };
+        let WorkerReply::Missing(m) = ask(Q::QueryMissing(vec![built.clone()])).await else {
+            panic!("QueryMissing");
+        };
+        assert_eq!(m.will_build, BTreeSet::from([drv_path.clone()]));
+        let req = Q::BuildPaths {
+            paths: vec![built.clone()],
+            mode: BuildMode::Normal,
+        };
+        assert_eq!(ask(req).await, WorkerReply::Success);
+        assert_eq!(
+            ask(Q::IsValidPath(drv_out.clone())).await,
+            WorkerReply::Bool(true)
+        );
+        let req = Q::BuildPathsWithResults {
+            paths: vec![built.clone(), DerivedPath::Opaque(t1.clone())],
+            mode: BuildMode::Normal,
+        };
+        let WorkerReply::BuildResults(results) = ask(req).await else {
+            panic!("BuildPathsWithResults");
+        };
+        // Nix 2.8 answers in its own order (its goals'), not the request's.
+        assert_eq!(results.len(), 2);
+        let result = |p: &DerivedPath| &results.iter().find(|(q, _)| q == p).unwrap().1;
+        assert_eq!(result(&built).status, BuildStatus::AlreadyValid);
+        assert_eq!(
+            result(&built).output_paths(),
+            BTreeMap::from([("out".into(), drv_out)])
+        );
+        assert!(result(&DerivedPath::Opaque(t1.clone())).status.is_success());
+
+        // An error from the daemon is an error; the connection goes on.
+        assert!(c.request(&Q::EnsurePath(missing)).await.is_err());
+        assert!(c.is_valid_path(&t1).await.unwrap());
+        drop(c);
+        let _ = child.wait().await.unwrap();
     });
 }
 

@@ -1,0 +1,182 @@
+//! The Nix endpoint: what runs behind the SSH server ([`crate::ssh`]) and the
+//! stdio relay ([`crate::stdio`]) once a client's exec request is routed.
+//! [`Endpoint`] implements [`NixSessionHandler`]: `nix-store --serve --write`
+//! sessions get the serve protocol ([`serve`]), `nix-daemon --stdio` sessions
+//! the worker protocol ([`worker`]); both are backed by the farm's cache
+//! ([`store`]) and its scheduler ([`build`]). A session that fails ends with a
+//! one-line message on its stderr and a non-zero exit status; it never
+//! affects another session.
+
+pub mod access;
+pub mod build;
+pub mod farm;
+pub mod serve;
+pub mod store;
+pub mod worker;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod worker_tests;
+
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+
+use self::build::BuildBackend;
+use self::serve::ServeSession;
+use self::store::FarmStore;
+use crate::cache::Cache;
+use crate::ssh::{BoxFuture, ClientIdentity, NixProgram, NixSessionHandler, SessionIo};
+
+/// The Nix endpoint (cheap to clone).
+#[derive(Clone)]
+pub struct Endpoint {
+    store: FarmStore,
+    builds: Option<Arc<dyn BuildBackend>>,
+}
+
+impl Endpoint {
+    /// An endpoint over `cache` whose builds go to `builds` (`None`: a
+    /// store-only endpoint, which refuses builds).
+    pub fn new(cache: Cache, builds: Option<Arc<dyn BuildBackend>>) -> Endpoint {
+        Endpoint {
+            store: FarmStore::new(cache),
+            builds,
+        }
+    }
+
+    /// The endpoint of a running coordinator: its cache, builds on its scheduler.
+    pub fn for_coordinator(coord: &crate::coordinator::Coordinator) -> Endpoint {
+        Endpoint::new(
+            coord.cache().clone(),
+            Some(Arc::new(farm::FarmBuilds::new(coord.clone()))),
+        )
+    }
+
+    /// Run one session to its end; returns the exit status.
+    pub async fn run_session(
+        &self,
+        program: NixProgram,
+        client: ClientIdentity,
+        io: SessionIo,
+    ) -> u32 {
+        let SessionIo {
+            stdin,
+            stdout,
+            stderr,
+        } = io;
+        let (result, mut stderr) = match program {
+            NixProgram::Serve { write } => {
+                let mut session = ServeSession {
+                    store: self.store.clone(),
+                    builds: self.builds.clone(),
+                    client: client.clone(),
+                    stderr,
+                    write,
+                };
+                let r = farm_nix::serve::run_server(stdin, stdout, &mut session)
+                    .await
+                    .map_err(|e| e.to_string());
+                (r, session.stderr)
+            }
+            NixProgram::Daemon => {
+                let r = worker::run(self, &client, stdin, stdout).await;
+                (r, stderr)
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(client = %client.fingerprint, "nix session ended");
+                0
+            }
+            Err(message) => {
+                tracing::info!(client = %client.fingerprint, error = %message, "nix session failed");
+                let line = format!("error: nix-farm: {}\n", message.replace('\n', " "));
+                let _ = stderr.write_all(line.as_bytes()).await;
+                let _ = stderr.flush().await;
+                1
+            }
+        }
+    }
+}
+
+/// Bind the relay socket at `path` (a stale socket file left by a previous
+/// run is replaced), readable and writable by its owner and group only: the
+/// OpenSSH account running `farm-coordinator stdio` must be in that group.
+pub fn bind_relay_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+impl NixSessionHandler for Endpoint {
+    fn run(
+        &self,
+        program: NixProgram,
+        client: ClientIdentity,
+        io: SessionIo,
+    ) -> BoxFuture<'static, u32> {
+        let this = self.clone();
+        Box::pin(async move { this.run_session(program, client, io).await })
+    }
+}
+
+/// `farm-coordinator stdio`: the forced command of an OpenSSH account in
+/// front of the farm (`command="farm-coordinator stdio --socket PATH --client
+/// NAME" ssh-ed25519 …` in its authorized_keys). Reads what the client asked
+/// to run from `SSH_ORIGINAL_COMMAND` and relays the session to the
+/// coordinator's relay socket.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "farm-coordinator stdio")]
+pub struct StdioArgs {
+    /// The coordinator's `--relay-socket`.
+    #[arg(long, env = "FARM_RELAY_SOCKET", value_name = "PATH")]
+    pub socket: std::path::PathBuf,
+    /// Who this key belongs to, recorded with the builds it asks for
+    /// [default: the local user name].
+    #[arg(long, value_name = "NAME")]
+    pub client: Option<String>,
+}
+
+/// Run the stdio relay on this process's stdin, stdout and stderr; returns the exit status.
+pub async fn run_stdio(args: StdioArgs) -> u32 {
+    let mut stderr = tokio::io::stderr();
+    let Ok(command) = std::env::var("SSH_ORIGINAL_COMMAND") else {
+        let _ = stderr
+            .write_all(b"nix-farm: no SSH_ORIGINAL_COMMAND; use this as an OpenSSH forced command for Nix (ssh:// or ssh-ng://)\n")
+            .await;
+        return 1;
+    };
+    let client = args
+        .client
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "unknown".into());
+    match crate::stdio::relay(
+        &args.socket,
+        &command,
+        &client,
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+        tokio::io::stderr(),
+    )
+    .await
+    {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = stderr
+                .write_all(format!("error: nix-farm: {e}\n").as_bytes())
+                .await;
+            1
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The store behind both Nix protocols: the farm's cache. Path queries are
+//! answered from its index, uploads are verified and ingested into it, and
+//! NARs are streamed back out of it. Both protocol handlers call this; it
+//! turns cache failures into the messages a Nix client prints (the details of
+//! internal failures stay in the coordinator's log).
+
+use std::collections::BTreeSet;
+
+use farm_nix::derivation::{Derivation, MAX_DRV_SIZE};
+use farm_nix::export::ExportReader;
+use farm_nix::hash::HashAlgo;
+use farm_nix::nar::{NarEvent, NarLimits, NarReader};
+use farm_nix::path_info::ValidPathInfo;
+use farm_nix::store_path::StorePath;
+use farm_nix::wire::HandlerError;
+use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
+
+use crate::cache::{Cache, CacheError};
+
+/// The cache as a Nix store.
+#[derive(Clone)]
+pub struct FarmStore {
+    cache: Cache,
+}
+
+/// A cache error as the client sees it: the cause when the client caused it,
+/// otherwise a generic message (the cause is logged).
+pub fn client_error(context: &str, e: CacheError) -> HandlerError {
+    if e.is_client_error() {
+        HandlerError::new(format!("{context}: {e}"))
+    } else {
+        tracing::error!(error = %e, "{context}");
+        HandlerError::new(format!(
+            "{context}: internal error in the farm's cache (see the coordinator's log)"
+        ))
+    }
+}
+
+impl FarmStore {
+    pub fn new(cache: Cache) -> FarmStore {
+        FarmStore { cache }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Which of `paths` the cache holds.
+    pub async fn valid_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, HandlerError> {
+        let list: Vec<StorePath> = paths.iter().cloned().collect();
+        self.cache
+            .valid_paths(&list)
+            .await
+            .map_err(|e| client_error("querying valid paths", e))
+    }
+
+    pub async fn is_valid(&self, path: &StorePath) -> Result<bool, HandlerError> {
+        Ok(self.path_info(path).await?.is_some())
+    }
+
+    /// The published info of `path` (with the cache's signature).
+    pub async fn path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, HandlerError> {
+        self.cache
+            .path_info(path)
+            .await
+            .map_err(|e| client_error(&format!("querying {path}"), e))
+    }
+
+    /// The closure of `paths` under references (paths the cache lacks are left out).
+    pub async fn closure(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, HandlerError> {
+        let list: Vec<StorePath> = paths.iter().cloned().collect();
+        self.cache
+            .closure(&list)
+            .await
+            .map_err(|e| client_error("computing a closure", e))
+    }
+
+    /// Stream the NAR of `path` to `out`. A path the cache lacks is an error.
+    pub async fn write_nar(
+        &self,
+        path: &StorePath,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Result<u64, HandlerError> {
+        let reader = self
+            .cache
+            .nar_reader(path)
+            .await
+            .map_err(|e| client_error(&format!("reading {path}"), e))?;
+        let Some(mut reader) = reader else {
+            return Err(HandlerError::new(format!(
+                "path '{path}' is not valid in the farm's store"
+            )));
+        };
+        let n = tokio::io::copy(&mut reader, out).await.map_err(|e| {
+            tracing::error!(%path, error = %e, "streaming a NAR out of the cache");
+            HandlerError::new(format!("reading {path} from the farm's cache failed"))
+        })?;
+        Ok(n)
+    }
+
+    /// Verify and store one uploaded path; `nar` yields exactly its NAR.
+    pub async fn add(
+        &self,
+        info: ValidPathInfo,
+        nar: &mut (dyn AsyncRead + Unpin + Send),
+    ) -> Result<ValidPathInfo, HandlerError> {
+        let path = info.path.clone();
+        let stored = self
+            .cache
+            .ingest(info, nar)
+            .await
+            .map_err(|e| client_error(&format!("adding {path}"), e))?;
+        tracing::debug!(%path, "path uploaded into the cache");
+        Ok(stored)
+    }
+
+    /// Import an export stream (`nix-store --export` format): each NAR is
+    /// spooled to a temporary file while it is validated (its hash and size
+    /// come after it in the stream), then ingested.
+    pub async fn import(
+        &self,
+        stream: &mut (dyn AsyncRead + Unpin + Send),
+        limits: &NarLimits,
+    ) -> Result<Vec<StorePath>, HandlerError> {
+        let spool_err = |e: std::io::Error| {
+            tracing::error!(error = %e, "spooling an imported NAR");
+            HandlerError::new("importing paths: cannot spool the NAR on the farm")
+        };
+        let mut stream = stream;
+        let mut reader = ExportReader::new(&mut stream, limits);
+        let mut imported = Vec::new();
+        loop {
+            let file = tempfile::tempfile().map_err(spool_err)?;
+            let mut file = tokio::fs::File::from_std(file);
+            let next = reader
+                .next_path(&mut file)
+                .await
+                .map_err(|e| HandlerError::new(format!("importing paths: {e}")))?;
+            let Some(exported) = next else {
+                return Ok(imported);
+            };
+            file.flush().await.map_err(spool_err)?;
+            file.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(spool_err)?;
+            let info = exported.to_path_info();
+            self.add(info, &mut file).await?;
+            imported.push(exported.path);
+        }
+    }
+
+    /// A derivation in the cache (its `.drv` file), parsed; `None` if absent.
+    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<Derivation>, HandlerError> {
+        let reader = self
+            .cache
+            .nar_reader(drv)
+            .await
+            .map_err(|e| client_error(&format!("reading {drv}"), e))?;
+        let Some(mut reader) = reader else {
+            return Ok(None);
+        };
+        let bad = |why: String| HandlerError::new(format!("'{drv}' is not a derivation: {why}"));
+        let limits = NarLimits {
+            max_total_size: MAX_DRV_SIZE as u64 + 4096,
+            max_file_size: MAX_DRV_SIZE as u64,
+            ..NarLimits::default()
+        };
+        let mut sink = tokio::io::sink();
+        let mut nar = NarReader::new(&mut reader, &mut sink, &limits);
+        let size = match nar.next_event().await.map_err(|e| bad(e.to_string()))? {
+            Some(NarEvent::Regular { size, .. }) => size,
+            _ => return Err(bad("not a regular file".into())),
+        };
+        let mut text = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < text.len() {
+            let n = nar
+                .read_contents(&mut text[got..])
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            if n == 0 {
+                return Err(bad("truncated".into()));
+            }
+            got += n;
+        }
+        nar.finish().await.map_err(|e| bad(e.to_string()))?;
+        let text = String::from_utf8(text).map_err(|_| bad("not UTF-8".into()))?;
+        Derivation::parse_aterm(&text)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    /// Add a text file as Nix's `addTextToStore` does (a `text:` content-addressed
+    /// path, e.g. a `.drv` written by a client evaluating against this store).
+    pub async fn add_text(
+        &self,
+        name: &str,
+        text: &str,
+        references: &BTreeSet<StorePath>,
+    ) -> Result<StorePath, HandlerError> {
+        let inner = HashAlgo::Sha256.digest(text.as_bytes());
+        let mut path_type = String::from("text");
+        for r in references {
+            path_type.push(':');
+            path_type.push_str(&r.to_string());
+        }
+        let path = StorePath::make(&path_type, &inner, name)
+            .map_err(|e| HandlerError::new(format!("adding text {name:?}: {e}")))?;
+        let nar = regular_file_nar(text.as_bytes());
+        let mut info = ValidPathInfo::new(
+            path.clone(),
+            HashAlgo::Sha256.digest(&nar),
+            nar.len() as u64,
+        );
+        info.references = references.clone();
+        info.ca = Some(format!("text:{}", inner.to_nix32_prefixed()));
+        self.add(info, &mut &nar[..]).await?;
+        Ok(path)
+    }
+}
+
+/// The NAR of a single non-executable regular file.
+fn regular_file_nar(contents: &[u8]) -> Vec<u8> {
+    fn token(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+        out.resize(out.len() + (8 - b.len() % 8) % 8, 0);
+    }
+    let mut out = Vec::with_capacity(contents.len() + 128);
+    for t in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+    ] {
+        token(&mut out, t);
+    }
+    token(&mut out, contents);
+    token(&mut out, b")");
+    out
+}
