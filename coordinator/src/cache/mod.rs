@@ -486,10 +486,11 @@ impl Cache {
             Level::Precise(self.inner.config.zstd_level),
         );
         let mut copied = content::copy_inspect(nar, &mut zstd, limits, check).await;
-        if exact && copied.is_ok() {
-            if let Err(e) = farm_nix::nar::expect_eof(nar).await {
-                copied = Err(e);
-            }
+        if exact
+            && copied.is_ok()
+            && let Err(e) = farm_nix::nar::expect_eof(nar).await
+        {
+            copied = Err(e);
         }
         let checked = match copied {
             Ok((summary, contents)) => check_summary(claimed, &summary)
