@@ -14,8 +14,8 @@
 //!     `make("source:<refs>[:self]", H, name)`.
 //!   - `fixed:ALGO:H` (flat): one regular file whose ALGO hash is H; no
 //!     references; path `make("output:out", sha256("fixed:out:ALGO:hex(H):"), name)`.
-//!   - `fixed:r:ALGO:H` with ALGO other than sha256 is refused: it would need
-//!     a second hash of the whole NAR (not done yet).
+//!   - `fixed:r:ALGO:H` (ALGO not sha256): the NAR's ALGO hash is H (computed
+//!     while it streams); path `make("output:out", sha256("fixed:out:r:ALGO:hex(H):"), name)`.
 
 use std::collections::BTreeSet;
 
@@ -24,6 +24,9 @@ use farm_nix::hash::{Hash, HashAlgo, Hasher};
 use farm_nix::nar::{NarError, NarEvent, NarLimits, NarReader, NarSummary, copy_nar};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Largest `.drv` accepted (the same bound the graph reader uses).
@@ -141,6 +144,8 @@ pub struct ContentCheck {
     pub algos: Vec<HashAlgo>,
     /// The parsed `ca` claim.
     pub ca: Option<ContentAddress>,
+    /// Hash the whole NAR with this algorithm too (a recursive non-sha256 `ca`).
+    pub nar_algo: Option<HashAlgo>,
 }
 
 impl ContentCheck {
@@ -161,21 +166,18 @@ impl ContentCheck {
         {
             algos.push(a);
         }
-        if let Some(ContentAddress::Fixed {
-            recursive: true,
-            hash,
-        }) = &ca
-            && hash.algo() != HashAlgo::Sha256
-        {
-            return Err(format!(
-                "recursive {} content addresses are not supported by this cache",
-                hash.algo()
-            ));
-        }
+        let nar_algo = match &ca {
+            Some(ContentAddress::Fixed {
+                recursive: true,
+                hash,
+            }) if hash.algo() != HashAlgo::Sha256 => Some(hash.algo()),
+            _ => None,
+        };
         Ok(ContentCheck {
             keep_bytes,
             algos,
             ca,
+            nar_algo,
         })
     }
 
@@ -195,6 +197,36 @@ pub struct FileContents {
     pub size: u64,
     /// Its hashes, one per requested algorithm.
     pub hashes: Vec<Hash>,
+    /// The whole NAR's hash in [`ContentCheck::nar_algo`], if asked for.
+    pub nar_hash: Option<Hash>,
+}
+
+/// Forwards writes to `inner`, hashing what it accepted.
+struct HashTee<'a, W> {
+    inner: &'a mut W,
+    hasher: Option<Hasher>,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for HashTee<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self.inner).poll_write(cx, buf))?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 /// As [`copy_nar`], also reading the root file's contents when `check` needs them.
@@ -204,10 +236,19 @@ pub async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     limits: &NarLimits,
     check: &ContentCheck,
 ) -> Result<(NarSummary, FileContents), NarError> {
+    let mut tee = HashTee {
+        inner: w,
+        hasher: check.nar_algo.map(Hasher::new),
+    };
     if !check.needs_contents() {
-        return Ok((copy_nar(r, w, limits).await?, FileContents::default()));
+        let summary = copy_nar(r, &mut tee, limits).await?;
+        let fc = FileContents {
+            nar_hash: tee.hasher.map(Hasher::finish),
+            ..FileContents::default()
+        };
+        return Ok((summary, fc));
     }
-    let mut reader = NarReader::new(r, w, limits);
+    let mut reader = NarReader::new(r, &mut tee, limits);
     let mut fc = FileContents::default();
     if let Some(NarEvent::Regular { size, .. }) = reader.next_event().await? {
         fc.regular = true;
@@ -231,6 +272,7 @@ pub async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         fc.hashes = hashers.into_iter().map(Hasher::finish).collect();
     }
     let summary = reader.finish().await?;
+    fc.nar_hash = tee.hasher.map(Hasher::finish);
     Ok((summary, fc))
 }
 
@@ -295,7 +337,12 @@ pub fn verify(
         }
         Some(ContentAddress::Fixed { recursive, hash }) => {
             if *recursive {
-                if &summary.nar_hash != hash {
+                let nar_hash = if hash.algo() == HashAlgo::Sha256 {
+                    Some(&summary.nar_hash)
+                } else {
+                    fc.nar_hash.as_ref()
+                };
+                if nar_hash != Some(hash) {
                     return Err(
                         "the NAR's hash does not match its recursive content address".into(),
                     );
@@ -543,6 +590,21 @@ mod tests {
         assert!(why.contains("single regular file"), "{why}");
         assert!(cache.is_empty(), "nothing published");
 
+        // a recursive address in another algorithm: the NAR's own hash in it
+        let sha1 = HashAlgo::Sha1.digest(&rec_nar);
+        let rec1 = make_fixed_output_path(&named, true, &sha1, &BTreeSet::new()).unwrap();
+        let mut c = claim(&rec1, &rec_nar, BTreeSet::new());
+        c.ca = Some(format!(
+            "fixed:r:{}",
+            HashAlgo::Sha1.digest(b"x").to_nix32_prefixed()
+        ));
+        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        assert!(why.contains("recursive content address"), "{why}");
+        let mut c = claim(&rec1, &rec_nar, BTreeSet::new());
+        c.ca = Some(format!("fixed:r:{}", sha1.to_nix32_prefixed()));
+        cache.ingest(c, &rec_nar[..]).await.unwrap();
+        assert!(cache.narinfo(&rec1).is_some());
+
         // what Nix produced is accepted
         let mut c = claim(&flat, &hello, BTreeSet::new());
         c.ca = Some(flat_ca);
@@ -550,6 +612,6 @@ mod tests {
         let mut c = claim(&rec, &rec_nar, BTreeSet::new());
         c.ca = Some(rec_ca);
         cache.ingest(c, &rec_nar[..]).await.unwrap();
-        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.len(), 3);
     }
 }
