@@ -252,23 +252,15 @@ impl Coordinator {
                         .insert(job.build, Arc::new(Mutex::new(LiveLog::default())));
                     let builder = job.builder.clone();
                     let job_id = job.job_id.clone();
-                    let msg = v1::CoordinatorMessage {
-                        msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
-                            job_id: job.job_id,
-                            drv_path: job.drv_path.to_string(),
-                            drv_aterm: job.drv_aterm,
-                            input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
-                            max_silent_time_secs: job.max_silent_time_secs,
-                            build_timeout_secs: job.build_timeout_secs,
-                        })),
-                    };
                     // A message past the builder's decoding limit would end its
                     // whole session; fail this build instead.
-                    let len = prost::Message::encoded_len(&msg);
-                    if len > farm_proto::MAX_MESSAGE_SIZE {
-                        too_big.push((builder, job_id, len));
-                    } else if !self.send_to(&builder, msg) {
-                        lost.push((builder, job_id));
+                    match job_message(job, farm_proto::MAX_MESSAGE_SIZE) {
+                        Err(len) => too_big.push((builder, job_id, len)),
+                        Ok(msg) => {
+                            if !self.send_to(&builder, msg) {
+                                lost.push((builder, job_id));
+                            }
+                        }
                     }
                 }
                 Action::Cancel { builder, job_id } => {
@@ -603,6 +595,22 @@ async fn deliver_notices(
     }
 }
 
+/// The `Job` message of an assignment, or its encoded length when that is over `limit`.
+fn job_message(job: Assignment, limit: usize) -> Result<v1::CoordinatorMessage, usize> {
+    let msg = v1::CoordinatorMessage {
+        msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
+            job_id: job.job_id,
+            drv_path: job.drv_path.to_string(),
+            drv_aterm: job.drv_aterm,
+            input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
+            max_silent_time_secs: job.max_silent_time_secs,
+            build_timeout_secs: job.build_timeout_secs,
+        })),
+    };
+    let len = prost::Message::encoded_len(&msg);
+    if len > limit { Err(len) } else { Ok(msg) }
+}
+
 /// What resolving a build's inputs found.
 pub enum Prepared {
     /// Its input closure, in dependency order, with NAR sizes.
@@ -646,6 +654,28 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_jobs_are_not_sent() {
+        let path = |n: &str| {
+            farm_nix::store_path::StorePath::parse(&format!("/nix/store/{}-{n}", "a".repeat(32)))
+                .unwrap()
+        };
+        let job = Assignment {
+            builder: "b".into(),
+            build: 1,
+            job_id: "1.1".into(),
+            drv_path: path("x.drv"),
+            drv_aterm: "D".repeat(4096),
+            input_paths: (0..100).map(|i| path(&format!("in{i}"))).collect(),
+            max_silent_time_secs: 0,
+            build_timeout_secs: 0,
+        };
+        let len = job_message(job.clone(), 4096).unwrap_err();
+        assert!(len > 4096 + 100 * 40, "{len}");
+        let msg = job_message(job, len).unwrap();
+        assert_eq!(prost::Message::encoded_len(&msg), len);
+    }
 
     #[test]
     fn live_log_drops_whole_chunks_past_the_cap() {
