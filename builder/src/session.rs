@@ -33,7 +33,7 @@ const MAX_NONCE: usize = 1024;
 /// How long each step of the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest gRPC message accepted (NAR chunks are far smaller).
-pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+pub const MAX_MESSAGE: usize = farm_proto::MAX_MESSAGE_SIZE;
 
 /// Check a coordinator URL: `https://` needs a pinned CA/cert, `http://` is only
 /// allowed to a loopback host.

@@ -6,9 +6,10 @@
 //! - CLI users ([`CliAuth`]): each `FarmService` call carries an OpenSSH public
 //!   key, a unix time and a signature over the time and the method path, in
 //!   metadata. Reading and submitting need a key from `--authorized-keys` or
-//!   `--admin-keys`; drain and cancel need one from `--admin-keys`. When no file is
-//!   configured for a level and the gRPC listener is on loopback, every caller
-//!   gets that level; beyond loopback a missing file means nobody does.
+//!   `--admin-keys`; drain and cancel need one from `--admin-keys`. When neither
+//!   file is configured and the gRPC listener is on loopback, every caller gets
+//!   both levels; once either file is configured, or beyond loopback, a level
+//!   without a file is closed to everybody.
 
 use std::path::PathBuf;
 
@@ -21,7 +22,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::CoordinatorError;
-use crate::keys::{AuthorizedKey, fingerprint_ed25519, parse_ed25519_line, read_authorized_keys};
+use crate::keys::{AuthorizedKey, cached_authorized_keys, fingerprint_ed25519, parse_ed25519_line};
 
 /// How far a CLI call's timestamp may be from our clock.
 pub const CLI_TIME_SKEW_SECS: i64 = 300;
@@ -49,6 +50,7 @@ pub struct BuilderAuth {
 impl BuilderAuth {
     /// The enrolled entry for `key`, if any. A broken file is an error (logged by
     /// the caller) rather than an empty list, so a typo never silently locks out.
+    /// Blocking (reads the key file when it changed): call it off the runtime.
     pub fn enrolled(&self, key: &[u8; 32]) -> Result<Option<AuthorizedKey>, CoordinatorError> {
         for line in &self.extra {
             if let Ok(k) = parse_ed25519_line(line)
@@ -62,9 +64,10 @@ impl BuilderAuth {
         }
         match &self.file {
             None => Ok(None),
-            Some(path) => Ok(read_authorized_keys(path)?
-                .into_iter()
-                .find(|k| &k.key == key)),
+            Some(path) => Ok(cached_authorized_keys(path)?
+                .iter()
+                .find(|k| &k.key == key)
+                .cloned()),
         }
     }
 
@@ -105,79 +108,89 @@ pub struct CliAuth {
 }
 
 impl CliAuth {
+    /// Whether every caller on this listener is trusted: loopback, and neither
+    /// key file configured (configuring either locks both levels).
+    fn open(&self) -> bool {
+        self.loopback && self.authorized_keys.is_none() && self.admin_keys.is_none()
+    }
+
     /// Authorise a call to `method` (its gRPC path) at `level`, now being `now_unix`.
-    pub fn check(
+    /// The signature is checked before any key file is looked at; the files are
+    /// read (when they changed) off the async runtime.
+    pub async fn check(
         &self,
         metadata: &MetadataMap,
         method: &str,
         level: Level,
         now_unix: i64,
     ) -> Result<Caller, Status> {
-        let files: Vec<&PathBuf> = match level {
+        let open = self.open();
+        let has_key = metadata.get(CLI_KEY_METADATA).is_some();
+        if open && !has_key {
+            return Ok(Caller::Local);
+        }
+        let files: Vec<PathBuf> = match level {
             Level::Read => self
                 .authorized_keys
                 .iter()
                 .chain(self.admin_keys.iter())
+                .cloned()
                 .collect(),
-            Level::Admin => self.admin_keys.iter().collect(),
+            Level::Admin => self.admin_keys.iter().cloned().collect(),
         };
-        let level_configured = match level {
-            Level::Read => self.authorized_keys.is_some(),
-            Level::Admin => self.admin_keys.is_some(),
-        };
-        let has_key = metadata.get(CLI_KEY_METADATA).is_some();
-        if !level_configured && self.loopback && !has_key {
-            return Ok(Caller::Local);
-        }
-        if !level_configured && self.loopback {
-            // A signed call on an open loopback listener: still fine, but verify it
-            // so a bad signature is never silently accepted.
-            return self
-                .verify(metadata, method, now_unix, &[])
-                .map(|_| Caller::Local);
-        }
-        if files.is_empty() {
+        if !open && files.is_empty() {
             return Err(Status::permission_denied(match level {
                 Level::Read => "no --authorized-keys configured on this coordinator",
                 Level::Admin => "no --admin-keys configured on this coordinator",
             }));
         }
-        let mut allowed = Vec::new();
-        for f in files {
-            match read_authorized_keys(f) {
-                Ok(keys) => allowed.extend(keys),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read CLI key file");
-                    return Err(Status::internal(
-                        "the coordinator's key files are unreadable",
-                    ));
+        // A signed call on an open loopback listener is still verified, so a bad
+        // signature is never silently accepted.
+        let key = self.verify(metadata, method, now_unix)?;
+        if open {
+            return Ok(Caller::Local);
+        }
+        let found = tokio::task::spawn_blocking(move || {
+            for f in &files {
+                if let Some(k) = cached_authorized_keys(f)?.iter().find(|k| k.key == key) {
+                    return Ok(Some(k.clone()));
                 }
             }
+            Ok::<_, CoordinatorError>(None)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading CLI key files");
+            Status::internal("the coordinator's key files are unreadable")
+        })?;
+        match found {
+            Ok(Some(entry)) => Ok(Caller::Key {
+                fingerprint: fingerprint_ed25519(&key),
+                comment: entry.comment,
+            }),
+            Ok(None) => {
+                tracing::warn!(method, key = %fingerprint_ed25519(&key), "CLI call with a key not allowed for it");
+                Err(Status::permission_denied(format!(
+                    "key {} is not allowed to call {method}",
+                    fingerprint_ed25519(&key)
+                )))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read CLI key file");
+                Err(Status::internal(
+                    "the coordinator's key files are unreadable",
+                ))
+            }
         }
-        self.verify(metadata, method, now_unix, &allowed)
-            .and_then(|(key, entry)| match entry {
-                Some(entry) => Ok(Caller::Key {
-                    fingerprint: fingerprint_ed25519(&key),
-                    comment: entry.comment,
-                }),
-                None => {
-                    tracing::warn!(method, key = %fingerprint_ed25519(&key), "CLI call with a key not allowed for it");
-                    Err(Status::permission_denied(format!(
-                        "key {} is not allowed to call {method}",
-                        fingerprint_ed25519(&key)
-                    )))
-                }
-            })
     }
 
-    /// Check the signature; returns the key and its entry in `allowed` (if present).
+    /// Check the signature; returns the key that made it.
     fn verify(
         &self,
         metadata: &MetadataMap,
         method: &str,
         now_unix: i64,
-        allowed: &[AuthorizedKey],
-    ) -> Result<([u8; 32], Option<AuthorizedKey>), Status> {
+    ) -> Result<[u8; 32], Status> {
         let get = |k: &str| -> Result<&str, Status> {
             metadata
                 .get(k)
@@ -190,7 +203,7 @@ impl CliAuth {
         let time: i64 = get(CLI_TIME_METADATA)?
             .parse()
             .map_err(|_| Status::unauthenticated("x-farm-time is not a number"))?;
-        if (time - now_unix).abs() > CLI_TIME_SKEW_SECS {
+        if time.abs_diff(now_unix) > CLI_TIME_SKEW_SECS.unsigned_abs() {
             return Err(Status::unauthenticated(
                 "x-farm-time is too far from the coordinator's clock",
             ));
@@ -206,7 +219,7 @@ impl CliAuth {
             tracing::warn!(method, key = %fingerprint_ed25519(&key), "CLI call with a bad signature");
             return Err(Status::unauthenticated("bad signature"));
         }
-        Ok((key, allowed.iter().find(|k| k.key == key).cloned()))
+        Ok(key)
     }
 }
 
@@ -257,8 +270,8 @@ mod tests {
         req.metadata().clone()
     }
 
-    #[test]
-    fn cli_levels() {
+    #[tokio::test]
+    async fn cli_levels() {
         let dir = tempfile::tempdir().unwrap();
         let users = dir.path().join("users");
         let admins = dir.path().join("admins");
@@ -277,7 +290,8 @@ mod tests {
                 methods::STATUS,
                 Level::Read,
                 now
-            ),
+            )
+            .await,
             Ok(Caller::Key { .. })
         ));
         let e = auth
@@ -287,6 +301,7 @@ mod tests {
                 Level::Admin,
                 now,
             )
+            .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         // admin: both
@@ -297,6 +312,7 @@ mod tests {
                 Level::Read,
                 now
             )
+            .await
             .is_ok()
         );
         assert!(
@@ -306,6 +322,7 @@ mod tests {
                 Level::Admin,
                 now
             )
+            .await
             .is_ok()
         );
         // unknown key
@@ -316,6 +333,7 @@ mod tests {
                 Level::Read,
                 now
             )
+            .await
             .unwrap_err()
             .code(),
             tonic::Code::PermissionDenied
@@ -328,6 +346,7 @@ mod tests {
                 Level::Read,
                 now
             )
+            .await
             .unwrap_err()
             .code(),
             tonic::Code::Unauthenticated
@@ -339,20 +358,22 @@ mod tests {
                 Level::Read,
                 now
             )
+            .await
             .unwrap_err()
             .code(),
             tonic::Code::Unauthenticated
         );
         assert_eq!(
             auth.check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
+                .await
                 .unwrap_err()
                 .code(),
             tonic::Code::Unauthenticated
         );
     }
 
-    #[test]
-    fn open_loopback_and_closed_beyond() {
+    #[tokio::test]
+    async fn open_loopback_and_closed_beyond() {
         let now = 1_700_000_000;
         let open = CliAuth {
             loopback: true,
@@ -360,6 +381,7 @@ mod tests {
         };
         assert_eq!(
             open.check(&MetadataMap::new(), methods::CANCEL, Level::Admin, now)
+                .await
                 .unwrap(),
             Caller::Local
         );
@@ -371,16 +393,109 @@ mod tests {
                 Level::Admin,
                 now
             )
+            .await
             .is_err()
         );
         let closed = CliAuth::default();
         assert_eq!(
             closed
                 .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
+                .await
                 .unwrap_err()
                 .code(),
             tonic::Code::PermissionDenied
         );
+    }
+
+    #[tokio::test]
+    async fn one_key_file_locks_both_levels_on_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users");
+        std::fs::write(&users, format!("{}\n", keypair(1).1)).unwrap();
+        let auth = CliAuth {
+            authorized_keys: Some(users),
+            admin_keys: None,
+            loopback: true,
+        };
+        let now = 1_700_000_000;
+        for m in [methods::CANCEL, methods::SET_DRAIN] {
+            let e = auth
+                .check(&MetadataMap::new(), m, Level::Admin, now)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}: {e:?}");
+            // nor with a valid signature by an authorized (non-admin) key
+            let e = auth
+                .check(&signed(1, m, now), m, Level::Admin, now)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}: {e:?}");
+        }
+        // reading still needs a key
+        let e = auth
+            .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn signature_is_checked_before_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // A key file that cannot be read: a bad or missing signature must still
+        // be refused as such, without touching it.
+        let auth = CliAuth {
+            authorized_keys: Some(dir.path().join("missing")),
+            admin_keys: None,
+            loopback: false,
+        };
+        let now = 1_700_000_000;
+        let e = auth
+            .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let e = auth
+            .check(
+                &signed(1, methods::SUBMIT, now),
+                methods::STATUS,
+                Level::Read,
+                now,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        // A good signature reaches the file, which is unreadable.
+        let e = auth
+            .check(
+                &signed(1, methods::STATUS, now),
+                methods::STATUS,
+                Level::Read,
+                now,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn extreme_times_are_refused_without_overflow() {
+        let open = CliAuth {
+            loopback: true,
+            ..Default::default()
+        };
+        for (time, now) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MIN, 0)] {
+            let e = open
+                .check(
+                    &signed(1, methods::STATUS, time),
+                    methods::STATUS,
+                    Level::Read,
+                    now,
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        }
     }
 
     #[test]

@@ -52,8 +52,9 @@ pub enum TlsMode {
 /// Authentication: builders join only with a key listed in --builder-keys.
 /// CLI users sign each call with a key from --authorized-keys (read, submit) or
 /// --admin-keys (also drain and cancel). When the gRPC listener is on loopback
-/// and --authorized-keys / --admin-keys are not given, every local caller is
-/// allowed that level; beyond loopback a missing key file means nobody is.
+/// and neither --authorized-keys nor --admin-keys is given, every local caller
+/// may do everything; once either is given, or beyond loopback, a level whose
+/// key file is missing is closed to everybody.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "farm-coordinator", version, about, long_about)]
 pub struct Args {
@@ -91,7 +92,10 @@ pub struct Args {
     /// Priority advertised in nix-cache-info; lower is preferred [default: 30].
     #[arg(long, env = "FARM_CACHE_PRIORITY", value_name = "N")]
     pub cache_priority: Option<u32>,
-    /// Nix clients and CLI users (OpenSSH authorized_keys format).
+    /// Nix clients and CLI users (OpenSSH authorized_keys format). These keys are
+    /// trusted like Nix's trusted-users: they may upload any store path into the
+    /// farm's cache (signed by the farm), since a build hook must push its input
+    /// closure. Builders may upload only the outputs of their running jobs.
     #[arg(long, env = "FARM_AUTHORIZED_KEYS", value_name = "FILE")]
     pub authorized_keys: Option<PathBuf>,
     /// CLI users who may change the farm: drain, cancel (authorized_keys format).

@@ -39,13 +39,64 @@ struct Session {
     tx: SessionSender,
 }
 
-/// A running build's log so far, and a signal for followers.
+/// A running build's log so far, and a signal for followers. Kept as the
+/// chunks the builder sent; past [`MAX_LIVE_LOG`] whole chunks are dropped from
+/// the head (no bytes are moved).
 #[derive(Default)]
 pub struct LiveLog {
-    pub data: Vec<u8>,
+    chunks: std::collections::VecDeque<bytes::Bytes>,
+    /// Bytes held in `chunks`.
+    held: usize,
     /// Bytes dropped from the head to stay under [`MAX_LIVE_LOG`].
     pub dropped: u64,
     pub ended: bool,
+}
+
+impl LiveLog {
+    /// Append bytes, dropping whole chunks from the head past [`MAX_LIVE_LOG`].
+    pub fn push(&mut self, data: &[u8]) {
+        self.push_capped(data, MAX_LIVE_LOG);
+    }
+
+    fn push_capped(&mut self, data: &[u8], cap: usize) {
+        if data.is_empty() {
+            return;
+        }
+        self.chunks.push_back(bytes::Bytes::copy_from_slice(data));
+        self.held += data.len();
+        while self.held > cap
+            && let Some(front) = self.chunks.pop_front()
+        {
+            self.held -= front.len();
+            self.dropped += front.len() as u64;
+        }
+    }
+
+    /// Absolute offset of the end of the log (dropped bytes count).
+    pub fn end(&self) -> u64 {
+        self.dropped + self.held as u64
+    }
+
+    /// The bytes from absolute `offset` (or from the oldest kept byte) to the end.
+    pub fn read_from(&self, offset: u64) -> Vec<u8> {
+        let mut skip = offset.saturating_sub(self.dropped);
+        let mut out = Vec::new();
+        for c in &self.chunks {
+            let len = c.len() as u64;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            out.extend_from_slice(&c[skip as usize..]);
+            skip = 0;
+        }
+        out
+    }
+
+    /// The kept chunks (cheap: reference-counted).
+    pub fn chunks(&self) -> Vec<bytes::Bytes> {
+        self.chunks.iter().cloned().collect()
+    }
 }
 
 /// Fixed facts about this coordinator that handlers report.
@@ -77,6 +128,9 @@ pub(crate) struct Inner {
     pub(crate) stopping: tokio_util::sync::CancellationToken,
     /// A state flush is scheduled (flushes coalesce).
     flush_pending: std::sync::atomic::AtomicBool,
+    /// Notices in order, to the task that delivers them (after a flush when
+    /// they report an end: see [`Coordinator::carry_out`]).
+    notices_tx: mpsc::UnboundedSender<Vec<Notice>>,
 }
 
 /// Handle on the coordinator's domain (cheap to clone).
@@ -94,7 +148,8 @@ impl Coordinator {
         cli_auth: CliAuth,
         facts: Facts,
     ) -> Coordinator {
-        Coordinator {
+        let (notices_tx, notices_rx) = mpsc::unbounded_channel();
+        let coord = Coordinator {
             inner: Arc::new(Inner {
                 sched: Mutex::new(sched),
                 sessions: Mutex::new(HashMap::new()),
@@ -109,8 +164,17 @@ impl Coordinator {
                 cache,
                 stopping: tokio_util::sync::CancellationToken::new(),
                 flush_pending: std::sync::atomic::AtomicBool::new(false),
+                notices_tx,
             }),
-        }
+        };
+        tokio::spawn(deliver_notices(Arc::downgrade(&coord.inner), notices_rx));
+        coord
+    }
+
+    /// Make every state write so far durable.
+    pub async fn flush(&self) -> Result<(), crate::state::StateError> {
+        let store = self.read_sched(|s| s.store().clone());
+        store.flush().await
     }
 
     pub fn builder_auth(&self) -> &BuilderAuth {
@@ -169,16 +233,15 @@ impl Coordinator {
         f(&s)
     }
 
+    /// Carry out the scheduler's actions, and hand its notices (in order) to
+    /// the delivery task: a `Finished` or `SubmissionDone` reaches watchers only
+    /// once the state that says so is flushed to disk.
     fn carry_out(&self, actions: Vec<Action>, notices: Vec<Notice>) {
-        for n in notices {
-            let events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
-            for sid in &n.submissions {
-                if let Some(tx) = events.get(sid) {
-                    let _ = tx.send(n.event.clone());
-                }
-            }
+        if !notices.is_empty() {
+            let _ = self.inner.notices_tx.send(notices);
         }
         let mut lost: Vec<(String, String)> = Vec::new();
+        let mut too_big: Vec<(String, String, usize)> = Vec::new();
         for a in actions {
             match a {
                 Action::Dispatch(job) => {
@@ -189,18 +252,15 @@ impl Coordinator {
                         .insert(job.build, Arc::new(Mutex::new(LiveLog::default())));
                     let builder = job.builder.clone();
                     let job_id = job.job_id.clone();
-                    let msg = v1::CoordinatorMessage {
-                        msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
-                            job_id: job.job_id,
-                            drv_path: job.drv_path.to_string(),
-                            drv_aterm: job.drv_aterm,
-                            input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
-                            max_silent_time_secs: job.max_silent_time_secs,
-                            build_timeout_secs: job.build_timeout_secs,
-                        })),
-                    };
-                    if !self.send_to(&builder, msg) {
-                        lost.push((builder, job_id));
+                    // A message past the builder's decoding limit would end its
+                    // whole session; fail this build instead.
+                    match job_message(job, farm_proto::MAX_MESSAGE_SIZE) {
+                        Err(len) => too_big.push((builder, job_id, len)),
+                        Ok(msg) => {
+                            if !self.send_to(&builder, msg) {
+                                lost.push((builder, job_id));
+                            }
+                        }
                     }
                 }
                 Action::Cancel { builder, job_id } => {
@@ -226,6 +286,21 @@ impl Coordinator {
             }
         }
         self.schedule_flush();
+        for (builder, job, len) in too_big {
+            tracing::warn!(%builder, %job, len, "job too large to send");
+            self.with_sched(|s, now| {
+                s.job_ended(
+                    &builder,
+                    &job,
+                    crate::scheduler::JobEnd::Failed(format!(
+                        "the job (its .drv and input paths) is {len} bytes encoded, over the farm's \
+                         {} byte message limit",
+                        farm_proto::MAX_MESSAGE_SIZE
+                    )),
+                    now,
+                )
+            });
+        }
         for (builder, job) in lost {
             tracing::warn!(%builder, %job, "could not send a job to its builder");
             self.with_sched(|s, now| {
@@ -295,13 +370,15 @@ impl Coordinator {
                 .remove(&build);
             if let Some(live) = live {
                 // Followers keep the Arc and read the tail after `ended`.
-                let data = {
+                // The chunks are shared, not copied, under the lock; followers
+                // still read the tail from the live log.
+                let chunks = {
                     let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
                     l.ended = true;
-                    l.data.clone()
+                    l.chunks()
                 };
                 this.inner.log_notify.notify_waiters();
-                this.store_log(build, data).await;
+                this.store_log(build, chunks.concat()).await;
             }
         });
     }
@@ -393,6 +470,11 @@ impl Coordinator {
         self.read_sched(|s| s.builder_key(name).map(|(k, _)| k))
     }
 
+    /// The key a builder of this name last joined with, online or not.
+    pub fn known_key(&self, name: &str) -> Option<String> {
+        self.read_sched(|s| s.builder_key(name).map(|(k, _)| k))
+    }
+
     /// The builder a data-call session token belongs to.
     pub fn session_builder(&self, token: &str) -> Option<String> {
         self.inner
@@ -424,12 +506,7 @@ impl Coordinator {
             .clone();
         {
             let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
-            l.data.extend_from_slice(data);
-            if l.data.len() > MAX_LIVE_LOG {
-                let cut = l.data.len() - MAX_LIVE_LOG;
-                l.data.drain(..cut);
-                l.dropped += cut as u64;
-            }
+            l.push(data);
             drop(l);
             self.inner.log_notify.notify_waiters();
         }
@@ -476,6 +553,64 @@ impl Coordinator {
     }
 }
 
+/// Deliver notices in the order they were made; a batch that reports a build's
+/// or a submission's end waits for a state flush first. Ends with the coordinator.
+async fn deliver_notices(
+    inner: std::sync::Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Notice>>,
+) {
+    while let Some(mut batch) = rx.recv().await {
+        // Take whatever else is waiting: one flush covers them all.
+        while let Ok(more) = rx.try_recv() {
+            batch.extend(more);
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let ends = batch.iter().any(|n| {
+            matches!(
+                n.event,
+                Event::Finished { .. } | Event::SubmissionDone { .. }
+            )
+        });
+        if ends {
+            let store = inner
+                .sched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .store()
+                .clone();
+            if let Err(e) = store.flush().await {
+                tracing::error!(error = %e, "cannot flush the state database before reporting build results");
+            }
+        }
+        let events = inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        for n in batch {
+            for sid in &n.submissions {
+                if let Some(tx) = events.get(sid) {
+                    let _ = tx.send(n.event.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The `Job` message of an assignment, or its encoded length when that is over `limit`.
+fn job_message(job: Assignment, limit: usize) -> Result<v1::CoordinatorMessage, usize> {
+    let msg = v1::CoordinatorMessage {
+        msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
+            job_id: job.job_id,
+            drv_path: job.drv_path.to_string(),
+            drv_aterm: job.drv_aterm,
+            input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
+            max_silent_time_secs: job.max_silent_time_secs,
+            build_timeout_secs: job.build_timeout_secs,
+        })),
+    };
+    let len = prost::Message::encoded_len(&msg);
+    if len > limit { Err(len) } else { Ok(msg) }
+}
+
 /// What resolving a build's inputs found.
 pub enum Prepared {
     /// Its input closure, in dependency order, with NAR sizes.
@@ -513,5 +648,51 @@ impl Coordinator {
             }
         }
         self.with_sched(|s, now| s.job_ended(builder, &r.job_id, end, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversized_jobs_are_not_sent() {
+        let path = |n: &str| {
+            farm_nix::store_path::StorePath::parse(&format!("/nix/store/{}-{n}", "a".repeat(32)))
+                .unwrap()
+        };
+        let job = Assignment {
+            builder: "b".into(),
+            build: 1,
+            job_id: "1.1".into(),
+            drv_path: path("x.drv"),
+            drv_aterm: "D".repeat(4096),
+            input_paths: (0..100).map(|i| path(&format!("in{i}"))).collect(),
+            max_silent_time_secs: 0,
+            build_timeout_secs: 0,
+        };
+        let len = job_message(job.clone(), 4096).unwrap_err();
+        assert!(len > 4096 + 100 * 40, "{len}");
+        let msg = job_message(job, len).unwrap();
+        assert_eq!(prost::Message::encoded_len(&msg), len);
+    }
+
+    #[test]
+    fn live_log_drops_whole_chunks_past_the_cap() {
+        let mut l = LiveLog::default();
+        l.push_capped(b"aaaa", 10);
+        l.push_capped(b"bbbb", 10);
+        assert_eq!((l.dropped, l.end()), (0, 8));
+        l.push_capped(b"cccc", 10);
+        // 12 > 10: the oldest chunk goes, whole
+        assert_eq!((l.dropped, l.end()), (4, 12));
+        assert_eq!(l.read_from(0), b"bbbbcccc");
+        assert_eq!(l.read_from(6), b"bbcccc");
+        assert_eq!(l.read_from(9), b"ccc");
+        assert_eq!(l.read_from(12), b"");
+        assert_eq!(l.read_from(40), b"");
+        assert_eq!(l.chunks().concat(), b"bbbbcccc");
+        l.push_capped(b"", 10);
+        assert_eq!(l.chunks().len(), 2);
     }
 }

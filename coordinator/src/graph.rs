@@ -161,15 +161,20 @@ impl Coordinator {
                 )));
             }
             // A derivation the scheduler already has (queued, running or built)
-            // is shared as it is; its own dependencies are linked already.
+            // is shared as it is; its own dependencies are linked already. Its
+            // inputs still come along: should it fail before this graph reaches
+            // the scheduler, it is added again as a new build and must wait for them.
             if let Some(rec) = self.read_sched(|s| s.known_build(&d)) {
+                let input_drvs = Derivation::parse_aterm(&rec.drv_aterm)
+                    .map(|drv| drv.input_drvs.keys().cloned().collect())
+                    .map_err(|e| SubmitError::Internal(format!("{d}: stored derivation: {e}")))?;
                 builds.push(NewBuild {
                     drv_path: rec.drv_path,
                     drv_aterm: rec.drv_aterm,
                     system: rec.system,
                     required_features: rec.required_features,
                     outputs: rec.outputs,
-                    input_drvs: Vec::new(),
+                    input_drvs,
                 });
                 continue;
             }

@@ -209,7 +209,14 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
             }
         };
         let fp = fingerprint_ed25519(&key);
-        match self.coord.builder_auth().enrolled(&key) {
+        let auth = self.coord.builder_auth().clone();
+        let enrolled = tokio::task::spawn_blocking(move || auth.enrolled(&key))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "checking builder enrolment");
+                Status::internal("checking the builder's enrolment failed")
+            })?;
+        match enrolled {
             Ok(Some(_)) => {}
             Ok(None) => {
                 tracing::warn!(
@@ -229,13 +236,30 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
                 ));
             }
         }
-        if let Some(other) = self.coord.connected_key(&name)
+        // A name belongs to the key it joined with, online or not, while that key
+        // stays enrolled: another enrolled key must not take over its record and
+        // running jobs.
+        if let Some(other) = self.coord.known_key(&name)
             && parse_ed25519_line(&other).ok() != Some(key)
         {
-            tracing::warn!(builder = %name, %peer, key = %fp, "refused builder: name in use by another key");
-            return Err(Status::already_exists(format!(
-                "a builder named {name} is connected with another key"
-            )));
+            let old_enrolled = match parse_ed25519_line(&other) {
+                Ok(old) => {
+                    let auth = self.coord.builder_auth().clone();
+                    tokio::task::spawn_blocking(move || auth.enrolled(&old))
+                        .await
+                        .map(|r| !matches!(r, Ok(None)))
+                        .unwrap_or(true)
+                }
+                Err(_) => false,
+            };
+            if old_enrolled {
+                tracing::warn!(builder = %name, %peer, key = %fp, "refused builder: name belongs to another key");
+                return Err(Status::already_exists(format!(
+                    "the builder name {name} belongs to another enrolled key; to re-enrol under \
+                     that name remove the old key from --builder-keys, or use another --name"
+                )));
+            }
+            tracing::info!(builder = %name, key = %fp, "builder name taken over: its old key is no longer enrolled");
         }
         let caps = capabilities_from(hello.capabilities.clone().unwrap_or_default())?;
         if hello.running_jobs.len() > 4096 {
@@ -265,7 +289,12 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
         let builder = self.session_of(&request)?;
         tracing::debug!(%builder, "builder upload");
-        crate::grpc_data::upload_nar(&self.coord, request.into_inner()).await
+        crate::grpc_data::upload_nar(
+            &self.coord,
+            crate::grpc_data::Uploader::Builder(&builder),
+            request.into_inner(),
+        )
+        .await
     }
 
     async fn query_path_infos(

@@ -5,11 +5,19 @@
 //! path info), every later one a `data` chunk of the NAR, in order. The cache
 //! verifies hash, size and structure while the bytes stream and publishes
 //! nothing unless they match.
+//!
+//! Who may upload what (see [`Uploader`]): a builder only the outputs of the
+//! jobs it is running now; an authorized client (a key in `--authorized-keys` or
+//! `--admin-keys`) any path, like a Nix trusted-user, because the build hook
+//! pushes the input closure. The cache still verifies every NAR against its claim.
 
 use farm_nix::path_info::ValidPathInfo;
 use farm_proto::convert::parse_store_paths;
 use farm_proto::v1;
-use futures::StreamExt;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::io::AsyncRead;
 use tonic::{Response, Status, Streaming};
 
 use crate::cache::CacheError;
@@ -20,6 +28,8 @@ use crate::grpc::BoxStream;
 const CHUNK: usize = 256 * 1024;
 /// Most paths in one query.
 const MAX_QUERY: usize = 100_000;
+/// Longest wait for the next chunk of an upload.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A cache error as a gRPC status; internals are logged, not sent.
 pub fn cache_status(e: CacheError) -> Status {
@@ -54,8 +64,17 @@ pub async fn download_nar(
     Ok(Response::new(Box::pin(stream)))
 }
 
+/// Who is uploading: builders may publish only outputs of their running jobs;
+/// authorized clients (CLI, Nix) are trusted like Nix's trusted-users, since the
+/// build hook must push the input closure.
+pub enum Uploader<'a> {
+    Builder(&'a str),
+    Client,
+}
+
 pub async fn upload_nar(
     coord: &Coordinator,
+    uploader: Uploader<'_>,
     mut stream: Streaming<v1::UploadNarRequest>,
 ) -> Result<Response<v1::UploadNarResponse>, Status> {
     let first = stream
@@ -72,26 +91,59 @@ pub async fn upload_nar(
     };
     let claimed = ValidPathInfo::try_from(info)?;
     let path = claimed.path.clone();
-    let data = stream.map(|m| match m {
-        Ok(v1::UploadNarRequest {
-            msg: Some(v1::upload_nar_request::Msg::Data(d)),
-        }) => Ok(bytes::Bytes::from(d)),
-        Ok(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "info sent twice in one upload",
-        )),
-        Err(s) => Err(std::io::Error::other(s.message().to_string())),
-    });
-    let reader = tokio_util::io::StreamReader::new(data);
+    if let Uploader::Builder(builder) = uploader
+        && !coord.read_sched(|s| s.is_expected_output(builder, &path))
+    {
+        tracing::warn!(%builder, %path, "refused upload: not an output of a job running on this builder");
+        return Err(Status::permission_denied(format!(
+            "{path} is not an output of a job running on builder {builder}; builders may upload only their jobs' outputs"
+        )));
+    }
+    let reader = nar_data(stream, UPLOAD_IDLE_TIMEOUT);
+    // The whole stream must be this one NAR: trailing bytes are refused.
     let published = coord
         .cache()
-        .ingest(claimed, reader)
+        .ingest_exact(claimed, reader)
         .await
         .map_err(cache_status)?;
     tracing::debug!(path = %path, size = published.nar_size, "NAR ingested");
     Ok(Response::new(v1::UploadNarResponse {
         store_path: published.path.to_string(),
     }))
+}
+
+/// The NAR bytes of an upload's `data` messages, as a reader. A gap of more
+/// than `idle` between messages is an error (`TimedOut`), so a stalled uploader
+/// cannot hold the cache's per-path ingest lock forever.
+pub fn nar_data<S>(stream: S, idle: Duration) -> impl AsyncRead + Send + Unpin + 'static
+where
+    S: Stream<Item = Result<v1::UploadNarRequest, Status>> + Send + Unpin + 'static,
+{
+    let data = futures::stream::unfold(Some(stream), move |st| async move {
+        let mut st = st?;
+        match tokio::time::timeout(idle, st.next()).await {
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no NAR data for {} s", idle.as_secs()),
+                )),
+                None,
+            )),
+            Ok(None) => None,
+            Ok(Some(Ok(v1::UploadNarRequest {
+                msg: Some(v1::upload_nar_request::Msg::Data(d)),
+            }))) => Some((Ok(bytes::Bytes::from(d)), Some(st))),
+            Ok(Some(Ok(_))) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "info sent twice in one upload",
+                )),
+                None,
+            )),
+            Ok(Some(Err(s))) => Some((Err(std::io::Error::other(s.message().to_string())), None)),
+        }
+    });
+    tokio_util::io::StreamReader::new(Box::pin(data))
 }
 
 pub async fn query_path_infos(
@@ -121,4 +173,35 @@ pub async fn query_valid_paths(
     Ok(Response::new(v1::QueryValidPathsResponse {
         valid: valid.iter().map(|p| p.to_string()).collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn data(d: &[u8]) -> Result<v1::UploadNarRequest, Status> {
+        Ok(v1::UploadNarRequest {
+            msg: Some(v1::upload_nar_request::Msg::Data(d.to_vec())),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_stalled_upload_times_out() {
+        let stalled = futures::stream::iter([data(b"abc")]).chain(futures::stream::pending());
+        let mut r = nar_data(Box::pin(stalled), Duration::from_millis(100));
+        let mut buf = Vec::new();
+        let e = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut buf))
+            .await
+            .expect("the reader gives up by itself")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(buf, b"abc");
+
+        let ok = futures::stream::iter([data(b"ab"), data(b"c")]);
+        let mut r = nar_data(ok, Duration::from_millis(100));
+        let mut buf = Vec::new();
+        r.read_to_end(&mut buf).await.unwrap();
+        assert_eq!(buf, b"abc");
+    }
 }

@@ -22,13 +22,27 @@ pub struct FarmSvc {
 }
 
 impl FarmSvc {
-    fn authorize<T>(&self, req: &Request<T>, method: &str, level: Level) -> Result<Caller, Status> {
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+        level: Level,
+    ) -> Result<Caller, Status> {
         let caller = self
             .coord
             .cli_auth()
-            .check(req.metadata(), method, level, now_ms() / 1000)?;
+            .check(req.metadata(), method, level, now_ms() / 1000)
+            .await?;
         tracing::debug!(method, caller = ?caller, "CLI call");
         Ok(caller)
+    }
+
+    /// Make the state durable before acknowledging a change.
+    async fn flushed(&self) -> Result<(), Status> {
+        self.coord.flush().await.map_err(|e| {
+            tracing::error!(error = %e, "cannot flush the state database");
+            Status::internal("the coordinator could not save its state")
+        })
     }
 }
 
@@ -186,6 +200,10 @@ pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::Buil
     tokio::spawn(async move {
         'outer: loop {
             let mut events = coord.subscribe(sid);
+            // The snapshot reports only what is on disk.
+            if let Err(e) = coord.flush().await {
+                tracing::error!(error = %e, "cannot flush the state database");
+            }
             let Some((sub, builds)) = coord.read_sched(|s| s.submission(sid)) else {
                 let _ = tx
                     .send(Err(Status::not_found(format!("no submission s{sid}"))))
@@ -236,7 +254,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.authorize(&request, methods::STATUS, Level::Read)?;
+        self.authorize(&request, methods::STATUS, Level::Read)
+            .await?;
         let resp = self.coord.read_sched(|s| {
             let builders = s
                 .builders()
@@ -313,7 +332,9 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
-        let caller = self.authorize(&request, methods::SUBMIT, Level::Read)?;
+        let caller = self
+            .authorize(&request, methods::SUBMIT, Level::Read)
+            .await?;
         let req = request.into_inner();
         let drvs = farm_proto::convert::parse_store_paths("drv_paths", &req.drv_paths, 100_000)?;
         if drvs.is_empty() {
@@ -350,7 +371,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.authorize(&request, methods::WATCH, Level::Read)?;
+        self.authorize(&request, methods::WATCH, Level::Read)
+            .await?;
         let id = request.into_inner().submission_id;
         let sid = parse_submission_id(&id)
             .ok_or_else(|| Status::invalid_argument(format!("bad submission id {id:?}")))?;
@@ -366,7 +388,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        self.authorize(&request, methods::LOGS, Level::Read)?;
+        self.authorize(&request, methods::LOGS, Level::Read).await?;
         let req = request.into_inner();
         crate::logs::logs_stream(self.coord.clone(), &req.build_id, req.follow).await
     }
@@ -375,7 +397,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::CancelResponse>, Status> {
-        self.authorize(&request, methods::CANCEL, Level::Admin)?;
+        self.authorize(&request, methods::CANCEL, Level::Admin)
+            .await?;
         let id = request.into_inner().id;
         let cancelled = if id.starts_with('s') {
             let sid = parse_submission_id(&id)
@@ -395,6 +418,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             )));
         };
         tracing::info!(%id, cancelled, "cancel requested");
+        self.flushed().await?;
         Ok(Response::new(v1::CancelResponse { cancelled }))
     }
 
@@ -402,7 +426,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::SetDrainRequest>,
     ) -> Result<Response<v1::SetDrainResponse>, Status> {
-        self.authorize(&request, methods::SET_DRAIN, Level::Admin)?;
+        self.authorize(&request, methods::SET_DRAIN, Level::Admin)
+            .await?;
         let req = request.into_inner();
         if !self
             .coord
@@ -413,6 +438,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
                 req.builder
             )));
         }
+        self.flushed().await?;
         Ok(Response::new(v1::SetDrainResponse {}))
     }
 
@@ -420,7 +446,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::QueryValidPathsRequest>,
     ) -> Result<Response<v1::QueryValidPathsResponse>, Status> {
-        self.authorize(&request, methods::QUERY_VALID_PATHS, Level::Read)?;
+        self.authorize(&request, methods::QUERY_VALID_PATHS, Level::Read)
+            .await?;
         crate::grpc_data::query_valid_paths(&self.coord, request.into_inner()).await
     }
 
@@ -428,8 +455,14 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<Streaming<v1::UploadNarRequest>>,
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
-        self.authorize(&request, methods::UPLOAD_NAR, Level::Read)?;
-        crate::grpc_data::upload_nar(&self.coord, request.into_inner()).await
+        self.authorize(&request, methods::UPLOAD_NAR, Level::Read)
+            .await?;
+        crate::grpc_data::upload_nar(
+            &self.coord,
+            crate::grpc_data::Uploader::Client,
+            request.into_inner(),
+        )
+        .await
     }
 
     type DownloadNarStream = BoxStream<v1::NarChunk>;
@@ -438,7 +471,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::DownloadNarRequest>,
     ) -> Result<Response<Self::DownloadNarStream>, Status> {
-        self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)?;
+        self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)
+            .await?;
         crate::grpc_data::download_nar(&self.coord, request.into_inner()).await
     }
 
@@ -446,7 +480,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<v1::MachinesRequest>,
     ) -> Result<Response<v1::MachinesResponse>, Status> {
-        self.authorize(&request, methods::MACHINES, Level::Read)?;
+        self.authorize(&request, methods::MACHINES, Level::Read)
+            .await?;
         let protocol = request.into_inner().protocol;
         let protocol = match protocol.as_str() {
             "" | "ssh-ng" => "ssh-ng",

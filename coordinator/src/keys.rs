@@ -22,27 +22,43 @@ use crate::config::CoordinatorConfig;
 /// Largest key or authorized_keys file read.
 const MAX_KEY_FILE: u64 = 4 * 1024 * 1024;
 
-/// Write `contents` to `path` atomically with `mode` (a temp file renamed in place).
+/// Write `contents` to `path` atomically with `mode`: a fresh temporary file
+/// (created exclusively, mode 0600 from the start, so a secret is never readable
+/// by others even for a moment) is written, synced, given `mode`, renamed in
+/// place, and the directory synced. Temporary files a crash left behind are removed.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!(".{base}.tmp");
+    // Leftovers of an interrupted write of this file (ours are unique per call).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
+        "{prefix}{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
     ));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
+            .create_new(true)
+            .mode(0o600)
             .open(&tmp)?;
         f.write_all(contents)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -239,6 +255,48 @@ pub fn read_authorized_keys(path: &Path) -> Result<Vec<AuthorizedKey>, Coordinat
         .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))
 }
 
+/// What identifies a version of a key file without reading it.
+type FileStamp = (std::time::SystemTime, u64, u64);
+
+/// Parsed authorized_keys files by path, with the stamp they were read at.
+type KeyFileCache =
+    std::collections::HashMap<PathBuf, (FileStamp, std::sync::Arc<Vec<AuthorizedKey>>)>;
+
+static KEY_FILES: std::sync::Mutex<Option<KeyFileCache>> = std::sync::Mutex::new(None);
+
+/// As [`read_authorized_keys`], but re-reads and re-parses the file only when its
+/// modification time, length or inode changed (a `stat` per call otherwise).
+/// Blocking: call it off the async runtime.
+pub fn cached_authorized_keys(
+    path: &Path,
+) -> Result<std::sync::Arc<Vec<AuthorizedKey>>, CoordinatorError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?;
+    let stamp: FileStamp = (
+        meta.modified()
+            .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?,
+        meta.len(),
+        meta.ino(),
+    );
+    {
+        let cache = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, keys)) = cache.as_ref().and_then(|c| c.get(path))
+            && *s == stamp
+        {
+            return Ok(keys.clone());
+        }
+    }
+    let keys = std::sync::Arc::new(read_authorized_keys(path)?);
+    let mut cache = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    if cache.len() > 64 {
+        cache.clear();
+    }
+    cache.insert(path.to_path_buf(), (stamp, keys.clone()));
+    Ok(keys)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +326,60 @@ mod tests {
         let t2 = tls_files(&config, &[]).unwrap();
         assert_eq!(t1.cert_pem, t2.cert_pem);
         assert!(String::from_utf8_lossy(&t1.cert_pem).contains("BEGIN CERTIFICATE"));
+    }
+
+    #[test]
+    fn atomic_writes_are_private_and_clean_up() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        // a leftover of a crashed write
+        std::fs::write(dir.path().join(".secret.tmp1234"), b"old").unwrap();
+        write_file_atomic(&path, b"one", 0o600).unwrap();
+        write_file_atomic(&path, b"two", 0o644).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+        write_file_atomic(&path, b"three", 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["secret".to_string()]);
+    }
+
+    #[test]
+    fn key_files_are_cached_by_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ssh_host_key(&dir.path().join("a")).unwrap();
+        let b = ssh_host_key(&dir.path().join("b")).unwrap();
+        let line_a = public_key_line(a.public_key());
+        let line_b = public_key_line(b.public_key());
+        assert_eq!(line_a.len(), line_b.len());
+        let file = dir.path().join("keys");
+        std::fs::write(&file, format!("{line_a}\n")).unwrap();
+        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+        let first = cached_authorized_keys(&file).unwrap();
+        assert_eq!(first[0].key, parse_ed25519_line(&line_a).unwrap());
+        // Same length, same mtime, same inode: the cached parse is used.
+        {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+            f.write_all(format!("{line_b}\n").as_bytes()).unwrap();
+            f.set_modified(mtime).unwrap();
+        }
+        let second = cached_authorized_keys(&file).unwrap();
+        assert_eq!(second[0].key, parse_ed25519_line(&line_a).unwrap());
+        // A new mtime: read again.
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime + std::time::Duration::from_secs(5))
+            .unwrap();
+        let third = cached_authorized_keys(&file).unwrap();
+        assert_eq!(third[0].key, parse_ed25519_line(&line_b).unwrap());
     }
 
     #[test]

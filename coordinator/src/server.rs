@@ -27,6 +27,10 @@ use crate::{CoordinatorError, keys};
 
 /// How long servers get to finish once the coordinator stops.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 streams one gRPC connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Requests one gRPC connection may have in flight at once.
+pub const CONCURRENCY_PER_CONNECTION: usize = 64;
 
 /// Where the coordinator listens and how to trust it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,10 +86,12 @@ impl RunningCoordinator {
     async fn join(&mut self) -> Result<(), CoordinatorError> {
         let mut result = Ok(());
         let mut stop_rx = self.stop.subscribe();
-        let coord = self.coordinator.clone();
+        let coord = std::sync::Arc::downgrade(&self.coordinator.inner);
         let stopped = async move {
             let _ = stop_rx.wait_for(|s| *s).await;
-            coord.stop();
+            if let Some(inner) = coord.upgrade() {
+                Coordinator { inner }.stop();
+            }
             tokio::time::sleep(STOP_TIMEOUT).await;
         };
         tokio::pin!(stopped);
@@ -122,6 +128,16 @@ impl RunningCoordinator {
         self.coordinator.stop();
         let store = self.coordinator.read_sched(|s| s.store().clone());
         store.flush().await?;
+        drop(store);
+        // Tasks still winding down (session ends, spawned work) hold the
+        // coordinator and with it the state database's lock: give them a moment,
+        // so that the same process can open the state again at once.
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        while std::sync::Arc::strong_count(&self.coordinator.inner) > 1
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         result
     }
 }
@@ -249,7 +265,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         .map_err(io(format!("creating {}", config.state_dir.display())))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700));
+        if let Err(e) =
+            std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        {
+            tracing::warn!(
+                dir = %config.state_dir.display(),
+                error = %e,
+                "cannot make the state directory private (mode 0700); it holds the farm's keys"
+            );
+        }
     }
     let signing_key = keys::cache_signing_key(&config)?;
     let host_key = keys::ssh_host_key(&config.state_dir)?;
@@ -336,7 +360,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     {
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Bounds per HTTP/2 connection: open streams, and requests in flight.
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION);
         if let Some(t) = &tls {
             let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
             builder = builder
@@ -350,7 +377,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         coord: coordinator.clone(),
                     },
                 )
-                .max_decoding_message_size(8 * 1024 * 1024),
+                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             )
             .add_service(
                 farm_proto::v1::farm_service_server::FarmServiceServer::new(
@@ -358,7 +386,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         coord: coordinator.clone(),
                     },
                 )
-                .max_decoding_message_size(8 * 1024 * 1024),
+                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             );
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true));
         let done = stopped();

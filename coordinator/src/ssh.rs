@@ -188,6 +188,7 @@ impl russh::server::Server for Server {
             peer,
             identity: None,
             channels: HashMap::new(),
+            sessions: Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS_PER_CONNECTION)),
         }
     }
     fn handle_session_error(&mut self, error: russh::Error) {
@@ -200,8 +201,15 @@ pub struct Connection {
     shared: Arc<Shared>,
     peer: Option<SocketAddr>,
     identity: Option<ClientIdentity>,
-    channels: HashMap<ChannelId, Channel<Msg>>,
+    /// Opened channels not yet running a command, each holding a session slot.
+    channels: HashMap<ChannelId, (Channel<Msg>, tokio::sync::OwnedSemaphorePermit)>,
+    /// Session slots of this connection: a slot is taken when a channel opens
+    /// and given back when its command ends (or it is refused).
+    sessions: Arc<tokio::sync::Semaphore>,
 }
+
+/// Sessions (opened channels and running commands) one SSH connection may have.
+pub const MAX_SESSIONS_PER_CONNECTION: usize = 16;
 
 fn openssh_without_comment(key: &PublicKey) -> String {
     let mut key = key.clone();
@@ -240,11 +248,12 @@ impl Handler for Connection {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.channels.len() >= 16 {
+        let Ok(slot) = self.sessions.clone().try_acquire_owned() else {
+            tracing::warn!(peer = ?self.peer, "ssh channel refused: too many sessions on this connection");
             drop(reply);
             return Ok(());
-        }
-        self.channels.insert(channel.id(), channel);
+        };
+        self.channels.insert(channel.id(), (channel, slot));
         reply.accept().await;
         Ok(())
     }
@@ -255,7 +264,7 @@ impl Handler for Connection {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(channel) = self.channels.remove(&id) else {
+        let Some((channel, slot)) = self.channels.remove(&id) else {
             session.channel_failure(id)?;
             return Ok(());
         };
@@ -268,6 +277,8 @@ impl Handler for Connection {
         let command = String::from_utf8_lossy(data).into_owned();
         let shared = self.shared.clone();
         tokio::spawn(async move {
+            // The slot is held until the command ends.
+            let _slot = slot;
             let mut stderr = channel.make_writer_ext(Some(1));
             let code = match parse_exec(&command) {
                 Ok(program) => {

@@ -198,7 +198,23 @@ async fn serve_one(
     Ok(())
 }
 
-/// Accept relay connections on `listener` until `shutdown` resolves; each runs on its own.
+/// Bind the relay socket at `path` (replacing a stale one) with mode 0660: the
+/// socket's owner and group may relay, so the group decides who may reach the
+/// farm through OpenSSH's forced command; others may not connect.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Accept relay connections on `listener` until `shutdown` resolves; each runs
+/// on its own. A failed `accept` (say, out of file descriptors) is logged and
+/// the loop goes on after a short pause; it never ends the relay server.
 pub async fn serve(
     listener: UnixListener,
     handler: Arc<dyn NixSessionHandler>,
@@ -209,7 +225,16 @@ pub async fn serve(
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => {
-                let (stream, _) = accepted?;
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "relay socket: accept failed");
+                        // Out of descriptors (EMFILE/ENFILE) clears only as
+                        // others close: do not spin meanwhile.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     if let Err(error) = serve_one(stream, handler).await {

@@ -242,6 +242,22 @@ struct TestDrv {
     drv: Derivation,
 }
 
+/// Where Nix would put `drv`: a text path of its ATerm, referring to its inputs.
+fn drv_path_of(name: &str, drv: &Derivation) -> StorePath {
+    let refs: BTreeSet<StorePath> = drv
+        .input_srcs
+        .iter()
+        .chain(drv.input_drvs.keys())
+        .cloned()
+        .collect();
+    farm_coordinator::cache::content::make_text_path(
+        &format!("{name}.drv"),
+        &HashAlgo::Sha256.digest(drv.to_aterm().as_bytes()),
+        &refs,
+    )
+    .unwrap()
+}
+
 fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
     let out = sp(name);
     let mut env = BTreeMap::new();
@@ -267,7 +283,7 @@ fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
         env,
     };
     TestDrv {
-        drv_path: sp(&format!("{name}.drv")),
+        drv_path: drv_path_of(name, &drv),
         out,
         drv,
     }
@@ -419,6 +435,26 @@ async fn builder_handshake_accepts_enrolled_refuses_others() {
         .await
         .unwrap();
 
+    // a builder may not publish a path that is no output of a job it runs
+    let (info, nar) = path_info_for(&sp("not-a-job-output"), b"planted", &[]).await;
+    let err = client
+        .upload_nar(with_session(
+            tokio_stream::iter(upload_requests(info, nar)),
+            &b.token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not an output"), "{}", err.message());
+    let farm_check = FarmServiceClient::new(ch.clone())
+        .query_valid_paths(v1::QueryValidPathsRequest {
+            store_paths: vec![sp("not-a-job-output").to_string()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(farm_check.valid.is_empty(), "nothing was published");
+
     // unknown key: refused before any challenge, and logged
     let err = connect(ch.clone(), "stranger-builder", &stranger, &stranger, vec![])
         .await
@@ -455,6 +491,58 @@ async fn builder_handshake_accepts_enrolled_refuses_others() {
     assert_eq!(names, vec!["good-builder"]);
     assert_eq!(st.builders[0].state, v1::BuilderState::Idle as i32);
     drop(b);
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_builder_name_stays_bound_to_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = key(11);
+    let second = key(12);
+    let c = start(dir.path(), &[&first, &second]).await;
+    let ch = channel(&c).await;
+    let b = connect(ch.clone(), "named", &first, &first, vec![])
+        .await
+        .unwrap();
+    drop(b);
+    // wait until it is offline
+    let mut farm = FarmServiceClient::new(ch.clone());
+    loop {
+        let st = farm
+            .status(v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.builders[0].state == v1::BuilderState::Offline as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // another enrolled key may not take the name, even with the first one offline
+    let err = connect(ch.clone(), "named", &second, &second, vec![])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("--builder-keys"),
+        "{}",
+        err.message()
+    );
+    // the first key still can
+    let b = connect(ch.clone(), "named", &first, &first, vec![])
+        .await
+        .unwrap();
+    drop(b);
+    // once the old key is no longer enrolled, the name can be re-enrolled
+    std::fs::write(
+        dir.path().join("builder_keys"),
+        format!("{}\n", second.line),
+    )
+    .unwrap();
+    connect(ch.clone(), "named", &second, &second, vec![])
+        .await
+        .unwrap();
     c.shutdown().await.unwrap();
 }
 
@@ -577,6 +665,7 @@ async fn submitted_graph_is_built_once_in_dependency_order() {
     // a derivation the farm cannot build fails at once, naming what is missing
     let mut mac = test_drv("mac-only", &[], &[]);
     mac.drv.platform = "aarch64-darwin".into();
+    mac.drv_path = drv_path_of("mac-only", &mac.drv);
     upload_drv(ch.clone(), &mac).await;
     let events = farm
         .submit(v1::SubmitRequest {

@@ -168,7 +168,15 @@ async fn real_ssh_client_runs_routed_commands() {
 async fn stdio_relay_carries_streams_and_exit_status() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nix.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    // a stale socket file is replaced; the new one is for owner and group only
+    std::fs::write(&sock, b"stale").unwrap();
+    let listener = farm_coordinator::stdio::bind(&sock).unwrap();
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::metadata(&sock).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(farm_coordinator::stdio::serve(
         listener,
@@ -216,6 +224,99 @@ async fn stdio_relay_carries_streams_and_exit_status() {
     .unwrap_err();
     assert!(e.to_string().contains("is farm-coordinator running"), "{e}");
 
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+struct AnyHost;
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Open a channel and start a command that runs until its stdin ends.
+async fn start_session(
+    h: &russh::client::Handle<AnyHost>,
+) -> Result<russh::Channel<russh::client::Msg>, russh::Error> {
+    let ch = h.channel_open_session().await?;
+    ch.exec(true, "nix-daemon --stdio").await?;
+    Ok(ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_sessions_per_connection_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let client_key = dir.path().join("client");
+    let client_pub = keygen(&client_key);
+    keygen(&dir.path().join("host"));
+    let host_key =
+        ssh::load_host_key(&std::fs::read_to_string(dir.path().join("host")).unwrap()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ssh::serve(
+        listener,
+        ssh::SshConfig {
+            host_key,
+            inactivity_timeout: Duration::from_secs(30),
+        },
+        Arc::new(OneKey(client_pub)),
+        Arc::new(Echo),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let config = Arc::new(russh::client::Config::default());
+    let mut h = russh::client::connect(config, addr, AnyHost).await.unwrap();
+    let key = russh::keys::load_secret_key(&client_key, None).unwrap();
+    let auth = h
+        .authenticate_publickey(
+            "anyone",
+            russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await
+        .unwrap();
+    assert!(auth.success());
+
+    // Every running command holds its slot (Echo runs until stdin ends).
+    let mut running = Vec::new();
+    for _ in 0..ssh::MAX_SESSIONS_PER_CONNECTION {
+        running.push(start_session(&h).await.unwrap());
+    }
+    assert!(
+        h.channel_open_session().await.is_err(),
+        "a 17th session on one connection is refused"
+    );
+    // One ends: its slot is free again.
+    let mut first = running.remove(0);
+    first.eof().await.unwrap();
+    loop {
+        match first.wait().await {
+            Some(russh::ChannelMsg::ExitStatus { exit_status }) => {
+                assert_eq!(exit_status, 3);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("the session ended without an exit status"),
+        }
+    }
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(ch) = start_session(&h).await {
+            again = Some(ch);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a slot is given back when a command ends");
+    drop(running);
+    drop(h);
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

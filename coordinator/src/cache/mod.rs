@@ -16,6 +16,7 @@
 //! loaded from storage when the cache opens; this cache is the index's only
 //! writer, so queries never touch storage.
 
+pub mod content;
 mod error;
 mod hashing;
 mod storage;
@@ -27,7 +28,7 @@ use async_compression::Level;
 use async_compression::tokio::bufread::ZstdDecoder;
 use async_compression::tokio::write::ZstdEncoder;
 use farm_nix::hash::{Hash, HashAlgo};
-use farm_nix::nar::{NarError, NarLimits, NarSummary, copy_nar};
+use farm_nix::nar::{NarError, NarLimits, NarSummary};
 use farm_nix::narinfo::NarInfo;
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::{SigningKey, VerifyingKey};
@@ -333,9 +334,28 @@ impl Cache {
     pub async fn ingest(
         &self,
         claimed: ValidPathInfo,
-        mut nar: impl AsyncRead + Unpin + Send,
+        nar: impl AsyncRead + Unpin + Send,
     ) -> Result<ValidPathInfo, CacheError> {
-        self.check_claim(&claimed)?;
+        self.ingest_inner(claimed, nar, false).await
+    }
+
+    /// As [`Cache::ingest`], for a stream that must hold the NAR and nothing
+    /// else: bytes after the NAR's end are refused before anything is published.
+    pub async fn ingest_exact(
+        &self,
+        claimed: ValidPathInfo,
+        nar: impl AsyncRead + Unpin + Send,
+    ) -> Result<ValidPathInfo, CacheError> {
+        self.ingest_inner(claimed, nar, true).await
+    }
+
+    async fn ingest_inner(
+        &self,
+        claimed: ValidPathInfo,
+        mut nar: impl AsyncRead + Unpin + Send,
+        exact: bool,
+    ) -> Result<ValidPathInfo, CacheError> {
+        let check = self.check_claim(&claimed)?;
         let limits = NarLimits {
             max_total_size: claimed.nar_size,
             ..NarLimits::default()
@@ -347,13 +367,18 @@ impl Cache {
         if let Some(existing) = self.narinfo(&claimed.path) {
             // Stored already: still read and check the upload, so the caller's
             // stream stays in step and a bad upload is still refused.
-            let summary = copy_nar(&mut nar, &mut tokio::io::sink(), &limits)
-                .await
-                .map_err(|source| CacheError::BadNar {
-                    path: claimed.path.clone(),
-                    source,
-                })?;
+            let (summary, contents) =
+                content::copy_inspect(&mut nar, &mut tokio::io::sink(), &limits, &check)
+                    .await
+                    .map_err(|source| CacheError::BadNar {
+                        path: claimed.path.clone(),
+                        source,
+                    })?;
+            if exact {
+                expect_end(&claimed, &mut nar).await?;
+            }
             check_summary(&claimed, &summary)?;
+            check_content(&claimed, &check, &summary, &contents)?;
             tracing::debug!(path = %claimed.path, "already in the cache");
             return Ok(existing.info.clone());
         }
@@ -369,7 +394,9 @@ impl Cache {
             store: store.clone(),
             path: Some(tmp.clone()),
         };
-        let (file_hash, file_size) = match self.upload_nar(&claimed, &mut nar, &limits, &tmp).await
+        let (file_hash, file_size) = match self
+            .upload_nar(&claimed, &check, &mut nar, &limits, &tmp, exact)
+            .await
         {
             Ok(v) => v,
             Err(e) => {
@@ -446,9 +473,11 @@ impl Cache {
     async fn upload_nar(
         &self,
         claimed: &ValidPathInfo,
+        check: &content::ContentCheck,
         nar: &mut (impl AsyncRead + Unpin + Send),
         limits: &NarLimits,
         tmp: &ObjectPath,
+        exact: bool,
     ) -> Result<(Hash, u64), CacheError> {
         let upload = BufWriter::with_capacity(self.inner.store.clone(), tmp.clone(), UPLOAD_CHUNK)
             .with_max_concurrency(UPLOAD_CONCURRENCY);
@@ -456,9 +485,16 @@ impl Cache {
             hashing::HashingWriter::new(upload),
             Level::Precise(self.inner.config.zstd_level),
         );
-        let copied = copy_nar(nar, &mut zstd, limits).await;
+        let mut copied = content::copy_inspect(nar, &mut zstd, limits, check).await;
+        if exact
+            && copied.is_ok()
+            && let Err(e) = farm_nix::nar::expect_eof(nar).await
+        {
+            copied = Err(e);
+        }
         let checked = match copied {
-            Ok(summary) => check_summary(claimed, &summary),
+            Ok((summary, contents)) => check_summary(claimed, &summary)
+                .and_then(|()| check_content(claimed, check, &summary, &contents)),
             Err(NarError::Io(e)) if zstd.get_ref().failed() => Err(CacheError::StorageIo(e)),
             Err(source) => Err(CacheError::BadNar {
                 path: claimed.path.clone(),
@@ -480,7 +516,8 @@ impl Cache {
         Ok(zstd.into_inner().finish())
     }
 
-    fn check_claim(&self, claimed: &ValidPathInfo) -> Result<(), CacheError> {
+    /// Check the claim alone; returns what must be checked in its NAR.
+    fn check_claim(&self, claimed: &ValidPathInfo) -> Result<content::ContentCheck, CacheError> {
         let bad = |reason: String| CacheError::InvalidClaim {
             path: claimed.path.clone(),
             reason,
@@ -507,7 +544,7 @@ impl Cache {
                 return Err(bad("malformed content address".into()));
             }
         }
-        Ok(())
+        content::ContentCheck::for_claim(claimed).map_err(bad)
     }
 
     fn path_lock(&self, hash_part: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -627,6 +664,31 @@ fn check_summary(claimed: &ValidPathInfo, summary: &NarSummary) -> Result<(), Ca
         });
     }
     Ok(())
+}
+
+/// Refuse bytes after the NAR.
+async fn expect_end(
+    claimed: &ValidPathInfo,
+    nar: &mut (impl AsyncRead + Unpin),
+) -> Result<(), CacheError> {
+    farm_nix::nar::expect_eof(nar)
+        .await
+        .map_err(|source| CacheError::BadNar {
+            path: claimed.path.clone(),
+            source,
+        })
+}
+
+fn check_content(
+    claimed: &ValidPathInfo,
+    check: &content::ContentCheck,
+    summary: &NarSummary,
+    contents: &content::FileContents,
+) -> Result<(), CacheError> {
+    content::verify(claimed, check, summary, contents).map_err(|reason| CacheError::InvalidClaim {
+        path: claimed.path.clone(),
+        reason,
+    })
 }
 
 fn ignore_not_found(r: object_store::Result<()>) -> object_store::Result<()> {

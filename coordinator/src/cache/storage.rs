@@ -60,12 +60,26 @@ pub enum StorageConfig {
     },
 }
 
-/// Static credentials read from a `credentials_file`.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// Static credentials read from a `credentials_file`. `Debug` shows only the
+/// access key id: the secret and the session token are redacted.
+#[derive(Default, PartialEq, Eq)]
 struct S3Credentials {
     access_key_id: String,
     secret_access_key: String,
     session_token: Option<String>,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// The credentials file is small; anything larger is not one.
@@ -165,6 +179,11 @@ mod tests {
         assert_eq!(c.access_key_id, "GK123");
         assert_eq!(c.secret_access_key, "s3cr3t");
         assert_eq!(c.session_token, None);
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("GK123") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
         assert!(parse_credentials("access_key_id = x\n").is_err());
         assert!(parse_credentials("access_key_id = x\nsecret_access_key = y\nfoo = z").is_err());
         assert!(parse_credentials("garbage").is_err());

@@ -501,3 +501,46 @@ async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
     .expect("the path stayed locked")
     .unwrap();
 }
+
+#[tokio::test]
+async fn exact_ingest_refuses_trailing_bytes() {
+    let cache = memory_cache().await;
+    let path = sp('7', "trailing");
+    let nar = sample_nar("trailing");
+    let mut with_junk = nar.clone();
+    with_junk.extend_from_slice(b"junk");
+    let e = cache
+        .ingest_exact(claim(&path, &nar), &with_junk[..])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CacheError::BadNar {
+                source: NarError::TrailingBytes,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(cache.is_empty(), "nothing published");
+    assert!(
+        objects(&cache).await.is_empty(),
+        "{:?}",
+        objects(&cache).await
+    );
+    // the streaming ingest (the SSH worker path) leaves what follows unread
+    let mut rest = &with_junk[..];
+    cache.ingest(claim(&path, &nar), &mut rest).await.unwrap();
+    assert_eq!(rest, b"junk");
+    // once stored, an exact re-upload with trailing bytes is still refused
+    let e = cache
+        .ingest_exact(claim(&path, &nar), &with_junk[..])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CacheError::BadNar { .. }), "{e:?}");
+    cache
+        .ingest_exact(claim(&path, &nar), &nar[..])
+        .await
+        .unwrap();
+}

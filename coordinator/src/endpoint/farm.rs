@@ -409,10 +409,8 @@ async fn track_log(
         let changed = coord.log_changed();
         let (chunk, ended) = {
             let l = live.lock().unwrap_or_else(|e| e.into_inner());
-            let start = offset.max(l.dropped);
-            let rel = (start - l.dropped) as usize;
-            let chunk = l.data.get(rel..).map(<[u8]>::to_vec).unwrap_or_default();
-            offset = l.dropped + l.data.len() as u64;
+            let chunk = l.read_from(offset);
+            offset = l.end();
             (chunk, l.ended)
         };
         if !chunk.is_empty() && !send(&chunk).await {

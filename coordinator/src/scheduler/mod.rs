@@ -305,28 +305,34 @@ impl Scheduler {
         std::mem::take(&mut self.notices)
     }
 
-    fn persist_build(&self, id: BuildId) {
-        if let Some(b) = self.builds.get(&id)
-            && let Err(e) = self.store.put_build(&b.rec)
-        {
-            tracing::error!(build = id, error = %e, "cannot persist build");
+    /// Write a build's record (errors are logged too, for callers that go on).
+    fn persist_build(&self, id: BuildId) -> Result<(), StateError> {
+        if let Some(b) = self.builds.get(&id) {
+            self.store.put_build(&b.rec).inspect_err(|e| {
+                tracing::error!(build = id, error = %e, "cannot persist build");
+            })?;
         }
+        Ok(())
     }
 
-    fn persist_submission(&self, id: SubmissionId) {
-        if let Some(s) = self.submissions.get(&id)
-            && let Err(e) = self.store.put_submission(s)
-        {
-            tracing::error!(submission = id, error = %e, "cannot persist submission");
+    /// Write a submission's record (errors are logged too).
+    fn persist_submission(&self, id: SubmissionId) -> Result<(), StateError> {
+        if let Some(s) = self.submissions.get(&id) {
+            self.store.put_submission(s).inspect_err(|e| {
+                tracing::error!(submission = id, error = %e, "cannot persist submission");
+            })?;
         }
+        Ok(())
     }
 
-    fn persist_builder(&self, name: &str) {
-        if let Some(b) = self.builders.get(name)
-            && let Err(e) = self.store.put_builder(&b.rec)
-        {
-            tracing::error!(builder = name, error = %e, "cannot persist builder");
+    /// Write a builder's record (errors are logged too).
+    fn persist_builder(&self, name: &str) -> Result<(), StateError> {
+        if let Some(b) = self.builders.get(name) {
+            self.store.put_builder(&b.rec).inspect_err(|e| {
+                tracing::error!(builder = name, error = %e, "cannot persist builder");
+            })?;
         }
+        Ok(())
     }
 
     fn notify(&mut self, id: BuildId, event: Event) {
@@ -376,15 +382,19 @@ impl Scheduler {
         if b.rec.state == BuildState::Queued {
             self.ready.entry(class).or_default().insert(key);
         }
-        self.persist_build(id);
+        let _ = self.persist_build(id);
     }
 
     // ───────────────────────────── submissions ─────────────────────────────
 
     /// Add a derivation graph. Derivations already known and not failed are
     /// shared (built once); new ones a builder can never take fail at once.
+    /// An error writing the records is returned (after the graph is added).
     pub fn submit(&mut self, g: GraphSubmission, now: i64) -> Result<SubmissionId, StateError> {
         let sid = self.store.next_id()?;
+        // A failed write does not stop the submission half-way (the in-memory
+        // state stays whole), but it is not acknowledged: the caller gets the error.
+        let mut persisted: Result<(), StateError> = Ok(());
         let mut sub = SubmissionRecord {
             id: sid,
             roots: g.roots.clone(),
@@ -424,7 +434,7 @@ impl Scheduler {
                             b.rec.priority = g.priority;
                         }
                     }
-                    self.persist_build(id);
+                    persisted = persisted.and(self.persist_build(id));
                     id
                 }
                 None => {
@@ -497,10 +507,10 @@ impl Scheduler {
                     b.pending.insert(dep);
                 }
             }
-            self.persist_build(id);
+            persisted = persisted.and(self.persist_build(id));
         }
         self.submissions.insert(sid, sub);
-        self.persist_submission(sid);
+        persisted = persisted.and(self.persist_submission(sid));
         tracing::info!(
             submission = %format!("s{sid}"),
             builds = g.builds.len(),
@@ -544,7 +554,7 @@ impl Scheduler {
             }
         }
         self.check_submission(sid, now);
-        Ok(sid)
+        persisted.map(|()| sid)
     }
 
     /// Whether some builder can take this kind of work now or soon; else why not.
@@ -791,7 +801,7 @@ impl Scheduler {
         let sub = self.submissions.get_mut(&sid).expect("checked above");
         sub.done = true;
         tracing::info!(submission = %format!("s{sid}"), success, built, cached, failed, "submission done");
-        self.persist_submission(sid);
+        let _ = self.persist_submission(sid);
         self.notices.push(Notice {
             submissions: vec![sid],
             event: Event::SubmissionDone {
@@ -893,7 +903,7 @@ impl Scheduler {
         entry.conn = conn;
         entry.disconnected_ms = None;
         let ours: Vec<BuildId> = entry.running.iter().copied().collect();
-        self.persist_builder(name);
+        let _ = self.persist_builder(name);
         tracing::info!(builder = name, conn, draining, "builder online");
         let reported: HashSet<&str> = running_jobs.iter().map(String::as_str).collect();
         for id in ours {
@@ -932,7 +942,7 @@ impl Scheduler {
         e.disconnected_ms = Some(now);
         e.rec.last_seen_ms = now;
         tracing::info!(builder = name, running = e.running.len(), "builder offline");
-        self.persist_builder(name);
+        let _ = self.persist_builder(name);
     }
 
     /// A load report.
@@ -951,7 +961,7 @@ impl Scheduler {
         e.rec.draining = draining;
         let online = e.online;
         tracing::info!(builder = name, draining, "builder drain changed");
-        self.persist_builder(name);
+        let _ = self.persist_builder(name);
         if online {
             self.actions.push(Action::Drain {
                 builder: name.to_owned(),
@@ -1170,6 +1180,21 @@ impl Scheduler {
         }
     }
 
+    /// Whether `path` is an output of a build `builder` is running now: the only
+    /// paths a builder may upload (anything else it could publish, signed by the
+    /// farm, would later be taken as a cached build result).
+    pub fn is_expected_output(&self, builder: &str, path: &StorePath) -> bool {
+        let Some(e) = self.builders.get(builder) else {
+            return false;
+        };
+        e.running.iter().any(|id| {
+            self.builds.get(id).is_some_and(|b| {
+                matches!(&b.rec.state, BuildState::Running { builder: on, .. } if on == builder)
+                    && b.rec.outputs.values().any(|o| o == path)
+            })
+        })
+    }
+
     /// A builder reported how a job ended (a `Built` already checked against the cache).
     pub fn job_ended(&mut self, builder: &str, job: &str, end: JobEnd, now: i64) {
         let Some(id) = self.running_job(builder, job) else {
@@ -1235,7 +1260,7 @@ impl Scheduler {
         }
         sub.cancelled = true;
         let ids: Vec<BuildId> = sub.builds.iter().copied().collect();
-        self.persist_submission(sid);
+        let _ = self.persist_submission(sid);
         let mut n = 0;
         for id in ids {
             let Some(b) = self.builds.get_mut(&id) else {

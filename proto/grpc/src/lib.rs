@@ -15,3 +15,9 @@ pub mod v1 {
 }
 
 pub use convert::ConvertError;
+
+/// Largest gRPC message either side encodes or decodes (coordinator, builder,
+/// CLI). A job carries its whole `.drv` (up to 16 MiB) and its input paths,
+/// so the coordinator checks a job's encoded length against this before
+/// sending it; NAR data goes in far smaller chunks.
+pub const MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;

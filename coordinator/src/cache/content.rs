@@ -1,0 +1,617 @@
+//! What an uploaded path's name and content address promise about its bytes,
+//! checked at ingest before anything is published.
+//!
+//! - A path named `*.drv` is a derivation: its NAR must be one regular file, an
+//!   ATerm that parses, whose references are exactly its input sources and input
+//!   derivations, and whose store path is Nix's `makeTextPath`:
+//!   `make("text:<ref1>:<ref2>…", sha256(contents), name)` (references as full
+//!   paths, in store-path order).
+//! - A `ca` claim must match the bytes and the path, as Nix's
+//!   `makeFixedOutputPath` / `makeTextPath` compute them:
+//!   - `text:sha256:H`: one regular file whose sha256 is H; path
+//!     `make("text:<refs>", H, name)`.
+//!   - `fixed:r:sha256:H`: H is the NAR's sha256; path
+//!     `make("source:<refs>[:self]", H, name)`.
+//!   - `fixed:ALGO:H` (flat): one regular file whose ALGO hash is H; no
+//!     references; path `make("output:out", sha256("fixed:out:ALGO:hex(H):"), name)`.
+//!   - `fixed:r:ALGO:H` (ALGO not sha256): the NAR's ALGO hash is H (computed
+//!     while it streams); path `make("output:out", sha256("fixed:out:r:ALGO:hex(H):"), name)`.
+
+use std::collections::BTreeSet;
+
+use farm_nix::derivation::Derivation;
+use farm_nix::hash::{Hash, HashAlgo, Hasher};
+use farm_nix::nar::{NarError, NarEvent, NarLimits, NarReader, NarSummary, copy_nar};
+use farm_nix::path_info::ValidPathInfo;
+use farm_nix::store_path::StorePath;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Largest `.drv` accepted (the same bound the graph reader uses).
+pub const MAX_DRV_SIZE: u64 = 16 << 20;
+
+/// A parsed `ca` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentAddress {
+    /// `text:sha256:…`
+    Text(Hash),
+    /// `fixed:r:…` (NAR hash) or `fixed:…` (flat file hash).
+    Fixed { recursive: bool, hash: Hash },
+}
+
+impl ContentAddress {
+    /// Parse `text:sha256:…`, `fixed:r:ALGO:…`, `fixed:ALGO:…`.
+    pub fn parse(s: &str) -> Result<ContentAddress, String> {
+        let bad = |why: &str| format!("content address {s:?}: {why}");
+        if let Some(rest) = s.strip_prefix("text:") {
+            let hash = Hash::parse_any(rest).map_err(|e| bad(&e.to_string()))?;
+            if hash.algo() != HashAlgo::Sha256 {
+                return Err(bad("a text content address must use sha256"));
+            }
+            return Ok(ContentAddress::Text(hash));
+        }
+        if let Some(rest) = s.strip_prefix("fixed:") {
+            let (recursive, rest) = match rest.strip_prefix("r:") {
+                Some(r) => (true, r),
+                None => (false, rest),
+            };
+            if !rest.contains(':') {
+                return Err(bad("no hash algorithm"));
+            }
+            let hash = Hash::parse_any(rest).map_err(|e| bad(&e.to_string()))?;
+            return Ok(ContentAddress::Fixed { recursive, hash });
+        }
+        Err(bad("neither text: nor fixed:"))
+    }
+
+    /// The algorithm the single file's contents must be hashed with, if this
+    /// address is about a flat file.
+    fn flat_algo(&self) -> Option<HashAlgo> {
+        match self {
+            ContentAddress::Text(h) => Some(h.algo()),
+            ContentAddress::Fixed {
+                recursive: false,
+                hash,
+            } => Some(hash.algo()),
+            ContentAddress::Fixed { .. } => None,
+        }
+    }
+}
+
+/// `<type>:<ref>:<ref>…[:self]` as Nix's `makeType` writes it.
+fn make_type(kind: &str, path: &StorePath, refs: &BTreeSet<StorePath>, allow_self: bool) -> String {
+    let mut t = kind.to_string();
+    let mut has_self = false;
+    for r in refs {
+        if r == path {
+            has_self = true;
+            continue;
+        }
+        t.push(':');
+        t.push_str(&r.to_string());
+    }
+    if has_self && allow_self {
+        t.push_str(":self");
+    }
+    t
+}
+
+/// Nix's `makeTextPath(name, sha256, references)`.
+pub fn make_text_path(
+    name: &str,
+    hash: &Hash,
+    refs: &BTreeSet<StorePath>,
+) -> Result<StorePath, String> {
+    let mut t = "text".to_string();
+    for r in refs {
+        t.push(':');
+        t.push_str(&r.to_string());
+    }
+    StorePath::make(&t, hash, name).map_err(|e| e.to_string())
+}
+
+/// Nix's `makeFixedOutputPath` for the path `path` (its name and references).
+pub fn make_fixed_output_path(
+    path: &StorePath,
+    recursive: bool,
+    hash: &Hash,
+    refs: &BTreeSet<StorePath>,
+) -> Result<StorePath, String> {
+    if recursive && hash.algo() == HashAlgo::Sha256 {
+        let t = make_type("source", path, refs, true);
+        StorePath::make(&t, hash, path.name()).map_err(|e| e.to_string())
+    } else {
+        let inner = HashAlgo::Sha256.digest(
+            format!(
+                "fixed:out:{}{}:",
+                if recursive { "r:" } else { "" },
+                hash.to_base16_prefixed()
+            )
+            .as_bytes(),
+        );
+        StorePath::make("output:out", &inner, path.name()).map_err(|e| e.to_string())
+    }
+}
+
+/// What ingest must learn about the NAR beyond its hash and size.
+#[derive(Debug, Default)]
+pub struct ContentCheck {
+    /// Keep the single file's bytes (a `.drv`, up to [`MAX_DRV_SIZE`]).
+    pub keep_bytes: bool,
+    /// Hash the single file's contents with these algorithms.
+    pub algos: Vec<HashAlgo>,
+    /// The parsed `ca` claim.
+    pub ca: Option<ContentAddress>,
+    /// Hash the whole NAR with this algorithm too (a recursive non-sha256 `ca`).
+    pub nar_algo: Option<HashAlgo>,
+}
+
+impl ContentCheck {
+    /// What `claimed` needs checked (a malformed `ca` is an error).
+    pub fn for_claim(claimed: &ValidPathInfo) -> Result<ContentCheck, String> {
+        let ca = claimed
+            .ca
+            .as_deref()
+            .map(ContentAddress::parse)
+            .transpose()?;
+        let keep_bytes = claimed.path.is_derivation();
+        let mut algos = Vec::new();
+        if keep_bytes {
+            algos.push(HashAlgo::Sha256);
+        }
+        if let Some(a) = ca.as_ref().and_then(|c| c.flat_algo())
+            && !algos.contains(&a)
+        {
+            algos.push(a);
+        }
+        let nar_algo = match &ca {
+            Some(ContentAddress::Fixed {
+                recursive: true,
+                hash,
+            }) if hash.algo() != HashAlgo::Sha256 => Some(hash.algo()),
+            _ => None,
+        };
+        Ok(ContentCheck {
+            keep_bytes,
+            algos,
+            ca,
+            nar_algo,
+        })
+    }
+
+    fn needs_contents(&self) -> bool {
+        self.keep_bytes || !self.algos.is_empty()
+    }
+}
+
+/// The NAR's root, when it is a single regular file and the check needed it.
+#[derive(Debug, Default)]
+pub struct FileContents {
+    /// Whether the NAR is one regular file.
+    pub regular: bool,
+    /// Its bytes, when kept and not larger than [`MAX_DRV_SIZE`].
+    pub bytes: Option<Vec<u8>>,
+    /// Its size.
+    pub size: u64,
+    /// Its hashes, one per requested algorithm.
+    pub hashes: Vec<Hash>,
+    /// The whole NAR's hash in [`ContentCheck::nar_algo`], if asked for.
+    pub nar_hash: Option<Hash>,
+}
+
+/// Forwards writes to `inner`, hashing what it accepted.
+struct HashTee<'a, W> {
+    inner: &'a mut W,
+    hasher: Option<Hasher>,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for HashTee<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self.inner).poll_write(cx, buf))?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// As [`copy_nar`], also reading the root file's contents when `check` needs them.
+pub async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
+    limits: &NarLimits,
+    check: &ContentCheck,
+) -> Result<(NarSummary, FileContents), NarError> {
+    let mut tee = HashTee {
+        inner: w,
+        hasher: check.nar_algo.map(Hasher::new),
+    };
+    if !check.needs_contents() {
+        let summary = copy_nar(r, &mut tee, limits).await?;
+        let fc = FileContents {
+            nar_hash: tee.hasher.map(Hasher::finish),
+            ..FileContents::default()
+        };
+        return Ok((summary, fc));
+    }
+    let mut reader = NarReader::new(r, &mut tee, limits);
+    let mut fc = FileContents::default();
+    if let Some(NarEvent::Regular { size, .. }) = reader.next_event().await? {
+        fc.regular = true;
+        fc.size = size;
+        let mut hashers: Vec<Hasher> = check.algos.iter().map(|a| Hasher::new(*a)).collect();
+        let mut bytes = (check.keep_bytes && size <= MAX_DRV_SIZE).then(Vec::new);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader.read_contents(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            for h in &mut hashers {
+                h.update(&buf[..n]);
+            }
+            if let Some(b) = &mut bytes {
+                b.extend_from_slice(&buf[..n]);
+            }
+        }
+        fc.bytes = bytes;
+        fc.hashes = hashers.into_iter().map(Hasher::finish).collect();
+    }
+    let summary = reader.finish().await?;
+    fc.nar_hash = tee.hasher.map(Hasher::finish);
+    Ok((summary, fc))
+}
+
+/// Check the path's name and `ca` claim against what the NAR held; the reason
+/// when they do not match.
+pub fn verify(
+    claimed: &ValidPathInfo,
+    check: &ContentCheck,
+    summary: &NarSummary,
+    fc: &FileContents,
+) -> Result<(), String> {
+    let path = &claimed.path;
+    let file_hash = |algo: HashAlgo| fc.hashes.iter().find(|h| h.algo() == algo).cloned();
+    if check.keep_bytes {
+        if !fc.regular {
+            return Err("a .drv must be a single regular file".into());
+        }
+        let Some(bytes) = &fc.bytes else {
+            return Err(format!(
+                "the .drv is {} bytes; at most {MAX_DRV_SIZE} are accepted",
+                fc.size
+            ));
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| "the .drv is not UTF-8".to_string())?;
+        let drv =
+            Derivation::parse_aterm(text).map_err(|e| format!("the .drv does not parse: {e}"))?;
+        let refs: BTreeSet<StorePath> = drv
+            .input_srcs
+            .iter()
+            .chain(drv.input_drvs.keys())
+            .cloned()
+            .collect();
+        if refs != claimed.references {
+            return Err(
+                "the references claimed for this .drv are not its input sources and input derivations"
+                    .into(),
+            );
+        }
+        let hash = file_hash(HashAlgo::Sha256).ok_or("internal: no sha256 of the .drv")?;
+        let expected = make_text_path(path.name(), &hash, &refs)?;
+        if &expected != path {
+            return Err(format!(
+                "the .drv's contents belong at {expected}, not at this path"
+            ));
+        }
+    }
+    match &check.ca {
+        None => {}
+        Some(ContentAddress::Text(h)) => {
+            if !fc.regular {
+                return Err("a text content address needs a single regular file".into());
+            }
+            if file_hash(h.algo()).as_ref() != Some(h) {
+                return Err("the file's hash does not match its text content address".into());
+            }
+            let expected = make_text_path(path.name(), h, &claimed.references)?;
+            if &expected != path {
+                return Err(format!(
+                    "the text content address gives the path {expected}"
+                ));
+            }
+        }
+        Some(ContentAddress::Fixed { recursive, hash }) => {
+            if *recursive {
+                let nar_hash = if hash.algo() == HashAlgo::Sha256 {
+                    Some(&summary.nar_hash)
+                } else {
+                    fc.nar_hash.as_ref()
+                };
+                if nar_hash != Some(hash) {
+                    return Err(
+                        "the NAR's hash does not match its recursive content address".into(),
+                    );
+                }
+            } else {
+                if !fc.regular {
+                    return Err("a flat content address needs a single regular file".into());
+                }
+                if file_hash(hash.algo()).as_ref() != Some(hash) {
+                    return Err("the file's hash does not match its flat content address".into());
+                }
+                if !claimed.references.is_empty() {
+                    return Err("a flat fixed-output path cannot have references".into());
+                }
+            }
+            let expected = make_fixed_output_path(path, *recursive, hash, &claimed.references)?;
+            if &expected != path {
+                return Err(format!(
+                    "the fixed content address gives the path {expected}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use farm_nix::signing::SigningKey;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::cache::tests::nix_dump;
+    use crate::cache::{Cache, CacheConfig, CacheError};
+
+    const DRVS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/nix/testdata/drv");
+
+    /// Every real `.drv` with its store path (the file name Nix gave it).
+    fn real_drvs() -> Vec<(StorePath, Vec<u8>)> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(DRVS).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            if name.ends_with(".drv") {
+                let sp = StorePath::parse(&format!("/nix/store/{name}")).unwrap();
+                v.push((sp, std::fs::read(&p).unwrap()));
+            }
+        }
+        assert!(v.len() >= 8, "the test data is there");
+        v
+    }
+
+    fn refs_of(bytes: &[u8]) -> BTreeSet<StorePath> {
+        let d = Derivation::parse_aterm(std::str::from_utf8(bytes).unwrap()).unwrap();
+        d.input_srcs
+            .iter()
+            .chain(d.input_drvs.keys())
+            .cloned()
+            .collect()
+    }
+
+    fn nar_of_file(contents: &[u8]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, contents).unwrap();
+        nix_dump(&f)
+    }
+
+    async fn cache() -> Cache {
+        Cache::with_store(
+            CacheConfig::local("/nonexistent-unused"),
+            Arc::new(InMemory::new()),
+            SigningKey::generate("farm-test-1").unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn claim(path: &StorePath, nar: &[u8], refs: BTreeSet<StorePath>) -> ValidPathInfo {
+        let mut i =
+            ValidPathInfo::new(path.clone(), HashAlgo::Sha256.digest(nar), nar.len() as u64);
+        i.references = refs;
+        i
+    }
+
+    fn invalid(r: Result<ValidPathInfo, CacheError>) -> String {
+        match r {
+            Err(CacheError::InvalidClaim { reason, .. }) => reason,
+            other => panic!("expected an invalid claim, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn text_paths_of_real_drvs() {
+        for (path, bytes) in real_drvs() {
+            let hash = HashAlgo::Sha256.digest(&bytes);
+            let computed = make_text_path(path.name(), &hash, &refs_of(&bytes)).unwrap();
+            assert_eq!(computed, path);
+        }
+    }
+
+    #[test]
+    fn fixed_output_paths_of_real_drvs() {
+        let mut seen = 0;
+        for (_, bytes) in real_drvs() {
+            let d = Derivation::parse_aterm(std::str::from_utf8(&bytes).unwrap()).unwrap();
+            for o in d.outputs.values() {
+                if o.hash.is_empty() {
+                    continue;
+                }
+                let (recursive, algo) = match o.hash_algo.strip_prefix("r:") {
+                    Some(a) => (true, a),
+                    None => (false, o.hash_algo.as_str()),
+                };
+                let hash = Hash::parse_bare(algo.parse().unwrap(), &o.hash).unwrap();
+                let path = o.path.clone().unwrap();
+                let computed =
+                    make_fixed_output_path(&path, recursive, &hash, &BTreeSet::new()).unwrap();
+                assert_eq!(computed, path);
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2);
+    }
+
+    #[tokio::test]
+    async fn real_drvs_are_accepted_and_forged_ones_refused() {
+        let cache = cache().await;
+        for (path, bytes) in real_drvs() {
+            let nar = nar_of_file(&bytes);
+            let refs = refs_of(&bytes);
+            // with its Nix content address too
+            let mut c = claim(&path, &nar, refs.clone());
+            c.ca = Some(format!(
+                "text:{}",
+                HashAlgo::Sha256.digest(&bytes).to_nix32_prefixed()
+            ));
+            cache.ingest(c, &nar[..]).await.unwrap();
+        }
+        let (path, bytes) = real_drvs().remove(0);
+        let refs = refs_of(&bytes);
+        let other = StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv").unwrap();
+
+        // other contents at a real .drv's path: a fresh path, so nothing is cached yet
+        let fake =
+            StorePath::parse(&format!("/nix/store/{}-{}", "1".repeat(32), path.name())).unwrap();
+        let nar = nar_of_file(&bytes);
+        let why = invalid(
+            cache
+                .ingest(claim(&fake, &nar, refs.clone()), &nar[..])
+                .await,
+        );
+        assert!(why.contains("belong at"), "{why}");
+        assert!(cache.narinfo(&fake).is_none());
+
+        // references that are not the derivation's inputs
+        let mut more = refs.clone();
+        more.insert(other.clone());
+        let why = invalid(cache.ingest(claim(&fake, &nar, more), &nar[..]).await);
+        assert!(why.contains("references"), "{why}");
+
+        // not ATerm
+        let junk = nar_of_file(b"not a derivation");
+        let why = invalid(
+            cache
+                .ingest(claim(&fake, &junk, refs.clone()), &junk[..])
+                .await,
+        );
+        assert!(why.contains("does not parse"), "{why}");
+
+        // not a single regular file
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let dnar = nix_dump(&dir.path().join("d"));
+        let why = invalid(
+            cache
+                .ingest(claim(&fake, &dnar, refs.clone()), &dnar[..])
+                .await,
+        );
+        assert!(why.contains("single regular file"), "{why}");
+        assert!(cache.narinfo(&fake).is_none());
+    }
+
+    #[tokio::test]
+    async fn content_addresses_are_checked_against_the_nar() {
+        let cache = cache().await;
+        // The output of fixed-flat.drv as Nix named it ("hello", flat sha256).
+        let flat =
+            StorePath::parse("/nix/store/34653kz58l0k6y6mhmzz5lih5l1yxhi9-fixed-flat").unwrap();
+        let hello = nar_of_file(b"hello");
+        // A recursive one (fixed-recursive.drv's declared hash is not that of
+        // its build, so the path comes from make_fixed_output_path, which
+        // fixed_output_paths_of_real_drvs checks against Nix).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+        std::fs::write(dir.path().join("out/f"), b"hello").unwrap();
+        let rec_nar = nix_dump(&dir.path().join("out"));
+        let named = StorePath::parse("/nix/store/blcc3vi0sj4wn4rlnz5abnh2cvw6vy18-fixed-recursive")
+            .unwrap();
+        let rec = make_fixed_output_path(
+            &named,
+            true,
+            &HashAlgo::Sha256.digest(&rec_nar),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let flat_ca = format!(
+            "fixed:{}",
+            HashAlgo::Sha256.digest(b"hello").to_nix32_prefixed()
+        );
+        let rec_ca = format!(
+            "fixed:r:{}",
+            HashAlgo::Sha256.digest(&rec_nar).to_nix32_prefixed()
+        );
+
+        // claims whose hash does not match the bytes
+        let mut c = claim(&flat, &hello, BTreeSet::new());
+        c.ca = Some(format!(
+            "fixed:{}",
+            HashAlgo::Sha256.digest(b"bye").to_nix32_prefixed()
+        ));
+        let why = invalid(cache.ingest(c, &hello[..]).await);
+        assert!(why.contains("flat content address"), "{why}");
+        let mut c = claim(&rec, &rec_nar, BTreeSet::new());
+        c.ca = Some(format!(
+            "fixed:r:{}",
+            HashAlgo::Sha256.digest(b"x").to_nix32_prefixed()
+        ));
+        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        assert!(why.contains("recursive content address"), "{why}");
+        // the right hash at the wrong path
+        let mut c = claim(&rec, &hello, BTreeSet::new());
+        c.ca = Some(flat_ca.clone());
+        let why = invalid(cache.ingest(c, &hello[..]).await);
+        assert!(why.contains("gives the path"), "{why}");
+        // a text address on a directory
+        let mut c = claim(&rec, &rec_nar, BTreeSet::new());
+        c.ca = Some(format!(
+            "text:{}",
+            HashAlgo::Sha256.digest(b"x").to_nix32_prefixed()
+        ));
+        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        assert!(why.contains("single regular file"), "{why}");
+        assert!(cache.is_empty(), "nothing published");
+
+        // a recursive address in another algorithm: the NAR's own hash in it
+        let sha1 = HashAlgo::Sha1.digest(&rec_nar);
+        let rec1 = make_fixed_output_path(&named, true, &sha1, &BTreeSet::new()).unwrap();
+        let mut c = claim(&rec1, &rec_nar, BTreeSet::new());
+        c.ca = Some(format!(
+            "fixed:r:{}",
+            HashAlgo::Sha1.digest(b"x").to_nix32_prefixed()
+        ));
+        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        assert!(why.contains("recursive content address"), "{why}");
+        let mut c = claim(&rec1, &rec_nar, BTreeSet::new());
+        c.ca = Some(format!("fixed:r:{}", sha1.to_nix32_prefixed()));
+        cache.ingest(c, &rec_nar[..]).await.unwrap();
+        assert!(cache.narinfo(&rec1).is_some());
+
+        // what Nix produced is accepted
+        let mut c = claim(&flat, &hello, BTreeSet::new());
+        c.ca = Some(flat_ca);
+        cache.ingest(c, &hello[..]).await.unwrap();
+        let mut c = claim(&rec, &rec_nar, BTreeSet::new());
+        c.ca = Some(rec_ca);
+        cache.ingest(c, &rec_nar[..]).await.unwrap();
+        assert_eq!(cache.len(), 3);
+    }
+}
