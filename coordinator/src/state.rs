@@ -49,9 +49,26 @@ pub struct Loaded {
 
 impl Store {
     /// Open (or create) the database at `path`. Blocking.
+    ///
+    /// sled releases its file lock from a background thread after the last
+    /// handle drops, so a reopen right after a close (a restart in the same
+    /// process, a test) may find it still held for a moment: the lock is
+    /// retried for up to two seconds before giving up. A second coordinator
+    /// on the same state still fails, with sled's "could not acquire lock".
     pub fn open(path: &Path) -> Result<Store, StateError> {
-        let db = sled::Config::new().path(path).open()?;
-        Store::from_db(db)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => return Store::from_db(db),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// A database that lives in memory only (tests).
@@ -185,5 +202,37 @@ impl Store {
     pub fn flush_blocking(&self) -> Result<(), StateError> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restart reopens the state right after closing it; sled may still
+    /// hold the file lock for a moment then, which must not fail the open.
+    #[test]
+    fn reopening_right_after_closing_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        for i in 0..50u32 {
+            let store = Store::open(&path).unwrap();
+            store.next_id().unwrap();
+            store
+                .builds
+                .insert(i.to_be_bytes(), vec![0u8; 4096])
+                .unwrap();
+            store.db.flush().unwrap();
+            drop(store);
+        }
+    }
+
+    #[test]
+    fn a_second_open_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _first = Store::open(&path).unwrap();
+        let err = Store::open(&path).err().expect("the state is in use");
+        assert!(err.to_string().contains("lock"), "{err}");
     }
 }
