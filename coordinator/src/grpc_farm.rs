@@ -474,9 +474,13 @@ impl v1::farm_service_server::FarmService for FarmSvc {
 /// the real SSH host; every system any builder has (online or not), sorted and
 /// unique; no key file (`-`, the client's own SSH identity); the sum of their
 /// slots (at least 1); the fastest builder's speed factor as an integer (Nix
-/// 2.8 parses an integer; at least 1); the union of every builder's supported
-/// and mandatory features minus the mandatory column; as mandatory, the
-/// features every builder requires (usually none, `-`); the base64 host key.
+/// 2.8 parses an integer; at least 1); as supported, the union of every
+/// builder's supported and mandatory features minus the mandatory column
+/// (`farmMachine.supportedFeatures`), then the mandatory ones, since
+/// `nix.buildMachines` writes `supportedFeatures ++ mandatoryFeatures` there
+/// and so the line is byte-identical to the client's `/etc/nix/machines`; as
+/// mandatory, the features every builder requires (usually none, `-`); the
+/// base64 host key.
 ///
 /// Nix 2.8 machine URIs cannot carry a port, so when the endpoint is not on
 /// port 22 the ssh_config gives it: `Host HOST` / `Port N` / `HostKeyAlias
@@ -509,24 +513,25 @@ pub fn machines(
         }
     }
     let mandatory = mandatory.unwrap_or_default();
-    let supported: BTreeSet<String> = supported.difference(&mandatory).cloned().collect();
+    let mut features: Vec<String> = supported.difference(&mandatory).cloned().collect();
+    features.extend(mandatory.iter().cloned());
     // Saturating float-to-int cast; at least 1 (checked above).
     let speed = (speed.round() as u64).max(1);
     let host = &facts.ssh_host;
     let host_key_b64 = base64::engine::general_purpose::STANDARD.encode(&facts.ssh_host_key);
-    let join = |v: BTreeSet<String>| {
+    let join = |v: Vec<String>| {
         if v.is_empty() {
             "-".to_string()
         } else {
-            v.into_iter().collect::<Vec<_>>().join(",")
+            v.join(",")
         }
     };
     let machines_line = format!(
         "{protocol}://{host} {} - {} {speed} {} {} {host_key_b64}",
-        join(systems),
+        join(systems.into_iter().collect()),
         jobs.max(1),
-        join(supported),
-        join(mandatory),
+        join(features),
+        join(mandatory.into_iter().collect()),
     );
     let ssh_config = if facts.ssh_port == 22 {
         String::new()
@@ -623,7 +628,7 @@ mod tests {
         assert_eq!(
             m.machines_line,
             "ssh-ng://farm.example.org aarch64-linux,i686-linux,x86_64-linux - 7 4 \
-             big-parallel,kvm,nixos-test benchmark c3NoLWVkMjU1MTkgQUFBQWtleQ=="
+             big-parallel,kvm,nixos-test,benchmark benchmark c3NoLWVkMjU1MTkgQUFBQWtleQ=="
         );
         assert_eq!(
             m.ssh_config,
@@ -650,6 +655,19 @@ mod tests {
             "ssh://farm.example.org x86_64-linux - 2 1 benchmark,kvm - c3NoLWVkMjU1MTkgQUFBQWtleQ=="
         );
         assert_eq!(m.ssh_config, "");
+
+        // required by all: the mandatory column, and after the others in the
+        // features column as nix.buildMachines writes it
+        let bs = [
+            builder(&["x86_64-linux"], &["kvm"], &["benchmark", "gpu"], 1, 1.0),
+            builder(&["x86_64-linux"], &["big-parallel"], &["benchmark"], 1, 1.0),
+        ];
+        let m = machines(&facts(22), "ssh-ng", &bs);
+        assert_eq!(
+            m.machines_line,
+            "ssh-ng://farm.example.org x86_64-linux - 2 1 big-parallel,gpu,kvm,benchmark benchmark \
+             c3NoLWVkMjU1MTkgQUFBQWtleQ=="
+        );
     }
 
     #[test]
