@@ -2,8 +2,8 @@
 //! `nix.conf` to use this farm, as the coordinator computes it (it knows its
 //! SSH endpoint, host key, builders and cache key). When the SSH endpoint is not
 //! on port 22, the coordinator also returns the `ssh_config` lines (a `Host`
-//! alias with its `Port`) that the machine URI needs, since Nix 2.8's machine
-//! URIs cannot carry a port.
+//! entry for the URI's host with its `Port` and a `HostKeyAlias`) that the
+//! machine URI needs, since Nix 2.8's machine URIs cannot carry a port.
 
 use farm_proto::v1::MachinesResponse;
 use serde::Serialize;
@@ -35,7 +35,7 @@ impl From<MachinesResponse> for MachinesJson {
     }
 }
 
-/// The `Host` alias and `Port` of an ssh_config block, if it has them.
+/// The `Host` and `Port` of an ssh_config block, if it has them.
 pub fn ssh_config_alias(ssh_config: &str) -> Option<(String, u16)> {
     let mut host = None;
     let mut port = None;
@@ -78,13 +78,14 @@ pub fn render(m: &MachinesJson, p: &Painter) -> String {
             "# ssh_config of the user running the builds (root's ~/.ssh/config for nix-daemon):",
         ));
         out.push_str(&comment(
-            "# Nix 2.8 machine URIs cannot carry a port, so the URI names this Host alias.",
+            "# Nix 2.8 machine URIs cannot carry a port: this Host entry gives it.",
         ));
         out.push_str(ssh);
         out.push('\n');
-        if let Some((_, port)) = ssh_config_alias(ssh) {
+        if let Some((host, port)) = ssh_config_alias(ssh) {
+            // HostKeyAlias: Nix files the line's host key under the bare host.
             out.push_str(&comment(&format!(
-                "# (for a single command, NIX_SSHOPTS=\"-p {port}\" gives the port instead)"
+                "# (for a single command, NIX_SSHOPTS=\"-p {port} -o HostKeyAlias={host}\" does the same)"
             )));
         }
     }
@@ -125,7 +126,7 @@ mod tests {
 
     fn sample(ssh_config: &str) -> MachinesJson {
         MachinesResponse {
-            machines_line: "ssh-ng://nix-farm x86_64-linux,aarch64-linux - 8 1 kvm,big-parallel - c3NoLWVkMjU1MTkgQUFBQQ==\n".into(),
+            machines_line: "ssh-ng://farm.example.org x86_64-linux,aarch64-linux - 8 1 kvm,big-parallel - c3NoLWVkMjU1MTkgQUFBQQ==\n".into(),
             nix_conf_lines: vec![
                 "extra-substituters = http://farm:7080".into(),
                 "extra-trusted-public-keys = farm-1:abc=".into(),
@@ -137,21 +138,25 @@ mod tests {
 
     #[test]
     fn renders_every_part_where_it_goes() {
-        let m = sample("Host nix-farm\n  HostName farm.example.org\n  Port 7022\n");
+        let m = sample("Host farm.example.org\n  Port 7022\n  HostKeyAlias farm.example.org\n");
         let text = render(&m, &Painter { enabled: false });
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("# /etc/nix/machines"));
         assert_eq!(
             lines[1],
-            "ssh-ng://nix-farm x86_64-linux,aarch64-linux - 8 1 kvm,big-parallel - c3NoLWVkMjU1MTkgQUFBQQ=="
+            "ssh-ng://farm.example.org x86_64-linux,aarch64-linux - 8 1 kvm,big-parallel - c3NoLWVkMjU1MTkgQUFBQQ=="
         );
         assert!(text.contains("\nextra-substituters = http://farm:7080\n"));
-        assert!(text.contains("\nHost nix-farm\n  HostName farm.example.org\n  Port 7022\n"));
-        assert!(text.contains("NIX_SSHOPTS=\"-p 7022\""));
+        assert!(
+            text.contains(
+                "\nHost farm.example.org\n  Port 7022\n  HostKeyAlias farm.example.org\n"
+            )
+        );
+        assert!(text.contains("NIX_SSHOPTS=\"-p 7022 -o HostKeyAlias=farm.example.org\""));
         // colour only dims the comments
         let coloured = render(&m, &Painter { enabled: true });
         assert!(coloured.contains("\x1b[2m# /etc/nix/machines"));
-        assert!(coloured.contains("\nssh-ng://nix-farm x86_64-linux"));
+        assert!(coloured.contains("\nssh-ng://farm.example.org x86_64-linux"));
     }
 
     #[test]

@@ -718,13 +718,18 @@ async fn submitted_graph_is_built_once_in_dependency_order() {
         .await
         .unwrap()
         .into_inner();
+    // the real host in the URI; its port (not 22 here) in the ssh_config
+    let (ssh_host, ssh_port) = c.endpoints().ssh.rsplit_once(':').unwrap();
     assert!(
         m.machines_line
-            .starts_with("ssh-ng://nix-farm x86_64-linux - 4 1 - - "),
+            .starts_with(&format!("ssh-ng://{ssh_host} x86_64-linux - 4 1 - - ")),
         "{}",
         m.machines_line
     );
-    assert!(m.ssh_config.contains("Port"), "{}", m.ssh_config);
+    assert_eq!(
+        m.ssh_config,
+        format!("Host {ssh_host}\n  Port {ssh_port}\n  HostKeyAlias {ssh_host}\n")
+    );
     assert!(
         m.nix_conf_lines
             .iter()
