@@ -132,6 +132,11 @@ pub struct Args {
     /// A builder last seen within this many seconds counts as "seen recently" [default: 86400].
     #[arg(long, env = "FARM_RECENT_BUILDER_WINDOW", value_name = "SECS")]
     pub recent_builder_window: Option<u64>,
+    /// Seconds the coordinator takes at most to stop on SIGTERM/SIGINT: listeners
+    /// close, builders and followers are told, the state is flushed; whatever is
+    /// still running then is abandoned (a second signal exits at once) [default: 10].
+    #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_name = "SECS")]
+    pub shutdown_grace: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, by their long names.
@@ -160,6 +165,7 @@ pub struct FileConfig {
     pub max_retries: Option<u32>,
     pub unschedulable_wait: Option<u64>,
     pub recent_builder_window: Option<u64>,
+    pub shutdown_grace: Option<u64>,
     /// The cache's own `CacheConfig` (which refuses unknown keys too); its
     /// `storage` defaults to the local directory.
     pub cache: Option<toml::Table>,
@@ -193,6 +199,8 @@ pub struct CoordinatorConfig {
     pub max_retries: u32,
     pub unschedulable_wait: Duration,
     pub recent_builder_window: Duration,
+    /// How long stopping may take at most.
+    pub shutdown_grace: Duration,
 }
 
 impl CoordinatorConfig {
@@ -221,6 +229,7 @@ impl CoordinatorConfig {
             max_retries: 3,
             unschedulable_wait: Duration::from_secs(600),
             recent_builder_window: Duration::from_secs(86_400),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 
@@ -311,6 +320,11 @@ impl CoordinatorConfig {
                 .or(file.recent_builder_window)
                 .map(Duration::from_secs)
                 .unwrap_or(d.recent_builder_window),
+            shutdown_grace: args
+                .shutdown_grace
+                .or(file.shutdown_grace)
+                .map(Duration::from_secs)
+                .unwrap_or(d.shutdown_grace),
             state_dir: d.state_dir,
         })
     }

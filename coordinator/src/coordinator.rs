@@ -126,11 +126,15 @@ pub(crate) struct Inner {
     pub(crate) cache: Cache,
     /// Cancelled when the coordinator stops: sessions and followers end.
     pub(crate) stopping: tokio_util::sync::CancellationToken,
-    /// A state flush is scheduled (flushes coalesce).
-    flush_pending: std::sync::atomic::AtomicBool,
-    /// Notices in order, to the task that delivers them (after a flush when
-    /// they report an end: see [`Coordinator::carry_out`]).
-    notices_tx: mpsc::UnboundedSender<Vec<Notice>>,
+    /// The scheduler's decisions in the order it made them, to the task that
+    /// carries them out ([`run_outbox`]).
+    outbox_tx: mpsc::UnboundedSender<Batch>,
+}
+
+/// One `with_sched` call's decisions.
+struct Batch {
+    actions: Vec<Action>,
+    notices: Vec<Notice>,
 }
 
 /// Handle on the coordinator's domain (cheap to clone).
@@ -148,7 +152,7 @@ impl Coordinator {
         cli_auth: CliAuth,
         facts: Facts,
     ) -> Coordinator {
-        let (notices_tx, notices_rx) = mpsc::unbounded_channel();
+        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let coord = Coordinator {
             inner: Arc::new(Inner {
                 sched: Mutex::new(sched),
@@ -163,11 +167,10 @@ impl Coordinator {
                 facts,
                 cache,
                 stopping: tokio_util::sync::CancellationToken::new(),
-                flush_pending: std::sync::atomic::AtomicBool::new(false),
-                notices_tx,
+                outbox_tx,
             }),
         };
-        tokio::spawn(deliver_notices(Arc::downgrade(&coord.inner), notices_rx));
+        tokio::spawn(run_outbox(Arc::downgrade(&coord.inner), outbox_rx));
         coord
     }
 
@@ -215,15 +218,19 @@ impl Coordinator {
     }
 
     /// Run `f` on the scheduler, dispatch, then carry out what it decided.
+    ///
+    /// The decisions are queued to the outbox task while the scheduler lock
+    /// is still held, so batches are carried out in the order they were made.
     pub fn with_sched<R>(&self, f: impl FnOnce(&mut Scheduler, i64) -> R) -> R {
         let now = now_ms();
-        let (r, actions, notices) = {
-            let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
-            let r = f(&mut s, now);
-            s.dispatch(now);
-            (r, s.take_actions(), s.take_notices())
-        };
-        self.carry_out(actions, notices);
+        let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut s, now);
+        s.dispatch(now);
+        let actions = s.take_actions();
+        let notices = s.take_notices();
+        if !actions.is_empty() || !notices.is_empty() {
+            let _ = self.inner.outbox_tx.send(Batch { actions, notices });
+        }
         r
     }
 
@@ -233,13 +240,9 @@ impl Coordinator {
         f(&s)
     }
 
-    /// Carry out the scheduler's actions, and hand its notices (in order) to
-    /// the delivery task: a `Finished` or `SubmissionDone` reaches watchers only
-    /// once the state that says so is flushed to disk.
-    fn carry_out(&self, actions: Vec<Action>, notices: Vec<Notice>) {
-        if !notices.is_empty() {
-            let _ = self.inner.notices_tx.send(notices);
-        }
+    /// Carry out one batch of the scheduler's decisions (the state that
+    /// records them is already flushed when they need it: see [`run_outbox`]).
+    fn carry_out(&self, actions: Vec<Action>) {
         let mut lost: Vec<(String, String)> = Vec::new();
         let mut too_big: Vec<(String, String, usize)> = Vec::new();
         for a in actions {
@@ -285,7 +288,6 @@ impl Coordinator {
                 Action::BuildEnded { build } => self.spawn_build_ended(build),
             }
         }
-        self.schedule_flush();
         for (builder, job, len) in too_big {
             tracing::warn!(%builder, %job, len, "job too large to send");
             self.with_sched(|s, now| {
@@ -314,23 +316,6 @@ impl Coordinator {
                 )
             });
         }
-    }
-
-    /// Make the scheduler's writes durable soon; concurrent requests share one flush.
-    fn schedule_flush(&self) {
-        use std::sync::atomic::Ordering;
-        if self.inner.flush_pending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let this = self.clone();
-        tokio::spawn(async move {
-            // Cleared first: a write after this point schedules its own flush.
-            this.inner.flush_pending.store(false, Ordering::Release);
-            let store = this.read_sched(|s| s.store().clone());
-            if let Err(e) = store.flush().await {
-                tracing::error!(error = %e, "cannot flush the state database");
-            }
-        });
     }
 
     fn send_to(&self, builder: &str, msg: v1::CoordinatorMessage) -> bool {
@@ -553,44 +538,56 @@ impl Coordinator {
     }
 }
 
-/// Deliver notices in the order they were made; a batch that reports a build's
-/// or a submission's end waits for a state flush first. Ends with the coordinator.
-async fn deliver_notices(
-    inner: std::sync::Weak<Inner>,
-    mut rx: mpsc::UnboundedReceiver<Vec<Notice>>,
-) {
-    while let Some(mut batch) = rx.recv().await {
-        // Take whatever else is waiting: one flush covers them all.
+/// Carry out the scheduler's decisions in the order they were made. Every
+/// decision is written to sled under the scheduler lock; a batch that sends a
+/// job (its attempt number must be on disk, or a crash would reissue the same
+/// job id) or reports a build's or a submission's end waits for a state flush
+/// first. Batches queued meanwhile share that flush (group commit). Without
+/// such a batch, the state is still flushed soon, off the delivery path.
+/// Ends with the coordinator.
+async fn run_outbox(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Batch>) {
+    while let Some(first) = rx.recv().await {
+        let mut batches = vec![first];
         while let Ok(more) = rx.try_recv() {
-            batch.extend(more);
+            batches.push(more);
         }
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let ends = batch.iter().any(|n| {
-            matches!(
-                n.event,
-                Event::Finished { .. } | Event::SubmissionDone { .. }
-            )
+        let coord = Coordinator { inner };
+        let store = coord.read_sched(|s| s.store().clone());
+        let must_flush = batches.iter().any(|b| {
+            b.actions.iter().any(|a| matches!(a, Action::Dispatch(_)))
+                || b.notices.iter().any(|n| {
+                    matches!(
+                        n.event,
+                        Event::Finished { .. } | Event::SubmissionDone { .. }
+                    )
+                })
         });
-        if ends {
-            let store = inner
-                .sched
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .store()
-                .clone();
+        if must_flush {
             if let Err(e) = store.flush().await {
-                tracing::error!(error = %e, "cannot flush the state database before reporting build results");
+                tracing::error!(error = %e, "cannot flush the state database before sending jobs or results");
             }
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = store.flush().await {
+                    tracing::error!(error = %e, "cannot flush the state database");
+                }
+            });
         }
-        let events = inner.events.lock().unwrap_or_else(|e| e.into_inner());
-        for n in batch {
-            for sid in &n.submissions {
-                if let Some(tx) = events.get(sid) {
-                    let _ = tx.send(n.event.clone());
+        for batch in batches {
+            {
+                let events = coord.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+                for n in batch.notices {
+                    for sid in &n.submissions {
+                        if let Some(tx) = events.get(sid) {
+                            let _ = tx.send(n.event.clone());
+                        }
+                    }
                 }
             }
+            coord.carry_out(batch.actions);
         }
     }
 }

@@ -25,8 +25,6 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::state::Store;
 use crate::{CoordinatorError, keys};
 
-/// How long servers get to finish once the coordinator stops.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 streams one gRPC connection may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Requests one gRPC connection may have in flight at once.
@@ -63,6 +61,8 @@ pub struct RunningCoordinator {
     coordinator: Coordinator,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), CoordinatorError>>,
+    /// How long stopping may take at most.
+    grace: Duration,
 }
 
 impl RunningCoordinator {
@@ -82,17 +82,24 @@ impl RunningCoordinator {
     }
 
     /// Wait until a server fails (or all stop). Once stopping, sessions and
-    /// followers are ended, and servers get [`STOP_TIMEOUT`] to finish.
+    /// followers are ended, and everything after (servers finishing, the last
+    /// state flush, tasks letting go of the state) fits in the grace period:
+    /// what has not finished by then is abandoned.
     async fn join(&mut self) -> Result<(), CoordinatorError> {
         let mut result = Ok(());
         let mut stop_rx = self.stop.subscribe();
+        let grace = self.grace;
         let coord = std::sync::Arc::downgrade(&self.coordinator.inner);
+        let (deadline_tx, mut deadline_rx) = watch::channel(None::<tokio::time::Instant>);
         let stopped = async move {
             let _ = stop_rx.wait_for(|s| *s).await;
+            let deadline = tokio::time::Instant::now() + grace;
+            let _ = deadline_tx.send(Some(deadline));
             if let Some(inner) = coord.upgrade() {
                 Coordinator { inner }.stop();
             }
-            tokio::time::sleep(STOP_TIMEOUT).await;
+            // Servers get most of the grace; the flush and the rest share what is left.
+            tokio::time::sleep(grace.mul_f32(0.7)).await;
         };
         tokio::pin!(stopped);
         loop {
@@ -126,18 +133,29 @@ impl RunningCoordinator {
             }
         }
         self.coordinator.stop();
+        let deadline = deadline_rx
+            .borrow_and_update()
+            .unwrap_or_else(|| tokio::time::Instant::now() + grace);
         let store = self.coordinator.read_sched(|s| s.store().clone());
-        store.flush().await?;
+        match tokio::time::timeout_at(deadline, store.flush()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                tracing::error!("the last state flush did not finish within the shutdown grace");
+                return Err(CoordinatorError::Config(
+                    "stopped before the state was flushed (shutdown grace ran out)".into(),
+                ));
+            }
+        }
         drop(store);
         // Tasks still winding down (session ends, spawned work) hold the
-        // coordinator and with it the state database's lock: give them a moment,
-        // so that the same process can open the state again at once.
-        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        // coordinator and with it the state database's lock: give them what is
+        // left of the grace, so that the same process can open the state again.
         while std::sync::Arc::strong_count(&self.coordinator.inner) > 1
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tracing::info!("coordinator stopped");
         result
     }
 }
@@ -504,5 +522,6 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         coordinator,
         stop,
         tasks,
+        grace: config.shutdown_grace,
     })
 }

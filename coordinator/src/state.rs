@@ -5,6 +5,12 @@
 //! builders, derivation base names for the log index), values JSON records
 //! (`scheduler::types`). Finished outputs are not here: the cache is the truth
 //! for those. Writes that must survive a `kill -9` are followed by [`Store::flush`].
+//!
+//! Flushing is group commit on one thread per database ([`Flusher`]): sled 0.34's
+//! `flush_async` never wakes when several flushes are polled at once (sled
+//! #1241, #1308), so it is not used anywhere; the flusher calls the blocking
+//! `Db::flush` and answers every request that arrived before that flush began
+//! with its result, so N concurrent acknowledgements cost one fsync.
 
 use std::path::Path;
 
@@ -27,12 +33,15 @@ pub enum StateError {
     },
     #[error("encoding record: {0}")]
     Encode(serde_json::Error),
+    #[error("flushing the state database: {0}")]
+    Flush(String),
 }
 
 /// Handle on the database (cheap to clone).
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    flusher: std::sync::Arc<Flusher>,
     builds: sled::Tree,
     submissions: sled::Tree,
     builders: sled::Tree,
@@ -77,7 +86,11 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Store, StateError> {
+        let flush_db = db.clone();
+        let flusher = Flusher::spawn(move || flush_db.flush().map(drop).map_err(|e| e.to_string()))
+            .map_err(|e| StateError::Flush(format!("cannot start the flusher thread: {e}")))?;
         Ok(Store {
+            flusher: std::sync::Arc::new(flusher),
             builds: db.open_tree("builds")?,
             submissions: db.open_tree("submissions")?,
             builders: db.open_tree("builders")?,
@@ -192,10 +205,15 @@ impl Store {
         })
     }
 
-    /// Make every write so far durable.
+    /// Make every write so far durable: resolves once a flush that began after
+    /// this call has finished (shared with every concurrent caller).
     pub async fn flush(&self) -> Result<(), StateError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.flusher.flush().await
+    }
+
+    /// Flushes run so far and the requests they answered.
+    pub fn flush_stats(&self) -> FlushStats {
+        self.flusher.stats()
     }
 
     /// Make every write so far durable, blocking.
@@ -205,9 +223,176 @@ impl Store {
     }
 }
 
+/// Counters of the group commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// Flushes the flusher ran.
+    pub flushes: u64,
+    /// Flush requests they answered.
+    pub requests: u64,
+    /// Time spent in flushes, in microseconds (total).
+    pub busy_micros: u64,
+    /// The longest flush, in microseconds.
+    pub max_micros: u64,
+}
+
+type FlushReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Group commit: one thread runs the blocking flush; every request that
+/// arrived while a flush ran is answered by the next one (a request is never
+/// answered by a flush that began before it was made). The thread ends when
+/// the last [`Flusher`] handle is dropped.
+pub struct Flusher {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<FlushReply>>,
+    stats: std::sync::Arc<std::sync::Mutex<FlushStats>>,
+}
+
+impl Flusher {
+    /// Start the flusher thread around `flush`, a blocking call that makes
+    /// every earlier write durable.
+    pub fn spawn(
+        mut flush: impl FnMut() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::channel::<FlushReply>();
+        let stats = std::sync::Arc::new(std::sync::Mutex::new(FlushStats::default()));
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("state-flusher".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        waiting.push(more);
+                    }
+                    let started = std::time::Instant::now();
+                    let r = flush();
+                    let took = started.elapsed().as_micros() as u64;
+                    {
+                        let mut s = thread_stats.lock().unwrap_or_else(|e| e.into_inner());
+                        s.flushes += 1;
+                        s.requests += waiting.len() as u64;
+                        s.busy_micros += took;
+                        s.max_micros = s.max_micros.max(took);
+                    }
+                    if took > 1_000_000 {
+                        tracing::warn!(millis = took / 1000, "state flush was slow");
+                    }
+                    for w in waiting {
+                        let _ = w.send(r.clone());
+                    }
+                }
+            })?;
+        Ok(Flusher {
+            tx: std::sync::Mutex::new(tx),
+            stats,
+        })
+    }
+
+    /// Resolves once a flush that began after this call has finished.
+    pub async fn flush(&self) -> Result<(), StateError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(reply)
+            .map_err(|_| StateError::Flush("the flusher thread has stopped".into()))?;
+        match done.await {
+            Ok(r) => r.map_err(StateError::Flush),
+            Err(_) => Err(StateError::Flush("the flusher thread has stopped".into())),
+        }
+    }
+
+    pub fn stats(&self) -> FlushStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests made while a flush runs are answered by the next flush, never
+    /// by the one already running; all of them by one. (Multi-threaded: the
+    /// test body blocks on the gate while the flush tasks run on workers.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_share_one_and_wait_for_a_covering_one() {
+        use std::sync::mpsc;
+        let (entered_tx, entered) = mpsc::channel::<u64>();
+        let (release, released) = mpsc::channel::<()>();
+        let mut n = 0u64;
+        let flusher = std::sync::Arc::new(
+            Flusher::spawn(move || {
+                n += 1;
+                entered_tx.send(n).unwrap();
+                released.recv().unwrap();
+                Ok(())
+            })
+            .unwrap(),
+        );
+        // The first request starts flush 1, which blocks.
+        let f = flusher.clone();
+        let first = tokio::spawn(async move { f.flush().await });
+        assert_eq!(entered.recv().unwrap(), 1);
+        // Ten more arrive while it runs.
+        let mut later = Vec::new();
+        for _ in 0..10 {
+            let f = flusher.clone();
+            later.push(tokio::spawn(async move { f.flush().await }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        // Flush 1 must not have answered them: flush 2 covers them all.
+        assert_eq!(entered.recv().unwrap(), 2);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            later.iter().all(|h| !h.is_finished()),
+            "answered by a flush that began before them"
+        );
+        release.send(()).unwrap();
+        for h in later {
+            h.await.unwrap().unwrap();
+        }
+        let stats = flusher.stats();
+        assert_eq!((stats.flushes, stats.requests), (2, 11));
+    }
+
+    /// Many concurrent flushes of a real database all complete (sled's
+    /// `flush_async` hung here), with fewer fsyncs than requests.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_concurrent_flushes_of_a_real_database_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.builds.insert(i.to_be_bytes(), vec![1u8; 512]).unwrap();
+                s.flush().await
+            }));
+        }
+        let all = async {
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), all)
+            .await
+            .expect("flushes hung");
+        let stats = store.flush_stats();
+        assert_eq!(stats.requests, 200);
+        assert!(stats.flushes < 200, "{stats:?}");
+    }
+
+    #[test]
+    fn a_failing_flush_reports_its_error() {
+        let flusher = Flusher::spawn(|| Err("disk on fire".into())).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = rt.block_on(flusher.flush()).unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
 
     /// A restart reopens the state right after closing it; sled may still
     /// hold the file lock for a moment then, which must not fail the open.
