@@ -8,6 +8,7 @@
 //! - [`TestLogs`]: every process log and actor command of a test, printed
 //!   (to libtest's captured output) when the test ends.
 //! - [`farm_bin`]: the path of a farm binary, built on first use.
+//! - [`LinkProxy`]: a TCP link between two processes that a test cuts and restores.
 //!
 //! Needs root (mount namespaces), `unshare` and Nix (`nix-store`, `nix-build`)
 //! on PATH; see the README.
@@ -17,9 +18,11 @@ mod bins;
 mod farm;
 mod logs;
 mod process;
+mod proxy;
 
 pub use actor::{Actor, BASE_NIX_CONF, nix_string, sh_derivation};
 pub use bins::{FARM_BINARIES, FARM_PACKAGES, farm_bin};
 pub use farm::Coordinator;
 pub use logs::{TAIL_LINES, TestLogs, keep_temp_dirs};
 pub use process::{Endpoints, FarmProcess, wait_for_endpoints};
+pub use proxy::LinkProxy;
