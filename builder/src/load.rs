@@ -32,9 +32,13 @@ pub fn parse_psi_some_avg10(text: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Free bytes for unprivileged users on the filesystem holding `path`.
+/// Free bytes for unprivileged users on the filesystem holding `path`, or,
+/// while `path` does not exist yet (a store not created until the first
+/// build), on the filesystem of its nearest existing ancestor.
 pub fn disk_free(path: &Path) -> Option<u64> {
-    let st = rustix::fs::statvfs(path).ok()?;
+    let st = path
+        .ancestors()
+        .find_map(|p| rustix::fs::statvfs(p).ok())?;
     st.f_bavail.checked_mul(st.f_frsize)
 }
 
@@ -108,6 +112,16 @@ mod tests {
         assert_eq!(parse_psi_some_avg10(cpu), Some(2.04));
         assert_eq!(parse_psi_some_avg10("full avg10=1.00\n"), None);
         assert_eq!(parse_psi_some_avg10("some avg10=nope\n"), None);
+    }
+
+    /// A store directory that does not exist yet is measured on the
+    /// filesystem that will hold it (a fresh host has no /nix/store).
+    #[test]
+    fn a_missing_store_is_measured_on_its_parent_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nix/store");
+        assert!(!missing.exists());
+        assert!(disk_free(&missing).is_some_and(|n| n > 0));
     }
 
     #[tokio::test]
