@@ -36,9 +36,7 @@ pub fn parse_psi_some_avg10(text: &str) -> Option<f64> {
 /// while `path` does not exist yet (a store not created until the first
 /// build), on the filesystem of its nearest existing ancestor.
 pub fn disk_free(path: &Path) -> Option<u64> {
-    let st = path
-        .ancestors()
-        .find_map(|p| rustix::fs::statvfs(p).ok())?;
+    let st = path.ancestors().find_map(|p| rustix::fs::statvfs(p).ok())?;
     st.f_bavail.checked_mul(st.f_frsize)
 }
 

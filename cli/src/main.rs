@@ -13,6 +13,7 @@ mod nix;
 mod ops;
 mod status;
 mod style;
+#[cfg(feature = "up")]
 mod up;
 mod upload;
 
@@ -87,7 +88,16 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             print!("{}", settings.render());
             return Ok(());
         }
+        #[cfg(feature = "up")]
         Command::Up(a) => return up::run(a).await,
+        #[cfg(not(feature = "up"))]
+        Command::Up(_) => {
+            return Err(CliError::Usage(
+                "this farm binary was built without `farm up` (cargo feature `up`); \
+                 install one with default features: cargo install --path cli"
+                    .into(),
+            ));
+        }
         _ => {}
     }
     let settings = config::resolve(&cli.global, &env)?;

@@ -95,16 +95,35 @@ fn a_syntax_error_is_caught() {
     );
 }
 
-/// The full module check, when a nixpkgs lib directory is given
-/// (`NIXPKGS_LIB=/path/to/nixpkgs/lib cargo test -p farm-tests --test nix_modules`).
+/// Where nixpkgs' lib is: `NIXPKGS_LIB`, else `../shared/nixpkgs-lib/lib`.
+fn nixpkgs_lib() -> PathBuf {
+    if let Some(lib) = std::env::var_os("NIXPKGS_LIB") {
+        return PathBuf::from(lib);
+    }
+    let shared = repo_root().join("../shared/nixpkgs-lib/lib");
+    assert!(
+        shared.join("modules.nix").is_file(),
+        "no nixpkgs lib to evaluate the modules with: set NIXPKGS_LIB=/path/to/nixpkgs/lib \
+         (e.g. a checkout of github:nix-community/nixpkgs.lib), or put it at {}",
+        shared.display()
+    );
+    shared
+}
+
+/// The full module check with nixpkgs' lib and the farm binaries this test
+/// run built.
 #[test]
 fn modules_evaluate_with_nixpkgs_lib() {
-    let Some(lib) = std::env::var_os("NIXPKGS_LIB") else {
-        eprintln!("NIXPKGS_LIB is not set: only the parse checks ran");
-        return;
-    };
+    let lib = nixpkgs_lib();
+    let bin_dir = farm_tests::farm_bin("farm-coordinator")
+        .expect("building the farm binaries")
+        .parent()
+        .expect("a binary has a directory")
+        .to_path_buf();
     let out = Command::new(repo_root().join("nixos-modules/check.sh"))
         .arg(&lib)
+        .arg("--bin-dir")
+        .arg(&bin_dir)
         .output()
         .expect("running nixos-modules/check.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -114,4 +133,8 @@ fn modules_evaluate_with_nixpkgs_lib() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("\n0 failure(s)"), "{stdout}");
+    assert!(
+        !stdout.contains("REWRITTEN"),
+        "docs/options.md was out of date with the modules; check.sh rewrote it: commit it\n{stdout}"
+    );
 }
