@@ -1,7 +1,7 @@
 # services.nix-farm.client: make this host build on the farm and substitute
 # from its cache. To Nix the whole farm is one remote builder (one entry in
 # nix.buildMachines) reached through the coordinator's SSH endpoint.
-{ config, lib, ... }:
+{ config, lib, options, ... }:
 let
   inherit (lib)
     literalExpression
@@ -13,6 +13,17 @@ let
   farmLib = import ./lib.nix { inherit lib; };
   cfg = config.services.nix-farm.client;
   farm = farmLib.farmMachine cfg.builders;
+  opt = options.services.nix-farm.client;
+  # Set by the user rather than computed from `builders` (option defaults have
+  # priority 1500).
+  userSet = o: o.highestPrio < 1500;
+  noBuilders = ''
+    services.nix-farm.client.builders is empty, so the farm's machine entry has
+    no systems and no jobs: declare the farm's builders as they advertise
+    themselves (`farm status --json` lists them), e.g.
+      services.nix-farm.client.builders.big = { systems = [ "x86_64-linux" ]; maxJobs = 8; };
+    or set services.nix-farm.client.systems and .maxJobs yourself (`farm machines` prints them).'';
+  fromBuilders = v: if cfg.builders == { } then throw noBuilders else v;
 
   builderType = types.submodule {
     options = {
@@ -130,7 +141,7 @@ in
 
     systems = mkOption {
       type = types.nonEmptyListOf types.str;
-      default = farm.systems;
+      default = fromBuilders farm.systems;
       defaultText = literalExpression "every system of some builder in `builders`";
       example = [
         "x86_64-linux"
@@ -142,7 +153,7 @@ in
 
     maxJobs = mkOption {
       type = types.ints.positive;
-      default = farm.maxJobs;
+      default = fromBuilders farm.maxJobs;
       defaultText = literalExpression "the sum of the `maxJobs` of `builders`";
       description = "Builds Nix sends to the farm at once.";
     };
@@ -204,6 +215,10 @@ in
 
   config = mkIf cfg.enable {
     assertions = [
+      {
+        assertion = cfg.builders != { } || (userSet opt.systems && userSet opt.maxJobs);
+        message = noBuilders;
+      }
       {
         assertion = !cfg.cache.enable || cfg.cache.publicKey != null;
         message = "services.nix-farm.client.cache.publicKey must be set when cache.enable is (Nix only trusts signed paths).";

@@ -467,6 +467,17 @@ let
         };
       }
     ];
+    # No builders declared and no systems/maxJobs either: an assertion that
+    # says what to set, not a type error about maxJobs.
+    client-without-builders = nixos [
+      {
+        services.nix-farm.client = {
+          enable = true;
+          host = farmHost;
+          cache.publicKey = cachePublicKey;
+        };
+      }
+    ];
     cache-without-key = nixos [
       {
         services.nix-farm.client = {
