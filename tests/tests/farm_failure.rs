@@ -162,6 +162,28 @@ async fn a_failure_fails_its_dependents_and_spares_unrelated_work() -> anyhow::R
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(LOG_MARKER), "HTTP log: {body:?}");
+    // A host with the farm's cache as its substituter reads the failed
+    // build's log with plain `nix log`, and with `--store http://…`.
+    let cache_url = format!("http://{}", farm.coordinator.endpoints.http);
+    let via_substituter = farm
+        .client
+        .run_async(
+            "nix",
+            &["--option", "substituters", &cache_url, "log", &bad_drv],
+        )
+        .await?;
+    assert!(
+        via_substituter.contains(LOG_MARKER),
+        "nix log (substituter): {via_substituter:?}"
+    );
+    let via_store = farm
+        .client
+        .run_async("nix", &["log", "--store", &cache_url, &bad_drv])
+        .await?;
+    assert!(
+        via_store.contains(LOG_MARKER),
+        "nix log --store: {via_store:?}"
+    );
     Ok(())
 }
 
