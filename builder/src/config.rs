@@ -43,6 +43,9 @@ pub struct BuilderConfig {
     pub store_dir: PathBuf,
     /// Parallel input downloads per job.
     pub download_parallelism: usize,
+    /// How long stopping may take at most: running builds are stopped, their
+    /// results reported; whatever is still in flight then is abandoned.
+    pub shutdown_grace: Duration,
 }
 
 impl BuilderConfig {
@@ -63,6 +66,7 @@ impl BuilderConfig {
             nix_bin_dir: None,
             store_dir: PathBuf::from(farm_nix::store_path::STORE_DIR),
             download_parallelism: 8,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 
@@ -135,6 +139,11 @@ pub struct Args {
     /// Directory with the nix programs (default: PATH).
     #[arg(long, env = "FARM_NIX_BIN_DIR")]
     pub nix_bin_dir: Option<PathBuf>,
+    /// Seconds a stop (SIGTERM, SIGINT) may take at most: running builds are
+    /// stopped and reported to the coordinator; whatever is still in flight
+    /// then is abandoned (a second signal exits at once) [default: 10].
+    #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_name = "SECS")]
+    pub shutdown_grace: Option<u64>,
     /// Print the public key line (generating the key if needed) and exit.
     #[arg(long)]
     pub print_public_key: bool,
@@ -171,6 +180,8 @@ pub struct FileConfig {
     pub load_interval: Option<u64>,
     /// See `--nix-bin-dir`.
     pub nix_bin_dir: Option<PathBuf>,
+    /// See `--shutdown-grace`.
+    pub shutdown_grace: Option<u64>,
 }
 
 impl FileConfig {
@@ -230,6 +241,9 @@ pub fn merge(args: Args, file: FileConfig) -> Result<BuilderConfig, BuilderError
         c.load_interval = Duration::from_secs(secs.max(1));
     }
     c.nix_bin_dir = args.nix_bin_dir.or(file.nix_bin_dir);
+    if let Some(secs) = args.shutdown_grace.or(file.shutdown_grace) {
+        c.shutdown_grace = Duration::from_secs(secs);
+    }
     validate(&c)?;
     Ok(c)
 }
@@ -303,6 +317,7 @@ mod tests {
         assert_eq!(c.mandatory_features, ["benchmark"]);
         assert_eq!(c.speed_factor, 2.5);
         assert_eq!(c.key_path(), Path::new("/var/lib/b/builder_ed25519"));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10), "the default");
     }
 
     #[test]
@@ -312,7 +327,8 @@ mod tests {
         std::fs::write(
             &path,
             "coordinator = \"http://localhost:7070\"\nstate-dir = \"/s\"\nmax-jobs = 4\n\
-             name = \"from-file\"\nsystems = [\"aarch64-linux\"]\nfeature = [\"big-parallel\"]\n",
+             name = \"from-file\"\nsystems = [\"aarch64-linux\"]\nfeature = [\"big-parallel\"]\n\
+             shutdown-grace = 3\n",
         )
         .unwrap();
         let c = parse(&["--config", path.to_str().unwrap(), "--name", "from-flag"])
@@ -323,6 +339,11 @@ mod tests {
         assert_eq!(c.max_jobs, Some(4));
         assert_eq!(c.systems, ["aarch64-linux"]);
         assert_eq!(c.features, Some(vec!["big-parallel".to_owned()]));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(3));
+        let c = parse(&["--config", path.to_str().unwrap(), "--shutdown-grace", "7"])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(7), "the flag wins");
     }
 
     #[test]

@@ -8,6 +8,14 @@
 //! Timeouts: build-timeout and max-silent-time go to Nix (which stops the build
 //! and reports TimedOut); a watchdog here kills the process group if Nix has not
 //! acted 30 s after either limit. Cancel kills the process group at once.
+//!
+//! A build that ends while the coordinator is unreachable keeps its outputs: the
+//! upload waits for the next session and starts again there (the coordinator
+//! keeps the job running on this builder meanwhile), rather than failing the
+//! job and having the build run again.
+//!
+//! Scratch space is `STATE_DIR/tmp/job-*`, one directory per job, removed when
+//! the job ends; what a crash left there is removed when the executor starts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -40,23 +48,41 @@ const MAX_INPUTS: usize = 1_000_000;
 const LINK_WAIT: Duration = Duration::from_secs(120);
 /// How long after a limit Nix should have enforced the watchdog steps in.
 const WATCHDOG_GRACE: Duration = Duration::from_secs(30);
+/// Attempts at uploading one output, across lost sessions.
+const UPLOAD_ATTEMPTS: u32 = 5;
+/// After a failed upload, how long to wait for the session to be seen lost
+/// (the failure may be the first sign of it) before taking it as final.
+const LINK_SETTLE: Duration = Duration::from_secs(3);
+/// The prefix of a job's scratch directory in `STATE_DIR/tmp`.
+const SCRATCH_PREFIX: &str = "job-";
 
 /// Builds with the local Nix.
 pub struct NixExecutor {
     bin: NixBin,
     scratch: PathBuf,
     parallelism: usize,
+    kill_grace: Duration,
 }
 
 impl NixExecutor {
-    /// An executor for this configuration (scratch space in `STATE_DIR/tmp`).
+    /// An executor for this configuration (scratch space in `STATE_DIR/tmp`,
+    /// cleared of what earlier runs left there).
     pub fn new(config: &BuilderConfig) -> Result<Self, BuilderError> {
         let scratch = config.state_dir.join("tmp");
         std::fs::create_dir_all(&scratch).map_err(|e| BuilderError::writing(&scratch, e))?;
+        let removed = clean_scratch(&scratch)?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                dir = %scratch.display(),
+                "removed scratch directories left by an earlier run"
+            );
+        }
         Ok(NixExecutor {
             bin: NixBin::new(config.nix_bin_dir.clone()),
             scratch,
             parallelism: config.download_parallelism.max(1),
+            kill_grace: crate::local::kill_grace_for(config.shutdown_grace),
         })
     }
 
@@ -65,7 +91,7 @@ impl NixExecutor {
     pub async fn check_store(&self) -> Result<(), BuilderError> {
         let (events, mut rx) = tokio::sync::mpsc::channel(16);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let serve = LocalServe::spawn(&self.bin, "store-check", events).await?;
+        let serve = LocalServe::spawn(&self.bin, "store-check", events, self.kill_grace).await?;
         serve.finish().await;
         let _ = drain.await;
         Ok(())
@@ -190,15 +216,16 @@ impl NixExecutor {
             .await
             .ok_or_else(|| fail(JobStatus::MiscFailure, "no connection to the coordinator"))?;
         let scratch = tempfile::Builder::new()
-            .prefix("job-")
+            .prefix(SCRATCH_PREFIX)
             .tempdir_in(&self.scratch)
             .map_err(|e| fail(JobStatus::MiscFailure, format!("scratch directory: {e}")))?;
-        let mut serve = LocalServe::spawn(&self.bin, &job.job_id, ctx.events.clone())
-            .await
-            .map_err(|e| fail(JobStatus::MiscFailure, e.to_string()))?;
+        let mut serve =
+            LocalServe::spawn(&self.bin, &job.job_id, ctx.events.clone(), self.kill_grace)
+                .await
+                .map_err(|e| fail(JobStatus::MiscFailure, e.to_string()))?;
 
         let outcome = tokio::select! {
-            r = self.steps(&plan, &link, &mut serve, scratch.path(), ctx, stats) => r,
+            r = self.steps(&job.job_id, &plan, &link, &mut serve, scratch.path(), ctx, stats) => r,
             () = ctx.cancel.cancelled() => Err(Fail {
                 status: status_for(ctx.cancel.reason()),
                 message: cancel_message(ctx.cancel.reason()).to_owned(),
@@ -215,8 +242,10 @@ impl NixExecutor {
         outcome
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn steps(
         &self,
+        job_id: &str,
         plan: &Plan,
         link: &Link,
         serve: &mut LocalServe,
@@ -253,9 +282,6 @@ impl NixExecutor {
         if let Some(status) = status {
             return Err(fail(status, plain_text(&result.error_msg)));
         }
-        // Uploads use the newest link (the session may have been re-established).
-        let mut link = link.clone();
-
         // Upload the outputs, referenced ones first.
         let wanted: BTreeSet<StorePath> = plan.outputs.values().cloned().collect();
         let infos = serve
@@ -271,27 +297,7 @@ impl NixExecutor {
             ));
         }
         for info in transfer::references_first(infos) {
-            if let Some(current) = ctx.link.borrow().clone() {
-                link = current;
-            }
-            let (mut w, r) = tokio::io::duplex(256 * 1024);
-            let dump = async {
-                let summary = serve.client.dump_store_path(&info.path, &mut w).await;
-                let _ = w.shutdown().await;
-                drop(w);
-                summary
-            };
-            let (sent, dumped) = tokio::join!(transfer::upload(&link, &info, r), dump);
-            let summary = dumped.map_err(|e| {
-                fail(
-                    JobStatus::UploadError,
-                    format!("dumping {}: {e}", info.path),
-                )
-            })?;
-            transfer::check_summary(&info, &summary)
-                .map_err(|e| fail(JobStatus::UploadError, e.0))?;
-            sent.map_err(|e| fail(JobStatus::UploadError, e.0))?;
-            stats.uploaded += summary.nar_size;
+            stats.uploaded += upload_output(job_id, &info, serve, ctx).await?;
         }
         Ok(Built {
             outputs: plan
@@ -386,6 +392,127 @@ impl NixExecutor {
     }
 }
 
+/// Upload one output as the local Nix dumps it; returns its NAR size. When
+/// the session is lost meanwhile (or was already), wait for the next one
+/// (at most [`LINK_WAIT`]) and upload again there.
+async fn upload_output(
+    job_id: &str,
+    info: &ValidPathInfo,
+    serve: &mut LocalServe,
+    ctx: &JobContext,
+) -> Result<u64, Fail> {
+    let mut link_rx = ctx.link.clone();
+    let mut lost: Option<Link> = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        if link_rx.borrow().is_none() {
+            tracing::info!(job = %job_id, path = %info.path, "built; waiting for the coordinator to upload the output");
+        }
+        let link = next_link(&mut link_rx, lost.as_ref(), LINK_WAIT)
+            .await
+            .ok_or_else(|| {
+                fail(
+                    JobStatus::UploadError,
+                    format!(
+                        "uploading {}: no connection to the coordinator within {} s",
+                        info.path,
+                        LINK_WAIT.as_secs()
+                    ),
+                )
+            })?;
+        let (mut w, r) = tokio::io::duplex(256 * 1024);
+        let dump = async {
+            let summary = serve.client.dump_store_path(&info.path, &mut w).await;
+            let _ = w.shutdown().await;
+            drop(w);
+            summary
+        };
+        let (sent, dumped) = tokio::join!(transfer::upload(&link, info, r), dump);
+        if let Err(e) = sent {
+            // A lost session also breaks the dump (its reader is gone): look
+            // at the upload first.
+            if attempt < UPLOAD_ATTEMPTS && session_lost(&mut link_rx, &link, LINK_SETTLE).await {
+                tracing::warn!(job = %job_id, path = %info.path, error = %e, "upload cut off with the session; retrying on the next one");
+                lost = Some(link);
+                continue;
+            }
+            return Err(fail(JobStatus::UploadError, e.0));
+        }
+        let summary = dumped.map_err(|e| {
+            fail(
+                JobStatus::UploadError,
+                format!("dumping {}: {e}", info.path),
+            )
+        })?;
+        transfer::check_summary(info, &summary).map_err(|e| fail(JobStatus::UploadError, e.0))?;
+        return Ok(summary.nar_size);
+    }
+}
+
+/// The current link once there is one that is not `not` (a session already
+/// seen lost), waiting at most `wait`.
+async fn next_link(
+    rx: &mut tokio::sync::watch::Receiver<Option<Link>>,
+    not: Option<&Link>,
+    wait: Duration,
+) -> Option<Link> {
+    let usable = |l: &Option<Link>| {
+        l.as_ref()
+            .is_some_and(|l| not.is_none_or(|lost| !l.same_session(lost)))
+    };
+    match tokio::time::timeout(wait, rx.wait_for(usable)).await {
+        Ok(Ok(link)) => link.clone(),
+        _ => None,
+    }
+}
+
+/// Whether `link`'s session is gone (or goes within `settle`).
+async fn session_lost(
+    rx: &mut tokio::sync::watch::Receiver<Option<Link>>,
+    link: &Link,
+    settle: Duration,
+) -> bool {
+    let gone = |l: &Option<Link>| l.as_ref().is_none_or(|l| !l.same_session(link));
+    matches!(
+        tokio::time::timeout(settle, rx.wait_for(gone)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Remove the job scratch directories (`job-*`) in `dir` that an earlier run
+/// left (a crash does not clean up); returns how many went. Nothing else in
+/// `dir` is touched, and links are removed, not followed.
+pub fn clean_scratch(dir: &std::path::Path) -> Result<usize, BuilderError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| BuilderError::reading(dir, e))?;
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| BuilderError::reading(dir, e))?;
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(SCRATCH_PREFIX))
+        {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let gone = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match gone {
+            Ok(()) => removed += 1,
+            // Space is lost, not correctness: say so and build on.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove old scratch")
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// Resolves (with a reason) when the build is overdue by the watchdog's measure.
 async fn watchdog(log: Arc<LogState>, options: &BuildOptions) -> String {
     let start = Instant::now();
@@ -477,7 +604,34 @@ impl<T> std::future::Future for AbortOnDrop<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::plain_text;
+    use super::{clean_scratch, plain_text};
+    use crate::BuilderConfig;
+
+    #[test]
+    fn starting_removes_the_scratch_a_crash_left_and_nothing_else() {
+        let state = tempfile::tempdir().unwrap();
+        let tmp = state.path().join("tmp");
+        // What a killed builder leaves: a job's directory with a half-downloaded NAR.
+        let left = tmp.join("job-AbC123");
+        std::fs::create_dir_all(left.join("sub")).unwrap();
+        std::fs::write(left.join("0123-x.nar"), b"partial").unwrap();
+        std::fs::write(tmp.join("job-stray-file"), b"x").unwrap();
+        // Not ours to remove: other entries, and what a link points at.
+        std::fs::write(tmp.join("keep.txt"), b"keep").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("precious"), b"p").unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.join("job-link")).unwrap();
+
+        let config = BuilderConfig::new("http://127.0.0.1:1", state.path());
+        super::NixExecutor::new(&config).unwrap();
+        assert!(!left.exists());
+        assert!(!tmp.join("job-stray-file").exists());
+        assert!(!tmp.join("job-link").exists());
+        assert!(tmp.join("keep.txt").exists());
+        assert!(outside.path().join("precious").exists());
+        // And a fresh start has nothing to do.
+        assert_eq!(clean_scratch(&tmp).unwrap(), 0);
+    }
 
     #[test]
     fn nix_error_colours_are_removed() {

@@ -23,14 +23,13 @@ use std::os::unix::fs::PermissionsExt;
 
 use farm_proto::v1::Capabilities;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 
 pub use config::BuilderConfig;
 pub use error::BuilderError;
 use jobs::{Execute, JobManager};
 pub use key::{BuilderKey, KeyOrigin};
 use probe::NixBin;
-use session::{Outbox, SessionParams};
+use session::{Outbox, SessionParams, Stop};
 
 /// Create the state directory (0700) and load or generate the key. Prints the
 /// public key line on stdout when the key is new, so it can be enrolled.
@@ -98,7 +97,8 @@ fn dedup(v: &mut Vec<String>) {
 
 /// Run the builder until `shutdown` resolves: connect (and reconnect), build
 /// what the coordinator sends. On shutdown running builds are stopped and
-/// reported as transient failures so the coordinator reschedules them.
+/// reported as transient failures so the coordinator reschedules them; it
+/// returns within `config.shutdown_grace` of `shutdown` resolving.
 pub async fn run(
     config: BuilderConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -131,11 +131,11 @@ pub async fn run_with<E: Execute>(
     let (event_tx, event_rx) = mpsc::channel(1024);
     let (link_tx, link_rx) = watch::channel(None);
     let jobs = JobManager::new(exec, caps.max_jobs, event_tx, link_rx);
-    let stop = CancellationToken::new();
+    let stop = Stop::new(config.shutdown_grace);
     let trigger = stop.clone();
     let watcher = tokio::spawn(async move {
         shutdown.await;
-        trigger.cancel();
+        trigger.request();
     });
     let params = SessionParams {
         name: config.resolved_name(),

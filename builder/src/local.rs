@@ -3,7 +3,8 @@
 //! cancelled or overdue build can be stopped whole. Its stderr is the build log.
 //!
 //! Stopping: SIGINT to the process group first (Nix then kills the builder's own
-//! process group and cleans up), SIGKILL to the group after a grace period.
+//! process group and cleans up), SIGKILL to the group after a grace period
+//! ([`KILL_GRACE`], shorter when the builder's own shutdown grace is).
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -18,8 +19,14 @@ use crate::logs::{LogState, spawn_pump};
 use crate::probe::NixBin;
 use farm_nix::serve::ServeClient;
 
-/// How long Nix gets to wind down after SIGINT before SIGKILL.
+/// How long Nix gets to wind down after SIGINT before SIGKILL (at most).
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// The kill grace that fits in a builder shutdown grace: SIGKILL comes at
+/// half of it at the latest, so a stopping builder never leaves a build behind.
+pub fn kill_grace_for(shutdown_grace: Duration) -> Duration {
+    KILL_GRACE.min(shutdown_grace / 2)
+}
 
 /// A running `nix-store --serve --write` for one job.
 pub struct LocalServe {
@@ -30,14 +37,17 @@ pub struct LocalServe {
     /// Its stderr, forwarded as the job's log.
     pub log: Arc<LogState>,
     pump: tokio::task::JoinHandle<()>,
+    kill_grace: Duration,
 }
 
 impl LocalServe {
     /// Start the local Nix and greet it; its stderr goes to `job_id`'s log.
+    /// Stopping it sends SIGKILL `kill_grace` after SIGINT.
     pub async fn spawn(
         bin: &NixBin,
         job_id: &str,
         events: mpsc::Sender<Event>,
+        kill_grace: Duration,
     ) -> Result<LocalServe, BuilderError> {
         let mut cmd = bin.command("nix-store");
         cmd.args(["--serve", "--write"])
@@ -59,7 +69,7 @@ impl LocalServe {
             Ok(c) => c,
             Err(e) => {
                 let _ = child.kill().await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+                let _ = tokio::time::timeout(KILL_GRACE, pump).await;
                 return Err(BuilderError::Nix(format!(
                     "nix-store --serve handshake: {e}: {}",
                     log.tail()
@@ -72,32 +82,37 @@ impl LocalServe {
             client,
             log,
             pump,
+            kill_grace,
         })
     }
 
     /// A handle that can stop this process group from elsewhere.
     pub fn killer(&self) -> Killer {
-        Killer { pid: self.pid }
+        Killer {
+            pid: self.pid,
+            grace: self.kill_grace,
+        }
     }
 
     /// Close the connection and wait for the process (stopping it if it lingers),
     /// then for the rest of its log to be forwarded.
     pub async fn finish(self) {
+        let killer = self.killer();
         let LocalServe {
             mut child,
-            pid,
             client,
             pump,
+            kill_grace,
             ..
         } = self;
         drop(client); // EOF on stdin: nix-store --serve exits.
-        if tokio::time::timeout(KILL_GRACE, child.wait())
+        if tokio::time::timeout(kill_grace, child.wait())
             .await
             .is_err()
         {
-            Killer { pid }.stop(&mut child).await;
+            killer.stop(&mut child).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
+        let _ = tokio::time::timeout(kill_grace.max(Duration::from_millis(500)), pump).await;
     }
 
     /// Stop the process group now (SIGINT, then SIGKILL after the grace period).
@@ -111,6 +126,8 @@ impl LocalServe {
 #[derive(Debug, Clone, Copy)]
 pub struct Killer {
     pid: Option<u32>,
+    /// Between SIGINT and SIGKILL.
+    grace: Duration,
 }
 
 impl Killer {
@@ -128,7 +145,7 @@ impl Killer {
     /// SIGINT, wait for `child` up to the grace period, then SIGKILL.
     pub async fn stop(&self, child: &mut Child) {
         self.signal(rustix::process::Signal::INT);
-        if tokio::time::timeout(KILL_GRACE, child.wait())
+        if tokio::time::timeout(self.grace, child.wait())
             .await
             .is_err()
         {

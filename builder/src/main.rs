@@ -25,13 +25,18 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    farm_builder::run(config, shutdown_signal())
+    let grace = config.shutdown_grace;
+    farm_builder::run(config, shutdown_signal(grace))
         .await
         .context("farm-builder")?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on the first SIGINT or SIGTERM. From then on a second signal exits
+/// at once, and whatever hangs, the process is gone shortly after its grace
+/// period (a watchdog thread, so a stuck runtime cannot hold it); as the
+/// coordinator does.
+async fn shutdown_signal(grace: std::time::Duration) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -44,5 +49,18 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutdown requested");
+    tracing::info!(grace_secs = grace.as_secs_f64(), "shutdown requested");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    std::thread::spawn(move || {
+        std::thread::sleep(grace + std::time::Duration::from_secs(2));
+        eprintln!("shutdown took longer than its grace period; exiting");
+        std::process::exit(1);
+    });
 }

@@ -2,19 +2,29 @@
 //! proves its key (Hello → Challenge → ChallengeResponse → Welcome), then
 //! forwards load reports, job events and results up and jobs, cancels and drain
 //! orders down. When the stream breaks it reconnects with jittered exponential
-//! backoff; jobs keep running meanwhile, their results wait for the next session
+//! backoff; jobs keep running meanwhile. A job's result is kept until the
+//! coordinator acknowledges it: a new session lists the kept ones in `Hello`
+//! (so the coordinator keeps those builds running here) and sends them again
 //! (logs produced while disconnected are dropped).
+//!
+//! Stopping ([`Stop`]) is bounded by its grace period: running jobs are stopped,
+//! their results delivered if connected, and whatever is still in flight at the
+//! deadline is left.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use farm_proto::v1::builder_message::Msg as Up;
 use farm_proto::v1::builder_service_client::BuilderServiceClient;
 use farm_proto::v1::coordinator_message::Msg as Down;
-use farm_proto::v1::{BuilderMessage, Capabilities, ChallengeResponse, Hello, JobLog, JobStarted};
+use farm_proto::v1::{
+    BuilderMessage, Capabilities, ChallengeResponse, Hello, JobLog, JobResult, JobStarted,
+};
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::Uri;
@@ -32,6 +42,12 @@ pub const SESSION_HEADER: &str = "x-farm-session";
 const MAX_NONCE: usize = 1024;
 /// How long each step of the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// First delay before reconnecting.
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// Longest delay between reconnect attempts: well inside the coordinator's
+/// builder grace (60 s by default), so that after any outage (a coordinator
+/// restart) the builder is back before its running jobs are given up on.
+const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// Largest gRPC message accepted (NAR chunks are far smaller).
 pub const MAX_MESSAGE: usize = farm_proto::MAX_MESSAGE_SIZE;
 
@@ -117,6 +133,11 @@ pub struct Link {
 }
 
 impl Link {
+    /// Whether both are the same session (a reconnect makes a new one).
+    pub fn same_session(&self, other: &Link) -> bool {
+        self.auth.token == other.auth.token
+    }
+
     /// A data-call client on this link.
     pub fn client(&self) -> DataClient {
         BuilderServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
@@ -184,11 +205,70 @@ pub struct SessionParams {
     pub store_dir: std::path::PathBuf,
 }
 
-/// Events from jobs waiting to go up, across sessions.
+/// A request to stop, with the grace period it allows: the builder stops its
+/// jobs, reports them, and is done by the deadline whatever is in flight.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    token: CancellationToken,
+    grace: Duration,
+    at: Arc<OnceLock<Instant>>,
+}
+
+impl Stop {
+    /// Not requested yet; once it is, stopping may take `grace` at most.
+    pub fn new(grace: Duration) -> Self {
+        Stop {
+            token: CancellationToken::new(),
+            grace,
+            at: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Ask to stop (the first request sets the deadline).
+    pub fn request(&self) {
+        let _ = self.at.set(Instant::now());
+        self.token.cancel();
+    }
+
+    /// Whether stopping was asked for.
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Resolves once stopping is asked for.
+    pub async fn requested(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// When stopping must be over (None until requested).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.at.get().map(|t| *t + self.grace)
+    }
+
+    /// Resolves at the deadline (never before a request).
+    pub async fn expired(&self) {
+        self.requested().await;
+        if let Some(d) = self.deadline() {
+            tokio::time::sleep_until(d).await;
+        }
+    }
+}
+
+/// Most job results kept for the coordinator at once (as many as a `Hello` may
+/// list); past that the oldest is dropped and its build runs again elsewhere.
+const MAX_UNACKED: usize = 4096;
+
+/// Events from jobs on their way up, across sessions. A job's result is kept
+/// until the coordinator acknowledges it (`JobResultAck`, or a `CancelJob` for
+/// a job that ended): every new session lists the kept ones in
+/// `Hello.finished_jobs` and sends them again after `Welcome`. Logs and start
+/// notices produced while disconnected are dropped.
 pub struct Outbox {
     rx: mpsc::Receiver<Event>,
-    /// Results not yet handed to a session.
-    pending: VecDeque<BuilderMessage>,
+    /// Results not acknowledged yet, oldest first.
+    unacked: VecDeque<JobResult>,
+    /// Of those, the ones still to send on the current session.
+    resend: VecDeque<String>,
 }
 
 impl Outbox {
@@ -196,79 +276,120 @@ impl Outbox {
     pub fn new(rx: mpsc::Receiver<Event>) -> Self {
         Outbox {
             rx,
-            pending: VecDeque::new(),
+            unacked: VecDeque::new(),
+            resend: VecDeque::new(),
         }
     }
 
-    /// Next message to send while connected.
-    async fn next(&mut self) -> Option<BuilderMessage> {
-        if let Some(m) = self.pending.pop_front() {
-            return Some(m);
+    fn hold(&mut self, r: JobResult) {
+        if self.unacked.len() >= MAX_UNACKED
+            && let Some(old) = self.unacked.pop_front()
+        {
+            tracing::warn!(job = %old.job_id, "too many unacknowledged results; dropping the oldest");
         }
-        self.rx.recv().await.map(to_message)
+        self.unacked.push_back(r);
+    }
+
+    /// Start a session: take in the results that are ready, queue every kept
+    /// one to be sent (again); returns their job ids for `Hello`.
+    fn begin_session(&mut self) -> Vec<String> {
+        while let Ok(ev) = self.rx.try_recv() {
+            if let Event::Result(r) = ev {
+                self.hold(r);
+            }
+        }
+        self.resend = self.unacked.iter().map(|r| r.job_id.clone()).collect();
+        self.resend.iter().cloned().collect()
+    }
+
+    /// Next message to send while connected.
+    async fn next(&mut self) -> BuilderMessage {
+        while let Some(id) = self.resend.pop_front() {
+            if let Some(r) = self.unacked.iter().find(|r| r.job_id == id) {
+                return result_message(r.clone());
+            }
+        }
+        let Some(ev) = self.rx.recv().await else {
+            return std::future::pending().await;
+        };
+        match ev {
+            Event::Started(job_id) => BuilderMessage {
+                msg: Some(Up::Started(JobStarted { job_id })),
+            },
+            Event::Log(job_id, data) => BuilderMessage {
+                msg: Some(Up::Log(JobLog {
+                    job_id,
+                    data: data.to_vec(),
+                })),
+            },
+            Event::Result(r) => {
+                self.hold(r.clone());
+                result_message(r)
+            }
+        }
     }
 
     /// While disconnected: keep results, drop logs and start notices.
     async fn absorb_one(&mut self) {
-        if let Some(ev) = self.rx.recv().await {
-            if let Event::Result(_) = ev {
-                self.pending.push_back(to_message(ev));
-            }
-        } else {
-            std::future::pending::<()>().await;
+        match self.rx.recv().await {
+            Some(Event::Result(r)) => self.hold(r),
+            Some(_) => {}
+            None => std::future::pending::<()>().await,
         }
     }
 
-    /// A message ready now, without waiting.
-    fn try_next(&mut self) -> Option<BuilderMessage> {
-        self.pending
-            .pop_front()
-            .or_else(|| self.rx.try_recv().ok().map(to_message))
+    /// The coordinator has `job_id`'s result (or does not want it): forget it.
+    /// Whether it was kept.
+    fn acknowledged(&mut self, job_id: &str) -> bool {
+        self.resend.retain(|id| id != job_id);
+        let before = self.unacked.len();
+        self.unacked.retain(|r| r.job_id != job_id);
+        self.unacked.len() != before
     }
 
-    fn keep(&mut self, msg: BuilderMessage) {
-        if matches!(msg.msg, Some(Up::Result(_))) {
-            self.pending.push_front(msg);
-        }
+    /// Whether every result so far is acknowledged.
+    fn settled(&self) -> bool {
+        self.unacked.is_empty() && self.rx.is_empty()
+    }
+
+    /// How many results wait for an acknowledgement.
+    fn unacked_count(&self) -> usize {
+        self.unacked.len()
     }
 }
 
-fn to_message(ev: Event) -> BuilderMessage {
-    let msg = match ev {
-        Event::Started(job_id) => Up::Started(JobStarted { job_id }),
-        Event::Log(job_id, data) => Up::Log(JobLog {
-            job_id,
-            data: data.to_vec(),
-        }),
-        Event::Result(r) => Up::Result(r),
-    };
-    BuilderMessage { msg: Some(msg) }
+fn result_message(r: JobResult) -> BuilderMessage {
+    BuilderMessage {
+        msg: Some(Up::Result(r)),
+    }
 }
 
 /// How a session ended.
 enum SessionEnd {
-    /// The stream closed or failed after Welcome.
+    /// The stream closed or failed after Welcome (or stopping cut the handshake).
     Lost(String),
-    /// Shutdown was requested.
+    /// Stopped: the jobs are stopped and their results delivered (or the
+    /// grace ran out).
     Shutdown,
 }
 
-/// Dial, authenticate and serve sessions until `stop` fires; then stop the jobs,
-/// deliver their results if connected (bounded wait) and return.
+/// Dial, authenticate and serve sessions until `stop` is requested; then stop
+/// the jobs, deliver their results if connected, and return by the deadline.
 pub async fn run_sessions<E: Execute>(
     params: SessionParams,
     jobs: JobManager<E>,
     mut outbox: Outbox,
     link_tx: watch::Sender<Option<Link>>,
-    stop: CancellationToken,
+    stop: Stop,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+    let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     loop {
         let outcome =
             session_once(&params, &jobs, &mut outbox, &link_tx, &mut backoff, &stop).await;
         link_tx.send_replace(None);
         match outcome {
             Ok(SessionEnd::Shutdown) => return,
+            Ok(SessionEnd::Lost(_)) if stop.is_requested() => break,
             Ok(SessionEnd::Lost(why)) => {
                 tracing::warn!(reason = %why, "lost the coordinator; reconnecting");
             }
@@ -280,7 +401,7 @@ pub async fn run_sessions<E: Execute>(
             }
             Err(e) => tracing::warn!(error = %e, "cannot reach the coordinator"),
         }
-        if stop.is_cancelled() {
+        if stop.is_requested() {
             break;
         }
         let delay = backoff.next_delay();
@@ -291,26 +412,42 @@ pub async fn run_sessions<E: Execute>(
             tokio::select! {
                 () = &mut sleep => break,
                 () = outbox.absorb_one() => {}
-                () = stop.cancelled() => break,
+                () = stop.requested() => break,
             }
         }
-        if stop.is_cancelled() {
+        if stop.is_requested() {
             break;
         }
     }
-    // Stopping while disconnected: stop the jobs; their results have nowhere to go.
+    // Stopping while disconnected: stop the jobs (bounded); their results
+    // have nowhere to go.
+    tracing::info!(
+        running = jobs.running_count(),
+        "stopping while disconnected: stopping the running jobs"
+    );
     jobs.shutdown();
-    let _ = tokio::time::timeout(STOP_GRACE, async {
+    let deadline = stop.deadline().unwrap_or_else(Instant::now);
+    let idle = tokio::time::timeout_at(deadline, async {
         tokio::select! {
             () = jobs.wait_idle() => {}
             () = async { loop { outbox.absorb_one().await } } => {}
         }
     })
     .await;
+    if idle.is_err() {
+        tracing::warn!(
+            running = jobs.running_count(),
+            "the shutdown grace ran out before every job stopped"
+        );
+    }
+    let undelivered = outbox.unacked_count();
+    if undelivered > 0 {
+        tracing::warn!(
+            undelivered,
+            "stopped with job results the coordinator has not acknowledged; it runs those builds again"
+        );
+    }
 }
-
-/// How long a stopping builder waits for its jobs to wind down and report.
-const STOP_GRACE: Duration = Duration::from_secs(15);
 
 async fn session_once<E: Execute>(
     p: &SessionParams,
@@ -318,8 +455,13 @@ async fn session_once<E: Execute>(
     outbox: &mut Outbox,
     link_tx: &watch::Sender<Option<Link>>,
     backoff: &mut Backoff,
-    stop: &CancellationToken,
+    stop: &Stop,
 ) -> Result<SessionEnd, BuilderError> {
+    // Running ids first: a job that ends after this still has its result in
+    // the channel when `begin_session` drains it, so each job is listed.
+    let running_jobs = jobs.running_ids();
+    let finished_jobs = outbox.begin_session();
+    let (n_running, n_finished) = (running_jobs.len(), finished_jobs.len());
     let handshake = async {
         let channel = p.endpoint.connect().await.map_err(|e| {
             BuilderError::Connect(format!("{}: {}", p.endpoint.uri(), error_chain(&e)))
@@ -333,7 +475,8 @@ async fn session_once<E: Execute>(
             public_key: p.key.public_line().to_owned(),
             capabilities: Some(p.capabilities.clone()),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            running_jobs: jobs.running_ids(),
+            running_jobs,
+            finished_jobs,
         };
         tx.send(BuilderMessage {
             msg: Some(Up::Hello(hello)),
@@ -382,13 +525,20 @@ async fn session_once<E: Execute>(
     };
     let (channel, tx, mut inbound, welcome) = tokio::select! {
         r = handshake => r?,
-        () = stop.cancelled() => return Ok(SessionEnd::Lost("stopping".into())),
+        () = stop.requested() => return Ok(SessionEnd::Lost("stopping".into())),
     };
     let token = welcome
         .session_token
         .parse()
         .map_err(|_| BuilderError::Protocol("session token is not valid ASCII metadata".into()))?;
-    tracing::info!(coordinator = %p.endpoint.uri(), name = %p.name, draining = welcome.draining, "connected");
+    tracing::info!(
+        coordinator = %p.endpoint.uri(),
+        name = %p.name,
+        draining = welcome.draining,
+        running = n_running,
+        finished = n_finished,
+        "connected"
+    );
     backoff.reset();
     jobs.set_draining(welcome.draining);
     link_tx.send_replace(Some(Link {
@@ -401,9 +551,13 @@ async fn session_once<E: Execute>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next: Option<BuilderMessage> = None;
     let mut stopping = false;
+    let mut idle = false;
     let mut lost: Option<String> = None;
-    let mut finished = false;
-    while lost.is_none() && !finished {
+    loop {
+        if stopping && idle && next.is_none() && outbox.settled() {
+            tracing::info!("every job stopped and reported");
+            break;
+        }
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.msg {
@@ -411,7 +565,15 @@ async fn session_once<E: Execute>(
                         tracing::info!(job = %job.job_id, drv = %job.drv_path, "job received");
                         jobs.submit(job);
                     }
-                    Some(Down::Cancel(c)) => jobs.cancel(&c.job_id),
+                    Some(Down::Cancel(c)) => {
+                        jobs.cancel(&c.job_id);
+                        if outbox.acknowledged(&c.job_id) {
+                            tracing::info!(job = %c.job_id, "the coordinator does not want this job's result; dropped");
+                        }
+                    }
+                    Some(Down::ResultAck(a)) => {
+                        outbox.acknowledged(&a.job_id);
+                    }
                     Some(Down::Drain(d)) => jobs.set_draining(d.draining || stopping),
                     Some(other) => tracing::warn!("unexpected {} from the coordinator", down_name(&other)),
                     None => {}
@@ -419,7 +581,7 @@ async fn session_once<E: Execute>(
                 Ok(None) => lost = Some("the coordinator closed the session".into()),
                 Err(status) => lost = Some(format!("{}: {}", status.code(), status.message())),
             },
-            m = outbox.next(), if next.is_none() => next = m,
+            m = outbox.next(), if next.is_none() => next = Some(m),
             permit = tx.reserve(), if next.is_some() => match permit {
                 Ok(permit) => {
                     if let Some(m) = next.take() {
@@ -433,33 +595,38 @@ async fn session_once<E: Execute>(
                 // Load reports are best effort: skip one rather than block.
                 let _ = tx.try_send(BuilderMessage { msg: Some(Up::Load(load)) });
             }
-            () = stop.cancelled(), if !stopping => {
+            () = stop.requested(), if !stopping => {
                 tracing::info!(running = jobs.running_count(), "stopping: cancelling running jobs");
                 stopping = true;
                 jobs.shutdown();
             }
-            () = jobs.wait_idle(), if stopping && next.is_none() => finished = true,
-        }
-    }
-    if finished {
-        // Every result is queued by now: hand what is left to the stream.
-        while let Some(m) = outbox.try_next() {
-            if tx.send(m).await.is_err() {
+            () = jobs.wait_idle(), if stopping && !idle => idle = true,
+            () = stop.expired(), if stopping => {
+                tracing::warn!(
+                    running = jobs.running_count(),
+                    unacknowledged = outbox.unacked_count(),
+                    "the shutdown grace ran out; leaving what is still in flight"
+                );
                 break;
             }
         }
-        drop(tx);
-        // Let the stream deliver them and end (bounded).
-        let _ = tokio::time::timeout(Duration::from_secs(3), async {
-            while let Ok(Some(_)) = inbound.message().await {}
-        })
-        .await;
-        return Ok(SessionEnd::Shutdown);
+        if let Some(why) = lost.take() {
+            // A result taken for sending stays kept in the outbox: it goes again.
+            return Ok(SessionEnd::Lost(why));
+        }
     }
-    if let Some(m) = next.take() {
-        outbox.keep(m);
-    }
-    Ok(SessionEnd::Lost(lost.unwrap_or_default()))
+    // Close our side; let the stream deliver what is queued and end (bounded).
+    drop(tx);
+    let wait = stop
+        .deadline()
+        .map(|d| d.saturating_duration_since(Instant::now()))
+        .unwrap_or_default()
+        .min(Duration::from_secs(2));
+    let _ = tokio::time::timeout(wait, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    Ok(SessionEnd::Shutdown)
 }
 
 async fn next_down(
@@ -490,6 +657,7 @@ fn down_name(m: &Down) -> &'static str {
         Down::Job(_) => "Job",
         Down::Cancel(_) => "CancelJob",
         Down::Drain(_) => "Drain",
+        Down::ResultAck(_) => "JobResultAck",
     }
 }
 

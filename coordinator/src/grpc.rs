@@ -7,6 +7,12 @@
 //! the coordinator sends a `Challenge` with a fresh nonce, the builder answers
 //! with its signature, and a valid one gets `Welcome` with a session token for
 //! data calls; a bad one ends the stream with UNAUTHENTICATED (logged).
+//!
+//! A reconnecting builder lists the jobs it still holds: `running_jobs`, and
+//! `finished_jobs` whose results it kept while disconnected. Both stay running
+//! there (no requeue, no retry); the results follow `Welcome`. Each result is
+//! acknowledged (`JobResultAck`) once recorded and flushed, so the builder can
+//! forget it; until then it sends it again on every new session.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -33,6 +39,8 @@ pub const MAX_NAME_LEN: usize = 64;
 const MAX_LIST: usize = 64;
 /// Messages buffered towards one builder.
 const SESSION_BUFFER: usize = 1024;
+/// Most job ids in each of `Hello.running_jobs` and `Hello.finished_jobs`.
+const MAX_HELD_JOBS: usize = 4096;
 
 /// A boxed response stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -262,8 +270,11 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
             tracing::info!(builder = %name, key = %fp, "builder name taken over: its old key is no longer enrolled");
         }
         let caps = capabilities_from(hello.capabilities.clone().unwrap_or_default())?;
-        if hello.running_jobs.len() > 4096 {
+        if hello.running_jobs.len() > MAX_HELD_JOBS {
             return Err(Status::invalid_argument("too many running_jobs"));
+        }
+        if hello.finished_jobs.len() > MAX_HELD_JOBS {
+            return Err(Status::invalid_argument("too many finished_jobs"));
         }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let coord = self.coord.clone();
@@ -355,8 +366,17 @@ async fn run_session(
         return;
     }
     let public_key = crate::keys::public_key_line_ed25519(&key);
-    let (conn, token, draining) =
-        coord.builder_online(&name, &public_key, caps, &hello.running_jobs, tx.clone());
+    // A finished job is held like a running one until its result arrives.
+    let mut held = hello.running_jobs.clone();
+    for job in &hello.finished_jobs {
+        if !held.contains(job) {
+            held.push(job.clone());
+        }
+    }
+    if !hello.finished_jobs.is_empty() {
+        tracing::info!(builder = %name, finished = hello.finished_jobs.len(), "builder holds results of jobs that ended while it was away");
+    }
+    let (conn, token, draining) = coord.builder_online(&name, &public_key, caps, &held, tx.clone());
     let welcome = v1::CoordinatorMessage {
         msg: Some(Down::Welcome(v1::Welcome {
             session_token: token,
@@ -394,7 +414,23 @@ async fn run_session(
             Up::Result(r) => {
                 let coord = coord.clone();
                 let name = name.clone();
-                tokio::spawn(async move { coord.job_result(&name, r).await });
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let job_id = r.job_id.clone();
+                    coord.job_result(&name, r).await;
+                    // Acknowledge only what a crash cannot lose.
+                    match coord.flush().await {
+                        Ok(()) => {
+                            let ack = v1::CoordinatorMessage {
+                                msg: Some(Down::ResultAck(v1::JobResultAck { job_id })),
+                            };
+                            let _ = tx.send(Ok(ack)).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(builder = %name, job = %job_id, error = %e, "cannot flush a job result; not acknowledging it");
+                        }
+                    }
+                });
             }
             Up::Hello(_) | Up::ChallengeResponse(_) => {
                 tracing::warn!(builder = %name, "unexpected handshake message in session; closing");

@@ -4,8 +4,9 @@
 //! submitted by a CLI client and built by a protocol-level test builder
 //! (jobs carry the .drv and the input closure; outputs uploaded as real NARs;
 //! results verified against the cache; logs stored), dedup on resubmission,
-//! and a restart on the same state directory that finishes the graph without
-//! rebuilding what finished.
+//! a reconnect holding a finished job's result (kept, acknowledged, not
+//! rebuilt), and a restart on the same state directory that finishes the graph
+//! without rebuilding what finished.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -132,6 +133,18 @@ async fn connect(
     sign_as: &Key,
     running: Vec<String>,
 ) -> Result<TestBuilder, tonic::Status> {
+    connect_holding(ch, name, key, sign_as, running, vec![]).await
+}
+
+/// [`connect`], also listing jobs whose results the builder holds.
+async fn connect_holding(
+    ch: Channel,
+    name: &str,
+    key: &Key,
+    sign_as: &Key,
+    running: Vec<String>,
+    finished: Vec<String>,
+) -> Result<TestBuilder, tonic::Status> {
     let mut client = BuilderServiceClient::new(ch);
     let (tx, rx) = mpsc::channel(64);
     tx.send(up(Up::Hello(v1::Hello {
@@ -149,6 +162,7 @@ async fn connect(
         }),
         version: "test".into(),
         running_jobs: running,
+        finished_jobs: finished,
     })))
     .await
     .unwrap();
@@ -544,6 +558,91 @@ async fn a_builder_name_stays_bound_to_its_key() {
         .await
         .unwrap();
     c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key(9);
+    let c = start(dir.path(), &[&k]).await;
+    let ch = channel(&c).await;
+    let mut b = connect(ch.clone(), "away", &k, &k, vec![]).await.unwrap();
+    let d = test_drv("away-one", &[], &[]);
+    upload_drv(ch.clone(), &d).await;
+    let mut farm = FarmServiceClient::new(ch.clone());
+    let events = farm
+        .submit(v1::SubmitRequest {
+            drv_paths: vec![d.drv_path.to_string()],
+            priority: v1::Priority::Interactive as i32,
+            max_silent_time_secs: 0,
+            build_timeout_secs: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let job = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), b.rx.message())
+            .await
+            .expect("a job in time")
+            .unwrap()
+            .unwrap();
+        if let Some(Down::Job(job)) = msg.msg {
+            break job;
+        }
+    };
+
+    // The link drops; the job ends meanwhile; the builder is back (within the
+    // grace) holding its result.
+    drop(b);
+    let mut b = connect_holding(ch.clone(), "away", &k, &k, vec![], vec![job.job_id.clone()])
+        .await
+        .unwrap();
+    let (info, nar) = path_info_for(&d.out, b"output of away-one", &[]).await;
+    let mut client = b.client.clone();
+    let mut req = tonic::Request::new(tokio_stream::iter(upload_requests(info, nar)));
+    req.metadata_mut()
+        .insert(farm_proto::auth::SESSION_METADATA, b.token.parse().unwrap());
+    client
+        .upload_nar(req)
+        .await
+        .expect("still its job: the output is accepted");
+    b.tx.send(up(Up::Result(v1::JobResult {
+        job_id: job.job_id.clone(),
+        status: v1::JobStatus::Built as i32,
+        outputs: [("out".to_string(), d.out.to_string())].into(),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    // Acknowledged; neither cancelled nor sent again meanwhile.
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), b.rx.message())
+            .await
+            .expect("an acknowledgement in time")
+            .unwrap()
+            .unwrap();
+        match msg.msg {
+            Some(Down::ResultAck(a)) if a.job_id == job.job_id => break,
+            Some(Down::Job(j)) => panic!("sent again: {j:?}"),
+            Some(Down::Cancel(x)) => panic!("cancelled: {x:?}"),
+            _ => {}
+        }
+    }
+    // The one result sent is what finished it (a requeue would have sent the
+    // job again and ignored that result).
+    let (all, done) = events_until_done(events).await;
+    assert!(done.success, "{all:?}");
+    assert_eq!((done.built, done.failed), (1, 0), "{all:?}");
+    // (a submit stream may repeat an event; distinct ones count)
+    let mut starts: Vec<&v1::BuildStarted> = Vec::new();
+    for e in &all {
+        if let Some(Ev::Started(s)) = &e.event
+            && !starts.contains(&s)
+        {
+            starts.push(s);
+        }
+    }
+    assert_eq!(starts.len(), 1, "started once: {all:?}");
 }
 
 #[tokio::test]

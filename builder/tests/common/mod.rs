@@ -33,6 +33,8 @@ pub struct State {
     pub results: Vec<JobResult>,
     pub to_builder: Option<mpsc::Sender<Result<CoordinatorMessage, Status>>>,
     pub sessions: usize,
+    /// Sessions whose inbound stream has ended (the builder let go of them).
+    pub ended: usize,
     /// The cache: path → (info, NAR).
     pub cache: BTreeMap<String, (PathInfo, Vec<u8>)>,
     /// Paths uploaded by the builder.
@@ -41,6 +43,10 @@ pub struct State {
     /// Reject uploads whose hash is wrong (always on) and count them.
     pub bad_uploads: usize,
     pub draining_on_welcome: bool,
+    /// Refuse new sessions (UNAVAILABLE), as an unreachable coordinator.
+    pub refuse: bool,
+    /// Acknowledge each result as it arrives (`JobResultAck`).
+    pub auto_ack: bool,
     /// The cache's signing key; its public half goes out in Welcome.
     pub cache_key: Option<farm_nix::signing::SigningKey>,
 }
@@ -221,6 +227,9 @@ impl BuilderService for Svc {
         &self,
         req: Request<Streaming<BuilderMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if self.state.lock().unwrap().refuse {
+            return Err(Status::unavailable("refusing sessions"));
+        }
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
@@ -304,10 +313,22 @@ impl BuilderService for Svc {
                         .entry(l.job_id)
                         .or_default()
                         .extend_from_slice(&l.data),
-                    Some(Up::Result(r)) => s.results.push(r),
+                    Some(Up::Result(r)) => {
+                        if s.auto_ack
+                            && let Some(tx) = &s.to_builder
+                        {
+                            let _ = tx.try_send(Ok(CoordinatorMessage {
+                                msg: Some(Down::ResultAck(JobResultAck {
+                                    job_id: r.job_id.clone(),
+                                })),
+                            }));
+                        }
+                        s.results.push(r)
+                    }
                     _ => {}
                 }
             }
+            state.lock().unwrap().ended += 1;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -864,8 +864,11 @@ impl Scheduler {
     }
 
     /// An authenticated builder joined (or came back). `running_jobs` are the
-    /// job ids it still runs: builds we had on it that it does not report are
-    /// requeued; jobs it reports that are not ours to run there are cancelled.
+    /// job ids it still holds: running, or ended with a result it kept while
+    /// disconnected and sends next (`Hello.finished_jobs`). Those stay running
+    /// there, without a retry, until their result comes; builds we had on it
+    /// that it does not report are requeued; jobs it reports that are not ours
+    /// to run there are cancelled (which also tells it to drop a kept result).
     /// Returns the connection number and whether it is drained.
     pub fn builder_connected(
         &mut self,

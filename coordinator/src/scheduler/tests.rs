@@ -633,6 +633,100 @@ fn reconnect_keeps_reported_jobs_and_requeues_the_rest() {
 }
 
 #[test]
+fn a_job_that_finished_while_its_builder_was_away_is_kept_and_its_result_accepted() {
+    let mut s = sched(); // grace 10 s
+    let (c, _) = s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 2, 1.0), &[], 0);
+    s.submit(
+        graph(
+            vec![
+                nb("done", "x86_64-linux", &[], &[]),
+                nb("late", "x86_64-linux", &[], &[]),
+            ],
+            &["done", "late"],
+        ),
+        0,
+    )
+    .unwrap();
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs.len(), 2);
+    let (done, late) = if jobs[0].drv_path == drv("done") {
+        (&jobs[0], &jobs[1])
+    } else {
+        (&jobs[1], &jobs[0])
+    };
+    s.builder_disconnected("b", c, 100);
+    // Back within the grace period: "done" ended meanwhile (the builder holds its
+    // result: Hello.finished_jobs, held like a running job), "late" still runs.
+    s.builder_connected(
+        "b",
+        "k",
+        caps(&["x86_64-linux"], &[], &[], 2, 1.0),
+        &[late.job_id.clone(), done.job_id.clone()],
+        5_000,
+    );
+    let actions = s.take_actions();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Cancel { .. } | Action::Prepare { .. })),
+        "nothing cancelled or requeued: {actions:?}"
+    );
+    assert!(settle(&mut s, 5_000).is_empty(), "nothing dispatched again");
+    assert_eq!(s.running_job("b", &done.job_id), Some(done.build));
+    // Its result arrives after Welcome and is taken as is.
+    s.job_ended("b", &done.job_id, JobEnd::Built, 5_100);
+    assert_eq!(
+        s.state_of(done.build),
+        Some(BuildState::Done(Outcome::Built))
+    );
+    assert_eq!(s.build(done.build).unwrap().retries, 0);
+    let f = finished(&s.take_notices());
+    assert_eq!(f, [(drv("done"), Outcome::Built, None)]);
+    // Past the grace period nothing is requeued either: the builder is back.
+    s.tick(60_000);
+    assert_eq!(s.running_job("b", &late.job_id), Some(late.build));
+    s.job_ended("b", &late.job_id, JobEnd::Built, 60_100);
+    // (the submission is done: its records are read back from the store)
+    let rec = s.build(late.build).unwrap();
+    assert_eq!(
+        (rec.state, rec.retries),
+        (BuildState::Done(Outcome::Built), 0)
+    );
+}
+
+#[test]
+fn a_finished_job_the_coordinator_gave_up_on_is_cancelled_and_its_result_ignored() {
+    let mut s = sched(); // grace 10 s
+    let (c, _) = s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+        .unwrap();
+    let first = settle(&mut s, 0).remove(0);
+    s.builder_disconnected("b", c, 100);
+    // Too late: the grace ran out and the build was requeued (a retry).
+    s.tick(20_000);
+    assert_eq!(s.build(first.build).unwrap().retries, 1);
+    s.builder_connected(
+        "b",
+        "k",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        std::slice::from_ref(&first.job_id),
+        21_000,
+    );
+    // Cancelling the old attempt also tells the builder to drop its result.
+    let actions = s.take_actions();
+    assert!(actions.contains(&Action::Cancel {
+        builder: "b".into(),
+        job_id: first.job_id.clone()
+    }));
+    s.job_ended("b", &first.job_id, JobEnd::Built, 21_100);
+    assert_ne!(
+        s.state_of(first.build),
+        Some(BuildState::Done(Outcome::Built)),
+        "a stale attempt's result does not count"
+    );
+}
+
+#[test]
 fn failures_transient_retry_permanent_propagate() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);

@@ -85,6 +85,11 @@ impl Builder {
 
     /// Starts `farm-builder` in the actor against `grpc_url`.
     pub fn start(&mut self, grpc_url: &str) -> anyhow::Result<()> {
+        self.start_with(grpc_url, &[])
+    }
+
+    /// [`Builder::start`] with extra `farm-builder` flags.
+    pub fn start_with(&mut self, grpc_url: &str, extra_args: &[&str]) -> anyhow::Result<()> {
         let bin = farm_bin("farm-builder")?;
         let max_jobs = self.max_jobs.to_string();
         let mut cmd = self.actor.command(bin);
@@ -92,6 +97,7 @@ impl Builder {
             .arg(&self.state_dir)
             .args(["--name", &self.name, "--max-jobs", &max_jobs])
             .args(["--load-interval", "1"])
+            .args(extra_args)
             .env(
                 "FARM_LOG",
                 std::env::var("FARM_LOG").unwrap_or_else(|_| "info".into()),
@@ -209,6 +215,24 @@ impl Farm {
         specs: &[BuilderSpec<'_>],
         extra_args: &[&str],
     ) -> anyhow::Result<Farm> {
+        let mut farm = Farm::start_without_builders(logs, specs, extra_args)?;
+        let url = farm.coordinator.endpoints.grpc_url();
+        for b in &mut farm.builders {
+            b.start(&url)?;
+        }
+        for i in 0..farm.builders.len() {
+            farm.wait_builder_online(i)?;
+        }
+        Ok(farm)
+    }
+
+    /// [`Farm::start`] up to the builders: their keys are enrolled, the test
+    /// starts them (e.g. against another URL, with other flags).
+    pub fn start_without_builders(
+        logs: &TestLogs,
+        specs: &[BuilderSpec<'_>],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Farm> {
         let client = Actor::with_logs("client", logs)?;
         let mut builders = Vec::new();
         for s in specs {
@@ -230,15 +254,17 @@ impl Farm {
             builder_keys.to_str().context("path")?.into(),
             "--cache-key-name".into(),
             "farm-e2e".into(),
-            "--builder-grace".into(),
-            "1".into(),
         ];
+        // A short grace by default (a test may ask for another).
+        if !extra_args.contains(&"--builder-grace") {
+            args.extend(["--builder-grace".into(), "1".into()]);
+        }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let coordinator = CoordinatorProc::start(logs, &state_dir, "127.0.0.1:0", &args)?;
         let witness = tempfile::Builder::new()
             .prefix("farm-e2e-witness-")
             .tempdir()?;
-        let mut farm = Farm {
+        Ok(Farm {
             logs: logs.clone(),
             client,
             builders,
@@ -246,15 +272,7 @@ impl Farm {
             witness,
             builder_keys,
             _state: state,
-        };
-        let url = farm.coordinator.endpoints.grpc_url();
-        for b in &mut farm.builders {
-            b.start(&url)?;
-        }
-        for i in 0..farm.builders.len() {
-            farm.wait_builder_online(i)?;
-        }
-        Ok(farm)
+        })
     }
 
     /// Waits until the coordinator logged builder `i` as authenticated (since
