@@ -31,9 +31,12 @@ const MAX_QUERY: usize = 100_000;
 /// Longest wait for the next chunk of an upload.
 pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A cache error as a gRPC status; internals are logged, not sent.
+/// A cache error as a gRPC status (`DEADLINE_EXCEEDED` for an upload that ran
+/// out of time); internals are logged, not sent.
 pub fn cache_status(e: CacheError) -> Status {
-    if e.is_client_error() {
+    if let CacheError::UploadTimedOut { .. } = e {
+        Status::deadline_exceeded(e.to_string())
+    } else if e.is_client_error() {
         Status::invalid_argument(e.to_string())
     } else {
         tracing::error!(error = %e, "cache failure");
@@ -113,8 +116,8 @@ pub async fn upload_nar(
 }
 
 /// The NAR bytes of an upload's `data` messages, as a reader. A gap of more
-/// than `idle` between messages is an error (`TimedOut`), so a stalled uploader
-/// cannot hold the cache's per-path ingest lock forever.
+/// than `idle` between messages is an error (`TimedOut`), so a stalled
+/// uploader is dropped long before the cache's overall upload deadline.
 pub fn nar_data<S>(stream: S, idle: Duration) -> impl AsyncRead + Send + Unpin + 'static
 where
     S: Stream<Item = Result<v1::UploadNarRequest, Status>> + Send + Unpin + 'static,

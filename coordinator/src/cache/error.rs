@@ -31,6 +31,13 @@ pub enum CacheError {
         #[source]
         source: NarError,
     },
+    /// The upload did not finish within the time its size allows.
+    #[error("upload of {path} timed out: a {nar_size}-byte NAR must arrive within {limit_secs} s")]
+    UploadTimedOut {
+        path: StorePath,
+        nar_size: u64,
+        limit_secs: u64,
+    },
     #[error("build log of {drv} is not a derivation path")]
     NotADerivation { drv: StorePath },
     #[error("build log too large ({size} bytes, limit {limit})")]
@@ -57,6 +64,7 @@ impl CacheError {
                 | CacheError::HashMismatch { .. }
                 | CacheError::SizeMismatch { .. }
                 | CacheError::BadNar { .. }
+                | CacheError::UploadTimedOut { .. }
                 | CacheError::NotADerivation { .. }
                 | CacheError::LogTooLarge { .. }
         )

@@ -4,19 +4,37 @@
 //!
 //! Ingest ([`Cache::ingest`]) parses and verifies one NAR while it streams
 //! (structure, sha256, size; the size claim bounds how much is read), compresses
-//! it with zstd into a uniquely named temporary object `tmp/…`, then renames it to
-//! `nar/<filehash>.nar.zst` (filehash = nix32 sha256 of the compressed bytes),
-//! and only then writes the signed `<hash>.narinfo`. A reader therefore never
-//! sees a narinfo whose NAR is missing or partial; a failed upload deletes its
-//! temporary object and publishes nothing. Ingests of one store path are
-//! serialised by a per-path lock: the second waits, verifies its own stream
-//! against its claim, and returns what the first published.
+//! it with zstd into a temporary object `tmp/…` of its own, then publishes it:
+//! renames it to `nar/<filehash>.nar.zst` (filehash = nix32 sha256 of the
+//! compressed bytes), and only then writes the signed `<hash>.narinfo`. A
+//! reader therefore never sees a narinfo whose NAR is missing or partial; a
+//! failed upload deletes its temporary object and publishes nothing.
+//!
+//! Uploads of one store path stream side by side, each into its own temporary
+//! object; a per-path lock covers only the short publish step (is the path
+//! there already? rename the NAR, write the narinfo). The first to finish
+//! publishes; a later one, still verified against its own claim, discards its
+//! object and returns what was published. So a slow or stalled uploader never
+//! delays another upload of the same path (a builder's of its job's output),
+//! and every upload has a deadline that grows with its claimed size
+//! ([`CacheConfig::upload_grace_secs`], [`CacheConfig::upload_min_rate`]).
+//!
+//! Durability: the local backend is wrapped in [`durable::DurableLocal`], so
+//! the NAR is on disk (file and directory fsynced) before the narinfo is
+//! written, the narinfo before the path enters the index, and the index is
+//! what an upload is acknowledged from and what a build's outputs are checked
+//! against before the build counts as built.
 //!
 //! The narinfos are also kept in an in-memory index (hash part → narinfo),
 //! loaded from storage when the cache opens; this cache is the index's only
-//! writer, so queries never touch storage.
+//! writer, so queries never touch storage. One size bound,
+//! [`farm_nix::narinfo::MAX_NARINFO_SIZE`], holds for the narinfos ingest
+//! writes and for those the index loads, so whatever was accepted is loaded
+//! again after a restart.
 
 pub mod content;
+mod deadline;
+pub mod durable;
 mod error;
 mod hashing;
 mod storage;
@@ -29,7 +47,7 @@ use async_compression::tokio::bufread::ZstdDecoder;
 use async_compression::tokio::write::ZstdEncoder;
 use farm_nix::hash::{Hash, HashAlgo};
 use farm_nix::nar::{NarError, NarLimits, NarSummary};
-use farm_nix::narinfo::NarInfo;
+use farm_nix::narinfo::{MAX_NARINFO_SIZE, NarInfo};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::{SigningKey, VerifyingKey};
 use farm_nix::store_path::StorePath;
@@ -41,6 +59,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio_util::io::StreamReader;
 
+use self::deadline::Deadline;
 pub use error::CacheError;
 pub use storage::StorageConfig;
 
@@ -72,6 +91,15 @@ pub struct CacheConfig {
     /// The largest build log kept, in bytes (uncompressed).
     #[serde(default = "default_max_log_size")]
     pub max_log_size: u64,
+    /// Seconds every upload may take on top of its transfer time at
+    /// `upload_min_rate`; an upload still unfinished then is refused.
+    #[serde(default = "default_upload_grace_secs")]
+    pub upload_grace_secs: u64,
+    /// The slowest transfer allowed, in bytes per second of NAR: an upload of
+    /// N bytes must end within `upload_grace_secs + N / upload_min_rate`
+    /// seconds (0: the grace alone).
+    #[serde(default = "default_upload_min_rate")]
+    pub upload_min_rate: u64,
 }
 
 fn default_zstd_level() -> i32 {
@@ -89,6 +117,13 @@ fn default_max_nar_size() -> u64 {
 fn default_max_log_size() -> u64 {
     256 << 20
 }
+fn default_upload_grace_secs() -> u64 {
+    120
+}
+fn default_upload_min_rate() -> u64 {
+    // 512 kbit/s: a slow uplink still gets through, a trickle does not.
+    64 << 10
+}
 
 impl CacheConfig {
     /// Defaults, storing objects on the local filesystem under `root`.
@@ -100,6 +135,8 @@ impl CacheConfig {
             want_mass_query: true,
             max_nar_size: default_max_nar_size(),
             max_log_size: default_max_log_size(),
+            upload_grace_secs: default_upload_grace_secs(),
+            upload_min_rate: default_upload_min_rate(),
         }
     }
 }
@@ -117,8 +154,8 @@ struct Inner {
     public_key: VerifyingKey,
     /// hash part → published narinfo.
     index: RwLock<HashMap<String, Arc<NarInfo>>>,
-    /// hash part → lock held while that path is being ingested.
-    ingesting: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// hash part → lock held while an upload of that path is published.
+    publishing: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
 }
 
 /// Size of the buffer in front of the object store; larger NARs go up as a
@@ -198,7 +235,7 @@ impl Cache {
                 key: signing_key,
                 public_key,
                 index: RwLock::new(index),
-                ingesting: Mutex::new(HashMap::new()),
+                publishing: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -330,7 +367,9 @@ impl Cache {
     /// against its own claim, and the info already published is returned (its
     /// NAR hash may differ from the claim's if the path was built twice,
     /// non-deterministically). The NAR is bounded by the claimed size while it
-    /// streams. Cancel-safe: a dropped ingest deletes its temporary object.
+    /// streams, and must arrive within the time that size allows
+    /// ([`CacheError::UploadTimedOut`]). Returns once NAR and narinfo are
+    /// durable. Cancel-safe: a dropped ingest deletes its temporary object.
     pub async fn ingest(
         &self,
         claimed: ValidPathInfo,
@@ -352,37 +391,70 @@ impl Cache {
     async fn ingest_inner(
         &self,
         claimed: ValidPathInfo,
-        mut nar: impl AsyncRead + Unpin + Send,
+        nar: impl AsyncRead + Unpin + Send,
         exact: bool,
     ) -> Result<ValidPathInfo, CacheError> {
-        let check = self.check_claim(&claimed)?;
+        let (check, narinfo) = self.check_claim(&claimed)?;
+        let config = &self.inner.config;
+        let mut nar = Deadline::new(
+            nar,
+            deadline::upload_time_limit(
+                claimed.nar_size,
+                config.upload_grace_secs,
+                config.upload_min_rate,
+            ),
+        );
+        match self
+            .ingest_stream(&claimed, &check, narinfo, &mut nar, exact)
+            .await
+        {
+            Err(e) if nar.expired() => {
+                tracing::info!(path = %claimed.path, error = %e, "upload timed out");
+                Err(CacheError::UploadTimedOut {
+                    path: claimed.path.clone(),
+                    nar_size: claimed.nar_size,
+                    limit_secs: nar.limit().as_secs(),
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// Read, verify and (unless the path is there already) publish one NAR;
+    /// `narinfo` is the claim's signed narinfo, still without its NAR's URL,
+    /// file hash and file size.
+    async fn ingest_stream(
+        &self,
+        claimed: &ValidPathInfo,
+        check: &content::ContentCheck,
+        narinfo: NarInfo,
+        nar: &mut (impl AsyncRead + Unpin + Send),
+        exact: bool,
+    ) -> Result<ValidPathInfo, CacheError> {
         let limits = NarLimits {
             max_total_size: claimed.nar_size,
             ..NarLimits::default()
         };
-
-        let lock = self.path_lock(claimed.path.hash_part());
-        let _guard = lock.lock().await;
-
         if let Some(existing) = self.narinfo(&claimed.path) {
             // Stored already: still read and check the upload, so the caller's
             // stream stays in step and a bad upload is still refused.
             let (summary, contents) =
-                content::copy_inspect(&mut nar, &mut tokio::io::sink(), &limits, &check)
+                content::copy_inspect(nar, &mut tokio::io::sink(), &limits, check)
                     .await
                     .map_err(|source| CacheError::BadNar {
                         path: claimed.path.clone(),
                         source,
                     })?;
             if exact {
-                expect_end(&claimed, &mut nar).await?;
+                expect_end(claimed, nar).await?;
             }
-            check_summary(&claimed, &summary)?;
-            check_content(&claimed, &check, &summary, &contents)?;
+            check_summary(claimed, &summary)?;
+            check_content(claimed, check, &summary, &contents)?;
             tracing::debug!(path = %claimed.path, "already in the cache");
             return Ok(existing.info.clone());
         }
 
+        // This upload's own object: no other upload of the path waits for it.
         let tmp = ObjectPath::from(format!(
             "tmp/{}-{:016x}.nar.zst",
             claimed.path.hash_part(),
@@ -395,7 +467,7 @@ impl Cache {
             path: Some(tmp.clone()),
         };
         let (file_hash, file_size) = match self
-            .upload_nar(&claimed, &check, &mut nar, &limits, &tmp, exact)
+            .upload_nar(claimed, check, nar, &limits, &tmp, exact)
             .await
         {
             Ok(v) => v,
@@ -409,7 +481,22 @@ impl Cache {
             }
         };
 
+        // Publish: only this short step is serialised per path.
+        let lock = self.path_lock(claimed.path.hash_part());
+        let _publishing = lock.lock().await;
+        if let Some(existing) = self.narinfo(&claimed.path) {
+            // Another upload of this path finished first; ours is not needed.
+            guard.path = None;
+            if let Err(de) = ignore_not_found(store.delete(&tmp).await) {
+                tracing::warn!(object = %tmp, error = %de, "cannot delete a superseded upload");
+            }
+            tracing::debug!(path = %claimed.path, "published meanwhile by another upload");
+            return Ok(existing.info.clone());
+        }
+
         let nar_obj = nar_key(&file_hash);
+        // Durable when it returns (see `durable`): the NAR is on disk before
+        // the narinfo that names it is written.
         let renamed = store.rename(&tmp, &nar_obj).await;
         guard.path = None;
         if let Err(e) = renamed {
@@ -417,25 +504,11 @@ impl Cache {
             return Err(e.into());
         }
 
-        let mut info = ValidPathInfo {
-            path: claimed.path.clone(),
-            deriver: claimed.deriver.clone(),
-            nar_hash: claimed.nar_hash.clone(),
-            references: claimed.references.clone(),
-            // A narinfo does not carry it; 0 keeps index and storage identical.
-            registration_time: 0,
-            nar_size: claimed.nar_size,
-            ultimate: false,
-            sigs: BTreeSet::new(),
-            ca: claimed.ca.clone(),
-        };
-        info.sign(&self.inner.key);
         let narinfo = NarInfo {
-            info,
             url: nar_obj.to_string(),
-            compression: "zstd".to_string(),
             file_hash: Some(file_hash),
             file_size: Some(file_size),
+            ..narinfo
         };
         let text = narinfo.render();
         if let Err(e) = store
@@ -460,6 +533,8 @@ impl Cache {
             "stored in the cache"
         );
         let info = narinfo.info.clone();
+        // Only now, with NAR and narinfo durable, is the path visible: to
+        // queries, to the uploader's acknowledgement, to `verify_outputs`.
         self.inner
             .index
             .write()
@@ -516,8 +591,12 @@ impl Cache {
         Ok(zstd.into_inner().finish())
     }
 
-    /// Check the claim alone; returns what must be checked in its NAR.
-    fn check_claim(&self, claimed: &ValidPathInfo) -> Result<content::ContentCheck, CacheError> {
+    /// Check the claim alone; returns what must be checked in its NAR and the
+    /// narinfo it will publish (signed; URL and file hash/size still to fill in).
+    fn check_claim(
+        &self,
+        claimed: &ValidPathInfo,
+    ) -> Result<(content::ContentCheck, NarInfo), CacheError> {
         let bad = |reason: String| CacheError::InvalidClaim {
             path: claimed.path.clone(),
             reason,
@@ -544,13 +623,50 @@ impl Cache {
                 return Err(bad("malformed content address".into()));
             }
         }
-        content::ContentCheck::for_claim(claimed).map_err(bad)
+        let check = content::ContentCheck::for_claim(claimed).map_err(bad)?;
+
+        let mut info = ValidPathInfo {
+            path: claimed.path.clone(),
+            deriver: claimed.deriver.clone(),
+            nar_hash: claimed.nar_hash.clone(),
+            references: claimed.references.clone(),
+            // A narinfo does not carry it; 0 keeps index and storage identical.
+            registration_time: 0,
+            nar_size: claimed.nar_size,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: claimed.ca.clone(),
+        };
+        // The narinfo at its longest (signature, file hash and URL have fixed
+        // lengths, the file size at most 20 digits) must be one the index
+        // loads again; checked before the signing work.
+        info.sigs.insert(self.inner.key.sign(""));
+        let placeholder = HashAlgo::Sha256.digest(b"");
+        let mut narinfo = NarInfo {
+            info,
+            url: nar_key(&placeholder).to_string(),
+            compression: "zstd".to_string(),
+            file_hash: Some(placeholder),
+            file_size: Some(u64::MAX),
+        };
+        let len = narinfo.render().len();
+        if len > MAX_NARINFO_SIZE {
+            return Err(bad(format!(
+                "its narinfo would be {len} bytes ({} references), more than the {MAX_NARINFO_SIZE} the cache accepts",
+                claimed.references.len()
+            )));
+        }
+        narinfo.info.sigs.clear();
+        narinfo.info.sign(&self.inner.key);
+        narinfo.file_hash = None;
+        narinfo.file_size = None;
+        Ok((check, narinfo))
     }
 
     fn path_lock(&self, hash_part: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut map = self
             .inner
-            .ingesting
+            .publishing
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(lock) = map.get(hash_part).and_then(Weak::upgrade) {
@@ -698,7 +814,9 @@ fn ignore_not_found(r: object_store::Result<()>) -> object_store::Result<()> {
     }
 }
 
-/// Read every `<hash>.narinfo` at the top level of the store.
+/// Read every `<hash>.narinfo` at the top level of the store, up to
+/// [`MAX_NARINFO_SIZE`] bytes each: the bound ingest holds the narinfos it
+/// writes to, so only a narinfo some other writer left is skipped.
 async fn load_index(
     store: &Arc<dyn ObjectStore>,
 ) -> Result<HashMap<String, Arc<NarInfo>>, CacheError> {
@@ -706,9 +824,13 @@ async fn load_index(
     let keys: Vec<_> = listing
         .objects
         .into_iter()
+        .filter(|m| m.location.as_ref().ends_with(".narinfo"))
         .filter(|m| {
-            m.location.as_ref().ends_with(".narinfo")
-                && m.size <= farm_nix::narinfo::MAX_NARINFO_SIZE as u64
+            let fits = m.size <= MAX_NARINFO_SIZE as u64;
+            if !fits {
+                tracing::warn!(object = %m.location, size = m.size, limit = MAX_NARINFO_SIZE, "narinfo larger than the cache writes; ignored");
+            }
+            fits
         })
         .map(|m| m.location)
         .collect();

@@ -5,6 +5,9 @@
 //! Object layout (Nix's binary cache layout, relative to the root or prefix):
 //! `<hash>.narinfo`, `nar/<filehash>.nar.zst`, `log/<drv base name>` (zstd), and
 //! `tmp/…` for uploads in flight (never served; swept when the cache opens).
+//! A local directory is wrapped in [`DurableLocal`], so every object written
+//! is on disk (file and directory fsynced) when the write returns; S3 is
+//! durable when it acknowledges a write.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use object_store::prefix::PrefixStore;
 use serde::Deserialize;
 
 use super::CacheError;
+use super::durable::DurableLocal;
 
 /// Where objects are stored.
 ///
@@ -129,7 +133,8 @@ impl StorageConfig {
                     CacheError::Config(format!("cache directory {}: {e}", root.display()))
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(root)?;
-                Ok(Arc::new(fs))
+                // LocalFileSystem never fsyncs; the wrapper does, before a write returns.
+                Ok(Arc::new(DurableLocal::new(root, Arc::new(fs), "tmp")?))
             }
             StorageConfig::S3 {
                 bucket,

@@ -544,3 +544,360 @@ async fn exact_ingest_refuses_trailing_bytes() {
         .await
         .unwrap();
 }
+
+/// `n` distinct store paths whose names are `name_len` characters long.
+fn many_paths(n: usize, name_len: usize) -> BTreeSet<StorePath> {
+    let alphabet = farm_nix::nixbase32::ALPHABET;
+    (0..n)
+        .map(|i| {
+            let mut hash = String::with_capacity(32);
+            let mut x = i;
+            for _ in 0..32 {
+                hash.push(alphabet[x % 32] as char);
+                x /= 32;
+            }
+            let name = format!("{i}-{}", "r".repeat(name_len));
+            StorePath::parse(&format!("/nix/store/{hash}-{}", &name[..name_len])).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_narinfo_over_4_mib_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig::local(dir.path().join("cache"));
+    let k = key();
+    let path = sp('k', "many-refs");
+    let nar = sample_nar("many-refs");
+    let mut c = claim(&path, &nar);
+    c.references = many_paths(80_000, 60);
+    let info = {
+        let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
+        cache.ingest(c, &nar[..]).await.unwrap()
+    };
+    let on_disk = std::fs::metadata(
+        dir.path()
+            .join(format!("cache/{}.narinfo", path.hash_part())),
+    )
+    .unwrap()
+    .len();
+    assert!(on_disk > 5 << 20, "the narinfo is {on_disk} bytes");
+
+    let cache = Cache::open(config, k).await.unwrap();
+    assert_eq!(cache.len(), 1, "the big narinfo was loaded again");
+    assert_eq!(cache.path_info(&path).await.unwrap(), Some(info));
+    assert!(
+        cache
+            .path_info(&path)
+            .await
+            .unwrap()
+            .unwrap()
+            .verify_any(&[cache.public_key()])
+    );
+    let back = read_all(cache.nar_reader(&path).await.unwrap().unwrap()).await;
+    assert_eq!(back, nar);
+}
+
+#[tokio::test]
+async fn a_narinfo_the_index_could_not_load_is_refused_before_reading() {
+    let cache = memory_cache().await;
+    let path = sp('l', "too-many-refs");
+    let nar = sample_nar("too-many-refs");
+    let mut c = claim(&path, &nar);
+    // 140 000 references with the longest names: over 32 MiB of narinfo.
+    c.references = many_paths(140_000, farm_nix::store_path::MAX_NAME_LEN);
+    // Nothing is read: the stream would fail if it were.
+    let e = cache
+        .ingest(c, tokio::io::empty())
+        .await
+        .expect_err("a narinfo over the limit");
+    let CacheError::InvalidClaim { reason, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert!(reason.contains("narinfo would be"), "{reason}");
+    assert!(e.is_client_error());
+    assert!(cache.is_empty());
+    assert!(objects(&cache).await.is_empty());
+}
+
+/// Records every fsync the durable store makes, with what was visible at that
+/// moment: whether the watched path's narinfo existed on disk and whether the
+/// cache's index (what acknowledgements and `verify_outputs` read) had it.
+struct RecordingFsync {
+    root: std::path::PathBuf,
+    events: std::sync::Mutex<Vec<String>>,
+    watch: std::sync::Mutex<Option<(Cache, StorePath)>>,
+}
+
+impl std::fmt::Debug for RecordingFsync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordingFsync")
+    }
+}
+
+impl RecordingFsync {
+    fn note(&self, kind: &str, p: &Path) {
+        let rel = match p.strip_prefix(&self.root) {
+            Ok(r) if r.as_os_str().is_empty() => ".".to_string(),
+            Ok(r) => r.display().to_string(),
+            Err(_) => "<outside>".to_string(),
+        };
+        let mut line = format!("{kind} {rel}");
+        if let Some((cache, path)) = self.watch.lock().unwrap().as_ref() {
+            let written = self
+                .root
+                .join(format!("{}.narinfo", path.hash_part()))
+                .exists();
+            let visible = cache.narinfo(path).is_some();
+            line.push_str(&format!(" narinfo={written} visible={visible}"));
+        }
+        self.events.lock().unwrap().push(line);
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+}
+
+impl durable::Fsync for RecordingFsync {
+    fn file(&self, path: &Path) -> std::io::Result<()> {
+        durable::OsFsync.file(path)?;
+        self.note("file", path);
+        Ok(())
+    }
+    fn dir(&self, path: &Path) -> std::io::Result<()> {
+        durable::OsFsync.dir(path)?;
+        self.note("dir", path);
+        Ok(())
+    }
+}
+
+fn position(events: &[String], prefix: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {events:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nar_then_narinfo_are_durable_before_the_upload_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    std::fs::create_dir_all(&root).unwrap();
+    let root = std::fs::canonicalize(&root).unwrap();
+    let fsync = Arc::new(RecordingFsync {
+        root: root.clone(),
+        events: Default::default(),
+        watch: Default::default(),
+    });
+    let local = object_store::local::LocalFileSystem::new_with_prefix(&root).unwrap();
+    let store =
+        durable::DurableLocal::with_fsync(&root, Arc::new(local), "tmp", fsync.clone()).unwrap();
+    let cache = Cache::with_store(CacheConfig::local(&root), Arc::new(store), key())
+        .await
+        .unwrap();
+
+    // A small NAR (one put) and one larger than an upload chunk (multipart).
+    let big_dir = tempfile::tempdir().unwrap();
+    std::fs::write(big_dir.path().join("big"), random_bytes(10_000_000)).unwrap();
+    let big = nix_dump(&big_dir.path().join("big"));
+    let small = sample_nar("durable");
+    for (path, nar) in [(sp('m', "durable"), &small), (sp('n', "durable-big"), &big)] {
+        *fsync.watch.lock().unwrap() = Some((cache.clone(), path.clone()));
+        fsync.take();
+        let info = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap();
+        // The acknowledgement: what the uploader (and verify_outputs) now sees.
+        assert!(cache.narinfo(&path).is_some());
+        let ni = cache.narinfo(&path).unwrap();
+        assert_eq!(info.path, path);
+        let events = fsync.take();
+        assert!(
+            !events.iter().any(|e| e.contains(" tmp")),
+            "scratch objects are not synced: {events:#?}"
+        );
+        let nar_file = position(&events, &format!("file {}", ni.url));
+        let nar_dir = position(&events, "dir nar ");
+        let narinfo_file = position(&events, &format!("file {}.narinfo", path.hash_part()));
+        let root_dir = narinfo_file + 1 + position(&events[narinfo_file + 1..], "dir . ");
+        assert!(
+            nar_file < nar_dir && nar_dir < narinfo_file && narinfo_file < root_dir,
+            "NAR file, NAR dir, narinfo file, root dir: {events:#?}"
+        );
+        for e in &events[..narinfo_file] {
+            assert!(
+                e.ends_with("narinfo=false visible=false"),
+                "the narinfo was written before its NAR was durable: {events:#?}"
+            );
+        }
+        for e in &events[narinfo_file..=root_dir] {
+            assert!(
+                e.ends_with("narinfo=true visible=false"),
+                "the path was visible before its narinfo was durable: {events:#?}"
+            );
+        }
+    }
+    // The cache a coordinator opens on a local directory goes through it too.
+    let opened = Cache::open(CacheConfig::local(dir.path().join("other")), key())
+        .await
+        .unwrap();
+    assert!(
+        opened
+            .object_store()
+            .to_string()
+            .starts_with("DurableLocal("),
+        "{}",
+        opened.object_store()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upload_does_not_hold_the_path_and_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::local(dir.path().join("cache"));
+    config.upload_grace_secs = 10;
+    config.upload_min_rate = 0;
+    let cache = Cache::open(config, key()).await.unwrap();
+    let path = sp('p', "hostage");
+    let claimed_by_client = sample_nar("the client's claim");
+    let built = sample_nar("what the builder built");
+
+    // The client claims the path and trickles: most of its NAR, then a byte
+    // every 100 ms. The pipe is small, so the first write returning means the
+    // ingest has taken those bytes.
+    let (mut w, r) = tokio::io::duplex(64);
+    let feed = claimed_by_client.clone();
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let half = feed.len() / 2;
+        w.write_all(&feed[..half]).await.unwrap();
+        let _ = sent_tx.send(());
+        for b in &feed[half..] {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if w.write_all(std::slice::from_ref(b)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let trickle = {
+        let (cache, path, nar) = (cache.clone(), path.clone(), claimed_by_client.clone());
+        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r).await })
+    };
+    sent_rx.await.unwrap();
+
+    // The builder's upload of the same path goes through at once.
+    let info = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        cache.ingest(claim(&path, &built), &built[..]),
+    )
+    .await
+    .expect("the builder's upload hangs")
+    .unwrap();
+    assert!(
+        !trickle.is_finished(),
+        "the builder's upload waited for the trickling one"
+    );
+    assert_eq!(info.nar_hash, HashAlgo::Sha256.digest(&built));
+
+    // The trickler is cut off at its deadline, with an error that says so.
+    let e = tokio::time::timeout(std::time::Duration::from_secs(60), trickle)
+        .await
+        .expect("the trickling upload never ends")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(e, CacheError::UploadTimedOut { limit_secs: 10, .. }),
+        "{e:?}"
+    );
+    assert!(e.is_client_error());
+    assert!(e.to_string().contains("timed out"), "{e}");
+    feeder.abort();
+
+    // The cache holds the builder's NAR, and nothing of the trickler's.
+    let back = read_all(cache.nar_reader(&path).await.unwrap().unwrap()).await;
+    assert!(back == built, "the cache serves the client's bytes");
+    let mut waited = 0;
+    while files_on_disk(&dir.path().join("cache"))
+        .iter()
+        .any(|f| f.starts_with("tmp/"))
+    {
+        assert!(
+            waited < 100,
+            "{:?}",
+            files_on_disk(&dir.path().join("cache"))
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert_eq!(objects(&cache).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slower_of_two_uploads_discards_its_object() {
+    // Two uploads of one path with different (each self-consistent) NARs: a
+    // slow one starts first, a fast one overtakes it. The first to finish
+    // publishes; the other, still checked, returns what was published and
+    // leaves nothing behind.
+    let cache = memory_cache().await;
+    let path = sp('q', "two-builds");
+    let slow_nar = sample_nar("slow build");
+    let fast_nar = sample_nar("fast build");
+    let (mut w, r) = tokio::io::duplex(64);
+    let feed = slow_nar.clone();
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let (head, tail) = feed.split_at(feed.len() - 512);
+        w.write_all(head).await.unwrap();
+        let _ = sent_tx.send(());
+        for chunk in tail.chunks(64) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            w.write_all(chunk).await.unwrap();
+        }
+    });
+    let slow = {
+        let (cache, path, nar) = (cache.clone(), path.clone(), slow_nar.clone());
+        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r).await })
+    };
+    sent_rx.await.unwrap();
+    let fast = cache
+        .ingest(claim(&path, &fast_nar), &fast_nar[..])
+        .await
+        .unwrap();
+    assert!(!slow.is_finished(), "the slow upload was not overtaken");
+    let slow = slow.await.unwrap().unwrap();
+    feeder.await.unwrap();
+    assert_eq!(slow, fast, "the slower upload returns what was published");
+    assert_eq!(fast.nar_hash, HashAlgo::Sha256.digest(&fast_nar));
+    let back = read_all(cache.nar_reader(&path).await.unwrap().unwrap()).await;
+    assert!(back == fast_nar);
+    assert_eq!(
+        objects(&cache).await.len(),
+        2,
+        "{:?}",
+        objects(&cache).await
+    );
+
+    // A superseded upload is still checked against its own claim.
+    let path = sp('r', "checked");
+    let good = sample_nar("good");
+    cache.ingest(claim(&path, &good), &good[..]).await.unwrap();
+    let mut bad = claim(&path, &good);
+    bad.nar_hash = HashAlgo::Sha256.digest(b"something else");
+    assert!(matches!(
+        cache.ingest(bad, &good[..]).await.unwrap_err(),
+        CacheError::HashMismatch { .. }
+    ));
+}
+
+#[test]
+fn upload_limits_have_defaults_and_read_from_toml() {
+    let c = CacheConfig::local("/x");
+    assert_eq!(c.upload_grace_secs, 120);
+    assert_eq!(c.upload_min_rate, 64 << 10);
+    let c: CacheConfig = toml::from_str(
+        "upload_grace_secs = 5\nupload_min_rate = 1000\n[storage]\ntype = \"local\"\nroot = \"/x\"\n",
+    )
+    .unwrap();
+    assert_eq!((c.upload_grace_secs, c.upload_min_rate), (5, 1000));
+}

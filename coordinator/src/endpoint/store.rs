@@ -7,9 +7,9 @@
 use std::collections::BTreeSet;
 
 use farm_nix::derivation::{Derivation, MAX_DRV_SIZE};
-use farm_nix::export::ExportReader;
+use farm_nix::export::{ExportError, ExportReader};
 use farm_nix::hash::HashAlgo;
-use farm_nix::nar::{NarEvent, NarLimits, NarReader};
+use farm_nix::nar::{NarError, NarEvent, NarLimits, NarReader};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::HandlerError;
@@ -122,7 +122,10 @@ impl FarmStore {
 
     /// Import an export stream (`nix-store --export` format): each NAR is
     /// spooled to a temporary file while it is validated (its hash and size
-    /// come after it in the stream), then ingested.
+    /// come after it in the stream), then ingested. The spool is bounded by
+    /// the cache's `max_nar_size` as it grows: a NAR over it is refused before
+    /// a byte past the limit is written (a regular file too large for it
+    /// before any of its contents), and nothing of it is published.
     pub async fn import(
         &self,
         stream: &mut (dyn AsyncRead + Unpin + Send),
@@ -132,16 +135,22 @@ impl FarmStore {
             tracing::error!(error = %e, "spooling an imported NAR");
             HandlerError::new("importing paths: cannot spool the NAR on the farm")
         };
+        let limits = bounded_by(limits, self.cache.config().max_nar_size);
         let mut stream = stream;
-        let mut reader = ExportReader::new(&mut stream, limits);
+        let mut reader = ExportReader::new(&mut stream, &limits);
         let mut imported = Vec::new();
         loop {
             let file = tempfile::tempfile().map_err(spool_err)?;
             let mut file = tokio::fs::File::from_std(file);
-            let next = reader
-                .next_path(&mut file)
-                .await
-                .map_err(|e| HandlerError::new(format!("importing paths: {e}")))?;
+            let next = reader.next_path(&mut file).await.map_err(|e| match e {
+                ExportError::Nar(NarError::NarTooLarge { .. } | NarError::FileTooLarge { .. }) => {
+                    HandlerError::new(format!(
+                        "importing paths: a NAR is larger than the farm's cache accepts (max_nar_size is {} bytes); nothing of it was stored",
+                        self.cache.config().max_nar_size
+                    ))
+                }
+                e => HandlerError::new(format!("importing paths: {e}")),
+            })?;
             let Some(exported) = next else {
                 return Ok(imported);
             };
@@ -222,6 +231,15 @@ impl FarmStore {
         info.ca = Some(format!("text:{}", inner.to_nix32_prefixed()));
         self.add(info, &mut &nar[..]).await?;
         Ok(path)
+    }
+}
+
+/// `limits` with no NAR, and no file in one, larger than `max_nar_size`.
+pub fn bounded_by(limits: &NarLimits, max_nar_size: u64) -> NarLimits {
+    NarLimits {
+        max_total_size: limits.max_total_size.min(max_nar_size),
+        max_file_size: limits.max_file_size.min(max_nar_size),
+        ..limits.clone()
     }
 }
 

@@ -357,3 +357,155 @@ async fn serve_dump_of_an_absent_path_fails_cleanly() {
     s.stderr.read_to_string(&mut err).await.unwrap();
     assert!(err.contains("not valid"), "{err}");
 }
+
+/// Counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+}
+
+/// A cache that accepts NARs of at most `max_nar_size` bytes.
+async fn small_cache(dir: &Path, max_nar_size: u64) -> Cache {
+    let mut config = CacheConfig::local(dir.join("cache"));
+    config.max_nar_size = max_nar_size;
+    Cache::open(config, SigningKey::generate("test-farm").unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn import_paths_over_max_nar_size_is_refused_as_it_spools() {
+    const MAX: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = small_cache(dir.path(), MAX).await;
+    let store = super::store::FarmStore::new(cache.clone());
+    let path =
+        |name: &str| StorePath::parse(&format!("/nix/store/{}-{name}", "z".repeat(32))).unwrap();
+
+    // A small path first (imported), then a directory of 64 files of 4 KiB:
+    // over the limit in total, every file under it.
+    let (small, small_nar) = file_path("import-small", b"fits\n").await;
+    let tree = tempfile::tempdir().unwrap();
+    for i in 0..64 {
+        std::fs::write(tree.path().join(format!("f{i:02}")), vec![b'x'; 4096]).unwrap();
+    }
+    let mut stream = Vec::new();
+    let limits = NarLimits::default();
+    farm_nix::export::write_export_entry(
+        &mut stream,
+        &small.path,
+        &BTreeSet::new(),
+        None,
+        &mut &small_nar[..],
+        &limits,
+    )
+    .await
+    .unwrap();
+    let big = path("import-big");
+    let big_summary = farm_nix::export::write_export_entry_from_path(
+        &mut stream,
+        &big,
+        &BTreeSet::new(),
+        None,
+        tree.path(),
+    )
+    .await
+    .unwrap();
+    farm_nix::export::finish(&mut stream).await.unwrap();
+    assert!(big_summary.nar_size > 4 * MAX);
+
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut counted = Counting {
+        inner: &stream[..],
+        read: read.clone(),
+    };
+    let e = store.import(&mut counted, &limits).await.unwrap_err();
+    assert!(
+        e.message.contains("larger than the farm's cache accepts")
+            && e.message.contains(&MAX.to_string()),
+        "{}",
+        e.message
+    );
+    let read = read.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        read < small_nar.len() as u64 + MAX + 8192,
+        "read {read} bytes of a {}-byte stream: the spool was not bounded",
+        stream.len()
+    );
+    assert!(
+        cache.narinfo(&small.path).is_some(),
+        "the path before it was imported"
+    );
+    assert!(cache.narinfo(&big).is_none());
+
+    // One file announcing a terabyte: refused at its header, before its bytes
+    // (there are none: the stream ends right after the size).
+    let mut header = Vec::new();
+    for t in [
+        &b"nix-archive-1"[..],
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+    ] {
+        header.extend_from_slice(&(t.len() as u64).to_le_bytes());
+        header.extend_from_slice(t);
+        header.resize(header.len().div_ceil(8) * 8, 0);
+    }
+    header.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let mut stream = 1u64.to_le_bytes().to_vec();
+    stream.extend_from_slice(&header);
+    let e = store.import(&mut &stream[..], &limits).await.unwrap_err();
+    assert!(
+        e.message.contains("larger than the farm's cache accepts"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn serve_import_paths_over_max_nar_size_fails_the_session_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = small_cache(dir.path(), 16 << 10).await;
+    let endpoint = Endpoint::new(cache.clone(), None);
+    let (big, big_nar) = file_path("import-too-big", &vec![b'y'; 100 << 10]).await;
+    let mut stream = Vec::new();
+    farm_nix::export::write_export_entry(
+        &mut stream,
+        &big.path,
+        &BTreeSet::new(),
+        None,
+        &mut &big_nar[..],
+        &NarLimits::default(),
+    )
+    .await
+    .unwrap();
+    farm_nix::export::finish(&mut stream).await.unwrap();
+
+    let mut s = start(&endpoint, SERVE);
+    let mut c = ServeClient::connect(s.stdout, s.stdin).await.unwrap();
+    assert!(c.import_paths(&mut &stream[..]).await.is_err());
+    drop(c);
+    assert_eq!(s.done.await.unwrap(), 1);
+    let mut err = String::new();
+    s.stderr.read_to_string(&mut err).await.unwrap();
+    assert!(
+        err.contains("larger than the farm's cache accepts") && err.contains("max_nar_size"),
+        "{err}"
+    );
+    assert!(cache.is_empty());
+}

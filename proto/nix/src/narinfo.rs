@@ -27,8 +27,10 @@ use crate::hash::{Hash, HashError};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::{StorePath, StorePathError};
 
-/// Largest narinfo accepted.
-pub const MAX_NARINFO_SIZE: usize = 4 << 20;
+/// Largest narinfo accepted: room for 100 000 references with the longest
+/// names (211 characters) and more. The farm's cache writes none larger and
+/// loads every one up to this size.
+pub const MAX_NARINFO_SIZE: usize = 32 << 20;
 /// Most `Sig` lines accepted.
 pub const MAX_SIGS: usize = 256;
 /// Longest `URL`, `Compression`, `CA` or `Sig` value accepted.
