@@ -31,6 +31,8 @@ use farm_tests::{Actor, Endpoints, FarmProcess, TestLogs, farm_bin};
 pub const GRAPH_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long to wait for processes and files to appear.
 pub const WAIT: Duration = Duration::from_secs(60);
+/// Each test's hang-guard: past it the test fails with every log.
+pub const DEADLINE: Duration = Duration::from_secs(300);
 
 /// One builder: its actor (own store), its process while running.
 pub struct Builder {
