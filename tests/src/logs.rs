@@ -325,7 +325,7 @@ fn render(name: &str, dir: &Path, sections: &[Section]) -> String {
 }
 
 /// Every live descendant of `roots` (not the roots themselves), from `/proc`.
-fn descendants(roots: &[u32]) -> BTreeSet<u32> {
+pub(crate) fn descendants(roots: &[u32]) -> BTreeSet<u32> {
     let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {

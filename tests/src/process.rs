@@ -401,6 +401,26 @@ impl FarmProcess {
         Ok(())
     }
 
+    /// SIGKILLs the process, its group and every descendant (Nix runs builds
+    /// in sessions of their own, which a group kill misses): the machine
+    /// dies with everything it ran. Reaps the process.
+    pub fn kill_tree(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        {
+            let _registry = lock(&self.tracked.registry);
+            let mut targets = vec![format!("-{}", self.pid())];
+            targets.extend(
+                crate::logs::descendants(&[self.pid()])
+                    .iter()
+                    .map(u32::to_string),
+            );
+            signal_all(&targets, "KILL");
+        }
+        self.kill()
+    }
+
     /// SIGTERMs the process and waits up to `timeout` for it to exit; then
     /// SIGKILLs what is left of its group. Returns the exit status.
     pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
