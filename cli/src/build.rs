@@ -824,6 +824,29 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_connection_is_followed_again_a_refusal_is_not() {
+        use tonic::{Code, Status};
+        for lost in [
+            Status::unavailable("connection refused"),
+            Status::unknown("h2 protocol error: error reading a body from connection"),
+            Status::cancelled("operation was canceled"),
+            Status::internal("h2 protocol error: stream reset"),
+        ] {
+            assert!(is_connection_loss(&lost), "{lost:?}");
+        }
+        for answer in [
+            Status::not_found("no submission s9"),
+            Status::permission_denied("key not authorized"),
+            Status::unauthenticated("unsigned"),
+            Status::invalid_argument("bad submission id"),
+            Status::internal("the state database failed"),
+            Status::new(Code::ResourceExhausted, "too big"),
+        ] {
+            assert!(!is_connection_loss(&answer), "{answer:?}");
+        }
+    }
+
+    #[test]
     fn finds_the_cache_in_nix_conf_lines() {
         let (u, k) = cache_settings(&[
             "extra-substituters = http://127.0.0.1:7080".into(),
