@@ -101,7 +101,7 @@ fn soak_for(logs: &TestLogs, length: Duration, seed: u64) -> anyhow::Result<()> 
         let at = Instant::now();
         let r = match run_round(&mut farm, &ssh, &actors[..clients], &sc) {
             Ok(r) => r,
-            Err(e) => break Err(e.context(format!("round {rounds} ({sc:?})"))),
+            Err(e) => break Err(e.context(format!("round {} ({sc:?})", rounds + 1))),
         };
         rounds += 1;
         faults += r.faults.len();

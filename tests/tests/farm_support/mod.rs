@@ -923,10 +923,14 @@ impl SshAccess {
         let e = &farm.coordinator.endpoints;
         let port = e.ssh_port()?;
         let known_hosts = self.dir.path().join("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!("[127.0.0.1]:{port} {}\n", e.ssh_host_key),
-        )?;
+        let line = format!("[127.0.0.1]:{port} {}\n", e.ssh_host_key);
+        // Other clients' ssh may be reading it: replace it whole, and only
+        // when it changes (never truncate it under a reader).
+        if std::fs::read_to_string(&known_hosts).ok().as_deref() != Some(line.as_str()) {
+            let tmp = self.dir.path().join(format!("known_hosts.{i}.tmp"));
+            std::fs::write(&tmp, &line)?;
+            std::fs::rename(&tmp, &known_hosts)?;
+        }
         Ok(format!(
             "-p {port} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={}",
             self.keys[i].display(),

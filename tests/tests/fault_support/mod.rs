@@ -120,7 +120,7 @@ pub struct RoundReport {
     pub max_latency: Duration,
     /// `farm build` clients that followed their submission again.
     pub reconnects: usize,
-    /// The Nix clients' errors when the coordinator died under them.
+    /// The Nix clients' first error lines when the coordinator died under them.
     pub nix_errors: Vec<String>,
     pub coordinator_rss_kib: u64,
     pub faults: Vec<String>,
@@ -342,7 +342,7 @@ pub fn run_round(
                 );
                 let error = stderr
                     .lines()
-                    .rfind(|l| l.contains("error"))
+                    .find(|l| l.contains("error"))
                     .with_context(|| {
                         format!(
                             "client {i} ({:?}) failed without an error:\n{stderr}",
