@@ -14,6 +14,9 @@ use farm_builder::BuilderConfig;
 use farm_proto::v1::coordinator_message::Msg as Down;
 use farm_proto::v1::{CancelJob, Drain, Job, JobStatus};
 
+/// Each test's hang-guard: past it the test fails instead of hanging.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 const JOBS_NIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jobs.nix");
 
 /// A client store that instantiates the test derivations and publishes inputs.
@@ -134,8 +137,17 @@ fn processes_with(needle: &str) -> Vec<String> {
     found
 }
 
-#[tokio::test]
-async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs() {
+#[test]
+fn fetches_inputs_builds_streams_the_log_and_uploads_outputs() -> anyhow::Result<()> {
+    let logs =
+        farm_tests::TestLogs::new("fetches_inputs_builds_streams_the_log_and_uploads_outputs")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        fetches_inputs_builds_streams_the_log_and_uploads_outputs_body().await;
+        Ok(())
+    })
+}
+
+async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs_body() {
     let b = start_builder(2).await;
     let client = Client::new();
     let job = client.job(&b.fake, "top-1", "top");
@@ -194,8 +206,16 @@ async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn uploads_every_output_of_a_multi_output_derivation() {
+#[test]
+fn uploads_every_output_of_a_multi_output_derivation() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("uploads_every_output_of_a_multi_output_derivation")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        uploads_every_output_of_a_multi_output_derivation_body().await;
+        Ok(())
+    })
+}
+
+async fn uploads_every_output_of_a_multi_output_derivation_body() {
     let b = start_builder(1).await;
     let client = Client::new();
     let job = client.job(&b.fake, "multi", "multi");
@@ -217,8 +237,16 @@ async fn uploads_every_output_of_a_multi_output_derivation() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_failing_build_reports_failed_with_its_log() {
+#[test]
+fn a_failing_build_reports_failed_with_its_log() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("a_failing_build_reports_failed_with_its_log")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        a_failing_build_reports_failed_with_its_log_body().await;
+        Ok(())
+    })
+}
+
+async fn a_failing_build_reports_failed_with_its_log_body() {
     let b = start_builder(1).await;
     let client = Client::new();
     let job = client.job(&b.fake, "fail", "failing");
@@ -234,8 +262,16 @@ async fn a_failing_build_reports_failed_with_its_log() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn build_timeout_and_max_silent_time_stop_the_build() {
+#[test]
+fn build_timeout_and_max_silent_time_stop_the_build() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("build_timeout_and_max_silent_time_stop_the_build")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        build_timeout_and_max_silent_time_stop_the_build_body().await;
+        Ok(())
+    })
+}
+
+async fn build_timeout_and_max_silent_time_stop_the_build_body() {
     let b = start_builder(2).await;
     let client = Client::new();
     let mut slow = client.job(&b.fake, "slow", "slow");
@@ -258,8 +294,16 @@ async fn build_timeout_and_max_silent_time_stop_the_build() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn cancel_kills_the_build_and_its_processes() {
+#[test]
+fn cancel_kills_the_build_and_its_processes() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("cancel_kills_the_build_and_its_processes")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        cancel_kills_the_build_and_its_processes_body().await;
+        Ok(())
+    })
+}
+
+async fn cancel_kills_the_build_and_its_processes_body() {
     let b = start_builder(1).await;
     let client = Client::new();
     let job = client.job(&b.fake, "c1", "cancelme");
@@ -288,8 +332,16 @@ async fn cancel_kills_the_build_and_its_processes() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn missing_or_corrupt_inputs_are_input_errors() {
+#[test]
+fn missing_or_corrupt_inputs_are_input_errors() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("missing_or_corrupt_inputs_are_input_errors")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        missing_or_corrupt_inputs_are_input_errors_body().await;
+        Ok(())
+    })
+}
+
+async fn missing_or_corrupt_inputs_are_input_errors_body() {
     let b = start_builder(1).await;
     let client = Client::new();
     let job = client.job(&b.fake, "m1", "top");
@@ -321,8 +373,16 @@ async fn missing_or_corrupt_inputs_are_input_errors() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn drain_lets_running_builds_finish_and_refuses_new_ones() {
+#[test]
+fn drain_lets_running_builds_finish_and_refuses_new_ones() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("drain_lets_running_builds_finish_and_refuses_new_ones")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        drain_lets_running_builds_finish_and_refuses_new_ones_body().await;
+        Ok(())
+    })
+}
+
+async fn drain_lets_running_builds_finish_and_refuses_new_ones_body() {
     let b = start_builder(2).await;
     let client = Client::new();
     let running = client.job(&b.fake, "d1", "pause");
@@ -356,8 +416,17 @@ async fn drain_lets_running_builds_finish_and_refuses_new_ones() {
     b.shutdown().await;
 }
 
-#[tokio::test]
-async fn shutdown_stops_running_builds_and_reports_them_as_transient() {
+#[test]
+fn shutdown_stops_running_builds_and_reports_them_as_transient() -> anyhow::Result<()> {
+    let logs =
+        farm_tests::TestLogs::new("shutdown_stops_running_builds_and_reports_them_as_transient")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        shutdown_stops_running_builds_and_reports_them_as_transient_body().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_stops_running_builds_and_reports_them_as_transient_body() {
     let b = start_builder(1).await;
     let client = Client::new();
     let job = client.job(&b.fake, "s1", "stopme");

@@ -11,10 +11,22 @@ use std::time::Duration;
 use common::Fake;
 use common::nixenv::NixEnv;
 
+/// Each test's hang-guard: past it the test fails instead of hanging.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 const BIN: &str = env!("CARGO_BIN_EXE_farm-builder");
 
 #[test]
-fn prints_the_same_public_key_every_time_and_keeps_it_private() {
+fn prints_the_same_public_key_every_time_and_keeps_it_private() -> anyhow::Result<()> {
+    let logs =
+        farm_tests::TestLogs::new("prints_the_same_public_key_every_time_and_keeps_it_private")?;
+    farm_tests::deadline(DEADLINE, &logs, |_| {
+        prints_the_same_public_key_every_time_and_keeps_it_private_body();
+        Ok(())
+    })
+}
+
+fn prints_the_same_public_key_every_time_and_keeps_it_private_body() {
     let dir = tempfile::tempdir().unwrap();
     let run = || {
         let out = Command::new(BIN)
@@ -45,7 +57,16 @@ fn prints_the_same_public_key_every_time_and_keeps_it_private() {
 }
 
 #[test]
-fn rejects_unknown_config_keys_and_plain_http_to_remote_hosts() {
+fn rejects_unknown_config_keys_and_plain_http_to_remote_hosts() -> anyhow::Result<()> {
+    let logs =
+        farm_tests::TestLogs::new("rejects_unknown_config_keys_and_plain_http_to_remote_hosts")?;
+    farm_tests::deadline(DEADLINE, &logs, |_| {
+        rejects_unknown_config_keys_and_plain_http_to_remote_hosts_body();
+        Ok(())
+    })
+}
+
+fn rejects_unknown_config_keys_and_plain_http_to_remote_hosts_body() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("b.toml");
     std::fs::write(
@@ -69,8 +90,17 @@ fn rejects_unknown_config_keys_and_plain_http_to_remote_hosts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
 
-#[tokio::test]
-async fn the_daemon_joins_with_env_settings_and_stops_on_sigterm() {
+#[test]
+fn the_daemon_joins_with_env_settings_and_stops_on_sigterm() -> anyhow::Result<()> {
+    let logs =
+        farm_tests::TestLogs::new("the_daemon_joins_with_env_settings_and_stops_on_sigterm")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        the_daemon_joins_with_env_settings_and_stops_on_sigterm_body().await;
+        Ok(())
+    })
+}
+
+async fn the_daemon_joins_with_env_settings_and_stops_on_sigterm_body() {
     let fake = Fake::start().await;
     let nix = NixEnv::new();
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,9 @@ use farm_builder::{BuilderConfig, BuilderKey};
 use farm_proto::v1::coordinator_message::Msg as Down;
 use farm_proto::v1::{CancelJob, Capabilities, Job, JobResult, JobResultAck, JobStatus};
 
+/// Each test's hang-guard: past it the test fails instead of hanging.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A backend that never builds (the session is what is under test).
 struct NoBuild;
 
@@ -41,8 +44,16 @@ fn caps() -> Capabilities {
     }
 }
 
-#[tokio::test]
-async fn connects_proves_its_key_reports_load_and_reconnects() {
+#[test]
+fn connects_proves_its_key_reports_load_and_reconnects() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("connects_proves_its_key_reports_load_and_reconnects")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        connects_proves_its_key_reports_load_and_reconnects_body().await;
+        Ok(())
+    })
+}
+
+async fn connects_proves_its_key_reports_load_and_reconnects_body() {
     let fake = Fake::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = BuilderConfig::new(fake.url(), dir.path());
@@ -100,8 +111,17 @@ async fn connects_proves_its_key_reports_load_and_reconnects() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn an_unenrolled_key_is_refused_and_retried_until_enrolled() {
+#[test]
+fn an_unenrolled_key_is_refused_and_retried_until_enrolled() -> anyhow::Result<()> {
+    let logs =
+        farm_tests::TestLogs::new("an_unenrolled_key_is_refused_and_retried_until_enrolled")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        an_unenrolled_key_is_refused_and_retried_until_enrolled_body().await;
+        Ok(())
+    })
+}
+
+async fn an_unenrolled_key_is_refused_and_retried_until_enrolled_body() {
     let fake = Fake::start().await;
     fake.with(|s| s.enrolled = Some(vec![]));
     let dir = tempfile::tempdir().unwrap();
@@ -131,8 +151,18 @@ async fn an_unenrolled_key_is_refused_and_retried_until_enrolled() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly() {
+#[test]
+fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new(
+        "keeps_retrying_while_the_coordinator_is_down_and_stops_promptly",
+    )?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        keeps_retrying_while_the_coordinator_is_down_and_stops_promptly_body().await;
+        Ok(())
+    })
+}
+
+async fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly_body() {
     // Nothing listens on this port.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -161,8 +191,19 @@ async fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn https_with_the_pinned_certificate_connects_and_another_certificate_does_not() {
+#[test]
+fn https_with_the_pinned_certificate_connects_and_another_certificate_does_not()
+-> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new(
+        "https_with_the_pinned_certificate_connects_and_another_certificate_does_not",
+    )?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        https_with_the_pinned_certificate_connects_and_another_certificate_does_not_body().await;
+        Ok(())
+    })
+}
+
+async fn https_with_the_pinned_certificate_connects_and_another_certificate_does_not_body() {
     // Like the coordinator's generated certificate: self-signed, for localhost and loopback IPs.
     let sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     let ck = rcgen::generate_simple_self_signed(sans.clone()).unwrap();

@@ -2,7 +2,9 @@
 //! sources the farm lacks, submit the graph and follow it: a progress bar on a
 //! terminal, plain lines otherwise; failed builds' logs (every log with `-L`);
 //! a JSON result with `--json`; outputs fetched back only with `--copy-out` or
-//! `--out-link`; Ctrl-C cancels the submission unless `--detach`.
+//! `--out-link`; Ctrl-C cancels the submission unless `--detach`. A lost
+//! coordinator (restarted, or the network cut) does not end the follow: the
+//! submission is followed again (`Watch`) for up to [`RECONNECT_WINDOW`].
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -26,6 +28,14 @@ use crate::upload;
 
 /// Most log bytes printed for a failed build (its tail).
 const MAX_FAILED_LOG: usize = 1024 * 1024;
+
+/// How long `farm build` keeps trying to follow its submission again after
+/// losing the coordinator, counted from the loss, before it gives up.
+pub const RECONNECT_WINDOW: Duration = Duration::from_secs(300);
+/// The first pause between attempts to follow again; it doubles up to
+/// [`RECONNECT_MAX_PAUSE`].
+const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(200);
+const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// One derivation in `--json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -120,6 +130,8 @@ struct Tracker {
     finished: BTreeMap<String, BuildFinished>,
     print_logs: bool,
     log_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Whether a `Submitted` came already (a second one follows a reconnection).
+    submitted: bool,
 }
 
 impl Tracker {
@@ -227,7 +239,7 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         max_silent_time_secs: args.max_silent_time.unwrap_or(0),
         build_timeout_secs: args.timeout.unwrap_or(0),
     };
-    let mut events = farm.submit(request).await?;
+    let mut events = Some(farm.submit(request.clone()).await?);
     let mut tracker = Tracker {
         out: out.clone(),
         total: 0,
@@ -237,19 +249,60 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         finished: BTreeMap::new(),
         print_logs: args.print_build_logs,
         log_tasks: Vec::new(),
+        submitted: false,
     };
     let mut submission_id = String::new();
-    let mut outcome: Option<farm_proto::v1::SubmissionDone> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    loop {
+    // Since when the coordinator is lost, and the pause before the next try.
+    let mut lost_since: Option<Instant> = None;
+    let mut pause = RECONNECT_FIRST_PAUSE;
+    let done = loop {
+        let Some(stream) = events.as_mut() else {
+            let since = *lost_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= RECONNECT_WINDOW {
+                return Err(CliError::Unreachable {
+                    addr: farm.addr().to_owned(),
+                    message: format!(
+                        "lost for {} s while following submission {}; the builds may go on (see `farm status`, `farm build` again follows them)",
+                        RECONNECT_WINDOW.as_secs(),
+                        if submission_id.is_empty() {
+                            "(not yet acknowledged)"
+                        } else {
+                            &submission_id
+                        }
+                    ),
+                    config: "the config file".into(),
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = &mut ctrl_c => {
+                    if let Some(b) = &out.bar { b.finish_and_clear(); }
+                    interrupt(farm, &submission_id).await;
+                    return Err(CliError::Interrupted);
+                }
+            }
+            pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
+            events = follow_again(farm, &request, &submission_id).await?;
+            continue;
+        };
         tokio::select! {
-            ev = events.next() => match ev {
-                None => break,
+            ev = stream.next() => match ev {
+                None => {
+                    lost(out, &submission_id, "the coordinator ended the event stream");
+                    events = None;
+                }
+                Some(Err(s)) if is_connection_loss(&s) => {
+                    lost(out, &submission_id, s.message());
+                    events = None;
+                }
                 Some(Err(s)) => {
                     return Err(farm.status_error("following the submission", false, s));
                 }
                 Some(Ok(ev)) => {
+                    lost_since = None;
+                    pause = RECONNECT_FIRST_PAUSE;
                     if let Some(build_event::Event::Submitted(s)) = &ev.event {
                         submission_id = s.submission_id.clone();
                         if args.detach {
@@ -257,8 +310,7 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
                         }
                     }
                     if let Some(done) = handle_event(farm, &mut tracker, ev).await {
-                        outcome = Some(done);
-                        break;
+                        break done;
                     }
                 }
             },
@@ -268,19 +320,10 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
                 return Err(CliError::Interrupted);
             }
         }
-    }
+    };
     for t in tracker.log_tasks.drain(..) {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    let Some(done) = outcome else {
-        return Err(CliError::Unreachable {
-            addr: farm.addr().to_owned(),
-            message: format!(
-                "the connection ended before submission {submission_id} finished; the builds may go on (see `farm status`)"
-            ),
-            config: "the config file".into(),
-        });
-    };
 
     // 4. Results.
     let results = collect_results(farm, &closure, &roots, &tracker.finished).await?;
@@ -349,6 +392,56 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
     }
 }
 
+/// Whether a failed call or event stream is a lost connection to the
+/// coordinator (it died, restarted, or the network broke), worth trying
+/// again, rather than an answer.
+fn is_connection_loss(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => true,
+        Code::DeadlineExceeded => true,
+        // A broken HTTP/2 connection, as tonic reports some of them.
+        Code::Internal => status.message().contains("h2 protocol error"),
+        _ => false,
+    }
+}
+
+/// Say once that the coordinator was lost.
+fn lost(out: &Out, submission_id: &str, why: &str) {
+    let what = if submission_id.is_empty() {
+        "submitting again".to_owned()
+    } else {
+        format!("following submission {submission_id} again")
+    };
+    out.line(&format!(
+        "lost the coordinator ({}); {what} once it is back",
+        style::sanitize(why)
+    ));
+}
+
+/// A new event stream after losing the coordinator: `Watch` of the
+/// submission, or, if the coordinator never acknowledged it, the same
+/// `Submit` again (builds are shared, so nothing is built twice). `Ok(None)`
+/// while the coordinator is still out of reach.
+async fn follow_again(
+    farm: &Farm,
+    request: &SubmitRequest,
+    submission_id: &str,
+) -> Result<Option<tonic::Streaming<BuildEvent>>, CliError> {
+    if submission_id.is_empty() {
+        return match farm.submit(request.clone()).await {
+            Ok(s) => Ok(Some(s)),
+            Err(CliError::Unreachable { .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+    }
+    match farm.watch(submission_id).await {
+        Ok(s) => Ok(Some(s)),
+        Err(s) if is_connection_loss(&s) => Ok(None),
+        Err(s) => Err(farm.status_error("following the submission", false, s)),
+    }
+}
+
 fn detach(args: &BuildArgs, id: &str, stats: upload::UploadStats) -> Result<(), CliError> {
     if args.json {
         println!("{}", serde_json::json!({ "submission_id": id }));
@@ -385,10 +478,15 @@ async fn handle_event(
         build_event::Event::Submitted(s) => {
             t.total = s.total;
             t.cached = s.cached;
-            out.line(&format!(
-                "submitted {}: {} derivations, {} already in the cache",
-                s.submission_id, s.total, s.cached
-            ));
+            if t.submitted {
+                out.line(&format!("following submission {} again", s.submission_id));
+            } else {
+                out.line(&format!(
+                    "submitted {}: {} derivations, {} already in the cache",
+                    s.submission_id, s.total, s.cached
+                ));
+            }
+            t.submitted = true;
         }
         build_event::Event::Queued(_) => {}
         build_event::Event::Started(s) => {
@@ -723,6 +821,29 @@ mod tests {
         );
         assert_eq!(outcome_name(BuildOutcome::Cancelled as i32), "cancelled");
         assert_eq!(outcome_name(99), "not_built");
+    }
+
+    #[test]
+    fn a_lost_connection_is_followed_again_a_refusal_is_not() {
+        use tonic::{Code, Status};
+        for lost in [
+            Status::unavailable("connection refused"),
+            Status::unknown("h2 protocol error: error reading a body from connection"),
+            Status::cancelled("operation was canceled"),
+            Status::internal("h2 protocol error: stream reset"),
+        ] {
+            assert!(is_connection_loss(&lost), "{lost:?}");
+        }
+        for answer in [
+            Status::not_found("no submission s9"),
+            Status::permission_denied("key not authorized"),
+            Status::unauthenticated("unsigned"),
+            Status::invalid_argument("bad submission id"),
+            Status::internal("the state database failed"),
+            Status::new(Code::ResourceExhausted, "too big"),
+        ] {
+            assert!(!is_connection_loss(&answer), "{answer:?}");
+        }
     }
 
     #[test]

@@ -225,6 +225,22 @@ impl Farm {
             .map_err(|s| self.status_error("submit", false, s))
     }
 
+    /// Follow an existing submission (a snapshot of it, then its live
+    /// events); the raw status on failure, so a caller can tell a lost
+    /// connection from a refusal.
+    pub async fn watch(
+        &self,
+        submission_id: &str,
+    ) -> Result<tonic::Streaming<BuildEvent>, tonic::Status> {
+        let req = self.request(
+            WatchRequest {
+                submission_id: submission_id.to_owned(),
+            },
+            methods::WATCH,
+        );
+        self.client.clone().watch(req).await.map(|r| r.into_inner())
+    }
+
     pub async fn logs(
         &self,
         id: &str,

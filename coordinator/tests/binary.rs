@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use farm_coordinator::Endpoints;
 
+/// Each test's hang-guard: past it the test fails instead of hanging.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -69,7 +72,15 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 #[test]
-fn starts_writes_endpoints_and_reuses_keys() {
+fn starts_writes_endpoints_and_reuses_keys() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("starts_writes_endpoints_and_reuses_keys")?;
+    farm_tests::deadline(DEADLINE, &logs, |_| {
+        starts_writes_endpoints_and_reuses_keys_body();
+        Ok(())
+    })
+}
+
+fn starts_writes_endpoints_and_reuses_keys_body() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut p = spawn(&state, "127.0.0.1:0");
@@ -122,7 +133,15 @@ fn starts_writes_endpoints_and_reuses_keys() {
 }
 
 #[test]
-fn tls_beyond_loopback_and_plaintext_refused_there() {
+fn tls_beyond_loopback_and_plaintext_refused_there() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("tls_beyond_loopback_and_plaintext_refused_there")?;
+    farm_tests::deadline(DEADLINE, &logs, |_| {
+        tls_beyond_loopback_and_plaintext_refused_there_body();
+        Ok(())
+    })
+}
+
+fn tls_beyond_loopback_and_plaintext_refused_there_body() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut p = spawn(&state, "0.0.0.0:0");

@@ -29,6 +29,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+/// Each test's hang-guard: past it the test fails instead of hanging.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 // ───────────────────────────── log capture ─────────────────────────────
 
 #[derive(Clone)]
@@ -416,8 +419,16 @@ async fn events_until_done(
 
 // ───────────────────────────── tests ─────────────────────────────
 
-#[tokio::test]
-async fn builder_handshake_accepts_enrolled_refuses_others() {
+#[test]
+fn builder_handshake_accepts_enrolled_refuses_others() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("builder_handshake_accepts_enrolled_refuses_others")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        builder_handshake_accepts_enrolled_refuses_others_body().await;
+        Ok(())
+    })
+}
+
+async fn builder_handshake_accepts_enrolled_refuses_others_body() {
     let dir = tempfile::tempdir().unwrap();
     let good = key(1);
     let stranger = key(2);
@@ -508,8 +519,16 @@ async fn builder_handshake_accepts_enrolled_refuses_others() {
     c.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_builder_name_stays_bound_to_its_key() {
+#[test]
+fn a_builder_name_stays_bound_to_its_key() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("a_builder_name_stays_bound_to_its_key")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        a_builder_name_stays_bound_to_its_key_body().await;
+        Ok(())
+    })
+}
+
+async fn a_builder_name_stays_bound_to_its_key_body() {
     let dir = tempfile::tempdir().unwrap();
     let first = key(11);
     let second = key(12);
@@ -560,8 +579,20 @@ async fn a_builder_name_stays_bound_to_its_key() {
     c.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_acknowledged() {
+#[test]
+fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_acknowledged()
+-> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new(
+        "a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_acknowledged",
+    )?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_acknowledged_body()
+            .await;
+        Ok(())
+    })
+}
+
+async fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_acknowledged_body() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(9);
     let c = start(dir.path(), &[&k]).await;
@@ -645,8 +676,16 @@ async fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_ackn
     assert_eq!(starts.len(), 1, "started once: {all:?}");
 }
 
-#[tokio::test]
-async fn submitted_graph_is_built_once_in_dependency_order() {
+#[test]
+fn submitted_graph_is_built_once_in_dependency_order() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("submitted_graph_is_built_once_in_dependency_order")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        submitted_graph_is_built_once_in_dependency_order_body().await;
+        Ok(())
+    })
+}
+
+async fn submitted_graph_is_built_once_in_dependency_order_body() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(3);
     let c = start(dir.path(), &[&k]).await;
@@ -837,8 +876,16 @@ async fn submitted_graph_is_built_once_in_dependency_order() {
     c.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn restart_finishes_the_graph_without_rebuilding() {
+#[test]
+fn restart_finishes_the_graph_without_rebuilding() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("restart_finishes_the_graph_without_rebuilding")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        restart_finishes_the_graph_without_rebuilding_body().await;
+        Ok(())
+    })
+}
+
+async fn restart_finishes_the_graph_without_rebuilding_body() {
     let dir = tempfile::tempdir().unwrap();
     let k = key(4);
     let first = test_drv("r-first", &[], &[]);
@@ -909,8 +956,16 @@ async fn restart_finishes_the_graph_without_rebuilding() {
     c.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn grpc_over_tls_with_the_pinned_certificate() {
+#[test]
+fn grpc_over_tls_with_the_pinned_certificate() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("grpc_over_tls_with_the_pinned_certificate")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        grpc_over_tls_with_the_pinned_certificate_body().await;
+        Ok(())
+    })
+}
+
+async fn grpc_over_tls_with_the_pinned_certificate_body() {
     logs();
     let dir = tempfile::tempdir().unwrap();
     let mut config = CoordinatorConfig::new(dir.path().join("state"));

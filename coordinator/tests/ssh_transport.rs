@@ -10,6 +10,9 @@ use farm_coordinator::ssh::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Each test's hang-guard: past it the test fails instead of hanging.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
 struct OneKey(String);
 impl KeyAuthorizer for OneKey {
     fn authorize(&self, key: &str) -> Option<ClientIdentity> {
@@ -81,8 +84,16 @@ fn ssh_cmd(key: &std::path::Path, port: u16, command: &str) -> Command {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_ssh_client_runs_routed_commands() {
+#[test]
+fn real_ssh_client_runs_routed_commands() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("real_ssh_client_runs_routed_commands")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        real_ssh_client_runs_routed_commands_body().await;
+        Ok(())
+    })
+}
+
+async fn real_ssh_client_runs_routed_commands_body() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good");
     let bad = dir.path().join("bad");
@@ -164,8 +175,16 @@ async fn real_ssh_client_runs_routed_commands() {
     server.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn stdio_relay_carries_streams_and_exit_status() {
+#[test]
+fn stdio_relay_carries_streams_and_exit_status() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("stdio_relay_carries_streams_and_exit_status")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        stdio_relay_carries_streams_and_exit_status_body().await;
+        Ok(())
+    })
+}
+
+async fn stdio_relay_carries_streams_and_exit_status_body() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nix.sock");
     // a stale socket file is replaced; the new one is for owner and group only
@@ -248,8 +267,16 @@ async fn start_session(
     Ok(ch)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn running_sessions_per_connection_are_capped() {
+#[test]
+fn running_sessions_per_connection_are_capped() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("running_sessions_per_connection_are_capped")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        running_sessions_per_connection_are_capped_body().await;
+        Ok(())
+    })
+}
+
+async fn running_sessions_per_connection_are_capped_body() {
     let dir = tempfile::tempdir().unwrap();
     let client_key = dir.path().join("client");
     let client_pub = keygen(&client_key);

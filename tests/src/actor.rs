@@ -168,33 +168,24 @@ impl Actor {
 
     /// Runs a command made by [`Actor::command`] (stdin null, output captured),
     /// records it in the logs, and returns its stdout; fails like [`Actor::run`].
+    /// While it runs the command is registered with the logs, so an expiring
+    /// [`deadline`](crate::deadline) lists and kills it.
     pub fn run_command(&self, mut cmd: Command) -> anyhow::Result<String> {
         let shown = show_command(&cmd);
-        let output = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
+        let title = format!("[{}] $ {shown}", self.name);
+        let output = crate::process::tracked_output(&self.logs, &title, &mut cmd)
             .with_context(|| format!("[{}] cannot start {shown}", self.name))?;
         self.check_output(&shown, output)
     }
 
-    /// Async [`Actor::run`], for tests on a tokio runtime.
+    /// Async [`Actor::run`], for tests on a multi-threaded tokio runtime (the
+    /// command is waited for with [`tokio::task::block_in_place`]).
     pub async fn run_async<S: AsRef<OsStr>>(
         &self,
         program: &str,
         args: &[S],
     ) -> anyhow::Result<String> {
-        let mut cmd = self.command(program);
-        cmd.args(args);
-        let shown = show_command(&cmd);
-        let output = tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .with_context(|| format!("[{}] cannot start {shown}", self.name))?;
-        self.check_output(&shown, output)
+        tokio::task::block_in_place(|| self.run(program, args))
     }
 
     fn check_output(&self, shown: &str, output: Output) -> anyhow::Result<String> {

@@ -132,9 +132,13 @@ impl BuildLayout {
         let profile_dir = deps.parent().context("deps has no parent")?.to_path_buf();
         let profile = name_of(&profile_dir)?;
         let above = profile_dir.parent().context("profile dir has no parent")?;
-        // Cargo marks the target dir itself with CACHEDIR.TAG; with `--target
-        // TRIPLE` the profile dir sits one level further down.
-        let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
+        // Cargo marks the target dir itself with CACHEDIR.TAG and keeps its
+        // `.rustc_info.json` there (a target dir copied without the tag still
+        // has the latter); with `--target TRIPLE` the profile dir sits one
+        // level further down.
+        let is_target_dir =
+            |d: &Path| d.join("CACHEDIR.TAG").exists() || d.join(".rustc_info.json").exists();
+        let (target_dir, triple) = if is_target_dir(above) {
             (above.to_path_buf(), None)
         } else {
             let target = above

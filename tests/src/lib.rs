@@ -9,12 +9,15 @@
 //!   (to libtest's captured output) when the test ends.
 //! - [`farm_bin`]: the path of a farm binary, built on first use.
 //! - [`LinkProxy`]: a TCP link between two processes that a test cuts and restores.
+//! - [`deadline`] / [`deadline_async`]: every end-to-end test's body runs under
+//!   one; when it expires the test fails with every log and nothing is left running.
 //!
 //! Needs root (mount namespaces), `unshare` and Nix (`nix-store`, `nix-build`)
 //! on PATH; see the README.
 
 mod actor;
 mod bins;
+mod deadline;
 mod farm;
 mod logs;
 mod process;
@@ -22,7 +25,8 @@ mod proxy;
 
 pub use actor::{Actor, BASE_NIX_CONF, nix_string, sh_derivation};
 pub use bins::{FARM_BINARIES, FARM_PACKAGES, farm_bin};
+pub use deadline::{deadline, deadline_async};
 pub use farm::Coordinator;
 pub use logs::{TAIL_LINES, TestLogs, keep_temp_dirs};
-pub use process::{Endpoints, FarmProcess, wait_for_endpoints};
+pub use process::{Endpoints, FarmProcess, tracked_output, wait_for_endpoints};
 pub use proxy::LinkProxy;

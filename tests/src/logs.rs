@@ -3,15 +3,22 @@
 //! the last handle is dropped all of it is printed to the test's (captured)
 //! stderr, so a failing test shows what each process and command said.
 //!
+//! The logs also keep a registry of the processes the test has running (farm
+//! processes, actor commands in flight), so a [`deadline`](crate::deadline)
+//! that expires can say what was still running and kill all of it.
+//!
 //! Printing goes through `eprintln!`, which libtest captures: a passing test's
 //! logs are discarded, a failing one's (panic *or* `Err` return) are shown.
 //! Each file is cut to its last [`TAIL_LINES`] lines; the full files stay in
 //! the log directory when `FARM_TEST_KEEP=1`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use anyhow::Context as _;
 
@@ -65,11 +72,66 @@ enum Section {
     Text { title: String, text: String },
 }
 
+/// One process the test has running.
+#[derive(Debug)]
+struct LiveProcess {
+    title: String,
+    pid: u32,
+    /// Whether it leads its own process group (a [`FarmProcess`](crate::FarmProcess)).
+    group: bool,
+    since: Instant,
+}
+
+/// The processes a test has running. Owners reap their child while holding
+/// this lock and unregister it in the same critical section, so whoever
+/// signals the registered pids under the lock never hits a reused pid.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    next: u64,
+    live: BTreeMap<u64, LiveProcess>,
+}
+
+/// A registry shared by a test's logs and the processes it tracks.
+pub(crate) type SharedRegistry = Arc<Mutex<Registry>>;
+
+impl Registry {
+    /// Registers a running process; returns its registration id.
+    pub(crate) fn add(&mut self, title: &str, pid: u32, group: bool) -> u64 {
+        self.next += 1;
+        self.live.insert(
+            self.next,
+            LiveProcess {
+                title: title.to_owned(),
+                pid,
+                group,
+                since: Instant::now(),
+            },
+        );
+        self.next
+    }
+
+    /// Forgets a process (it was reaped).
+    pub(crate) fn remove(&mut self, id: u64) {
+        self.live.remove(&id);
+    }
+}
+
+/// Locks a registry, whatever a panicking holder left.
+pub(crate) fn lock(registry: &SharedRegistry) -> MutexGuard<'_, Registry> {
+    registry
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[derive(Debug)]
 struct Inner {
     name: String,
     dir: KeptTempDir,
     sections: Mutex<Vec<Section>>,
+    registry: SharedRegistry,
+    /// Set once the logs were handed out whole (by an expired deadline):
+    /// dropping the last handle does not print them again.
+    printed: AtomicBool,
 }
 
 /// A handle on one test's logs; clones share the same directory and sections.
@@ -87,6 +149,8 @@ impl TestLogs {
                 name: name.to_owned(),
                 dir: temp_dir(&format!("logs-{}", sanitize(name)))?,
                 sections: Mutex::new(Vec::new()),
+                registry: SharedRegistry::default(),
+                printed: AtomicBool::new(false),
             }),
         })
     }
@@ -129,9 +193,75 @@ impl TestLogs {
         });
     }
 
-    /// Everything recorded so far, each file cut to its last [`TAIL_LINES`] lines.
+    /// Everything recorded so far, each file cut to its last [`TAIL_LINES`] lines,
+    /// then the processes still running.
     pub fn render(&self) -> String {
-        render(&self.inner.name, self.dir(), &self.sections())
+        let mut out = render(&self.inner.name, self.dir(), &self.sections());
+        let running = self.running();
+        if !running.is_empty() {
+            let _ = writeln!(out, "----- still running in `{}` -----", self.inner.name);
+            for r in running {
+                let _ = writeln!(out, "{r}");
+            }
+        }
+        out
+    }
+
+    /// The name the logs were made for.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The processes this test has running, one line each: what, pid, for how long.
+    pub fn running(&self) -> Vec<String> {
+        lock(&self.inner.registry)
+            .live
+            .values()
+            .map(|p| {
+                format!(
+                    "{} (pid {}{}, running for {:.1} s)",
+                    p.title,
+                    p.pid,
+                    if p.group { ", own process group" } else { "" },
+                    p.since.elapsed().as_secs_f64()
+                )
+            })
+            .collect()
+    }
+
+    /// SIGKILLs every process the test has running: each registered process,
+    /// its process group if it leads one, and every descendant (Nix starts
+    /// builds in sessions of their own, so a group kill alone misses them).
+    /// Returns the pids signalled. The owners still reap their children.
+    pub fn kill_everything(&self) -> Vec<u32> {
+        let registry = lock(&self.inner.registry);
+        let roots: Vec<u32> = registry.live.values().map(|p| p.pid).collect();
+        let groups: Vec<u32> = registry
+            .live
+            .values()
+            .filter(|p| p.group)
+            .map(|p| p.pid)
+            .collect();
+        let mut pids: BTreeSet<u32> = descendants(&roots);
+        pids.extend(&roots);
+        let mut targets: Vec<String> = groups.iter().map(|g| format!("-{g}")).collect();
+        targets.extend(pids.iter().map(u32::to_string));
+        if !targets.is_empty() {
+            crate::process::signal_all(&targets, "KILL");
+        }
+        // Held until here: nobody reaps (and frees a pid) while we signal.
+        drop(registry);
+        pids.into_iter().collect()
+    }
+
+    /// The registry processes of this test register with.
+    pub(crate) fn registry(&self) -> SharedRegistry {
+        self.inner.registry.clone()
+    }
+
+    /// Marks the logs as shown (their last handle then prints nothing).
+    pub(crate) fn mark_printed(&self) {
+        self.inner.printed.store(true, Ordering::SeqCst);
     }
 
     fn sections(&self) -> std::sync::MutexGuard<'_, Vec<Section>> {
@@ -149,7 +279,7 @@ impl Drop for Inner {
             .sections
             .get_mut()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if sections.is_empty() {
+        if sections.is_empty() || self.printed.load(Ordering::SeqCst) {
             return;
         }
         let header = if std::thread::panicking() {
@@ -191,6 +321,43 @@ fn render(name: &str, dir: &Path, sections: &[Section]) -> String {
         }
     }
     let _ = writeln!(out, "===== end of logs for `{name}` =====");
+    out
+}
+
+/// Every live descendant of `roots` (not the roots themselves), from `/proc`.
+pub(crate) fn descendants(roots: &[u32]) -> BTreeSet<u32> {
+    let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // `PID (COMM) STATE PPID …`; COMM may hold spaces and parentheses.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    let mut todo: Vec<u32> = roots.to_vec();
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            if out.insert(c) {
+                todo.push(c);
+            }
+        }
+    }
     out
 }
 
@@ -259,6 +426,35 @@ mod tests {
         let text = logs.render();
         assert!(text.contains("hello from the process"), "{text}");
         assert!(text.contains("$ echo hi"), "{text}");
+        assert!(!text.contains("still running"), "{text}");
+        let id = lock(&logs.registry()).add("a stand-in", 4_000_000, false);
+        let text = logs.render();
+        assert!(text.contains("still running"), "{text}");
+        assert!(text.contains("a stand-in (pid 4000000"), "{text}");
+        lock(&logs.registry()).remove(id);
+        assert!(logs.running().is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn descendants_are_found_through_proc() -> anyhow::Result<()> {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()?;
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let found = descendants(&[child.id()]);
+            if found.len() >= 2 || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let _ = child.kill();
+        for p in &found {
+            crate::process::signal_all(&[p.to_string()], "KILL");
+        }
+        let _ = child.wait();
+        assert_eq!(found.len(), 2, "{found:?}");
         Ok(())
     }
 }

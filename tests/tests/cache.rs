@@ -20,7 +20,7 @@ use farm_nix::hash::{Hash, HashAlgo};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::SigningKey;
 use farm_nix::store_path::StorePath;
-use farm_tests::{Actor, TestLogs};
+use farm_tests::{Actor, TestLogs, deadline_async};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The closure the builder actor makes. `/bin/*` tools by absolute path:
@@ -186,14 +186,14 @@ fn client(name: &str, logs: &TestLogs, url: &str, key: &str) -> anyhow::Result<A
     Ok(actor)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_substitutes_a_closure_from_the_cache() -> anyhow::Result<()> {
+#[test]
+fn nix_substitutes_a_closure_from_the_cache() -> anyhow::Result<()> {
     let logs = TestLogs::new("cache_e2e")?;
-    let result = run(&logs).await;
-    if result.is_err() {
-        eprintln!("{}", logs.render());
-    }
-    result
+    deadline_async(
+        std::time::Duration::from_secs(300),
+        &logs,
+        |logs| async move { run(&logs).await },
+    )
 }
 
 async fn run(logs: &TestLogs) -> anyhow::Result<()> {

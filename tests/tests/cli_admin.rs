@@ -8,9 +8,18 @@ mod cli_support;
 use std::time::{Duration, Instant};
 
 use cli_support::{BuilderSpec, TestFarm, graph_expr, ssh_key};
+use farm_tests::{TestLogs, deadline};
+
+/// Each test's hang-guard.
+const DEADLINE: Duration = Duration::from_secs(300);
 
 #[test]
 fn keys_decide_who_reads_and_who_changes() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cli_admin_keys")?;
+    deadline(DEADLINE, &logs, |logs| keys_decide(&logs))
+}
+
+fn keys_decide(logs: &TestLogs) -> anyhow::Result<()> {
     let keys = tempfile::tempdir()?;
     let (user, user_line) = ssh_key(keys.path(), "user")?;
     let (admin, admin_line) = ssh_key(keys.path(), "admin")?;
@@ -20,7 +29,7 @@ fn keys_decide_who_reads_and_who_changes() -> anyhow::Result<()> {
     std::fs::write(&users, format!("{user_line}\n"))?;
     std::fs::write(&admins, format!("{admin_line}\n"))?;
     let farm = TestFarm::start(
-        "cli_admin_keys",
+        logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 1,
@@ -68,8 +77,13 @@ fn keys_decide_who_reads_and_who_changes() -> anyhow::Result<()> {
 
 #[test]
 fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cli_drain")?;
+    deadline(DEADLINE, &logs, |logs| drain(&logs))
+}
+
+fn drain(logs: &TestLogs) -> anyhow::Result<()> {
     let farm = TestFarm::start(
-        "cli_drain",
+        logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 1,
@@ -83,9 +97,11 @@ fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()
         .client
         .write_file("chain.nix", &graph_expr(3, 3.0, &salt, None))?;
     let file = file.display().to_string();
-    let mut child = farm
-        .farm(None, &["build", &file, "-A", "d2", "--json"])?
-        .spawn()?;
+    let mut child = farm.spawn_farm(
+        "farm build (drain)",
+        None,
+        &["build", &file, "-A", "d2", "--json"],
+    )?;
 
     // Wait for the first build to run, then drain.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -134,11 +150,9 @@ fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()
 
     // Undrain: the rest builds and farm build succeeds.
     assert!(farm.run(None, &["undrain", "b1"])?.status.success());
-    let out = child.wait_with_output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    farm.logs.record("farm build (drain)", stderr.to_string());
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let status = child.wait_exit(Duration::from_secs(120))?;
+    assert_eq!(status.code(), Some(0), "{}", child.output());
+    let doc: serde_json::Value = serde_json::from_str(&child.stdout())?;
     assert!(
         doc["derivations"]
             .as_array()
@@ -152,8 +166,13 @@ fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()
 
 #[test]
 fn ctrl_c_cancels_what_was_submitted() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cli_ctrl_c")?;
+    deadline(DEADLINE, &logs, |logs| ctrl_c(&logs))
+}
+
+fn ctrl_c(logs: &TestLogs) -> anyhow::Result<()> {
     let farm = TestFarm::start(
-        "cli_ctrl_c",
+        logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 1,
@@ -165,9 +184,11 @@ fn ctrl_c_cancels_what_was_submitted() -> anyhow::Result<()> {
     let file = farm
         .client
         .write_file("slow.nix", &graph_expr(3, 30.0, &salt, None))?;
-    let child = farm
-        .farm(None, &["build", &file.display().to_string(), "-A", "d2"])?
-        .spawn()?;
+    let mut child = farm.spawn_farm(
+        "farm build (ctrl-c)",
+        None,
+        &["build", &file.display().to_string(), "-A", "d2"],
+    )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = farm.status(None)?;
@@ -178,14 +199,10 @@ fn ctrl_c_cancels_what_was_submitted() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The actor's command execs farm, so this PID is farm's.
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()?;
-    assert!(kill.success());
-    let out = child.wait_with_output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    farm.logs.record("farm build (ctrl-c)", stderr.to_string());
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    child.signal("INT")?;
+    let status = child.wait_exit(Duration::from_secs(60))?;
+    let stderr = child.output();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("cancelling submission"), "{stderr}");
     // The running build is stopped and nothing else waits.
     let deadline = Instant::now() + Duration::from_secs(20);

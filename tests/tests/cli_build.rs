@@ -10,11 +10,20 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use cli_support::{BuilderSpec, TestFarm, graph_expr};
+use farm_tests::{TestLogs, deadline};
+
+/// Each test's hang-guard.
+const DEADLINE: Duration = Duration::from_secs(400);
 
 #[test]
 fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cli_build_graph")?;
+    deadline(DEADLINE, &logs, |logs| graph(&logs))
+}
+
+fn graph(logs: &TestLogs) -> anyhow::Result<()> {
     let farm = TestFarm::start(
-        "cli_build_graph",
+        logs,
         &[
             BuilderSpec {
                 name: "b1",
@@ -35,9 +44,11 @@ fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
     let file = file.display().to_string();
 
     // The build runs in the background while we watch the status.
-    let mut child = farm
-        .farm(None, &["build", &file, "-A", "all", "--json"])?
-        .spawn()?;
+    let mut child = farm.spawn_farm(
+        "farm build graph",
+        None,
+        &["build", &file, "-A", "all", "--json"],
+    )?;
     let mut saw_running = false;
     let mut saw_caps = false;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -74,14 +85,10 @@ fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
         assert!(Instant::now() < deadline, "farm build takes too long");
         std::thread::sleep(Duration::from_millis(150));
     }
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8(out.stdout)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    farm.logs.record(
-        "farm build graph",
-        format!("stdout:\n{stdout}\nstderr:\n{stderr}"),
-    );
-    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let status = child.wait_exit(Duration::from_secs(60))?;
+    let stdout = child.stdout();
+    let stderr = child.output();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
     assert!(saw_running, "farm status never showed a running build");
     assert!(
         saw_caps,
@@ -106,7 +113,7 @@ fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
     // Every output is in the farm's cache: real Nix reads it from there.
     let cache = farm.coordinator.endpoints.http_url();
     let key = &farm.coordinator.endpoints.cache_public_key;
-    let reader = farm_tests::Actor::with_logs("reader", &farm.logs)?;
+    let reader = farm_tests::Actor::with_logs("reader", logs)?;
     reader.nix_conf_append(&format!("trusted-public-keys = {key}"))?;
     let mut args = vec![
         "--extra-experimental-features".to_owned(),
@@ -144,8 +151,13 @@ fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
 
 #[test]
 fn a_failing_derivation_exits_1_with_its_log() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cli_build_failure")?;
+    deadline(DEADLINE, &logs, |logs| failure(&logs))
+}
+
+fn failure(logs: &TestLogs) -> anyhow::Result<()> {
     let farm = TestFarm::start(
-        "cli_build_failure",
+        logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 2,

@@ -20,12 +20,8 @@ use farm_tests::farm_bin;
 
 #[test]
 fn the_printed_machines_line_builds_through_the_farm() -> anyhow::Result<()> {
-    let mut farm = TestFarm::start("cli_machines")?;
-    let r = run(&mut farm);
-    if r.is_err() {
-        eprintln!("{}", farm.logs.render());
-    }
-    r
+    let logs = farm_tests::TestLogs::new("cli_machines")?;
+    farm_tests::deadline(DEADLINE, &logs, |logs| run(&mut TestFarm::start(&logs)?))
 }
 
 fn run(farm: &mut TestFarm) -> anyhow::Result<()> {

@@ -6,12 +6,16 @@ mod cli_support;
 
 use std::time::Duration;
 
-use farm_tests::{Actor, TestLogs, farm_bin, wait_for_endpoints};
+use farm_tests::{Actor, TestLogs, deadline, farm_bin, wait_for_endpoints};
 
 #[test]
 fn farm_up_runs_a_farm_that_builds() -> anyhow::Result<()> {
     let logs = TestLogs::new("cli_up")?;
-    let host = Actor::with_logs("host", &logs)?;
+    deadline(Duration::from_secs(300), &logs, |logs| farm_up(&logs))
+}
+
+fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
+    let host = Actor::with_logs("host", logs)?;
     let state = host.state_dir("farm-up")?;
     let mut up = host.spawn(
         "farm-up",
@@ -61,7 +65,7 @@ fn farm_up_runs_a_farm_that_builds() -> anyhow::Result<()> {
     );
 
     // Another actor builds through it.
-    let client = Actor::with_logs("client", &logs)?;
+    let client = Actor::with_logs("client", logs)?;
     let salt = client.root().display().to_string();
     let file = client.write_file("two.nix", &cli_support::graph_expr(2, 0.0, &salt, None))?;
     let mut cmd = client.command(farm_bin("farm")?);

@@ -77,17 +77,14 @@ fn start_sshd(farm: &TestFarm, socket: &std::path::Path) -> anyhow::Result<Sshd>
 
 #[test]
 fn nix_through_openssh_and_the_stdio_relay() -> anyhow::Result<()> {
-    let socket_dir = tempfile::tempdir()?;
-    let socket = socket_dir.path().join("relay.sock");
-    let mut farm = TestFarm::start_with(
-        "endpoint_relay",
-        &["--relay-socket".as_ref(), socket.as_os_str()],
-    )?;
-    let r = run(&mut farm, &socket);
-    if r.is_err() {
-        eprintln!("{}", farm.logs.render());
-    }
-    r
+    let logs = farm_tests::TestLogs::new("endpoint_relay")?;
+    farm_tests::deadline(DEADLINE, &logs, |logs| {
+        let socket_dir = tempfile::tempdir()?;
+        let socket = socket_dir.path().join("relay.sock");
+        let mut farm =
+            TestFarm::start_with(&logs, &["--relay-socket".as_ref(), socket.as_os_str()])?;
+        run(&mut farm, &socket)
+    })
 }
 
 fn run(farm: &mut TestFarm, socket: &std::path::Path) -> anyhow::Result<()> {

@@ -17,12 +17,8 @@ const DEPTH: usize = 3;
 
 #[test]
 fn nix_build_with_the_farm_as_ssh_builder() -> anyhow::Result<()> {
-    let mut farm = TestFarm::start("endpoint_serve")?;
-    let r = run(&mut farm);
-    if r.is_err() {
-        eprintln!("{}", farm.logs.render());
-    }
-    r
+    let logs = farm_tests::TestLogs::new("endpoint_serve")?;
+    farm_tests::deadline(DEADLINE, &logs, |logs| run(&mut TestFarm::start(&logs)?))
 }
 
 fn run(farm: &mut TestFarm) -> anyhow::Result<()> {

@@ -25,12 +25,8 @@ const DEPTH: usize = 3;
 
 #[test]
 fn the_farm_over_ssh_ng() -> anyhow::Result<()> {
-    let mut farm = TestFarm::start("endpoint_worker")?;
-    let r = run(&mut farm);
-    if r.is_err() {
-        eprintln!("{}", farm.logs.render());
-    }
-    r
+    let logs = farm_tests::TestLogs::new("endpoint_worker")?;
+    farm_tests::deadline(DEADLINE, &logs, |logs| run(&mut TestFarm::start(&logs)?))
 }
 
 fn run(farm: &mut TestFarm) -> anyhow::Result<()> {

@@ -14,16 +14,24 @@ use farm_proto::v1;
 use farm_proto::v1::BuildOutcome;
 use farm_proto::v1::build_event::Event as Ev;
 use farm_support::*;
-use farm_tests::TestLogs;
+use farm_tests::{TestLogs, deadline_async};
 
 /// What the failing build prints before it fails.
 const LOG_MARKER: &str = "f-bad-says-the-disk-is-on-fire";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_fails_its_dependents_and_spares_unrelated_work() -> anyhow::Result<()> {
+#[test]
+fn a_failure_fails_its_dependents_and_spares_unrelated_work() -> anyhow::Result<()> {
     let logs = TestLogs::new("farm_failure")?;
+    deadline_async(DEADLINE, &logs, |logs| async move {
+        a_failure_fails_its_dependents_and_spares_unrelated_work_run(&logs).await
+    })
+}
+
+async fn a_failure_fails_its_dependents_and_spares_unrelated_work_run(
+    logs: &TestLogs,
+) -> anyhow::Result<()> {
     let farm = Farm::start(
-        &logs,
+        logs,
         &[
             BuilderSpec {
                 name: "f-one",
@@ -187,11 +195,19 @@ async fn a_failure_fails_its_dependents_and_spares_unrelated_work() -> anyhow::R
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_builder_with_an_unknown_key_is_refused_and_logged() -> anyhow::Result<()> {
+#[test]
+fn a_builder_with_an_unknown_key_is_refused_and_logged() -> anyhow::Result<()> {
     let logs = TestLogs::new("farm_unknown_key")?;
+    deadline_async(DEADLINE, &logs, |logs| async move {
+        a_builder_with_an_unknown_key_is_refused_and_logged_run(&logs).await
+    })
+}
+
+async fn a_builder_with_an_unknown_key_is_refused_and_logged_run(
+    logs: &TestLogs,
+) -> anyhow::Result<()> {
     let mut farm = Farm::start(
-        &logs,
+        logs,
         &[BuilderSpec {
             name: "member",
             max_jobs: 1,
@@ -200,7 +216,7 @@ async fn a_builder_with_an_unknown_key_is_refused_and_logged() -> anyhow::Result
         &[],
     )?;
     // Its own key, never enrolled.
-    let mut intruder = Builder::new(&logs, "intruder", 1, &["system-features ="])?;
+    let mut intruder = Builder::new(logs, "intruder", 1, &["system-features ="])?;
     let enrolled = std::fs::read_to_string(&farm.builder_keys)?;
     assert!(!enrolled.contains(&intruder.public_key));
     intruder.start(&farm.grpc_url())?;

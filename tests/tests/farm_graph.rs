@@ -20,7 +20,7 @@ use farm_nix::signing::VerifyingKey;
 use farm_nix::store_path::StorePath;
 use farm_proto::v1::BuildOutcome;
 use farm_support::*;
-use farm_tests::{Actor, TestLogs};
+use farm_tests::{Actor, TestLogs, deadline_async};
 
 /// Layers of plain derivations and their width.
 const LAYERS: usize = 5;
@@ -119,10 +119,18 @@ fn graph(witness: &std::path::Path, fixed_word: &str) -> (String, Vec<String>) {
     (graph_nix(witness, &b, &["top"]), names)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_builders_build_a_graph_once_each_into_the_signed_cache() -> anyhow::Result<()> {
+#[test]
+fn three_builders_build_a_graph_once_each_into_the_signed_cache() -> anyhow::Result<()> {
     let logs = TestLogs::new("farm_graph")?;
-    let farm = Farm::start(&logs, &builders(), &[])?;
+    deadline_async(DEADLINE, &logs, |logs| async move {
+        three_builders_build_a_graph_once_each_into_the_signed_cache_run(&logs).await
+    })
+}
+
+async fn three_builders_build_a_graph_once_each_into_the_signed_cache_run(
+    logs: &TestLogs,
+) -> anyhow::Result<()> {
+    let farm = Farm::start(logs, &builders(), &[])?;
     // Unique per run, so the fixed output is not shared with other runs.
     let fixed_word = format!(
         "fixed-output-{}",
@@ -260,7 +268,7 @@ async fn three_builders_build_a_graph_once_each_into_the_signed_cache() -> anyho
     // A fresh client with only the farm's cache as substituter realises the
     // top output: its whole closure comes from the cache, signatures checked.
     let top_out = StorePath::parse(&outputs["g-top"]["out"])?;
-    let fresh = Actor::with_logs("fresh-client", &logs)?;
+    let fresh = Actor::with_logs("fresh-client", logs)?;
     fresh.nix_conf_append(&format!(
         "substituters = {}",
         farm.coordinator.endpoints.http_url()

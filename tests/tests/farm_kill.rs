@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use farm_proto::v1::BuildOutcome;
 use farm_proto::v1::build_event::Event as Ev;
 use farm_support::*;
-use farm_tests::TestLogs;
+use farm_tests::{TestLogs, deadline_async};
 
 /// `WIDTH` leaves, a gated node depending on all of them (so nothing else can
 /// run while it does), then a short chain to the top.
@@ -111,10 +111,16 @@ fn runs(farm: &Farm) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     Ok(ran)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_builder_killed_mid_build_loses_nothing() -> anyhow::Result<()> {
+#[test]
+fn a_builder_killed_mid_build_loses_nothing() -> anyhow::Result<()> {
     let logs = TestLogs::new("farm_kill_builder")?;
-    let mut farm = Farm::start(&logs, &two_builders("kb-a", "kb-b"), &[])?;
+    deadline_async(DEADLINE, &logs, |logs| async move {
+        a_builder_killed_mid_build_loses_nothing_run(&logs).await
+    })
+}
+
+async fn a_builder_killed_mid_build_loses_nothing_run(logs: &TestLogs) -> anyhow::Result<()> {
+    let mut farm = Farm::start(logs, &two_builders("kb-a", "kb-b"), &[])?;
     let (nix, names) = gated_graph(farm.witness_dir(), "kb");
     let file = farm.client.write_file("kill-builder.nix", &nix)?;
     let roots = farm.client.nix_instantiate(&file, &[] as &[&str])?;
@@ -184,10 +190,18 @@ async fn a_builder_killed_mid_build_loses_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_killed_mid_graph_resumes_from_its_state() -> anyhow::Result<()> {
+#[test]
+fn a_coordinator_killed_mid_graph_resumes_from_its_state() -> anyhow::Result<()> {
     let logs = TestLogs::new("farm_kill_coordinator")?;
-    let mut farm = Farm::start(&logs, &two_builders("kc-a", "kc-b"), &[])?;
+    deadline_async(DEADLINE, &logs, |logs| async move {
+        a_coordinator_killed_mid_graph_resumes_from_its_state_run(&logs).await
+    })
+}
+
+async fn a_coordinator_killed_mid_graph_resumes_from_its_state_run(
+    logs: &TestLogs,
+) -> anyhow::Result<()> {
+    let mut farm = Farm::start(logs, &two_builders("kc-a", "kc-b"), &[])?;
     let (nix, names) = gated_graph(farm.witness_dir(), "kc");
     let file = farm.client.write_file("kill-coordinator.nix", &nix)?;
     let roots = farm.client.nix_instantiate(&file, &[] as &[&str])?;
@@ -220,7 +234,7 @@ async fn a_coordinator_killed_mid_graph_resumes_from_its_state() -> anyhow::Resu
     assert_eq!(sorted_before, leaves, "{}", events.render());
     drop(events);
 
-    farm.coordinator.kill_and_restart(&logs)?;
+    farm.coordinator.kill_and_restart(logs)?;
     for i in 0..farm.builders.len() {
         farm.wait_builder_online(i)?;
     }

@@ -6,13 +6,19 @@ mod farm_support;
 
 use farm_proto::v1::BuildOutcome;
 use farm_support::*;
-use farm_tests::TestLogs;
+use farm_tests::{TestLogs, deadline_async};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_builder_builds_a_small_chain() -> anyhow::Result<()> {
+#[test]
+fn one_builder_builds_a_small_chain() -> anyhow::Result<()> {
     let logs = TestLogs::new("farm_smoke")?;
+    deadline_async(DEADLINE, &logs, |logs| async move {
+        one_builder_builds_a_small_chain_run(&logs).await
+    })
+}
+
+async fn one_builder_builds_a_small_chain_run(logs: &TestLogs) -> anyhow::Result<()> {
     let farm = Farm::start(
-        &logs,
+        logs,
         &[BuilderSpec {
             name: "solo",
             max_jobs: 2,

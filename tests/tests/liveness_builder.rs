@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use farm_proto::v1::BuildOutcome;
 use farm_support::*;
-use farm_tests::{FarmProcess, LinkProxy, TestLogs};
+use farm_tests::{FarmProcess, LinkProxy, TestLogs, deadline_async};
 
 fn one_builder(name: &'static str, max_jobs: u32) -> Vec<BuilderSpec<'static>> {
     vec![BuilderSpec {
@@ -148,10 +148,19 @@ async fn submit_graph(
     farm.submit(&drvs).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn builds_that_end_while_the_builder_is_cut_off_are_accepted_not_rebuilt()
--> anyhow::Result<()> {
+#[test]
+fn builds_that_end_while_the_builder_is_cut_off_are_accepted_not_rebuilt() -> anyhow::Result<()> {
     let logs = TestLogs::new("liveness_builder_cut")?;
+    deadline_async(
+        DEADLINE,
+        &logs,
+        builds_that_end_while_the_builder_is_cut_off_are_accepted_not_rebuilt_body,
+    )
+}
+
+async fn builds_that_end_while_the_builder_is_cut_off_are_accepted_not_rebuilt_body(
+    logs: TestLogs,
+) -> anyhow::Result<()> {
     // A builder away for less than its grace keeps its jobs; no retry is allowed.
     let mut farm = Farm::start_without_builders(
         &logs,
@@ -250,10 +259,19 @@ async fn builds_that_end_while_the_builder_is_cut_off_are_accepted_not_rebuilt()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_a_busy_builder_within_its_grace_and_tells_the_coordinator()
--> anyhow::Result<()> {
+#[test]
+fn sigterm_stops_a_busy_builder_within_its_grace_and_tells_the_coordinator() -> anyhow::Result<()> {
     let logs = TestLogs::new("liveness_builder_sigterm")?;
+    deadline_async(
+        DEADLINE,
+        &logs,
+        sigterm_stops_a_busy_builder_within_its_grace_and_tells_the_coordinator_body,
+    )
+}
+
+async fn sigterm_stops_a_busy_builder_within_its_grace_and_tells_the_coordinator_body(
+    logs: TestLogs,
+) -> anyhow::Result<()> {
     let mut farm = Farm::start_without_builders(&logs, &one_builder("sd", 1), &[])?;
     let url = farm.grpc_url();
     let grace = Duration::from_secs(5);
@@ -296,10 +314,20 @@ async fn sigterm_stops_a_busy_builder_within_its_grace_and_tells_the_coordinator
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_coordinator_does_not_hold_a_stopping_builder_and_a_second_signal_exits_at_once()
+#[test]
+fn a_stuck_coordinator_does_not_hold_a_stopping_builder_and_a_second_signal_exits_at_once()
 -> anyhow::Result<()> {
     let logs = TestLogs::new("liveness_builder_stuck")?;
+    deadline_async(
+        DEADLINE,
+        &logs,
+        a_stuck_coordinator_does_not_hold_a_stopping_builder_and_a_second_signal_exits_at_once_body,
+    )
+}
+
+async fn a_stuck_coordinator_does_not_hold_a_stopping_builder_and_a_second_signal_exits_at_once_body(
+    logs: TestLogs,
+) -> anyhow::Result<()> {
     let mut farm = Farm::start_without_builders(
         &logs,
         &[
@@ -387,9 +415,19 @@ async fn a_stuck_coordinator_does_not_hold_a_stopping_builder_and_a_second_signa
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_builder_removes_the_scratch_a_killed_one_left() -> anyhow::Result<()> {
+#[test]
+fn a_restarted_builder_removes_the_scratch_a_killed_one_left() -> anyhow::Result<()> {
     let logs = TestLogs::new("liveness_builder_scratch")?;
+    deadline_async(
+        DEADLINE,
+        &logs,
+        a_restarted_builder_removes_the_scratch_a_killed_one_left_body,
+    )
+}
+
+async fn a_restarted_builder_removes_the_scratch_a_killed_one_left_body(
+    logs: TestLogs,
+) -> anyhow::Result<()> {
     let mut farm = Farm::start(&logs, &one_builder("sc", 1), &[])?;
     let mut events = submit_graph(
         &farm,

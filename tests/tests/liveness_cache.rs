@@ -24,7 +24,7 @@ use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_proto::v1;
 use farm_support::{BuilderSpec, Farm, GRAPH_TIMEOUT, http_get, outcome, prelude};
-use farm_tests::TestLogs;
+use farm_tests::{TestLogs, deadline_async};
 
 /// The whole test's deadline: past it the test fails (and prints every log).
 const TEST_DEADLINE: Duration = Duration::from_secs(300);
@@ -78,12 +78,12 @@ fn files_starting_with(dir: &std::path::Path, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trickling_client_upload_does_not_hold_a_builders_output_hostage() -> anyhow::Result<()> {
+#[test]
+fn a_trickling_client_upload_does_not_hold_a_builders_output_hostage() -> anyhow::Result<()> {
     let logs = TestLogs::new("liveness_cache_trickle")?;
-    tokio::time::timeout(TEST_DEADLINE, trickle_test(&logs))
-        .await
-        .unwrap_or_else(|_| bail!("the test did not finish within {TEST_DEADLINE:?}"))
+    deadline_async(TEST_DEADLINE, &logs, |logs| async move {
+        trickle_test(&logs).await
+    })
 }
 
 async fn trickle_test(logs: &TestLogs) -> anyhow::Result<()> {
@@ -261,11 +261,10 @@ async fn trickle_test(logs: &TestLogs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_copy_of_a_path_over_max_nar_size_is_refused_with_the_reason() -> anyhow::Result<()> {
-    tokio::time::timeout(TEST_DEADLINE, copy_test())
-        .await
-        .unwrap_or_else(|_| bail!("the test did not finish within {TEST_DEADLINE:?}"))
+#[test]
+fn nix_copy_of_a_path_over_max_nar_size_is_refused_with_the_reason() -> anyhow::Result<()> {
+    let logs = TestLogs::new("liveness_cache_copy")?;
+    deadline_async(TEST_DEADLINE, &logs, copy_test)
 }
 
 /// `nix copy --to ssh-ng://` as the client, killed if the test's deadline passes.
@@ -290,15 +289,13 @@ async fn nix_copy_to(
     Ok(out)
 }
 
-async fn copy_test() -> anyhow::Result<()> {
+async fn copy_test(logs: TestLogs) -> anyhow::Result<()> {
     const MAX: u64 = 64 << 10;
     let conf_dir = tempfile::tempdir()?;
     let config = conf_dir.path().join("coordinator.toml");
     std::fs::write(&config, format!("[cache]\nmax_nar_size = {MAX}\n"))?;
-    let farm = endpoint_support::TestFarm::start_with(
-        "liveness_cache_copy",
-        &["--config".as_ref(), config.as_os_str()],
-    )?;
+    let farm =
+        endpoint_support::TestFarm::start_with(&logs, &["--config".as_ref(), config.as_os_str()])?;
     let expr = farm.client.write_file(
         "sizes.nix",
         "let mk = name: script: derivation { inherit name; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" script ]; };\n\

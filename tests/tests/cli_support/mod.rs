@@ -41,13 +41,13 @@ pub fn ssh_key(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, String)> {
 }
 
 impl TestFarm {
-    /// A coordinator (with `extra` flags) and `builders`, all joined.
+    /// A coordinator (with `extra` flags) and `builders`, all joined, logging to `logs`.
     pub fn start(
-        name: &str,
+        logs: &TestLogs,
         builders: &[BuilderSpec],
         extra: &[String],
     ) -> anyhow::Result<TestFarm> {
-        let logs = TestLogs::new(name)?;
+        let logs = logs.clone();
         let keys = tempfile::tempdir()?;
         let builder_keys = keys.path().join("builder_keys");
         let mut enrolled = String::new();
@@ -112,11 +112,21 @@ impl TestFarm {
         Ok(cmd)
     }
 
+    /// `farm ARGS…` in the background as a [`FarmProcess`] named `name`: its
+    /// stderr in the test's logs, its stdout apart ([`FarmProcess::stdout`]).
+    pub fn spawn_farm(
+        &self,
+        name: &str,
+        key: Option<&Path>,
+        args: &[&str],
+    ) -> anyhow::Result<FarmProcess> {
+        FarmProcess::spawn_split_stdout(&self.logs, name, self.farm(key, args)?)
+    }
+
     /// Run `farm ARGS…` to completion (any exit status), recorded in the logs.
     pub fn run(&self, key: Option<&Path>, args: &[&str]) -> anyhow::Result<Output> {
-        let out = self
-            .farm(key, args)?
-            .output()
+        let title = format!("$ farm {}", args.join(" "));
+        let out = farm_tests::tracked_output(&self.logs, &title, &mut self.farm(key, args)?)
             .with_context(|| format!("running farm {args:?}"))?;
         self.logs.record(
             format!("$ farm {}", args.join(" ")),

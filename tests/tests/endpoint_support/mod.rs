@@ -19,6 +19,9 @@ use farm_tests::{Actor, Coordinator, FarmProcess, TestLogs, farm_bin};
 pub const X86_BUILDER: &str = "b-x86";
 pub const DARWIN_BUILDER: &str = "b-darwin";
 
+/// Each endpoint test's hang-guard.
+pub const DEADLINE: Duration = Duration::from_secs(400);
+
 pub struct TestFarm {
     pub logs: TestLogs,
     pub coordinator: Coordinator,
@@ -55,13 +58,14 @@ pub fn ssh_keygen(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 impl TestFarm {
-    pub fn start(name: &str) -> anyhow::Result<TestFarm> {
-        Self::start_with(name, &[])
+    /// The farm, logging to `logs`.
+    pub fn start(logs: &TestLogs) -> anyhow::Result<TestFarm> {
+        Self::start_with(logs, &[])
     }
 
     /// [`TestFarm::start`] with extra coordinator arguments.
-    pub fn start_with(name: &str, extra: &[&std::ffi::OsStr]) -> anyhow::Result<TestFarm> {
-        let logs = TestLogs::new(name)?;
+    pub fn start_with(logs: &TestLogs, extra: &[&std::ffi::OsStr]) -> anyhow::Result<TestFarm> {
+        let logs = logs.clone();
         let client = Actor::with_logs("client", &logs)?;
         let b_x86 = Actor::with_logs(X86_BUILDER, &logs)?;
         let b_darwin = Actor::with_logs(DARWIN_BUILDER, &logs)?;

@@ -24,13 +24,15 @@ use farm_nix::store_path::StorePath;
 use farm_proto::v1;
 use farm_proto::v1::build_event::Event as Ev;
 use farm_proto::v1::farm_service_client::FarmServiceClient;
-use farm_tests::{Actor, Endpoints, FarmProcess, TestLogs, farm_bin};
+use farm_tests::{Actor, Endpoints, FarmProcess, LinkProxy, TestLogs, farm_bin};
 
 /// How long one graph may take before a test gives up (a hang is a failure,
 /// not a timing assertion).
 pub const GRAPH_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long to wait for processes and files to appear.
 pub const WAIT: Duration = Duration::from_secs(60);
+/// Each test's hang-guard: past it the test fails with every log.
+pub const DEADLINE: Duration = Duration::from_secs(300);
 
 /// One builder: its actor (own store), its process while running.
 pub struct Builder {
@@ -123,7 +125,7 @@ impl Builder {
     }
 }
 
-/// The coordinator, restartable on the same state dir and gRPC port.
+/// The coordinator, restartable on the same state dir and ports.
 pub struct CoordinatorProc {
     pub process: FarmProcess,
     pub endpoints: Endpoints,
@@ -139,17 +141,20 @@ impl CoordinatorProc {
         grpc: &str,
         args: &[String],
     ) -> anyhow::Result<CoordinatorProc> {
+        CoordinatorProc::start_on(logs, state_dir, [grpc, "127.0.0.1:0", "127.0.0.1:0"], args)
+    }
+
+    /// Starts `farm-coordinator` on the given gRPC, HTTP and SSH addresses.
+    pub fn start_on(
+        logs: &TestLogs,
+        state_dir: &Path,
+        [grpc, http, ssh]: [&str; 3],
+        args: &[String],
+    ) -> anyhow::Result<CoordinatorProc> {
         let mut cmd = std::process::Command::new(farm_bin("farm-coordinator")?);
         cmd.arg("--state-dir")
             .arg(state_dir)
-            .args([
-                "--grpc",
-                grpc,
-                "--http",
-                "127.0.0.1:0",
-                "--ssh",
-                "127.0.0.1:0",
-            ])
+            .args(["--grpc", grpc, "--http", http, "--ssh", ssh])
             .args(args)
             .env(
                 "RUST_LOG",
@@ -167,14 +172,26 @@ impl CoordinatorProc {
         })
     }
 
-    /// `kill -9`, then a new process on the same state dir and gRPC port.
+    /// `kill -9`, then a new process on the same state dir and the same
+    /// gRPC, HTTP and SSH ports (a client's command line stays valid).
     pub fn kill_and_restart(&mut self, logs: &TestLogs) -> anyhow::Result<()> {
         self.process.kill()?;
-        let grpc = self.endpoints.grpc.clone();
+        self.restart(logs)
+    }
+
+    /// A new process on the same state dir and ports, once this one is gone
+    /// (killed, or stopped).
+    pub fn restart(&mut self, logs: &TestLogs) -> anyhow::Result<()> {
+        let e = self.endpoints.clone();
         let deadline = Instant::now() + WAIT;
-        // The port was just released; retry while the kernel still holds it.
+        // The ports were just released; retry while the kernel still holds them.
         loop {
-            match CoordinatorProc::start(logs, &self.state_dir, &grpc, &self.args) {
+            match CoordinatorProc::start_on(
+                logs,
+                &self.state_dir,
+                [&e.grpc, &e.http, &e.ssh],
+                &self.args,
+            ) {
                 Ok(c) => {
                     *self = c;
                     return Ok(());
@@ -196,6 +213,8 @@ pub struct Farm {
     pub coordinator: CoordinatorProc,
     pub witness: tempfile::TempDir,
     pub builder_keys: PathBuf,
+    /// The links of the builders that dial the coordinator through a proxy, by name.
+    pub proxies: BTreeMap<String, LinkProxy>,
     // Kept alive for the coordinator's state.
     _state: tempfile::TempDir,
 }
@@ -215,10 +234,21 @@ impl Farm {
         specs: &[BuilderSpec<'_>],
         extra_args: &[&str],
     ) -> anyhow::Result<Farm> {
-        let mut farm = Farm::start_without_builders(logs, specs, extra_args)?;
-        let url = farm.coordinator.endpoints.grpc_url();
-        for b in &mut farm.builders {
-            b.start(&url)?;
+        Farm::start_with(logs, specs, extra_args, &[])
+    }
+
+    /// [`Farm::start`], the builders named in `proxied` dialing the
+    /// coordinator through a [`LinkProxy`] each (in [`Farm::proxies`]).
+    pub fn start_with(
+        logs: &TestLogs,
+        specs: &[BuilderSpec<'_>],
+        extra_args: &[&str],
+        proxied: &[&str],
+    ) -> anyhow::Result<Farm> {
+        let mut farm = Farm::assemble(logs, specs, extra_args, proxied)?;
+        for i in 0..farm.builders.len() {
+            let url = farm.builder_url(i);
+            farm.builders[i].start(&url)?;
         }
         for i in 0..farm.builders.len() {
             farm.wait_builder_online(i)?;
@@ -232,6 +262,17 @@ impl Farm {
         logs: &TestLogs,
         specs: &[BuilderSpec<'_>],
         extra_args: &[&str],
+    ) -> anyhow::Result<Farm> {
+        Farm::assemble(logs, specs, extra_args, &[])
+    }
+
+    /// The coordinator, the builders' actors and keys, the proxies: all but
+    /// starting the builders.
+    fn assemble(
+        logs: &TestLogs,
+        specs: &[BuilderSpec<'_>],
+        extra_args: &[&str],
+        proxied: &[&str],
     ) -> anyhow::Result<Farm> {
         let client = Actor::with_logs("client", logs)?;
         let mut builders = Vec::new();
@@ -264,15 +305,26 @@ impl Farm {
         let witness = tempfile::Builder::new()
             .prefix("farm-e2e-witness-")
             .tempdir()?;
-        Ok(Farm {
+        let grpc: std::net::SocketAddr = coordinator.endpoints.grpc.parse()?;
+        let mut proxies = BTreeMap::new();
+        for name in proxied {
+            ensure!(
+                builders.iter().any(|b| b.name == *name),
+                "no builder {name} to proxy"
+            );
+            proxies.insert(name.to_string(), LinkProxy::start(grpc)?);
+        }
+        let farm = Farm {
             logs: logs.clone(),
             client,
             builders,
             coordinator,
             witness,
             builder_keys,
+            proxies,
             _state: state,
-        })
+        };
+        Ok(farm)
     }
 
     /// Waits until the coordinator logged builder `i` as authenticated (since
@@ -300,6 +352,100 @@ impl Farm {
 
     pub fn grpc_url(&self) -> String {
         self.coordinator.endpoints.grpc_url()
+    }
+
+    /// The coordinator URL builder `i` dials: its proxy's, or the coordinator's.
+    pub fn builder_url(&self, i: usize) -> String {
+        match self.proxies.get(&self.builders[i].name) {
+            Some(p) => format!("http://{}", p.addr()),
+            None => self.grpc_url(),
+        }
+    }
+
+    /// How many times the current coordinator logged builder `i` online.
+    pub fn times_online(&self, i: usize) -> usize {
+        // The field is logged quoted (`builder="NAME"`).
+        let name = &self.builders[i].name;
+        let needles = [format!("builder=\"{name}\""), format!("builder={name} ")];
+        self.coordinator
+            .process
+            .log()
+            .lines()
+            .filter(|l| l.contains("builder online") && needles.iter().any(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits until the current coordinator logged builder `i` online more
+    /// than `before` times.
+    pub fn wait_online_again(&mut self, i: usize, before: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + WAIT;
+        while self.times_online(i) <= before {
+            self.coordinator.process.ensure_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "builder {} did not come online again within {WAIT:?}",
+                    self.builders[i].name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// `kill -9` of builder `i` and everything it runs (its builds too), as
+    /// when the machine dies.
+    pub fn kill_builder(&mut self, i: usize) -> anyhow::Result<()> {
+        let mut process = self.builders[i]
+            .process
+            .take()
+            .with_context(|| format!("builder {} is not running", self.builders[i].name))?;
+        process.kill_tree()?;
+        Ok(())
+    }
+
+    /// Starts builder `i` again (same state dir, same link) and waits until
+    /// the coordinator has it online again.
+    pub fn restart_builder(&mut self, i: usize) -> anyhow::Result<()> {
+        let before = self.times_online(i);
+        let url = self.builder_url(i);
+        self.builders[i].start(&url)?;
+        self.wait_online_again(i, before)
+    }
+
+    /// `farm ARGS…` in `actor`'s namespace against this coordinator, signing
+    /// with `key` when given.
+    pub fn farm_command(
+        &self,
+        actor: &Actor,
+        key: Option<&Path>,
+        args: &[&str],
+    ) -> anyhow::Result<std::process::Command> {
+        let mut cmd = actor.command(farm_bin("farm")?);
+        cmd.args(args)
+            .env("FARM_COORDINATOR", self.grpc_url())
+            .env("NO_COLOR", "1");
+        if let Some(k) = key {
+            cmd.env("FARM_KEY", k);
+        }
+        Ok(cmd)
+    }
+
+    /// `farm status --json` (signed with `key`), parsed.
+    pub fn status(&self, key: Option<&Path>) -> anyhow::Result<serde_json::Value> {
+        let cmd = self.farm_command(&self.client, key, &["status", "--json"])?;
+        let out = self.client.run_command(cmd)?;
+        serde_json::from_str(&out).with_context(|| format!("farm status printed {out:?}"))
+    }
+
+    /// Whether the farm's cache serves a narinfo for `path`.
+    pub fn cache_has(&self, path: &StorePath) -> anyhow::Result<bool> {
+        let target = format!("/{}.narinfo", path.hash_part());
+        let (status, _) = http_get_blocking(&self.coordinator.endpoints.http, &target)?;
+        match status {
+            200 => Ok(true),
+            404 => Ok(false),
+            other => bail!("GET {target} answered {other}"),
+        }
     }
 
     /// The witness dir's path (also valid inside every actor).
@@ -705,6 +851,26 @@ pub async fn http_get(addr: &str, target: &str) -> anyhow::Result<(u16, Vec<u8>)
     Ok((status, raw[split + 4..].to_vec()))
 }
 
+/// `GET target` over a fresh HTTP/1.1 connection to `addr`, blocking: (status, body).
+pub fn http_get_blocking(addr: &str, target: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
+    let head = std::str::from_utf8(&raw[..split])?;
+    let status: u16 = head.split(' ').nth(1).context("status line")?.parse()?;
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
 /// A graph of `/bin/sh` derivations as one Nix file, and what it holds.
 pub struct Graph {
     /// The expression (evaluates to a list of the roots).
@@ -732,4 +898,292 @@ pub fn graph_nix(witness: &Path, bindings: &[(String, String)], roots: &[&str]) 
     }
     nix.push_str("]\n");
     nix
+}
+
+/// SSH keys for client actors, authorized on the coordinator
+/// (`--authorized-keys`): the Nix clients log in to its SSH endpoint with
+/// them, and `farm` signs its calls with them (`FARM_KEY`).
+pub struct SshAccess {
+    dir: tempfile::TempDir,
+    /// One private key per client.
+    pub keys: Vec<PathBuf>,
+}
+
+impl SshAccess {
+    /// `n` fresh ed25519 keys (`ssh-keygen`), all authorized.
+    pub fn new(n: usize) -> anyhow::Result<SshAccess> {
+        let dir = tempfile::Builder::new().prefix("farm-e2e-ssh-").tempdir()?;
+        let mut keys = Vec::new();
+        let mut authorized = String::new();
+        for i in 0..n {
+            let key = dir.path().join(format!("client{i}_ed25519"));
+            let out = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+                .arg(format!("client{i}@farm-e2e"))
+                .arg("-f")
+                .arg(&key)
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "ssh-keygen: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            authorized.push_str(&std::fs::read_to_string(key.with_extension("pub"))?);
+            keys.push(key);
+        }
+        std::fs::write(dir.path().join("authorized_keys"), authorized)?;
+        Ok(SshAccess { dir, keys })
+    }
+
+    /// The coordinator flags that authorize the keys.
+    pub fn coordinator_args(&self) -> [String; 2] {
+        [
+            "--authorized-keys".to_owned(),
+            self.dir
+                .path()
+                .join("authorized_keys")
+                .display()
+                .to_string(),
+        ]
+    }
+
+    /// `NIX_SSHOPTS` for key `i` against `farm`'s SSH endpoint: its port, the
+    /// key, and a known_hosts file holding the coordinator's host key.
+    pub fn nix_sshopts(&self, farm: &Farm, i: usize) -> anyhow::Result<String> {
+        let e = &farm.coordinator.endpoints;
+        let port = e.ssh_port()?;
+        let known_hosts = self.dir.path().join("known_hosts");
+        let line = format!("[127.0.0.1]:{port} {}\n", e.ssh_host_key);
+        // Other clients' ssh may be reading it: replace it whole, and only
+        // when it changes (never truncate it under a reader).
+        if std::fs::read_to_string(&known_hosts).ok().as_deref() != Some(line.as_str()) {
+            let tmp = self.dir.path().join(format!("known_hosts.{i}.tmp"));
+            std::fs::write(&tmp, &line)?;
+            std::fs::rename(&tmp, &known_hosts)?;
+        }
+        Ok(format!(
+            "-p {port} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={}",
+            self.keys[i].display(),
+            known_hosts.display()
+        ))
+    }
+}
+
+/// The farm as a Nix store and as a remote builder.
+pub const FARM_STORE: &str = "ssh-ng://nix@127.0.0.1";
+
+/// The three ways a client builds through the farm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientPath {
+    /// `farm build --json FILE`.
+    FarmBuild,
+    /// `nix-build --max-jobs 0 --builders 'ssh-ng://…'` (Nix's build hook).
+    BuildHook,
+    /// `nix build --store ssh-ng://… --eval-store auto -f FILE`.
+    Store,
+}
+
+impl ClientPath {
+    /// Client `i`'s path: the three in turn.
+    pub fn of(i: usize) -> ClientPath {
+        [
+            ClientPath::FarmBuild,
+            ClientPath::BuildHook,
+            ClientPath::Store,
+        ][i % 3]
+    }
+}
+
+/// The command building `file` in `actor` the way `path` does, signing (or
+/// logging in) with `ssh.keys[key]`.
+pub fn client_command(
+    farm: &Farm,
+    ssh: &SshAccess,
+    key: usize,
+    actor: &Actor,
+    path: ClientPath,
+    file: &Path,
+) -> anyhow::Result<std::process::Command> {
+    let file = file.to_str().context("graph path")?;
+    Ok(match path {
+        ClientPath::FarmBuild => {
+            farm.farm_command(actor, Some(&ssh.keys[key]), &["build", "--json", file])?
+        }
+        ClientPath::BuildHook => {
+            let mut cmd = actor.command("nix-build");
+            cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
+                .arg(format!("{FARM_STORE} x86_64-linux - 8 1 - - -"))
+                .arg(file)
+                .env("NIX_SSHOPTS", ssh.nix_sshopts(farm, key)?);
+            cmd
+        }
+        ClientPath::Store => {
+            let mut cmd = actor.command("nix");
+            cmd.args(["build", "--no-link", "--json", "--store", FARM_STORE])
+                .args(["--eval-store", "auto", "-f", file])
+                .env("NIX_SSHOPTS", ssh.nix_sshopts(farm, key)?);
+            cmd
+        }
+    })
+}
+
+/// Derivations every client graph shares, and how many each has in all.
+pub const SHARED_BY_ALL: usize = 4;
+pub const GRAPH_SIZE: usize = 20;
+/// Client-own derivations of a graph: all but the shared ones, the two
+/// pair-shared ones and the top.
+const OWN: usize = GRAPH_SIZE - SHARED_BY_ALL - 2 - 1;
+
+/// Client `i`'s graph (of `n` clients) in round `salt`: one top derivation
+/// over [`GRAPH_SIZE`] `- 1` others — [`SHARED_BY_ALL`] shared by every
+/// client, `pair-i` and `pair-(i+1 mod n)` each shared with one neighbour,
+/// and the client's own — each sleeping `sleep` seconds. Each build appends
+/// `start NAME BUILD_TOP` to `WITNESS/runs.log` when it starts and `done …`
+/// right before it ends. The top waits for `WITNESS/<gate>` when given.
+/// Returns the Nix file's text and the derivation names.
+pub fn client_graph(
+    witness: &Path,
+    salt: &str,
+    i: usize,
+    n: usize,
+    sleep: f32,
+    gate: Option<&str>,
+) -> (String, Vec<String>) {
+    let w = witness.display();
+    let mut nix = format!(
+        r#"let
+  mk = name: deps: script: derivation {{
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" ''
+      echo "start ${{name}} $NIX_BUILD_TOP" >> {w}/runs.log
+      ${{script}}
+      echo "${{name}} $deps" > $out
+      echo "done ${{name}} $NIX_BUILD_TOP" >> {w}/runs.log
+    '' ];
+  }};
+  nap = "/bin/sleep {sleep}";
+"#
+    );
+    let mut names = Vec::new();
+    let mut bind = |var: String, name: String, deps: Vec<String>, script: String| {
+        nix.push_str(&format!(
+            "  {var} = mk {} [ {} ] {script};\n",
+            lit(&name),
+            deps.join(" ")
+        ));
+        names.push(name);
+        var
+    };
+    let g: Vec<String> = (0..SHARED_BY_ALL)
+        .map(|k| {
+            let deps = match k {
+                0 | 1 => vec![],
+                2 => vec!["g0".to_owned()],
+                _ => vec![format!("g{}", k - 2), format!("g{}", k - 1)],
+            };
+            bind(
+                format!("g{k}"),
+                format!("{salt}shared-{k}"),
+                deps,
+                "nap".into(),
+            )
+        })
+        .collect();
+    let pairs: Vec<String> = [i, (i + 1) % n]
+        .into_iter()
+        .enumerate()
+        .map(|(j, k)| {
+            bind(
+                format!("p{j}"),
+                format!("{salt}pair-{k}"),
+                vec![g[k % SHARED_BY_ALL].clone()],
+                "nap".into(),
+            )
+        })
+        .collect();
+    let mut own: Vec<String> = Vec::new();
+    for j in 0..OWN {
+        let deps = match j {
+            0 => vec![g[SHARED_BY_ALL - 1].clone(), pairs[0].clone()],
+            1 => vec![pairs[1].clone()],
+            _ => {
+                let mut d = vec![own[j - 2].clone()];
+                if j >= 3 {
+                    d.push(own[j - 3].clone());
+                }
+                d
+            }
+        };
+        let var = bind(
+            format!("u{j}"),
+            format!("{salt}c{i}-u{j}"),
+            deps,
+            "nap".into(),
+        );
+        own.push(var);
+    }
+    let script = match gate {
+        Some(file) => lit(&format!(
+            "while [ ! -e {w}/{file} ]; do /bin/sleep 0.1; done"
+        )),
+        None => "nap".to_owned(),
+    };
+    let all: Vec<String> = g.iter().chain(&pairs).chain(&own).cloned().collect();
+    bind("top".into(), format!("{salt}c{i}-top"), all, script);
+    nix.push_str("in top\n");
+    (nix, names)
+}
+
+/// One line of `WITNESS/runs.log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// `true` for `done`, `false` for `start`.
+    pub done: bool,
+    pub name: String,
+    /// The builder whose actor root holds the build dir (or the dir itself).
+    pub builder: String,
+}
+
+impl Farm {
+    /// `WITNESS/runs.log`, parsed, in order.
+    pub fn runs(&self) -> anyhow::Result<Vec<Run>> {
+        let path = self.witness_dir().join("runs.log");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        text.lines()
+            .map(|l| {
+                let mut w = l.splitn(3, ' ');
+                let (Some(kind), Some(name), Some(top)) = (w.next(), w.next(), w.next()) else {
+                    bail!("witness line {l:?}");
+                };
+                ensure!(kind == "start" || kind == "done", "witness line {l:?}");
+                Ok(Run {
+                    done: kind == "done",
+                    name: name.to_owned(),
+                    builder: self
+                        .builder_of_build_top(top)
+                        .unwrap_or_else(|| top.to_owned()),
+                })
+            })
+            .collect()
+    }
+}
+
+/// How many times each derivation started and finished, by name.
+pub fn run_counts(runs: &[Run]) -> BTreeMap<String, (usize, usize)> {
+    let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in runs {
+        let e = out.entry(r.name.clone()).or_default();
+        if r.done {
+            e.1 += 1;
+        } else {
+            e.0 += 1;
+        }
+    }
+    out
 }
