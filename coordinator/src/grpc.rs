@@ -238,7 +238,9 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         }
         // A name belongs to the key it joined with, online or not, while that key
         // stays enrolled: another enrolled key must not take over its record and
-        // running jobs.
+        // running jobs. This early check spares a doomed handshake; the binding
+        // itself is checked again, atomically, when the session goes online.
+        let mut replaces: Option<String> = None;
         if let Some(other) = self.coord.known_key(&name)
             && parse_ed25519_line(&other).ok() != Some(key)
         {
@@ -260,6 +262,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
                 )));
             }
             tracing::info!(builder = %name, key = %fp, "builder name taken over: its old key is no longer enrolled");
+            replaces = Some(other);
         }
         let caps = capabilities_from(hello.capabilities.clone().unwrap_or_default())?;
         if hello.running_jobs.len() > 4096 {
@@ -268,7 +271,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let coord = self.coord.clone();
         tokio::spawn(async move {
-            run_session(coord, hello, key, fp, caps, peer, inbound, tx).await;
+            run_session(coord, hello, key, fp, replaces, caps, peer, inbound, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -312,6 +315,7 @@ async fn run_session(
     hello: v1::Hello,
     key: [u8; 32],
     fp: String,
+    replaces: Option<String>,
     caps: Capabilities,
     peer: String,
     mut inbound: Streaming<v1::BuilderMessage>,
@@ -355,8 +359,27 @@ async fn run_session(
         return;
     }
     let public_key = crate::keys::public_key_line_ed25519(&key);
-    let (conn, token, draining) =
-        coord.builder_online(&name, &public_key, caps, &hello.running_jobs, tx.clone());
+    let online = coord.builder_online(
+        &name,
+        &public_key,
+        replaces.as_deref(),
+        caps,
+        &hello.running_jobs,
+        tx.clone(),
+    );
+    let (conn, token, draining) = match online {
+        Ok(o) => o,
+        Err(taken) => {
+            tracing::warn!(builder = %name, %peer, key = %fp, "refused builder: name belongs to another key");
+            let _ = tx
+                .send(Err(Status::already_exists(format!(
+                    "{taken}; to re-enrol under that name remove the old key from \
+                     --builder-keys, or use another --name"
+                ))))
+                .await;
+            return;
+        }
+    };
     let welcome = v1::CoordinatorMessage {
         msg: Some(Down::Welcome(v1::Welcome {
             session_token: token,

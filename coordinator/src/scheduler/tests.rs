@@ -18,7 +18,7 @@ fn drv(name: &str) -> StorePath {
 fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
     NewBuild {
         drv_path: drv(name),
-        drv_aterm: format!("Derive-{name}"),
+        drv_aterm: format!("Derive-{name}").into(),
         system: system.into(),
         required_features: features.iter().map(|s| s.to_string()).collect(),
         outputs: BTreeMap::from([("out".to_string(), sp(name))]),
@@ -176,26 +176,27 @@ fn dispatch_matches_capabilities() {
 
 #[test]
 fn preference_ordering() {
-    let held = HashSet::new();
+    const NONE: &[(StorePath, u64)] = &[];
+    let held: HashSet<StorePath> = HashSet::new();
     let c = caps(&["x"], &[], &[], 4, 1.0);
     let idle = Load::default();
     // free slots
-    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &idle, 2, &held, &[]));
+    assert!(select::score(&c, &idle, 0, &held, NONE) < select::score(&c, &idle, 2, &held, NONE));
     // speed factor
     let fast = caps(&["x"], &[], &[], 4, 2.0);
-    assert!(select::score(&fast, &idle, 0, &held, &[]) < select::score(&c, &idle, 0, &held, &[]));
+    assert!(select::score(&fast, &idle, 0, &held, NONE) < select::score(&c, &idle, 0, &held, NONE));
     // live load
     let loaded = Load {
         load_avg_1: 8.0,
         ..Load::default()
     };
-    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &loaded, 0, &held, &[]));
+    assert!(select::score(&c, &idle, 0, &held, NONE) < select::score(&c, &loaded, 0, &held, NONE));
     // pressure
     let pressed = Load {
         memory_pressure: 60.0,
         ..Load::default()
     };
-    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &pressed, 0, &held, &[]));
+    assert!(select::score(&c, &idle, 0, &held, NONE) < select::score(&c, &pressed, 0, &held, NONE));
     // locality: holding the big input wins
     let inputs = vec![(sp("big"), 1_000_000u64), (sp("small"), 10)];
     let holds_big: HashSet<StorePath> = [sp("big")].into();
@@ -839,7 +840,7 @@ fn builds_record_every_client_that_asked() {
     );
     g.client = Some("SHA256:bob bob@ci".into());
     let s2 = s.submit(g, 2).unwrap();
-    let shared = s.build(id_of(&s, "shared")).unwrap();
+    let shared = s.build_record(id_of(&s, "shared")).unwrap();
     assert_eq!(
         shared.requested_by,
         BTreeSet::from([
@@ -847,17 +848,17 @@ fn builds_record_every_client_that_asked() {
             "SHA256:bob bob@ci".to_string()
         ])
     );
-    let own = s.build(id_of(&s, "own")).unwrap();
+    let own = s.build_record(id_of(&s, "own")).unwrap();
     assert_eq!(
         own.requested_by,
         BTreeSet::from(["SHA256:bob bob@ci".to_string()])
     );
     assert_eq!(
-        s.submission(s1).unwrap().0.client.as_deref(),
+        s.submission_view(s1).unwrap().0.0.client.as_deref(),
         Some("SHA256:alice alice@laptop")
     );
     assert_eq!(
-        s.submission(s2).unwrap().0.client.as_deref(),
+        s.submission_view(s2).unwrap().0.0.client.as_deref(),
         Some("SHA256:bob bob@ci")
     );
 }
