@@ -810,6 +810,126 @@ mod tests {
         }
     }
 
+    fn sp(name: &str) -> farm_nix::store_path::StorePath {
+        let d = farm_nix::hash::HashAlgo::Sha256.digest(name.as_bytes());
+        let mut digest = [0u8; 20];
+        digest.copy_from_slice(&d.digest()[..20]);
+        farm_nix::store_path::StorePath::from_digest(&digest, name).unwrap()
+    }
+
+    fn build(
+        id: BuildId,
+        sub: SubmissionId,
+        state: crate::scheduler::types::BuildState,
+    ) -> BuildRecord {
+        BuildRecord {
+            id,
+            drv_path: sp(&format!("d{id}.drv")),
+            drv_aterm: "Derive()".into(),
+            system: "x86_64-linux".into(),
+            required_features: Default::default(),
+            outputs: Default::default(),
+            deps: Default::default(),
+            priority: Default::default(),
+            created_ms: 0,
+            submissions: BTreeSet::from([sub]),
+            state,
+            retries: 0,
+            attempt: 0,
+            max_silent_time_secs: 0,
+            build_timeout_secs: 0,
+            error: None,
+            builder: None,
+            started_ms: None,
+            finished_ms: None,
+            requested_by: Default::default(),
+        }
+    }
+
+    fn submission(id: SubmissionId, builds: &[BuildId], done: bool) -> SubmissionRecord {
+        SubmissionRecord {
+            id,
+            roots: Vec::new(),
+            builds: builds.iter().copied().collect(),
+            cached: Default::default(),
+            priority: Default::default(),
+            created_ms: id as i64,
+            done,
+            cancelled: false,
+            client: None,
+            finished_ms: done.then_some(id as i64 + 1),
+        }
+    }
+
+    /// A database from before the `active` and `finished` indexes gets them
+    /// at open, once; a start then reads what is unfinished.
+    #[test]
+    fn an_old_database_is_indexed_once_at_open() {
+        use crate::scheduler::types::{BuildState, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .put_build(&build(1, 10, BuildState::Done(Outcome::Built)))
+                .unwrap();
+            store.put_submission(&submission(10, &[1], true)).unwrap();
+            store
+                .put_build(&build(2, 11, BuildState::Done(Outcome::Built)))
+                .unwrap();
+            store.put_build(&build(3, 11, BuildState::Queued)).unwrap();
+            store
+                .put_submission(&submission(11, &[2, 3], false))
+                .unwrap();
+            // as the previous release left it
+            store.active.clear().unwrap();
+            store.finished.clear().unwrap();
+            store.meta.clear().unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let c = store.counts();
+        assert_eq!((c.active, c.finished), (2, 1), "{c:?}");
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.submissions.len(), 1);
+        assert_eq!(loaded.submissions[0].id, 11);
+        let mut ids: Vec<BuildId> = loaded.builds.iter().map(|b| b.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![2, 3]);
+        // a newer layout is refused, not misread
+        store
+            .meta
+            .insert("layout", &(LAYOUT + 1).to_be_bytes())
+            .unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        let err = Store::open(&path).err().expect("newer layout");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    /// The `active` index follows the records: a build or submission leaves
+    /// it when its record says it ended, and stale entries are dropped at load.
+    #[test]
+    fn the_active_index_follows_the_records() {
+        use crate::scheduler::types::{BuildState, Outcome};
+        let store = Store::temporary().unwrap();
+        store.put_build(&build(1, 10, BuildState::Waiting)).unwrap();
+        store.put_submission(&submission(10, &[1], false)).unwrap();
+        assert_eq!(store.counts().active, 2);
+        store
+            .put_build(&build(1, 10, BuildState::Done(Outcome::Built)))
+            .unwrap();
+        store.put_submission(&submission(10, &[1], true)).unwrap();
+        let c = store.counts();
+        assert_eq!((c.active, c.finished), (0, 1), "{c:?}");
+        // a stale entry (a crash between a record and its index)
+        store.active.insert(active_key(b's', 10), &[]).unwrap();
+        store.active.insert(active_key(b'b', 1), &[]).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.submissions.is_empty() && loaded.builds.is_empty());
+        assert_eq!(store.counts().active, 0);
+    }
+
     #[test]
     fn a_second_open_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
