@@ -14,7 +14,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use crate::auth::{BuilderAuth, CliAuth};
 use crate::cache::Cache;
 use crate::scheduler::types::*;
-use crate::scheduler::{GraphSubmission, Scheduler, SubmissionSnapshot};
+use crate::scheduler::{GraphSubmission, PlanQuery, Scheduler, SubmissionSnapshot};
 use crate::state::{KeepNothing, Retention, StateError, Store};
 
 /// Finished submissions pruned per batch (each batch is its own few sled
@@ -263,14 +263,19 @@ impl Coordinator {
     /// outside it, and the lock is held again only to insert them, so a big
     /// graph does not stall builder sessions. Not flushed yet.
     pub async fn submit_graph(&self, g: GraphSubmission) -> Result<SubmissionId, StateError> {
-        let (plan, store) = self.read_sched(|s| (s.share_plan(&g), s.store().clone()));
+        let (q, g) = tokio::task::spawn_blocking(move || (PlanQuery::new(&g), g))
+            .await
+            .map_err(|e| StateError::Task(format!("planning the submission: {e}")))?;
+        let (plan, store) = self.read_sched(|s| (s.share_plan(&q), s.store().clone()));
         let now = now_ms();
         let prep_store = store.clone();
         let prepared = tokio::task::spawn_blocking(move || {
+            drop(q);
             Scheduler::prepare_submission(&prep_store, g, &plan, now)
         })
         .await
         .map_err(|e| StateError::Task(format!("preparing the submission: {e}")))??;
+        // (The insert's scratch, `ins.leftovers`, is freed here, after the lock.)
         let ins = self.with_sched(|s, now| s.insert_submission(prepared, now));
         if !ins.discard.is_empty() {
             let discard = ins.discard;

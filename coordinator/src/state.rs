@@ -388,6 +388,13 @@ impl Store {
         Ok(())
     }
 
+    /// Write a new, unfinished submission's record, already encoded.
+    pub fn put_new_submission(&self, id: SubmissionId, bytes: &[u8]) -> Result<(), StateError> {
+        self.active.insert(active_key(b's', id), &[])?;
+        self.submissions.insert(id.to_be_bytes(), bytes)?;
+        Ok(())
+    }
+
     pub fn get_submission(&self, id: SubmissionId) -> Result<Option<SubmissionRecord>, StateError> {
         match self.submissions.get(id.to_be_bytes())? {
             None => Ok(None),
@@ -497,8 +504,20 @@ impl Store {
         batch: usize,
     ) -> Result<Pruned, StateError> {
         let mut out = Pruned::default();
-        let total = self.finished.len();
-        let mut excess = total.saturating_sub(retention.finished_submissions);
+        // The oldest of the newest `finished_submissions` entries: everything
+        // before it is past the count (found from the newest end, so a call
+        // costs the retention plus a batch, never the whole history).
+        let keep_from: Option<Vec<u8>> = match retention.finished_submissions {
+            0 => Some(vec![0xff; 17]),
+            n => self
+                .finished
+                .iter()
+                .keys()
+                .rev()
+                .nth(n - 1)
+                .transpose()?
+                .map(|k| k.to_vec()),
+        };
         let cutoff = retention.max_age_ms.map(|age| now.saturating_sub(age));
         let mut chosen: Vec<(sled::IVec, SubmissionRecord)> = Vec::new();
         for item in self.finished.iter() {
@@ -507,15 +526,18 @@ impl Store {
                 self.finished.remove(&k)?;
                 continue;
             };
+            // Both hold for a prefix of the tree (it is ordered by finish time).
+            let past_count = keep_from
+                .as_ref()
+                .is_some_and(|b| k.as_ref() < b.as_slice());
             let too_old = cutoff.is_some_and(|c| (fin as i64) < c);
-            if excess == 0 && !too_old {
+            if !past_count && !too_old {
                 break;
             }
             if chosen.len() >= batch {
                 out.more = true;
                 break;
             }
-            excess = excess.saturating_sub(1);
             match self.get_submission(sid)? {
                 Some(s) if keep.submission(&s) => {}
                 Some(s) => chosen.push((k, s)),

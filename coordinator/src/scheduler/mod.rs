@@ -208,6 +208,27 @@ pub struct NameTaken {
     pub name: String,
 }
 
+/// The derivations of a graph the scheduler is to be asked about: the graph's
+/// own, and inputs from outside it (made outside the lock: [`PlanQuery::new`]).
+pub struct PlanQuery {
+    members: Vec<StorePath>,
+    outside: Vec<StorePath>,
+}
+
+impl PlanQuery {
+    pub fn new(g: &GraphSubmission) -> PlanQuery {
+        let members: HashSet<&StorePath> = g.builds.iter().map(|b| &b.drv_path).collect();
+        let mut outside: HashSet<&StorePath> = HashSet::new();
+        for nb in &g.builds {
+            outside.extend(nb.input_drvs.iter().filter(|i| !members.contains(i)));
+        }
+        PlanQuery {
+            members: g.builds.iter().map(|b| b.drv_path.clone()).collect(),
+            outside: outside.into_iter().cloned().collect(),
+        }
+    }
+}
+
 /// Which derivations of a graph the scheduler shares with builds it has, as
 /// seen at one moment under the lock ([`Scheduler::insert_submission`] checks
 /// each again).
@@ -227,20 +248,46 @@ enum Member {
         planned: BuildId,
         spare: BuildId,
     },
-    /// A new build, its record written already.
+    /// A new build, its record written already, linked to the other new
+    /// ones; `existing` are its dependencies among builds the scheduler had;
+    /// `class` indexes the submission's distinct (system, features).
     Fresh {
         build: Box<Build>,
         inputs: Vec<StorePath>,
+        existing: Vec<BuildId>,
+        class: usize,
     },
 }
 
+impl Member {
+    fn drv(&self) -> &StorePath {
+        match self {
+            Member::Shared { nb, .. } => &nb.drv_path,
+            Member::Fresh { build, .. } => &build.rec.drv_path,
+        }
+    }
+}
+
 /// A submission made ready outside the lock: ids taken, new builds' records
-/// written (see [`Scheduler::prepare_submission`]).
+/// written, their chains, events and classes worked out (see
+/// [`Scheduler::prepare_submission`]).
 pub struct PreparedSubmission {
     sid: SubmissionId,
     created_ms: i64,
     members: Vec<Member>,
+    /// Derivation → id, as planned.
+    ids: HashMap<StorePath, BuildId>,
+    /// The new builds' derivations, for the scheduler's index.
+    keys: Vec<(StorePath, BuildId)>,
+    /// Inputs outside the graph → the build they were linked to.
+    outside: Vec<(StorePath, BuildId)>,
     written: HashMap<BuildId, Written>,
+    /// `Queued` for each new build, in order.
+    notices: Vec<Notice>,
+    /// Distinct (system, features) of the new builds.
+    classes: Vec<(String, BTreeSet<String>)>,
+    /// The submission's record as planned, encoded.
+    record: Vec<u8>,
     roots: Vec<StorePath>,
     cached: BTreeMap<StorePath, BTreeMap<String, StorePath>>,
     priority: Priority,
@@ -256,6 +303,14 @@ impl PreparedSubmission {
     }
 }
 
+/// What an insert no longer needs: dropped by the caller after the lock.
+pub struct Leftovers {
+    _ids: HashMap<StorePath, BuildId>,
+    _inputs: Vec<Vec<StorePath>>,
+    _written: HashMap<BuildId, Written>,
+    _record: Vec<u8>,
+}
+
 /// What [`Scheduler::insert_submission`] did.
 pub struct Inserted {
     pub sid: SubmissionId,
@@ -264,6 +319,73 @@ pub struct Inserted {
     pub discard: Vec<Written>,
     /// An error writing a record (the graph is in memory whole regardless).
     pub persisted: Result<(), StateError>,
+    /// To drop after the lock.
+    pub leftovers: Leftovers,
+}
+
+/// Writes past this size are flushed before the lock is taken to insert them.
+const BIG_WRITE: usize = 4 << 20;
+
+/// Link a submission's new builds among themselves (dependents, pending
+/// dependencies, chains) and list each one's dependencies on builds the
+/// scheduler had. Whatever depends on a new build is new too, so the chains
+/// are whole.
+fn link_fresh(members: &mut [Member]) {
+    let index: HashMap<BuildId, usize> = members
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| match m {
+            Member::Fresh { build, .. } => Some((build.rec.id, i)),
+            Member::Shared { .. } => None,
+        })
+        .collect();
+    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); members.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); members.len()];
+    for (i, m) in members.iter_mut().enumerate() {
+        if let Member::Fresh {
+            build, existing, ..
+        } = m
+        {
+            for d in &build.rec.deps {
+                match index.get(d) {
+                    Some(&j) => {
+                        deps[i].push(j);
+                        dependents[j].push(i);
+                        build.pending.insert(*d);
+                    }
+                    None => existing.push(*d),
+                }
+            }
+        }
+    }
+    // Kahn's order: a build once every dependent has its chain.
+    let mut left: Vec<usize> = dependents.iter().map(Vec::len).collect();
+    let mut chain = vec![1u32; members.len()];
+    let mut queue: Vec<usize> = index.values().copied().filter(|&i| left[i] == 0).collect();
+    while let Some(i) = queue.pop() {
+        chain[i] = 1 + dependents[i].iter().map(|&k| chain[k]).max().unwrap_or(0);
+        for &j in &deps[i] {
+            left[j] -= 1;
+            if left[j] == 0 {
+                queue.push(j);
+            }
+        }
+    }
+    let ids: Vec<Option<BuildId>> = members
+        .iter()
+        .map(|m| match m {
+            Member::Fresh { build, .. } => Some(build.rec.id),
+            Member::Shared { .. } => None,
+        })
+        .collect();
+    for (i, m) in members.iter_mut().enumerate() {
+        if let Member::Fresh { build, .. } = m {
+            build.chain = chain[i];
+            build
+                .dependents
+                .extend(dependents[i].iter().filter_map(|&k| ids[k]));
+        }
+    }
 }
 
 /// A submission as followers see it: its record and a view of each build.
@@ -490,10 +612,11 @@ impl Scheduler {
     ///
     /// All in one call, under the caller's lock: fine for small graphs and
     /// tests. The coordinator prepares big ones outside the lock instead
-    /// ([`Scheduler::share_plan`], [`Scheduler::prepare_submission`],
-    /// [`Scheduler::insert_submission`]), which this does in sequence.
+    /// ([`PlanQuery::new`], [`Scheduler::share_plan`],
+    /// [`Scheduler::prepare_submission`], [`Scheduler::insert_submission`]),
+    /// which this does in sequence.
     pub fn submit(&mut self, g: GraphSubmission, now: i64) -> Result<SubmissionId, StateError> {
-        let plan = self.share_plan(&g);
+        let plan = self.share_plan(&PlanQuery::new(&g));
         let prepared = Scheduler::prepare_submission(&self.store, g, &plan, now)?;
         let ins = self.insert_submission(prepared, now);
         self.store.discard_new_builds(&ins.discard)?;
@@ -511,31 +634,29 @@ impl Scheduler {
         })
     }
 
-    /// Which of the graph's derivations existing builds cover (cheap: one
-    /// lookup per derivation and input).
-    pub fn share_plan(&self, g: &GraphSubmission) -> SharePlan {
-        let members: HashSet<&StorePath> = g.builds.iter().map(|b| &b.drv_path).collect();
+    /// Which of the graph's derivations existing builds cover: one lookup
+    /// per derivation.
+    pub fn share_plan(&self, q: &PlanQuery) -> SharePlan {
         let mut plan = SharePlan::default();
-        for nb in &g.builds {
-            if let Some(id) = self.shareable(&nb.drv_path) {
-                plan.existing.insert(nb.drv_path.clone(), id);
+        for d in &q.members {
+            if let Some(id) = self.shareable(d) {
+                plan.existing.insert(d.clone(), id);
             }
-            for i in &nb.input_drvs {
-                if !members.contains(i)
-                    && let Some(id) = self.by_drv.get(i)
-                {
-                    plan.outside.insert(i.clone(), *id);
-                }
+        }
+        for d in &q.outside {
+            if let Some(id) = self.by_drv.get(d) {
+                plan.outside.insert(d.clone(), *id);
             }
         }
         plan
     }
 
     /// Make a submission ready without the scheduler: take its ids, build the
-    /// records of the builds it brings, and write them (unfinished builds no
+    /// records of the builds it brings and write them (unfinished builds no
     /// recorded submission lists are dropped at the next start, should the
-    /// coordinator die before [`Scheduler::insert_submission`]). Blocking;
-    /// the expensive part of a big submission.
+    /// coordinator die before [`Scheduler::insert_submission`]), and work out
+    /// their chains, events and classes. Blocking; the expensive part of a
+    /// big submission.
     pub fn prepare_submission(
         store: &Store,
         g: GraphSubmission,
@@ -554,19 +675,41 @@ impl Scheduler {
             ids.insert(nb.drv_path.clone(), existing.unwrap_or(spare));
             planned.push((nb, spare, existing));
         }
+        let mut outside: Vec<(StorePath, BuildId)> = Vec::new();
         let mut members = Vec::with_capacity(planned.len());
         let mut records = Vec::new();
+        let mut classes: Vec<(String, BTreeSet<String>)> = Vec::new();
+        let mut class_of: HashMap<(String, BTreeSet<String>), usize> = HashMap::new();
         for (nb, spare, existing) in planned {
             if let Some(planned) = existing {
                 members.push(Member::Shared { nb, planned, spare });
                 continue;
             }
-            let deps: BTreeSet<BuildId> = nb
-                .input_drvs
-                .iter()
-                .filter_map(|i| ids.get(i).or_else(|| plan.outside.get(i)).copied())
-                .filter(|d| *d != spare)
-                .collect();
+            let mut deps = BTreeSet::new();
+            for i in &nb.input_drvs {
+                let dep = match ids.get(i) {
+                    Some(d) => *d,
+                    None => match plan.outside.get(i) {
+                        Some(d) => {
+                            outside.push((i.clone(), *d));
+                            *d
+                        }
+                        None => continue,
+                    },
+                };
+                if dep != spare {
+                    deps.insert(dep);
+                }
+            }
+            let class_key = (nb.system.clone(), nb.required_features.clone());
+            let class = match class_of.get(&class_key) {
+                Some(c) => *c,
+                None => {
+                    classes.push(class_key.clone());
+                    class_of.insert(class_key, classes.len() - 1);
+                    classes.len() - 1
+                }
+            };
             let rec = BuildRecord {
                 id: spare,
                 drv_path: nb.drv_path,
@@ -597,8 +740,51 @@ impl Scheduler {
             members.push(Member::Fresh {
                 build: Box::new(Build::new(rec)),
                 inputs: nb.input_drvs,
+                existing: Vec::new(),
+                class,
             });
         }
+        link_fresh(&mut members);
+        let keys: Vec<(StorePath, BuildId)> = members
+            .iter()
+            .filter_map(|m| match m {
+                Member::Fresh { build, .. } => Some((build.rec.drv_path.clone(), build.rec.id)),
+                Member::Shared { .. } => None,
+            })
+            .collect();
+        let notices = members
+            .iter()
+            .filter_map(|m| match m {
+                Member::Fresh { build, .. } => Some(Notice {
+                    submissions: vec![sid],
+                    event: Event::Queued {
+                        build: build.rec.id,
+                        drv_path: build.rec.drv_path.clone(),
+                    },
+                }),
+                Member::Shared { .. } => None,
+            })
+            .collect();
+        let record = SubmissionRecord {
+            id: sid,
+            roots: g.roots,
+            builds: members
+                .iter()
+                .map(|m| match m {
+                    Member::Shared { planned, .. } => *planned,
+                    Member::Fresh { build, .. } => build.rec.id,
+                })
+                .collect(),
+            cached: g.cached,
+            priority: g.priority,
+            created_ms: now,
+            done: false,
+            cancelled: false,
+            client: g.client,
+            finished_ms: None,
+        };
+        let encoded = serde_json::to_vec(&record).map_err(StateError::Encode)?;
+        let bytes: usize = records.iter().map(|(_, _, b)| b.len()).sum();
         let written = store.put_new_builds(&records).inspect_err(|_| {
             let all: Vec<Written> = records
                 .iter()
@@ -610,113 +796,145 @@ impl Scheduler {
                 .collect();
             let _ = store.discard_new_builds(&all);
         })?;
+        // Let sled write out a big batch now, so that the few writes made
+        // under the lock do not wait behind it.
+        if bytes > BIG_WRITE {
+            store.flush_blocking()?;
+        }
+        let SubmissionRecord {
+            roots,
+            cached,
+            client,
+            ..
+        } = record;
         Ok(PreparedSubmission {
             sid,
             created_ms: now,
             members,
+            ids,
+            keys,
+            outside,
             written: written.into_iter().map(|w| (w.id, w)).collect(),
-            roots: g.roots,
-            cached: g.cached,
+            notices,
+            classes,
+            record: encoded,
+            roots,
+            cached,
             priority: g.priority,
             max_silent_time_secs: g.max_silent_time_secs,
             build_timeout_secs: g.build_timeout_secs,
-            client: g.client,
+            client,
         })
     }
 
     /// Add a prepared submission: share what is shareable now (the plan is
     /// checked again: a build that failed meanwhile gets a new one, a
     /// derivation another submission added meanwhile is shared), link the new
-    /// builds, and start what can start. Only records that changed since
-    /// they were prepared are written here.
+    /// builds, and start what can start. When nothing changed since the plan
+    /// (the usual case) only what was prepared is inserted; otherwise the
+    /// links, chains and events are worked out again here.
     pub fn insert_submission(&mut self, p: PreparedSubmission, now: i64) -> Inserted {
         let sid = p.sid;
         let mut persisted: Result<(), StateError> = Ok(());
-        let mut sub = SubmissionRecord {
-            id: sid,
-            roots: p.roots,
-            builds: BTreeSet::new(),
-            cached: p.cached,
-            priority: p.priority,
-            created_ms: p.created_ms,
-            done: false,
-            cancelled: false,
-            client: p.client.clone(),
-            finished_ms: None,
-        };
+        // What each member shares now, and whether that is still the plan.
+        let now_shared: Vec<Option<BuildId>> =
+            p.members.iter().map(|m| self.shareable(m.drv())).collect();
+        let mut drift = p.members.iter().zip(&now_shared).any(|(m, s)| match m {
+            Member::Shared { planned, .. } => *s != Some(*planned),
+            Member::Fresh { .. } => s.is_some(),
+        });
+        drift |= p
+            .outside
+            .iter()
+            .any(|(d, id)| self.by_drv.get(d) != Some(id));
+        let mut ids = p.ids;
         let mut written = p.written;
         let mut discard: Vec<Written> = Vec::new();
-        let mut ids: HashMap<StorePath, BuildId> = HashMap::with_capacity(p.members.len());
-        let mut fresh: Vec<BuildId> = Vec::new();
-        let mut fresh_inputs: Vec<Vec<StorePath>> = Vec::new();
-        let mut rewrite: BTreeSet<BuildId> = BTreeSet::new();
+        let mut fresh: Vec<BuildId> = Vec::with_capacity(written.len());
+        let mut fresh_inputs: Vec<Vec<StorePath>> = Vec::with_capacity(written.len());
+        let mut fresh_class: Vec<Option<usize>> = Vec::with_capacity(written.len());
         let mut shared: Vec<BuildId> = Vec::new();
-        for m in p.members {
-            let (drv, id) = match m {
-                Member::Shared { nb, planned, spare } => match self.shareable(&nb.drv_path) {
-                    Some(id) => {
-                        if id != planned {
-                            tracing::debug!(drv = %nb.drv_path, "shared build changed while the submission was prepared");
-                        }
-                        shared.push(id);
-                        (nb.drv_path, id)
-                    }
-                    None => {
-                        // What it was to share failed or went meanwhile: a build of its own.
-                        let rec = BuildRecord {
-                            id: spare,
-                            drv_path: nb.drv_path.clone(),
-                            drv_aterm: nb.drv_aterm,
-                            system: nb.system,
-                            required_features: nb.required_features,
-                            outputs: nb.outputs,
-                            deps: BTreeSet::new(),
-                            priority: p.priority,
-                            created_ms: p.created_ms,
-                            submissions: BTreeSet::from([sid]),
-                            state: BuildState::Waiting,
-                            retries: 0,
-                            attempt: 0,
-                            max_silent_time_secs: p.max_silent_time_secs,
-                            build_timeout_secs: p.build_timeout_secs,
-                            error: None,
-                            builder: None,
-                            started_ms: None,
-                            finished_ms: None,
-                            requested_by: p.client.iter().cloned().collect(),
-                        };
-                        self.by_drv.insert(nb.drv_path.clone(), spare);
-                        self.builds.insert(spare, Build::new(rec));
-                        fresh.push(spare);
-                        fresh_inputs.push(nb.input_drvs);
-                        rewrite.insert(spare);
-                        (nb.drv_path, spare)
-                    }
-                },
-                Member::Fresh { build, inputs } => {
-                    let drv = build.rec.drv_path.clone();
+        let mut sub_builds: Vec<BuildId> = Vec::with_capacity(p.members.len());
+        let mut rewrite: BTreeSet<BuildId> = BTreeSet::new();
+        let mut fresh_existing: Vec<(BuildId, Vec<BuildId>)> = Vec::new();
+        self.builds.reserve(written.len());
+        self.by_drv.reserve(written.len());
+        for (m, share) in p.members.into_iter().zip(now_shared) {
+            let id = match (m, share) {
+                (Member::Shared { nb, .. }, Some(id)) => {
+                    ids.insert(nb.drv_path, id);
+                    shared.push(id);
+                    id
+                }
+                (Member::Shared { nb, spare, .. }, None) => {
+                    // What it was to share failed or went meanwhile: a build of its own.
+                    let rec = BuildRecord {
+                        id: spare,
+                        drv_path: nb.drv_path.clone(),
+                        drv_aterm: nb.drv_aterm,
+                        system: nb.system,
+                        required_features: nb.required_features,
+                        outputs: nb.outputs,
+                        deps: BTreeSet::new(),
+                        priority: p.priority,
+                        created_ms: p.created_ms,
+                        submissions: BTreeSet::from([sid]),
+                        state: BuildState::Waiting,
+                        retries: 0,
+                        attempt: 0,
+                        max_silent_time_secs: p.max_silent_time_secs,
+                        build_timeout_secs: p.build_timeout_secs,
+                        error: None,
+                        builder: None,
+                        started_ms: None,
+                        finished_ms: None,
+                        requested_by: p.client.iter().cloned().collect(),
+                    };
+                    self.by_drv.insert(nb.drv_path.clone(), spare);
+                    self.builds.insert(spare, Build::new(rec));
+                    ids.insert(nb.drv_path, spare);
+                    fresh.push(spare);
+                    fresh_inputs.push(nb.input_drvs);
+                    fresh_class.push(None);
+                    rewrite.insert(spare);
+                    spare
+                }
+                (Member::Fresh { build, .. }, Some(id)) => {
+                    // Another submission added it meanwhile.
+                    discard.extend(written.remove(&build.rec.id));
+                    ids.insert(build.rec.drv_path.clone(), id);
+                    shared.push(id);
+                    id
+                }
+                (
+                    Member::Fresh {
+                        build,
+                        inputs,
+                        existing,
+                        class,
+                    },
+                    None,
+                ) => {
                     let own = build.rec.id;
-                    match self.shareable(&drv) {
-                        Some(id) => {
-                            // Another submission added it meanwhile.
-                            discard.extend(written.remove(&own));
-                            shared.push(id);
-                            (drv, id)
-                        }
-                        None => {
-                            self.by_drv.insert(drv.clone(), own);
-                            self.builds.insert(own, *build);
-                            fresh.push(own);
-                            fresh_inputs.push(inputs);
-                            (drv, own)
-                        }
+                    if drift {
+                        self.by_drv.insert(build.rec.drv_path.clone(), own);
                     }
+                    self.builds.insert(own, *build);
+                    fresh.push(own);
+                    fresh_inputs.push(inputs);
+                    if !existing.is_empty() {
+                        fresh_existing.push((own, existing));
+                    }
+                    fresh_class.push(Some(class));
+                    own
                 }
             };
-            ids.insert(drv, id);
-            sub.builds.insert(id);
+            sub_builds.push(id);
         }
-        for id in shared {
+        if !drift {
+            self.by_drv.extend(p.keys);
+        }
+        for &id in &shared {
             let Some(b) = self.builds.get_mut(&id) else {
                 continue;
             };
@@ -738,93 +956,134 @@ impl Scheduler {
             }
             persisted = persisted.and(self.persist_build(id));
         }
-        // Link the new builds to their dependencies.
-        for (&id, inputs) in fresh.iter().zip(&fresh_inputs) {
-            let mut deps = BTreeSet::new();
-            for input in inputs {
-                let dep = ids
-                    .get(input)
-                    .copied()
-                    .or_else(|| self.by_drv.get(input).copied());
-                let Some(dep) = dep else { continue };
-                if dep == id {
-                    continue;
-                }
-                let dep_state = match self.builds.get_mut(&dep) {
-                    Some(d) => {
-                        d.dependents.insert(id);
-                        d.rec.state.is_terminal()
-                    }
-                    None => continue,
-                };
-                deps.insert(dep);
-                if !dep_state {
-                    self.builds
-                        .get_mut(&id)
-                        .expect("fresh build exists")
-                        .pending
-                        .insert(dep);
-                }
+        // Link the new builds to what they depend on. As prepared, they are
+        // linked among themselves: only links to builds the scheduler had are
+        // made here. After a change, every link is made again from the inputs.
+        let mut existing_deps: BTreeSet<BuildId> = BTreeSet::new();
+        if drift {
+            for &id in &fresh {
+                let b = self.builds.get_mut(&id).expect("fresh build exists");
+                b.dependents.clear();
+                b.pending.clear();
             }
-            let b = self.builds.get_mut(&id).expect("fresh build exists");
-            if b.rec.deps != deps {
-                b.rec.deps = deps;
-                rewrite.insert(id);
+            fresh_existing = fresh
+                .iter()
+                .zip(&fresh_inputs)
+                .map(|(&id, inputs)| {
+                    let deps: Vec<BuildId> = inputs
+                        .iter()
+                        .filter_map(|i| ids.get(i).or_else(|| self.by_drv.get(i)).copied())
+                        .filter(|d| *d != id)
+                        .collect();
+                    (id, deps)
+                })
+                .collect();
+        }
+        for (id, deps) in &fresh_existing {
+            let mut linked = BTreeSet::new();
+            let mut pending = Vec::new();
+            for &dep in deps {
+                let Some(d) = self.builds.get_mut(&dep) else {
+                    continue;
+                };
+                d.dependents.insert(*id);
+                if !d.rec.state.is_terminal() {
+                    pending.push(dep);
+                }
+                existing_deps.insert(dep);
+                linked.insert(dep);
+            }
+            let b = self.builds.get_mut(id).expect("fresh build exists");
+            b.pending.extend(pending);
+            if drift {
+                if b.rec.deps != linked {
+                    b.rec.deps = linked;
+                    rewrite.insert(*id);
+                }
+            } else if linked.len() != deps.len() {
+                // A dependency went meanwhile (it counts as done).
+                for d in deps {
+                    if !linked.contains(d) {
+                        b.rec.deps.remove(d);
+                    }
+                }
+                rewrite.insert(*id);
             }
         }
         for id in rewrite {
             persisted = persisted.and(self.persist_build(id));
         }
+        sub_builds.sort_unstable();
+        let sub = SubmissionRecord {
+            id: sid,
+            roots: p.roots,
+            builds: sub_builds.into_iter().collect(),
+            cached: p.cached,
+            priority: p.priority,
+            created_ms: p.created_ms,
+            done: false,
+            cancelled: false,
+            client: p.client,
+            finished_ms: None,
+        };
         let n_builds = sub.builds.len();
+        let n_cached = sub.cached.len();
         self.submissions.insert(sid, Arc::new(sub));
-        persisted = persisted.and(self.persist_submission(sid));
+        persisted = persisted.and(if drift {
+            self.persist_submission(sid)
+        } else {
+            self.store.put_new_submission(sid, &p.record)
+        });
         tracing::info!(
             submission = %format!("s{sid}"),
             builds = n_builds,
             new = fresh.len(),
-            cached = self.submissions[&sid].cached.len(),
+            cached = n_cached,
             "submission accepted"
         );
-        self.recompute_chains(fresh.clone());
-        for &id in &fresh {
-            self.notify(
-                id,
-                Event::Queued {
-                    build: id,
-                    drv_path: self.builds[&id].rec.drv_path.clone(),
-                },
-            );
+        if drift {
+            self.recompute_chains(fresh.clone());
+            for &id in &fresh {
+                self.notify(
+                    id,
+                    Event::Queued {
+                        build: id,
+                        drv_path: self.builds[&id].rec.drv_path.clone(),
+                    },
+                );
+            }
+        } else {
+            // The new builds' chains were worked out ahead; what they depend
+            // on outside this submission grows by them.
+            if !existing_deps.is_empty() {
+                self.recompute_chains(existing_deps.into_iter().collect());
+            }
+            self.notices.extend(p.notices);
         }
         // Builds no builder can take fail now (their dependents with them);
         // the verdict is the same for every build of a class.
-        let mut verdicts: HashMap<(String, BTreeSet<String>), Result<(), String>> = HashMap::new();
-        for &id in &fresh {
+        let verdicts: Vec<bool> = p
+            .classes
+            .iter()
+            .map(|(system, features)| self.capable_builder_recently(system, features, now))
+            .collect();
+        for (&id, class) in fresh.iter().zip(&fresh_class) {
+            if class.is_some_and(|c| verdicts[c]) {
+                continue;
+            }
             let Some(b) = self.builds.get(&id) else {
                 continue;
             };
             if b.rec.state.is_terminal() {
                 continue;
             }
-            let class = (b.rec.system.clone(), b.rec.required_features.clone());
-            let verdict = match verdicts.get(&class) {
-                Some(v) => v.clone(),
-                None => {
-                    let v = self.schedulable(&class.0, &class.1, &b.rec.drv_path, now);
-                    verdicts.insert(class, v.clone());
-                    v
-                }
-            };
-            if verdict.is_err() {
-                // The message names this derivation.
-                let b = &self.builds[&id];
-                if let Err(msg) = self.schedulable(
-                    &b.rec.system,
-                    &b.rec.required_features,
-                    &b.rec.drv_path,
-                    now,
-                ) {
-                    self.finish(id, Outcome::Unschedulable, Some(msg), now);
-                }
+            if let Err(msg) = self.schedulable(
+                &b.rec.system,
+                &b.rec.required_features,
+                &b.rec.drv_path,
+                now,
+            ) {
+                self.finish(id, Outcome::Unschedulable, Some(msg), now);
             }
         }
         for &id in &fresh {
@@ -840,6 +1099,12 @@ impl Scheduler {
             sid,
             discard,
             persisted,
+            leftovers: Leftovers {
+                _ids: ids,
+                _inputs: fresh_inputs,
+                _written: written,
+                _record: p.record,
+            },
         }
     }
 
@@ -851,17 +1116,26 @@ impl Scheduler {
         drv: &StorePath,
         now: i64,
     ) -> Result<(), String> {
-        let capable_recent = self.by_system.get(system).is_some_and(|names| {
+        if self.capable_builder_recently(system, required, now) {
+            return Ok(());
+        }
+        Err(self.unschedulable_message(drv, system, required, now))
+    }
+
+    /// Whether a builder that can take this kind of work is online or was seen recently.
+    fn capable_builder_recently(
+        &self,
+        system: &str,
+        required: &BTreeSet<String>,
+        now: i64,
+    ) -> bool {
+        self.by_system.get(system).is_some_and(|names| {
             names.iter().any(|n| {
                 let e = &self.builders[n];
                 e.rec.capabilities.can_build(system, required)
                     && (e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
             })
-        });
-        if capable_recent {
-            return Ok(());
-        }
-        Err(self.unschedulable_message(drv, system, required, now))
+        })
     }
 
     fn unschedulable_message(

@@ -1015,7 +1015,7 @@ fn an_interrupted_submission_leaves_nothing_to_build() {
             ],
             &["b"],
         );
-        let plan = s.share_plan(&g);
+        let plan = s.share_plan(&PlanQuery::new(&g));
         let p = Scheduler::prepare_submission(s.store(), g, &plan, 0).unwrap();
         assert_eq!(s.store().counts().builds, 2);
         drop(p);
@@ -1043,7 +1043,10 @@ fn submissions_prepared_at_once_share_one_build() {
         ],
         &["y"],
     );
-    let (p1, p2) = (s.share_plan(&g1), s.share_plan(&g2));
+    let (p1, p2) = (
+        s.share_plan(&PlanQuery::new(&g1)),
+        s.share_plan(&PlanQuery::new(&g2)),
+    );
     let p1 = Scheduler::prepare_submission(s.store(), g1, &p1, 0).unwrap();
     let p2 = Scheduler::prepare_submission(s.store(), g2, &p2, 0).unwrap();
     let i1 = s.insert_submission(p1, 0);
@@ -1093,7 +1096,7 @@ fn a_shared_build_that_fails_meanwhile_is_built_again() {
         ],
         &["y"],
     );
-    let plan = s.share_plan(&g);
+    let plan = s.share_plan(&PlanQuery::new(&g));
     let p = Scheduler::prepare_submission(s.store(), g, &plan, 1).unwrap();
     s.job_ended("b", &first[0].job_id, JobEnd::Failed("boom".into()), 2);
     let ins = s.insert_submission(p, 3);
@@ -1246,4 +1249,93 @@ fn builders_not_seen_within_the_retention_are_removed() {
         40 * day,
     )
     .unwrap();
+}
+
+/// Links and chains as a full recomputation would have them.
+fn check_links(s: &mut Scheduler) {
+    let ids: Vec<BuildId> = s.builds.keys().copied().collect();
+    for id in &ids {
+        let b = &s.builds[id];
+        let mut pending = BTreeSet::new();
+        for d in &b.rec.deps {
+            if let Some(db) = s.builds.get(d) {
+                assert!(db.dependents.contains(id), "b{d} lacks dependent b{id}");
+                if !db.rec.state.is_terminal() {
+                    pending.insert(*d);
+                }
+            }
+        }
+        assert_eq!(b.pending, pending, "pending of b{id}");
+        for x in &b.dependents {
+            assert!(s.builds[x].rec.deps.contains(id), "b{x} lacks dep b{id}");
+        }
+        assert_eq!(
+            s.store().get_build(*id).unwrap().unwrap().deps,
+            b.rec.deps,
+            "stored deps of b{id}"
+        );
+    }
+    let before: BTreeMap<BuildId, u32> = ids.iter().map(|i| (*i, s.builds[i].chain)).collect();
+    s.recompute_chains(ids.clone());
+    let after: BTreeMap<BuildId, u32> = ids.iter().map(|i| (*i, s.builds[i].chain)).collect();
+    assert_eq!(before, after, "chains");
+}
+
+/// A submission inserted as prepared, one whose plan changed meanwhile, and
+/// the all-in-one path link and chain builds as a full recomputation does.
+#[test]
+fn prepared_inserts_link_like_a_full_recomputation() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    // an existing chain x <- y, x running
+    s.submit(
+        graph(
+            vec![
+                nb("x", "x86_64-linux", &[], &[]),
+                nb("y", "x86_64-linux", &[], &["x"]),
+            ],
+            &["y"],
+        ),
+        0,
+    )
+    .unwrap();
+    let first = settle(&mut s, 0);
+    check_links(&mut s);
+    // as prepared: shares x and y, adds a diamond on top of them
+    let g = graph(
+        vec![
+            nb("x", "x86_64-linux", &[], &[]),
+            nb("y", "x86_64-linux", &[], &["x"]),
+            nb("a", "x86_64-linux", &[], &["y"]),
+            nb("b2", "x86_64-linux", &[], &["y", "x"]),
+            nb("c", "x86_64-linux", &[], &["a", "b2"]),
+            nb("d", "x86_64-linux", &[], &["c"]),
+        ],
+        &["d"],
+    );
+    s.submit(g, 1).unwrap();
+    check_links(&mut s);
+    assert_eq!(s.builds[&id_of(&s, "x")].chain, 5);
+    // changed meanwhile: x fails before the insert, so x, y and what this
+    // graph adds are new, and e (prepared with the others) links to them
+    let g = graph(
+        vec![
+            nb("x", "x86_64-linux", &[], &[]),
+            nb("y", "x86_64-linux", &[], &["x"]),
+            nb("e", "x86_64-linux", &[], &["y"]),
+            nb("f", "x86_64-linux", &[], &["e", "x"]),
+        ],
+        &["f"],
+    );
+    let plan = s.share_plan(&PlanQuery::new(&g));
+    let p = Scheduler::prepare_submission(s.store(), g, &plan, 2).unwrap();
+    s.job_ended("b", &first[0].job_id, JobEnd::Failed("no".into()), 3);
+    let ins = s.insert_submission(p, 4);
+    ins.persisted.unwrap();
+    check_links(&mut s);
+    let (x2, e) = (id_of(&s, "x"), id_of(&s, "e"));
+    assert_ne!(x2, first[0].build);
+    assert_eq!(s.builds[&x2].chain, 4);
+    assert_eq!(s.builds[&e].pending, BTreeSet::from([id_of(&s, "y")]));
+    assert_eq!(settle(&mut s, 4)[0].build, x2);
 }
