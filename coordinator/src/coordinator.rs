@@ -334,6 +334,13 @@ impl Coordinator {
         }
     }
 
+    /// Whether a submission exists (in memory, else recorded; nothing is read
+    /// but the key).
+    pub fn submission_known(&self, sid: SubmissionId) -> bool {
+        let (in_memory, store) = self.read_sched(|s| (!s.submission_done(sid), s.store().clone()));
+        in_memory || store.has_submission(sid).unwrap_or(false)
+    }
+
     /// Prune the state's finished history past `retention`, every `period`,
     /// in batches off the scheduler lock (and old builder records, under it:
     /// there are few). Runs until the coordinator stops.
@@ -831,6 +838,72 @@ mod tests {
         assert!(len > 4096 + 100 * 40, "{len}");
         let msg = job_message(job, len).unwrap();
         assert_eq!(prost::Message::encoded_len(&msg), len);
+    }
+
+    /// Through the coordinator: a graph submitted in phases, followed while
+    /// in memory and (once finished and evicted) from the store, then pruned
+    /// by the retention, after which it is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submissions_are_read_outside_the_lock_and_pruned_by_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::CoordinatorConfig::new(dir.path().join("state"));
+        cfg.grpc = "127.0.0.1:0".into();
+        cfg.http = "127.0.0.1:0".into();
+        cfg.ssh = "127.0.0.1:0".into();
+        cfg.cache_key_name = Some("test".into());
+        let running = crate::server::start(cfg).await.unwrap();
+        let coord = running.coordinator().clone();
+        let path = |n: &str| {
+            farm_nix::store_path::StorePath::parse(&format!("/nix/store/{}-{n}", "b".repeat(32)))
+                .unwrap()
+        };
+        let nb = |n: &str, deps: &[&str]| crate::scheduler::NewBuild {
+            drv_path: path(&format!("{n}.drv")),
+            drv_aterm: format!("Derive-{n}").into(),
+            system: "riscv64-linux".into(),
+            required_features: Default::default(),
+            outputs: [("out".to_string(), path(n))].into(),
+            input_drvs: deps.iter().map(|d| path(&format!("{d}.drv"))).collect(),
+        };
+        // No builder can take it: it ends at once, unschedulable.
+        let g = GraphSubmission {
+            roots: vec![path("top.drv")],
+            builds: vec![nb("leaf", &[]), nb("top", &["leaf"])],
+            ..Default::default()
+        };
+        let sid = coord.submit_graph(g).await.unwrap();
+        coord.flush().await.unwrap();
+        assert!(coord.read_sched(|s| s.submission_view(sid).is_none()));
+        let (sub, builds) = coord.submission(sid).await.expect("read from the store");
+        assert!(sub.done);
+        assert_eq!(builds.len(), 2);
+        assert!(builds.iter().all(|b| b.state.is_terminal()));
+        let leaf = builds
+            .iter()
+            .find(|b| b.drv_path == path("leaf.drv"))
+            .unwrap();
+        assert_eq!(leaf.state, BuildState::Done(Outcome::Unschedulable));
+        assert_eq!(coord.build_of_drv(&path("leaf.drv")), Some(leaf.id));
+        assert!(coord.build_view(leaf.id).is_some());
+        assert!(coord.submission_known(sid));
+        // Retention 0: the finished submission goes with its builds.
+        let pruned = coord
+            .prune_once(&Retention {
+                finished_submissions: 0,
+                max_age_ms: None,
+                builder_ms: i64::MAX,
+            })
+            .await;
+        assert_eq!(
+            (pruned.submissions, pruned.builds, pruned.log_entries),
+            (1, 2, 2)
+        );
+        assert!(coord.submission(sid).await.is_none());
+        assert!(!coord.submission_known(sid));
+        assert!(coord.build_view(leaf.id).is_none());
+        assert_eq!(coord.build_of_drv(&path("leaf.drv")), None);
+        drop(coord);
+        running.shutdown().await.unwrap();
     }
 
     #[test]

@@ -379,7 +379,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         let id = request.into_inner().submission_id;
         let sid = parse_submission_id(&id)
             .ok_or_else(|| Status::invalid_argument(format!("bad submission id {id:?}")))?;
-        if self.coord.submission(sid).await.is_none() {
+        if !self.coord.submission_known(sid) {
             return Err(Status::not_found(format!("no submission {id}")));
         }
         Ok(Response::new(watch_stream(self.coord.clone(), sid)))

@@ -388,6 +388,11 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a submission is recorded (nothing is parsed).
+    pub fn has_submission(&self, id: SubmissionId) -> Result<bool, StateError> {
+        Ok(self.submissions.contains_key(id.to_be_bytes())?)
+    }
+
     /// Write a new, unfinished submission's record, already encoded.
     pub fn put_new_submission(&self, id: SubmissionId, bytes: &[u8]) -> Result<(), StateError> {
         self.active.insert(active_key(b's', id), &[])?;
