@@ -10,6 +10,9 @@
 //! state-dir = "/var/lib/farm"
 //! grpc = "0.0.0.0:7070"
 //! builder-keys = "/etc/farm/builder_keys"
+//! retain-finished = 10000   # finished submissions kept in the state database
+//! retain-days = 90          # …and none older (0: by count only)
+//! retain-builders-days = 30 # builder records not seen for longer are removed
 //! [cache]                # optional: the cache's own settings (`cache::CacheConfig`)
 //! zstd_level = 3
 //! [cache.storage]        # optional; default: a local directory in the state dir
@@ -26,6 +29,7 @@ use serde::Deserialize;
 
 use crate::CoordinatorError;
 use crate::cache::CacheConfig;
+use crate::state::Retention;
 
 /// Default gRPC listen address.
 pub const DEFAULT_GRPC: &str = "127.0.0.1:7070";
@@ -137,6 +141,19 @@ pub struct Args {
     /// still running then is abandoned (a second signal exits at once) [default: 10].
     #[arg(long, env = "FARM_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<u64>,
+    /// Finished submissions kept in the state database, newest first; older
+    /// ones are pruned with the builds only they list (build logs stay in the
+    /// cache) [default: 10000].
+    #[arg(long, env = "FARM_RETAIN_FINISHED", value_name = "N")]
+    pub retain_finished: Option<usize>,
+    /// Finished submissions older than this many days are pruned too; 0 keeps
+    /// them by count only [default: 90].
+    #[arg(long, env = "FARM_RETAIN_DAYS", value_name = "DAYS")]
+    pub retain_days: Option<u64>,
+    /// Builder records not seen for this many days are removed (and their
+    /// names freed) [default: 30].
+    #[arg(long, env = "FARM_RETAIN_BUILDERS_DAYS", value_name = "DAYS")]
+    pub retain_builders_days: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, by their long names.
@@ -166,6 +183,9 @@ pub struct FileConfig {
     pub unschedulable_wait: Option<u64>,
     pub recent_builder_window: Option<u64>,
     pub shutdown_grace: Option<u64>,
+    pub retain_finished: Option<usize>,
+    pub retain_days: Option<u64>,
+    pub retain_builders_days: Option<u64>,
     /// The cache's own `CacheConfig` (which refuses unknown keys too); its
     /// `storage` defaults to the local directory.
     pub cache: Option<toml::Table>,
@@ -201,6 +221,8 @@ pub struct CoordinatorConfig {
     pub recent_builder_window: Duration,
     /// How long stopping may take at most.
     pub shutdown_grace: Duration,
+    /// How much finished history the state database keeps.
+    pub retention: Retention,
 }
 
 impl CoordinatorConfig {
@@ -230,6 +252,7 @@ impl CoordinatorConfig {
             unschedulable_wait: Duration::from_secs(600),
             recent_builder_window: Duration::from_secs(86_400),
             shutdown_grace: Duration::from_secs(10),
+            retention: Retention::default(),
         }
     }
 
@@ -325,6 +348,22 @@ impl CoordinatorConfig {
                 .or(file.shutdown_grace)
                 .map(Duration::from_secs)
                 .unwrap_or(d.shutdown_grace),
+            retention: Retention {
+                finished_submissions: args
+                    .retain_finished
+                    .or(file.retain_finished)
+                    .unwrap_or(d.retention.finished_submissions),
+                max_age_ms: match args.retain_days.or(file.retain_days) {
+                    None => d.retention.max_age_ms,
+                    Some(0) => None,
+                    Some(days) => Some(days_ms(days)),
+                },
+                builder_ms: args
+                    .retain_builders_days
+                    .or(file.retain_builders_days)
+                    .map(days_ms)
+                    .unwrap_or(d.retention.builder_ms),
+            },
             state_dir: d.state_dir,
         })
     }
@@ -374,6 +413,11 @@ impl CoordinatorConfig {
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("state.sled")
     }
+}
+
+/// Days in milliseconds (saturating).
+fn days_ms(days: u64) -> i64 {
+    i64::try_from(days.saturating_mul(86_400_000)).unwrap_or(i64::MAX)
 }
 
 /// An IP as it goes in front of `:port` (IPv6 in brackets).
@@ -450,6 +494,37 @@ mod tests {
         let e =
             CoordinatorConfig::from_args(parse(&["--config", file.to_str().unwrap()])).unwrap_err();
         assert!(e.to_string().contains("grcp"), "{e}");
+    }
+
+    #[test]
+    fn retention_from_flags_and_file() {
+        let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s"])).unwrap();
+        assert_eq!(c.retention, Retention::default());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "state-dir = \"/s\"\nretain-finished = 50\nretain-days = 0\nretain-builders-days = 2\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::from_args(parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--retain-finished",
+            "7",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.retention,
+            Retention {
+                finished_submissions: 7,
+                max_age_ms: None,
+                builder_ms: 2 * 86_400_000,
+            }
+        );
+        let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s", "--retain-days", "3"]))
+            .unwrap();
+        assert_eq!(c.retention.max_age_ms, Some(3 * 86_400_000));
     }
 
     #[test]

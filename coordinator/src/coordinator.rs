@@ -13,8 +13,21 @@ use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::auth::{BuilderAuth, CliAuth};
 use crate::cache::Cache;
-use crate::scheduler::Scheduler;
 use crate::scheduler::types::*;
+use crate::scheduler::{GraphSubmission, PlanQuery, Scheduler, SubmissionSnapshot};
+use crate::state::{KeepNothing, Retention, StateError, Store};
+
+/// Finished submissions pruned per batch (each batch is its own few sled
+/// writes; nothing holds the scheduler lock meanwhile).
+const PRUNE_BATCH: usize = 256;
+
+/// Views of the builds `ids` that the store has (blocking).
+fn read_builds(store: &Store, ids: &[BuildId]) -> Vec<Arc<BuildView>> {
+    ids.iter()
+        .filter_map(|id| store.get_build(*id).ok().flatten())
+        .map(|r| Arc::new(BuildView::from(&r)))
+        .collect()
+}
 
 /// Capacity of a submission's event channel (a watcher that falls further
 /// behind gets a fresh snapshot).
@@ -240,6 +253,146 @@ impl Coordinator {
         f(&s)
     }
 
+    /// The state database (a clone of the handle: read it without the lock).
+    pub fn store(&self) -> Store {
+        self.read_sched(|s| s.store().clone())
+    }
+
+    /// Add a derivation graph: what is shared is looked up under the
+    /// scheduler lock, the new builds' ids, records and writes are made
+    /// outside it, and the lock is held again only to insert them, so a big
+    /// graph does not stall builder sessions. Not flushed yet.
+    pub async fn submit_graph(&self, g: GraphSubmission) -> Result<SubmissionId, StateError> {
+        let (q, g) = tokio::task::spawn_blocking(move || (PlanQuery::new(&g), g))
+            .await
+            .map_err(|e| StateError::Task(format!("planning the submission: {e}")))?;
+        let (plan, store) = self.read_sched(|s| (s.share_plan(&q), s.store().clone()));
+        let now = now_ms();
+        let prep_store = store.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            drop(q);
+            Scheduler::prepare_submission(&prep_store, g, &plan, now)
+        })
+        .await
+        .map_err(|e| StateError::Task(format!("preparing the submission: {e}")))??;
+        // (The insert's scratch, `ins.leftovers`, is freed here, after the lock.)
+        let ins = self.with_sched(|s, now| s.insert_submission(prepared, now));
+        if !ins.discard.is_empty() {
+            let discard = ins.discard;
+            tokio::task::spawn_blocking(move || store.discard_new_builds(&discard))
+                .await
+                .map_err(|e| StateError::Task(format!("discarding unused builds: {e}")))??;
+        }
+        ins.persisted.map(|()| ins.sid)
+    }
+
+    /// A build's view: from the scheduler, else (a finished build no longer
+    /// in memory) from the store, read after the lock is released.
+    pub fn build_view(&self, id: BuildId) -> Option<Arc<BuildView>> {
+        let (view, store) = self.read_sched(|s| (s.build_view(id), s.store().clone()));
+        view.or_else(|| {
+            store
+                .get_build(id)
+                .ok()
+                .flatten()
+                .map(|r| Arc::new(BuildView::from(&r)))
+        })
+    }
+
+    /// The latest build of a derivation, in memory or in the store's log index.
+    pub fn build_of_drv(&self, drv: &farm_nix::store_path::StorePath) -> Option<BuildId> {
+        let (id, store) = self.read_sched(|s| (s.build_of_drv(drv), s.store().clone()));
+        id.or_else(|| store.build_of_drv(&drv.base_name()).ok().flatten())
+    }
+
+    /// A submission and a view of each of its builds. An unfinished one comes
+    /// from the scheduler (views are shared, not copied); a finished one, and
+    /// builds not in memory, from the store after the lock is released.
+    pub async fn submission(&self, sid: SubmissionId) -> Option<SubmissionSnapshot> {
+        let (found, store) = self.read_sched(|s| (s.submission_view(sid), s.store().clone()));
+        match found {
+            Some(((sub, mut builds), missing)) if missing.is_empty() => {
+                builds.sort_by_key(|b| b.id);
+                Some((sub, builds))
+            }
+            Some(((sub, mut builds), missing)) => {
+                let more = tokio::task::spawn_blocking(move || read_builds(&store, &missing))
+                    .await
+                    .ok()?;
+                builds.extend(more);
+                builds.sort_by_key(|b| b.id);
+                Some((sub, builds))
+            }
+            None => tokio::task::spawn_blocking(move || {
+                let sub = store.get_submission(sid).ok().flatten()?;
+                let ids: Vec<BuildId> = sub.builds.iter().copied().collect();
+                Some((Arc::new(sub), read_builds(&store, &ids)))
+            })
+            .await
+            .ok()
+            .flatten(),
+        }
+    }
+
+    /// Whether a submission exists (in memory, else recorded; nothing is read
+    /// but the key).
+    pub fn submission_known(&self, sid: SubmissionId) -> bool {
+        let (in_memory, store) = self.read_sched(|s| (!s.submission_done(sid), s.store().clone()));
+        in_memory || store.has_submission(sid).unwrap_or(false)
+    }
+
+    /// Prune the state's finished history past `retention`, every `period`,
+    /// in batches off the scheduler lock (and old builder records, under it:
+    /// there are few). Runs until the coordinator stops.
+    pub async fn pruner(self, retention: Retention, period: Duration) {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            self.prune_once(&retention).await;
+        }
+    }
+
+    /// One pruning round (see [`Coordinator::pruner`]); returns what went.
+    pub async fn prune_once(&self, retention: &Retention) -> crate::state::Pruned {
+        let builders = self.forget_old_builders(retention);
+        let store = self.store();
+        let r = retention.clone();
+        let total = tokio::task::spawn_blocking(move || {
+            let mut total = crate::state::Pruned::default();
+            loop {
+                match store.prune(&r, &KeepNothing, now_ms(), PRUNE_BATCH) {
+                    Ok(p) => {
+                        total.submissions += p.submissions;
+                        total.builds += p.builds;
+                        total.log_entries += p.log_entries;
+                        if !p.more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "pruning the state database failed");
+                        break;
+                    }
+                }
+                std::thread::yield_now();
+            }
+            total
+        })
+        .await
+        .unwrap_or_default();
+        if total.submissions > 0 || !builders.is_empty() {
+            tracing::info!(
+                submissions = total.submissions,
+                builds = total.builds,
+                log_entries = total.log_entries,
+                builders = builders.len(),
+                "pruned finished history past the retention"
+            );
+        }
+        total
+    }
+
     /// Carry out one batch of the scheduler's decisions (the state that
     /// records them is already flushed when they need it: see [`run_outbox`]).
     fn carry_out(&self, actions: Vec<Action>) {
@@ -370,15 +523,21 @@ impl Coordinator {
 
     // ───────────────────────────── builder sessions ─────────────────────────────
 
-    /// An authenticated builder's session begins. Returns its session token.
+    /// An authenticated builder's session begins. Returns its connection
+    /// number, session token and whether it is drained; or, when `name` is
+    /// bound to another key (other than `replaces`, a key the caller found no
+    /// longer enrolled), that it is taken: checked and bound under the
+    /// scheduler lock in one step, so two keys racing for a new name cannot
+    /// both get it.
     pub fn builder_online(
         &self,
         name: &str,
         public_key: &str,
+        replaces: Option<&str>,
         caps: Capabilities,
         running_jobs: &[String],
         tx: SessionSender,
-    ) -> (u64, String, bool) {
+    ) -> Result<(u64, String, bool), crate::scheduler::NameTaken> {
         let token = random_token();
         // Register the session before the scheduler can dispatch to it.
         let (conn, draining) = {
@@ -389,7 +548,7 @@ impl Coordinator {
                 .unwrap_or_else(|e| e.into_inner());
             let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
             let (conn, draining) =
-                s.builder_connected(name, public_key, caps, running_jobs, now_ms());
+                s.builder_join(name, public_key, replaces, caps, running_jobs, now_ms())?;
             if let Some(old) = sessions.insert(
                 name.to_owned(),
                 Session {
@@ -411,7 +570,12 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(token.clone(), name.to_owned());
-        (conn, token, draining)
+        Ok((conn, token, draining))
+    }
+
+    /// Remove builder records not seen within `retention` (see [`Retention`]).
+    pub fn forget_old_builders(&self, retention: &Retention) -> Vec<String> {
+        self.with_sched(|s, now| s.forget_builders(now, retention.builder_ms))
     }
 
     /// Run the scheduler after a builder came online (called once `Welcome` is sent).
@@ -598,7 +762,7 @@ fn job_message(job: Assignment, limit: usize) -> Result<v1::CoordinatorMessage, 
         msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
             job_id: job.job_id,
             drv_path: job.drv_path.to_string(),
-            drv_aterm: job.drv_aterm,
+            drv_aterm: job.drv_aterm.to_string(),
             input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
             max_silent_time_secs: job.max_silent_time_secs,
             build_timeout_secs: job.build_timeout_secs,
@@ -633,7 +797,7 @@ impl Coordinator {
         if end == crate::scheduler::JobEnd::Built {
             let outputs = self.read_sched(|s| {
                 s.running_job(builder, &r.job_id)
-                    .and_then(|id| s.build(id))
+                    .and_then(|id| s.build_record(id))
                     .map(|b| b.outputs.values().cloned().collect::<Vec<_>>())
             });
             let Some(outputs) = outputs else {
@@ -663,8 +827,10 @@ mod tests {
             build: 1,
             job_id: "1.1".into(),
             drv_path: path("x.drv"),
-            drv_aterm: "D".repeat(4096),
-            input_paths: (0..100).map(|i| path(&format!("in{i}"))).collect(),
+            drv_aterm: "D".repeat(4096).into(),
+            input_paths: (0..100)
+                .map(|i| Arc::new(path(&format!("in{i}"))))
+                .collect(),
             max_silent_time_secs: 0,
             build_timeout_secs: 0,
         };
@@ -672,6 +838,72 @@ mod tests {
         assert!(len > 4096 + 100 * 40, "{len}");
         let msg = job_message(job, len).unwrap();
         assert_eq!(prost::Message::encoded_len(&msg), len);
+    }
+
+    /// Through the coordinator: a graph submitted in phases, followed while
+    /// in memory and (once finished and evicted) from the store, then pruned
+    /// by the retention, after which it is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submissions_are_read_outside_the_lock_and_pruned_by_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::CoordinatorConfig::new(dir.path().join("state"));
+        cfg.grpc = "127.0.0.1:0".into();
+        cfg.http = "127.0.0.1:0".into();
+        cfg.ssh = "127.0.0.1:0".into();
+        cfg.cache_key_name = Some("test".into());
+        let running = crate::server::start(cfg).await.unwrap();
+        let coord = running.coordinator().clone();
+        let path = |n: &str| {
+            farm_nix::store_path::StorePath::parse(&format!("/nix/store/{}-{n}", "b".repeat(32)))
+                .unwrap()
+        };
+        let nb = |n: &str, deps: &[&str]| crate::scheduler::NewBuild {
+            drv_path: path(&format!("{n}.drv")),
+            drv_aterm: format!("Derive-{n}").into(),
+            system: "riscv64-linux".into(),
+            required_features: Default::default(),
+            outputs: [("out".to_string(), path(n))].into(),
+            input_drvs: deps.iter().map(|d| path(&format!("{d}.drv"))).collect(),
+        };
+        // No builder can take it: it ends at once, unschedulable.
+        let g = GraphSubmission {
+            roots: vec![path("top.drv")],
+            builds: vec![nb("leaf", &[]), nb("top", &["leaf"])],
+            ..Default::default()
+        };
+        let sid = coord.submit_graph(g).await.unwrap();
+        coord.flush().await.unwrap();
+        assert!(coord.read_sched(|s| s.submission_view(sid).is_none()));
+        let (sub, builds) = coord.submission(sid).await.expect("read from the store");
+        assert!(sub.done);
+        assert_eq!(builds.len(), 2);
+        assert!(builds.iter().all(|b| b.state.is_terminal()));
+        let leaf = builds
+            .iter()
+            .find(|b| b.drv_path == path("leaf.drv"))
+            .unwrap();
+        assert_eq!(leaf.state, BuildState::Done(Outcome::Unschedulable));
+        assert_eq!(coord.build_of_drv(&path("leaf.drv")), Some(leaf.id));
+        assert!(coord.build_view(leaf.id).is_some());
+        assert!(coord.submission_known(sid));
+        // Retention 0: the finished submission goes with its builds.
+        let pruned = coord
+            .prune_once(&Retention {
+                finished_submissions: 0,
+                max_age_ms: None,
+                builder_ms: i64::MAX,
+            })
+            .await;
+        assert_eq!(
+            (pruned.submissions, pruned.builds, pruned.log_entries),
+            (1, 2, 2)
+        );
+        assert!(coord.submission(sid).await.is_none());
+        assert!(!coord.submission_known(sid));
+        assert!(coord.build_view(leaf.id).is_none());
+        assert_eq!(coord.build_of_drv(&path("leaf.drv")), None);
+        drop(coord);
+        running.shutdown().await.unwrap();
     }
 
     #[test]

@@ -169,11 +169,11 @@ impl Coordinator {
                     .map(|drv| drv.input_drvs.keys().cloned().collect())
                     .map_err(|e| SubmitError::Internal(format!("{d}: stored derivation: {e}")))?;
                 builds.push(NewBuild {
-                    drv_path: rec.drv_path,
-                    drv_aterm: rec.drv_aterm,
-                    system: rec.system,
-                    required_features: rec.required_features,
-                    outputs: rec.outputs,
+                    drv_path: rec.drv_path.clone(),
+                    drv_aterm: rec.drv_aterm.clone(),
+                    system: rec.system.clone(),
+                    required_features: rec.required_features.clone(),
+                    outputs: rec.outputs.clone(),
                     input_drvs,
                 });
                 continue;
@@ -213,7 +213,7 @@ impl Coordinator {
             tracing::debug!(drv = %d, %name, "derivation to build");
             builds.push(NewBuild {
                 drv_path: d,
-                drv_aterm: text,
+                drv_aterm: text.into(),
                 system: drv.platform.clone(),
                 required_features: drv.required_system_features(),
                 outputs,
@@ -233,9 +233,10 @@ impl Coordinator {
             client: opts.client,
         };
         let sid = self
-            .with_sched(|s, now| s.submit(g, now))
+            .submit_graph(g)
+            .await
             .map_err(|e| SubmitError::Internal(e.to_string()))?;
-        let store = self.read_sched(|s| s.store().clone());
+        let store = self.store();
         store
             .flush()
             .await
@@ -245,8 +246,8 @@ impl Coordinator {
 
     /// The output paths of an input derivation: from the scheduler, else from its `.drv`.
     async fn outputs_of(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>, String> {
-        if let Some(rec) = self.read_sched(|s| s.build_of_drv(drv).and_then(|id| s.build(id))) {
-            return Ok(rec.outputs);
+        if let Some(rec) = self.build_of_drv(drv).and_then(|id| self.build_view(id)) {
+            return Ok(rec.outputs.clone());
         }
         let (_, d) = self.parsed_drv(drv).await.map_err(|e| e.to_string())?;
         Ok(d.output_paths())
@@ -256,7 +257,7 @@ impl Coordinator {
     /// find its outputs there already.
     pub(crate) async fn prepare(&self, build: BuildId) -> Result<Prepared, String> {
         let rec = self
-            .read_sched(|s| s.build(build))
+            .build_view(build)
             .ok_or_else(|| format!("unknown build b{build}"))?;
         let outs: Vec<StorePath> = rec.outputs.values().cloned().collect();
         let present = self
@@ -320,7 +321,7 @@ impl Coordinator {
 
     /// Store a finished build's log (the tail, if it is over the cache's limit).
     pub(crate) async fn store_log(&self, build: BuildId, data: Vec<u8>) {
-        let Some(rec) = self.read_sched(|s| s.build(build)) else {
+        let Some(rec) = self.build_view(build) else {
             return;
         };
         let limit = self.cache().config().max_log_size as usize;

@@ -246,7 +246,9 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         }
         // A name belongs to the key it joined with, online or not, while that key
         // stays enrolled: another enrolled key must not take over its record and
-        // running jobs.
+        // running jobs. This early check spares a doomed handshake; the binding
+        // itself is checked again, atomically, when the session goes online.
+        let mut replaces: Option<String> = None;
         if let Some(other) = self.coord.known_key(&name)
             && parse_ed25519_line(&other).ok() != Some(key)
         {
@@ -268,6 +270,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
                 )));
             }
             tracing::info!(builder = %name, key = %fp, "builder name taken over: its old key is no longer enrolled");
+            replaces = Some(other);
         }
         let caps = capabilities_from(hello.capabilities.clone().unwrap_or_default())?;
         if hello.running_jobs.len() > MAX_HELD_JOBS {
@@ -279,7 +282,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let coord = self.coord.clone();
         tokio::spawn(async move {
-            run_session(coord, hello, key, fp, caps, peer, inbound, tx).await;
+            run_session(coord, hello, key, fp, replaces, caps, peer, inbound, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -323,6 +326,7 @@ async fn run_session(
     hello: v1::Hello,
     key: [u8; 32],
     fp: String,
+    replaces: Option<String>,
     caps: Capabilities,
     peer: String,
     mut inbound: Streaming<v1::BuilderMessage>,
@@ -376,7 +380,27 @@ async fn run_session(
     if !hello.finished_jobs.is_empty() {
         tracing::info!(builder = %name, finished = hello.finished_jobs.len(), "builder holds results of jobs that ended while it was away");
     }
-    let (conn, token, draining) = coord.builder_online(&name, &public_key, caps, &held, tx.clone());
+    let online = coord.builder_online(
+        &name,
+        &public_key,
+        replaces.as_deref(),
+        caps,
+        &held,
+        tx.clone(),
+    );
+    let (conn, token, draining) = match online {
+        Ok(o) => o,
+        Err(taken) => {
+            tracing::warn!(builder = %name, %peer, key = %fp, "refused builder: name belongs to another key");
+            let _ = tx
+                .send(Err(Status::already_exists(format!(
+                    "{taken}; to re-enrol under that name remove the old key from \
+                     --builder-keys, or use another --name"
+                ))))
+                .await;
+            return;
+        }
+    };
     let welcome = v1::CoordinatorMessage {
         msg: Some(Down::Welcome(v1::Welcome {
             session_token: token,
@@ -444,4 +468,153 @@ async fn run_session(
         }
     }
     coord.builder_offline(&name, conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::Signer;
+    use farm_proto::v1::builder_service_client::BuilderServiceClient;
+
+    /// A builder's half-open session: its outbound messages, the coordinator's replies.
+    struct Half {
+        tx: mpsc::Sender<v1::BuilderMessage>,
+        rx: Streaming<v1::CoordinatorMessage>,
+    }
+
+    async fn hello(url: &str, name: &str, key: &ed25519_dalek::SigningKey) -> Result<Half, Status> {
+        let mut client = BuilderServiceClient::connect(url.to_owned()).await.unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let public_key = crate::keys::public_key_line_ed25519(&key.verifying_key().to_bytes());
+        tx.send(v1::BuilderMessage {
+            msg: Some(Up::Hello(v1::Hello {
+                name: name.to_owned(),
+                public_key,
+                capabilities: Some(v1::Capabilities {
+                    systems: vec!["x86_64-linux".into()],
+                    max_jobs: 1,
+                    ..Default::default()
+                }),
+                version: "test".into(),
+                running_jobs: Vec::new(),
+                finished_jobs: Vec::new(),
+            })),
+        })
+        .await
+        .unwrap();
+        let rx = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Half { tx, rx })
+    }
+
+    /// Answers the challenge; returns whether the session was welcomed (and
+    /// the session, kept open) or the refusal.
+    async fn answer(
+        mut h: Half,
+        name: &str,
+        key: &ed25519_dalek::SigningKey,
+        nonce: Vec<u8>,
+    ) -> Result<Half, Status> {
+        let sig = key.sign(&farm_proto::auth::builder_auth_message(&nonce, name));
+        h.tx.send(v1::BuilderMessage {
+            msg: Some(Up::ChallengeResponse(v1::ChallengeResponse {
+                signature: sig.to_bytes().to_vec(),
+            })),
+        })
+        .await
+        .unwrap();
+        match h.rx.message().await? {
+            Some(v1::CoordinatorMessage {
+                msg: Some(Down::Welcome(_)),
+            }) => Ok(h),
+            other => Err(Status::internal(format!("unexpected {other:?}"))),
+        }
+    }
+
+    async fn challenge(h: &mut Half) -> Vec<u8> {
+        match h.rx.message().await.unwrap() {
+            Some(v1::CoordinatorMessage {
+                msg: Some(Down::Challenge(c)),
+            }) => c.nonce,
+            other => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+
+    /// Two enrolled keys connect at once under the same new name, both past
+    /// the early check (both are challenged): exactly one is welcomed and
+    /// holds the name; the other is refused with ALREADY_EXISTS, then and on
+    /// a later try. Over real gRPC, many rounds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_keys_racing_for_a_new_name_end_with_one_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<ed25519_dalek::SigningKey> = (0..2)
+            .map(|_| ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng))
+            .collect();
+        let lines: String = keys
+            .iter()
+            .map(|k| {
+                format!(
+                    "{}\n",
+                    crate::keys::public_key_line_ed25519(&k.verifying_key().to_bytes())
+                )
+            })
+            .collect();
+        let key_file = dir.path().join("builder_keys");
+        std::fs::write(&key_file, lines).unwrap();
+        let mut cfg = crate::CoordinatorConfig::new(dir.path().join("state"));
+        cfg.grpc = "127.0.0.1:0".into();
+        cfg.http = "127.0.0.1:0".into();
+        cfg.ssh = "127.0.0.1:0".into();
+        cfg.builder_keys = Some(key_file);
+        cfg.cache_key_name = Some("test".into());
+        let running = crate::server::start(cfg).await.unwrap();
+        let url = running.endpoints().grpc_url();
+        let mut winners = [0usize; 2];
+        let mut open = Vec::new();
+        for round in 0..12 {
+            let name = format!("racer-{round}");
+            // both say hello and are challenged before either answers
+            let (a, b) = tokio::join!(hello(&url, &name, &keys[0]), hello(&url, &name, &keys[1]));
+            let (mut a, mut b) = (a.unwrap(), b.unwrap());
+            let (na, nb) = tokio::join!(challenge(&mut a), challenge(&mut b));
+            // alternate who answers first
+            let (ra, rb) = if round % 2 == 0 {
+                tokio::join!(
+                    answer(a, &name, &keys[0], na),
+                    answer(b, &name, &keys[1], nb)
+                )
+            } else {
+                let (rb, ra) = tokio::join!(
+                    answer(b, &name, &keys[1], nb),
+                    answer(a, &name, &keys[0], na)
+                );
+                (ra, rb)
+            };
+            let (winner, loser) = match (ra, rb) {
+                (Ok(h), Err(e)) => {
+                    winners[0] += 1;
+                    open.push(h);
+                    (0, e)
+                }
+                (Err(e), Ok(h)) => {
+                    winners[1] += 1;
+                    open.push(h);
+                    (1, e)
+                }
+                (Ok(_), Ok(_)) => panic!("round {round}: both keys were welcomed as {name}"),
+                (Err(a), Err(b)) => panic!("round {round}: both refused: {a}; {b}"),
+            };
+            assert_eq!(loser.code(), tonic::Code::AlreadyExists, "{loser}");
+            let holder = running.coordinator().known_key(&name).unwrap();
+            assert_eq!(
+                holder,
+                crate::keys::public_key_line_ed25519(&keys[winner].verifying_key().to_bytes())
+            );
+            // the loser tries again on its own: refused at once
+            let refused = hello(&url, &name, &keys[1 - winner]).await.err().unwrap();
+            assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused}");
+        }
+        assert_eq!(winners[0] + winners[1], 12);
+        drop(open);
+        running.shutdown().await.unwrap();
+    }
 }

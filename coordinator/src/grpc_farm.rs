@@ -121,7 +121,10 @@ pub fn event_to(e: &Event) -> v1::BuildEvent {
 
 /// The events that describe a submission as it stands: `Submitted`, then per
 /// build its latest event, then `Done` if it is done.
-pub fn snapshot_events(sub: &SubmissionRecord, builds: &[BuildRecord]) -> Vec<v1::BuildEvent> {
+pub fn snapshot_events(
+    sub: &SubmissionRecord,
+    builds: &[std::sync::Arc<BuildView>],
+) -> Vec<v1::BuildEvent> {
     let mut out = vec![v1::BuildEvent {
         event: Some(Ev::Submitted(v1::Submitted {
             submission_id: format!("s{}", sub.id),
@@ -204,7 +207,7 @@ pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::Buil
             if let Err(e) = coord.flush().await {
                 tracing::error!(error = %e, "cannot flush the state database");
             }
-            let Some((sub, builds)) = coord.read_sched(|s| s.submission(sid)) else {
+            let Some((sub, builds)) = coord.submission(sid).await else {
                 let _ = tx
                     .send(Err(Status::not_found(format!("no submission s{sid}"))))
                     .await;
@@ -376,7 +379,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         let id = request.into_inner().submission_id;
         let sid = parse_submission_id(&id)
             .ok_or_else(|| Status::invalid_argument(format!("bad submission id {id:?}")))?;
-        if self.coord.read_sched(|s| s.submission(sid)).is_none() {
+        if !self.coord.submission_known(sid) {
             return Err(Status::not_found(format!("no submission {id}")));
         }
         Ok(Response::new(watch_stream(self.coord.clone(), sid)))

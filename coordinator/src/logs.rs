@@ -20,16 +20,16 @@ const CHUNK: usize = 64 * 1024;
 fn resolve(coord: &Coordinator, id: &str) -> Result<(Option<BuildId>, StorePath), Status> {
     if id.starts_with('/') {
         let drv = farm_proto::convert::parse_store_path("build_id", id)?;
-        let build = coord.read_sched(|s| s.build_of_drv(&drv));
+        let build = coord.build_of_drv(&drv);
         return Ok((build, drv));
     }
     let build = parse_build_id(id).ok_or_else(|| {
         Status::invalid_argument(format!("{id:?} is not a build id or .drv path"))
     })?;
     let rec = coord
-        .read_sched(|s| s.build(build))
+        .build_view(build)
         .ok_or_else(|| Status::not_found(format!("no build {id}")))?;
-    Ok((Some(build), rec.drv_path))
+    Ok((Some(build), rec.drv_path.clone()))
 }
 
 pub async fn logs_stream(

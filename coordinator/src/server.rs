@@ -29,6 +29,8 @@ use crate::{CoordinatorError, keys};
 pub const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Requests one gRPC connection may have in flight at once.
 pub const CONCURRENCY_PER_CONNECTION: usize = 64;
+/// How often finished history past the retention is pruned (first at start).
+pub const PRUNE_PERIOD: Duration = Duration::from_secs(300);
 
 /// Where the coordinator listens and how to trust it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -479,6 +481,19 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                     })
             });
         }
+    }
+    // Retention: finished history past it is pruned, off the scheduler lock.
+    {
+        let done = stopped();
+        let c = coordinator.clone();
+        let retention = config.retention.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = done => {}
+                _ = c.pruner(retention, PRUNE_PERIOD) => {}
+            }
+            Ok(())
+        });
     }
     // Scheduler ticks
     {

@@ -6,12 +6,26 @@
 //! (`scheduler::types`). Finished outputs are not here: the cache is the truth
 //! for those. Writes that must survive a `kill -9` are followed by [`Store::flush`].
 //!
+//! Two index trees keep start and retention independent of history:
+//! - `active`: `b<id>` / `s<id>` (the letter, then the big-endian id) for every
+//!   unfinished build and submission, kept in step with the records (an entry is
+//!   added before a record that needs it is written and removed after the
+//!   record that ends it, so a crash leaves at most a stale entry, which
+//!   [`Store::load`] drops). A start reads only these.
+//! - `finished`: `(finished_ms, id)` of every finished submission, oldest
+//!   first: what retention prunes ([`Store::prune`]), in batches, off the
+//!   scheduler lock.
+//!
+//! A database written before these indexes existed gets them once, at open
+//! (`meta` holds the layout version).
+//!
 //! Flushing is group commit on one thread per database ([`Flusher`]): sled 0.34's
 //! `flush_async` never wakes when several flushes are polled at once (sled
 //! #1241, #1308), so it is not used anywhere; the flusher calls the blocking
 //! `Db::flush` and answers every request that arrived before that flush began
 //! with its result, so N concurrent acknowledgements cost one fsync.
 
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
 use serde::Serialize;
@@ -20,6 +34,9 @@ use serde::de::DeserializeOwned;
 use crate::scheduler::types::{
     BuildId, BuildRecord, BuilderRecord, SubmissionId, SubmissionRecord,
 };
+
+/// The layout version this code writes (`meta` tree, key `layout`).
+const LAYOUT: u64 = 2;
 
 /// A state database failure.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +52,12 @@ pub enum StateError {
     Encode(serde_json::Error),
     #[error("flushing the state database: {0}")]
     Flush(String),
+    #[error("state task failed: {0}")]
+    Task(String),
+    #[error(
+        "the state database has layout version {0}, newer than this coordinator knows ({LAYOUT})"
+    )]
+    NewerLayout(u64),
 }
 
 /// Handle on the database (cheap to clone).
@@ -46,6 +69,9 @@ pub struct Store {
     submissions: sled::Tree,
     builders: sled::Tree,
     log_index: sled::Tree,
+    active: sled::Tree,
+    finished: sled::Tree,
+    meta: sled::Tree,
 }
 
 /// Everything loaded at start.
@@ -54,6 +80,100 @@ pub struct Loaded {
     pub builds: Vec<BuildRecord>,
     pub submissions: Vec<SubmissionRecord>,
     pub builders: Vec<BuilderRecord>,
+}
+
+/// How much finished history the state keeps. Defaults a homelab never has to
+/// think about: the last 10 000 finished submissions, none older than 90 days,
+/// builders seen within 30 days.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished submissions kept, newest first; older ones go with their builds.
+    pub finished_submissions: usize,
+    /// Finished submissions older than this (milliseconds) go too; `None`: no age limit.
+    pub max_age_ms: Option<i64>,
+    /// Builder records not seen for this long (milliseconds) are removed.
+    pub builder_ms: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Retention {
+        Retention {
+            finished_submissions: 10_000,
+            max_age_ms: Some(90 * 86_400_000),
+            builder_ms: 30 * 86_400_000,
+        }
+    }
+}
+
+/// Records pruning keeps whatever the retention says: the hook for what later
+/// work relies on (the history of named jobs for badges and alerts, builds a
+/// pin references). A kept submission is skipped: it stays beyond the
+/// retention (and is looked at again each round, so keep them few); a kept
+/// build stays (with its log index entry) after its submissions go.
+pub trait Keep: Send + Sync {
+    /// Keep this finished submission (and so every build it lists).
+    fn submission(&self, _s: &SubmissionRecord) -> bool {
+        false
+    }
+    /// Keep this finished build even when no kept submission lists it.
+    fn build(&self, _b: &BuildRecord) -> bool {
+        false
+    }
+}
+
+/// Keep nothing beyond the retention (what this release has).
+pub struct KeepNothing;
+
+impl Keep for KeepNothing {}
+
+/// What one [`Store::prune`] call removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub submissions: usize,
+    pub builds: usize,
+    pub log_entries: usize,
+    /// Whether more is due (call again).
+    pub more: bool,
+}
+
+/// Entries per tree (tests, benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeCounts {
+    pub builds: usize,
+    pub submissions: usize,
+    pub builders: usize,
+    pub log_index: usize,
+    pub active: usize,
+    pub finished: usize,
+}
+
+fn active_key(kind: u8, id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = kind;
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn finished_key(finished_ms: i64, id: SubmissionId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&(finished_ms.max(0) as u64).to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn id_at(key: &[u8], at: usize) -> Option<u64> {
+    key.get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
+/// A build record already written by [`Store::put_new_builds`], and what it
+/// replaced in the log index (restored should the build be discarded).
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub id: BuildId,
+    pub drv_base_name: String,
+    pub previous_log_entry: Option<sled::IVec>,
 }
 
 impl Store {
@@ -89,14 +209,65 @@ impl Store {
         let flush_db = db.clone();
         let flusher = Flusher::spawn(move || flush_db.flush().map(drop).map_err(|e| e.to_string()))
             .map_err(|e| StateError::Flush(format!("cannot start the flusher thread: {e}")))?;
-        Ok(Store {
+        let store = Store {
             flusher: std::sync::Arc::new(flusher),
             builds: db.open_tree("builds")?,
             submissions: db.open_tree("submissions")?,
             builders: db.open_tree("builders")?,
             log_index: db.open_tree("log_index")?,
+            active: db.open_tree("active")?,
+            finished: db.open_tree("finished")?,
+            meta: db.open_tree("meta")?,
             db,
-        })
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Build the `active` and `finished` indexes of a database written before
+    /// they existed (one full pass, once).
+    fn migrate(&self) -> Result<(), StateError> {
+        let version = id_at(&self.meta.get("layout")?.unwrap_or_default(), 0).unwrap_or(0);
+        if version == LAYOUT {
+            return Ok(());
+        }
+        if version > LAYOUT {
+            return Err(StateError::NewerLayout(version));
+        }
+        let started = std::time::Instant::now();
+        let (mut subs, mut builds) = (0usize, 0usize);
+        for item in self.submissions.iter() {
+            let (_, v) = item?;
+            let s: SubmissionRecord = decode(&v, "submissions")?;
+            if s.done {
+                self.finished.insert(
+                    finished_key(s.finished_ms.unwrap_or(s.created_ms), s.id),
+                    &[],
+                )?;
+            } else {
+                self.active.insert(active_key(b's', s.id), &[])?;
+            }
+            subs += 1;
+        }
+        for item in self.builds.iter() {
+            let (_, v) = item?;
+            let b: BuildRecord = decode(&v, "builds")?;
+            if !b.state.is_terminal() {
+                self.active.insert(active_key(b'b', b.id), &[])?;
+            }
+            builds += 1;
+        }
+        self.meta.insert("layout", &LAYOUT.to_be_bytes())?;
+        self.db.flush()?;
+        if subs + builds > 0 {
+            tracing::info!(
+                submissions = subs,
+                builds,
+                millis = started.elapsed().as_millis() as u64,
+                "indexed the state database's unfinished and finished work (once)"
+            );
+        }
+        Ok(())
     }
 
     /// A fresh id, unique across restarts.
@@ -118,30 +289,76 @@ impl Store {
         let mut out = Vec::new();
         for item in tree.iter() {
             let (_, v) = item?;
-            out.push(
-                serde_json::from_slice(&v)
-                    .map_err(|source| StateError::Corrupt { tree: name, source })?,
-            );
+            out.push(decode(&v, name)?);
         }
         Ok(out)
     }
 
+    /// Write a build's record (and its `active` entry and log index entry).
     pub fn put_build(&self, b: &BuildRecord) -> Result<(), StateError> {
+        let key = active_key(b'b', b.id);
+        let terminal = b.state.is_terminal();
+        if !terminal && !self.active.contains_key(key)? {
+            self.active.insert(key, &[])?;
+        }
         Store::put(&self.builds, &b.id.to_be_bytes(), b)?;
+        if terminal {
+            self.active.remove(key)?;
+        }
         self.log_index
             .insert(b.drv_path.base_name().as_bytes(), &b.id.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Write the records of new, unfinished builds in batches (what a big
+    /// submission does outside the scheduler lock): their `active` entries
+    /// first, then the records, then the log index. Returns what each log
+    /// index entry pointed to before, for [`Store::discard_new_builds`].
+    pub fn put_new_builds(
+        &self,
+        records: &[(BuildId, String, Vec<u8>)],
+    ) -> Result<Vec<Written>, StateError> {
+        let mut active = sled::Batch::default();
+        let mut builds = sled::Batch::default();
+        for (id, _, bytes) in records {
+            active.insert(&active_key(b'b', *id)[..], &[][..]);
+            builds.insert(&id.to_be_bytes()[..], bytes.as_slice());
+        }
+        self.active.apply_batch(active)?;
+        self.builds.apply_batch(builds)?;
+        let mut out = Vec::with_capacity(records.len());
+        for (id, base, _) in records {
+            let previous_log_entry = self.log_index.insert(base.as_bytes(), &id.to_be_bytes())?;
+            out.push(Written {
+                id: *id,
+                drv_base_name: base.clone(),
+                previous_log_entry,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Remove builds written by [`Store::put_new_builds`] that were not used
+    /// (a concurrent submission made the same derivation first): record,
+    /// `active` entry, and the log index entry back as it was.
+    pub fn discard_new_builds(&self, written: &[Written]) -> Result<(), StateError> {
+        for w in written {
+            let id = w.id.to_be_bytes();
+            let _ = self.log_index.compare_and_swap(
+                w.drv_base_name.as_bytes(),
+                Some(&id[..]),
+                w.previous_log_entry.clone(),
+            )?;
+            self.builds.remove(id)?;
+            self.active.remove(active_key(b'b', w.id))?;
+        }
         Ok(())
     }
 
     pub fn get_build(&self, id: BuildId) -> Result<Option<BuildRecord>, StateError> {
         match self.builds.get(id.to_be_bytes())? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|source| StateError::Corrupt {
-                    tree: "builds",
-                    source,
-                }),
+            Some(v) => decode(&v, "builds").map(Some),
         }
     }
 
@@ -150,23 +367,43 @@ impl Store {
         Ok(self
             .log_index
             .get(drv_base_name.as_bytes())?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map(u64::from_be_bytes))
+            .and_then(|v| id_at(&v, 0)))
     }
 
+    /// Write a submission's record (and its `active` or `finished` entry).
     pub fn put_submission(&self, s: &SubmissionRecord) -> Result<(), StateError> {
-        Store::put(&self.submissions, &s.id.to_be_bytes(), s)
+        let key = active_key(b's', s.id);
+        if !s.done {
+            if !self.active.contains_key(key)? {
+                self.active.insert(key, &[])?;
+            }
+            return Store::put(&self.submissions, &s.id.to_be_bytes(), s);
+        }
+        Store::put(&self.submissions, &s.id.to_be_bytes(), s)?;
+        self.finished.insert(
+            finished_key(s.finished_ms.unwrap_or(s.created_ms), s.id),
+            &[],
+        )?;
+        self.active.remove(key)?;
+        Ok(())
+    }
+
+    /// Whether a submission is recorded (nothing is parsed).
+    pub fn has_submission(&self, id: SubmissionId) -> Result<bool, StateError> {
+        Ok(self.submissions.contains_key(id.to_be_bytes())?)
+    }
+
+    /// Write a new, unfinished submission's record, already encoded.
+    pub fn put_new_submission(&self, id: SubmissionId, bytes: &[u8]) -> Result<(), StateError> {
+        self.active.insert(active_key(b's', id), &[])?;
+        self.submissions.insert(id.to_be_bytes(), bytes)?;
+        Ok(())
     }
 
     pub fn get_submission(&self, id: SubmissionId) -> Result<Option<SubmissionRecord>, StateError> {
         match self.submissions.get(id.to_be_bytes())? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|source| StateError::Corrupt {
-                    tree: "submissions",
-                    source,
-                }),
+            Some(v) => decode(&v, "submissions").map(Some),
         }
     }
 
@@ -174,35 +411,219 @@ impl Store {
         Store::put(&self.builders, b.name.as_bytes(), b)
     }
 
-    /// What a restart resumes from: unfinished submissions with all their builds,
-    /// unfinished builds, and every builder.
+    /// Forget a builder's record.
+    pub fn delete_builder(&self, name: &str) -> Result<(), StateError> {
+        self.builders.remove(name.as_bytes())?;
+        Ok(())
+    }
+
+    /// What a restart resumes from: unfinished submissions with all their
+    /// builds, unfinished builds, and every builder. Reads only what the
+    /// `active` index names (plus the builds those submissions list), never the
+    /// finished history. Stale index entries are dropped, and so are unfinished
+    /// builds no stored submission lists (written by a submission that a crash
+    /// interrupted before it was recorded).
     pub fn load(&self) -> Result<Loaded, StateError> {
-        let submissions: Vec<SubmissionRecord> =
-            Store::all::<SubmissionRecord>(&self.submissions, "submissions")?
-                .into_iter()
-                .filter(|s| !s.done)
-                .collect();
-        let mut wanted: std::collections::BTreeSet<BuildId> = submissions
-            .iter()
-            .flat_map(|s| s.builds.iter().copied())
-            .collect();
-        let mut builds = Vec::new();
-        for item in self.builds.iter() {
-            let (_, v) = item?;
-            let b: BuildRecord =
-                serde_json::from_slice(&v).map_err(|source| StateError::Corrupt {
-                    tree: "builds",
-                    source,
-                })?;
-            if !b.state.is_terminal() || wanted.remove(&b.id) {
+        let mut submissions = Vec::new();
+        let mut wanted: BTreeSet<BuildId> = BTreeSet::new();
+        let mut loose: Vec<BuildId> = Vec::new();
+        let mut stale: Vec<sled::IVec> = Vec::new();
+        for item in self.active.iter() {
+            let (k, _) = item?;
+            let Some(id) = id_at(&k, 1) else {
+                stale.push(k);
+                continue;
+            };
+            match k.first() {
+                Some(b's') => match self.get_submission(id)? {
+                    Some(s) if !s.done => {
+                        wanted.extend(s.builds.iter().copied());
+                        submissions.push(s);
+                    }
+                    _ => stale.push(k),
+                },
+                Some(b'b') => loose.push(id),
+                _ => stale.push(k),
+            }
+        }
+        let listed: HashSet<BuildId> = wanted.iter().copied().collect();
+        let mut orphans = Vec::new();
+        for id in loose {
+            if listed.contains(&id) {
+                continue;
+            }
+            match self.get_build(id)? {
+                Some(b) if b.state.is_terminal() => stale.push(active_key(b'b', id)[..].into()),
+                Some(b) => {
+                    let recorded = b.submissions.iter().any(|s| {
+                        self.submissions
+                            .contains_key(s.to_be_bytes())
+                            .unwrap_or(true)
+                    });
+                    if recorded {
+                        wanted.insert(id);
+                    } else {
+                        orphans.push(b);
+                    }
+                }
+                None => stale.push(active_key(b'b', id)[..].into()),
+            }
+        }
+        let mut builds = Vec::with_capacity(wanted.len());
+        for id in wanted {
+            if let Some(b) = self.get_build(id)? {
                 builds.push(b);
             }
+        }
+        for k in stale {
+            self.active.remove(k)?;
+        }
+        for b in orphans {
+            tracing::info!(build = %format!("b{}", b.id), drv = %b.drv_path, "dropping a build no recorded submission lists");
+            let written = Written {
+                id: b.id,
+                drv_base_name: b.drv_path.base_name(),
+                previous_log_entry: None,
+            };
+            self.discard_new_builds(std::slice::from_ref(&written))?;
         }
         Ok(Loaded {
             builds,
             submissions,
             builders: Store::all(&self.builders, "builders")?,
         })
+    }
+
+    /// Prune finished history past `retention`, at most `batch` submissions
+    /// (with the builds only they list, and those builds' log index entries;
+    /// their logs stay in the cache). Blocking; takes no scheduler lock: a
+    /// finished submission is never written again, and a build record is
+    /// removed only if unchanged since it was read (a build the scheduler
+    /// shares again meanwhile is rewritten whole by it). Call again while
+    /// [`Pruned::more`].
+    pub fn prune(
+        &self,
+        retention: &Retention,
+        keep: &dyn Keep,
+        now: i64,
+        batch: usize,
+    ) -> Result<Pruned, StateError> {
+        let mut out = Pruned::default();
+        // The oldest of the newest `finished_submissions` entries: everything
+        // before it is past the count (found from the newest end, so a call
+        // costs the retention plus a batch, never the whole history).
+        let keep_from: Option<Vec<u8>> = match retention.finished_submissions {
+            0 => Some(vec![0xff; 17]),
+            n => self
+                .finished
+                .iter()
+                .keys()
+                .rev()
+                .nth(n - 1)
+                .transpose()?
+                .map(|k| k.to_vec()),
+        };
+        let cutoff = retention.max_age_ms.map(|age| now.saturating_sub(age));
+        let mut chosen: Vec<(sled::IVec, SubmissionRecord)> = Vec::new();
+        for item in self.finished.iter() {
+            let (k, _) = item?;
+            let (Some(fin), Some(sid)) = (id_at(&k, 0), id_at(&k, 8)) else {
+                self.finished.remove(&k)?;
+                continue;
+            };
+            // Both hold for a prefix of the tree (it is ordered by finish time).
+            let past_count = keep_from
+                .as_ref()
+                .is_some_and(|b| k.as_ref() < b.as_slice());
+            let too_old = cutoff.is_some_and(|c| (fin as i64) < c);
+            if !past_count && !too_old {
+                break;
+            }
+            if chosen.len() >= batch {
+                out.more = true;
+                break;
+            }
+            match self.get_submission(sid)? {
+                Some(s) if keep.submission(&s) => {}
+                Some(s) => chosen.push((k, s)),
+                None => {
+                    self.finished.remove(&k)?;
+                }
+            }
+        }
+        let pruning: HashSet<SubmissionId> = chosen.iter().map(|(_, s)| s.id).collect();
+        for (_, s) in &chosen {
+            for &id in &s.builds {
+                let key = id.to_be_bytes();
+                let Some(bytes) = self.builds.get(key)? else {
+                    continue;
+                };
+                let b: BuildRecord = decode(&bytes, "builds")?;
+                let others = b.submissions.iter().any(|o| {
+                    !pruning.contains(o)
+                        && self
+                            .submissions
+                            .contains_key(o.to_be_bytes())
+                            .unwrap_or(true)
+                });
+                if !b.state.is_terminal()
+                    || others
+                    || self.active.contains_key(active_key(b'b', id))?
+                    || keep.build(&b)
+                {
+                    continue;
+                }
+                if self
+                    .builds
+                    .compare_and_swap(key, Some(bytes), None as Option<&[u8]>)?
+                    .is_ok()
+                {
+                    out.builds += 1;
+                    if self
+                        .log_index
+                        .compare_and_swap(
+                            b.drv_path.base_name().as_bytes(),
+                            Some(&key[..]),
+                            None as Option<&[u8]>,
+                        )?
+                        .is_ok()
+                    {
+                        out.log_entries += 1;
+                    }
+                }
+            }
+        }
+        let mut subs = sled::Batch::default();
+        let mut fins = sled::Batch::default();
+        for (k, s) in &chosen {
+            subs.remove(&s.id.to_be_bytes()[..]);
+            fins.remove(k.clone());
+        }
+        // Records before their index entries: an interrupted prune is redone.
+        self.submissions.apply_batch(subs)?;
+        self.finished.apply_batch(fins)?;
+        out.submissions = chosen.len();
+        Ok(out)
+    }
+
+    /// Entries per tree (`len` walks each tree: tests and benchmarks only).
+    pub fn counts(&self) -> TreeCounts {
+        TreeCounts {
+            builds: self.builds.len(),
+            submissions: self.submissions.len(),
+            builders: self.builders.len(),
+            log_index: self.log_index.len(),
+            active: self.active.len(),
+            finished: self.finished.len(),
+        }
+    }
+
+    /// Every record, parsed: what a start did before the `active` index
+    /// (benchmarks compare against it).
+    pub fn parse_everything(&self) -> Result<(usize, usize), StateError> {
+        let subs: Vec<SubmissionRecord> = Store::all(&self.submissions, "submissions")?;
+        let builds: Vec<BuildRecord> = Store::all(&self.builds, "builds")?;
+        Ok((subs.len(), builds.len()))
     }
 
     /// Make every write so far durable: resolves once a flush that began after
@@ -221,6 +642,10 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], tree: &'static str) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt { tree, source })
 }
 
 /// Counters of the group commit.
@@ -410,6 +835,126 @@ mod tests {
             store.db.flush().unwrap();
             drop(store);
         }
+    }
+
+    fn sp(name: &str) -> farm_nix::store_path::StorePath {
+        let d = farm_nix::hash::HashAlgo::Sha256.digest(name.as_bytes());
+        let mut digest = [0u8; 20];
+        digest.copy_from_slice(&d.digest()[..20]);
+        farm_nix::store_path::StorePath::from_digest(&digest, name).unwrap()
+    }
+
+    fn build(
+        id: BuildId,
+        sub: SubmissionId,
+        state: crate::scheduler::types::BuildState,
+    ) -> BuildRecord {
+        BuildRecord {
+            id,
+            drv_path: sp(&format!("d{id}.drv")),
+            drv_aterm: "Derive()".into(),
+            system: "x86_64-linux".into(),
+            required_features: Default::default(),
+            outputs: Default::default(),
+            deps: Default::default(),
+            priority: Default::default(),
+            created_ms: 0,
+            submissions: BTreeSet::from([sub]),
+            state,
+            retries: 0,
+            attempt: 0,
+            max_silent_time_secs: 0,
+            build_timeout_secs: 0,
+            error: None,
+            builder: None,
+            started_ms: None,
+            finished_ms: None,
+            requested_by: Default::default(),
+        }
+    }
+
+    fn submission(id: SubmissionId, builds: &[BuildId], done: bool) -> SubmissionRecord {
+        SubmissionRecord {
+            id,
+            roots: Vec::new(),
+            builds: builds.iter().copied().collect(),
+            cached: Default::default(),
+            priority: Default::default(),
+            created_ms: id as i64,
+            done,
+            cancelled: false,
+            client: None,
+            finished_ms: done.then_some(id as i64 + 1),
+        }
+    }
+
+    /// A database from before the `active` and `finished` indexes gets them
+    /// at open, once; a start then reads what is unfinished.
+    #[test]
+    fn an_old_database_is_indexed_once_at_open() {
+        use crate::scheduler::types::{BuildState, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .put_build(&build(1, 10, BuildState::Done(Outcome::Built)))
+                .unwrap();
+            store.put_submission(&submission(10, &[1], true)).unwrap();
+            store
+                .put_build(&build(2, 11, BuildState::Done(Outcome::Built)))
+                .unwrap();
+            store.put_build(&build(3, 11, BuildState::Queued)).unwrap();
+            store
+                .put_submission(&submission(11, &[2, 3], false))
+                .unwrap();
+            // as the previous release left it
+            store.active.clear().unwrap();
+            store.finished.clear().unwrap();
+            store.meta.clear().unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let c = store.counts();
+        assert_eq!((c.active, c.finished), (2, 1), "{c:?}");
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.submissions.len(), 1);
+        assert_eq!(loaded.submissions[0].id, 11);
+        let mut ids: Vec<BuildId> = loaded.builds.iter().map(|b| b.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![2, 3]);
+        // a newer layout is refused, not misread
+        store
+            .meta
+            .insert("layout", &(LAYOUT + 1).to_be_bytes())
+            .unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        let err = Store::open(&path).err().expect("newer layout");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    /// The `active` index follows the records: a build or submission leaves
+    /// it when its record says it ended, and stale entries are dropped at load.
+    #[test]
+    fn the_active_index_follows_the_records() {
+        use crate::scheduler::types::{BuildState, Outcome};
+        let store = Store::temporary().unwrap();
+        store.put_build(&build(1, 10, BuildState::Waiting)).unwrap();
+        store.put_submission(&submission(10, &[1], false)).unwrap();
+        assert_eq!(store.counts().active, 2);
+        store
+            .put_build(&build(1, 10, BuildState::Done(Outcome::Built)))
+            .unwrap();
+        store.put_submission(&submission(10, &[1], true)).unwrap();
+        let c = store.counts();
+        assert_eq!((c.active, c.finished), (0, 1), "{c:?}");
+        // a stale entry (a crash between a record and its index)
+        store.active.insert(active_key(b's', 10), &[]).unwrap();
+        store.active.insert(active_key(b'b', 1), &[]).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.submissions.is_empty() && loaded.builds.is_empty());
+        assert_eq!(store.counts().active, 0);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! we looked), and each ends with a [`BuildOutcome`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use farm_nix::derivation::{BasicDerivation, Derivation};
@@ -19,9 +20,9 @@ use super::build::{BuildBackend, BuildEvent, BuildOutcome, BuildSettings};
 use crate::coordinator::Coordinator;
 use crate::graph::{SubmitError, SubmitOptions};
 use crate::scheduler::types::{
-    BuildId, BuildRecord, BuildState, Outcome, Priority, SubmissionId, SubmissionRecord,
+    BuildId, BuildState, BuildView, Outcome, Priority, SubmissionId, SubmissionRecord,
 };
-use crate::scheduler::{GraphSubmission, NewBuild};
+use crate::scheduler::{GraphSubmission, NewBuild, SubmissionSnapshot};
 use crate::ssh::{BoxFuture, ClientIdentity};
 
 /// Bytes per log event.
@@ -134,7 +135,7 @@ fn client_name(client: &ClientIdentity) -> String {
 fn outcome_of(
     drv: &StorePath,
     sub: &SubmissionRecord,
-    builds: &[BuildRecord],
+    builds: &[Arc<BuildView>],
     outputs: &BTreeMap<String, StorePath>,
 ) -> BuildOutcome {
     let mut o = BuildOutcome {
@@ -240,7 +241,7 @@ impl FarmBuilds {
             };
             builds.push(NewBuild {
                 drv_path: drv_path.clone(),
-                drv_aterm: drv.to_aterm(),
+                drv_aterm: drv.to_aterm().into(),
                 system: basic.platform.clone(),
                 required_features: basic.required_system_features(),
                 outputs,
@@ -258,7 +259,8 @@ impl FarmBuilds {
         };
         let sid = self
             .coord
-            .with_sched(|s, now| s.submit(g, now))
+            .submit_graph(g)
+            .await
             .map_err(|e| internal("recording the build", e))?;
         let store = self.coord.read_sched(|s| s.store().clone());
         store
@@ -281,12 +283,12 @@ impl FarmBuilds {
         &self,
         sid: SubmissionId,
         events: &mpsc::Sender<BuildEvent>,
-    ) -> Result<(SubmissionRecord, Vec<BuildRecord>), HandlerError> {
+    ) -> Result<SubmissionSnapshot, HandlerError> {
         let mut rx = self.coord.subscribe(sid);
         let mut trackers: HashMap<BuildId, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut finished: HashSet<BuildId> = HashSet::new();
         let result = loop {
-            let Some((sub, builds)) = self.coord.read_sched(|s| s.submission(sid)) else {
+            let Some((sub, builds)) = self.coord.submission(sid).await else {
                 break Err(HandlerError::new(format!(
                     "the farm lost track of submission s{sid}"
                 )));

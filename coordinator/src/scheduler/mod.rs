@@ -18,16 +18,29 @@
 //!   requeued (each time counts as a retry; past the limit the build fails);
 //! - work no builder can take fails at once with a message naming what is
 //!   missing, unless a matching builder was seen recently (then it waits, bounded).
+//!
+//! Lock discipline (the caller's mutex): nothing here reads sled, and queries
+//! hand out shared views (`Arc<BuildView>`, `Arc<SubmissionRecord>`), never
+//! copies of whole records; whatever is not in memory the caller reads from
+//! the store after letting go of the lock. A big submission is prepared (ids,
+//! records, their writes) outside the lock ([`Scheduler::share_plan`],
+//! [`Scheduler::prepare_submission`]) and only inserted under it
+//! ([`Scheduler::insert_submission`]).
+//!
+//! Memory per build: the record and its view; a runnable build's input
+//! closure only while it is queued (paths interned, shared with every other
+//! build and builder that holds them), dropped when it is dispatched or ends.
 
 pub mod select;
 pub mod types;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use farm_nix::store_path::StorePath;
 
-use crate::state::{StateError, Store};
+use crate::state::{StateError, Store, Written};
 use types::*;
 
 /// Most paths remembered per builder for input locality.
@@ -63,7 +76,7 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone)]
 pub struct NewBuild {
     pub drv_path: StorePath,
-    pub drv_aterm: String,
+    pub drv_aterm: Arc<str>,
     pub system: String,
     pub required_features: BTreeSet<String>,
     pub outputs: BTreeMap<String, StorePath>,
@@ -116,16 +129,33 @@ struct Class {
 
 struct Build {
     rec: BuildRecord,
+    /// What queries hand out; refreshed whenever `rec` is written.
+    view: Arc<BuildView>,
     dependents: BTreeSet<BuildId>,
     /// Unfinished dependencies.
     pending: BTreeSet<BuildId>,
     /// Length of the longest chain of unfinished builds starting here.
     chain: u32,
-    /// The input closure with NAR sizes, once resolved.
-    inputs: Option<Vec<(StorePath, u64)>>,
+    /// The input closure with NAR sizes while the build is queued (resolved
+    /// by `Prepare`; taken by the dispatch, dropped when it ends).
+    inputs: Option<Closure>,
 }
 
+/// An input closure with NAR sizes, dependencies first, paths interned.
+type Closure = Box<[(Arc<StorePath>, u64)]>;
+
 impl Build {
+    fn new(rec: BuildRecord) -> Build {
+        Build {
+            view: Arc::new(BuildView::from(&rec)),
+            rec,
+            dependents: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            chain: 1,
+            inputs: None,
+        }
+    }
+
     fn class(&self) -> Class {
         Class {
             system: self.rec.system.clone(),
@@ -149,7 +179,7 @@ struct BuilderEntry {
     conn: u64,
     disconnected_ms: Option<i64>,
     running: BTreeSet<BuildId>,
-    held: HashSet<StorePath>,
+    held: HashSet<Arc<StorePath>>,
 }
 
 /// A builder as `farm status` shows it.
@@ -171,13 +201,207 @@ pub struct FailureView {
     pub finished_ms: i64,
 }
 
+/// A builder name is bound to another key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the builder name {name} belongs to another key")]
+pub struct NameTaken {
+    pub name: String,
+}
+
+/// The derivations of a graph the scheduler is to be asked about: the graph's
+/// own, and inputs from outside it (made outside the lock: [`PlanQuery::new`]).
+pub struct PlanQuery {
+    members: Vec<StorePath>,
+    outside: Vec<StorePath>,
+}
+
+impl PlanQuery {
+    pub fn new(g: &GraphSubmission) -> PlanQuery {
+        let members: HashSet<&StorePath> = g.builds.iter().map(|b| &b.drv_path).collect();
+        let mut outside: HashSet<&StorePath> = HashSet::new();
+        for nb in &g.builds {
+            outside.extend(nb.input_drvs.iter().filter(|i| !members.contains(i)));
+        }
+        PlanQuery {
+            members: g.builds.iter().map(|b| b.drv_path.clone()).collect(),
+            outside: outside.into_iter().cloned().collect(),
+        }
+    }
+}
+
+/// Which derivations of a graph the scheduler shares with builds it has, as
+/// seen at one moment under the lock ([`Scheduler::insert_submission`] checks
+/// each again).
+#[derive(Debug, Clone, Default)]
+pub struct SharePlan {
+    /// Graph members that an existing queued, running or built build covers.
+    existing: HashMap<StorePath, BuildId>,
+    /// Inputs outside the graph that the scheduler has a build of.
+    outside: HashMap<StorePath, BuildId>,
+}
+
+/// One derivation of a prepared submission.
+enum Member {
+    /// Planned to share `planned`; `spare` is its id should it need a build of its own.
+    Shared {
+        nb: NewBuild,
+        planned: BuildId,
+        spare: BuildId,
+    },
+    /// A new build, its record written already, linked to the other new
+    /// ones; `existing` are its dependencies among builds the scheduler had;
+    /// `class` indexes the submission's distinct (system, features).
+    Fresh {
+        build: Box<Build>,
+        inputs: Vec<StorePath>,
+        existing: Vec<BuildId>,
+        class: usize,
+    },
+}
+
+impl Member {
+    fn drv(&self) -> &StorePath {
+        match self {
+            Member::Shared { nb, .. } => &nb.drv_path,
+            Member::Fresh { build, .. } => &build.rec.drv_path,
+        }
+    }
+}
+
+/// A submission made ready outside the lock: ids taken, new builds' records
+/// written, their chains, events and classes worked out (see
+/// [`Scheduler::prepare_submission`]).
+pub struct PreparedSubmission {
+    sid: SubmissionId,
+    created_ms: i64,
+    members: Vec<Member>,
+    /// Derivation → id, as planned.
+    ids: HashMap<StorePath, BuildId>,
+    /// The new builds' derivations, for the scheduler's index.
+    keys: Vec<(StorePath, BuildId)>,
+    /// Inputs outside the graph → the build they were linked to.
+    outside: Vec<(StorePath, BuildId)>,
+    written: HashMap<BuildId, Written>,
+    /// `Queued` for each new build, in order.
+    notices: Vec<Notice>,
+    /// Distinct (system, features) of the new builds.
+    classes: Vec<(String, BTreeSet<String>)>,
+    /// The submission's record as planned, encoded.
+    record: Vec<u8>,
+    roots: Vec<StorePath>,
+    cached: BTreeMap<StorePath, BTreeMap<String, StorePath>>,
+    priority: Priority,
+    max_silent_time_secs: u64,
+    build_timeout_secs: u64,
+    client: Option<String>,
+}
+
+impl PreparedSubmission {
+    /// The submission's id.
+    pub fn id(&self) -> SubmissionId {
+        self.sid
+    }
+}
+
+/// What an insert no longer needs: dropped by the caller after the lock.
+pub struct Leftovers {
+    _ids: HashMap<StorePath, BuildId>,
+    _inputs: Vec<Vec<StorePath>>,
+    _written: HashMap<BuildId, Written>,
+    _record: Vec<u8>,
+}
+
+/// What [`Scheduler::insert_submission`] did.
+pub struct Inserted {
+    pub sid: SubmissionId,
+    /// Records written ahead that a concurrent submission made unnecessary:
+    /// for [`Store::discard_new_builds`], after the lock.
+    pub discard: Vec<Written>,
+    /// An error writing a record (the graph is in memory whole regardless).
+    pub persisted: Result<(), StateError>,
+    /// To drop after the lock.
+    pub leftovers: Leftovers,
+}
+
+/// Writes past this size are flushed before the lock is taken to insert them.
+const BIG_WRITE: usize = 4 << 20;
+
+/// Link a submission's new builds among themselves (dependents, pending
+/// dependencies, chains) and list each one's dependencies on builds the
+/// scheduler had. Whatever depends on a new build is new too, so the chains
+/// are whole.
+fn link_fresh(members: &mut [Member]) {
+    let index: HashMap<BuildId, usize> = members
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| match m {
+            Member::Fresh { build, .. } => Some((build.rec.id, i)),
+            Member::Shared { .. } => None,
+        })
+        .collect();
+    let mut deps: Vec<Vec<usize>> = vec![Vec::new(); members.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); members.len()];
+    for (i, m) in members.iter_mut().enumerate() {
+        if let Member::Fresh {
+            build, existing, ..
+        } = m
+        {
+            for d in &build.rec.deps {
+                match index.get(d) {
+                    Some(&j) => {
+                        deps[i].push(j);
+                        dependents[j].push(i);
+                        build.pending.insert(*d);
+                    }
+                    None => existing.push(*d),
+                }
+            }
+        }
+    }
+    // Kahn's order: a build once every dependent has its chain.
+    let mut left: Vec<usize> = dependents.iter().map(Vec::len).collect();
+    let mut chain = vec![1u32; members.len()];
+    let mut queue: Vec<usize> = index.values().copied().filter(|&i| left[i] == 0).collect();
+    while let Some(i) = queue.pop() {
+        chain[i] = 1 + dependents[i].iter().map(|&k| chain[k]).max().unwrap_or(0);
+        for &j in &deps[i] {
+            left[j] -= 1;
+            if left[j] == 0 {
+                queue.push(j);
+            }
+        }
+    }
+    let ids: Vec<Option<BuildId>> = members
+        .iter()
+        .map(|m| match m {
+            Member::Fresh { build, .. } => Some(build.rec.id),
+            Member::Shared { .. } => None,
+        })
+        .collect();
+    for (i, m) in members.iter_mut().enumerate() {
+        if let Member::Fresh { build, .. } = m {
+            build.chain = chain[i];
+            build
+                .dependents
+                .extend(dependents[i].iter().filter_map(|&k| ids[k]));
+        }
+    }
+}
+
+/// A submission as followers see it: its record and a view of each build.
+pub type SubmissionSnapshot = (Arc<SubmissionRecord>, Vec<Arc<BuildView>>);
+
 /// The scheduler state.
 pub struct Scheduler {
     cfg: SchedulerConfig,
     store: Store,
     builds: HashMap<BuildId, Build>,
     by_drv: HashMap<StorePath, BuildId>,
-    submissions: HashMap<SubmissionId, SubmissionRecord>,
+    submissions: HashMap<SubmissionId, Arc<SubmissionRecord>>,
+    /// Every store path a queued build's closure or a builder's held set names, once.
+    paths: HashSet<Arc<StorePath>>,
+    /// `paths.len()` after the last sweep.
+    paths_swept: usize,
     ready: BTreeMap<Class, BTreeSet<ReadyKey>>,
     /// Since when a class with runnable work has had no capable builder online.
     unmatched_since: HashMap<Class, i64>,
@@ -203,6 +427,8 @@ impl Scheduler {
             builders: HashMap::new(),
             by_system: HashMap::new(),
             next_conn: 1,
+            paths: HashSet::new(),
+            paths_swept: 0,
             actions: Vec::new(),
             notices: Vec::new(),
             recent_failures: VecDeque::new(),
@@ -232,19 +458,10 @@ impl Scheduler {
         }
         for rec in loaded.builds {
             s.by_drv.insert(rec.drv_path.clone(), rec.id);
-            s.builds.insert(
-                rec.id,
-                Build {
-                    rec,
-                    dependents: BTreeSet::new(),
-                    pending: BTreeSet::new(),
-                    chain: 1,
-                    inputs: None,
-                },
-            );
+            s.builds.insert(rec.id, Build::new(rec));
         }
         for sub in loaded.submissions {
-            s.submissions.insert(sub.id, sub);
+            s.submissions.insert(sub.id, Arc::new(sub));
         }
         // Links: a dependency that was not loaded finished successfully long ago.
         let ids: Vec<BuildId> = s.builds.keys().copied().collect();
@@ -305,9 +522,11 @@ impl Scheduler {
         std::mem::take(&mut self.notices)
     }
 
-    /// Write a build's record (errors are logged too, for callers that go on).
-    fn persist_build(&self, id: BuildId) -> Result<(), StateError> {
-        if let Some(b) = self.builds.get(&id) {
+    /// Write a build's record and refresh its view (errors are logged too,
+    /// for callers that go on).
+    fn persist_build(&mut self, id: BuildId) -> Result<(), StateError> {
+        if let Some(b) = self.builds.get_mut(&id) {
+            b.view = Arc::new(BuildView::from(&b.rec));
             self.store.put_build(&b.rec).inspect_err(|e| {
                 tracing::error!(build = id, error = %e, "cannot persist build");
             })?;
@@ -390,146 +609,468 @@ impl Scheduler {
     /// Add a derivation graph. Derivations already known and not failed are
     /// shared (built once); new ones a builder can never take fail at once.
     /// An error writing the records is returned (after the graph is added).
+    ///
+    /// All in one call, under the caller's lock: fine for small graphs and
+    /// tests. The coordinator prepares big ones outside the lock instead
+    /// ([`PlanQuery::new`], [`Scheduler::share_plan`],
+    /// [`Scheduler::prepare_submission`], [`Scheduler::insert_submission`]),
+    /// which this does in sequence.
     pub fn submit(&mut self, g: GraphSubmission, now: i64) -> Result<SubmissionId, StateError> {
-        let sid = self.store.next_id()?;
-        // A failed write does not stop the submission half-way (the in-memory
-        // state stays whole), but it is not acknowledged: the caller gets the error.
-        let mut persisted: Result<(), StateError> = Ok(());
-        let mut sub = SubmissionRecord {
+        let plan = self.share_plan(&PlanQuery::new(&g));
+        let prepared = Scheduler::prepare_submission(&self.store, g, &plan, now)?;
+        let ins = self.insert_submission(prepared, now);
+        self.store.discard_new_builds(&ins.discard)?;
+        ins.persisted.map(|()| ins.sid)
+    }
+
+    /// A build the scheduler has of `drv` that a new submission may share
+    /// (queued, running or built).
+    fn shareable(&self, drv: &StorePath) -> Option<BuildId> {
+        self.by_drv.get(drv).copied().filter(|id| {
+            self.builds.get(id).is_some_and(|b| match b.rec.state {
+                BuildState::Done(o) => o.is_success(),
+                _ => true,
+            })
+        })
+    }
+
+    /// Which of the graph's derivations existing builds cover: one lookup
+    /// per derivation.
+    pub fn share_plan(&self, q: &PlanQuery) -> SharePlan {
+        let mut plan = SharePlan::default();
+        for d in &q.members {
+            if let Some(id) = self.shareable(d) {
+                plan.existing.insert(d.clone(), id);
+            }
+        }
+        for d in &q.outside {
+            if let Some(id) = self.by_drv.get(d) {
+                plan.outside.insert(d.clone(), *id);
+            }
+        }
+        plan
+    }
+
+    /// Make a submission ready without the scheduler: take its ids, build the
+    /// records of the builds it brings and write them (unfinished builds no
+    /// recorded submission lists are dropped at the next start, should the
+    /// coordinator die before [`Scheduler::insert_submission`]), and work out
+    /// their chains, events and classes. Blocking; the expensive part of a
+    /// big submission.
+    pub fn prepare_submission(
+        store: &Store,
+        g: GraphSubmission,
+        plan: &SharePlan,
+        now: i64,
+    ) -> Result<PreparedSubmission, StateError> {
+        let sid = store.next_id()?;
+        let mut ids: HashMap<StorePath, BuildId> = HashMap::with_capacity(g.builds.len());
+        let mut planned: Vec<(NewBuild, BuildId, Option<BuildId>)> = Vec::new();
+        for nb in g.builds {
+            if ids.contains_key(&nb.drv_path) {
+                continue;
+            }
+            let spare = store.next_id()?;
+            let existing = plan.existing.get(&nb.drv_path).copied();
+            ids.insert(nb.drv_path.clone(), existing.unwrap_or(spare));
+            planned.push((nb, spare, existing));
+        }
+        let mut outside: Vec<(StorePath, BuildId)> = Vec::new();
+        let mut members = Vec::with_capacity(planned.len());
+        let mut records = Vec::new();
+        let mut classes: Vec<(String, BTreeSet<String>)> = Vec::new();
+        let mut class_of: HashMap<(String, BTreeSet<String>), usize> = HashMap::new();
+        for (nb, spare, existing) in planned {
+            if let Some(planned) = existing {
+                members.push(Member::Shared { nb, planned, spare });
+                continue;
+            }
+            let mut deps = BTreeSet::new();
+            for i in &nb.input_drvs {
+                let dep = match ids.get(i) {
+                    Some(d) => *d,
+                    None => match plan.outside.get(i) {
+                        Some(d) => {
+                            outside.push((i.clone(), *d));
+                            *d
+                        }
+                        None => continue,
+                    },
+                };
+                if dep != spare {
+                    deps.insert(dep);
+                }
+            }
+            let class_key = (nb.system.clone(), nb.required_features.clone());
+            let class = match class_of.get(&class_key) {
+                Some(c) => *c,
+                None => {
+                    classes.push(class_key.clone());
+                    class_of.insert(class_key, classes.len() - 1);
+                    classes.len() - 1
+                }
+            };
+            let rec = BuildRecord {
+                id: spare,
+                drv_path: nb.drv_path,
+                drv_aterm: nb.drv_aterm,
+                system: nb.system,
+                required_features: nb.required_features,
+                outputs: nb.outputs,
+                deps,
+                priority: g.priority,
+                created_ms: now,
+                submissions: BTreeSet::from([sid]),
+                state: BuildState::Waiting,
+                retries: 0,
+                attempt: 0,
+                max_silent_time_secs: g.max_silent_time_secs,
+                build_timeout_secs: g.build_timeout_secs,
+                error: None,
+                builder: None,
+                started_ms: None,
+                finished_ms: None,
+                requested_by: g.client.iter().cloned().collect(),
+            };
+            records.push((
+                spare,
+                rec.drv_path.base_name(),
+                serde_json::to_vec(&rec).map_err(StateError::Encode)?,
+            ));
+            members.push(Member::Fresh {
+                build: Box::new(Build::new(rec)),
+                inputs: nb.input_drvs,
+                existing: Vec::new(),
+                class,
+            });
+        }
+        link_fresh(&mut members);
+        let keys: Vec<(StorePath, BuildId)> = members
+            .iter()
+            .filter_map(|m| match m {
+                Member::Fresh { build, .. } => Some((build.rec.drv_path.clone(), build.rec.id)),
+                Member::Shared { .. } => None,
+            })
+            .collect();
+        let notices = members
+            .iter()
+            .filter_map(|m| match m {
+                Member::Fresh { build, .. } => Some(Notice {
+                    submissions: vec![sid],
+                    event: Event::Queued {
+                        build: build.rec.id,
+                        drv_path: build.rec.drv_path.clone(),
+                    },
+                }),
+                Member::Shared { .. } => None,
+            })
+            .collect();
+        let record = SubmissionRecord {
             id: sid,
-            roots: g.roots.clone(),
-            builds: BTreeSet::new(),
-            cached: g.cached.clone(),
+            roots: g.roots,
+            builds: members
+                .iter()
+                .map(|m| match m {
+                    Member::Shared { planned, .. } => *planned,
+                    Member::Fresh { build, .. } => build.rec.id,
+                })
+                .collect(),
+            cached: g.cached,
             priority: g.priority,
             created_ms: now,
             done: false,
             cancelled: false,
-            client: g.client.clone(),
+            client: g.client,
+            finished_ms: None,
         };
-        let mut ids: HashMap<StorePath, BuildId> = HashMap::new();
-        let mut fresh: Vec<BuildId> = Vec::new();
-        for nb in &g.builds {
-            let existing = self.by_drv.get(&nb.drv_path).copied().filter(|id| {
-                self.builds.get(id).is_some_and(|b| match b.rec.state {
-                    BuildState::Done(o) => o.is_success(),
-                    _ => true,
+        let encoded = serde_json::to_vec(&record).map_err(StateError::Encode)?;
+        let bytes: usize = records.iter().map(|(_, _, b)| b.len()).sum();
+        let written = store.put_new_builds(&records).inspect_err(|_| {
+            let all: Vec<Written> = records
+                .iter()
+                .map(|(id, base, _)| Written {
+                    id: *id,
+                    drv_base_name: base.clone(),
+                    previous_log_entry: None,
                 })
-            });
-            let id = match existing {
-                Some(id) => {
-                    let b = self.builds.get_mut(&id).expect("indexed build exists");
-                    b.rec.submissions.insert(sid);
-                    b.rec.requested_by.extend(g.client.iter().cloned());
-                    if g.priority > b.rec.priority {
-                        let queued = b.rec.state == BuildState::Queued;
-                        if queued {
-                            let (class, key) = (b.class(), b.key());
-                            if let Some(q) = self.ready.get_mut(&class) {
-                                q.remove(&key);
-                            }
-                            b.rec.priority = g.priority;
-                            let key = b.key();
-                            self.ready.entry(class).or_default().insert(key);
-                        } else {
-                            b.rec.priority = g.priority;
-                        }
-                    }
-                    persisted = persisted.and(self.persist_build(id));
+                .collect();
+            let _ = store.discard_new_builds(&all);
+        })?;
+        // Let sled write out a big batch now, so that the few writes made
+        // under the lock do not wait behind it.
+        if bytes > BIG_WRITE {
+            store.flush_blocking()?;
+        }
+        let SubmissionRecord {
+            roots,
+            cached,
+            client,
+            ..
+        } = record;
+        Ok(PreparedSubmission {
+            sid,
+            created_ms: now,
+            members,
+            ids,
+            keys,
+            outside,
+            written: written.into_iter().map(|w| (w.id, w)).collect(),
+            notices,
+            classes,
+            record: encoded,
+            roots,
+            cached,
+            priority: g.priority,
+            max_silent_time_secs: g.max_silent_time_secs,
+            build_timeout_secs: g.build_timeout_secs,
+            client,
+        })
+    }
+
+    /// Add a prepared submission: share what is shareable now (the plan is
+    /// checked again: a build that failed meanwhile gets a new one, a
+    /// derivation another submission added meanwhile is shared), link the new
+    /// builds, and start what can start. When nothing changed since the plan
+    /// (the usual case) only what was prepared is inserted; otherwise the
+    /// links, chains and events are worked out again here.
+    pub fn insert_submission(&mut self, p: PreparedSubmission, now: i64) -> Inserted {
+        let sid = p.sid;
+        let mut persisted: Result<(), StateError> = Ok(());
+        // What each member shares now, and whether that is still the plan.
+        let now_shared: Vec<Option<BuildId>> =
+            p.members.iter().map(|m| self.shareable(m.drv())).collect();
+        let mut drift = p.members.iter().zip(&now_shared).any(|(m, s)| match m {
+            Member::Shared { planned, .. } => *s != Some(*planned),
+            Member::Fresh { .. } => s.is_some(),
+        });
+        drift |= p
+            .outside
+            .iter()
+            .any(|(d, id)| self.by_drv.get(d) != Some(id));
+        let mut ids = p.ids;
+        let mut written = p.written;
+        let mut discard: Vec<Written> = Vec::new();
+        let mut fresh: Vec<BuildId> = Vec::with_capacity(written.len());
+        let mut fresh_inputs: Vec<Vec<StorePath>> = Vec::with_capacity(written.len());
+        let mut fresh_class: Vec<Option<usize>> = Vec::with_capacity(written.len());
+        let mut shared: Vec<BuildId> = Vec::new();
+        let mut sub_builds: Vec<BuildId> = Vec::with_capacity(p.members.len());
+        let mut rewrite: BTreeSet<BuildId> = BTreeSet::new();
+        let mut fresh_existing: Vec<(BuildId, Vec<BuildId>)> = Vec::new();
+        self.builds.reserve(written.len());
+        self.by_drv.reserve(written.len());
+        for (m, share) in p.members.into_iter().zip(now_shared) {
+            let id = match (m, share) {
+                (Member::Shared { nb, .. }, Some(id)) => {
+                    ids.insert(nb.drv_path, id);
+                    shared.push(id);
                     id
                 }
-                None => {
-                    let id = self.store.next_id()?;
+                (Member::Shared { nb, spare, .. }, None) => {
+                    // What it was to share failed or went meanwhile: a build of its own.
                     let rec = BuildRecord {
-                        id,
+                        id: spare,
                         drv_path: nb.drv_path.clone(),
-                        drv_aterm: nb.drv_aterm.clone(),
-                        system: nb.system.clone(),
-                        required_features: nb.required_features.clone(),
-                        outputs: nb.outputs.clone(),
+                        drv_aterm: nb.drv_aterm,
+                        system: nb.system,
+                        required_features: nb.required_features,
+                        outputs: nb.outputs,
                         deps: BTreeSet::new(),
-                        priority: g.priority,
-                        created_ms: now,
+                        priority: p.priority,
+                        created_ms: p.created_ms,
                         submissions: BTreeSet::from([sid]),
                         state: BuildState::Waiting,
                         retries: 0,
                         attempt: 0,
-                        max_silent_time_secs: g.max_silent_time_secs,
-                        build_timeout_secs: g.build_timeout_secs,
+                        max_silent_time_secs: p.max_silent_time_secs,
+                        build_timeout_secs: p.build_timeout_secs,
                         error: None,
                         builder: None,
                         started_ms: None,
                         finished_ms: None,
-                        requested_by: g.client.iter().cloned().collect(),
+                        requested_by: p.client.iter().cloned().collect(),
                     };
-                    self.by_drv.insert(nb.drv_path.clone(), id);
-                    self.builds.insert(
-                        id,
-                        Build {
-                            rec,
-                            dependents: BTreeSet::new(),
-                            pending: BTreeSet::new(),
-                            chain: 1,
-                            inputs: None,
-                        },
-                    );
-                    fresh.push(id);
+                    self.by_drv.insert(nb.drv_path.clone(), spare);
+                    self.builds.insert(spare, Build::new(rec));
+                    ids.insert(nb.drv_path, spare);
+                    fresh.push(spare);
+                    fresh_inputs.push(nb.input_drvs);
+                    fresh_class.push(None);
+                    rewrite.insert(spare);
+                    spare
+                }
+                (Member::Fresh { build, .. }, Some(id)) => {
+                    // Another submission added it meanwhile.
+                    discard.extend(written.remove(&build.rec.id));
+                    ids.insert(build.rec.drv_path.clone(), id);
+                    shared.push(id);
                     id
                 }
-            };
-            ids.insert(nb.drv_path.clone(), id);
-            sub.builds.insert(id);
-        }
-        // Link the new builds to their dependencies.
-        for nb in &g.builds {
-            let id = ids[&nb.drv_path];
-            if !fresh.contains(&id) {
-                continue;
-            }
-            for input in &nb.input_drvs {
-                let dep = ids
-                    .get(input)
-                    .copied()
-                    .or_else(|| self.by_drv.get(input).copied());
-                let Some(dep) = dep else { continue };
-                if dep == id {
-                    continue;
-                }
-                let dep_state = match self.builds.get_mut(&dep) {
-                    Some(d) => {
-                        d.dependents.insert(id);
-                        d.rec.state.clone()
+                (
+                    Member::Fresh {
+                        build,
+                        inputs,
+                        existing,
+                        class,
+                    },
+                    None,
+                ) => {
+                    let own = build.rec.id;
+                    if drift {
+                        self.by_drv.insert(build.rec.drv_path.clone(), own);
                     }
-                    None => continue,
-                };
-                let b = self.builds.get_mut(&id).expect("fresh build exists");
-                b.rec.deps.insert(dep);
-                if !dep_state.is_terminal() {
-                    b.pending.insert(dep);
+                    self.builds.insert(own, *build);
+                    fresh.push(own);
+                    fresh_inputs.push(inputs);
+                    if !existing.is_empty() {
+                        fresh_existing.push((own, existing));
+                    }
+                    fresh_class.push(Some(class));
+                    own
+                }
+            };
+            sub_builds.push(id);
+        }
+        if !drift {
+            self.by_drv.extend(p.keys);
+        }
+        for &id in &shared {
+            let Some(b) = self.builds.get_mut(&id) else {
+                continue;
+            };
+            b.rec.submissions.insert(sid);
+            b.rec.requested_by.extend(p.client.iter().cloned());
+            if p.priority > b.rec.priority {
+                let queued = b.rec.state == BuildState::Queued;
+                if queued {
+                    let (class, key) = (b.class(), b.key());
+                    if let Some(q) = self.ready.get_mut(&class) {
+                        q.remove(&key);
+                    }
+                    b.rec.priority = p.priority;
+                    let key = b.key();
+                    self.ready.entry(class).or_default().insert(key);
+                } else {
+                    b.rec.priority = p.priority;
                 }
             }
             persisted = persisted.and(self.persist_build(id));
         }
-        self.submissions.insert(sid, sub);
-        persisted = persisted.and(self.persist_submission(sid));
+        // Link the new builds to what they depend on. As prepared, they are
+        // linked among themselves: only links to builds the scheduler had are
+        // made here. After a change, every link is made again from the inputs.
+        let mut existing_deps: BTreeSet<BuildId> = BTreeSet::new();
+        if drift {
+            for &id in &fresh {
+                let b = self.builds.get_mut(&id).expect("fresh build exists");
+                b.dependents.clear();
+                b.pending.clear();
+            }
+            fresh_existing = fresh
+                .iter()
+                .zip(&fresh_inputs)
+                .map(|(&id, inputs)| {
+                    let deps: Vec<BuildId> = inputs
+                        .iter()
+                        .filter_map(|i| ids.get(i).or_else(|| self.by_drv.get(i)).copied())
+                        .filter(|d| *d != id)
+                        .collect();
+                    (id, deps)
+                })
+                .collect();
+        }
+        for (id, deps) in &fresh_existing {
+            let mut linked = BTreeSet::new();
+            let mut pending = Vec::new();
+            for &dep in deps {
+                let Some(d) = self.builds.get_mut(&dep) else {
+                    continue;
+                };
+                d.dependents.insert(*id);
+                if !d.rec.state.is_terminal() {
+                    pending.push(dep);
+                }
+                existing_deps.insert(dep);
+                linked.insert(dep);
+            }
+            let b = self.builds.get_mut(id).expect("fresh build exists");
+            b.pending.extend(pending);
+            if drift {
+                if b.rec.deps != linked {
+                    b.rec.deps = linked;
+                    rewrite.insert(*id);
+                }
+            } else if linked.len() != deps.len() {
+                // A dependency went meanwhile (it counts as done).
+                for d in deps {
+                    if !linked.contains(d) {
+                        b.rec.deps.remove(d);
+                    }
+                }
+                rewrite.insert(*id);
+            }
+        }
+        for id in rewrite {
+            persisted = persisted.and(self.persist_build(id));
+        }
+        sub_builds.sort_unstable();
+        let sub = SubmissionRecord {
+            id: sid,
+            roots: p.roots,
+            builds: sub_builds.into_iter().collect(),
+            cached: p.cached,
+            priority: p.priority,
+            created_ms: p.created_ms,
+            done: false,
+            cancelled: false,
+            client: p.client,
+            finished_ms: None,
+        };
+        let n_builds = sub.builds.len();
+        let n_cached = sub.cached.len();
+        self.submissions.insert(sid, Arc::new(sub));
+        persisted = persisted.and(if drift {
+            self.persist_submission(sid)
+        } else {
+            self.store.put_new_submission(sid, &p.record)
+        });
         tracing::info!(
             submission = %format!("s{sid}"),
-            builds = g.builds.len(),
+            builds = n_builds,
             new = fresh.len(),
-            cached = g.cached.len(),
+            cached = n_cached,
             "submission accepted"
         );
-        self.recompute_chains(fresh.clone());
-        for &id in &fresh {
-            self.notify(
-                id,
-                Event::Queued {
-                    build: id,
-                    drv_path: self.builds[&id].rec.drv_path.clone(),
-                },
-            );
+        if drift {
+            self.recompute_chains(fresh.clone());
+            for &id in &fresh {
+                self.notify(
+                    id,
+                    Event::Queued {
+                        build: id,
+                        drv_path: self.builds[&id].rec.drv_path.clone(),
+                    },
+                );
+            }
+        } else {
+            // The new builds' chains were worked out ahead; what they depend
+            // on outside this submission grows by them.
+            if !existing_deps.is_empty() {
+                self.recompute_chains(existing_deps.into_iter().collect());
+            }
+            self.notices.extend(p.notices);
         }
-        // Builds no builder can take fail now (their dependents with them).
-        for &id in &fresh {
+        // Builds no builder can take fail now (their dependents with them);
+        // the verdict is the same for every build of a class.
+        let verdicts: Vec<bool> = p
+            .classes
+            .iter()
+            .map(|(system, features)| self.capable_builder_recently(system, features, now))
+            .collect();
+        for (&id, class) in fresh.iter().zip(&fresh_class) {
+            if class.is_some_and(|c| verdicts[c]) {
+                continue;
+            }
             let Some(b) = self.builds.get(&id) else {
                 continue;
             };
@@ -554,7 +1095,17 @@ impl Scheduler {
             }
         }
         self.check_submission(sid, now);
-        persisted.map(|()| sid)
+        Inserted {
+            sid,
+            discard,
+            persisted,
+            leftovers: Leftovers {
+                _ids: ids,
+                _inputs: fresh_inputs,
+                _written: written,
+                _record: p.record,
+            },
+        }
     }
 
     /// Whether some builder can take this kind of work now or soon; else why not.
@@ -565,17 +1116,26 @@ impl Scheduler {
         drv: &StorePath,
         now: i64,
     ) -> Result<(), String> {
-        let capable_recent = self.by_system.get(system).is_some_and(|names| {
+        if self.capable_builder_recently(system, required, now) {
+            return Ok(());
+        }
+        Err(self.unschedulable_message(drv, system, required, now))
+    }
+
+    /// Whether a builder that can take this kind of work is online or was seen recently.
+    fn capable_builder_recently(
+        &self,
+        system: &str,
+        required: &BTreeSet<String>,
+        now: i64,
+    ) -> bool {
+        self.by_system.get(system).is_some_and(|names| {
             names.iter().any(|n| {
                 let e = &self.builders[n];
                 e.rec.capabilities.can_build(system, required)
                     && (e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
             })
-        });
-        if capable_recent {
-            return Ok(());
-        }
-        Err(self.unschedulable_message(drv, system, required, now))
+        })
     }
 
     fn unschedulable_message(
@@ -666,14 +1226,40 @@ impl Scheduler {
 
     /// A build's input closure is resolved: it is runnable.
     pub fn set_ready(&mut self, id: BuildId, inputs: Vec<(StorePath, u64)>) {
-        let Some(b) = self.builds.get_mut(&id) else {
-            return;
-        };
-        if b.rec.state != BuildState::Waiting || !b.pending.is_empty() {
+        if !self
+            .builds
+            .get(&id)
+            .is_some_and(|b| b.rec.state == BuildState::Waiting && b.pending.is_empty())
+        {
             return;
         }
-        b.inputs = Some(inputs);
+        let inputs: Closure = inputs
+            .into_iter()
+            .map(|(p, size)| (self.intern(p), size))
+            .collect();
+        if let Some(b) = self.builds.get_mut(&id) {
+            b.inputs = Some(inputs);
+        }
         self.set_state(id, BuildState::Queued);
+    }
+
+    /// The one shared copy of `p`.
+    fn intern(&mut self, p: StorePath) -> Arc<StorePath> {
+        if let Some(a) = self.paths.get(&p) {
+            return a.clone();
+        }
+        let a = Arc::new(p);
+        self.paths.insert(a.clone());
+        a
+    }
+
+    /// Forget interned paths nothing holds any more, once the pool has
+    /// doubled since the last sweep (amortised: a sweep per doubling).
+    fn sweep_paths(&mut self) {
+        if self.paths.len() > 2 * self.paths_swept.max(4096) {
+            self.paths.retain(|p| Arc::strong_count(p) > 1);
+            self.paths_swept = self.paths.len();
+        }
     }
 
     /// Its outputs are already in the cache: done without building.
@@ -719,6 +1305,7 @@ impl Scheduler {
             ended += 1;
             b.rec.error = error.clone();
             b.rec.finished_ms = Some(now);
+            b.inputs = None;
             touched_subs.extend(b.rec.submissions.iter().copied());
             self.set_state(id, BuildState::Done(outcome));
             self.actions.push(Action::BuildEnded { build: id });
@@ -777,7 +1364,7 @@ impl Scheduler {
         ended
     }
 
-    fn check_submission(&mut self, sid: SubmissionId, _now: i64) {
+    fn check_submission(&mut self, sid: SubmissionId, now: i64) {
         let Some(sub) = self.submissions.get(&sid) else {
             return;
         };
@@ -798,8 +1385,9 @@ impl Scheduler {
             }
         }
         let success = failed == 0 && !sub.cancelled;
-        let sub = self.submissions.get_mut(&sid).expect("checked above");
+        let sub = Arc::make_mut(self.submissions.get_mut(&sid).expect("checked above"));
         sub.done = true;
+        sub.finished_ms = Some(now);
         tracing::info!(submission = %format!("s{sid}"), success, built, cached, failed, "submission done");
         let _ = self.persist_submission(sid);
         self.notices.push(Notice {
@@ -861,6 +1449,58 @@ impl Scheduler {
                 .or_default()
                 .insert(rec.name.clone());
         }
+    }
+
+    /// An authenticated builder joins under `name` if the name is free, is
+    /// bound to `public_key` already, or is bound to `replaces` (a key the
+    /// caller found no longer enrolled): the check and the binding are one
+    /// step, so of two keys racing for a new name exactly one gets it.
+    pub fn builder_join(
+        &mut self,
+        name: &str,
+        public_key: &str,
+        replaces: Option<&str>,
+        caps: Capabilities,
+        running_jobs: &[String],
+        now: i64,
+    ) -> Result<(u64, bool), NameTaken> {
+        if let Some(e) = self.builders.get(name) {
+            let bound = e.rec.public_key.as_str();
+            if bound != public_key && Some(bound) != replaces {
+                tracing::warn!(
+                    builder = name,
+                    "refused builder: name belongs to another key"
+                );
+                return Err(NameTaken {
+                    name: name.to_owned(),
+                });
+            }
+        }
+        Ok(self.builder_connected(name, public_key, caps, running_jobs, now))
+    }
+
+    /// Forget builders not seen for `older_than_ms` (offline, nothing
+    /// running): their records and their names' bindings. Returns their names.
+    pub fn forget_builders(&mut self, now: i64, older_than_ms: i64) -> Vec<String> {
+        let cutoff = now.saturating_sub(older_than_ms);
+        let gone: Vec<String> = self
+            .builders
+            .iter()
+            .filter(|(_, e)| !e.online && e.running.is_empty() && e.rec.last_seen_ms < cutoff)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &gone {
+            self.builders.remove(name);
+            for names in self.by_system.values_mut() {
+                names.remove(name);
+            }
+            self.by_system.retain(|_, names| !names.is_empty());
+            if let Err(e) = self.store.delete_builder(name) {
+                tracing::error!(builder = %name, error = %e, "cannot delete builder record");
+            }
+            tracing::info!(builder = %name, "builder record removed: not seen within the retention");
+        }
+        gone
     }
 
     /// An authenticated builder joined (or came back). `running_jobs` are the
@@ -1100,8 +1740,7 @@ impl Scheduler {
             };
             let id = key.id;
             let b = &self.builds[&id];
-            let empty = Vec::new();
-            let inputs = b.inputs.as_ref().unwrap_or(&empty);
+            let inputs = b.inputs.as_deref().unwrap_or(&[]);
             let chosen = candidates
                 .iter()
                 .map(|n| {
@@ -1128,9 +1767,10 @@ impl Scheduler {
         b.rec.builder = Some(builder.to_owned());
         b.rec.started_ms = Some(now);
         let job = job_id(id, b.rec.attempt);
-        let inputs: Vec<StorePath> = b
+        // The closure goes with the job; a requeue resolves it again.
+        let inputs: Vec<Arc<StorePath>> = b
             .inputs
-            .as_ref()
+            .take()
             .map(|v| v.iter().map(|(p, _)| p.clone()).collect())
             .unwrap_or_default();
         let assignment = Assignment {
@@ -1210,11 +1850,19 @@ impl Scheduler {
         };
         match end {
             JobEnd::Built => {
-                let outputs: Vec<StorePath> =
-                    self.builds[&id].rec.outputs.values().cloned().collect();
+                let outputs: Vec<Arc<StorePath>> = self.builds[&id]
+                    .rec
+                    .outputs
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .map(|p| self.intern(p))
+                    .collect();
                 if let Some(e) = self.builders.get_mut(builder) {
                     e.held.extend(outputs);
                 }
+                self.sweep_paths();
                 self.finish(id, Outcome::Built, None, now);
             }
             JobEnd::Failed(msg) => {
@@ -1261,6 +1909,7 @@ impl Scheduler {
         if sub.done {
             return 0;
         }
+        let sub = Arc::make_mut(sub);
         sub.cancelled = true;
         let ids: Vec<BuildId> = sub.builds.iter().copied().collect();
         let _ = self.persist_submission(sid);
@@ -1286,41 +1935,45 @@ impl Scheduler {
     }
 
     // ───────────────────────────── queries ─────────────────────────────
+    //
+    // In memory only (no sled read under the caller's lock): the coordinator
+    // falls back to the store, outside the lock, for what is not here.
 
-    /// A build's record, in memory or in the store.
-    pub fn build(&self, id: BuildId) -> Option<BuildRecord> {
-        match self.builds.get(&id) {
-            Some(b) => Some(b.rec.clone()),
-            None => self.store.get_build(id).ok().flatten(),
-        }
+    /// A build's record, if it is in memory.
+    pub fn build_record(&self, id: BuildId) -> Option<&BuildRecord> {
+        self.builds.get(&id).map(|b| &b.rec)
+    }
+
+    /// A build's view, if it is in memory (a reference count, not a copy).
+    pub fn build_view(&self, id: BuildId) -> Option<Arc<BuildView>> {
+        self.builds.get(&id).map(|b| b.view.clone())
     }
 
     /// The in-memory build of a derivation that is queued, running or built
     /// (what a new submission shares).
-    pub fn known_build(&self, drv: &StorePath) -> Option<BuildRecord> {
-        let b = self.builds.get(self.by_drv.get(drv)?)?;
-        match b.rec.state {
-            BuildState::Done(o) if !o.is_success() => None,
-            _ => Some(b.rec.clone()),
-        }
+    pub fn known_build(&self, drv: &StorePath) -> Option<Arc<BuildView>> {
+        self.shareable(drv).and_then(|id| self.build_view(id))
     }
 
-    /// The latest build of a derivation.
+    /// The latest in-memory build of a derivation.
     pub fn build_of_drv(&self, drv: &StorePath) -> Option<BuildId> {
-        self.by_drv
-            .get(drv)
-            .copied()
-            .or_else(|| self.store.build_of_drv(&drv.base_name()).ok().flatten())
+        self.by_drv.get(drv).copied()
     }
 
-    /// A submission and its builds, if it is still in memory or stored.
-    pub fn submission(&self, sid: SubmissionId) -> Option<(SubmissionRecord, Vec<BuildRecord>)> {
-        let sub = match self.submissions.get(&sid) {
-            Some(s) => s.clone(),
-            None => self.store.get_submission(sid).ok().flatten()?,
-        };
-        let builds = sub.builds.iter().filter_map(|id| self.build(*id)).collect();
-        Some((sub, builds))
+    /// An unfinished submission (finished ones are only in the store): its
+    /// record, a view of each of its builds in memory, and the ids of those
+    /// that are not (to read from the store after the lock).
+    pub fn submission_view(&self, sid: SubmissionId) -> Option<(SubmissionSnapshot, Vec<BuildId>)> {
+        let sub = self.submissions.get(&sid)?.clone();
+        let mut views = Vec::with_capacity(sub.builds.len());
+        let mut missing = Vec::new();
+        for id in &sub.builds {
+            match self.builds.get(id) {
+                Some(b) => views.push(b.view.clone()),
+                None => missing.push(*id),
+            }
+        }
+        Some(((sub, views), missing))
     }
 
     /// Whether the submission is finished (or unknown).
@@ -1363,14 +2016,17 @@ impl Scheduler {
     }
 
     /// Running builds.
-    pub fn running(&self) -> Vec<BuildRecord> {
-        let mut v: Vec<BuildRecord> = self
-            .builds
+    pub fn running(&self) -> Vec<Arc<BuildView>> {
+        let mut v: Vec<Arc<BuildView>> = self
+            .builders
             .values()
+            .flat_map(|e| e.running.iter())
+            .filter_map(|id| self.builds.get(id))
             .filter(|b| matches!(b.rec.state, BuildState::Running { .. }))
-            .map(|b| b.rec.clone())
+            .map(|b| b.view.clone())
             .collect();
         v.sort_by_key(|b| b.id);
+        v.dedup_by_key(|b| b.id);
         v
     }
 
@@ -1396,9 +2052,29 @@ impl Scheduler {
         self.builds.get(&id).map(|b| b.rec.state.clone())
     }
 
-    /// A build's input closure, once resolved.
+    /// A queued build's input closure (tests).
     pub fn inputs_of(&self, id: BuildId) -> Option<Vec<(StorePath, u64)>> {
-        self.builds.get(&id).and_then(|b| b.inputs.clone())
+        self.builds.get(&id).and_then(|b| {
+            b.inputs
+                .as_ref()
+                .map(|v| v.iter().map(|(p, s)| ((**p).clone(), *s)).collect())
+        })
+    }
+
+    /// How much the scheduler holds in memory (tests, benchmarks): builds,
+    /// submissions, input closure entries of queued builds, interned paths.
+    pub fn memory_counts(&self) -> (usize, usize, usize, usize) {
+        let inputs = self
+            .builds
+            .values()
+            .map(|b| b.inputs.as_ref().map_or(0, |v| v.len()))
+            .sum();
+        (
+            self.builds.len(),
+            self.submissions.len(),
+            inputs,
+            self.paths.len(),
+        )
     }
 }
 

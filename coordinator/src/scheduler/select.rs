@@ -2,7 +2,9 @@
 //! slots, speed factor, live load and pressure, bytes of the input closure it
 //! still lacks), and the message for work no builder can ever take.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeSet, HashSet};
+use std::hash::Hash;
 
 use farm_nix::store_path::StorePath;
 
@@ -14,13 +16,19 @@ use super::types::{Capabilities, Load};
 /// the share of its slots in use, `load` the 1-minute load average per core
 /// (capped at 4), `pressure` the worst PSI share (0..1) and `missing` the share
 /// of the input closure's bytes it does not hold.
-pub fn score(
+/// (Paths are anything that borrows as a [`StorePath`]: the scheduler passes
+/// its interned `Arc<StorePath>`s.)
+pub fn score<H, P>(
     caps: &Capabilities,
     load: &Load,
     running: usize,
-    held: &HashSet<StorePath>,
-    inputs: &[(StorePath, u64)],
-) -> f64 {
+    held: &HashSet<H>,
+    inputs: &[(P, u64)],
+) -> f64
+where
+    H: Borrow<StorePath> + Hash + Eq,
+    P: Borrow<StorePath>,
+{
     let slots = caps.max_jobs.max(1) as f64;
     let busy = running as f64 / slots;
     let cores = caps.cores.max(1) as f64;
@@ -43,7 +51,7 @@ pub fn score(
     let total: u64 = inputs.iter().map(|(_, s)| *s).sum();
     let missing: u64 = inputs
         .iter()
-        .filter(|(p, _)| !held.contains(p))
+        .filter(|(p, _)| !held.contains(p.borrow()))
         .map(|(_, s)| *s)
         .sum();
     let transfer = if total > 0 {

@@ -18,7 +18,7 @@ fn drv(name: &str) -> StorePath {
 fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
     NewBuild {
         drv_path: drv(name),
-        drv_aterm: format!("Derive-{name}"),
+        drv_aterm: format!("Derive-{name}").into(),
         system: system.into(),
         required_features: features.iter().map(|s| s.to_string()).collect(),
         outputs: BTreeMap::from([("out".to_string(), sp(name))]),
@@ -176,26 +176,27 @@ fn dispatch_matches_capabilities() {
 
 #[test]
 fn preference_ordering() {
-    let held = HashSet::new();
+    const NONE: &[(StorePath, u64)] = &[];
+    let held: HashSet<StorePath> = HashSet::new();
     let c = caps(&["x"], &[], &[], 4, 1.0);
     let idle = Load::default();
     // free slots
-    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &idle, 2, &held, &[]));
+    assert!(select::score(&c, &idle, 0, &held, NONE) < select::score(&c, &idle, 2, &held, NONE));
     // speed factor
     let fast = caps(&["x"], &[], &[], 4, 2.0);
-    assert!(select::score(&fast, &idle, 0, &held, &[]) < select::score(&c, &idle, 0, &held, &[]));
+    assert!(select::score(&fast, &idle, 0, &held, NONE) < select::score(&c, &idle, 0, &held, NONE));
     // live load
     let loaded = Load {
         load_avg_1: 8.0,
         ..Load::default()
     };
-    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &loaded, 0, &held, &[]));
+    assert!(select::score(&c, &idle, 0, &held, NONE) < select::score(&c, &loaded, 0, &held, NONE));
     // pressure
     let pressed = Load {
         memory_pressure: 60.0,
         ..Load::default()
     };
-    assert!(select::score(&c, &idle, 0, &held, &[]) < select::score(&c, &pressed, 0, &held, &[]));
+    assert!(select::score(&c, &idle, 0, &held, NONE) < select::score(&c, &pressed, 0, &held, NONE));
     // locality: holding the big input wins
     let inputs = vec![(sp("big"), 1_000_000u64), (sp("small"), 10)];
     let holds_big: HashSet<StorePath> = [sp("big")].into();
@@ -679,7 +680,7 @@ fn a_job_that_finished_while_its_builder_was_away_is_kept_and_its_result_accepte
         s.state_of(done.build),
         Some(BuildState::Done(Outcome::Built))
     );
-    assert_eq!(s.build(done.build).unwrap().retries, 0);
+    assert_eq!(s.build_record(done.build).unwrap().retries, 0);
     let f = finished(&s.take_notices());
     assert_eq!(f, [(drv("done"), Outcome::Built, None)]);
     // Past the grace period nothing is requeued either: the builder is back.
@@ -687,7 +688,10 @@ fn a_job_that_finished_while_its_builder_was_away_is_kept_and_its_result_accepte
     assert_eq!(s.running_job("b", &late.job_id), Some(late.build));
     s.job_ended("b", &late.job_id, JobEnd::Built, 60_100);
     // (the submission is done: its records are read back from the store)
-    let rec = s.build(late.build).unwrap();
+    let rec = match s.build_record(late.build) {
+        Some(r) => r.clone(),
+        None => s.store().get_build(late.build).unwrap().unwrap(),
+    };
     assert_eq!(
         (rec.state, rec.retries),
         (BuildState::Done(Outcome::Built), 0)
@@ -704,7 +708,7 @@ fn a_finished_job_the_coordinator_gave_up_on_is_cancelled_and_its_result_ignored
     s.builder_disconnected("b", c, 100);
     // Too late: the grace ran out and the build was requeued (a retry).
     s.tick(20_000);
-    assert_eq!(s.build(first.build).unwrap().retries, 1);
+    assert_eq!(s.build_record(first.build).unwrap().retries, 1);
     s.builder_connected(
         "b",
         "k",
@@ -933,7 +937,7 @@ fn builds_record_every_client_that_asked() {
     );
     g.client = Some("SHA256:bob bob@ci".into());
     let s2 = s.submit(g, 2).unwrap();
-    let shared = s.build(id_of(&s, "shared")).unwrap();
+    let shared = s.build_record(id_of(&s, "shared")).unwrap();
     assert_eq!(
         shared.requested_by,
         BTreeSet::from([
@@ -941,17 +945,494 @@ fn builds_record_every_client_that_asked() {
             "SHA256:bob bob@ci".to_string()
         ])
     );
-    let own = s.build(id_of(&s, "own")).unwrap();
+    let own = s.build_record(id_of(&s, "own")).unwrap();
     assert_eq!(
         own.requested_by,
         BTreeSet::from(["SHA256:bob bob@ci".to_string()])
     );
     assert_eq!(
-        s.submission(s1).unwrap().0.client.as_deref(),
+        s.submission_view(s1).unwrap().0.0.client.as_deref(),
         Some("SHA256:alice alice@laptop")
     );
     assert_eq!(
-        s.submission(s2).unwrap().0.client.as_deref(),
+        s.submission_view(s2).unwrap().0.0.client.as_deref(),
         Some("SHA256:bob bob@ci")
     );
+}
+
+// ───────────────────── retention, start, locks, memory ─────────────────────
+
+use crate::state::{KeepNothing, Retention};
+
+/// Submit `names` as one graph and build all of it on "b" (one job at a time).
+fn build_all(s: &mut Scheduler, names: &[&str], now: i64) -> SubmissionId {
+    let builds = names
+        .iter()
+        .map(|n| nb(n, "x86_64-linux", &[], &[]))
+        .collect();
+    let sid = s.submit(graph(builds, names), now).unwrap();
+    loop {
+        let jobs = settle(s, now);
+        if jobs.is_empty() {
+            break;
+        }
+        for j in jobs {
+            s.job_ended("b", &j.job_id, JobEnd::Built, now);
+        }
+    }
+    assert!(s.submission_done(sid));
+    sid
+}
+
+/// Prune until nothing more is due.
+fn prune_all(store: &Store, retention: &Retention, now: i64) -> usize {
+    let mut n = 0;
+    loop {
+        let p = store.prune(retention, &KeepNothing, now, 256).unwrap();
+        n += p.submissions;
+        if !p.more {
+            return n;
+        }
+    }
+}
+
+/// 10 000 finished submissions, a restart, then pruning: the start loads only
+/// the unfinished submission, and sled then holds at most the retention
+/// (counted entry by entry in every tree) plus the unfinished work, whose
+/// shared build survives although finished submissions that listed it went.
+#[test]
+fn ten_thousand_finished_submissions_pruned_to_the_retention_after_a_restart() {
+    const N: usize = 10_000;
+    const KEEP: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let (long, shared_id, newest);
+    {
+        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
+        // An unfinished submission: "shared" builds, "blocker" never ends.
+        long = s
+            .submit(
+                graph(
+                    vec![
+                        nb("shared", "x86_64-linux", &[], &[]),
+                        nb("blocker", "x86_64-linux", &[], &[]),
+                    ],
+                    &["shared", "blocker"],
+                ),
+                0,
+            )
+            .unwrap();
+        let jobs = settle(&mut s, 0);
+        shared_id = id_of(&s, "shared");
+        let j = jobs.iter().find(|j| j.build == shared_id).unwrap();
+        s.job_ended("b", &j.job_id, JobEnd::Built, 0);
+        let mut last = 0;
+        for i in 0..N {
+            let own = format!("own-{i}");
+            // Every hundredth one shares the long submission's built build.
+            let names: Vec<&str> = if i % 100 == 0 {
+                vec![&own, "shared"]
+            } else {
+                vec![&own]
+            };
+            last = build_all(&mut s, &names, 1 + i as i64);
+        }
+        newest = last;
+        s.store().flush_blocking().unwrap();
+        let c = s.store().counts();
+        assert_eq!((c.submissions, c.finished), (N + 1, N));
+        assert_eq!(c.builds, N + 2);
+    }
+    // Restart: only the unfinished work is read.
+    let store = Store::open(&path).unwrap();
+    let s = Scheduler::load(cfg(), store.clone(), 20_000).unwrap();
+    let (builds, subs, _, _) = s.memory_counts();
+    assert_eq!((builds, subs), (2, 1), "the start read finished history");
+    assert!(!s.submission_done(long));
+    let retention = Retention {
+        finished_submissions: KEEP,
+        max_age_ms: None,
+        builder_ms: i64::MAX,
+    };
+    assert_eq!(prune_all(&store, &retention, 20_000), N - KEEP);
+    let c = store.counts();
+    assert_eq!(c.finished, KEEP, "{c:?}");
+    assert_eq!(c.submissions, KEEP + 1, "{c:?}");
+    // the kept submissions' own builds, plus "shared" and "blocker"
+    assert_eq!(c.builds, KEEP + 2, "{c:?}");
+    assert_eq!(c.log_index, c.builds, "{c:?}");
+    assert_eq!(c.active, 2, "{c:?}");
+    // the newest are the ones kept; the shared build is still there
+    assert!(store.get_submission(newest).unwrap().is_some());
+    assert!(store.get_build(shared_id).unwrap().is_some());
+    assert!(
+        store
+            .build_of_drv(&drv("own-0").base_name())
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .build_of_drv(&drv(&format!("own-{}", N - 1)).base_name())
+            .unwrap()
+            .is_some()
+    );
+    // nothing more is due; and an age limit prunes what is older
+    assert_eq!(prune_all(&store, &retention, 20_000), 0);
+    let by_age = Retention {
+        // finished at 1..=N: keep those at N-9..=N
+        max_age_ms: Some(20_000 - (N as i64 - 9)),
+        ..retention
+    };
+    assert_eq!(prune_all(&store, &by_age, 20_000), KEEP - 10);
+    assert_eq!(store.counts().finished, 10);
+    // the unfinished submission still resumes
+    drop(s);
+    let s = Scheduler::load(cfg(), store, 30_000).unwrap();
+    assert!(!s.submission_done(long));
+    assert_eq!(
+        s.state_of(shared_id),
+        Some(BuildState::Done(Outcome::Built))
+    );
+}
+
+/// Records written by a submission that a crash interrupted before it was
+/// recorded are dropped at the next start, not built.
+#[test]
+fn an_interrupted_submission_leaves_nothing_to_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let s = Scheduler::new(cfg(), Store::open(&path).unwrap());
+        let g = graph(
+            vec![
+                nb("a", "x86_64-linux", &[], &[]),
+                nb("b", "x86_64-linux", &[], &["a"]),
+            ],
+            &["b"],
+        );
+        let plan = s.share_plan(&PlanQuery::new(&g));
+        let p = Scheduler::prepare_submission(s.store(), g, &plan, 0).unwrap();
+        assert_eq!(s.store().counts().builds, 2);
+        drop(p);
+        s.store().flush_blocking().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let s = Scheduler::load(cfg(), store.clone(), 1).unwrap();
+    assert_eq!(s.memory_counts().0, 0);
+    let c = store.counts();
+    assert_eq!((c.builds, c.active, c.log_index), (0, 0, 0), "{c:?}");
+}
+
+/// Two submissions of the same new derivation prepared at once: the one
+/// inserted second shares the first one's build, and its own record is
+/// discarded (the log index points at the build that exists).
+#[test]
+fn submissions_prepared_at_once_share_one_build() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
+    let g1 = graph(vec![nb("x", "x86_64-linux", &[], &[])], &["x"]);
+    let g2 = graph(
+        vec![
+            nb("x", "x86_64-linux", &[], &[]),
+            nb("y", "x86_64-linux", &[], &["x"]),
+        ],
+        &["y"],
+    );
+    let (p1, p2) = (
+        s.share_plan(&PlanQuery::new(&g1)),
+        s.share_plan(&PlanQuery::new(&g2)),
+    );
+    let p1 = Scheduler::prepare_submission(s.store(), g1, &p1, 0).unwrap();
+    let p2 = Scheduler::prepare_submission(s.store(), g2, &p2, 0).unwrap();
+    let i1 = s.insert_submission(p1, 0);
+    assert!(i1.discard.is_empty());
+    let i2 = s.insert_submission(p2, 0);
+    i2.persisted.unwrap();
+    assert_eq!(i2.discard.len(), 1);
+    s.store().discard_new_builds(&i2.discard).unwrap();
+    let x = id_of(&s, "x");
+    assert_eq!(
+        s.store().build_of_drv(&drv("x").base_name()).unwrap(),
+        Some(x)
+    );
+    assert_eq!(s.store().counts().builds, 2);
+    let y = id_of(&s, "y");
+    assert_eq!(
+        s.build_record(y).unwrap().deps,
+        BTreeSet::from([x]),
+        "linked to the shared build, not the discarded one"
+    );
+    assert_eq!(
+        s.store().get_build(y).unwrap().unwrap().deps,
+        BTreeSet::from([x])
+    );
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].build, x);
+    s.job_ended("b", &jobs[0].job_id, JobEnd::Built, 1);
+    assert!(s.submission_done(i1.sid));
+    let jobs = settle(&mut s, 1);
+    assert_eq!(jobs[0].build, y);
+}
+
+/// A build a prepared submission was to share fails before it is inserted:
+/// the submission gets a build of its own instead of a failed dependency.
+#[test]
+fn a_shared_build_that_fails_meanwhile_is_built_again() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
+    s.submit(graph(vec![nb("x", "x86_64-linux", &[], &[])], &["x"]), 0)
+        .unwrap();
+    let first = settle(&mut s, 0);
+    let g = graph(
+        vec![
+            nb("x", "x86_64-linux", &[], &[]),
+            nb("y", "x86_64-linux", &[], &["x"]),
+        ],
+        &["y"],
+    );
+    let plan = s.share_plan(&PlanQuery::new(&g));
+    let p = Scheduler::prepare_submission(s.store(), g, &plan, 1).unwrap();
+    s.job_ended("b", &first[0].job_id, JobEnd::Failed("boom".into()), 2);
+    let ins = s.insert_submission(p, 3);
+    ins.persisted.unwrap();
+    let x2 = id_of(&s, "x");
+    assert_ne!(x2, first[0].build);
+    let y = id_of(&s, "y");
+    assert_eq!(s.build_record(y).unwrap().deps, BTreeSet::from([x2]));
+    assert_eq!(
+        s.store().get_build(x2).unwrap().unwrap().state,
+        BuildState::Waiting
+    );
+    let jobs = settle(&mut s, 3);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].build, x2);
+}
+
+/// A closure is held while the build is queued, goes with the job, and is
+/// resolved again after a requeue; paths are held once however many builds
+/// and builders name them; nothing is held once builds end.
+#[test]
+fn input_closures_are_held_only_while_queued_and_shared() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    s.submit(
+        graph(
+            vec![
+                nb("p", "x86_64-linux", &[], &[]),
+                nb("q", "x86_64-linux", &[], &[]),
+            ],
+            &["p", "q"],
+        ),
+        0,
+    )
+    .unwrap();
+    let common: Vec<(StorePath, u64)> = (0..50).map(|i| (sp(&format!("lib{i}")), 10)).collect();
+    let mut jobs = Vec::new();
+    for a in s.take_actions() {
+        if let Action::Prepare { build } = a {
+            s.set_ready(build, common.clone());
+        }
+    }
+    // both queued, one closure each, the paths once
+    let (_, _, inputs, paths) = s.memory_counts();
+    assert_eq!((inputs, paths), (100, 50));
+    s.dispatch(0);
+    for a in s.take_actions() {
+        if let Action::Dispatch(j) = a {
+            jobs.push(j);
+        }
+    }
+    assert_eq!(jobs.len(), 1, "max_jobs 1");
+    assert_eq!(jobs[0].input_paths.len(), 50);
+    assert_eq!(s.inputs_of(jobs[0].build), None, "the job took it");
+    assert_eq!(s.memory_counts().2, 50);
+    // a transient failure: resolved again, then sent again with it
+    s.job_ended("b", &jobs[0].job_id, JobEnd::Transient("lost".into()), 1);
+    let again: Vec<BuildId> = s
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Prepare { build } => Some(build),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again, vec![jobs[0].build]);
+    s.set_ready(jobs[0].build, common.clone());
+    loop {
+        let jobs = settle(&mut s, 2);
+        if jobs.is_empty() {
+            break;
+        }
+        for j in jobs {
+            assert_eq!(j.input_paths.len(), 50);
+            s.job_ended("b", &j.job_id, JobEnd::Built, 3);
+        }
+    }
+    let (builds, subs, inputs, _) = s.memory_counts();
+    assert_eq!((builds, subs, inputs), (0, 0, 0));
+}
+
+/// Of two keys for one new name, the first to join holds it; the other is
+/// refused, unless the caller found the holder's key no longer enrolled.
+#[test]
+fn a_builder_name_is_bound_to_one_key() {
+    let mut s = sched();
+    let c = caps(&["x86_64-linux"], &[], &[], 1, 1.0);
+    let (conn, _) = s.builder_join("n", "k1", None, c.clone(), &[], 0).unwrap();
+    assert_eq!(
+        s.builder_join("n", "k2", None, c.clone(), &[], 1),
+        Err(NameTaken { name: "n".into() })
+    );
+    assert_eq!(s.builder_key("n"), Some(("k1".to_string(), true)));
+    // the same key comes back
+    s.builder_disconnected("n", conn, 2);
+    s.builder_join("n", "k1", None, c.clone(), &[], 3).unwrap();
+    // a takeover names the key it replaces
+    assert!(
+        s.builder_join("n", "k2", Some("k3"), c.clone(), &[], 4)
+            .is_err()
+    );
+    s.builder_join("n", "k2", Some("k1"), c, &[], 5).unwrap();
+    assert_eq!(s.builder_key("n"), Some(("k2".to_string(), true)));
+}
+
+/// Builders not seen within the retention are forgotten, in memory and in
+/// the store; online ones and those with work stay.
+#[test]
+fn builders_not_seen_within_the_retention_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let day = 86_400_000;
+    {
+        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
+        let c = caps(&["x86_64-linux"], &[], &[], 1, 1.0);
+        let (old, _) = s.builder_connected("old", "k1", c.clone(), &[], 0);
+        s.builder_disconnected("old", old, day);
+        let (busy, _) = s.builder_connected("busy", "k2", c.clone(), &[], 0);
+        s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), day)
+            .unwrap();
+        assert_eq!(settle(&mut s, day).len(), 1);
+        s.builder_disconnected("busy", busy, day);
+        s.builder_connected("online", "k3", c, &[], 0);
+        s.store().flush_blocking().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let mut s = Scheduler::load(cfg(), store.clone(), 40 * day).unwrap();
+    assert_eq!(s.builders().len(), 3);
+    // "online" is back; "old" was last seen 39 days ago; "busy" 39 too, but
+    // it has a job (its grace period decides about that)
+    s.builder_connected(
+        "online",
+        "k3",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        40 * day,
+    );
+    let gone = s.forget_builders(40 * day, 30 * day);
+    assert_eq!(gone, vec!["old".to_string()]);
+    assert!(s.builder_key("old").is_none());
+    assert!(s.builder_key("busy").is_some());
+    assert_eq!(store.counts().builders, 2);
+    // the name is free again
+    s.builder_join(
+        "old",
+        "k9",
+        None,
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        40 * day,
+    )
+    .unwrap();
+}
+
+/// Links and chains as a full recomputation would have them.
+fn check_links(s: &mut Scheduler) {
+    let ids: Vec<BuildId> = s.builds.keys().copied().collect();
+    for id in &ids {
+        let b = &s.builds[id];
+        let mut pending = BTreeSet::new();
+        for d in &b.rec.deps {
+            if let Some(db) = s.builds.get(d) {
+                assert!(db.dependents.contains(id), "b{d} lacks dependent b{id}");
+                if !db.rec.state.is_terminal() {
+                    pending.insert(*d);
+                }
+            }
+        }
+        assert_eq!(b.pending, pending, "pending of b{id}");
+        for x in &b.dependents {
+            assert!(s.builds[x].rec.deps.contains(id), "b{x} lacks dep b{id}");
+        }
+        assert_eq!(
+            s.store().get_build(*id).unwrap().unwrap().deps,
+            b.rec.deps,
+            "stored deps of b{id}"
+        );
+    }
+    let before: BTreeMap<BuildId, u32> = ids.iter().map(|i| (*i, s.builds[i].chain)).collect();
+    s.recompute_chains(ids.clone());
+    let after: BTreeMap<BuildId, u32> = ids.iter().map(|i| (*i, s.builds[i].chain)).collect();
+    assert_eq!(before, after, "chains");
+}
+
+/// A submission inserted as prepared, one whose plan changed meanwhile, and
+/// the all-in-one path link and chain builds as a full recomputation does.
+#[test]
+fn prepared_inserts_link_like_a_full_recomputation() {
+    let mut s = sched();
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    // an existing chain x <- y, x running
+    s.submit(
+        graph(
+            vec![
+                nb("x", "x86_64-linux", &[], &[]),
+                nb("y", "x86_64-linux", &[], &["x"]),
+            ],
+            &["y"],
+        ),
+        0,
+    )
+    .unwrap();
+    let first = settle(&mut s, 0);
+    check_links(&mut s);
+    // as prepared: shares x and y, adds a diamond on top of them
+    let g = graph(
+        vec![
+            nb("x", "x86_64-linux", &[], &[]),
+            nb("y", "x86_64-linux", &[], &["x"]),
+            nb("a", "x86_64-linux", &[], &["y"]),
+            nb("b2", "x86_64-linux", &[], &["y", "x"]),
+            nb("c", "x86_64-linux", &[], &["a", "b2"]),
+            nb("d", "x86_64-linux", &[], &["c"]),
+        ],
+        &["d"],
+    );
+    s.submit(g, 1).unwrap();
+    check_links(&mut s);
+    assert_eq!(s.builds[&id_of(&s, "x")].chain, 5);
+    // changed meanwhile: x fails before the insert, so x, y and what this
+    // graph adds are new, and e (prepared with the others) links to them
+    let g = graph(
+        vec![
+            nb("x", "x86_64-linux", &[], &[]),
+            nb("y", "x86_64-linux", &[], &["x"]),
+            nb("e", "x86_64-linux", &[], &["y"]),
+            nb("f", "x86_64-linux", &[], &["e", "x"]),
+        ],
+        &["f"],
+    );
+    let plan = s.share_plan(&PlanQuery::new(&g));
+    let p = Scheduler::prepare_submission(s.store(), g, &plan, 2).unwrap();
+    s.job_ended("b", &first[0].job_id, JobEnd::Failed("no".into()), 3);
+    let ins = s.insert_submission(p, 4);
+    ins.persisted.unwrap();
+    check_links(&mut s);
+    let (x2, e) = (id_of(&s, "x"), id_of(&s, "e"));
+    assert_ne!(x2, first[0].build);
+    assert_eq!(s.builds[&x2].chain, 4);
+    assert_eq!(s.builds[&e].pending, BTreeSet::from([id_of(&s, "y")]));
+    assert_eq!(settle(&mut s, 4)[0].build, x2);
 }

@@ -4,6 +4,7 @@
 //! Times are unix milliseconds (`i64`) everywhere, so a restart keeps every timer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use farm_nix::store_path::StorePath;
 use serde::{Deserialize, Serialize};
@@ -72,8 +73,10 @@ impl BuildState {
 pub struct BuildRecord {
     pub id: BuildId,
     pub drv_path: StorePath,
-    /// The `.drv` text, so a restart needs nothing from the cache to resume.
-    pub drv_aterm: String,
+    /// The `.drv` text, so a restart needs nothing from the cache to resume
+    /// (shared, not copied, by views and jobs).
+    #[serde(with = "arc_str")]
+    pub drv_aterm: Arc<str>,
     pub system: String,
     pub required_features: BTreeSet<String>,
     /// Output name → path.
@@ -116,6 +119,65 @@ pub struct SubmissionRecord {
     /// Who submitted it (key fingerprint and comment, or `local`).
     #[serde(default)]
     pub client: Option<String>,
+    /// When it was marked done (retention counts from here).
+    #[serde(default)]
+    pub finished_ms: Option<i64>,
+}
+
+/// What followers, queries and jobs read of a build: its record without the
+/// parts that grow (dependencies, submissions, clients). The scheduler keeps
+/// one per build behind an `Arc`, refreshed on every change, so a snapshot of a
+/// submission costs a reference count per build, not a copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildView {
+    pub id: BuildId,
+    pub drv_path: StorePath,
+    pub drv_aterm: Arc<str>,
+    pub system: String,
+    pub required_features: BTreeSet<String>,
+    pub outputs: BTreeMap<String, StorePath>,
+    pub state: BuildState,
+    pub retries: u32,
+    pub attempt: u32,
+    pub error: Option<String>,
+    pub builder: Option<String>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+}
+
+impl From<&BuildRecord> for BuildView {
+    fn from(r: &BuildRecord) -> BuildView {
+        BuildView {
+            id: r.id,
+            drv_path: r.drv_path.clone(),
+            drv_aterm: r.drv_aterm.clone(),
+            system: r.system.clone(),
+            required_features: r.required_features.clone(),
+            outputs: r.outputs.clone(),
+            state: r.state.clone(),
+            retries: r.retries,
+            attempt: r.attempt,
+            error: r.error.clone(),
+            builder: r.builder.clone(),
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+        }
+    }
+}
+
+/// `Arc<str>` as a plain JSON string (the record format is unchanged).
+mod arc_str {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        Ok(Arc::from(String::deserialize(d)?))
+    }
 }
 
 /// What a builder says it can do.
@@ -230,8 +292,9 @@ pub struct Assignment {
     pub build: BuildId,
     pub job_id: String,
     pub drv_path: StorePath,
-    pub drv_aterm: String,
-    pub input_paths: Vec<StorePath>,
+    pub drv_aterm: Arc<str>,
+    /// The input closure, dependencies first (paths shared with the scheduler's).
+    pub input_paths: Vec<Arc<StorePath>>,
     pub max_silent_time_secs: u64,
     pub build_timeout_secs: u64,
 }
