@@ -1187,3 +1187,50 @@ pub fn run_counts(runs: &[Run]) -> BTreeMap<String, (usize, usize)> {
     }
     out
 }
+
+/// Where the gated build behind `WITNESS/<gate>` started so far (builder names).
+pub fn gate_starts(farm: &Farm, gate: &str) -> Vec<String> {
+    std::fs::read_to_string(farm.witness_dir().join(format!("{gate}.started")))
+        .unwrap_or_default()
+        .lines()
+        .map(|top| {
+            farm.builder_of_build_top(top)
+                .unwrap_or_else(|| top.to_owned())
+        })
+        .collect()
+}
+
+/// Waits until builds behind `gate` have started `n` times.
+pub fn wait_gate_starts(farm: &Farm, gate: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let starts = gate_starts(farm, gate);
+        if starts.len() >= n {
+            return Ok(starts);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "builds behind {gate} started {} times, not {n}, within {WAIT:?}",
+            starts.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Instantiates `bindings` (roots `roots`), uploads the closure, submits.
+pub async fn submit_graph(
+    farm: &Farm,
+    file: &str,
+    bindings: &[(&str, String)],
+    roots: &[&str],
+) -> anyhow::Result<EventStream> {
+    let b: Vec<(String, String)> = bindings
+        .iter()
+        .map(|(n, e)| (n.to_string(), e.clone()))
+        .collect();
+    let nix = graph_nix(farm.witness_dir(), &b, roots);
+    let file = farm.client.write_file(file, &nix)?;
+    let drvs = farm.client.nix_instantiate(&file, &[] as &[&str])?;
+    farm.upload_closure(&drvs).await?;
+    farm.submit(&drvs).await
+}
