@@ -31,28 +31,15 @@ const TEST_DEADLINE: Duration = Duration::from_secs(300);
 /// The coordinator's upload grace in the trickle test.
 const UPLOAD_GRACE_SECS: u64 = 30;
 
-/// A Nix token: length, bytes, zero padding to 8.
-fn token(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-    out.extend_from_slice(b);
-    out.resize(out.len().div_ceil(8) * 8, 0);
-}
-
-/// The NAR of one non-executable regular file.
-fn regular_file_nar(contents: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for t in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-    ] {
-        token(&mut out, t);
-    }
-    token(&mut out, contents);
-    token(&mut out, b")");
-    out
+/// The NAR of one non-executable regular file holding `contents`, as
+/// farm-nix's writer (byte-identical to `nix-store --dump`) makes it.
+async fn regular_file_nar(contents: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("f");
+    std::fs::write(&file, contents)?;
+    let mut nar = Vec::new();
+    farm_nix::nar::dump_path(&file, &mut nar).await?;
+    Ok(nar)
 }
 
 /// `n` incompressible bytes.
@@ -123,7 +110,7 @@ async fn trickle_test(logs: &TestLogs) -> anyhow::Result<()> {
     // second that would take more than an hour to finish.
     let mut fake = random_bytes(10 << 20)?;
     fake.extend_from_slice(&[b'x'; 64 << 10]);
-    let fake_nar = regular_file_nar(&fake);
+    let fake_nar = regular_file_nar(&fake).await?;
     let claim = ValidPathInfo::new(
         out_path.clone(),
         HashAlgo::Sha256.digest(&fake_nar),
@@ -238,7 +225,7 @@ async fn trickle_test(logs: &TestLogs) -> anyhow::Result<()> {
     .await?;
     ensure!(code == 200, "narinfo: HTTP {code}");
     let ni = NarInfo::parse(std::str::from_utf8(&body)?)?;
-    let expected = regular_file_nar(built_contents);
+    let expected = regular_file_nar(built_contents).await?;
     ensure!(
         ni.info.nar_hash == HashAlgo::Sha256.digest(&expected)
             && ni.info.nar_size == expected.len() as u64,
