@@ -132,12 +132,15 @@ async fn job_ids_across_a_crash(logs: &TestLogs) -> anyhow::Result<()> {
     // and the builder with it (the whole machine), taking the job along.
     let gate_job = wait_received(&mut farm, "-ls-gate.drv").await?;
     farm.coordinator.process.kill()?;
+    // The whole machine dies: the builder and every process under it (the
+    // nix build runs in a process group of its own; left alive it would hold
+    // the output's lock and the rerun would wait for it forever).
     let builder_log_1 = {
         let b = farm.builders[0].process()?;
-        b.kill()?;
+        b.kill_tree()?;
         b.output()
     };
-    // The build itself runs in a process group of its own.
+    // Should the build have started its script after all, it goes too.
     tokio::time::sleep(Duration::from_millis(500)).await;
     if let Ok(pid) = std::fs::read_to_string(farm.witness_dir().join("go.pid")) {
         let pid = pid.trim().to_owned();
@@ -147,17 +150,20 @@ async fn job_ids_across_a_crash(logs: &TestLogs) -> anyhow::Result<()> {
             .status();
     }
     let coordinator_log_1 = farm.coordinator.process.output();
+    // How often the gate ran before the crash: counted before anything
+    // restarts, so the rerun cannot be taken for a first run.
+    let first_started = std::fs::read_to_string(farm.witness_dir().join("go.started"))
+        .unwrap_or_default()
+        .lines()
+        .count();
 
     // Both come back on the same state.
     farm.coordinator.kill_and_restart(logs)?;
     let url = farm.grpc_url();
     farm.builders[0].start(&url)?;
     farm.wait_builder_online(0)?;
-    // The gate runs again (its first run died with the builder); release it.
-    let first_started = std::fs::read_to_string(farm.witness_dir().join("go.started"))
-        .unwrap_or_default()
-        .lines()
-        .count();
+    // The gate runs again (its first run, if it got that far, died with the
+    // builder); release it.
     wait_gate_starts(&farm, first_started + 1).await?;
     std::fs::write(farm.witness_dir().join("go"), "")?;
     let mut watch = farm.watch(&sid).await?;
