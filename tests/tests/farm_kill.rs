@@ -9,8 +9,6 @@
 
 mod farm_support;
 
-use std::collections::BTreeMap;
-
 use anyhow::Context as _;
 use farm_proto::v1::BuildOutcome;
 use farm_proto::v1::build_event::Event as Ev;
@@ -100,15 +98,6 @@ fn wait_gate_starts(farm: &Farm, n: usize) -> anyhow::Result<Vec<String>> {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-}
-
-/// How many times each derivation ran, per the witness file.
-fn runs(farm: &Farm) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
-    let mut ran: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, builder) in farm.witness_lines()? {
-        ran.entry(name).or_default().push(builder);
-    }
-    Ok(ran)
 }
 
 #[test]

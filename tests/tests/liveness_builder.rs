@@ -92,15 +92,6 @@ fn wait_exit(p: &mut FarmProcess, limit: Duration) -> anyhow::Result<ExitStatus>
     }
 }
 
-/// How many times each derivation ran, per the witness file.
-fn runs(farm: &Farm) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
-    let mut ran: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, builder) in farm.witness_lines()? {
-        ran.entry(name).or_default().push(builder);
-    }
-    Ok(ran)
-}
-
 #[test]
 fn builds_that_end_while_the_builder_is_cut_off_are_accepted_not_rebuilt() -> anyhow::Result<()> {
     let logs = TestLogs::new("liveness_builder_cut")?;

@@ -1234,3 +1234,12 @@ pub async fn submit_graph(
     farm.upload_closure(&drvs).await?;
     farm.submit(&drvs).await
 }
+
+/// How many times each derivation ran, and where, per the witness file.
+pub fn runs(farm: &Farm) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let mut ran: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, builder) in farm.witness_lines()? {
+        ran.entry(name).or_default().push(builder);
+    }
+    Ok(ran)
+}
