@@ -169,9 +169,12 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
     }
 
     let builders = running.coordinator().read_sched(|s| s.builders());
-    let machines: MachinesJson =
-        farm_coordinator::grpc_farm::machines(running.coordinator().facts(), "ssh-ng", &builders)
-            .into();
+    let machines: MachinesJson = farm_coordinator::api::grpc::farm::machines(
+        running.coordinator().facts(),
+        "ssh-ng",
+        &builders,
+    )
+    .into();
     let grpc_url = endpoints.grpc_url();
     let mut intro = format!(
         "nix-farm is up; state in {}\n  gRPC:  {grpc_url}\n  cache: http://{}\n  SSH:   {}\n",

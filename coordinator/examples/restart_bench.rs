@@ -20,11 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use farm_coordinator::scheduler::types::*;
-use farm_coordinator::scheduler::{
+use farm_coordinator::domain::scheduler::types::*;
+use farm_coordinator::domain::scheduler::{
     GraphSubmission, JobEnd, NewBuild, PlanQuery, Scheduler, SchedulerConfig,
 };
-use farm_coordinator::state::{KeepNothing, Retention, Store};
+use farm_coordinator::domain::state::{KeepNothing, Retention, Store};
 use farm_nix::hash::HashAlgo;
 use farm_nix::store_path::StorePath;
 

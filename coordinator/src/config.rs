@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 use crate::CoordinatorError;
 use crate::cache::CacheConfig;
-use crate::state::Retention;
+use crate::domain::state::Retention;
 
 /// Default gRPC listen address.
 pub const DEFAULT_GRPC: &str = "127.0.0.1:7070";

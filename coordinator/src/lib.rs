@@ -5,23 +5,13 @@
 //! (its [`server::Endpoints`], and `shutdown()`); [`server::run`] runs until a
 //! shutdown future resolves.
 
-pub mod auth;
+pub mod api;
 pub mod cache;
 pub mod config;
-pub mod coordinator;
-pub mod endpoint;
-pub mod graph;
-pub mod grpc;
-pub mod grpc_data;
-pub mod grpc_farm;
-pub mod http;
+pub mod domain;
 pub mod keys;
-pub mod logs;
-pub mod scheduler;
+pub mod nix_endpoint;
 pub mod server;
-pub mod ssh;
-pub mod state;
-pub mod stdio;
 
 pub use config::CoordinatorConfig;
 pub use server::{Endpoints, RunningCoordinator, run, start};
@@ -39,7 +29,7 @@ pub enum CoordinatorError {
         source: std::io::Error,
     },
     #[error("state database: {0}")]
-    State(#[from] state::StateError),
+    State(#[from] domain::state::StateError),
     #[error("cache: {0}")]
     Cache(String),
     #[error("{context}: {source}")]

@@ -1,7 +1,7 @@
 //! `farm-coordinator` binary entry point: flags (and `FARM_*` environment,
 //! `--config` TOML) into a [`CoordinatorConfig`], logs to stderr (`RUST_LOG`,
 //! default `info`), run until SIGINT or SIGTERM. `farm-coordinator stdio` is the
-//! relay an OpenSSH forced command runs (see [`farm_coordinator::endpoint::StdioArgs`]).
+//! relay an OpenSSH forced command runs (see [`farm_coordinator::nix_endpoint::StdioArgs`]).
 use clap::Parser;
 use farm_coordinator::CoordinatorConfig;
 use farm_coordinator::config::Args;
@@ -11,8 +11,9 @@ async fn main() -> anyhow::Result<()> {
     // `farm-coordinator stdio …`: the relay for OpenSSH-fronted sites (no logging:
     // stdout and stderr belong to the Nix session).
     if std::env::args_os().nth(1).is_some_and(|a| a == "stdio") {
-        let args = farm_coordinator::endpoint::StdioArgs::parse_from(std::env::args_os().skip(1));
-        let code = farm_coordinator::endpoint::run_stdio(args).await;
+        let args =
+            farm_coordinator::nix_endpoint::StdioArgs::parse_from(std::env::args_os().skip(1));
+        let code = farm_coordinator::nix_endpoint::run_stdio(args).await;
         std::process::exit(i32::try_from(code).unwrap_or(1));
     }
     let args = Args::parse();

@@ -18,11 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::auth::{BuilderAuth, CliAuth};
+use crate::api::grpc::auth::{BuilderAuth, CliAuth};
 use crate::config::{CoordinatorConfig, host_for};
-use crate::coordinator::{Coordinator, Facts, now_ms};
-use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::state::Store;
+use crate::domain::coordinator::{Coordinator, Facts, now_ms};
+use crate::domain::scheduler::{Scheduler, SchedulerConfig};
+use crate::domain::state::Store;
 use crate::{CoordinatorError, keys};
 
 /// HTTP/2 streams one gRPC connection may have open at once.
@@ -216,7 +216,7 @@ pub fn http_router(coord: &Coordinator) -> axum::Router {
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    metrics.merge(crate::http::cache_router(coord.cache().clone()))
+    metrics.merge(crate::api::http::cache::cache_router(coord.cache().clone()))
 }
 
 /// Prometheus text exposition of the farm's state.
@@ -393,7 +393,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         let router = builder
             .add_service(
                 farm_proto::v1::builder_service_server::BuilderServiceServer::new(
-                    crate::grpc::BuilderSvc {
+                    crate::api::grpc::builder::BuilderSvc {
                         coord: coordinator.clone(),
                     },
                 )
@@ -402,7 +402,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             )
             .add_service(
                 farm_proto::v1::farm_service_server::FarmServiceServer::new(
-                    crate::grpc_farm::FarmSvc {
+                    crate::api::grpc::farm::FarmSvc {
                         coord: coordinator.clone(),
                     },
                 )
@@ -435,8 +435,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     // SSH: the Nix endpoint (ssh:// and ssh-ng://), and the relay socket for
     // sites with OpenSSH in front.
     {
-        let endpoint = crate::endpoint::Endpoint::for_coordinator(&coordinator);
-        let keys = crate::endpoint::access::AuthorizedKeysFiles::new(
+        let endpoint = crate::nix_endpoint::Endpoint::for_coordinator(&coordinator);
+        let keys = crate::nix_endpoint::access::AuthorizedKeysFiles::new(
             config
                 .authorized_keys
                 .iter()
@@ -447,15 +447,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         if keys.files.is_empty() {
             tracing::warn!("no --authorized-keys configured: no Nix client can connect over SSH");
         }
-        let ssh_config = crate::ssh::SshConfig {
-            host_key: crate::ssh::load_host_key(&host_key_openssh)
+        let ssh_config = crate::nix_endpoint::ssh::SshConfig {
+            host_key: crate::nix_endpoint::ssh::load_host_key(&host_key_openssh)
                 .map_err(|e| CoordinatorError::Key(format!("SSH host key: {e}")))?,
             inactivity_timeout: Duration::from_secs(24 * 3600),
         };
         let done = stopped();
         let ep = endpoint.clone();
         tasks.spawn(async move {
-            crate::ssh::serve(
+            crate::nix_endpoint::ssh::serve(
                 ssh_l,
                 ssh_config,
                 std::sync::Arc::new(keys),
@@ -469,11 +469,11 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             })
         });
         if let Some(path) = &config.relay_socket {
-            let listener = crate::endpoint::bind_relay_socket(path)
+            let listener = crate::nix_endpoint::bind_relay_socket(path)
                 .map_err(io(format!("binding the relay socket {}", path.display())))?;
             let done = stopped();
             tasks.spawn(async move {
-                crate::stdio::serve(listener, std::sync::Arc::new(endpoint), done)
+                crate::nix_endpoint::stdio::serve(listener, std::sync::Arc::new(endpoint), done)
                     .await
                     .map_err(|source| CoordinatorError::Io {
                         context: "relay socket".into(),

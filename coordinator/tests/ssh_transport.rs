@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use farm_coordinator::ssh::{
+use farm_coordinator::nix_endpoint::ssh::{
     self, ClientIdentity, KeyAuthorizer, NixProgram, NixSessionHandler, SessionIo,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,7 +189,7 @@ async fn stdio_relay_carries_streams_and_exit_status_body() {
     let sock = dir.path().join("nix.sock");
     // a stale socket file is replaced; the new one is for owner and group only
     std::fs::write(&sock, b"stale").unwrap();
-    let listener = farm_coordinator::stdio::bind(&sock).unwrap();
+    let listener = farm_coordinator::nix_endpoint::stdio::bind(&sock).unwrap();
     {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};
         let meta = std::fs::metadata(&sock).unwrap();
@@ -197,7 +197,7 @@ async fn stdio_relay_carries_streams_and_exit_status_body() {
         assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(farm_coordinator::stdio::serve(
+    let server = tokio::spawn(farm_coordinator::nix_endpoint::stdio::serve(
         listener,
         Arc::new(Echo),
         async {
@@ -206,7 +206,7 @@ async fn stdio_relay_carries_streams_and_exit_status_body() {
     ));
 
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = farm_coordinator::stdio::relay(
+    let code = farm_coordinator::nix_endpoint::stdio::relay(
         &sock,
         "nix-daemon --stdio",
         "alice",
@@ -222,16 +222,22 @@ async fn stdio_relay_carries_streams_and_exit_status_body() {
     );
 
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code =
-        farm_coordinator::stdio::relay(&sock, "rm -rf /", "alice", &b""[..], &mut out, &mut err)
-            .await
-            .unwrap();
+    let code = farm_coordinator::nix_endpoint::stdio::relay(
+        &sock,
+        "rm -rf /",
+        "alice",
+        &b""[..],
+        &mut out,
+        &mut err,
+    )
+    .await
+    .unwrap();
     assert_eq!(code, 127);
     assert!(out.is_empty());
     assert!(String::from_utf8_lossy(&err).contains("only runs"));
 
     let missing = dir.path().join("nope.sock");
-    let e = farm_coordinator::stdio::relay(
+    let e = farm_coordinator::nix_endpoint::stdio::relay(
         &missing,
         "nix-daemon --stdio",
         "a",

@@ -1,6 +1,6 @@
 //! The farm's binary cache: every output builders produce and every input a
 //! client pushes lands here, verified, zstd-compressed and signed, and every
-//! host can substitute from it over HTTP (see [`crate::http`]).
+//! host can substitute from it over HTTP (see [`crate::api::http::cache`]).
 //!
 //! Ingest ([`Cache::ingest`]) parses and verifies one NAR while it streams
 //! (structure, sha256, size; the size claim bounds how much is read), compresses

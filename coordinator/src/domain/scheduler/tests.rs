@@ -962,7 +962,7 @@ fn builds_record_every_client_that_asked() {
 
 // ───────────────────── retention, start, locks, memory ─────────────────────
 
-use crate::state::{KeepNothing, Retention};
+use crate::domain::state::{KeepNothing, Retention};
 
 /// Submit `names` as one graph and build all of it on "b" (one job at a time).
 fn build_all(s: &mut Scheduler, names: &[&str], now: i64) -> SubmissionId {

@@ -12,7 +12,7 @@ use farm_nix::store_path::StorePath;
 use farm_nix::wire::{BuildResult, BuildStatus, HandlerError};
 use tokio::sync::mpsc;
 
-use crate::ssh::{BoxFuture, ClientIdentity};
+use crate::nix_endpoint::ssh::{BoxFuture, ClientIdentity};
 
 /// Settings a client sends with a build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

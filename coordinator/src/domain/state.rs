@@ -31,7 +31,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::scheduler::types::{
+use crate::domain::scheduler::types::{
     BuildId, BuildRecord, BuilderRecord, SubmissionId, SubmissionRecord,
 };
 
@@ -847,7 +847,7 @@ mod tests {
     fn build(
         id: BuildId,
         sub: SubmissionId,
-        state: crate::scheduler::types::BuildState,
+        state: crate::domain::scheduler::types::BuildState,
     ) -> BuildRecord {
         BuildRecord {
             id,
@@ -892,7 +892,7 @@ mod tests {
     /// at open, once; a start then reads what is unfinished.
     #[test]
     fn an_old_database_is_indexed_once_at_open() {
-        use crate::scheduler::types::{BuildState, Outcome};
+        use crate::domain::scheduler::types::{BuildState, Outcome};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
@@ -938,7 +938,7 @@ mod tests {
     /// it when its record says it ended, and stale entries are dropped at load.
     #[test]
     fn the_active_index_follows_the_records() {
-        use crate::scheduler::types::{BuildState, Outcome};
+        use crate::domain::scheduler::types::{BuildState, Outcome};
         let store = Store::temporary().unwrap();
         store.put_build(&build(1, 10, BuildState::Waiting)).unwrap();
         store.put_submission(&submission(10, &[1], false)).unwrap();

@@ -20,9 +20,9 @@ use futures::{Stream, StreamExt};
 use tokio::io::AsyncRead;
 use tonic::{Response, Status, Streaming};
 
+use crate::api::grpc::builder::BoxStream;
 use crate::cache::CacheError;
-use crate::coordinator::Coordinator;
-use crate::grpc::BoxStream;
+use crate::domain::coordinator::Coordinator;
 
 /// Bytes per downloaded chunk.
 const CHUNK: usize = 256 * 1024;

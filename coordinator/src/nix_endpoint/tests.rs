@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::Endpoint;
 use crate::cache::{Cache, CacheConfig};
-use crate::ssh::{ClientIdentity, NixProgram, SessionIo};
+use crate::nix_endpoint::ssh::{ClientIdentity, NixProgram, SessionIo};
 
 pub(super) struct Fixture {
     pub endpoint: Endpoint,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::ssh::{ClientIdentity, NixSessionHandler, SessionIo, parse_exec};
+use crate::nix_endpoint::ssh::{ClientIdentity, NixSessionHandler, SessionIo, parse_exec};
 
 const KIND_STDOUT: u8 = 1;
 const KIND_STDERR: u8 = 2;

@@ -17,13 +17,13 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::build::{BuildBackend, BuildEvent, BuildOutcome, BuildSettings};
-use crate::coordinator::Coordinator;
-use crate::graph::{SubmitError, SubmitOptions};
-use crate::scheduler::types::{
+use crate::domain::coordinator::Coordinator;
+use crate::domain::graph::{SubmitError, SubmitOptions};
+use crate::domain::scheduler::types::{
     BuildId, BuildState, BuildView, Outcome, Priority, SubmissionId, SubmissionRecord,
 };
-use crate::scheduler::{GraphSubmission, NewBuild, SubmissionSnapshot};
-use crate::ssh::{BoxFuture, ClientIdentity};
+use crate::domain::scheduler::{GraphSubmission, NewBuild, SubmissionSnapshot};
+use crate::nix_endpoint::ssh::{BoxFuture, ClientIdentity};
 
 /// Bytes per log event.
 const LOG_CHUNK: usize = 64 * 1024;

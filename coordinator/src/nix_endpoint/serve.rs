@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::build::{BuildBackend, BuildEvent, BuildSettings};
 use super::store::FarmStore;
-use crate::ssh::ClientIdentity;
+use crate::nix_endpoint::ssh::ClientIdentity;
 
 /// One serve session.
 pub struct ServeSession {

@@ -8,10 +8,10 @@ use farm_nix::store_path::StorePath;
 use farm_proto::v1;
 use tonic::{Response, Status};
 
-use crate::coordinator::Coordinator;
-use crate::grpc::BoxStream;
-use crate::grpc_data::cache_status;
-use crate::scheduler::types::{BuildId, parse_build_id};
+use crate::api::grpc::builder::BoxStream;
+use crate::api::grpc::data::cache_status;
+use crate::domain::coordinator::Coordinator;
+use crate::domain::scheduler::types::{BuildId, parse_build_id};
 
 /// Bytes per log chunk sent.
 const CHUNK: usize = 64 * 1024;

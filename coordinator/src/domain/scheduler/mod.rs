@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use farm_nix::store_path::StorePath;
 
-use crate::state::{StateError, Store, Written};
+use crate::domain::state::{StateError, Store, Written};
 use types::*;
 
 /// Most paths remembered per builder for input locality.

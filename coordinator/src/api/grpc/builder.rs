@@ -25,11 +25,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::BuilderAuth;
-use crate::coordinator::{Coordinator, SessionSender};
+use crate::api::grpc::auth::BuilderAuth;
+use crate::domain::coordinator::{Coordinator, SessionSender};
+use crate::domain::scheduler::JobEnd;
+use crate::domain::scheduler::types::{Capabilities, Load};
 use crate::keys::{fingerprint_ed25519, parse_ed25519_line};
-use crate::scheduler::JobEnd;
-use crate::scheduler::types::{Capabilities, Load};
 
 /// How long a builder has for each handshake step.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -294,7 +294,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         request: Request<v1::DownloadNarRequest>,
     ) -> Result<Response<Self::DownloadNarStream>, Status> {
         self.session_of(&request)?;
-        crate::grpc_data::download_nar(&self.coord, request.into_inner()).await
+        crate::api::grpc::data::download_nar(&self.coord, request.into_inner()).await
     }
 
     async fn upload_nar(
@@ -303,9 +303,9 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
         let builder = self.session_of(&request)?;
         tracing::debug!(%builder, "builder upload");
-        crate::grpc_data::upload_nar(
+        crate::api::grpc::data::upload_nar(
             &self.coord,
-            crate::grpc_data::Uploader::Builder(&builder),
+            crate::api::grpc::data::Uploader::Builder(&builder),
             request.into_inner(),
         )
         .await
@@ -316,7 +316,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         request: Request<v1::QueryPathInfosRequest>,
     ) -> Result<Response<v1::QueryPathInfosResponse>, Status> {
         self.session_of(&request)?;
-        crate::grpc_data::query_path_infos(&self.coord, request.into_inner()).await
+        crate::api::grpc::data::query_path_infos(&self.coord, request.into_inner()).await
     }
 }
 

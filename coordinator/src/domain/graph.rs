@@ -10,9 +10,9 @@ use farm_nix::derivation::Derivation;
 use farm_nix::nar::{NarEvent, NarLimits, NarReader};
 use farm_nix::store_path::StorePath;
 
-use crate::coordinator::{Coordinator, Prepared};
-use crate::scheduler::types::{BuildId, BuildState, Priority, SubmissionId};
-use crate::scheduler::{GraphSubmission, NewBuild};
+use crate::domain::coordinator::{Coordinator, Prepared};
+use crate::domain::scheduler::types::{BuildId, BuildState, Priority, SubmissionId};
+use crate::domain::scheduler::{GraphSubmission, NewBuild};
 
 /// Largest `.drv` file read.
 pub const MAX_DRV_SIZE: u64 = 16 * 1024 * 1024;

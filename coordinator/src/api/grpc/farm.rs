@@ -1,5 +1,5 @@
 //! `FarmService`, what the CLI and CI call: every method authorises the caller
-//! (see [`crate::auth::CliAuth`]), converts, calls the [`Coordinator`], converts back.
+//! (see [`crate::api::grpc::auth::CliAuth`]), converts, calls the [`Coordinator`], converts back.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,10 +10,10 @@ use farm_proto::v1::build_event::Event as Ev;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Caller, Level};
-use crate::coordinator::{Coordinator, now_ms};
-use crate::grpc::{BoxStream, capabilities_to, load_to};
-use crate::scheduler::types::*;
+use crate::api::grpc::auth::{Caller, Level};
+use crate::api::grpc::builder::{BoxStream, capabilities_to, load_to};
+use crate::domain::coordinator::{Coordinator, now_ms};
+use crate::domain::scheduler::types::*;
 
 /// `FarmService`.
 #[derive(Clone)]
@@ -348,7 +348,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
                 "{bad} is not a .drv path"
             )));
         }
-        let opts = crate::graph::SubmitOptions {
+        let opts = crate::domain::graph::SubmitOptions {
             priority: parse_priority(req.priority),
             max_silent_time_secs: req.max_silent_time_secs,
             build_timeout_secs: req.build_timeout_secs,
@@ -393,7 +393,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
     ) -> Result<Response<Self::LogsStream>, Status> {
         self.authorize(&request, methods::LOGS, Level::Read).await?;
         let req = request.into_inner();
-        crate::logs::logs_stream(self.coord.clone(), &req.build_id, req.follow).await
+        crate::api::grpc::logs::logs_stream(self.coord.clone(), &req.build_id, req.follow).await
     }
 
     async fn cancel(
@@ -451,7 +451,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
     ) -> Result<Response<v1::QueryValidPathsResponse>, Status> {
         self.authorize(&request, methods::QUERY_VALID_PATHS, Level::Read)
             .await?;
-        crate::grpc_data::query_valid_paths(&self.coord, request.into_inner()).await
+        crate::api::grpc::data::query_valid_paths(&self.coord, request.into_inner()).await
     }
 
     async fn upload_nar(
@@ -460,9 +460,9 @@ impl v1::farm_service_server::FarmService for FarmSvc {
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
         self.authorize(&request, methods::UPLOAD_NAR, Level::Read)
             .await?;
-        crate::grpc_data::upload_nar(
+        crate::api::grpc::data::upload_nar(
             &self.coord,
-            crate::grpc_data::Uploader::Client,
+            crate::api::grpc::data::Uploader::Client,
             request.into_inner(),
         )
         .await
@@ -476,7 +476,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
     ) -> Result<Response<Self::DownloadNarStream>, Status> {
         self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)
             .await?;
-        crate::grpc_data::download_nar(&self.coord, request.into_inner()).await
+        crate::api::grpc::data::download_nar(&self.coord, request.into_inner()).await
     }
 
     async fn machines(
@@ -526,9 +526,9 @@ impl v1::farm_service_server::FarmService for FarmSvc {
 /// bare host name, while ssh with a non-22 port looks up `[HOST]:N` (OpenSSH 9
 /// then falls back to the bare name; the alias makes the lookup exact).
 pub fn machines(
-    facts: &crate::coordinator::Facts,
+    facts: &crate::domain::coordinator::Facts,
     protocol: &str,
-    builders: &[crate::scheduler::BuilderView],
+    builders: &[crate::domain::scheduler::BuilderView],
 ) -> v1::MachinesResponse {
     use base64::Engine;
     let mut systems: BTreeSet<String> = BTreeSet::new();
@@ -592,9 +592,9 @@ pub fn machines(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::Facts;
-    use crate::scheduler::BuilderView;
-    use crate::scheduler::types::{BuilderRecord, Capabilities, Load};
+    use crate::domain::coordinator::Facts;
+    use crate::domain::scheduler::BuilderView;
+    use crate::domain::scheduler::types::{BuilderRecord, Capabilities, Load};
 
     fn builder(
         systems: &[&str],

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use super::Endpoint;
 use super::build::{BuildBackend, BuildEvent, BuildSettings};
 use super::store::FarmStore;
-use crate::ssh::{BoxFuture, ClientIdentity};
+use crate::nix_endpoint::ssh::{BoxFuture, ClientIdentity};
 
 /// Nix's `lvlInfo`.
 const LVL_INFO: u64 = 3;

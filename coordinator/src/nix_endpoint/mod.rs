@@ -1,5 +1,5 @@
-//! The Nix endpoint: what runs behind the SSH server ([`crate::ssh`]) and the
-//! stdio relay ([`crate::stdio`]) once a client's exec request is routed.
+//! The Nix endpoint: what runs behind the SSH server ([`crate::nix_endpoint::ssh`]) and the
+//! stdio relay ([`crate::nix_endpoint::stdio`]) once a client's exec request is routed.
 //! [`Endpoint`] implements [`NixSessionHandler`]: `nix-store --serve --write`
 //! sessions get the serve protocol ([`serve`]), `nix-daemon --stdio` sessions
 //! the worker protocol ([`worker`]); both are backed by the farm's cache
@@ -11,6 +11,8 @@ pub mod access;
 pub mod build;
 pub mod farm;
 pub mod serve;
+pub mod ssh;
+pub mod stdio;
 pub mod store;
 pub mod worker;
 
@@ -27,7 +29,9 @@ use self::build::BuildBackend;
 use self::serve::ServeSession;
 use self::store::FarmStore;
 use crate::cache::Cache;
-use crate::ssh::{BoxFuture, ClientIdentity, NixProgram, NixSessionHandler, SessionIo};
+use crate::nix_endpoint::ssh::{
+    BoxFuture, ClientIdentity, NixProgram, NixSessionHandler, SessionIo,
+};
 
 /// The Nix endpoint (cheap to clone).
 #[derive(Clone)]
@@ -47,7 +51,7 @@ impl Endpoint {
     }
 
     /// The endpoint of a running coordinator: its cache, builds on its scheduler.
-    pub fn for_coordinator(coord: &crate::coordinator::Coordinator) -> Endpoint {
+    pub fn for_coordinator(coord: &crate::domain::coordinator::Coordinator) -> Endpoint {
         Endpoint::new(
             coord.cache().clone(),
             Some(Arc::new(farm::FarmBuilds::new(coord.clone()))),
@@ -161,7 +165,7 @@ pub async fn run_stdio(args: StdioArgs) -> u32 {
         .client
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "unknown".into());
-    match crate::stdio::relay(
+    match crate::nix_endpoint::stdio::relay(
         &args.socket,
         &command,
         &client,

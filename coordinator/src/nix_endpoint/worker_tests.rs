@@ -13,7 +13,7 @@ use farm_nix::worker::{BuildMode, ClientSettings, WorkerClient};
 use tokio::io::AsyncReadExt;
 
 use super::tests::{capture, file_path, fixture, replay, start};
-use crate::ssh::NixProgram;
+use crate::nix_endpoint::ssh::NixProgram;
 
 const DAEMON: NixProgram = NixProgram::Daemon;
 const STDERR_LAST: u64 = 0x616c_7473;

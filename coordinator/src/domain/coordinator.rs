@@ -11,11 +11,11 @@ use std::time::Duration;
 use farm_proto::v1;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::auth::{BuilderAuth, CliAuth};
+use crate::api::grpc::auth::{BuilderAuth, CliAuth};
 use crate::cache::Cache;
-use crate::scheduler::types::*;
-use crate::scheduler::{GraphSubmission, PlanQuery, Scheduler, SubmissionSnapshot};
-use crate::state::{KeepNothing, Retention, StateError, Store};
+use crate::domain::scheduler::types::*;
+use crate::domain::scheduler::{GraphSubmission, PlanQuery, Scheduler, SubmissionSnapshot};
+use crate::domain::state::{KeepNothing, Retention, StateError, Store};
 
 /// Finished submissions pruned per batch (each batch is its own few sled
 /// writes; nothing holds the scheduler lock meanwhile).
@@ -188,7 +188,7 @@ impl Coordinator {
     }
 
     /// Make every state write so far durable.
-    pub async fn flush(&self) -> Result<(), crate::state::StateError> {
+    pub async fn flush(&self) -> Result<(), crate::domain::state::StateError> {
         let store = self.read_sched(|s| s.store().clone());
         store.flush().await
     }
@@ -354,12 +354,12 @@ impl Coordinator {
     }
 
     /// One pruning round (see [`Coordinator::pruner`]); returns what went.
-    pub async fn prune_once(&self, retention: &Retention) -> crate::state::Pruned {
+    pub async fn prune_once(&self, retention: &Retention) -> crate::domain::state::Pruned {
         let builders = self.forget_old_builders(retention);
         let store = self.store();
         let r = retention.clone();
         let total = tokio::task::spawn_blocking(move || {
-            let mut total = crate::state::Pruned::default();
+            let mut total = crate::domain::state::Pruned::default();
             loop {
                 match store.prune(&r, &KeepNothing, now_ms(), PRUNE_BATCH) {
                     Ok(p) => {
@@ -447,7 +447,7 @@ impl Coordinator {
                 s.job_ended(
                     &builder,
                     &job,
-                    crate::scheduler::JobEnd::Failed(format!(
+                    crate::domain::scheduler::JobEnd::Failed(format!(
                         "the job (its .drv and input paths) is {len} bytes encoded, over the farm's \
                          {} byte message limit",
                         farm_proto::MAX_MESSAGE_SIZE
@@ -462,7 +462,7 @@ impl Coordinator {
                 s.job_ended(
                     &builder,
                     &job,
-                    crate::scheduler::JobEnd::Transient(format!(
+                    crate::domain::scheduler::JobEnd::Transient(format!(
                         "could not send the job to {builder}"
                     )),
                     now,
@@ -537,7 +537,7 @@ impl Coordinator {
         caps: Capabilities,
         running_jobs: &[String],
         tx: SessionSender,
-    ) -> Result<(u64, String, bool), crate::scheduler::NameTaken> {
+    ) -> Result<(u64, String, bool), crate::domain::scheduler::NameTaken> {
         let token = random_token();
         // Register the session before the scheduler can dispatch to it.
         let (conn, draining) = {
@@ -793,8 +793,8 @@ impl Coordinator {
     /// is in the cache; otherwise it is a transient failure.
     pub async fn job_result(&self, builder: &str, r: v1::JobResult) {
         let status = v1::JobStatus::try_from(r.status).unwrap_or(v1::JobStatus::Unspecified);
-        let mut end = crate::grpc::job_end_from(status, &r.error_message);
-        if end == crate::scheduler::JobEnd::Built {
+        let mut end = crate::api::grpc::builder::job_end_from(status, &r.error_message);
+        if end == crate::domain::scheduler::JobEnd::Built {
             let outputs = self.read_sched(|s| {
                 s.running_job(builder, &r.job_id)
                     .and_then(|id| s.build_record(id))
@@ -805,7 +805,7 @@ impl Coordinator {
                 return;
             };
             if let Err(msg) = self.verify_outputs(&outputs).await {
-                end = crate::scheduler::JobEnd::Transient(msg);
+                end = crate::domain::scheduler::JobEnd::Transient(msg);
             }
         }
         self.with_sched(|s, now| s.job_ended(builder, &r.job_id, end, now));
@@ -857,7 +857,7 @@ mod tests {
             farm_nix::store_path::StorePath::parse(&format!("/nix/store/{}-{n}", "b".repeat(32)))
                 .unwrap()
         };
-        let nb = |n: &str, deps: &[&str]| crate::scheduler::NewBuild {
+        let nb = |n: &str, deps: &[&str]| crate::domain::scheduler::NewBuild {
             drv_path: path(&format!("{n}.drv")),
             drv_aterm: format!("Derive-{n}").into(),
             system: "riscv64-linux".into(),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use ssh_key::{AuthorizedKeys, HashAlg, PublicKey};
 
-use crate::ssh::{ClientIdentity, KeyAuthorizer};
+use crate::nix_endpoint::ssh::{ClientIdentity, KeyAuthorizer};
 
 /// Largest authorized_keys file read.
 const MAX_FILE: u64 = 4 * 1024 * 1024;

@@ -1,0 +1,7 @@
+//! The coordinator's network APIs over the domain: gRPC for builders and the
+//! CLI ([`grpc`]) and HTTP for the binary cache and operators ([`http`]).
+//! Each converts its wire types to domain calls and domain errors to its own
+//! responses, once per boundary.
+
+pub mod grpc;
+pub mod http;
