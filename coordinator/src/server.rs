@@ -365,7 +365,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     let cache = crate::cache::Cache::open(config.cache.clone(), signing_key)
         .await
         .map_err(|e| CoordinatorError::Cache(e.to_string()))?;
-    let coordinator = Coordinator::new(sched, cache, builder_auth, cli_auth, facts);
+    let coordinator = Coordinator::new(sched, cache, facts);
 
     let (stop, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -395,6 +395,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                 farm_proto::v1::builder_service_server::BuilderServiceServer::new(
                     crate::api::grpc::builder::BuilderSvc {
                         coord: coordinator.clone(),
+                        auth: builder_auth,
                     },
                 )
                 .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
@@ -404,6 +405,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                 farm_proto::v1::farm_service_server::FarmServiceServer::new(
                     crate::api::grpc::farm::FarmSvc {
                         coord: coordinator.clone(),
+                        auth: cli_auth,
                     },
                 )
                 .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)

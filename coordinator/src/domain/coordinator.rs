@@ -8,13 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use farm_proto::v1;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-use crate::api::grpc::auth::{BuilderAuth, CliAuth};
 use crate::cache::Cache;
 use crate::domain::scheduler::types::*;
-use crate::domain::scheduler::{GraphSubmission, PlanQuery, Scheduler, SubmissionSnapshot};
+use crate::domain::scheduler::{GraphSubmission, JobEnd, PlanQuery, Scheduler, SubmissionSnapshot};
 use crate::domain::state::{KeepNothing, Retention, StateError, Store};
 
 /// Finished submissions pruned per batch (each batch is its own few sled
@@ -43,13 +41,41 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// What goes down a builder's session stream.
-pub type SessionSender = mpsc::Sender<Result<v1::CoordinatorMessage, tonic::Status>>;
+/// What the domain tells a connected builder. The API layer that owns the
+/// builder's stream turns each into its wire message (gRPC:
+/// `api::grpc::convert`).
+#[derive(Debug, Clone)]
+pub enum BuilderCommand {
+    /// Build this job.
+    Job(Assignment),
+    /// Stop this job.
+    Cancel { job_id: String },
+    /// Take no new jobs (or take them again).
+    Drain { draining: bool },
+}
+
+/// Why a command did not reach its builder.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The session ended or its buffer is full.
+    #[error("the builder's session is gone or not keeping up")]
+    Closed,
+    /// The encoded command is over the transport's message limit (it would
+    /// end the builder's whole session).
+    #[error("{len} bytes encoded, over the farm's {limit} byte message limit")]
+    TooLarge { len: usize, limit: usize },
+}
+
+/// A connected builder's downstream, as the domain sees it: implemented by the
+/// API layer that holds the session (never blocks: a full buffer is `Closed`).
+pub trait BuilderLink: Send + Sync + 'static {
+    fn send(&self, command: BuilderCommand) -> Result<(), LinkError>;
+}
 
 struct Session {
     conn: u64,
     token: String,
-    tx: SessionSender,
+    link: Arc<dyn BuilderLink>,
 }
 
 /// A running build's log so far, and a signal for followers. Kept as the
@@ -133,8 +159,6 @@ pub(crate) struct Inner {
     logs: Mutex<HashMap<BuildId, Arc<Mutex<LiveLog>>>>,
     log_notify: Notify,
     kick: Notify,
-    pub(crate) builder_auth: BuilderAuth,
-    pub(crate) cli_auth: CliAuth,
     pub(crate) facts: Facts,
     pub(crate) cache: Cache,
     /// Cancelled when the coordinator stops: sessions and followers end.
@@ -158,13 +182,7 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// A coordinator over a loaded scheduler.
-    pub fn new(
-        sched: Scheduler,
-        cache: Cache,
-        builder_auth: BuilderAuth,
-        cli_auth: CliAuth,
-        facts: Facts,
-    ) -> Coordinator {
+    pub fn new(sched: Scheduler, cache: Cache, facts: Facts) -> Coordinator {
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let coord = Coordinator {
             inner: Arc::new(Inner {
@@ -175,8 +193,6 @@ impl Coordinator {
                 logs: Mutex::new(HashMap::new()),
                 log_notify: Notify::new(),
                 kick: Notify::new(),
-                builder_auth,
-                cli_auth,
                 facts,
                 cache,
                 stopping: tokio_util::sync::CancellationToken::new(),
@@ -191,14 +207,6 @@ impl Coordinator {
     pub async fn flush(&self) -> Result<(), crate::domain::state::StateError> {
         let store = self.read_sched(|s| s.store().clone());
         store.flush().await
-    }
-
-    pub fn builder_auth(&self) -> &BuilderAuth {
-        &self.inner.builder_auth
-    }
-
-    pub fn cli_auth(&self) -> &CliAuth {
-        &self.inner.cli_auth
     }
 
     pub fn facts(&self) -> &Facts {
@@ -397,7 +405,7 @@ impl Coordinator {
     /// records them is already flushed when they need it: see [`run_outbox`]).
     fn carry_out(&self, actions: Vec<Action>) {
         let mut lost: Vec<(String, String)> = Vec::new();
-        let mut too_big: Vec<(String, String, usize)> = Vec::new();
+        let mut too_big: Vec<(String, String, usize, usize)> = Vec::new();
         for a in actions {
             match a {
                 Action::Dispatch(job) => {
@@ -409,48 +417,34 @@ impl Coordinator {
                     let builder = job.builder.clone();
                     let job_id = job.job_id.clone();
                     // A message past the builder's decoding limit would end its
-                    // whole session; fail this build instead.
-                    match job_message(job, farm_proto::MAX_MESSAGE_SIZE) {
-                        Err(len) => too_big.push((builder, job_id, len)),
-                        Ok(msg) => {
-                            if !self.send_to(&builder, msg) {
-                                lost.push((builder, job_id));
-                            }
+                    // whole session; the link refuses it and this build fails.
+                    match self.send_to(&builder, BuilderCommand::Job(job)) {
+                        Ok(()) => {}
+                        Err(LinkError::TooLarge { len, limit }) => {
+                            too_big.push((builder, job_id, len, limit))
                         }
+                        Err(LinkError::Closed) => lost.push((builder, job_id)),
                     }
                 }
                 Action::Cancel { builder, job_id } => {
-                    self.send_to(
-                        &builder,
-                        v1::CoordinatorMessage {
-                            msg: Some(v1::coordinator_message::Msg::Cancel(v1::CancelJob {
-                                job_id,
-                            })),
-                        },
-                    );
+                    let _ = self.send_to(&builder, BuilderCommand::Cancel { job_id });
                 }
                 Action::Drain { builder, draining } => {
-                    self.send_to(
-                        &builder,
-                        v1::CoordinatorMessage {
-                            msg: Some(v1::coordinator_message::Msg::Drain(v1::Drain { draining })),
-                        },
-                    );
+                    let _ = self.send_to(&builder, BuilderCommand::Drain { draining });
                 }
                 Action::Prepare { build } => self.spawn_prepare(build),
                 Action::BuildEnded { build } => self.spawn_build_ended(build),
             }
         }
-        for (builder, job, len) in too_big {
+        for (builder, job, len, limit) in too_big {
             tracing::warn!(%builder, %job, len, "job too large to send");
             self.with_sched(|s, now| {
                 s.job_ended(
                     &builder,
                     &job,
-                    crate::domain::scheduler::JobEnd::Failed(format!(
+                    JobEnd::Failed(format!(
                         "the job (its .drv and input paths) is {len} bytes encoded, over the farm's \
-                         {} byte message limit",
-                        farm_proto::MAX_MESSAGE_SIZE
+                         {limit} byte message limit"
                     )),
                     now,
                 )
@@ -462,24 +456,24 @@ impl Coordinator {
                 s.job_ended(
                     &builder,
                     &job,
-                    crate::domain::scheduler::JobEnd::Transient(format!(
-                        "could not send the job to {builder}"
-                    )),
+                    JobEnd::Transient(format!("could not send the job to {builder}")),
                     now,
                 )
             });
         }
     }
 
-    fn send_to(&self, builder: &str, msg: v1::CoordinatorMessage) -> bool {
-        let sessions = self
+    fn send_to(&self, builder: &str, command: BuilderCommand) -> Result<(), LinkError> {
+        let link = self
             .inner
             .sessions
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match sessions.get(builder) {
-            Some(s) => s.tx.try_send(Ok(msg)).is_ok(),
-            None => false,
+            .unwrap_or_else(|e| e.into_inner())
+            .get(builder)
+            .map(|s| s.link.clone());
+        match link {
+            Some(link) => link.send(command),
+            None => Err(LinkError::Closed),
         }
     }
 
@@ -536,7 +530,7 @@ impl Coordinator {
         replaces: Option<&str>,
         caps: Capabilities,
         running_jobs: &[String],
-        tx: SessionSender,
+        link: Arc<dyn BuilderLink>,
     ) -> Result<(u64, String, bool), crate::domain::scheduler::NameTaken> {
         let token = random_token();
         // Register the session before the scheduler can dispatch to it.
@@ -554,7 +548,7 @@ impl Coordinator {
                 Session {
                     conn,
                     token: token.clone(),
-                    tx,
+                    link,
                 },
             ) {
                 self.inner
@@ -756,22 +750,6 @@ async fn run_outbox(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiv
     }
 }
 
-/// The `Job` message of an assignment, or its encoded length when that is over `limit`.
-fn job_message(job: Assignment, limit: usize) -> Result<v1::CoordinatorMessage, usize> {
-    let msg = v1::CoordinatorMessage {
-        msg: Some(v1::coordinator_message::Msg::Job(v1::Job {
-            job_id: job.job_id,
-            drv_path: job.drv_path.to_string(),
-            drv_aterm: job.drv_aterm.to_string(),
-            input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
-            max_silent_time_secs: job.max_silent_time_secs,
-            build_timeout_secs: job.build_timeout_secs,
-        })),
-    };
-    let len = prost::Message::encoded_len(&msg);
-    if len > limit { Err(len) } else { Ok(msg) }
-}
-
 /// What resolving a build's inputs found.
 pub enum Prepared {
     /// Its input closure, in dependency order, with NAR sizes.
@@ -791,54 +769,28 @@ pub fn random_token() -> String {
 impl Coordinator {
     /// A builder reported a job's end. A `Built` counts only once every output
     /// is in the cache; otherwise it is a transient failure.
-    pub async fn job_result(&self, builder: &str, r: v1::JobResult) {
-        let status = v1::JobStatus::try_from(r.status).unwrap_or(v1::JobStatus::Unspecified);
-        let mut end = crate::api::grpc::builder::job_end_from(status, &r.error_message);
-        if end == crate::domain::scheduler::JobEnd::Built {
+    pub async fn job_result(&self, builder: &str, job_id: &str, mut end: JobEnd) {
+        if end == JobEnd::Built {
             let outputs = self.read_sched(|s| {
-                s.running_job(builder, &r.job_id)
+                s.running_job(builder, job_id)
                     .and_then(|id| s.build_record(id))
                     .map(|b| b.outputs.values().cloned().collect::<Vec<_>>())
             });
             let Some(outputs) = outputs else {
-                tracing::info!(builder, job = %r.job_id, "result for a job that is not running there; ignored");
+                tracing::info!(builder, job = %job_id, "result for a job that is not running there; ignored");
                 return;
             };
             if let Err(msg) = self.verify_outputs(&outputs).await {
-                end = crate::domain::scheduler::JobEnd::Transient(msg);
+                end = JobEnd::Transient(msg);
             }
         }
-        self.with_sched(|s, now| s.job_ended(builder, &r.job_id, end, now));
+        self.with_sched(|s, now| s.job_ended(builder, job_id, end, now));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn oversized_jobs_are_not_sent() {
-        let path = |n: &str| {
-            farm_nix::store_path::StorePath::parse(&format!("/nix/store/{}-{n}", "a".repeat(32)))
-                .unwrap()
-        };
-        let job = Assignment {
-            builder: "b".into(),
-            build: 1,
-            job_id: "1.1".into(),
-            drv_path: path("x.drv"),
-            drv_aterm: "D".repeat(4096).into(),
-            input_paths: (0..100)
-                .map(|i| Arc::new(path(&format!("in{i}"))))
-                .collect(),
-            max_silent_time_secs: 0,
-            build_timeout_secs: 0,
-        };
-        let len = job_message(job.clone(), 4096).unwrap_err();
-        assert!(len > 4096 + 100 * 40, "{len}");
-        let msg = job_message(job, len).unwrap();
-        assert_eq!(prost::Message::encoded_len(&msg), len);
-    }
 
     /// Through the coordinator: a graph submitted in phases, followed while
     /// in memory and (once finished and evicted) from the store, then pruned

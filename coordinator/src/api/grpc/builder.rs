@@ -26,21 +26,34 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::grpc::auth::BuilderAuth;
-use crate::domain::coordinator::{Coordinator, SessionSender};
-use crate::domain::scheduler::JobEnd;
-use crate::domain::scheduler::types::{Capabilities, Load};
+use crate::api::grpc::convert::{capabilities_from, command_message, job_end_from, load_from};
+use crate::domain::coordinator::{BuilderCommand, BuilderLink, Coordinator, LinkError};
+use crate::domain::scheduler::types::Capabilities;
 use crate::keys::{fingerprint_ed25519, parse_ed25519_line};
 
 /// How long a builder has for each handshake step.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest builder name.
 pub const MAX_NAME_LEN: usize = 64;
-/// Most entries in a capability list.
-const MAX_LIST: usize = 64;
 /// Messages buffered towards one builder.
 const SESSION_BUFFER: usize = 1024;
 /// Most job ids in each of `Hello.running_jobs` and `Hello.finished_jobs`.
 const MAX_HELD_JOBS: usize = 4096;
+
+/// What goes down a builder's session stream.
+type SessionSender = mpsc::Sender<Result<v1::CoordinatorMessage, Status>>;
+
+/// The domain's [`BuilderLink`] over a gRPC session stream: commands are
+/// converted and checked against the message limit here, and queued without
+/// waiting.
+struct GrpcLink(SessionSender);
+
+impl BuilderLink for GrpcLink {
+    fn send(&self, command: BuilderCommand) -> Result<(), LinkError> {
+        let msg = command_message(command, farm_proto::MAX_MESSAGE_SIZE)?;
+        self.0.try_send(Ok(msg)).map_err(|_| LinkError::Closed)
+    }
+}
 
 /// A boxed response stream.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -54,109 +67,11 @@ pub fn valid_builder_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn bounded_list(field: &str, v: Vec<String>) -> Result<Vec<String>, Status> {
-    if v.len() > MAX_LIST || v.iter().any(|s| s.is_empty() || s.len() > 128) {
-        return Err(Status::invalid_argument(format!(
-            "{field}: at most {MAX_LIST} non-empty entries of at most 128 bytes"
-        )));
-    }
-    Ok(v)
-}
-
-/// Capabilities from a `Hello`, checked.
-pub fn capabilities_from(c: v1::Capabilities) -> Result<Capabilities, Status> {
-    let systems = bounded_list("systems", c.systems)?;
-    if systems.is_empty() {
-        return Err(Status::invalid_argument("capabilities.systems is empty"));
-    }
-    Ok(Capabilities {
-        systems,
-        supported_features: bounded_list("supported_features", c.supported_features)?
-            .into_iter()
-            .collect(),
-        mandatory_features: bounded_list("mandatory_features", c.mandatory_features)?
-            .into_iter()
-            .collect(),
-        max_jobs: c.max_jobs.clamp(1, 1024),
-        speed_factor: if c.speed_factor.is_finite() && c.speed_factor > 0.0 {
-            c.speed_factor.min(1000.0)
-        } else {
-            1.0
-        },
-        cores: c.cores,
-        memory_bytes: c.memory_bytes,
-        nix_version: c.nix_version.chars().take(128).collect(),
-    })
-}
-
-/// Capabilities as `farm status` shows them.
-pub fn capabilities_to(c: &Capabilities) -> v1::Capabilities {
-    v1::Capabilities {
-        systems: c.systems.clone(),
-        supported_features: c.supported_features.iter().cloned().collect(),
-        mandatory_features: c.mandatory_features.iter().cloned().collect(),
-        max_jobs: c.max_jobs,
-        speed_factor: c.speed_factor,
-        cores: c.cores,
-        memory_bytes: c.memory_bytes,
-        nix_version: c.nix_version.clone(),
-    }
-}
-
-/// A load report.
-pub fn load_from(l: v1::LoadReport) -> Load {
-    let finite = |x: f64| if x.is_finite() { x } else { -1.0 };
-    Load {
-        running_jobs: l.running_jobs,
-        load_avg_1: finite(l.load_avg_1).max(0.0),
-        load_avg_5: finite(l.load_avg_5).max(0.0),
-        memory_available_bytes: l.memory_available_bytes,
-        disk_free_bytes: l.disk_free_bytes,
-        cpu_pressure: finite(l.cpu_pressure),
-        memory_pressure: finite(l.memory_pressure),
-        io_pressure: finite(l.io_pressure),
-    }
-}
-
-/// A load report as `farm status` shows it.
-pub fn load_to(l: &Load) -> v1::LoadReport {
-    v1::LoadReport {
-        running_jobs: l.running_jobs,
-        load_avg_1: l.load_avg_1,
-        load_avg_5: l.load_avg_5,
-        memory_available_bytes: l.memory_available_bytes,
-        disk_free_bytes: l.disk_free_bytes,
-        cpu_pressure: l.cpu_pressure,
-        memory_pressure: l.memory_pressure,
-        io_pressure: l.io_pressure,
-    }
-}
-
-/// How a builder's job result maps onto the scheduler (before output verification).
-pub fn job_end_from(status: v1::JobStatus, error: &str) -> JobEnd {
-    let msg = || {
-        if error.is_empty() {
-            format!("{status:?}")
-        } else {
-            error.chars().take(4096).collect()
-        }
-    };
-    match status {
-        v1::JobStatus::Built => JobEnd::Built,
-        v1::JobStatus::Failed => JobEnd::Failed(msg()),
-        v1::JobStatus::TimedOut => JobEnd::TimedOut(msg()),
-        v1::JobStatus::Cancelled
-        | v1::JobStatus::InputError
-        | v1::JobStatus::UploadError
-        | v1::JobStatus::MiscFailure
-        | v1::JobStatus::Unspecified => JobEnd::Transient(msg()),
-    }
-}
-
 /// `BuilderService`.
 #[derive(Clone)]
 pub struct BuilderSvc {
     pub coord: Coordinator,
+    pub auth: BuilderAuth,
 }
 
 impl BuilderSvc {
@@ -217,7 +132,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
             }
         };
         let fp = fingerprint_ed25519(&key);
-        let auth = self.coord.builder_auth().clone();
+        let auth = self.auth.clone();
         let enrolled = tokio::task::spawn_blocking(move || auth.enrolled(&key))
             .await
             .map_err(|e| {
@@ -254,7 +169,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         {
             let old_enrolled = match parse_ed25519_line(&other) {
                 Ok(old) => {
-                    let auth = self.coord.builder_auth().clone();
+                    let auth = self.auth.clone();
                     tokio::task::spawn_blocking(move || auth.enrolled(&old))
                         .await
                         .map(|r| !matches!(r, Ok(None)))
@@ -386,7 +301,7 @@ async fn run_session(
         replaces.as_deref(),
         caps,
         &held,
-        tx.clone(),
+        std::sync::Arc::new(GrpcLink(tx.clone())),
     );
     let (conn, token, draining) = match online {
         Ok(o) => o,
@@ -441,7 +356,10 @@ async fn run_session(
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let job_id = r.job_id.clone();
-                    coord.job_result(&name, r).await;
+                    let status =
+                        v1::JobStatus::try_from(r.status).unwrap_or(v1::JobStatus::Unspecified);
+                    let end = job_end_from(status, &r.error_message);
+                    coord.job_result(&name, &job_id, end).await;
                     // Acknowledge only what a crash cannot lose.
                     match coord.flush().await {
                         Ok(()) => {

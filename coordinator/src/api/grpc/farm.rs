@@ -10,8 +10,9 @@ use farm_proto::v1::build_event::Event as Ev;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::grpc::auth::{Caller, Level};
-use crate::api::grpc::builder::{BoxStream, capabilities_to, load_to};
+use crate::api::grpc::auth::{Caller, CliAuth, Level};
+use crate::api::grpc::builder::BoxStream;
+use crate::api::grpc::convert::{capabilities_to, event_to, load_to};
 use crate::domain::coordinator::{Coordinator, now_ms};
 use crate::domain::scheduler::types::*;
 
@@ -19,6 +20,7 @@ use crate::domain::scheduler::types::*;
 #[derive(Clone)]
 pub struct FarmSvc {
     pub coord: Coordinator,
+    pub auth: CliAuth,
 }
 
 impl FarmSvc {
@@ -29,8 +31,7 @@ impl FarmSvc {
         level: Level,
     ) -> Result<Caller, Status> {
         let caller = self
-            .coord
-            .cli_auth()
+            .auth
             .check(req.metadata(), method, level, now_ms() / 1000)
             .await?;
         tracing::debug!(method, caller = ?caller, "CLI call");
@@ -44,79 +45,6 @@ impl FarmSvc {
             Status::internal("the coordinator could not save its state")
         })
     }
-}
-
-fn secs(ms: Option<i64>) -> i64 {
-    ms.map(|m| m / 1000).unwrap_or(0)
-}
-
-fn outputs_map(o: &BTreeMap<String, StorePath>) -> std::collections::HashMap<String, String> {
-    o.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
-}
-
-/// The wire outcome of a domain outcome.
-pub fn outcome_to(o: Outcome) -> v1::BuildOutcome {
-    match o {
-        Outcome::Built => v1::BuildOutcome::Built,
-        Outcome::Cached => v1::BuildOutcome::Cached,
-        Outcome::Failed => v1::BuildOutcome::Failed,
-        Outcome::DependencyFailed => v1::BuildOutcome::DependencyFailed,
-        Outcome::Cancelled => v1::BuildOutcome::Cancelled,
-        Outcome::TimedOut => v1::BuildOutcome::TimedOut,
-        Outcome::Unschedulable => v1::BuildOutcome::Unschedulable,
-    }
-}
-
-/// A domain event as a `BuildEvent`.
-pub fn event_to(e: &Event) -> v1::BuildEvent {
-    let ev = match e {
-        Event::Queued { build, drv_path } => Ev::Queued(v1::BuildQueued {
-            build_id: format!("b{build}"),
-            drv_path: drv_path.to_string(),
-        }),
-        Event::Started {
-            build,
-            drv_path,
-            builder,
-        } => Ev::Started(v1::BuildStarted {
-            build_id: format!("b{build}"),
-            drv_path: drv_path.to_string(),
-            builder: builder.clone(),
-        }),
-        Event::Finished {
-            build,
-            drv_path,
-            outcome,
-            error,
-            outputs,
-            builder,
-            started_ms,
-            finished_ms,
-        } => Ev::Finished(v1::BuildFinished {
-            build_id: format!("b{build}"),
-            drv_path: drv_path.to_string(),
-            outcome: outcome_to(*outcome) as i32,
-            error_message: error.clone().unwrap_or_default(),
-            outputs: outputs_map(outputs),
-            builder: builder.clone().unwrap_or_default(),
-            start_time_unix: secs(*started_ms),
-            stop_time_unix: secs(*finished_ms),
-        }),
-        Event::SubmissionDone {
-            submission,
-            success,
-            built,
-            cached,
-            failed,
-        } => Ev::Done(v1::SubmissionDone {
-            submission_id: format!("s{submission}"),
-            success: *success,
-            built: *built,
-            cached: *cached,
-            failed: *failed,
-        }),
-    };
-    v1::BuildEvent { event: Some(ev) }
 }
 
 /// The events that describe a submission as it stands: `Submitted`, then per

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod builder;
+pub mod convert;
 pub mod data;
 pub mod farm;
 pub mod logs;
