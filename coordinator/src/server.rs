@@ -196,88 +196,6 @@ fn shown(addr: SocketAddr) -> String {
     format!("{}:{}", host_for(addr.ip()), addr.port())
 }
 
-/// The HTTP listener's routes: the binary cache, `/metrics` and `/healthz`.
-pub fn http_router(coord: &Coordinator) -> axum::Router {
-    let c = coord.clone();
-    let metrics = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || {
-                let c = c.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        metrics_text(&c),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    metrics.merge(crate::api::http::cache::cache_router(coord.cache().clone()))
-}
-
-/// Prometheus text exposition of the farm's state.
-pub fn metrics_text(coord: &Coordinator) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let (builders, queue, running) =
-        coord.read_sched(|s| (s.builders(), s.queue_depths(), s.running().len()));
-    let _ = writeln!(
-        out,
-        "# HELP farm_builder_up Whether a builder is connected."
-    );
-    let _ = writeln!(out, "# TYPE farm_builder_up gauge");
-    for b in &builders {
-        let _ = writeln!(
-            out,
-            "farm_builder_up{{builder=\"{}\"}} {}",
-            b.record.name, b.online as u8
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP farm_builder_running_jobs Jobs the coordinator has on a builder."
-    );
-    let _ = writeln!(out, "# TYPE farm_builder_running_jobs gauge");
-    for b in &builders {
-        let _ = writeln!(
-            out,
-            "farm_builder_running_jobs{{builder=\"{}\"}} {}",
-            b.record.name, b.running
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP farm_builder_load1 A builder's reported 1-minute load average."
-    );
-    let _ = writeln!(out, "# TYPE farm_builder_load1 gauge");
-    for b in builders.iter().filter(|b| b.online) {
-        let _ = writeln!(
-            out,
-            "farm_builder_load1{{builder=\"{}\"}} {}",
-            b.record.name, b.load.load_avg_1
-        );
-    }
-    let _ = writeln!(out, "# HELP farm_queue_depth Builds waiting, per system.");
-    let _ = writeln!(out, "# TYPE farm_queue_depth gauge");
-    for (system, n) in &queue {
-        let _ = writeln!(out, "farm_queue_depth{{system=\"{system}\"}} {n}");
-    }
-    let _ = writeln!(out, "# HELP farm_running_builds Builds running now.");
-    let _ = writeln!(out, "# TYPE farm_running_builds gauge");
-    let _ = writeln!(out, "farm_running_builds {running}");
-    let _ = writeln!(
-        out,
-        "# HELP farm_cache_paths Store paths in the binary cache."
-    );
-    let _ = writeln!(out, "# TYPE farm_cache_paths gauge");
-    let _ = writeln!(out, "farm_cache_paths {}", coord.cache().len());
-    out
-}
-
 /// Start the coordinator: everything bound and `endpoints.json` written when this returns.
 pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, CoordinatorError> {
     let io = |context: String| move |source| CoordinatorError::Io { context, source };
@@ -422,7 +340,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     }
     // HTTP
     {
-        let app = http_router(&coordinator);
+        let app = crate::api::http::router(&coordinator);
         let done = stopped();
         tasks.spawn(async move {
             axum::serve(http_l, app)

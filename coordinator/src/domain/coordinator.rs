@@ -485,7 +485,7 @@ impl Coordinator {
             this.with_sched(|s, now| match r {
                 Ok(Prepared::Ready(inputs)) => s.set_ready(build, inputs),
                 Ok(Prepared::Cached) => s.set_cached(build, now),
-                Err(e) => s.prepare_failed(build, e, now),
+                Err(e) => s.prepare_failed(build, e.to_string(), now),
             });
         });
     }
@@ -780,8 +780,8 @@ impl Coordinator {
                 tracing::info!(builder, job = %job_id, "result for a job that is not running there; ignored");
                 return;
             };
-            if let Err(msg) = self.verify_outputs(&outputs).await {
-                end = JobEnd::Transient(msg);
+            if let Err(e) = self.verify_outputs(&outputs).await {
+                end = JobEnd::Transient(e.to_string());
             }
         }
         self.with_sched(|s, now| s.job_ended(builder, job_id, end, now));

@@ -6,11 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use farm_nix::derivation::Derivation;
+use farm_nix::derivation::{BasicDerivation, Derivation};
 use farm_nix::nar::{NarEvent, NarLimits, NarReader};
 use farm_nix::store_path::StorePath;
 
 use crate::domain::coordinator::{Coordinator, Prepared};
+use crate::domain::error::DomainError;
 use crate::domain::scheduler::types::{BuildId, BuildState, Priority, SubmissionId};
 use crate::domain::scheduler::{GraphSubmission, NewBuild};
 
@@ -18,6 +19,21 @@ use crate::domain::scheduler::{GraphSubmission, NewBuild};
 pub const MAX_DRV_SIZE: u64 = 16 * 1024 * 1024;
 /// Most derivations in one submitted graph.
 pub const MAX_GRAPH: usize = 200_000;
+
+/// What a submission asks for.
+#[derive(Debug, Clone)]
+pub enum Root {
+    /// A derivation whose `.drv` file (and sources) are in the cache; its
+    /// input derivations come along.
+    Drv(StorePath),
+    /// A build hook's derivation (Nix's `BuildDerivation`): no `.drv` in the
+    /// cache, no input derivations; its sources are the whole input closure,
+    /// which must be in the cache. Its `.drv` text is rebuilt from it.
+    Basic {
+        drv_path: StorePath,
+        drv: BasicDerivation,
+    },
+}
 
 /// How a submission is to be built.
 #[derive(Debug, Clone, Default)]
@@ -27,29 +43,6 @@ pub struct SubmitOptions {
     pub build_timeout_secs: u64,
     /// Who asks (key fingerprint and comment, or `local`); recorded with the builds.
     pub client: Option<String>,
-}
-
-/// Why a submission was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// The request names something unusable (missing from the cache, not a derivation…).
-    #[error("{0}")]
-    Invalid(String),
-    /// The coordinator failed (storage); details are logged.
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl SubmitError {
-    pub fn to_status(&self) -> tonic::Status {
-        match self {
-            SubmitError::Invalid(m) => tonic::Status::failed_precondition(m.clone()),
-            SubmitError::Internal(m) => {
-                tracing::error!(error = %m, "submission failed");
-                tonic::Status::internal("the coordinator could not accept the submission")
-            }
-        }
-    }
 }
 
 /// Dependencies first: each path after every path it references (within `infos`).
@@ -89,17 +82,13 @@ pub fn dependency_order(
 
 impl Coordinator {
     /// The text of a `.drv` file in the cache (its NAR holds one regular file).
-    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<String>, SubmitError> {
-        let reader = self
-            .cache()
-            .nar_reader(drv)
-            .await
-            .map_err(|e| SubmitError::Internal(format!("reading {drv}: {e}")))?;
+    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<String>, DomainError> {
+        let reader = self.cache().nar_reader(drv).await?;
         let Some(mut reader) = reader else {
             return Ok(None);
         };
         let bad =
-            |why: String| SubmitError::Invalid(format!("{drv} is not a derivation file: {why}"));
+            |why: String| DomainError::Invalid(format!("{drv} is not a derivation file: {why}"));
         let mut sink = tokio::io::sink();
         let limits = NarLimits {
             max_total_size: MAX_DRV_SIZE + 4096,
@@ -131,32 +120,53 @@ impl Coordinator {
         }
     }
 
-    async fn parsed_drv(&self, drv: &StorePath) -> Result<(String, Derivation), SubmitError> {
+    async fn parsed_drv(&self, drv: &StorePath) -> Result<(String, Derivation), DomainError> {
         let text = self.read_drv(drv).await?.ok_or_else(|| {
-            SubmitError::Invalid(format!("{drv} is not in the farm's cache; upload it first"))
+            DomainError::Invalid(format!("{drv} is not in the farm's cache; upload it first"))
         })?;
         let parsed = Derivation::parse_aterm(&text)
-            .map_err(|e| SubmitError::Invalid(format!("{drv}: {e}")))?;
+            .map_err(|e| DomainError::Invalid(format!("{drv}: {e}")))?;
         Ok((text, parsed))
     }
 
-    /// Submit derivations whose `.drv` files (and sources) are in the cache:
-    /// walk their graph, skip what the cache has, schedule the rest.
+    /// The one way work enters the farm (gRPC `Submit`, the SSH endpoint's
+    /// `BuildDerivation` and `BuildPaths`): walk the roots' graph, skip what
+    /// the cache has, schedule the rest, and make the submission durable
+    /// before returning its id.
     pub async fn submit(
         &self,
-        roots: Vec<StorePath>,
+        roots: Vec<Root>,
         opts: SubmitOptions,
-    ) -> Result<SubmissionId, SubmitError> {
+    ) -> Result<SubmissionId, DomainError> {
         let mut seen: HashSet<StorePath> = HashSet::new();
-        let mut queue: Vec<StorePath> = roots.clone();
+        let mut queue: Vec<StorePath> = Vec::new();
+        let mut root_paths: Vec<StorePath> = Vec::with_capacity(roots.len());
         let mut builds: Vec<NewBuild> = Vec::new();
         let mut cached: BTreeMap<StorePath, BTreeMap<String, StorePath>> = BTreeMap::new();
+        for root in roots {
+            match root {
+                Root::Drv(d) => {
+                    root_paths.push(d.clone());
+                    queue.push(d);
+                }
+                Root::Basic { drv_path, drv } => {
+                    root_paths.push(drv_path.clone());
+                    seen.insert(drv_path.clone());
+                    match self.basic_build(&drv_path, drv).await? {
+                        Ok(b) => builds.push(b),
+                        Err(outputs) => {
+                            cached.insert(drv_path, outputs);
+                        }
+                    }
+                }
+            }
+        }
         while let Some(d) = queue.pop() {
             if !seen.insert(d.clone()) {
                 continue;
             }
             if seen.len() > MAX_GRAPH {
-                return Err(SubmitError::Invalid(format!(
+                return Err(DomainError::Invalid(format!(
                     "the graph has more than {MAX_GRAPH} derivations"
                 )));
             }
@@ -167,7 +177,7 @@ impl Coordinator {
             if let Some(rec) = self.read_sched(|s| s.known_build(&d)) {
                 let input_drvs = Derivation::parse_aterm(&rec.drv_aterm)
                     .map(|drv| drv.input_drvs.keys().cloned().collect())
-                    .map_err(|e| SubmitError::Internal(format!("{d}: stored derivation: {e}")))?;
+                    .map_err(|e| DomainError::Corrupt(format!("{d}: stored derivation: {e}")))?;
                 builds.push(NewBuild {
                     drv_path: rec.drv_path.clone(),
                     drv_aterm: rec.drv_aterm.clone(),
@@ -181,7 +191,7 @@ impl Coordinator {
             let (text, drv) = self.parsed_drv(&d).await?;
             let outputs = drv.output_paths();
             if outputs.len() != drv.outputs.len() || outputs.is_empty() {
-                return Err(SubmitError::Invalid(format!(
+                return Err(DomainError::Invalid(format!(
                     "{d}: outputs without a known path (floating content-addressed derivations) are not supported"
                 )));
             }
@@ -190,7 +200,7 @@ impl Coordinator {
                 .cache()
                 .valid_paths(&out_paths)
                 .await
-                .map_err(|e| SubmitError::Internal(e.to_string()))?;
+                .map_err(DomainError::from)?;
             if present.len() == out_paths.len() {
                 cached.insert(d, outputs);
                 continue;
@@ -200,16 +210,16 @@ impl Coordinator {
                 .cache()
                 .valid_paths(&srcs)
                 .await
-                .map_err(|e| SubmitError::Internal(e.to_string()))?;
+                .map_err(DomainError::from)?;
             if let Some(missing) = srcs.iter().find(|s| !have.contains(*s)) {
-                return Err(SubmitError::Invalid(format!(
+                return Err(DomainError::Invalid(format!(
                     "{missing} (an input source of {d}) is not in the farm's cache; upload it first"
                 )));
             }
             let input_drvs: Vec<StorePath> = drv.input_drvs.keys().cloned().collect();
             queue.extend(input_drvs.iter().cloned());
             let name = farm_nix::derivation::name_from_drv_path(&d)
-                .map_err(|e| SubmitError::Invalid(format!("{d}: {e}")))?;
+                .map_err(|e| DomainError::Invalid(format!("{d}: {e}")))?;
             tracing::debug!(drv = %d, %name, "derivation to build");
             builds.push(NewBuild {
                 drv_path: d,
@@ -224,7 +234,7 @@ impl Coordinator {
             b.input_drvs.retain(|d| !cached.contains_key(d));
         }
         let g = GraphSubmission {
-            roots,
+            roots: root_paths,
             builds,
             cached,
             priority: opts.priority,
@@ -232,90 +242,117 @@ impl Coordinator {
             build_timeout_secs: opts.build_timeout_secs,
             client: opts.client,
         };
-        let sid = self
-            .submit_graph(g)
-            .await
-            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+        let sid = self.submit_graph(g).await.map_err(DomainError::from)?;
         let store = self.store();
-        store
-            .flush()
-            .await
-            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+        store.flush().await.map_err(DomainError::from)?;
         Ok(sid)
     }
 
+    /// The build of a [`Root::Basic`], or its outputs when the cache has them all.
+    async fn basic_build(
+        &self,
+        drv_path: &StorePath,
+        basic: BasicDerivation,
+    ) -> Result<Result<NewBuild, BTreeMap<String, StorePath>>, DomainError> {
+        let outputs = basic.output_paths();
+        if outputs.len() != basic.outputs.len() || outputs.is_empty() {
+            return Err(DomainError::Invalid(format!(
+                "{drv_path}: outputs without a known path (floating content-addressed derivations) are not supported"
+            )));
+        }
+        let out_paths: Vec<StorePath> = outputs.values().cloned().collect();
+        let present = self.cache().valid_paths(&out_paths).await?;
+        if present.len() == out_paths.len() {
+            return Ok(Err(outputs));
+        }
+        let srcs: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
+        let have = self.cache().valid_paths(&srcs).await?;
+        if let Some(missing) = srcs.iter().find(|s| !have.contains(*s)) {
+            return Err(DomainError::Invalid(format!(
+                "input '{missing}' of '{drv_path}' is not in the farm's store; copy it first"
+            )));
+        }
+        let drv = Derivation {
+            outputs: basic.outputs.clone(),
+            input_drvs: BTreeMap::new(),
+            input_srcs: basic.input_srcs.clone(),
+            platform: basic.platform.clone(),
+            builder: basic.builder.clone(),
+            args: basic.args.clone(),
+            env: basic.env.clone(),
+        };
+        Ok(Ok(NewBuild {
+            drv_path: drv_path.clone(),
+            drv_aterm: drv.to_aterm().into(),
+            system: basic.platform.clone(),
+            required_features: basic.required_system_features(),
+            outputs,
+            input_drvs: Vec::new(),
+        }))
+    }
+
     /// The output paths of an input derivation: from the scheduler, else from its `.drv`.
-    async fn outputs_of(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>, String> {
+    async fn outputs_of(
+        &self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, StorePath>, DomainError> {
         if let Some(rec) = self.build_of_drv(drv).and_then(|id| self.build_view(id)) {
             return Ok(rec.outputs.clone());
         }
-        let (_, d) = self.parsed_drv(drv).await.map_err(|e| e.to_string())?;
+        let (_, d) = self.parsed_drv(drv).await?;
         Ok(d.output_paths())
     }
 
     /// Resolve a build's input closure from the cache, dependencies first, or
     /// find its outputs there already.
-    pub(crate) async fn prepare(&self, build: BuildId) -> Result<Prepared, String> {
+    pub(crate) async fn prepare(&self, build: BuildId) -> Result<Prepared, DomainError> {
         let rec = self
             .build_view(build)
-            .ok_or_else(|| format!("unknown build b{build}"))?;
+            .ok_or_else(|| DomainError::NotFound(format!("unknown build b{build}")))?;
         let outs: Vec<StorePath> = rec.outputs.values().cloned().collect();
-        let present = self
-            .cache()
-            .valid_paths(&outs)
-            .await
-            .map_err(|e| format!("cache: {e}"))?;
+        let present = self.cache().valid_paths(&outs).await?;
         if !outs.is_empty() && present.len() == outs.len() {
             return Ok(Prepared::Cached);
         }
         let drv = Derivation::parse_aterm(&rec.drv_aterm)
-            .map_err(|e| format!("{}: {e}", rec.drv_path))?;
+            .map_err(|e| DomainError::Corrupt(format!("{}: {e}", rec.drv_path)))?;
         let mut wanted: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
         for (dep, names) in &drv.input_drvs {
             let outputs = self.outputs_of(dep).await?;
             for n in names {
                 let p = outputs
                     .get(n)
-                    .ok_or_else(|| format!("{dep} has no output {n:?}"))?;
+                    .ok_or_else(|| DomainError::Invalid(format!("{dep} has no output {n:?}")))?;
                 wanted.push(p.clone());
             }
         }
-        let closure = self
-            .cache()
-            .closure(&wanted)
-            .await
-            .map_err(|e| format!("cache: {e}"))?;
+        let closure = self.cache().closure(&wanted).await?;
         if let Some(missing) = wanted.iter().find(|p| !closure.contains(*p)) {
-            return Err(format!(
+            return Err(DomainError::Invalid(format!(
                 "input {missing} of {} is not in the farm's cache",
                 rec.drv_path
-            ));
+            )));
         }
         let mut infos = BTreeMap::new();
         for p in &closure {
             let info = self
                 .cache()
                 .path_info(p)
-                .await
-                .map_err(|e| format!("cache: {e}"))?
-                .ok_or_else(|| format!("{p} vanished from the cache"))?;
+                .await?
+                .ok_or_else(|| DomainError::Corrupt(format!("{p} vanished from the cache")))?;
             infos.insert(p.clone(), (info.references, info.nar_size));
         }
         Ok(Prepared::Ready(dependency_order(&infos)))
     }
 
     /// Whether every output is in the cache now.
-    pub(crate) async fn verify_outputs(&self, outputs: &[StorePath]) -> Result<(), String> {
-        let present = self
-            .cache()
-            .valid_paths(outputs)
-            .await
-            .map_err(|e| format!("cache: {e}"))?;
+    pub(crate) async fn verify_outputs(&self, outputs: &[StorePath]) -> Result<(), DomainError> {
+        let present = self.cache().valid_paths(outputs).await?;
         match outputs.iter().find(|o| !present.contains(*o)) {
             None => Ok(()),
-            Some(missing) => Err(format!(
+            Some(missing) => Err(DomainError::Invalid(format!(
                 "the builder reported success but output {missing} is not in the cache"
-            )),
+            ))),
         }
     }
 

@@ -5,6 +5,7 @@
 //! russh (a test in `coordinator/tests/layering.rs` checks it).
 
 pub mod coordinator;
+pub mod error;
 pub mod graph;
 pub mod scheduler;
 pub mod state;

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use farm_nix::derivation::{BasicDerivation, Derivation};
+use farm_nix::derivation::BasicDerivation;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::{BuildStatus, HandlerError};
 use tokio::sync::broadcast::error::RecvError;
@@ -18,11 +18,12 @@ use tokio::sync::mpsc;
 
 use super::build::{BuildBackend, BuildEvent, BuildOutcome, BuildSettings};
 use crate::domain::coordinator::Coordinator;
-use crate::domain::graph::{SubmitError, SubmitOptions};
+use crate::domain::graph::{Root, SubmitOptions};
+use crate::domain::scheduler::SubmissionSnapshot;
 use crate::domain::scheduler::types::{
     BuildId, BuildState, BuildView, Outcome, Priority, SubmissionId, SubmissionRecord,
 };
-use crate::domain::scheduler::{GraphSubmission, NewBuild, SubmissionSnapshot};
+use crate::nix_endpoint::error::handler_error;
 use crate::nix_endpoint::ssh::{BoxFuture, ClientIdentity};
 
 /// Bytes per log event.
@@ -40,23 +41,6 @@ impl FarmBuilds {
     }
 }
 
-fn submit_error(e: SubmitError) -> HandlerError {
-    match e {
-        SubmitError::Invalid(m) => HandlerError::new(m),
-        SubmitError::Internal(m) => {
-            tracing::error!(error = %m, "a nix client's submission failed");
-            HandlerError::new("the farm could not accept the build (see the coordinator's log)")
-        }
-    }
-}
-
-fn internal(context: &str, e: impl std::fmt::Display) -> HandlerError {
-    tracing::error!(error = %e, "{context}");
-    HandlerError::new(format!(
-        "{context}: internal error (see the coordinator's log)"
-    ))
-}
-
 impl BuildBackend for FarmBuilds {
     fn build_derivation(
         &self,
@@ -69,14 +53,21 @@ impl BuildBackend for FarmBuilds {
         let this = self.clone();
         Box::pin(async move {
             let outputs = drv.output_paths();
-            if outputs.len() != drv.outputs.len() || outputs.is_empty() {
-                return Err(HandlerError::new(format!(
-                    "{drv_path}: outputs without a known path (floating content-addressed derivations) are not supported"
-                )));
-            }
+            let root = Root::Basic {
+                drv_path: drv_path.clone(),
+                drv,
+            };
             let sid = this
-                .submit_basic(&client, &drv_path, drv, &settings)
-                .await?;
+                .coord
+                .submit(vec![root], submit_options(&client, &settings))
+                .await
+                .map_err(|e| handler_error("the farm could not accept the build", e))?;
+            tracing::info!(
+                submission = %format!("s{sid}"),
+                drv = %drv_path,
+                client = %client.fingerprint,
+                "nix client asked to build a derivation"
+            );
             let (sub, builds) = this.follow(sid, &events).await?;
             Ok(outcome_of(&drv_path, &sub, &builds, &outputs))
         })
@@ -91,17 +82,12 @@ impl BuildBackend for FarmBuilds {
     ) -> BoxFuture<'static, Result<BTreeMap<StorePath, BuildOutcome>, HandlerError>> {
         let this = self.clone();
         Box::pin(async move {
-            let opts = SubmitOptions {
-                priority: Priority::Interactive,
-                max_silent_time_secs: settings.max_silent_time,
-                build_timeout_secs: settings.build_timeout,
-                client: Some(client_name(&client)),
-            };
+            let roots = drvs.iter().cloned().map(Root::Drv).collect();
             let sid = this
                 .coord
-                .submit(drvs.clone(), opts)
+                .submit(roots, submit_options(&client, &settings))
                 .await
-                .map_err(submit_error)?;
+                .map_err(|e| handler_error("the farm could not accept the build", e))?;
             tracing::info!(
                 submission = %format!("s{sid}"),
                 client = %client.fingerprint,
@@ -120,6 +106,17 @@ impl BuildBackend for FarmBuilds {
             }
             Ok(out)
         })
+    }
+}
+
+/// A Nix client's builds: interactive, with the client's limits, recorded
+/// under its key.
+fn submit_options(client: &ClientIdentity, settings: &BuildSettings) -> SubmitOptions {
+    SubmitOptions {
+        priority: Priority::Interactive,
+        max_silent_time_secs: settings.max_silent_time,
+        build_timeout_secs: settings.build_timeout,
+        client: Some(client_name(client)),
     }
 }
 
@@ -199,83 +196,6 @@ fn outcome_of(
 }
 
 impl FarmBuilds {
-    /// Submit one `BasicDerivation` (build hook): no `.drv` in the cache; its
-    /// sources are the whole input closure, which must be in the cache.
-    async fn submit_basic(
-        &self,
-        client: &ClientIdentity,
-        drv_path: &StorePath,
-        basic: BasicDerivation,
-        settings: &BuildSettings,
-    ) -> Result<SubmissionId, HandlerError> {
-        let cache = self.coord.cache();
-        let outputs = basic.output_paths();
-        let out_paths: Vec<StorePath> = outputs.values().cloned().collect();
-        let present = cache
-            .valid_paths(&out_paths)
-            .await
-            .map_err(|e| internal("querying the cache", e))?;
-        let mut cached = BTreeMap::new();
-        let mut builds = Vec::new();
-        if present.len() == out_paths.len() {
-            cached.insert(drv_path.clone(), outputs.clone());
-        } else {
-            let srcs: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
-            let have = cache
-                .valid_paths(&srcs)
-                .await
-                .map_err(|e| internal("querying the cache", e))?;
-            if let Some(missing) = srcs.iter().find(|s| !have.contains(*s)) {
-                return Err(HandlerError::new(format!(
-                    "input '{missing}' of '{drv_path}' is not in the farm's store; copy it first"
-                )));
-            }
-            let drv = Derivation {
-                outputs: basic.outputs.clone(),
-                input_drvs: BTreeMap::new(),
-                input_srcs: basic.input_srcs.clone(),
-                platform: basic.platform.clone(),
-                builder: basic.builder.clone(),
-                args: basic.args.clone(),
-                env: basic.env.clone(),
-            };
-            builds.push(NewBuild {
-                drv_path: drv_path.clone(),
-                drv_aterm: drv.to_aterm().into(),
-                system: basic.platform.clone(),
-                required_features: basic.required_system_features(),
-                outputs,
-                input_drvs: Vec::new(),
-            });
-        }
-        let g = GraphSubmission {
-            roots: vec![drv_path.clone()],
-            builds,
-            cached,
-            priority: Priority::Interactive,
-            max_silent_time_secs: settings.max_silent_time,
-            build_timeout_secs: settings.build_timeout,
-            client: Some(client_name(client)),
-        };
-        let sid = self
-            .coord
-            .submit_graph(g)
-            .await
-            .map_err(|e| internal("recording the build", e))?;
-        let store = self.coord.read_sched(|s| s.store().clone());
-        store
-            .flush()
-            .await
-            .map_err(|e| internal("recording the build", e))?;
-        tracing::info!(
-            submission = %format!("s{sid}"),
-            drv = %drv_path,
-            client = %client.fingerprint,
-            "nix client asked to build a derivation"
-        );
-        Ok(sid)
-    }
-
     /// Follow submission `sid` until it is done: `Started`, `Log` and
     /// `Finished` events for each of its builds, in order per build. Returns
     /// the final records.

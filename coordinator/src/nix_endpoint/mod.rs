@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod build;
+pub(crate) mod error;
 pub mod farm;
 pub mod serve;
 pub mod ssh;

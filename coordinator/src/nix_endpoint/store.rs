@@ -15,25 +15,13 @@ use farm_nix::store_path::StorePath;
 use farm_nix::wire::HandlerError;
 use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::Cache;
+use crate::nix_endpoint::error::handler_error;
 
 /// The cache as a Nix store.
 #[derive(Clone)]
 pub struct FarmStore {
     cache: Cache,
-}
-
-/// A cache error as the client sees it: the cause when the client caused it,
-/// otherwise a generic message (the cause is logged).
-pub fn client_error(context: &str, e: CacheError) -> HandlerError {
-    if e.is_client_error() {
-        HandlerError::new(format!("{context}: {e}"))
-    } else {
-        tracing::error!(error = %e, "{context}");
-        HandlerError::new(format!(
-            "{context}: internal error in the farm's cache (see the coordinator's log)"
-        ))
-    }
 }
 
 impl FarmStore {
@@ -54,7 +42,7 @@ impl FarmStore {
         self.cache
             .valid_paths(&list)
             .await
-            .map_err(|e| client_error("querying valid paths", e))
+            .map_err(|e| handler_error("querying valid paths", e))
     }
 
     pub async fn is_valid(&self, path: &StorePath) -> Result<bool, HandlerError> {
@@ -66,7 +54,7 @@ impl FarmStore {
         self.cache
             .path_info(path)
             .await
-            .map_err(|e| client_error(&format!("querying {path}"), e))
+            .map_err(|e| handler_error(&format!("querying {path}"), e))
     }
 
     /// The closure of `paths` under references (paths the cache lacks are left out).
@@ -78,7 +66,7 @@ impl FarmStore {
         self.cache
             .closure(&list)
             .await
-            .map_err(|e| client_error("computing a closure", e))
+            .map_err(|e| handler_error("computing a closure", e))
     }
 
     /// Stream the NAR of `path` to `out`. A path the cache lacks is an error.
@@ -91,7 +79,7 @@ impl FarmStore {
             .cache
             .nar_reader(path)
             .await
-            .map_err(|e| client_error(&format!("reading {path}"), e))?;
+            .map_err(|e| handler_error(&format!("reading {path}"), e))?;
         let Some(mut reader) = reader else {
             return Err(HandlerError::new(format!(
                 "path '{path}' is not valid in the farm's store"
@@ -115,7 +103,7 @@ impl FarmStore {
             .cache
             .ingest(info, nar)
             .await
-            .map_err(|e| client_error(&format!("adding {path}"), e))?;
+            .map_err(|e| handler_error(&format!("adding {path}"), e))?;
         tracing::debug!(%path, "path uploaded into the cache");
         Ok(stored)
     }
@@ -170,7 +158,7 @@ impl FarmStore {
             .cache
             .nar_reader(drv)
             .await
-            .map_err(|e| client_error(&format!("reading {drv}"), e))?;
+            .map_err(|e| handler_error(&format!("reading {drv}"), e))?;
         let Some(mut reader) = reader else {
             return Ok(None);
         };

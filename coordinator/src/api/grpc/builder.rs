@@ -14,17 +14,16 @@
 //! acknowledged (`JobResultAck`) once recorded and flushed, so the builder can
 //! forget it; until then it sends it again on every new session.
 
-use std::pin::Pin;
 use std::time::Duration;
 
 use farm_proto::v1;
 use farm_proto::v1::builder_message::Msg as Up;
 use farm_proto::v1::coordinator_message::Msg as Down;
-use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::api::grpc::BoxStream;
 use crate::api::grpc::auth::BuilderAuth;
 use crate::api::grpc::convert::{capabilities_from, command_message, job_end_from, load_from};
 use crate::domain::coordinator::{BuilderCommand, BuilderLink, Coordinator, LinkError};
@@ -54,9 +53,6 @@ impl BuilderLink for GrpcLink {
         self.0.try_send(Ok(msg)).map_err(|_| LinkError::Closed)
     }
 }
-
-/// A boxed response stream.
-pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Whether `name` is an acceptable builder name: 1–64 of `[A-Za-z0-9._-]`.
 pub fn valid_builder_name(name: &str) -> bool {

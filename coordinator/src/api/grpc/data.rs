@@ -20,8 +20,7 @@ use futures::{Stream, StreamExt};
 use tokio::io::AsyncRead;
 use tonic::{Response, Status, Streaming};
 
-use crate::api::grpc::builder::BoxStream;
-use crate::cache::CacheError;
+use crate::api::grpc::BoxStream;
 use crate::domain::coordinator::Coordinator;
 
 /// Bytes per downloaded chunk.
@@ -31,19 +30,6 @@ const MAX_QUERY: usize = 100_000;
 /// Longest wait for the next chunk of an upload.
 pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A cache error as a gRPC status (`DEADLINE_EXCEEDED` for an upload that ran
-/// out of time); internals are logged, not sent.
-pub fn cache_status(e: CacheError) -> Status {
-    if let CacheError::UploadTimedOut { .. } = e {
-        Status::deadline_exceeded(e.to_string())
-    } else if e.is_client_error() {
-        Status::invalid_argument(e.to_string())
-    } else {
-        tracing::error!(error = %e, "cache failure");
-        Status::internal("the farm's cache failed; see the coordinator's log")
-    }
-}
-
 pub async fn download_nar(
     coord: &Coordinator,
     req: v1::DownloadNarRequest,
@@ -52,8 +38,7 @@ pub async fn download_nar(
     let reader = coord
         .cache()
         .nar_reader(&path)
-        .await
-        .map_err(cache_status)?
+        .await?
         .ok_or_else(|| Status::not_found(format!("{path} is not in the cache")))?;
     let stream = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK).map(move |r| match r {
         Ok(data) => Ok(v1::NarChunk {
@@ -104,11 +89,7 @@ pub async fn upload_nar(
     }
     let reader = nar_data(stream, UPLOAD_IDLE_TIMEOUT);
     // The whole stream must be this one NAR: trailing bytes are refused.
-    let published = coord
-        .cache()
-        .ingest_exact(claimed, reader)
-        .await
-        .map_err(cache_status)?;
+    let published = coord.cache().ingest_exact(claimed, reader).await?;
     tracing::debug!(path = %path, size = published.nar_size, "NAR ingested");
     Ok(Response::new(v1::UploadNarResponse {
         store_path: published.path.to_string(),
@@ -156,7 +137,7 @@ pub async fn query_path_infos(
     let paths = parse_store_paths("store_paths", &req.store_paths, MAX_QUERY)?;
     let mut infos = Vec::new();
     for p in &paths {
-        if let Some(info) = coord.cache().path_info(p).await.map_err(cache_status)? {
+        if let Some(info) = coord.cache().path_info(p).await? {
             infos.push(v1::PathInfo::from(&info));
         }
     }
@@ -168,11 +149,7 @@ pub async fn query_valid_paths(
     req: v1::QueryValidPathsRequest,
 ) -> Result<Response<v1::QueryValidPathsResponse>, Status> {
     let paths = parse_store_paths("store_paths", &req.store_paths, MAX_QUERY)?;
-    let valid = coord
-        .cache()
-        .valid_paths(&paths)
-        .await
-        .map_err(cache_status)?;
+    let valid = coord.cache().valid_paths(&paths).await?;
     Ok(Response::new(v1::QueryValidPathsResponse {
         valid: valid.iter().map(|p| p.to_string()).collect(),
     }))

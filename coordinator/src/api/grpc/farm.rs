@@ -10,10 +10,11 @@ use farm_proto::v1::build_event::Event as Ev;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::api::grpc::BoxStream;
 use crate::api::grpc::auth::{Caller, CliAuth, Level};
-use crate::api::grpc::builder::BoxStream;
 use crate::api::grpc::convert::{capabilities_to, event_to, load_to};
 use crate::domain::coordinator::{Coordinator, now_ms};
+use crate::domain::graph::Root;
 use crate::domain::scheduler::types::*;
 
 /// `FarmService`.
@@ -40,10 +41,7 @@ impl FarmSvc {
 
     /// Make the state durable before acknowledging a change.
     async fn flushed(&self) -> Result<(), Status> {
-        self.coord.flush().await.map_err(|e| {
-            tracing::error!(error = %e, "cannot flush the state database");
-            Status::internal("the coordinator could not save its state")
-        })
+        Ok(self.coord.flush().await?)
     }
 }
 
@@ -290,9 +288,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         };
         let sid = self
             .coord
-            .submit(drvs, opts)
-            .await
-            .map_err(|e| e.to_status())?;
+            .submit(drvs.into_iter().map(Root::Drv).collect(), opts)
+            .await?;
         Ok(Response::new(watch_stream(self.coord.clone(), sid)))
     }
 

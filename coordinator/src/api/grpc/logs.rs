@@ -8,8 +8,7 @@ use farm_nix::store_path::StorePath;
 use farm_proto::v1;
 use tonic::{Response, Status};
 
-use crate::api::grpc::builder::BoxStream;
-use crate::api::grpc::data::cache_status;
+use crate::api::grpc::BoxStream;
 use crate::domain::coordinator::Coordinator;
 use crate::domain::scheduler::types::{BuildId, parse_build_id};
 
@@ -46,8 +45,7 @@ pub async fn logs_stream(
         let data = coord
             .cache()
             .get_log(&drv)
-            .await
-            .map_err(cache_status)?
+            .await?
             .ok_or_else(|| Status::not_found(format!("no log for {drv}")))?;
         tokio::spawn(async move {
             for c in data.chunks(CHUNK) {

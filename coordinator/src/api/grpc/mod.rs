@@ -6,5 +6,14 @@ pub mod auth;
 pub mod builder;
 pub mod convert;
 pub mod data;
+pub(crate) mod error;
 pub mod farm;
 pub mod logs;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::Status;
+
+/// A boxed response stream.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -12,11 +12,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use farm_nix::store_path::StorePath;
 use futures::TryStreamExt;
 use object_store::{GetOptions, GetRange};
 
-use crate::cache::{Cache, CacheError};
+use super::error::{HttpError, not_found, text};
+use crate::cache::Cache;
 
 const NIX32_ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
@@ -25,44 +25,13 @@ pub fn cache_router(cache: Cache) -> Router {
     Router::new()
         .route("/nix-cache-info", get(cache_info))
         .route("/nar/{file}", get(nar))
-        .route("/log/{drv}", get(log))
+        .route("/log/{drv}", get(super::log::log))
         .route("/{file}", get(narinfo))
         .with_state(cache)
 }
 
 fn is_nix32(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| NIX32_ALPHABET.contains(&b))
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
-}
-
-fn not_found() -> Response {
-    text(
-        StatusCode::NOT_FOUND,
-        "text/plain; charset=utf-8",
-        "not found\n".into(),
-    )
-}
-
-/// Log the error; tell the client only what kind of failure it was.
-fn failure(err: CacheError) -> Response {
-    if err.is_client_error() {
-        tracing::info!(error = %err, "bad cache request");
-        text(
-            StatusCode::BAD_REQUEST,
-            "text/plain; charset=utf-8",
-            "bad request\n".into(),
-        )
-    } else {
-        tracing::error!(error = %err, "cache request failed");
-        text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain; charset=utf-8",
-            "internal server error\n".into(),
-        )
-    }
 }
 
 async fn cache_info(State(cache): State<Cache>) -> Response {
@@ -86,25 +55,6 @@ async fn narinfo(State(cache): State<Cache>, Path(file): Path<String>) -> Respon
     match cache.narinfo_by_hash(hash) {
         Some(ni) => text(StatusCode::OK, "text/x-nix-narinfo", ni.render()),
         None => not_found(),
-    }
-}
-
-async fn log(State(cache): State<Cache>, Path(drv): Path<String>) -> Response {
-    let Ok(drv) = StorePath::from_base_name(&drv) else {
-        return not_found();
-    };
-    if !drv.is_derivation() {
-        return not_found();
-    }
-    match cache.get_log(&drv).await {
-        Ok(Some(log)) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            log,
-        )
-            .into_response(),
-        Ok(None) => not_found(),
-        Err(e) => failure(e),
     }
 }
 
@@ -175,7 +125,7 @@ async fn nar(State(cache): State<Cache>, Path(file): Path<String>, headers: Head
     let meta = match store.head(&key).await {
         Ok(m) => m,
         Err(object_store::Error::NotFound { .. }) => return not_found(),
-        Err(e) => return failure(e.into()),
+        Err(e) => return HttpError(e.into()).into_response(),
     };
     let size = meta.size;
     let range = headers
@@ -205,7 +155,7 @@ async fn nar(State(cache): State<Cache>, Path(file): Path<String>, headers: Head
     let result = match store.get_opts(&key, options).await {
         Ok(r) => r,
         Err(object_store::Error::NotFound { .. }) => return not_found(),
-        Err(e) => return failure(e.into()),
+        Err(e) => return HttpError(e.into()).into_response(),
     };
     let body = Body::from_stream(result.into_stream().map_err(std::io::Error::other));
     let mut response = Response::new(body);

@@ -1,3 +1,33 @@
-//! HTTP routes: the binary cache in Nix's layout ([`cache`]).
+//! HTTP routes, one module per family: the binary cache in Nix's layout
+//! ([`cache`]), stored build logs ([`log`]), Prometheus metrics
+//! ([`metrics`]); [`error`] is how every route reports a failure.
 
 pub mod cache;
+pub(crate) mod error;
+pub mod log;
+pub mod metrics;
+
+use crate::domain::coordinator::Coordinator;
+
+/// The HTTP listener's routes: the binary cache, `/metrics` and `/healthz`.
+pub fn router(coord: &Coordinator) -> axum::Router {
+    let c = coord.clone();
+    let metrics = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let c = c.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        metrics::metrics_text(&c),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    metrics.merge(cache::cache_router(coord.cache().clone()))
+}
