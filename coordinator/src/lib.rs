@@ -31,12 +31,14 @@ pub enum CoordinatorError {
     #[error("state database: {0}")]
     State(#[from] domain::state::StateError),
     #[error("cache: {0}")]
-    Cache(String),
+    Cache(#[from] cache::CacheError),
     #[error("{context}: {source}")]
     Io {
         context: String,
         source: std::io::Error,
     },
     #[error("gRPC server: {0}")]
-    Grpc(String),
+    Grpc(#[from] tonic::transport::Error),
+    #[error("a server task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }

@@ -128,7 +128,7 @@ impl RunningCoordinator {
                 Err(e) if e.is_cancelled() => {}
                 Err(e) => {
                     if result.is_ok() {
-                        result = Err(CoordinatorError::Grpc(format!("server task failed: {e}")));
+                        result = Err(CoordinatorError::Task(e));
                     }
                     let _ = self.stop.send(true);
                 }
@@ -280,9 +280,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         admin_keys: config.admin_keys.clone(),
         loopback: grpc_addr.ip().is_loopback(),
     };
-    let cache = crate::cache::Cache::open(config.cache.clone(), signing_key)
-        .await
-        .map_err(|e| CoordinatorError::Cache(e.to_string()))?;
+    let cache = crate::cache::Cache::open(config.cache.clone(), signing_key).await?;
     let coordinator = Coordinator::new(sched, cache, facts);
 
     let (stop, stop_rx) = watch::channel(false);
@@ -304,9 +302,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION);
         if let Some(t) = &tls {
             let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
-            builder = builder
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .map_err(|e| CoordinatorError::Grpc(format!("TLS configuration: {e}")))?;
+            builder =
+                builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
         }
         let router = builder
             .add_service(
@@ -335,7 +332,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             router
                 .serve_with_incoming_shutdown(incoming, done)
                 .await
-                .map_err(|e| CoordinatorError::Grpc(e.to_string()))
+                .map_err(CoordinatorError::from)
         });
     }
     // HTTP

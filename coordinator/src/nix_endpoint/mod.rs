@@ -34,6 +34,15 @@ use crate::nix_endpoint::ssh::{
     BoxFuture, ClientIdentity, NixProgram, NixSessionHandler, SessionIo,
 };
 
+/// Why a Nix session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Serve(farm_nix::serve::ServeError),
+    #[error("{0}")]
+    Worker(farm_nix::worker::WorkerError),
+}
+
 /// The Nix endpoint (cheap to clone).
 #[derive(Clone)]
 pub struct Endpoint {
@@ -82,11 +91,13 @@ impl Endpoint {
                 };
                 let r = farm_nix::serve::run_server(stdin, stdout, &mut session)
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(SessionError::Serve);
                 (r, session.stderr)
             }
             NixProgram::Daemon => {
-                let r = worker::run(self, &client, stdin, stdout).await;
+                let r = worker::run(self, &client, stdin, stdout)
+                    .await
+                    .map_err(SessionError::Worker);
                 (r, stderr)
             }
         };
@@ -95,9 +106,9 @@ impl Endpoint {
                 tracing::debug!(client = %client.fingerprint, "nix session ended");
                 0
             }
-            Err(message) => {
-                tracing::info!(client = %client.fingerprint, error = %message, "nix session failed");
-                let line = format!("error: nix-farm: {}\n", message.replace('\n', " "));
+            Err(e) => {
+                tracing::info!(client = %client.fingerprint, error = %e, "nix session failed");
+                let line = format!("error: nix-farm: {}\n", e.to_string().replace('\n', " "));
                 let _ = stderr.write_all(line.as_bytes()).await;
                 let _ = stderr.flush().await;
                 1

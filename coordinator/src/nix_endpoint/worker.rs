@@ -36,7 +36,7 @@ pub async fn run(
     client: &ClientIdentity,
     stdin: impl AsyncRead + Unpin + Send,
     stdout: impl AsyncWrite + Unpin + Send,
-) -> Result<(), String> {
+) -> Result<(), farm_nix::worker::WorkerError> {
     let mut session = WorkerSession {
         store: endpoint.store.clone(),
         builds: endpoint.builds.clone(),
@@ -44,9 +44,7 @@ pub async fn run(
         settings: BuildSettings::default(),
         next_activity: 1,
     };
-    farm_nix::worker::run_server(stdin, stdout, &mut session)
-        .await
-        .map_err(|e| e.to_string())
+    farm_nix::worker::run_server(stdin, stdout, &mut session).await
 }
 
 /// One worker session.
