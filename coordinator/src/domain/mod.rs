@@ -9,3 +9,4 @@ pub mod error;
 pub mod graph;
 pub mod scheduler;
 pub mod state;
+pub mod status;

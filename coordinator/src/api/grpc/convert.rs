@@ -13,6 +13,7 @@ use tonic::Status;
 use crate::domain::coordinator::{BuilderCommand, LinkError};
 use crate::domain::scheduler::JobEnd;
 use crate::domain::scheduler::types::*;
+use crate::domain::status::{FarmMachine, FarmStatus};
 
 /// Most entries in a capability list.
 const MAX_LIST: usize = 64;
@@ -214,6 +215,84 @@ pub fn event_to(e: &Event) -> v1::BuildEvent {
         }),
     };
     v1::BuildEvent { event: Some(ev) }
+}
+
+/// `farm status`'s answer.
+pub fn status_to(st: FarmStatus) -> v1::StatusResponse {
+    let builders = st
+        .builders
+        .into_iter()
+        .map(|b| {
+            let state = if !b.online {
+                v1::BuilderState::Offline
+            } else if b.record.draining {
+                v1::BuilderState::Draining
+            } else if b.running > 0 {
+                v1::BuilderState::Busy
+            } else {
+                v1::BuilderState::Idle
+            };
+            v1::BuilderStatus {
+                name: b.record.name.clone(),
+                state: state as i32,
+                capabilities: Some(capabilities_to(&b.record.capabilities)),
+                load: Some(load_to(&b.load)),
+                last_seen_unix: b.record.last_seen_ms / 1000,
+                public_key: b.record.public_key.clone(),
+            }
+        })
+        .collect();
+    let queue = st
+        .queue
+        .into_iter()
+        .map(|(system, queued)| v1::QueueDepth { system, queued })
+        .collect();
+    let running = st
+        .running
+        .into_iter()
+        .map(|b| {
+            let (builder, started) = match &b.state {
+                BuildState::Running {
+                    builder,
+                    started_ms,
+                    ..
+                } => (builder.clone(), *started_ms / 1000),
+                _ => (String::new(), 0),
+            };
+            v1::RunningBuild {
+                build_id: format!("b{}", b.id),
+                drv_path: b.drv_path.to_string(),
+                builder,
+                started_unix: started,
+            }
+        })
+        .collect();
+    let recent_failures = st
+        .recent_failures
+        .into_iter()
+        .map(|f| v1::RecentFailure {
+            build_id: format!("b{}", f.build),
+            drv_path: f.drv_path.to_string(),
+            builder: f.builder.unwrap_or_default(),
+            error_message: f.error,
+            finished_unix: f.finished_ms / 1000,
+        })
+        .collect();
+    v1::StatusResponse {
+        builders,
+        queue,
+        running,
+        recent_failures,
+    }
+}
+
+/// `farm machines`'s answer.
+pub fn machine_to(m: FarmMachine) -> v1::MachinesResponse {
+    v1::MachinesResponse {
+        machines_line: m.machines_line,
+        nix_conf_lines: m.nix_conf_lines,
+        ssh_config: m.ssh_config,
+    }
 }
 
 #[cfg(test)]
