@@ -148,11 +148,12 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
         // Wait (bounded) for the builder to join, so the machines line has its systems.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let joined = running.coordinator().read_sched(|s| {
-                s.builders()
-                    .iter()
-                    .any(|b| b.online && b.record.name == builder_name)
-            });
+            let joined = running
+                .coordinator()
+                .status()
+                .builders
+                .iter()
+                .any(|b| b.online && b.record.name == builder_name);
             if joined {
                 break;
             }
@@ -168,13 +169,12 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
         }
     }
 
-    let builders = running.coordinator().read_sched(|s| s.builders());
-    let machines: MachinesJson = farm_coordinator::api::grpc::farm::machines(
-        running.coordinator().facts(),
-        "ssh-ng",
-        &builders,
-    )
-    .into();
+    let m = running.coordinator().machine("ssh-ng");
+    let machines = MachinesJson::from(farm_proto::v1::MachinesResponse {
+        machines_line: m.machines_line,
+        nix_conf_lines: m.nix_conf_lines,
+        ssh_config: m.ssh_config,
+    });
     let grpc_url = endpoints.grpc_url();
     let mut intro = format!(
         "nix-farm is up; state in {}\n  gRPC:  {grpc_url}\n  cache: http://{}\n  SSH:   {}\n",
