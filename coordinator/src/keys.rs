@@ -6,21 +6,19 @@
 //! - `tls/cert.pem` / `tls/key.pem`: a self-signed TLS certificate for gRPC, when
 //!   TLS is on and no `--tls-cert` is given.
 //!
-//! Also reads OpenSSH `authorized_keys` files (the enrolled builder, user and
-//! admin keys); only ed25519 keys take part in the farm's signatures.
+//! The enrolled builder, user and admin keys (OpenSSH `authorized_keys` files)
+//! are read by `farm_common::keys`, re-exported here; only ed25519 keys take
+//! part in the farm's signatures.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use farm_nix::signing::SigningKey;
-use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey};
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
 use crate::CoordinatorError;
 use crate::config::CoordinatorConfig;
-
-/// Largest key or authorized_keys file read.
-const MAX_KEY_FILE: u64 = 4 * 1024 * 1024;
 
 /// Write `contents` to `path` atomically with `mode`: a fresh temporary file
 /// (created exclusively, mode 0600 from the start, so a secret is never readable
@@ -66,17 +64,9 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Re
     result
 }
 
-/// Read a small text file, refusing anything over [`MAX_KEY_FILE`].
+/// Read a small text file, refusing anything over [`farm_common::keys::MAX_KEY_FILE`].
 pub fn read_small_file(path: &Path) -> Result<String, CoordinatorError> {
-    let err = |e: std::io::Error| CoordinatorError::Key(format!("{}: {e}", path.display()));
-    let meta = std::fs::metadata(path).map_err(err)?;
-    if meta.len() > MAX_KEY_FILE {
-        return Err(CoordinatorError::Key(format!(
-            "{}: file too large",
-            path.display()
-        )));
-    }
-    std::fs::read_to_string(path).map_err(err)
+    Ok(farm_common::keys::read_small_file(path)?)
 }
 
 /// The cache signing key: `--cache-key-file`, or `DIR/cache-key.sec` (generated
@@ -123,21 +113,6 @@ pub fn ssh_host_key(state_dir: &Path) -> Result<PrivateKey, CoordinatorError> {
     write_file_atomic(&pub_path, format!("{public}\n").as_bytes(), 0o644)
         .map_err(|e| kerr(e.to_string()))?;
     Ok(key)
-}
-
-/// `ssh-ed25519 AAAA…` without the comment.
-pub fn public_key_line(key: &PublicKey) -> String {
-    let mut k = key.clone();
-    k.set_comment("");
-    k.to_openssh().unwrap_or_default().trim().to_owned()
-}
-
-/// `ssh-ed25519 AAAA…` of raw ed25519 public key bytes.
-pub fn public_key_line_ed25519(key: &[u8; 32]) -> String {
-    let pk = PublicKey::from(ssh_key::public::KeyData::Ed25519(
-        ssh_key::public::Ed25519PublicKey(*key),
-    ));
-    public_key_line(&pk)
 }
 
 /// PEM certificate chain and private key for the gRPC listener.
@@ -187,115 +162,13 @@ pub fn tls_files(
     })
 }
 
-/// An enrolled ed25519 key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AuthorizedKey {
-    pub key: [u8; 32],
-    pub comment: String,
-}
-
-impl std::fmt::Debug for AuthorizedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", fingerprint_ed25519(&self.key), self.comment)
-    }
-}
-
-/// The ed25519 public key bytes of an OpenSSH public key line, if it is one.
-pub fn parse_ed25519_line(line: &str) -> Result<[u8; 32], CoordinatorError> {
-    if line.len() > 16 * 1024 {
-        return Err(CoordinatorError::Key("public key line too long".into()));
-    }
-    let key = PublicKey::from_openssh(line.trim())
-        .map_err(|e| CoordinatorError::Key(format!("not an OpenSSH public key: {e}")))?;
-    key.key_data().ed25519().map(|k| k.0).ok_or_else(|| {
-        CoordinatorError::Key(format!(
-            "only ssh-ed25519 keys are supported, not {}",
-            key.algorithm()
-        ))
-    })
-}
-
-/// `SHA256:…` fingerprint of an ed25519 public key, as `ssh-keygen -l` prints it.
-pub fn fingerprint_ed25519(key: &[u8; 32]) -> String {
-    let data = ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(*key));
-    data.fingerprint(HashAlg::Sha256).to_string()
-}
-
-/// Parse authorized_keys text: ed25519 entries are returned, other key types are
-/// skipped (with a warning); a malformed line is an error naming its number.
-pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, CoordinatorError> {
-    let mut keys = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let entry = line
-            .parse::<ssh_key::authorized_keys::Entry>()
-            .map_err(|e| CoordinatorError::Key(format!("authorized_keys line {}: {e}", n + 1)))?;
-        let pk = entry.public_key();
-        match pk.key_data().ed25519() {
-            Some(k) => keys.push(AuthorizedKey {
-                key: k.0,
-                comment: pk.comment().to_owned(),
-            }),
-            None => tracing::warn!(
-                line = n + 1,
-                algorithm = %pk.algorithm(),
-                "authorized_keys: skipping non-ed25519 key"
-            ),
-        }
-    }
-    Ok(keys)
-}
-
-/// Read and parse an authorized_keys file.
-pub fn read_authorized_keys(path: &Path) -> Result<Vec<AuthorizedKey>, CoordinatorError> {
-    parse_authorized_keys(&read_small_file(path)?)
-        .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))
-}
-
-/// What identifies a version of a key file without reading it.
-type FileStamp = (std::time::SystemTime, u64, u64);
-
-/// Parsed authorized_keys files by path, with the stamp they were read at.
-type KeyFileCache =
-    std::collections::HashMap<PathBuf, (FileStamp, std::sync::Arc<Vec<AuthorizedKey>>)>;
-
-static KEY_FILES: std::sync::Mutex<Option<KeyFileCache>> = std::sync::Mutex::new(None);
-
-/// As [`read_authorized_keys`], but re-reads and re-parses the file only when its
-/// modification time, length or inode changed (a `stat` per call otherwise).
-/// Blocking: call it off the async runtime.
-pub fn cached_authorized_keys(
-    path: &Path,
-) -> Result<std::sync::Arc<Vec<AuthorizedKey>>, CoordinatorError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?;
-    let stamp: FileStamp = (
-        meta.modified()
-            .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?,
-        meta.len(),
-        meta.ino(),
-    );
-    {
-        let cache = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, keys)) = cache.as_ref().and_then(|c| c.get(path))
-            && *s == stamp
-        {
-            return Ok(keys.clone());
-        }
-    }
-    let keys = std::sync::Arc::new(read_authorized_keys(path)?);
-    let mut cache = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
-    let cache = cache.get_or_insert_with(Default::default);
-    if cache.len() > 64 {
-        cache.clear();
-    }
-    cache.insert(path.to_path_buf(), (stamp, keys.clone()));
-    Ok(keys)
-}
+// The authorized_keys parser and the public key helpers are the farm's
+// shared ones (one parser for builder enrolment, CLI calls and the SSH
+// endpoint).
+pub use farm_common::keys::{
+    AuthorizedKey, cached_authorized_keys, fingerprint_ed25519, parse_ed25519_line,
+    public_key_line, public_key_line_ed25519,
+};
 
 #[cfg(test)]
 mod tests {
@@ -348,52 +221,5 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["secret".to_string()]);
-    }
-
-    #[test]
-    fn key_files_are_cached_by_stamp() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = ssh_host_key(&dir.path().join("a")).unwrap();
-        let b = ssh_host_key(&dir.path().join("b")).unwrap();
-        let line_a = public_key_line(a.public_key());
-        let line_b = public_key_line(b.public_key());
-        assert_eq!(line_a.len(), line_b.len());
-        let file = dir.path().join("keys");
-        std::fs::write(&file, format!("{line_a}\n")).unwrap();
-        let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
-        let first = cached_authorized_keys(&file).unwrap();
-        assert_eq!(first[0].key, parse_ed25519_line(&line_a).unwrap());
-        // Same length, same mtime, same inode: the cached parse is used.
-        {
-            let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
-            f.write_all(format!("{line_b}\n").as_bytes()).unwrap();
-            f.set_modified(mtime).unwrap();
-        }
-        let second = cached_authorized_keys(&file).unwrap();
-        assert_eq!(second[0].key, parse_ed25519_line(&line_a).unwrap());
-        // A new mtime: read again.
-        std::fs::File::options()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_modified(mtime + std::time::Duration::from_secs(5))
-            .unwrap();
-        let third = cached_authorized_keys(&file).unwrap();
-        assert_eq!(third[0].key, parse_ed25519_line(&line_b).unwrap());
-    }
-
-    #[test]
-    fn authorized_keys_parsing() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = ssh_host_key(dir.path()).unwrap();
-        let line = a.public_key().to_openssh().unwrap();
-        let text = format!(
-            "# comment\n\n{line}\nssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDCd5dkzGmO7Ce3ml1eq2u9D2f5nzDj6dhsPObcFv5fG0TtqMXGmpBoKi1CqbFB2RxPzfDqtn2aCT+qXD5+QR/rW6l6fk1kBf2ZbLPdrd0I89gkq5awUU3w5gPJQ58dJN4IQ1gQCl4kDgjYiuBaM3/8qVGGVo3mmx7UOdhPWh2fMQ== rsa\n"
-        );
-        let keys = parse_authorized_keys(&text).unwrap();
-        assert_eq!(keys.len(), 1);
-        assert_eq!(keys[0].key, parse_ed25519_line(&line).unwrap());
-        assert!(parse_authorized_keys("ssh-ed25519 notbase64!!\n").is_err());
-        assert!(fingerprint_ed25519(&keys[0].key).starts_with("SHA256:"));
     }
 }

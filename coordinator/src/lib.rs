@@ -23,6 +23,9 @@ pub enum CoordinatorError {
     Config(String),
     #[error("key: {0}")]
     Key(String),
+    /// A key file (authorized keys, key lines) is unreadable or malformed.
+    #[error("key: {0}")]
+    KeyFile(#[from] farm_common::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,

@@ -27,38 +27,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = CoordinatorConfig::from_args(args)?;
     let grace = config.shutdown_grace;
-    let shutdown = async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down");
-        // A second signal exits at once; and whatever hangs, the process is
-        // gone shortly after its grace period (a watchdog thread, so a stuck
-        // runtime cannot hold it).
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            eprintln!("second signal: exiting now");
-            std::process::exit(130);
-        });
-        std::thread::spawn(move || {
-            std::thread::sleep(grace + std::time::Duration::from_secs(2));
-            eprintln!("shutdown took longer than its grace period; exiting");
-            std::process::exit(1);
-        });
-    };
+    // A second signal exits at once; whatever hangs, the process is gone
+    // shortly after its grace period (shared with the builder).
+    let shutdown = farm_common::signal::shutdown_signal(grace);
     farm_coordinator::run(config, shutdown).await?;
     Ok(())
 }

@@ -13,30 +13,17 @@
 
 use std::path::PathBuf;
 
-use base64::Engine;
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use farm_proto::auth::{
-    CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA, builder_auth_message, cli_auth_message,
-};
+use farm_common::keys::find_in_files;
+use farm_proto::auth::builder_auth_message;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::CoordinatorError;
 use crate::keys::{AuthorizedKey, cached_authorized_keys, fingerprint_ed25519, parse_ed25519_line};
 
-/// How far a CLI call's timestamp may be from our clock.
-pub const CLI_TIME_SKEW_SECS: i64 = 300;
-
-/// Verify an ed25519 signature made by `key` over `message`.
-pub fn verify_ed25519(key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
-    let Ok(vk) = VerifyingKey::from_bytes(key) else {
-        return false;
-    };
-    let Ok(sig) = Signature::from_slice(signature) else {
-        return false;
-    };
-    vk.verify(message, &sig).is_ok()
-}
+/// How far a CLI call's timestamp may be from our clock, and the signature
+/// check itself: the farm's one definition, shared with the CLI's signer.
+pub use farm_common::sign::{CLI_TIME_SKEW_SECS, verify_ed25519};
 
 /// The builder enrolment list.
 #[derive(Debug, Clone, Default)]
@@ -56,17 +43,17 @@ impl BuilderAuth {
             if let Ok(k) = parse_ed25519_line(line)
                 && &k == key
             {
-                return Ok(Some(AuthorizedKey {
-                    key: k,
-                    comment: "in-process".into(),
-                }));
+                return Ok(Some(AuthorizedKey::new(
+                    ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(k)),
+                    "in-process",
+                )));
             }
         }
         match &self.file {
             None => Ok(None),
             Some(path) => Ok(cached_authorized_keys(path)?
                 .iter()
-                .find(|k| &k.key == key)
+                .find(|k| k.ed25519().as_ref() == Some(key))
                 .cloned()),
         }
     }
@@ -125,7 +112,7 @@ impl CliAuth {
         now_unix: i64,
     ) -> Result<Caller, Status> {
         let open = self.open();
-        let has_key = metadata.get(CLI_KEY_METADATA).is_some();
+        let has_key = farm_common::sign::is_signed(metadata);
         if open && !has_key {
             return Ok(Caller::Local);
         }
@@ -150,13 +137,10 @@ impl CliAuth {
         if open {
             return Ok(Caller::Local);
         }
+        // Only ed25519 entries can match: other key types in the files serve
+        // the SSH endpoint.
         let found = tokio::task::spawn_blocking(move || {
-            for f in &files {
-                if let Some(k) = cached_authorized_keys(f)?.iter().find(|k| k.key == key) {
-                    return Ok(Some(k.clone()));
-                }
-            }
-            Ok::<_, CoordinatorError>(None)
+            find_in_files(&files, |k| k.ed25519() == Some(key)).map_err(CoordinatorError::from)
         })
         .await
         .map_err(|e| {
@@ -166,7 +150,7 @@ impl CliAuth {
         match found {
             Ok(Some(entry)) => Ok(Caller::Key {
                 fingerprint: fingerprint_ed25519(&key),
-                comment: entry.comment,
+                comment: entry.comment().to_owned(),
             }),
             Ok(None) => {
                 tracing::warn!(method, key = %fingerprint_ed25519(&key), "CLI call with a key not allowed for it");
@@ -191,60 +175,10 @@ impl CliAuth {
         method: &str,
         now_unix: i64,
     ) -> Result<[u8; 32], Status> {
-        let get = |k: &str| -> Result<&str, Status> {
-            metadata
-                .get(k)
-                .ok_or_else(|| Status::unauthenticated(format!("missing metadata {k}")))?
-                .to_str()
-                .map_err(|_| Status::unauthenticated(format!("metadata {k} is not ASCII")))
-        };
-        let key = parse_ed25519_line(get(CLI_KEY_METADATA)?)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let time: i64 = get(CLI_TIME_METADATA)?
-            .parse()
-            .map_err(|_| Status::unauthenticated("x-farm-time is not a number"))?;
-        if time.abs_diff(now_unix) > CLI_TIME_SKEW_SECS.unsigned_abs() {
-            return Err(Status::unauthenticated(
-                "x-farm-time is too far from the coordinator's clock",
-            ));
-        }
-        let sig_b64 = get(CLI_SIG_METADATA)?;
-        if sig_b64.len() > 256 {
-            return Err(Status::unauthenticated("x-farm-sig too long"));
-        }
-        let sig = base64::engine::general_purpose::STANDARD
-            .decode(sig_b64)
-            .map_err(|_| Status::unauthenticated("x-farm-sig is not base64"))?;
-        if !verify_ed25519(&key, &cli_auth_message(time, method), &sig) {
-            tracing::warn!(method, key = %fingerprint_ed25519(&key), "CLI call with a bad signature");
-            return Err(Status::unauthenticated("bad signature"));
-        }
-        Ok(key)
-    }
-}
-
-/// Add CLI auth metadata to a request: what the `farm` CLI does (used by tests).
-pub fn sign_cli_request<T>(
-    req: &mut tonic::Request<T>,
-    key: &ed25519_dalek::SigningKey,
-    public_line: &str,
-    method: &str,
-    now_unix: i64,
-) {
-    use ed25519_dalek::Signer;
-    let sig = key.sign(&cli_auth_message(now_unix, method));
-    let md = req.metadata_mut();
-    if let Ok(v) = public_line.parse() {
-        md.insert(CLI_KEY_METADATA, v);
-    }
-    if let Ok(v) = now_unix.to_string().parse() {
-        md.insert(CLI_TIME_METADATA, v);
-    }
-    if let Ok(v) = base64::engine::general_purpose::STANDARD
-        .encode(sig.to_bytes())
-        .parse()
-    {
-        md.insert(CLI_SIG_METADATA, v);
+        farm_common::sign::verify_request(metadata, method, now_unix).map_err(|e| {
+            tracing::warn!(method, error = %e, "CLI call refused: bad or missing signature");
+            Status::unauthenticated(e.to_string())
+        })
     }
 }
 
@@ -266,7 +200,7 @@ mod tests {
     fn signed(seed: u8, method: &str, time: i64) -> MetadataMap {
         let (sk, line) = keypair(seed);
         let mut req = tonic::Request::new(());
-        sign_cli_request(&mut req, &sk, &line, method, time);
+        farm_common::sign::CliSigner::new(sk, line).sign(&mut req, method, time);
         req.metadata().clone()
     }
 
