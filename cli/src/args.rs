@@ -87,6 +87,10 @@ pub struct GlobalArgs {
     /// PEM certificate (or CA) of the coordinator, for https:// [default: none].
     #[arg(long, env = "FARM_CA_CERT", global = true, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// Allow plaintext http:// to a non-loopback coordinator. Insecure: the
+    /// traffic (logs, NARs, what you build) is readable and alterable on the way.
+    #[arg(long, env = "FARM_INSECURE_PLAINTEXT", global = true, action = ArgAction::SetTrue)]
+    pub insecure_plaintext: bool,
     /// Config file [default: $XDG_CONFIG_HOME/nix-farm/config.toml].
     #[arg(long, env = "FARM_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,

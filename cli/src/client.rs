@@ -1,25 +1,25 @@
 //! The connection to the coordinator's `FarmService`, every call signed with
 //! the user's SSH key.
 //!
-//! Signature (the contract in `proto/farm.proto`, bytes from `farm_proto::auth`): metadata `x-farm-key`
-//! (OpenSSH public key line), `x-farm-time` (unix seconds) and `x-farm-sig`
-//! (standard base64 of an ed25519 signature over
-//! `"nix-farm cli auth v1\n" || time || "\n" || method path`).
+//! The signature (metadata `x-farm-key`, `x-farm-time`, `x-farm-sig`; the
+//! contract in `proto/farm.proto` and `farm_proto::auth`) is made by
+//! `farm_common::sign`, the channel (TLS rule, keep-alives) by
+//! `farm_common::channel`: the same code the coordinator checks with and the
+//! builder dials with.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use base64::Engine;
-use ed25519_dalek::Signer as _;
+use farm_common::channel::{ClientTls, MAX_MESSAGE_SIZE};
+use farm_common::sign::CliSigner;
+use farm_proto::auth::methods;
 use farm_proto::v1::farm_service_client::FarmServiceClient;
 use farm_proto::v1::*;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Settings;
 use crate::error::{CallContext, CliError};
-use farm_proto::auth::{
-    CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA, cli_auth_message, methods,
-};
+
+pub use farm_common::sign::now_unix;
 
 /// Largest private key file read.
 const MAX_KEY_FILE: u64 = 64 * 1024;
@@ -28,15 +28,14 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 #[derive(Clone)]
 pub struct UserKey {
     path: PathBuf,
-    key: ed25519_dalek::SigningKey,
-    public_line: String,
+    signer: CliSigner,
 }
 
 impl std::fmt::Debug for UserKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UserKey")
             .field("path", &self.path)
-            .field("public_line", &self.public_line)
+            .field("public_line", &self.signer.public_line())
             .finish_non_exhaustive()
     }
 }
@@ -74,8 +73,7 @@ impl UserKey {
             .map_err(|e| bad(e.to_string()))?;
         Ok(UserKey {
             path: path.to_path_buf(),
-            key: signing,
-            public_line,
+            signer: CliSigner::new(signing, public_line),
         })
     }
 
@@ -86,30 +84,8 @@ impl UserKey {
 
     /// Add the signature metadata for a call to `method` at `unix_time`.
     pub fn sign<T>(&self, req: &mut tonic::Request<T>, method: &str, unix_time: i64) {
-        let sig = self.key.sign(&cli_auth_message(unix_time, method));
-        let md = req.metadata_mut();
-        // The public line and numbers are ASCII; base64 too.
-        if let Ok(v) = self.public_line.parse() {
-            md.insert(CLI_KEY_METADATA, v);
-        }
-        if let Ok(v) = unix_time.to_string().parse() {
-            md.insert(CLI_TIME_METADATA, v);
-        }
-        if let Ok(v) = base64::engine::general_purpose::STANDARD
-            .encode(sig.to_bytes())
-            .parse()
-        {
-            md.insert(CLI_SIG_METADATA, v);
-        }
+        self.signer.sign(req, method, unix_time);
     }
-}
-
-/// Seconds since the epoch.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// A connected client.
@@ -121,37 +97,10 @@ pub struct Farm {
     config_path: String,
 }
 
-/// The tonic endpoint for a coordinator URL.
-pub fn endpoint(url: &str, ca_cert: Option<&Path>) -> Result<Endpoint, CliError> {
-    let mut ep = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| CliError::Usage(format!("coordinator URL {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
-    if url.starts_with("https://") {
-        let uri = ep.uri().clone();
-        let mut tls = ClientTlsConfig::new();
-        match ca_cert {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| CliError::io_path("reading --ca-cert", path, e))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            None => {
-                return Err(CliError::Config(format!(
-                    "{url} uses TLS: pass --ca-cert (or FARM_CA_CERT, or ca-cert in the config file) with the coordinator's certificate (its STATE_DIR/tls/cert.pem)"
-                )));
-            }
-        }
-        let host = uri.host().unwrap_or_default();
-        tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
-        ep = ep
-            .tls_config(tls)
-            .map_err(|e| CliError::Config(format!("TLS setup for {url}: {e}")))?;
-    }
-    Ok(ep)
+/// The tonic endpoint for a coordinator URL (the farm's one client rule:
+/// https with a pinned certificate, or plaintext to loopback unless forced).
+pub fn endpoint(url: &str, tls: ClientTls<'_>) -> Result<Endpoint, CliError> {
+    farm_common::channel::endpoint(url, tls).map_err(|e| CliError::Config(e.to_string()))
 }
 
 impl Farm {
@@ -161,14 +110,22 @@ impl Farm {
             Some(p) => Some(UserKey::load(p)?),
             None => None,
         };
-        let ep = endpoint(&settings.coordinator, settings.ca_cert.as_deref())?;
+        let ep = endpoint(
+            &settings.coordinator,
+            ClientTls {
+                ca_cert: settings.ca_cert.as_deref(),
+                insecure_plaintext: settings.insecure_plaintext,
+            },
+        )?;
         let channel = ep.connect().await.map_err(|e| CliError::Unreachable {
             addr: settings.coordinator.clone(),
             message: error_chain(&e),
             config: settings.config_display(),
         })?;
         Ok(Farm {
-            client: FarmServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            client: FarmServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
             key,
             addr: settings.coordinator.clone(),
             config_path: settings.config_display(),
@@ -349,7 +306,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
     use ed25519_dalek::Verifier;
+    use farm_proto::auth::{
+        CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA, cli_auth_message,
+    };
 
     #[test]
     fn loads_openssh_key_and_signs_per_method() {
@@ -357,21 +318,22 @@ mod tests {
         let path = dir.path().join("id_ed25519");
         crate::keys::write_ssh_key(&path, "me@test").unwrap();
         let key = UserKey::load(&path).unwrap();
-        assert!(key.public_line.starts_with("ssh-ed25519 "));
-        assert!(key.public_line.ends_with(" me@test"));
+        let public_line = key.signer.public_line();
+        assert!(public_line.starts_with("ssh-ed25519 "));
+        assert!(public_line.ends_with(" me@test"));
         let mut req = tonic::Request::new(());
         key.sign(&mut req, methods::STATUS, 1_700_000_000);
         let md = req.metadata();
         assert_eq!(md.get(CLI_TIME_METADATA).unwrap(), "1700000000");
         assert_eq!(
             md.get(CLI_KEY_METADATA).unwrap().to_str().unwrap(),
-            key.public_line
+            public_line
         );
         let sig = base64::engine::general_purpose::STANDARD
             .decode(md.get(CLI_SIG_METADATA).unwrap().to_str().unwrap())
             .unwrap();
         let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
-        let vk = key.key.verifying_key();
+        let vk = key.signer.verifying_key();
         assert!(
             vk.verify(&cli_auth_message(1_700_000_000, methods::STATUS), &sig)
                 .is_ok()
@@ -393,8 +355,17 @@ mod tests {
     }
 
     #[test]
-    fn https_needs_a_ca_cert() {
-        assert!(endpoint("https://farm:7070", None).is_err());
-        assert!(endpoint("http://127.0.0.1:7070", None).is_ok());
+    fn https_needs_a_ca_cert_and_plaintext_loopback() {
+        let none = ClientTls::default();
+        assert!(endpoint("https://farm:7070", none).is_err());
+        assert!(endpoint("http://127.0.0.1:7070", none).is_ok());
+        // Stricter than before: plaintext beyond loopback needs the flag.
+        let e = endpoint("http://10.1.2.3:7070", none).unwrap_err();
+        assert!(e.to_string().contains("--insecure-plaintext"), "{e}");
+        let forced = ClientTls {
+            insecure_plaintext: true,
+            ..none
+        };
+        assert!(endpoint("http://10.1.2.3:7070", forced).is_ok());
     }
 }

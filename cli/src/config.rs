@@ -65,6 +65,8 @@ pub struct Settings {
     pub key_source: Source,
     pub ca_cert: Option<PathBuf>,
     pub ca_cert_source: Source,
+    /// `--insecure-plaintext`: plaintext http:// allowed beyond loopback.
+    pub insecure_plaintext: bool,
     /// The config file consulted (whether or not it exists).
     pub config_path: Option<PathBuf>,
 }
@@ -218,6 +220,7 @@ pub fn resolve_with(
         key_source,
         ca_cert,
         ca_cert_source,
+        insecure_plaintext: args.insecure_plaintext,
         config_path,
     })
 }
@@ -294,9 +297,11 @@ mod tests {
             coordinator: Some("http://127.0.0.1:9".into()),
             key: Some("/flag/key".into()),
             ca_cert: None,
+            insecure_plaintext: true,
             config: None,
         };
         let s = resolve_with(&args, file, None, &e).unwrap();
+        assert!(s.insecure_plaintext);
         assert_eq!(s.coordinator, "http://127.0.0.1:9");
         assert_eq!(s.coordinator_source, Source::FlagOrEnv);
         assert_eq!(s.key, Some(PathBuf::from("/flag/key")));
