@@ -35,6 +35,8 @@ pub struct BuilderConfig {
     pub mandatory_features: Vec<String>,
     /// PEM file with the coordinator's CA or certificate (pinned) for `https://`.
     pub ca_cert: Option<PathBuf>,
+    /// Allow plaintext `http://` to a non-loopback coordinator (insecure).
+    pub insecure_plaintext: bool,
     /// How often to report load.
     pub load_interval: Duration,
     /// Directory holding `nix`, `nix-store`; None = `PATH`.
@@ -62,11 +64,20 @@ impl BuilderConfig {
             features: None,
             mandatory_features: Vec::new(),
             ca_cert: None,
+            insecure_plaintext: false,
             load_interval: Duration::from_secs(5),
             nix_bin_dir: None,
             store_dir: PathBuf::from(farm_nix::store_path::STORE_DIR),
             download_parallelism: 8,
             shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// How to dial the coordinator.
+    pub fn client_tls(&self) -> farm_common::channel::ClientTls<'_> {
+        farm_common::channel::ClientTls {
+            ca_cert: self.ca_cert.as_deref(),
+            insecure_plaintext: self.insecure_plaintext,
         }
     }
 
@@ -133,6 +144,10 @@ pub struct Args {
     /// PEM file with the coordinator's CA or certificate, pinned for https://.
     #[arg(long, env = "FARM_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// Allow plaintext http:// to a non-loopback coordinator. Insecure: the
+    /// traffic (jobs, logs, NARs) is readable and alterable on the way.
+    #[arg(long, env = "FARM_INSECURE_PLAINTEXT", action = clap::ArgAction::SetTrue)]
+    pub insecure_plaintext: bool,
     /// Seconds between load reports (default 5).
     #[arg(long, env = "FARM_LOAD_INTERVAL")]
     pub load_interval: Option<u64>,
@@ -152,7 +167,7 @@ pub struct Args {
 /// The TOML file: the same settings as the flags.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     /// See `--coordinator`.
     pub coordinator: Option<String>,
     /// See `--state-dir`.
@@ -176,6 +191,8 @@ pub struct FileConfig {
     pub mandatory_feature: Option<Vec<String>>,
     /// See `--ca-cert`.
     pub ca_cert: Option<PathBuf>,
+    /// See `--insecure-plaintext`.
+    pub insecure_plaintext: Option<bool>,
     /// See `--load-interval`.
     pub load_interval: Option<u64>,
     /// See `--nix-bin-dir`.
@@ -186,7 +203,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     /// Read and parse a TOML config file.
-    pub fn load(path: &Path) -> Result<Self, BuilderError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, BuilderError> {
         let meta = std::fs::metadata(path).map_err(|e| BuilderError::reading(path, e))?;
         if meta.len() > 1024 * 1024 {
             return Err(BuilderError::Config(format!(
@@ -215,7 +232,7 @@ fn non_empty(v: Vec<String>) -> Option<Vec<String>> {
 }
 
 /// Flags win over the file; the file wins over defaults.
-pub fn merge(args: Args, file: FileConfig) -> Result<BuilderConfig, BuilderError> {
+pub(crate) fn merge(args: Args, file: FileConfig) -> Result<BuilderConfig, BuilderError> {
     let coordinator = args.coordinator.or(file.coordinator).ok_or_else(|| {
         BuilderError::Config(
             "--coordinator (or FARM_COORDINATOR, or `coordinator` in --config) is required".into(),
@@ -237,6 +254,7 @@ pub fn merge(args: Args, file: FileConfig) -> Result<BuilderConfig, BuilderError
         .or(file.mandatory_feature)
         .unwrap_or_default();
     c.ca_cert = args.ca_cert.or(file.ca_cert);
+    c.insecure_plaintext = args.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
     if let Some(secs) = args.load_interval.or(file.load_interval) {
         c.load_interval = Duration::from_secs(secs.max(1));
     }
@@ -249,7 +267,7 @@ pub fn merge(args: Args, file: FileConfig) -> Result<BuilderConfig, BuilderError
 }
 
 /// Checks that hold for any config, however it was built.
-pub fn validate(c: &BuilderConfig) -> Result<(), BuilderError> {
+pub(crate) fn validate(c: &BuilderConfig) -> Result<(), BuilderError> {
     if !(c.speed_factor.is_finite() && c.speed_factor > 0.0) {
         return Err(BuilderError::Config(format!(
             "speed factor must be a positive number, got {}",
@@ -260,13 +278,14 @@ pub fn validate(c: &BuilderConfig) -> Result<(), BuilderError> {
         return Err(BuilderError::Config("max-jobs must be at least 1".into()));
     }
     check_name(&c.resolved_name())?;
-    crate::session::check_url(&c.coordinator, c.ca_cert.is_some())?;
+    farm_common::channel::check_url(&c.coordinator, c.client_tls())
+        .map_err(|e| BuilderError::Config(e.to_string()))?;
     Ok(())
 }
 
 /// Builder names are 1–64 characters of `A-Z a-z 0-9 . _ -` (what the
 /// coordinator accepts), so a bad one is reported here, before connecting.
-pub fn check_name(name: &str) -> Result<(), BuilderError> {
+pub(crate) fn check_name(name: &str) -> Result<(), BuilderError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -399,6 +418,17 @@ mod tests {
         .into_config()
         .unwrap_err();
         assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
+        let forced = parse(&[
+            "--coordinator",
+            "http://farm.example:7070",
+            "--state-dir",
+            "/s",
+            "--insecure-plaintext",
+        ])
+        .into_config()
+        .unwrap();
+        assert!(forced.insecure_plaintext);
         let err = parse(&[
             "--coordinator",
             "https://farm.example:7070",

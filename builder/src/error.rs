@@ -39,6 +39,10 @@ pub enum BuilderError {
     /// A protocol violation by the coordinator.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// Moving a NAR between the cache and the local store failed (the
+    /// message goes into the job's result).
+    #[error("{0}")]
+    Transfer(String),
     /// Running the local Nix failed.
     #[error("local nix: {0}")]
     Nix(String),
@@ -65,4 +69,16 @@ impl BuilderError {
             source,
         }
     }
+}
+
+/// An error and its sources on one line (tonic's transport errors hide the cause).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }

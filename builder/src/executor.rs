@@ -34,10 +34,10 @@ use tokio::io::AsyncWriteExt;
 use crate::config::BuilderConfig;
 use crate::error::BuilderError;
 use crate::jobs::{Execute, JobContext, cancel_message, failure, now_unix, status_for};
+use crate::link::{Link, current_link};
 use crate::local::LocalServe;
 use crate::logs::LogState;
 use crate::probe::NixBin;
-use crate::session::{Link, current_link};
 use crate::transfer;
 
 /// Longest derivation accepted.
@@ -57,7 +57,7 @@ const LINK_SETTLE: Duration = Duration::from_secs(3);
 const SCRATCH_PREFIX: &str = "job-";
 
 /// Builds with the local Nix.
-pub struct NixExecutor {
+pub(crate) struct NixExecutor {
     bin: NixBin,
     scratch: PathBuf,
     parallelism: usize,
@@ -67,7 +67,7 @@ pub struct NixExecutor {
 impl NixExecutor {
     /// An executor for this configuration (scratch space in `STATE_DIR/tmp`,
     /// cleared of what earlier runs left there).
-    pub fn new(config: &BuilderConfig) -> Result<Self, BuilderError> {
+    pub(crate) fn new(config: &BuilderConfig) -> Result<Self, BuilderError> {
         let scratch = config.state_dir.join("tmp");
         std::fs::create_dir_all(&scratch).map_err(|e| BuilderError::writing(&scratch, e))?;
         let removed = clean_scratch(&scratch)?;
@@ -88,7 +88,7 @@ impl NixExecutor {
 
     /// Open the local store once (a first `nix-store --serve` initialises a
     /// fresh store; concurrent first opens race) and fail early if it is unusable.
-    pub async fn check_store(&self) -> Result<(), BuilderError> {
+    pub(crate) async fn check_store(&self) -> Result<(), BuilderError> {
         let (events, mut rx) = tokio::sync::mpsc::channel(16);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
         let serve = LocalServe::spawn(&self.bin, "store-check", events, self.kill_grace).await?;
@@ -350,7 +350,7 @@ impl NixExecutor {
         tracing::info!(drv = %plan.drv_path, missing = missing.len(), of = plan.inputs.len(), "fetching inputs");
         let infos = transfer::query_infos(link, &missing)
             .await
-            .map_err(|e| input_err(e.0))?;
+            .map_err(|e| input_err(e.to_string()))?;
         let jobs: Vec<(ValidPathInfo, PathBuf)> = missing
             .iter()
             .map(|p| (infos[p].clone(), scratch.join(p.base_name())))
@@ -369,7 +369,7 @@ impl NixExecutor {
         while let Some(joined) = stream.next().await {
             let (info, dest, n) = joined
                 .map_err(|e| input_err(format!("download task: {e}")))?
-                .map_err(|e| input_err(e.0))?;
+                .map_err(|e| input_err(e.to_string()))?;
             total += n;
             let mut file = tokio::fs::File::open(&dest)
                 .await
@@ -437,7 +437,7 @@ async fn upload_output(
                 lost = Some(link);
                 continue;
             }
-            return Err(fail(JobStatus::UploadError, e.0));
+            return Err(fail(JobStatus::UploadError, e.to_string()));
         }
         let summary = dumped.map_err(|e| {
             fail(
@@ -445,7 +445,8 @@ async fn upload_output(
                 format!("dumping {}: {e}", info.path),
             )
         })?;
-        transfer::check_summary(info, &summary).map_err(|e| fail(JobStatus::UploadError, e.0))?;
+        transfer::check_summary(info, &summary)
+            .map_err(|e| fail(JobStatus::UploadError, e.to_string()))?;
         return Ok(summary.nar_size);
     }
 }
@@ -483,7 +484,7 @@ async fn session_lost(
 /// Remove the job scratch directories (`job-*`) in `dir` that an earlier run
 /// left (a crash does not clean up); returns how many went. Nothing else in
 /// `dir` is touched, and links are removed, not followed.
-pub fn clean_scratch(dir: &std::path::Path) -> Result<usize, BuilderError> {
+pub(crate) fn clean_scratch(dir: &std::path::Path) -> Result<usize, BuilderError> {
     let entries = std::fs::read_dir(dir).map_err(|e| BuilderError::reading(dir, e))?;
     let mut removed = 0;
     for entry in entries {

@@ -13,11 +13,11 @@ use farm_proto::v1::{Job, JobResult, JobStatus};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::session::Link;
+use crate::link::Link;
 
 /// Something a job did that the coordinator should hear about.
 #[derive(Debug)]
-pub enum Event {
+pub(crate) enum Event {
     /// The job got a slot and began.
     Started(String),
     /// Log bytes of a job, in order.
@@ -71,9 +71,9 @@ pub struct JobContext {
     /// The stop switch.
     pub cancel: Cancel,
     /// Where events go.
-    pub events: mpsc::Sender<Event>,
+    pub(crate) events: mpsc::Sender<Event>,
     /// The current coordinator link (None while disconnected), for data calls.
-    pub link: watch::Receiver<Option<Link>>,
+    pub(crate) link: watch::Receiver<Option<Link>>,
 }
 
 /// Runs one job to its result. The result's job id, start and stop time are
@@ -94,7 +94,7 @@ struct Inner<E> {
 }
 
 /// The job manager (cheap to clone).
-pub struct JobManager<E> {
+pub(crate) struct JobManager<E> {
     inner: Arc<Inner<E>>,
 }
 
@@ -107,7 +107,7 @@ impl<E> Clone for JobManager<E> {
 }
 
 /// The current Unix time in seconds.
-pub fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -126,7 +126,7 @@ pub fn failure(job_id: &str, status: JobStatus, message: impl Into<String>) -> J
 
 impl<E: Execute> JobManager<E> {
     /// A manager running at most `max_jobs` jobs at once.
-    pub fn new(
+    pub(crate) fn new(
         exec: E,
         max_jobs: u32,
         events: mpsc::Sender<Event>,
@@ -154,24 +154,24 @@ impl<E: Execute> JobManager<E> {
     }
 
     /// Ids of the jobs accepted and not yet finished.
-    pub fn running_ids(&self) -> Vec<String> {
+    pub(crate) fn running_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.running().keys().cloned().collect();
         ids.sort();
         ids
     }
 
     /// How many jobs are accepted and not yet finished.
-    pub fn running_count(&self) -> u32 {
+    pub(crate) fn running_count(&self) -> u32 {
         u32::try_from(self.running().len()).unwrap_or(u32::MAX)
     }
 
     /// Whether new jobs are refused.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
     /// Start or stop draining: while draining, running jobs finish and new ones are refused.
-    pub fn set_draining(&self, draining: bool) {
+    pub(crate) fn set_draining(&self, draining: bool) {
         let was = self.inner.draining.swap(draining, Ordering::SeqCst);
         if was != draining {
             tracing::info!(
@@ -184,7 +184,7 @@ impl<E: Execute> JobManager<E> {
 
     /// Accept a job: run it when a slot is free. A duplicate id is ignored; while
     /// draining, the job is answered at once with a transient failure.
-    pub fn submit(&self, job: Job) {
+    pub(crate) fn submit(&self, job: Job) {
         let id = job.job_id.clone();
         if id.is_empty() || id.len() > 1024 {
             tracing::warn!("ignoring a job with an invalid id");
@@ -265,7 +265,7 @@ impl<E: Execute> JobManager<E> {
     }
 
     /// Ask a job to stop; its result says Cancelled. Unknown ids are ignored.
-    pub fn cancel(&self, job_id: &str) {
+    pub(crate) fn cancel(&self, job_id: &str) {
         if let Some(c) = self.running().get(job_id) {
             tracing::info!(job = %job_id, "cancelling job");
             c.cancel(CancelReason::Cancelled);
@@ -273,7 +273,7 @@ impl<E: Execute> JobManager<E> {
     }
 
     /// Refuse new jobs and stop every running one (builder shutdown).
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
         for c in self.running().values() {
             c.cancel(CancelReason::Shutdown);
@@ -281,7 +281,7 @@ impl<E: Execute> JobManager<E> {
     }
 
     /// Resolves when no job is running.
-    pub async fn wait_idle(&self) {
+    pub(crate) async fn wait_idle(&self) {
         loop {
             let notified = self.inner.idle.notified();
             if self.running().is_empty() {
@@ -293,7 +293,7 @@ impl<E: Execute> JobManager<E> {
 }
 
 /// The status a job stopped for `reason` reports.
-pub fn status_for(reason: Option<CancelReason>) -> JobStatus {
+pub(crate) fn status_for(reason: Option<CancelReason>) -> JobStatus {
     match reason {
         Some(CancelReason::Shutdown) => JobStatus::MiscFailure,
         _ => JobStatus::Cancelled,
@@ -301,7 +301,7 @@ pub fn status_for(reason: Option<CancelReason>) -> JobStatus {
 }
 
 /// The message a job stopped for `reason` reports.
-pub fn cancel_message(reason: Option<CancelReason>) -> &'static str {
+pub(crate) fn cancel_message(reason: Option<CancelReason>) -> &'static str {
     match reason {
         Some(CancelReason::Shutdown) => "builder shut down",
         _ => "cancelled",

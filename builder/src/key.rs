@@ -17,7 +17,7 @@ use crate::error::BuilderError;
 
 /// The bytes a builder signs to answer a challenge (the one definition in
 /// `farm_proto::auth`, shared with the coordinator).
-pub use farm_proto::auth::builder_auth_message as challenge_message;
+pub(crate) use farm_proto::auth::builder_auth_message as challenge_message;
 
 /// The builder's ed25519 key.
 #[derive(Clone)]
@@ -172,7 +172,7 @@ impl BuilderKey {
 }
 
 /// `path` with `.pub` appended.
-pub fn public_path(path: &Path) -> PathBuf {
+pub(crate) fn public_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".pub");
     PathBuf::from(s)

@@ -4,19 +4,29 @@
 //! build, stream the log, upload the outputs, report the result.
 //!
 //! [`run`] is the whole daemon; `farm up` embeds it, the `farm-builder` binary
-//! wraps it with flags.
+//! wraps it with flags. The public API is what this file exports (the config,
+//! the key, the error, and the [`Execute`] seam tests run jobs through);
+//! every module is crate-private.
+//!
+//! Modules, arrows pointing one way: `session` (the gRPC stream) drives
+//! `jobs` (the manager), which runs `executor` (local Nix, `transfer` of
+//! NARs); both sides reach the coordinator's data calls through `link`, which
+//! depends on neither.
 
-pub mod config;
-pub mod error;
-pub mod executor;
-pub mod jobs;
-pub mod key;
-pub mod load;
-pub mod local;
-pub mod logs;
-pub mod probe;
-pub mod session;
-pub mod transfer;
+#![deny(unreachable_pub)]
+
+mod config;
+mod error;
+mod executor;
+mod jobs;
+mod key;
+mod link;
+mod load;
+mod local;
+mod logs;
+mod probe;
+mod session;
+mod transfer;
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -24,12 +34,14 @@ use std::os::unix::fs::PermissionsExt;
 use farm_proto::v1::Capabilities;
 use tokio::sync::{mpsc, watch};
 
-pub use config::BuilderConfig;
+pub use config::{Args, BuilderConfig};
 pub use error::BuilderError;
-use jobs::{Execute, JobManager};
+use jobs::JobManager;
+pub use jobs::{Cancel, CancelReason, Execute, JobContext, failure};
 pub use key::{BuilderKey, KeyOrigin};
 use probe::NixBin;
 use session::{Outbox, SessionParams, Stop};
+pub use transfer::info_from_proto;
 
 /// Create the state directory (0700) and load or generate the key. Prints the
 /// public key line on stdout when the key is new, so it can be enrolled.
@@ -127,7 +139,7 @@ pub async fn run_with<E: Execute>(
     exec: E,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BuilderError> {
-    let endpoint = session::endpoint(&config.coordinator, config.ca_cert.as_deref())?;
+    let endpoint = session::endpoint(&config.coordinator, config.client_tls())?;
     let (event_tx, event_rx) = mpsc::channel(1024);
     let (link_tx, link_rx) = watch::channel(None);
     let jobs = JobManager::new(exec, caps.max_jobs, event_tx, link_rx);

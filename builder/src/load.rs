@@ -11,7 +11,7 @@ use farm_proto::v1::LoadReport;
 use crate::probe::meminfo_field;
 
 /// Parse `/proc/loadavg` ("0.52 0.58 0.59 1/467 12345") into (1 min, 5 min).
-pub fn parse_loadavg(text: &str) -> Option<(f64, f64)> {
+pub(crate) fn parse_loadavg(text: &str) -> Option<(f64, f64)> {
     let mut words = text.split_whitespace();
     let one = words.next()?.parse().ok()?;
     let five = words.next()?.parse().ok()?;
@@ -19,13 +19,13 @@ pub fn parse_loadavg(text: &str) -> Option<(f64, f64)> {
 }
 
 /// Parse macOS `sysctl -n vm.loadavg` ("{ 1.23 1.45 1.67 }").
-pub fn parse_sysctl_loadavg(text: &str) -> Option<(f64, f64)> {
+pub(crate) fn parse_sysctl_loadavg(text: &str) -> Option<(f64, f64)> {
     let inner = text.trim().trim_start_matches('{').trim_end_matches('}');
     parse_loadavg(inner)
 }
 
 /// Parse a PSI file: the `avg10` of its `some` line, in percent.
-pub fn parse_psi_some_avg10(text: &str) -> Option<f64> {
+pub(crate) fn parse_psi_some_avg10(text: &str) -> Option<f64> {
     let line = text.lines().find(|l| l.starts_with("some "))?;
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("avg10="))
@@ -35,14 +35,14 @@ pub fn parse_psi_some_avg10(text: &str) -> Option<f64> {
 /// Free bytes for unprivileged users on the filesystem holding `path`, or,
 /// while `path` does not exist yet (a store not created until the first
 /// build), on the filesystem of its nearest existing ancestor.
-pub fn disk_free(path: &Path) -> Option<u64> {
+pub(crate) fn disk_free(path: &Path) -> Option<u64> {
     let st = path.ancestors().find_map(|p| rustix::fs::statvfs(p).ok())?;
     st.f_bavail.checked_mul(st.f_frsize)
 }
 
 /// Gather a load report now. `running_jobs` comes from the job manager;
 /// `store` is the store directory whose filesystem is measured.
-pub async fn current(running_jobs: u32, store: &Path) -> LoadReport {
+pub(crate) async fn current(running_jobs: u32, store: &Path) -> LoadReport {
     let (load_avg_1, load_avg_5) = load_average().await.unwrap_or((-1.0, -1.0));
     let memory_available_bytes = match tokio::fs::read_to_string("/proc/meminfo").await {
         Ok(text) => meminfo_field(&text, "MemAvailable").unwrap_or(0),

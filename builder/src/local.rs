@@ -20,16 +20,16 @@ use crate::probe::NixBin;
 use farm_nix::serve::ServeClient;
 
 /// How long Nix gets to wind down after SIGINT before SIGKILL (at most).
-pub const KILL_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// The kill grace that fits in a builder shutdown grace: SIGKILL comes at
 /// half of it at the latest, so a stopping builder never leaves a build behind.
-pub fn kill_grace_for(shutdown_grace: Duration) -> Duration {
+pub(crate) fn kill_grace_for(shutdown_grace: Duration) -> Duration {
     KILL_GRACE.min(shutdown_grace / 2)
 }
 
 /// A running `nix-store --serve --write` for one job.
-pub struct LocalServe {
+pub(crate) struct LocalServe {
     child: Child,
     pid: Option<u32>,
     /// The protocol client on its stdin/stdout.
@@ -43,7 +43,7 @@ pub struct LocalServe {
 impl LocalServe {
     /// Start the local Nix and greet it; its stderr goes to `job_id`'s log.
     /// Stopping it sends SIGKILL `kill_grace` after SIGINT.
-    pub async fn spawn(
+    pub(crate) async fn spawn(
         bin: &NixBin,
         job_id: &str,
         events: mpsc::Sender<Event>,
@@ -87,7 +87,7 @@ impl LocalServe {
     }
 
     /// A handle that can stop this process group from elsewhere.
-    pub fn killer(&self) -> Killer {
+    pub(crate) fn killer(&self) -> Killer {
         Killer {
             pid: self.pid,
             grace: self.kill_grace,
@@ -96,7 +96,7 @@ impl LocalServe {
 
     /// Close the connection and wait for the process (stopping it if it lingers),
     /// then for the rest of its log to be forwarded.
-    pub async fn finish(self) {
+    pub(crate) async fn finish(self) {
         let killer = self.killer();
         let LocalServe {
             mut child,
@@ -116,7 +116,7 @@ impl LocalServe {
     }
 
     /// Stop the process group now (SIGINT, then SIGKILL after the grace period).
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         let killer = self.killer();
         killer.stop(&mut self.child).await;
     }
@@ -124,7 +124,7 @@ impl LocalServe {
 
 /// Stops a local Nix's process group.
 #[derive(Debug, Clone, Copy)]
-pub struct Killer {
+pub(crate) struct Killer {
     pid: Option<u32>,
     /// Between SIGINT and SIGKILL.
     grace: Duration,
@@ -132,7 +132,7 @@ pub struct Killer {
 
 impl Killer {
     /// Send `sig` to the whole process group.
-    pub fn signal(&self, sig: rustix::process::Signal) {
+    pub(crate) fn signal(&self, sig: rustix::process::Signal) {
         if let Some(pid) = self
             .pid
             .and_then(|p| i32::try_from(p).ok())
@@ -143,7 +143,7 @@ impl Killer {
     }
 
     /// SIGINT, wait for `child` up to the grace period, then SIGKILL.
-    pub async fn stop(&self, child: &mut Child) {
+    pub(crate) async fn stop(&self, child: &mut Child) {
         self.signal(rustix::process::Signal::INT);
         if tokio::time::timeout(self.grace, child.wait())
             .await

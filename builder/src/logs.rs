@@ -15,15 +15,15 @@ use tokio::sync::mpsc;
 use crate::jobs::Event;
 
 /// Send a batch once this many bytes wait.
-pub const BATCH_BYTES: usize = 16 * 1024;
+pub(crate) const BATCH_BYTES: usize = 16 * 1024;
 /// Send a batch at most this long after its first byte arrived.
-pub const BATCH_DELAY: Duration = Duration::from_millis(100);
+pub(crate) const BATCH_DELAY: Duration = Duration::from_millis(100);
 /// How much of the log's end is kept for error messages.
 const TAIL_BYTES: usize = 4096;
 
 /// Shared view of a running log: last activity and tail.
 #[derive(Debug)]
-pub struct LogState {
+pub(crate) struct LogState {
     base: Instant,
     last_ms: AtomicU64,
     total: AtomicU64,
@@ -41,24 +41,25 @@ impl LogState {
     }
 
     /// Time since output last arrived (or since the log started).
-    pub fn silent_for(&self) -> Duration {
+    pub(crate) fn silent_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         self.base.elapsed().saturating_sub(last)
     }
 
     /// Treat now as activity (e.g. when a new phase begins).
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Bytes seen so far.
-    pub fn total(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
 
     /// The last lines of the log (lossy UTF-8), for an error message.
-    pub fn tail(&self) -> String {
+    pub(crate) fn tail(&self) -> String {
         let tail = self
             .tail
             .lock()
@@ -84,7 +85,7 @@ impl LogState {
 
 /// Start forwarding `reader` (a build's stderr) as log events of `job_id`.
 /// The task ends at EOF, after sending what is left.
-pub fn spawn_pump<R: AsyncRead + Unpin + Send + 'static>(
+pub(crate) fn spawn_pump<R: AsyncRead + Unpin + Send + 'static>(
     mut reader: R,
     job_id: String,
     events: mpsc::Sender<Event>,

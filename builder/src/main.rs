@@ -1,8 +1,9 @@
-//! `farm-builder` binary entry point: flags, logging, signals, then [`farm_builder::run`].
+//! `farm-builder` binary entry point: flags, logging, signals (the farm's
+//! shared SIGTERM/SIGINT handling, `farm_common::signal`), then [`farm_builder::run`].
 
 use anyhow::Context;
 use clap::Parser;
-use farm_builder::config::Args;
+use farm_builder::Args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -26,41 +27,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let grace = config.shutdown_grace;
-    farm_builder::run(config, shutdown_signal(grace))
+    farm_builder::run(config, farm_common::signal::shutdown_signal(grace))
         .await
         .context("farm-builder")?;
     Ok(())
-}
-
-/// Resolves on the first SIGINT or SIGTERM. From then on a second signal exits
-/// at once, and whatever hangs, the process is gone shortly after its grace
-/// period (a watchdog thread, so a stuck runtime cannot hold it); as the
-/// coordinator does.
-async fn shutdown_signal(grace: std::time::Duration) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!(grace_secs = grace.as_secs_f64(), "shutdown requested");
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
-    std::thread::spawn(move || {
-        std::thread::sleep(grace + std::time::Duration::from_secs(2));
-        eprintln!("shutdown took longer than its grace period; exiting");
-        std::process::exit(1);
-    });
 }

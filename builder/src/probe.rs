@@ -15,7 +15,7 @@ use crate::error::BuilderError;
 
 /// What the local Nix says about itself.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct NixProbe {
+pub(crate) struct NixProbe {
     /// `system`.
     pub system: String,
     /// `extra-platforms`.
@@ -32,7 +32,7 @@ pub struct NixProbe {
 const MAX_CONFIG_OUTPUT: usize = 4 * 1024 * 1024;
 
 /// Parse the JSON form of `nix show-config --json`.
-pub fn parse_show_config_json(text: &str) -> Result<NixProbe, BuilderError> {
+pub(crate) fn parse_show_config_json(text: &str) -> Result<NixProbe, BuilderError> {
     if text.len() > MAX_CONFIG_OUTPUT {
         return Err(BuilderError::Probe("show-config output too large".into()));
     }
@@ -69,7 +69,7 @@ pub fn parse_show_config_json(text: &str) -> Result<NixProbe, BuilderError> {
 }
 
 /// Parse the text form of `nix show-config`.
-pub fn parse_show_config_text(text: &str) -> Result<NixProbe, BuilderError> {
+pub(crate) fn parse_show_config_text(text: &str) -> Result<NixProbe, BuilderError> {
     if text.len() > MAX_CONFIG_OUTPUT {
         return Err(BuilderError::Probe("show-config output too large".into()));
     }
@@ -98,7 +98,7 @@ pub fn parse_show_config_text(text: &str) -> Result<NixProbe, BuilderError> {
 }
 
 /// Parse `nix --version` output ("nix (Nix) 2.8.0") into "2.8.0".
-pub fn parse_version(text: &str) -> Option<String> {
+pub(crate) fn parse_version(text: &str) -> Option<String> {
     let line = text.lines().next()?;
     let word = line.split_whitespace().last()?;
     word.starts_with(|c: char| c.is_ascii_digit())
@@ -107,18 +107,18 @@ pub fn parse_version(text: &str) -> Option<String> {
 
 /// Where the Nix programs are: a directory, or `None` to use `PATH`.
 #[derive(Debug, Clone, Default)]
-pub struct NixBin {
+pub(crate) struct NixBin {
     dir: Option<PathBuf>,
 }
 
 impl NixBin {
     /// Programs from `dir`, or from `PATH` when `None`.
-    pub fn new(dir: Option<PathBuf>) -> Self {
+    pub(crate) fn new(dir: Option<PathBuf>) -> Self {
         NixBin { dir }
     }
 
     /// The path (or bare name) of a Nix program.
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
         match &self.dir {
             Some(d) => d.join(name),
             None => PathBuf::from(name),
@@ -126,7 +126,7 @@ impl NixBin {
     }
 
     /// A `Command` for a Nix program.
-    pub fn command(&self, name: &str) -> Command {
+    pub(crate) fn command(&self, name: &str) -> Command {
         let mut cmd = Command::new(self.program(name));
         cmd.kill_on_drop(true);
         cmd
@@ -134,7 +134,7 @@ impl NixBin {
 }
 
 /// Ask the local Nix about itself.
-pub async fn probe_nix(bin: &NixBin) -> Result<NixProbe, BuilderError> {
+pub(crate) async fn probe_nix(bin: &NixBin) -> Result<NixProbe, BuilderError> {
     let json = run_capture(
         bin.command("nix")
             .args(["--extra-experimental-features", "nix-command"])
@@ -182,7 +182,7 @@ async fn run_capture(cmd: &mut Command) -> Result<String, BuilderError> {
 
 /// The host's CPU count and total memory.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HostProbe {
+pub(crate) struct HostProbe {
     /// Logical CPUs.
     pub cores: u32,
     /// Total memory in bytes (0 when unknown).
@@ -190,7 +190,7 @@ pub struct HostProbe {
 }
 
 /// Probe the host's cores and memory.
-pub async fn probe_host() -> HostProbe {
+pub(crate) async fn probe_host() -> HostProbe {
     let cores = u32::try_from(num_cpus::get()).unwrap_or(u32::MAX);
     let memory_bytes = total_memory().await.unwrap_or(0);
     HostProbe {
@@ -213,7 +213,7 @@ async fn total_memory() -> Option<u64> {
 }
 
 /// A `/proc/meminfo` field in bytes (the file gives kB).
-pub fn meminfo_field(text: &str, field: &str) -> Option<u64> {
+pub(crate) fn meminfo_field(text: &str, field: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
         let mut words = rest.split_whitespace();

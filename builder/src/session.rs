@@ -12,9 +12,10 @@
 //! deadline is left.
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use farm_common::channel::{ClientTls, MAX_MESSAGE_SIZE};
 
 use farm_proto::v1::builder_message::Msg as Up;
 use farm_proto::v1::builder_service_client::BuilderServiceClient;
@@ -27,16 +28,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::codegen::http::Uri;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
-use crate::error::BuilderError;
+use crate::error::{BuilderError, error_chain};
 use crate::jobs::{Event, Execute, JobManager};
 use crate::key::BuilderKey;
-
-/// Metadata key carrying the session token on data calls.
-pub const SESSION_HEADER: &str = "x-farm-session";
+use crate::link::Link;
 
 /// Longest nonce accepted from the coordinator.
 const MAX_NONCE: usize = 1024;
@@ -48,116 +45,15 @@ const RECONNECT_MIN: Duration = Duration::from_millis(500);
 /// builder grace (60 s by default), so that after any outage (a coordinator
 /// restart) the builder is back before its running jobs are given up on.
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
-/// Largest gRPC message accepted (NAR chunks are far smaller).
-pub const MAX_MESSAGE: usize = farm_proto::MAX_MESSAGE_SIZE;
 
-/// Check a coordinator URL: `https://` needs a pinned CA/cert, `http://` is only
-/// allowed to a loopback host.
-pub fn check_url(url: &str, have_ca: bool) -> Result<Uri, BuilderError> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| BuilderError::Config(format!("coordinator URL {url:?}: {e}")))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| BuilderError::Config(format!("coordinator URL {url:?} has no host")))?;
-    match uri.scheme_str() {
-        Some("https") if !have_ca => Err(BuilderError::Config(format!(
-            "coordinator URL {url:?} is https: pass --ca-cert with the coordinator's certificate or CA"
-        ))),
-        Some("https") => Ok(uri),
-        Some("http") if is_loopback(host) => Ok(uri),
-        Some("http") => Err(BuilderError::Config(format!(
-            "coordinator URL {url:?}: plain http is only allowed to a loopback address; use https://"
-        ))),
-        _ => Err(BuilderError::Config(format!(
-            "coordinator URL {url:?} must start with https:// or http://"
-        ))),
-    }
-}
-
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Build the gRPC endpoint (TLS with the pinned certificate for https).
-pub fn endpoint(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Endpoint, BuilderError> {
-    let uri = check_url(url, ca_cert.is_some())?;
-    let mut ep = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| BuilderError::Config(format!("coordinator URL {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .tcp_keepalive(Some(Duration::from_secs(30)))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
-    if uri.scheme_str() == Some("https") {
-        let path = ca_cert.ok_or_else(|| BuilderError::Config("https needs --ca-cert".into()))?;
-        let pem = std::fs::read(path).map_err(|e| BuilderError::reading(path, e))?;
-        let host = uri.host().unwrap_or_default();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(pem))
-            .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
-        ep = ep
-            .tls_config(tls)
-            .map_err(|e| BuilderError::Config(format!("TLS: {e}")))?;
-    }
-    Ok(ep)
-}
-
-/// Adds the session token to every data call.
-#[derive(Clone)]
-pub struct SessionAuth {
-    token: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-}
-
-impl tonic::service::Interceptor for SessionAuth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut()
-            .insert(SESSION_HEADER, self.token.clone());
-        Ok(req)
-    }
-}
-
-/// A data-call client that carries the session token.
-pub type DataClient = BuilderServiceClient<InterceptedService<Channel, SessionAuth>>;
-
-/// The live connection jobs use for data calls.
-#[derive(Clone)]
-pub struct Link {
-    channel: Channel,
-    auth: SessionAuth,
-    /// The cache's public key from `Welcome` (`name:base64`).
-    pub cache_public_key: String,
-}
-
-impl Link {
-    /// Whether both are the same session (a reconnect makes a new one).
-    pub fn same_session(&self, other: &Link) -> bool {
-        self.auth.token == other.auth.token
-    }
-
-    /// A data-call client on this link.
-    pub fn client(&self) -> DataClient {
-        BuilderServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
-    }
-}
-
-/// Wait for a link to be up (at most `wait`).
-pub async fn current_link(rx: &mut watch::Receiver<Option<Link>>, wait: Duration) -> Option<Link> {
-    let got = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
-    match got {
-        Ok(Ok(link)) => link.clone(),
-        _ => None,
-    }
+/// Build the gRPC endpoint: the farm's one client rule (`farm_common::channel`).
+pub(crate) fn endpoint(url: &str, tls: ClientTls<'_>) -> Result<Endpoint, BuilderError> {
+    farm_common::channel::endpoint(url, tls).map_err(|e| BuilderError::Config(e.to_string()))
 }
 
 /// Exponential backoff with full jitter.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
@@ -165,7 +61,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Start at `base`, never exceed `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         Backoff {
             base,
             max,
@@ -174,12 +70,12 @@ impl Backoff {
     }
 
     /// Forget past failures.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
     /// The next delay: uniform in [ceiling/2, ceiling], ceiling doubling per failure up to `max`.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let factor = 1u32 << self.attempt.min(16);
         self.attempt = self.attempt.saturating_add(1);
         let ceiling = self.base.saturating_mul(factor).min(self.max);
@@ -190,7 +86,7 @@ impl Backoff {
 }
 
 /// What the session needs from the rest of the builder.
-pub struct SessionParams {
+pub(crate) struct SessionParams {
     /// Builder name.
     pub name: String,
     /// The key proven on connect.
@@ -208,7 +104,7 @@ pub struct SessionParams {
 /// A request to stop, with the grace period it allows: the builder stops its
 /// jobs, reports them, and is done by the deadline whatever is in flight.
 #[derive(Debug, Clone)]
-pub struct Stop {
+pub(crate) struct Stop {
     token: CancellationToken,
     grace: Duration,
     at: Arc<OnceLock<Instant>>,
@@ -216,7 +112,7 @@ pub struct Stop {
 
 impl Stop {
     /// Not requested yet; once it is, stopping may take `grace` at most.
-    pub fn new(grace: Duration) -> Self {
+    pub(crate) fn new(grace: Duration) -> Self {
         Stop {
             token: CancellationToken::new(),
             grace,
@@ -225,28 +121,28 @@ impl Stop {
     }
 
     /// Ask to stop (the first request sets the deadline).
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         let _ = self.at.set(Instant::now());
         self.token.cancel();
     }
 
     /// Whether stopping was asked for.
-    pub fn is_requested(&self) -> bool {
+    pub(crate) fn is_requested(&self) -> bool {
         self.token.is_cancelled()
     }
 
     /// Resolves once stopping is asked for.
-    pub async fn requested(&self) {
+    pub(crate) async fn requested(&self) {
         self.token.cancelled().await;
     }
 
     /// When stopping must be over (None until requested).
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.at.get().map(|t| *t + self.grace)
     }
 
     /// Resolves at the deadline (never before a request).
-    pub async fn expired(&self) {
+    pub(crate) async fn expired(&self) {
         self.requested().await;
         if let Some(d) = self.deadline() {
             tokio::time::sleep_until(d).await;
@@ -263,7 +159,7 @@ const MAX_UNACKED: usize = 4096;
 /// a job that ended): every new session lists the kept ones in
 /// `Hello.finished_jobs` and sends them again after `Welcome`. Logs and start
 /// notices produced while disconnected are dropped.
-pub struct Outbox {
+pub(crate) struct Outbox {
     rx: mpsc::Receiver<Event>,
     /// Results not acknowledged yet, oldest first.
     unacked: VecDeque<JobResult>,
@@ -273,7 +169,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// Wrap the receiving end of the jobs' event channel.
-    pub fn new(rx: mpsc::Receiver<Event>) -> Self {
+    pub(crate) fn new(rx: mpsc::Receiver<Event>) -> Self {
         Outbox {
             rx,
             unacked: VecDeque::new(),
@@ -375,7 +271,7 @@ enum SessionEnd {
 
 /// Dial, authenticate and serve sessions until `stop` is requested; then stop
 /// the jobs, deliver their results if connected, and return by the deadline.
-pub async fn run_sessions<E: Execute>(
+pub(crate) async fn run_sessions<E: Execute>(
     params: SessionParams,
     jobs: JobManager<E>,
     mut outbox: Outbox,
@@ -467,8 +363,8 @@ async fn session_once<E: Execute>(
             BuilderError::Connect(format!("{}: {}", p.endpoint.uri(), error_chain(&e)))
         })?;
         let mut client = BuilderServiceClient::new(channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let (tx, rx) = mpsc::channel::<BuilderMessage>(256);
         let hello = Hello {
             name: p.name.clone(),
@@ -541,11 +437,7 @@ async fn session_once<E: Execute>(
     );
     backoff.reset();
     jobs.set_draining(welcome.draining);
-    link_tx.send_replace(Some(Link {
-        channel,
-        auth: SessionAuth { token },
-        cache_public_key: welcome.cache_public_key,
-    }));
+    link_tx.send_replace(Some(Link::new(channel, token, welcome.cache_public_key)));
 
     let mut ticker = tokio::time::interval(p.load_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -661,33 +553,9 @@ fn down_name(m: &Down) -> &'static str {
     }
 }
 
-/// An error and its sources on one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_checked() {
-        assert!(check_url("http://127.0.0.1:7070", false).is_ok());
-        assert!(check_url("http://[::1]:7070", false).is_ok());
-        assert!(check_url("http://localhost:7070", false).is_ok());
-        assert!(check_url("http://10.0.0.1:7070", false).is_err());
-        assert!(check_url("https://farm.example:7070", false).is_err());
-        assert!(check_url("https://farm.example:7070", true).is_ok());
-        assert!(check_url("ftp://127.0.0.1", true).is_err());
-        assert!(check_url("not a url", true).is_err());
-    }
 
     #[test]
     fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {

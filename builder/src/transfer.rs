@@ -14,35 +14,32 @@ use farm_proto::v1::{self, DownloadNarRequest, QueryPathInfosRequest, UploadNarR
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
-use crate::session::{Link, error_chain};
+use crate::error::{BuilderError, error_chain};
+use crate::link::Link;
 
 /// Paths per `QueryPathInfos` call.
 const QUERY_BATCH: usize = 500;
 /// Bytes per upload chunk.
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
-/// A transfer failure, with a message for the job result.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TransferError(pub String);
-
-fn terr(msg: impl Into<String>) -> TransferError {
-    TransferError(msg.into())
+/// A transfer failure, its message for the job result.
+fn terr(msg: impl Into<String>) -> BuilderError {
+    BuilderError::Transfer(msg.into())
 }
 
 /// A `PathInfo` message as a domain path info (bounded, validated by
 /// `farm_proto::convert`).
-pub fn info_from_proto(p: v1::PathInfo) -> Result<ValidPathInfo, TransferError> {
+pub fn info_from_proto(p: v1::PathInfo) -> Result<ValidPathInfo, BuilderError> {
     let path = p.store_path.clone();
     ValidPathInfo::try_from(p).map_err(|e| terr(format!("path info of {path:?}: {e}")))
 }
 
 /// The cache's infos for `paths`; every one must be there and, when the
 /// coordinator named a cache key, carry a valid signature by it.
-pub async fn query_infos(
+pub(crate) async fn query_infos(
     link: &Link,
     paths: &[StorePath],
-) -> Result<BTreeMap<StorePath, ValidPathInfo>, TransferError> {
+) -> Result<BTreeMap<StorePath, ValidPathInfo>, BuilderError> {
     let key = cache_key(link)?;
     let mut client = link.client();
     let mut out = BTreeMap::new();
@@ -75,7 +72,7 @@ pub async fn query_infos(
     Ok(out)
 }
 
-fn cache_key(link: &Link) -> Result<Option<VerifyingKey>, TransferError> {
+fn cache_key(link: &Link) -> Result<Option<VerifyingKey>, BuilderError> {
     if link.cache_public_key.is_empty() {
         return Ok(None);
     }
@@ -90,11 +87,11 @@ fn cache_key(link: &Link) -> Result<Option<VerifyingKey>, TransferError> {
 }
 
 /// Download `info.path`'s NAR into `dest`, checking its structure, size and hash.
-pub async fn download(
+pub(crate) async fn download(
     link: &Link,
     info: &ValidPathInfo,
     dest: &Path,
-) -> Result<u64, TransferError> {
+) -> Result<u64, BuilderError> {
     let path = &info.path;
     let stream = link
         .client()
@@ -140,11 +137,11 @@ pub async fn download(
 
 /// Upload `info.path`: its info first, then the NAR read from `nar` in chunks.
 /// The caller checks that what it wrote into `nar` matches `info`.
-pub async fn upload<R: AsyncRead + Send + 'static>(
+pub(crate) async fn upload<R: AsyncRead + Send + 'static>(
     link: &Link,
     info: &ValidPathInfo,
     nar: R,
-) -> Result<(), TransferError> {
+) -> Result<(), BuilderError> {
     let head = futures::stream::once(futures::future::ready(UploadNarRequest {
         msg: Some(v1::upload_nar_request::Msg::Info(v1::PathInfo::from(info))),
     }));
@@ -170,7 +167,10 @@ pub async fn upload<R: AsyncRead + Send + 'static>(
 }
 
 /// Check a NAR produced for upload against the info it was announced with.
-pub fn check_summary(info: &ValidPathInfo, summary: &NarSummary) -> Result<(), TransferError> {
+pub(crate) fn check_summary(
+    info: &ValidPathInfo,
+    summary: &NarSummary,
+) -> Result<(), BuilderError> {
     if summary.nar_size != info.nar_size || summary.nar_hash != info.nar_hash {
         return Err(terr(format!(
             "{}: the store's NAR ({} bytes, {}) differs from its registered info ({} bytes, {})",
@@ -185,7 +185,7 @@ pub fn check_summary(info: &ValidPathInfo, summary: &NarSummary) -> Result<(), T
 }
 
 /// Order `infos` so every path comes after the paths it references (among them).
-pub fn references_first(infos: Vec<ValidPathInfo>) -> Vec<ValidPathInfo> {
+pub(crate) fn references_first(infos: Vec<ValidPathInfo>) -> Vec<ValidPathInfo> {
     let mut remaining: BTreeMap<StorePath, ValidPathInfo> =
         infos.into_iter().map(|i| (i.path.clone(), i)).collect();
     let mut done: BTreeSet<StorePath> = BTreeSet::new();

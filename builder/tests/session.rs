@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::Fake;
 use std::sync::Arc;
 
-use farm_builder::jobs::{Execute, JobContext};
 use farm_builder::{BuilderConfig, BuilderKey};
+use farm_builder::{Execute, JobContext};
 use farm_proto::v1::coordinator_message::Msg as Down;
 use farm_proto::v1::{CancelJob, Capabilities, Job, JobResult, JobResultAck, JobStatus};
 
@@ -23,7 +23,7 @@ struct NoBuild;
 
 impl Execute for NoBuild {
     async fn execute(&self, job: Job, _ctx: JobContext) -> JobResult {
-        farm_builder::jobs::failure(
+        farm_builder::failure(
             &job.job_id,
             JobStatus::MiscFailure,
             "no backend in this test",
@@ -290,7 +290,7 @@ impl Execute for Gate {
                 p.unwrap().forget();
                 JobResult { job_id: job.job_id, status: JobStatus::Built as i32, ..Default::default() }
             }
-            () = ctx.cancel.cancelled() => farm_builder::jobs::failure(&job.job_id, JobStatus::MiscFailure, "stopped"),
+            () = ctx.cancel.cancelled() => farm_builder::failure(&job.job_id, JobStatus::MiscFailure, "stopped"),
         }
     }
 }

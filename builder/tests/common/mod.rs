@@ -192,7 +192,7 @@ impl Fake {
 
 fn sign(s: &State, info: PathInfo) -> PathInfo {
     let Some(key) = &s.cache_key else { return info };
-    let mut v = farm_builder::transfer::info_from_proto(info).unwrap();
+    let mut v = farm_builder::info_from_proto(info).unwrap();
     v.sign(key);
     PathInfo::from(&v)
 }
