@@ -79,6 +79,16 @@ struct Session {
     link: Arc<dyn BuilderLink>,
 }
 
+/// The connected builders, by name, and each one's data-call token. One
+/// mutex over both (mini-redis style): a session and its token are made and
+/// ended together, so one lock keeps them in step with no order between two.
+#[derive(Default)]
+struct Sessions {
+    by_name: HashMap<String, Session>,
+    /// Data-call session token → builder name.
+    by_token: HashMap<String, String>,
+}
+
 /// A running build's log so far, and a signal for followers. Kept as the
 /// chunks the builder sent; past [`MAX_LIVE_LOG`] whole chunks are dropped from
 /// the head (no bytes are moved).
@@ -160,18 +170,19 @@ pub struct Facts {
 ///   its batch queued to `outbox_tx` before the guard drops, so the outbox
 ///   carries batches out, and flushes their writes, in decision order.
 /// - `sessions`: each connected builder's link (name → connection, token,
-///   link); `tokens`: data-call session token → builder name, kept in step
-///   with `sessions` (changed only while `sessions` is held).
+///   link) and its data-call token (token → name), one map each under one
+///   mutex (see [`Sessions`]).
 /// - `events`: each followed submission's broadcast channel.
 /// - `logs`: the live log of each running build; each `LiveLog` has its own
 ///   mutex, so appending to one log does not stop readers of another.
 ///
-/// Lock order: `sessions`, then `sched`, then `tokens`
-/// ([`Coordinator::builder_online`] registers the session under both so the
-/// scheduler cannot dispatch to a builder whose session is missing). `events`,
-/// `logs` and a `LiveLog` are leaves: taken with nothing else held, never
-/// while waiting for another (a `logs` guard is dropped before its `LiveLog`
-/// is locked). Nothing is ever locked while `sched` is held but `tokens`.
+/// Lock order: `sessions` before `sched` ([`Coordinator::builder_online`]
+/// holds both, so the name is bound in the scheduler and the session
+/// registered in one step, before the scheduler can dispatch to it).
+/// `events`, `logs` and a `LiveLog` are leaves: each is taken with no other
+/// lock held (a `logs` guard is dropped before its `LiveLog` is locked).
+/// Nothing is locked while `sched` is held, and `sched` is never taken while
+/// a leaf is held.
 ///
 /// They are std mutexes, not tokio ones: every critical section is short and
 /// synchronous, and no guard is held across an `.await` (the scheduler is
@@ -184,16 +195,14 @@ pub struct Facts {
 /// online; `stopping` ends sessions and followers; `outbox_tx` is the ordered
 /// queue to [`run_outbox`].
 ///
-/// `sessions` and `tokens` stay two maps (not one mutex over both, as
-/// mini-redis would): data calls look a token up on every request, and
-/// job sends look a session up; one lock would make them wait on each other
-/// for no gain in simplicity.
+/// The rest stay apart: the scheduler lock is the busy one, and merging the
+/// maps of followers' channels or live logs into it would make every log
+/// chunk and every event delivery wait for scheduling decisions.
 pub(crate) struct Inner {
     sched: Mutex<Scheduler>,
     /// The state database (a handle: cloned, it is read without any lock).
     store: Store,
-    sessions: Mutex<HashMap<String, Session>>,
-    tokens: Mutex<HashMap<String, String>>,
+    sessions: Mutex<Sessions>,
     events: Mutex<HashMap<SubmissionId, broadcast::Sender<Event>>>,
     logs: Mutex<HashMap<BuildId, Arc<Mutex<LiveLog>>>>,
     log_notify: Notify,
@@ -229,8 +238,7 @@ impl Coordinator {
             inner: Arc::new(Inner {
                 sched: Mutex::new(sched),
                 store,
-                sessions: Mutex::new(HashMap::new()),
-                tokens: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(Sessions::default()),
                 events: Mutex::new(HashMap::new()),
                 logs: Mutex::new(HashMap::new()),
                 log_notify: Notify::new(),
@@ -266,7 +274,7 @@ impl Coordinator {
     /// End every builder session and stream follower.
     pub fn stop(&self) {
         self.inner.stopping.cancel();
-        lock(&self.inner.sessions).clear();
+        lock(&self.inner.sessions).by_name.clear();
         lock(&self.inner.events).clear();
         self.inner.log_notify.notify_waiters();
     }
@@ -520,6 +528,7 @@ impl Coordinator {
 
     fn send_to(&self, builder: &str, command: BuilderCommand) -> Result<(), LinkError> {
         let link = lock(&self.inner.sessions)
+            .by_name
             .get(builder)
             .map(|s| s.link.clone());
         match link {
@@ -580,26 +589,24 @@ impl Coordinator {
     ) -> Result<(u64, String, bool), crate::domain::scheduler::NameTaken> {
         let token = random_token();
         // Register the session before the scheduler can dispatch to it.
+        let mut sessions = lock(&self.inner.sessions);
         let (conn, draining) = {
-            let mut sessions = lock(&self.inner.sessions);
             let mut s = lock(&self.inner.sched);
-            let (conn, draining) =
+            let joined =
                 s.builder_join(name, public_key, replaces, caps, running_jobs, now_ms())?;
             // Its record now; its actions go with the next batch (`kick`).
             let _ = self.inner.store.apply_all(&s.take_writes());
-            if let Some(old) = sessions.insert(
-                name.to_owned(),
-                Session {
-                    conn,
-                    token: token.clone(),
-                    link,
-                },
-            ) {
-                lock(&self.inner.tokens).remove(&old.token);
-            }
-            (conn, draining)
+            joined
         };
-        lock(&self.inner.tokens).insert(token.clone(), name.to_owned());
+        let session = Session {
+            conn,
+            token: token.clone(),
+            link,
+        };
+        if let Some(old) = sessions.by_name.insert(name.to_owned(), session) {
+            sessions.by_token.remove(&old.token);
+        }
+        sessions.by_token.insert(token.clone(), name.to_owned());
         Ok((conn, token, draining))
     }
 
@@ -618,10 +625,10 @@ impl Coordinator {
     pub fn builder_offline(&self, name: &str, conn: u64) {
         {
             let mut sessions = lock(&self.inner.sessions);
-            if sessions.get(name).is_some_and(|s| s.conn == conn)
-                && let Some(s) = sessions.remove(name)
+            if sessions.by_name.get(name).is_some_and(|s| s.conn == conn)
+                && let Some(s) = sessions.by_name.remove(name)
             {
-                lock(&self.inner.tokens).remove(&s.token);
+                sessions.by_token.remove(&s.token);
             }
         }
         self.with_sched(|s, now| s.builder_disconnected(name, conn, now));
@@ -629,7 +636,7 @@ impl Coordinator {
 
     /// Whether a builder with this name is connected now, and with which key.
     pub fn connected_key(&self, name: &str) -> Option<String> {
-        let online = lock(&self.inner.sessions).contains_key(name);
+        let online = lock(&self.inner.sessions).by_name.contains_key(name);
         if !online {
             return None;
         }
@@ -643,7 +650,7 @@ impl Coordinator {
 
     /// The builder a data-call session token belongs to.
     pub fn session_builder(&self, token: &str) -> Option<String> {
-        lock(&self.inner.tokens).get(token).cloned()
+        lock(&self.inner.sessions).by_token.get(token).cloned()
     }
 
     /// A load report.

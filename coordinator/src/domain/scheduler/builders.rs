@@ -11,8 +11,7 @@ pub struct NameTaken {
 }
 
 impl Scheduler {
-    // ───────────────────────────── builders ─────────────────────────────
-
+    /// Index a builder under each system it builds for (and nowhere else).
     pub(super) fn index_builder(&mut self, rec: &BuilderRecord) {
         for names in self.by_system.values_mut() {
             names.remove(&rec.name);

@@ -43,7 +43,7 @@
 mod builders;
 mod dispatch;
 mod queries;
-pub mod select;
+pub(crate) mod select;
 mod submissions;
 
 use std::cmp::Reverse;

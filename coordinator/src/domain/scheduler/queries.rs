@@ -26,11 +26,6 @@ pub struct FailureView {
 pub type SubmissionSnapshot = (Arc<SubmissionRecord>, Vec<Arc<BuildView>>);
 
 impl Scheduler {
-    // ───────────────────────────── queries ─────────────────────────────
-    //
-    // In memory only (no sled read under the caller's lock): the coordinator
-    // falls back to the store, outside the lock, for what is not here.
-
     /// A build's record, if it is in memory.
     pub fn build_record(&self, id: BuildId) -> Option<&BuildRecord> {
         self.builds.get(&id).map(|b| &b.rec)

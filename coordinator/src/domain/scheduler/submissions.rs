@@ -224,8 +224,6 @@ fn link_fresh(members: &mut [Member]) {
 }
 
 impl Scheduler {
-    // ───────────────────────────── submissions ─────────────────────────────
-
     /// Add a derivation graph, its ids from `next_id`. Derivations already
     /// known and not failed are shared (built once); new ones a builder can
     /// never take fail at once. Every record it makes is in the writes.
