@@ -169,7 +169,7 @@ pub struct Facts {
 ///   the order of its decisions: a call's writes are applied to `store` and
 ///   its batch queued to `outbox_tx` before the guard drops, so the outbox
 ///   carries batches out, and flushes their writes, in decision order.
-/// - `sessions`: each connected builder's link (name → connection, token,
+/// - `sessions`: each connected builder's session (name → connection, token,
 ///   link) and its data-call token (token → name), one map each under one
 ///   mutex (see [`Sessions`]).
 /// - `events`: each followed submission's broadcast channel.
