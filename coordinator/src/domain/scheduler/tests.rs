@@ -1104,3 +1104,50 @@ fn prepared_inserts_link_like_a_full_recomputation() {
     assert_eq!(s.builds[&e].pending, BTreeSet::from([id_of(&s, "y")]));
     assert_eq!(settle(&mut s, 4)[0].build, x2);
 }
+
+/// What must persist comes back as writes, in order: a submission whose new
+/// builds the caller wrote ahead is inserted with its record as the caller
+/// encoded it and nothing else; without that, each new build's record, then
+/// the submission's; a forgotten builder's record goes.
+#[test]
+fn what_must_persist_comes_back_as_writes() {
+    let mut s = sched();
+    let (conn, _) =
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    assert!(matches!(&s.take_writes()[..], [Write::Builder(b)] if b.name == "b"));
+    let g = graph(
+        vec![
+            nb("a", "x86_64-linux", &[], &[]),
+            nb("b", "x86_64-linux", &[], &["a"]),
+        ],
+        &["b"],
+    );
+    let plan = s.share_plan(&PlanQuery::new(&g));
+    let mut p = Scheduler::prepare_submission(g, &plan, 0, next_id).unwrap();
+    assert_eq!(p.new_builds().count(), 2);
+    p.written_ahead(b"as encoded".to_vec());
+    let sid = p.id();
+    s.insert_submission(p, 0);
+    assert_eq!(
+        s.take_writes(),
+        [Write::NewSubmission {
+            id: sid,
+            encoded: b"as encoded".to_vec()
+        }]
+    );
+    let sid2 = s
+        .submit_test(graph(vec![nb("c", "x86_64-linux", &[], &[])], &["c"]), 1)
+        .unwrap();
+    let c = id_of(&s, "c");
+    match &s.take_writes()[..] {
+        [Write::Build(b), Write::Submission(sub)] => {
+            assert_eq!((b.id, b.state.clone()), (c, BuildState::Waiting));
+            assert_eq!((sub.id, sub.done), (sid2, false));
+        }
+        other => panic!("{other:?}"),
+    }
+    s.builder_disconnected("b", conn, 2);
+    s.take_writes();
+    assert_eq!(s.forget_builders(100, 10), ["b".to_string()]);
+    assert_eq!(s.take_writes(), [Write::ForgetBuilder("b".into())]);
+}
