@@ -3,7 +3,7 @@
 //! call; [`scheduler`] decides, [`state`] persists, both in the words of
 //! [`model`]; [`persist`] writes a submission's new builds ahead of the
 //! scheduler lock; [`graph`] turns a derivation graph into a submission;
-//! [`status`] is the farm as `farm status` shows it.
+//! [`status`] is the farm as its APIs show it.
 //! Nothing here names tonic, axum or russh (a test in
 //! `coordinator/tests/layering.rs` checks it).
 
