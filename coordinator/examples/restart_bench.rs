@@ -6,7 +6,7 @@
 //!    next to what a start that parses every record (the previous release's
 //!    `load`) costs on the same database.
 //! 2. The scheduler lock hold of a 100 000-derivation submission: all of it
-//!    under the lock (`Scheduler::submit`, what the previous release did) vs.
+//!    under the lock (`persist::submit`, what the previous release did) vs.
 //!    prepared outside and only inserted under it (what the coordinator does),
 //!    with a "builder session" thread taking the lock every millisecond
 //!    meanwhile and reporting its longest wait.
@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use farm_coordinator::domain::scheduler::types::*;
+use farm_coordinator::domain::model::*;
+use farm_coordinator::domain::persist;
 use farm_coordinator::domain::scheduler::{
     GraphSubmission, JobEnd, NewBuild, PlanQuery, Scheduler, SchedulerConfig,
 };
@@ -77,11 +78,13 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Submit and build a graph to the end (every Prepare resolves to nothing).
-fn run_to_end(s: &mut Scheduler, g: GraphSubmission, now: i64) {
-    let sid = s.submit(g, now).unwrap();
+/// Submit and build a graph to the end (every Prepare resolves to nothing),
+/// writing what the scheduler changes as the coordinator does.
+fn run_to_end(s: &mut Scheduler, store: &Store, g: GraphSubmission, now: i64) {
+    let sid = persist::submit(s, store, g, now).unwrap();
     loop {
         s.dispatch(now);
+        store.apply_all(&s.take_writes()).unwrap();
         let actions = s.take_actions();
         s.take_notices();
         if actions.is_empty() {
@@ -94,6 +97,7 @@ fn run_to_end(s: &mut Scheduler, g: GraphSubmission, now: i64) {
                 _ => {}
             }
         }
+        store.apply_all(&s.take_writes()).unwrap();
     }
     assert!(s.submission_done(sid));
 }
@@ -103,7 +107,8 @@ fn ms(d: Duration) -> String {
 }
 
 /// A start's median times over `runs`: sled's open (its own recovery) and
-/// the scheduler's load; and how many builds it loaded.
+/// the state's and the scheduler's load (and its writes); and how many
+/// builds it loaded.
 fn start_time(path: &std::path::Path, runs: usize) -> (Duration, Duration, usize) {
     let mut opens = Vec::new();
     let mut loads = Vec::new();
@@ -113,7 +118,8 @@ fn start_time(path: &std::path::Path, runs: usize) -> (Duration, Duration, usize
         let store = Store::open(path).unwrap();
         opens.push(t.elapsed());
         let t = Instant::now();
-        let s = Scheduler::load(cfg(), store, 0).unwrap();
+        let mut s = Scheduler::load(cfg(), store.load().unwrap(), 0);
+        store.apply_all(&s.take_writes()).unwrap();
         loads.push(t.elapsed());
         loaded = s.memory_counts().0;
         drop(s);
@@ -137,7 +143,8 @@ fn history() {
     let path = dir.path().join("state.sled");
     let t = Instant::now();
     {
-        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
+        let store = Store::open(&path).unwrap();
+        let mut s = Scheduler::new(cfg());
         s.builder_connected("b", "k", caps(), &[], 0);
         for i in 0..n {
             let (a, b, c) = (format!("s{i}-a"), format!("s{i}-b"), format!("s{i}-c"));
@@ -150,10 +157,12 @@ fn history() {
                 ],
                 ..Default::default()
             };
-            run_to_end(&mut s, g, i as i64 + 1);
+            run_to_end(&mut s, &store, g, i as i64 + 1);
         }
         // One unfinished submission, as a farm usually has (never resolved).
-        s.submit(
+        persist::submit(
+            &mut s,
+            &store,
             GraphSubmission {
                 roots: vec![sp("pending.drv")],
                 builds: vec![nb("pending", &[])],
@@ -163,7 +172,8 @@ fn history() {
         )
         .unwrap();
         s.take_actions();
-        s.store().flush_blocking().unwrap();
+        store.apply_all(&s.take_writes()).unwrap();
+        store.flush_blocking().unwrap();
     }
     println!(
         "history: {n} finished submissions (3 builds each) written in {}",
@@ -293,11 +303,13 @@ fn session_probe(
     })
 }
 
-fn fresh_sched() -> (tempfile::TempDir, Arc<Mutex<Scheduler>>) {
+fn fresh_sched() -> (tempfile::TempDir, Store, Arc<Mutex<Scheduler>>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Scheduler::new(cfg(), Store::open(&dir.path().join("db")).unwrap());
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let mut s = Scheduler::new(cfg());
     s.builder_connected("b", "k", caps(), &[], 0);
-    (dir, Arc::new(Mutex::new(s)))
+    store.apply_all(&s.take_writes()).unwrap();
+    (dir, store, Arc::new(Mutex::new(s)))
 }
 
 fn big_submit() {
@@ -305,7 +317,7 @@ fn big_submit() {
     println!("submission of a {n}-derivation graph (2 KiB .drv texts, sled on disk):");
 
     // All of it under the lock.
-    let (_d1, sched) = fresh_sched();
+    let (_d1, store, sched) = fresh_sched();
     let g = big_graph(n, "one");
     let stop = Arc::new(AtomicBool::new(false));
     let probe = session_probe(sched.clone(), stop.clone());
@@ -313,8 +325,9 @@ fn big_submit() {
     let t = Instant::now();
     {
         let mut s = sched.lock().unwrap();
-        s.submit(g, 1).unwrap();
+        persist::submit(&mut s, &store, g, 1).unwrap();
         s.dispatch(1);
+        store.apply_all(&s.take_writes()).unwrap();
     }
     let held = t.elapsed();
     std::thread::sleep(Duration::from_millis(20));
@@ -327,7 +340,7 @@ fn big_submit() {
     );
 
     // Planned under the lock, prepared outside, inserted under it.
-    let (_d2, sched) = fresh_sched();
+    let (_d2, store, sched) = fresh_sched();
     let g = big_graph(n, "two");
     let stop = Arc::new(AtomicBool::new(false));
     let probe = session_probe(sched.clone(), stop.clone());
@@ -337,30 +350,30 @@ fn big_submit() {
     let q = PlanQuery::new(&g);
     let mut outside = t.elapsed();
     let t = Instant::now();
-    let (plan, store) = {
-        let s = sched.lock().unwrap();
-        (s.share_plan(&q), s.store().clone())
-    };
+    let plan = sched.lock().unwrap().share_plan(&q);
     let plan_held = t.elapsed();
     let t = Instant::now();
     drop(q);
-    let prepared = Scheduler::prepare_submission(&store, g, &plan, 1).unwrap();
+    let (prepared, ahead) = persist::prepare_submission(&store, g, &plan, 1).unwrap();
     outside += t.elapsed();
     let t = Instant::now();
-    let (ins, notices, actions) = {
+    let (ins, notices, actions, persisted, writes) = {
         let mut s = sched.lock().unwrap();
         let ins = s.insert_submission(prepared, 1);
         s.dispatch(1);
         let n = s.take_notices();
         let a = s.take_actions();
-        (ins, n, a)
+        let w = s.take_writes();
+        let persisted = store.apply_all(&w);
+        (ins, n, a, persisted, w)
     };
     let insert_held = t.elapsed();
     let t = Instant::now();
     let (notices, actions) = (notices.len(), actions.len());
-    ins.persisted.unwrap();
+    persisted.unwrap();
+    ahead.discard(&store, &ins.discard).unwrap();
     let sid = ins.sid;
-    drop(ins.leftovers);
+    drop((ins.leftovers, writes));
     outside += t.elapsed();
     let total = total.elapsed();
     std::thread::sleep(Duration::from_millis(20));

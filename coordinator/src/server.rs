@@ -138,7 +138,7 @@ impl RunningCoordinator {
         let deadline = deadline_rx
             .borrow_and_update()
             .unwrap_or_else(|| tokio::time::Instant::now() + grace);
-        let store = self.coordinator.read_sched(|s| s.store().clone());
+        let store = self.coordinator.store();
         match tokio::time::timeout_at(deadline, store.flush()).await {
             Ok(r) => r?,
             Err(_) => {
@@ -255,7 +255,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         unschedulable_wait_ms: config.unschedulable_wait.as_millis() as i64,
         recent_window_ms: config.recent_builder_window.as_millis() as i64,
     };
-    let sched = Scheduler::load(sched_cfg, store, now_ms())?;
+    let sched = Scheduler::load(sched_cfg, store.load()?, now_ms());
 
     let facts = Facts {
         cache_public_key: signing_key.verifying_key().to_string(),
@@ -281,7 +281,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         loopback: grpc_addr.ip().is_loopback(),
     };
     let cache = crate::cache::Cache::open(config.cache.clone(), signing_key).await?;
-    let coordinator = Coordinator::new(sched, cache, facts);
+    let coordinator = Coordinator::new(sched, store, cache, facts);
 
     let (stop, stop_rx) = watch::channel(false);
     let stopped = move || {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::cache::Cache;
-use crate::domain::scheduler::types::*;
+use crate::domain::lock::lock;
+use crate::domain::model::*;
 use crate::domain::scheduler::{GraphSubmission, JobEnd, PlanQuery, Scheduler, SubmissionSnapshot};
 use crate::domain::state::{KeepNothing, Retention, StateError, Store};
 
@@ -76,6 +77,16 @@ struct Session {
     conn: u64,
     token: String,
     link: Arc<dyn BuilderLink>,
+}
+
+/// The connected builders, by name, and each one's data-call token. One
+/// mutex over both (mini-redis style): a session and its token are made and
+/// ended together, so one lock keeps them in step with no order between two.
+#[derive(Default)]
+struct Sessions {
+    by_name: HashMap<String, Session>,
+    /// Data-call session token → builder name.
+    by_token: HashMap<String, String>,
 }
 
 /// A running build's log so far, and a signal for followers. Kept as the
@@ -151,10 +162,47 @@ pub struct Facts {
     pub http_url: String,
 }
 
+/// The coordinator's shared state.
+///
+/// What each lock guards:
+/// - `sched`: the scheduler (builds, submissions, builders, the queue), and
+///   the order of its decisions: a call's writes are applied to `store` and
+///   its batch queued to `outbox_tx` before the guard drops, so the outbox
+///   carries batches out, and flushes their writes, in decision order.
+/// - `sessions`: each connected builder's session (name → connection, token,
+///   link) and its data-call token (token → name), one map each under one
+///   mutex (see [`Sessions`]).
+/// - `events`: each followed submission's broadcast channel.
+/// - `logs`: the live log of each running build; each `LiveLog` has its own
+///   mutex, so appending to one log does not stop readers of another.
+///
+/// Lock order: `sessions` before `sched` ([`Coordinator::builder_online`]
+/// holds both, so the name is bound in the scheduler and the session
+/// registered in one step, before the scheduler can dispatch to it).
+/// `events`, `logs` and a `LiveLog` are leaves: each is taken with no other
+/// lock held (a `logs` guard is dropped before its `LiveLog` is locked).
+/// Nothing is locked while `sched` is held, and `sched` is never taken while
+/// a leaf is held.
+///
+/// They are std mutexes, not tokio ones: every critical section is short and
+/// synchronous, and no guard is held across an `.await` (the scheduler is
+/// pure; sled writes under `sched` are blocking and brief; anything slow,
+/// such as a flush or a store read for a follower, happens after the guard
+/// drops). [`lock`] says why poisoning is ignored.
+///
+/// Not locks: `log_notify` wakes followers of any live log (armed before
+/// they look, so none is missed); `kick` is signalled after a builder came
+/// online; `stopping` ends sessions and followers; `outbox_tx` is the ordered
+/// queue to [`run_outbox`].
+///
+/// The rest stay apart: the scheduler lock is the busy one, and merging the
+/// maps of followers' channels or live logs into it would make every log
+/// chunk and every event delivery wait for scheduling decisions.
 pub(crate) struct Inner {
-    pub(crate) sched: Mutex<Scheduler>,
-    sessions: Mutex<HashMap<String, Session>>,
-    tokens: Mutex<HashMap<String, String>>,
+    sched: Mutex<Scheduler>,
+    /// The state database (a handle: cloned, it is read without any lock).
+    store: Store,
+    sessions: Mutex<Sessions>,
     events: Mutex<HashMap<SubmissionId, broadcast::Sender<Event>>>,
     logs: Mutex<HashMap<BuildId, Arc<Mutex<LiveLog>>>>,
     log_notify: Notify,
@@ -181,14 +229,16 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator over a loaded scheduler.
-    pub fn new(sched: Scheduler, cache: Cache, facts: Facts) -> Coordinator {
+    /// A coordinator over a loaded scheduler and the state it was loaded
+    /// from (the writes the load made are applied here).
+    pub fn new(mut sched: Scheduler, store: Store, cache: Cache, facts: Facts) -> Coordinator {
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+        let _ = store.apply_all(&sched.take_writes());
         let coord = Coordinator {
             inner: Arc::new(Inner {
                 sched: Mutex::new(sched),
-                sessions: Mutex::new(HashMap::new()),
-                tokens: Mutex::new(HashMap::new()),
+                store,
+                sessions: Mutex::new(Sessions::default()),
                 events: Mutex::new(HashMap::new()),
                 logs: Mutex::new(HashMap::new()),
                 log_notify: Notify::new(),
@@ -205,8 +255,7 @@ impl Coordinator {
 
     /// Make every state write so far durable.
     pub async fn flush(&self) -> Result<(), crate::domain::state::StateError> {
-        let store = self.read_sched(|s| s.store().clone());
-        store.flush().await
+        self.inner.store.flush().await
     }
 
     pub fn facts(&self) -> &Facts {
@@ -225,45 +274,56 @@ impl Coordinator {
     /// End every builder session and stream follower.
     pub fn stop(&self) {
         self.inner.stopping.cancel();
-        self.inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.inner
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.inner.sessions).by_name.clear();
+        lock(&self.inner.events).clear();
         self.inner.log_notify.notify_waiters();
     }
 
     /// Run `f` on the scheduler, dispatch, then carry out what it decided.
     ///
-    /// The decisions are queued to the outbox task while the scheduler lock
-    /// is still held, so batches are carried out in the order they were made.
+    /// Under the scheduler lock, in this order: `f`, the dispatch, the
+    /// scheduler's writes applied to the state, and the batch of actions and
+    /// notices queued to the outbox task; so batches are carried out in the
+    /// order they were made, each after its writes (and a batch that sends a
+    /// job or reports an end waits for a flush covering them: [`run_outbox`]).
+    /// A write that fails is logged; the decision stands.
     pub fn with_sched<R>(&self, f: impl FnOnce(&mut Scheduler, i64) -> R) -> R {
+        self.with_sched_persisted(f).0
+    }
+
+    /// [`Coordinator::with_sched`], also returning the first error writing
+    /// what `f` itself changed (not what the dispatch after it did).
+    fn with_sched_persisted<R>(
+        &self,
+        f: impl FnOnce(&mut Scheduler, i64) -> R,
+    ) -> (R, Result<(), StateError>) {
         let now = now_ms();
-        let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.inner.sched);
         let r = f(&mut s, now);
+        let own = s.take_writes();
         s.dispatch(now);
+        let dispatched = s.take_writes();
         let actions = s.take_actions();
         let notices = s.take_notices();
+        let persisted = self.inner.store.apply_all(&own);
+        let _ = self.inner.store.apply_all(&dispatched);
         if !actions.is_empty() || !notices.is_empty() {
             let _ = self.inner.outbox_tx.send(Batch { actions, notices });
         }
-        r
+        drop(s);
+        // The records written are freed after the lock.
+        drop((own, dispatched));
+        (r, persisted)
     }
 
     /// Read-only look at the scheduler.
     pub fn read_sched<R>(&self, f: impl FnOnce(&Scheduler) -> R) -> R {
-        let s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
-        f(&s)
+        f(&lock(&self.inner.sched))
     }
 
     /// The state database (a clone of the handle: read it without the lock).
     pub fn store(&self) -> Store {
-        self.read_sched(|s| s.store().clone())
+        self.inner.store.clone()
     }
 
     /// Add a derivation graph: what is shared is looked up under the
@@ -274,30 +334,33 @@ impl Coordinator {
         let (q, g) = tokio::task::spawn_blocking(move || (PlanQuery::new(&g), g))
             .await
             .map_err(|e| StateError::Task(format!("planning the submission: {e}")))?;
-        let (plan, store) = self.read_sched(|s| (s.share_plan(&q), s.store().clone()));
+        let plan = self.read_sched(|s| s.share_plan(&q));
+        let store = self.store();
         let now = now_ms();
         let prep_store = store.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
+        let (prepared, ahead) = tokio::task::spawn_blocking(move || {
             drop(q);
-            Scheduler::prepare_submission(&prep_store, g, &plan, now)
+            crate::domain::persist::prepare_submission(&prep_store, g, &plan, now)
         })
         .await
         .map_err(|e| StateError::Task(format!("preparing the submission: {e}")))??;
         // (The insert's scratch, `ins.leftovers`, is freed here, after the lock.)
-        let ins = self.with_sched(|s, now| s.insert_submission(prepared, now));
+        let (ins, persisted) =
+            self.with_sched_persisted(|s, now| s.insert_submission(prepared, now));
         if !ins.discard.is_empty() {
             let discard = ins.discard;
-            tokio::task::spawn_blocking(move || store.discard_new_builds(&discard))
+            tokio::task::spawn_blocking(move || ahead.discard(&store, &discard))
                 .await
                 .map_err(|e| StateError::Task(format!("discarding unused builds: {e}")))??;
         }
-        ins.persisted.map(|()| ins.sid)
+        persisted.map(|()| ins.sid)
     }
 
     /// A build's view: from the scheduler, else (a finished build no longer
     /// in memory) from the store, read after the lock is released.
     pub fn build_view(&self, id: BuildId) -> Option<Arc<BuildView>> {
-        let (view, store) = self.read_sched(|s| (s.build_view(id), s.store().clone()));
+        let view = self.read_sched(|s| s.build_view(id));
+        let store = self.store();
         view.or_else(|| {
             store
                 .get_build(id)
@@ -309,7 +372,8 @@ impl Coordinator {
 
     /// The latest build of a derivation, in memory or in the store's log index.
     pub fn build_of_drv(&self, drv: &farm_nix::store_path::StorePath) -> Option<BuildId> {
-        let (id, store) = self.read_sched(|s| (s.build_of_drv(drv), s.store().clone()));
+        let id = self.read_sched(|s| s.build_of_drv(drv));
+        let store = self.store();
         id.or_else(|| store.build_of_drv(&drv.base_name()).ok().flatten())
     }
 
@@ -317,7 +381,8 @@ impl Coordinator {
     /// from the scheduler (views are shared, not copied); a finished one, and
     /// builds not in memory, from the store after the lock is released.
     pub async fn submission(&self, sid: SubmissionId) -> Option<SubmissionSnapshot> {
-        let (found, store) = self.read_sched(|s| (s.submission_view(sid), s.store().clone()));
+        let found = self.read_sched(|s| s.submission_view(sid));
+        let store = self.store();
         match found {
             Some(((sub, mut builds), missing)) if missing.is_empty() => {
                 builds.sort_by_key(|b| b.id);
@@ -345,7 +410,8 @@ impl Coordinator {
     /// Whether a submission exists (in memory, else recorded; nothing is read
     /// but the key).
     pub fn submission_known(&self, sid: SubmissionId) -> bool {
-        let (in_memory, store) = self.read_sched(|s| (!s.submission_done(sid), s.store().clone()));
+        let in_memory = self.read_sched(|s| !s.submission_done(sid));
+        let store = self.store();
         in_memory || store.has_submission(sid).unwrap_or(false)
     }
 
@@ -409,10 +475,7 @@ impl Coordinator {
         for a in actions {
             match a {
                 Action::Dispatch(job) => {
-                    self.inner
-                        .logs
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
+                    lock(&self.inner.logs)
                         .insert(job.build, Arc::new(Mutex::new(LiveLog::default())));
                     let builder = job.builder.clone();
                     let job_id = job.job_id.clone();
@@ -464,11 +527,8 @@ impl Coordinator {
     }
 
     fn send_to(&self, builder: &str, command: BuilderCommand) -> Result<(), LinkError> {
-        let link = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let link = lock(&self.inner.sessions)
+            .by_name
             .get(builder)
             .map(|s| s.link.clone());
         match link {
@@ -494,18 +554,13 @@ impl Coordinator {
     fn spawn_build_ended(&self, build: BuildId) {
         let this = self.clone();
         tokio::spawn(async move {
-            let live = this
-                .inner
-                .logs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&build);
+            let live = lock(&this.inner.logs).remove(&build);
             if let Some(live) = live {
                 // Followers keep the Arc and read the tail after `ended`.
                 // The chunks are shared, not copied, under the lock; followers
                 // still read the tail from the live log.
                 let chunks = {
-                    let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut l = lock(&live);
                     l.ended = true;
                     l.chunks()
                 };
@@ -534,36 +589,24 @@ impl Coordinator {
     ) -> Result<(u64, String, bool), crate::domain::scheduler::NameTaken> {
         let token = random_token();
         // Register the session before the scheduler can dispatch to it.
+        let mut sessions = lock(&self.inner.sessions);
         let (conn, draining) = {
-            let mut sessions = self
-                .inner
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let mut s = self.inner.sched.lock().unwrap_or_else(|e| e.into_inner());
-            let (conn, draining) =
+            let mut s = lock(&self.inner.sched);
+            let joined =
                 s.builder_join(name, public_key, replaces, caps, running_jobs, now_ms())?;
-            if let Some(old) = sessions.insert(
-                name.to_owned(),
-                Session {
-                    conn,
-                    token: token.clone(),
-                    link,
-                },
-            ) {
-                self.inner
-                    .tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&old.token);
-            }
-            (conn, draining)
+            // Its record now; its actions go with the next batch (`kick`).
+            let _ = self.inner.store.apply_all(&s.take_writes());
+            joined
         };
-        self.inner
-            .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token.clone(), name.to_owned());
+        let session = Session {
+            conn,
+            token: token.clone(),
+            link,
+        };
+        if let Some(old) = sessions.by_name.insert(name.to_owned(), session) {
+            sessions.by_token.remove(&old.token);
+        }
+        sessions.by_token.insert(token.clone(), name.to_owned());
         Ok((conn, token, draining))
     }
 
@@ -581,19 +624,11 @@ impl Coordinator {
     /// The builder's stream ended.
     pub fn builder_offline(&self, name: &str, conn: u64) {
         {
-            let mut sessions = self
-                .inner
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if sessions.get(name).is_some_and(|s| s.conn == conn)
-                && let Some(s) = sessions.remove(name)
+            let mut sessions = lock(&self.inner.sessions);
+            if sessions.by_name.get(name).is_some_and(|s| s.conn == conn)
+                && let Some(s) = sessions.by_name.remove(name)
             {
-                self.inner
-                    .tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&s.token);
+                sessions.by_token.remove(&s.token);
             }
         }
         self.with_sched(|s, now| s.builder_disconnected(name, conn, now));
@@ -601,12 +636,7 @@ impl Coordinator {
 
     /// Whether a builder with this name is connected now, and with which key.
     pub fn connected_key(&self, name: &str) -> Option<String> {
-        let online = self
-            .inner
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(name);
+        let online = lock(&self.inner.sessions).by_name.contains_key(name);
         if !online {
             return None;
         }
@@ -620,12 +650,7 @@ impl Coordinator {
 
     /// The builder a data-call session token belongs to.
     pub fn session_builder(&self, token: &str) -> Option<String> {
-        self.inner
-            .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(token)
-            .cloned()
+        lock(&self.inner.sessions).by_token.get(token).cloned()
     }
 
     /// A load report.
@@ -639,16 +664,9 @@ impl Coordinator {
             return;
         };
         // A job that survived a coordinator restart has no buffer yet.
-        let live = self
-            .inner
-            .logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(build)
-            .or_default()
-            .clone();
+        let live = lock(&self.inner.logs).entry(build).or_default().clone();
         {
-            let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+            let mut l = lock(&live);
             l.push(data);
             drop(l);
             self.inner.log_notify.notify_waiters();
@@ -667,7 +685,7 @@ impl Coordinator {
 
     /// Subscribe to a submission's events.
     pub fn subscribe(&self, sid: SubmissionId) -> broadcast::Receiver<Event> {
-        let mut events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = lock(&self.inner.events);
         events
             .entry(sid)
             .or_insert_with(|| broadcast::channel(EVENT_CHANNEL).0)
@@ -676,18 +694,13 @@ impl Coordinator {
 
     /// Drop event channels nobody listens to any more.
     pub fn unsubscribe_idle(&self) {
-        let mut events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = lock(&self.inner.events);
         events.retain(|_, tx| tx.receiver_count() > 0);
     }
 
     /// The live log of a running build, if it is running.
     pub fn live_log(&self, build: BuildId) -> Option<Arc<Mutex<LiveLog>>> {
-        self.inner
-            .logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&build)
-            .cloned()
+        lock(&self.inner.logs).get(&build).cloned()
     }
 
     /// Resolves when some live log grows or ends (armed when called).
@@ -713,7 +726,7 @@ async fn run_outbox(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiv
             return;
         };
         let coord = Coordinator { inner };
-        let store = coord.read_sched(|s| s.store().clone());
+        let store = coord.store();
         let must_flush = batches.iter().any(|b| {
             b.actions.iter().any(|a| matches!(a, Action::Dispatch(_)))
                 || b.notices.iter().any(|n| {
@@ -736,7 +749,7 @@ async fn run_outbox(inner: std::sync::Weak<Inner>, mut rx: mpsc::UnboundedReceiv
         }
         for batch in batches {
             {
-                let events = coord.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+                let events = lock(&coord.inner.events);
                 for n in batch.notices {
                     for sid in &n.submissions {
                         if let Some(tx) = events.get(sid) {

@@ -12,7 +12,7 @@ use farm_nix::store_path::StorePath;
 
 use crate::domain::coordinator::{Coordinator, Prepared};
 use crate::domain::error::DomainError;
-use crate::domain::scheduler::types::{BuildId, BuildState, Priority, SubmissionId};
+use crate::domain::model::{BuildId, BuildState, Priority, SubmissionId};
 use crate::domain::scheduler::{GraphSubmission, NewBuild};
 
 /// Largest `.drv` file read.

@@ -1,12 +1,21 @@
 //! The coordinator's domain: what the farm knows and decides, with no
 //! transport in it. [`coordinator::Coordinator`] is the facade the API layers
-//! call; [`scheduler`] decides, [`state`] persists, [`graph`] turns a
-//! derivation graph into a submission. Nothing here names tonic, axum or
-//! russh (a test in `coordinator/tests/layering.rs` checks it).
+//! call; [`scheduler`] decides, [`state`] persists, both in the words of
+//! [`model`]; [`persist`] writes a submission's new builds ahead of the
+//! scheduler lock; [`graph`] turns a derivation graph into a submission;
+//! [`status`] is the farm as its APIs show it.
+//! Nothing here names tonic, axum or russh (a test in
+//! `coordinator/tests/layering.rs` checks it).
 
 pub mod coordinator;
 pub mod error;
 pub mod graph;
+pub(crate) mod lock;
+pub mod model;
+pub mod persist;
 pub mod scheduler;
 pub mod state;
 pub mod status;
+
+#[cfg(test)]
+mod restart_tests;

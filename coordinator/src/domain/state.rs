@@ -3,7 +3,7 @@
 //!
 //! Layout: one sled tree per kind, keys big-endian `u64` ids (names for
 //! builders, derivation base names for the log index), values JSON records
-//! (`scheduler::types`). Finished outputs are not here: the cache is the truth
+//! ([`crate::domain::model`]). Finished outputs are not here: the cache is the truth
 //! for those. Writes that must survive a `kill -9` are followed by [`Store::flush`].
 //!
 //! Two index trees keep start and retention independent of history:
@@ -31,8 +31,9 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::domain::scheduler::types::{
-    BuildId, BuildRecord, BuilderRecord, SubmissionId, SubmissionRecord,
+use crate::domain::lock::lock;
+use crate::domain::model::{
+    BuildId, BuildRecord, BuilderRecord, Loaded, SubmissionId, SubmissionRecord, Write,
 };
 
 /// The layout version this code writes (`meta` tree, key `layout`).
@@ -72,14 +73,6 @@ pub struct Store {
     active: sled::Tree,
     finished: sled::Tree,
     meta: sled::Tree,
-}
-
-/// Everything loaded at start.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    pub builds: Vec<BuildRecord>,
-    pub submissions: Vec<SubmissionRecord>,
-    pub builders: Vec<BuilderRecord>,
 }
 
 /// How much finished history the state keeps. Defaults a homelab never has to
@@ -407,6 +400,48 @@ impl Store {
         }
     }
 
+    /// Apply one of the scheduler's writes. A failure is logged here too
+    /// (the scheduler has decided already; callers mostly go on).
+    pub fn apply(&self, w: &Write) -> Result<(), StateError> {
+        match w {
+            Write::Build(b) => self.put_build(b).inspect_err(|e| {
+                tracing::error!(build = b.id, error = %e, "cannot persist build");
+            }),
+            Write::Submission(s) => self.put_submission(s).inspect_err(|e| {
+                tracing::error!(submission = s.id, error = %e, "cannot persist submission");
+            }),
+            Write::NewSubmission { id, encoded } => {
+                self.put_new_submission(*id, encoded).inspect_err(|e| {
+                    tracing::error!(submission = id, error = %e, "cannot persist submission");
+                })
+            }
+            Write::Builder(b) => self.put_builder(b).inspect_err(|e| {
+                tracing::error!(builder = %b.name, error = %e, "cannot persist builder");
+            }),
+            Write::ForgetBuilder(name) => self.delete_builder(name).inspect_err(|e| {
+                tracing::error!(builder = %name, error = %e, "cannot delete builder record");
+            }),
+        }
+    }
+
+    /// Apply the scheduler's writes in order; every one is tried, the first
+    /// failure is returned.
+    pub fn apply_all(&self, writes: &[Write]) -> Result<(), StateError> {
+        let mut first = Ok(());
+        for w in writes {
+            let r = self.apply(w);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// A record encoded as this database stores it.
+    pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(value).map_err(StateError::Encode)
+    }
+
     pub fn put_builder(&self, b: &BuilderRecord) -> Result<(), StateError> {
         Store::put(&self.builders, b.name.as_bytes(), b)
     }
@@ -693,7 +728,7 @@ impl Flusher {
                     let r = flush();
                     let took = started.elapsed().as_micros() as u64;
                     {
-                        let mut s = thread_stats.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut s = lock(&thread_stats);
                         s.flushes += 1;
                         s.requests += waiting.len() as u64;
                         s.busy_micros += took;
@@ -716,9 +751,7 @@ impl Flusher {
     /// Resolves once a flush that began after this call has finished.
     pub async fn flush(&self) -> Result<(), StateError> {
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.tx)
             .send(reply)
             .map_err(|_| StateError::Flush("the flusher thread has stopped".into()))?;
         match done.await {
@@ -728,7 +761,7 @@ impl Flusher {
     }
 
     pub fn stats(&self) -> FlushStats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.stats)
     }
 }
 
@@ -847,7 +880,7 @@ mod tests {
     fn build(
         id: BuildId,
         sub: SubmissionId,
-        state: crate::domain::scheduler::types::BuildState,
+        state: crate::domain::model::BuildState,
     ) -> BuildRecord {
         BuildRecord {
             id,
@@ -892,7 +925,7 @@ mod tests {
     /// at open, once; a start then reads what is unfinished.
     #[test]
     fn an_old_database_is_indexed_once_at_open() {
-        use crate::domain::scheduler::types::{BuildState, Outcome};
+        use crate::domain::model::{BuildState, Outcome};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
@@ -938,7 +971,7 @@ mod tests {
     /// it when its record says it ended, and stale entries are dropped at load.
     #[test]
     fn the_active_index_follows_the_records() {
-        use crate::domain::scheduler::types::{BuildState, Outcome};
+        use crate::domain::model::{BuildState, Outcome};
         let store = Store::temporary().unwrap();
         store.put_build(&build(1, 10, BuildState::Waiting)).unwrap();
         store.put_submission(&submission(10, &[1], false)).unwrap();

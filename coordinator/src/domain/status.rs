@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::domain::coordinator::{Coordinator, Facts};
-use crate::domain::scheduler::types::BuildView;
+use crate::domain::model::BuildView;
 use crate::domain::scheduler::{BuilderView, FailureView};
 
 /// The farm now, read in one look at the scheduler.
@@ -132,7 +132,7 @@ fn machines(facts: &Facts, protocol: &str, builders: &[BuilderView]) -> FarmMach
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::scheduler::types::{BuilderRecord, Capabilities, Load};
+    use crate::domain::model::{BuilderRecord, Capabilities, Load};
 
     fn builder(
         systems: &[&str],

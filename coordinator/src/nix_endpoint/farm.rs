@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use super::build::{BuildBackend, BuildEvent, BuildOutcome, BuildSettings};
 use crate::domain::coordinator::Coordinator;
 use crate::domain::graph::{Root, SubmitOptions};
-use crate::domain::scheduler::SubmissionSnapshot;
-use crate::domain::scheduler::types::{
+use crate::domain::model::{
     BuildId, BuildState, BuildView, Outcome, Priority, SubmissionId, SubmissionRecord,
 };
+use crate::domain::scheduler::SubmissionSnapshot;
 use crate::nix_endpoint::error::handler_error;
 use crate::nix_endpoint::ssh::{BoxFuture, ClientIdentity};
 

@@ -27,7 +27,7 @@ use crate::api::grpc::BoxStream;
 use crate::api::grpc::auth::BuilderAuth;
 use crate::api::grpc::convert::{capabilities_from, command_message, job_end_from, load_from};
 use crate::domain::coordinator::{BuilderCommand, BuilderLink, Coordinator, LinkError};
-use crate::domain::scheduler::types::Capabilities;
+use crate::domain::model::Capabilities;
 use crate::keys::{fingerprint_ed25519, parse_ed25519_line};
 
 /// How long a builder has for each handshake step.

@@ -11,8 +11,8 @@ use farm_proto::v1::coordinator_message::Msg as Down;
 use tonic::Status;
 
 use crate::domain::coordinator::{BuilderCommand, LinkError};
+use crate::domain::model::*;
 use crate::domain::scheduler::JobEnd;
-use crate::domain::scheduler::types::*;
 use crate::domain::status::{FarmMachine, FarmStatus};
 
 /// Most entries in a capability list.

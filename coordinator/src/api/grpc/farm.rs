@@ -15,7 +15,7 @@ use crate::api::grpc::auth::{Caller, CliAuth, Level};
 use crate::api::grpc::convert::{event_to, machine_to, status_to};
 use crate::domain::coordinator::{Coordinator, now_ms};
 use crate::domain::graph::Root;
-use crate::domain::scheduler::types::*;
+use crate::domain::model::*;
 
 /// `FarmService`.
 #[derive(Clone)]

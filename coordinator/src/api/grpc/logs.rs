@@ -10,7 +10,7 @@ use tonic::{Response, Status};
 
 use crate::api::grpc::BoxStream;
 use crate::domain::coordinator::Coordinator;
-use crate::domain::scheduler::types::{BuildId, parse_build_id};
+use crate::domain::model::{BuildId, parse_build_id};
 
 /// Bytes per log chunk sent.
 const CHUNK: usize = 64 * 1024;

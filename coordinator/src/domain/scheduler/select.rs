@@ -8,7 +8,7 @@ use std::hash::Hash;
 
 use farm_nix::store_path::StorePath;
 
-use super::types::{Capabilities, Load};
+use crate::domain::model::{Capabilities, Load};
 
 /// Estimated relative time for a builder to finish a build; lower is better.
 ///

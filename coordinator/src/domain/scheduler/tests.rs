@@ -1,21 +1,51 @@
 //! Scheduler unit tests: capability matching, preference, ordering, dedup,
-//! unschedulable work, lost builders, retries, and recovery from the store.
+//! unschedulable work, lost builders, retries, prepared submissions. No
+//! database: what the scheduler would persist is read from its writes (the
+//! tests never take them). Restarts through a real store are in
+//! `domain::restart_tests`, which shares these helpers.
 
 use super::*;
 use farm_nix::hash::HashAlgo;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-fn sp(name: &str) -> StorePath {
+/// Ids for submissions and builds, unique across every test (as the state's are).
+pub(crate) fn next_id() -> Result<u64, Infallible> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    Ok(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Scheduler {
+    /// [`Scheduler::submit`] with ids from [`next_id`].
+    pub(crate) fn submit_test(
+        &mut self,
+        g: GraphSubmission,
+        now: i64,
+    ) -> Result<SubmissionId, Infallible> {
+        self.submit(g, now, next_id)
+    }
+}
+
+/// The last record of build `id` the scheduler handed back to write.
+fn written_build(s: &Scheduler, id: BuildId) -> Option<&BuildRecord> {
+    s.writes.iter().rev().find_map(|w| match w {
+        Write::Build(b) if b.id == id => Some(&**b),
+        _ => None,
+    })
+}
+
+pub(crate) fn sp(name: &str) -> StorePath {
     let d = HashAlgo::Sha256.digest(name.as_bytes());
     let mut digest = [0u8; 20];
     digest.copy_from_slice(&d.digest()[..20]);
     StorePath::from_digest(&digest, name).unwrap()
 }
 
-fn drv(name: &str) -> StorePath {
+pub(crate) fn drv(name: &str) -> StorePath {
     sp(&format!("{name}.drv"))
 }
 
-fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
+pub(crate) fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
     NewBuild {
         drv_path: drv(name),
         drv_aterm: format!("Derive-{name}").into(),
@@ -26,7 +56,7 @@ fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
     }
 }
 
-fn caps(
+pub(crate) fn caps(
     systems: &[&str],
     supported: &[&str],
     mandatory: &[&str],
@@ -45,7 +75,7 @@ fn caps(
     }
 }
 
-fn cfg() -> SchedulerConfig {
+pub(crate) fn cfg() -> SchedulerConfig {
     SchedulerConfig {
         grace_ms: 10_000,
         max_retries: 1,
@@ -55,10 +85,10 @@ fn cfg() -> SchedulerConfig {
 }
 
 fn sched() -> Scheduler {
-    Scheduler::new(cfg(), Store::temporary().unwrap())
+    Scheduler::new(cfg())
 }
 
-fn graph(builds: Vec<NewBuild>, roots: &[&str]) -> GraphSubmission {
+pub(crate) fn graph(builds: Vec<NewBuild>, roots: &[&str]) -> GraphSubmission {
     GraphSubmission {
         roots: roots.iter().map(|r| drv(r)).collect(),
         builds,
@@ -67,7 +97,7 @@ fn graph(builds: Vec<NewBuild>, roots: &[&str]) -> GraphSubmission {
 }
 
 /// Resolve every pending Prepare with an empty closure; return the dispatches.
-fn settle(s: &mut Scheduler, now: i64) -> Vec<Assignment> {
+pub(crate) fn settle(s: &mut Scheduler, now: i64) -> Vec<Assignment> {
     let mut out = Vec::new();
     for _ in 0..100 {
         s.dispatch(now);
@@ -86,7 +116,7 @@ fn settle(s: &mut Scheduler, now: i64) -> Vec<Assignment> {
     out
 }
 
-fn id_of(s: &Scheduler, name: &str) -> BuildId {
+pub(crate) fn id_of(s: &Scheduler, name: &str) -> BuildId {
     s.build_of_drv(&drv(name)).unwrap()
 }
 
@@ -154,7 +184,7 @@ fn dispatch_matches_capabilities() {
         &[],
         0,
     );
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("p", "x86_64-linux", &[], &[]),
@@ -230,7 +260,7 @@ fn preference_ordering() {
         },
         0,
     );
-    s.submit(
+    s.submit_test(
         graph(vec![nb("one", "x86_64-linux", &[], &[])], &["one"]),
         0,
     )
@@ -263,7 +293,7 @@ fn preference_ordering() {
         },
         0,
     );
-    s.submit(
+    s.submit_test(
         graph(vec![nb("one", "x86_64-linux", &[], &[])], &["one"]),
         0,
     )
@@ -284,7 +314,7 @@ fn longest_chain_then_priority_then_age() {
     );
     s.set_drain("only", true);
     // c depends on b depends on a; x and y stand alone (y submitted later).
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("x", "x86_64-linux", &[], &[]),
@@ -297,7 +327,7 @@ fn longest_chain_then_priority_then_age() {
         0,
     )
     .unwrap();
-    s.submit(graph(vec![nb("y", "x86_64-linux", &[], &[])], &["y"]), 10)
+    s.submit_test(graph(vec![nb("y", "x86_64-linux", &[], &[])], &["y"]), 10)
         .unwrap();
     settle(&mut s, 10); // drained: everything stays queued
     let order = s.queue_order("x86_64-linux");
@@ -306,7 +336,7 @@ fn longest_chain_then_priority_then_age() {
     // an interactive submission jumps the queue
     let mut g = graph(vec![nb("z", "x86_64-linux", &[], &[])], &["z"]);
     g.priority = Priority::Interactive;
-    s.submit(g, 20).unwrap();
+    s.submit_test(g, 20).unwrap();
     settle(&mut s, 20);
     assert_eq!(s.queue_order("x86_64-linux")[0], id_of(&s, "z"));
 
@@ -326,7 +356,7 @@ fn identical_derivations_built_once() {
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 8, 1.0), &[], 0);
     s.set_drain("b", true);
     let s1 = s
-        .submit(
+        .submit_test(
             graph(
                 vec![
                     nb("lib", "x86_64-linux", &[], &[]),
@@ -338,7 +368,7 @@ fn identical_derivations_built_once() {
         )
         .unwrap();
     let s2 = s
-        .submit(
+        .submit_test(
             graph(
                 vec![
                     nb("lib", "x86_64-linux", &[], &[]),
@@ -351,7 +381,7 @@ fn identical_derivations_built_once() {
         .unwrap();
     // the same derivation twice in one submission, too
     let s3 = s
-        .submit(
+        .submit_test(
             graph(vec![nb("lib", "x86_64-linux", &[], &[])], &["lib", "lib"]),
             2,
         )
@@ -398,7 +428,7 @@ fn unschedulable_fails_at_once_with_what_is_missing() {
         0,
     );
     let sid = s
-        .submit(
+        .submit_test(
             graph(
                 vec![
                     nb("mac", "aarch64-darwin", &[], &[]),
@@ -484,7 +514,7 @@ fn recently_seen_builder_means_wait_bounded() {
         0,
     );
     s.builder_disconnected("arm", conn, 1_000);
-    s.submit(
+    s.submit_test(
         graph(vec![nb("a", "aarch64-linux", &[], &[])], &["a"]),
         2_000,
     )
@@ -514,7 +544,7 @@ fn recently_seen_builder_means_wait_bounded() {
         0,
     );
     s.builder_disconnected("arm", conn, 1_000);
-    s.submit(
+    s.submit_test(
         graph(vec![nb("a", "aarch64-linux", &[], &[])], &["a"]),
         2_000,
     )
@@ -543,7 +573,7 @@ fn vanished_builder_requeued_after_grace_with_retry_limit() {
         &[],
         0,
     );
-    s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+    s.submit_test(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
         .unwrap();
     let jobs = settle(&mut s, 0);
     assert_eq!(jobs[0].builder, "b1");
@@ -594,7 +624,7 @@ fn vanished_builder_requeued_after_grace_with_retry_limit() {
 fn reconnect_keeps_reported_jobs_and_requeues_the_rest() {
     let mut s = sched();
     let (c, _) = s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 2, 1.0), &[], 0);
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("one", "x86_64-linux", &[], &[]),
@@ -637,7 +667,7 @@ fn reconnect_keeps_reported_jobs_and_requeues_the_rest() {
 fn a_job_that_finished_while_its_builder_was_away_is_kept_and_its_result_accepted() {
     let mut s = sched(); // grace 10 s
     let (c, _) = s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 2, 1.0), &[], 0);
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("done", "x86_64-linux", &[], &[]),
@@ -687,11 +717,8 @@ fn a_job_that_finished_while_its_builder_was_away_is_kept_and_its_result_accepte
     s.tick(60_000);
     assert_eq!(s.running_job("b", &late.job_id), Some(late.build));
     s.job_ended("b", &late.job_id, JobEnd::Built, 60_100);
-    // (the submission is done: its records are read back from the store)
-    let rec = match s.build_record(late.build) {
-        Some(r) => r.clone(),
-        None => s.store().get_build(late.build).unwrap().unwrap(),
-    };
+    // (as last written: the submission is done, its builds may be evicted)
+    let rec = written_build(&s, late.build).unwrap().clone();
     assert_eq!(
         (rec.state, rec.retries),
         (BuildState::Done(Outcome::Built), 0)
@@ -702,7 +729,7 @@ fn a_job_that_finished_while_its_builder_was_away_is_kept_and_its_result_accepte
 fn a_finished_job_the_coordinator_gave_up_on_is_cancelled_and_its_result_ignored() {
     let mut s = sched(); // grace 10 s
     let (c, _) = s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
-    s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+    s.submit_test(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
         .unwrap();
     let first = settle(&mut s, 0).remove(0);
     s.builder_disconnected("b", c, 100);
@@ -734,7 +761,7 @@ fn a_finished_job_the_coordinator_gave_up_on_is_cancelled_and_its_result_ignored
 fn failures_transient_retry_permanent_propagate() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("base", "x86_64-linux", &[], &[]),
@@ -772,7 +799,7 @@ fn failures_transient_retry_permanent_propagate() {
             .any(|(d, o, _)| *d == drv("top") && *o == Outcome::DependencyFailed)
     );
     // a failed derivation submitted again is built again
-    s.submit(
+    s.submit_test(
         graph(vec![nb("base", "x86_64-linux", &[], &[])], &["base"]),
         3,
     )
@@ -785,7 +812,7 @@ fn cancel_submission_spares_shared_builds() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
     let s1 = s
-        .submit(
+        .submit_test(
             graph(
                 vec![
                     nb("shared", "x86_64-linux", &[], &[]),
@@ -796,7 +823,7 @@ fn cancel_submission_spares_shared_builds() {
             0,
         )
         .unwrap();
-    s.submit(
+    s.submit_test(
         graph(vec![nb("shared", "x86_64-linux", &[], &[])], &["shared"]),
         0,
     )
@@ -824,7 +851,7 @@ fn drained_builder_gets_no_work() {
         builder: "b".into(),
         draining: true
     }));
-    s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
+    s.submit_test(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
         .unwrap();
     assert!(settle(&mut s, 0).is_empty());
     s.set_drain("b", false);
@@ -833,101 +860,12 @@ fn drained_builder_gets_no_work() {
 }
 
 #[test]
-fn restart_recovers_from_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let (sid, done_id, running_job, waiting_id);
-    {
-        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
-        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
-        sid = s
-            .submit(
-                graph(
-                    vec![
-                        nb("first", "x86_64-linux", &[], &[]),
-                        nb("second", "x86_64-linux", &[], &["first"]),
-                        nb("third", "x86_64-linux", &[], &["second"]),
-                    ],
-                    &["third"],
-                ),
-                0,
-            )
-            .unwrap();
-        let j = settle(&mut s, 0);
-        done_id = j[0].build;
-        s.job_ended("b", &j[0].job_id, JobEnd::Built, 1);
-        let j = settle(&mut s, 1);
-        running_job = j[0].job_id.clone();
-        waiting_id = id_of(&s, "third");
-        s.store().flush_blocking().unwrap();
-        // dropped here, as after kill -9 (sled's flushed state is what survives)
-    }
-    let mut s = Scheduler::load(cfg(), Store::open(&path).unwrap(), 10_000).unwrap();
-    assert!(!s.submission_done(sid));
-    assert_eq!(s.state_of(done_id), Some(BuildState::Done(Outcome::Built)));
-    assert_eq!(s.state_of(waiting_id), Some(BuildState::Waiting));
-    let (running_id, _) = parse_job_id(&running_job).unwrap();
-    assert!(matches!(
-        s.state_of(running_id),
-        Some(BuildState::Running { .. })
-    ));
-    // the builder comes back without the job: it is sent again, nothing finished is rebuilt
-    s.builder_connected(
-        "b",
-        "k",
-        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
-        &[],
-        11_000,
-    );
-    let j = settle(&mut s, 11_000);
-    assert_eq!(j.len(), 1);
-    assert_eq!(j[0].build, running_id);
-    s.job_ended("b", &j[0].job_id, JobEnd::Built, 12_000);
-    let j = settle(&mut s, 12_000);
-    assert_eq!(j.len(), 1);
-    assert_eq!(j[0].build, waiting_id);
-    s.job_ended("b", &j[0].job_id, JobEnd::Built, 13_000);
-    assert!(s.submission_done(sid));
-    // ids keep growing across restarts
-    let next = s.store().next_id().unwrap();
-    assert!(next > waiting_id);
-}
-
-#[test]
-fn restart_with_builder_gone_requeues_after_grace() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    {
-        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
-        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
-        s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), 0)
-            .unwrap();
-        settle(&mut s, 0);
-        s.store().flush_blocking().unwrap();
-    }
-    let mut s = Scheduler::load(cfg(), Store::open(&path).unwrap(), 100_000).unwrap();
-    s.builder_connected(
-        "other",
-        "k2",
-        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
-        &[],
-        100_000,
-    );
-    s.tick(105_000);
-    assert!(settle(&mut s, 105_000).is_empty(), "still within grace");
-    s.tick(110_000);
-    let j = settle(&mut s, 110_000);
-    assert_eq!(j.len(), 1);
-    assert_eq!(j[0].builder, "other");
-}
-
-#[test]
 fn builds_record_every_client_that_asked() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
     let mut g = graph(vec![nb("shared", "x86_64-linux", &[], &[])], &["shared"]);
     g.client = Some("SHA256:alice alice@laptop".into());
-    let s1 = s.submit(g, 1).unwrap();
+    let s1 = s.submit_test(g, 1).unwrap();
     let mut g = graph(
         vec![
             nb("shared", "x86_64-linux", &[], &[]),
@@ -936,7 +874,7 @@ fn builds_record_every_client_that_asked() {
         &["own"],
     );
     g.client = Some("SHA256:bob bob@ci".into());
-    let s2 = s.submit(g, 2).unwrap();
+    let s2 = s.submit_test(g, 2).unwrap();
     let shared = s.build_record(id_of(&s, "shared")).unwrap();
     assert_eq!(
         shared.requested_by,
@@ -960,230 +898,13 @@ fn builds_record_every_client_that_asked() {
     );
 }
 
-// ───────────────────── retention, start, locks, memory ─────────────────────
-
-use crate::domain::state::{KeepNothing, Retention};
-
-/// Submit `names` as one graph and build all of it on "b" (one job at a time).
-fn build_all(s: &mut Scheduler, names: &[&str], now: i64) -> SubmissionId {
-    let builds = names
-        .iter()
-        .map(|n| nb(n, "x86_64-linux", &[], &[]))
-        .collect();
-    let sid = s.submit(graph(builds, names), now).unwrap();
-    loop {
-        let jobs = settle(s, now);
-        if jobs.is_empty() {
-            break;
-        }
-        for j in jobs {
-            s.job_ended("b", &j.job_id, JobEnd::Built, now);
-        }
-    }
-    assert!(s.submission_done(sid));
-    sid
-}
-
-/// Prune until nothing more is due.
-fn prune_all(store: &Store, retention: &Retention, now: i64) -> usize {
-    let mut n = 0;
-    loop {
-        let p = store.prune(retention, &KeepNothing, now, 256).unwrap();
-        n += p.submissions;
-        if !p.more {
-            return n;
-        }
-    }
-}
-
-/// 10 000 finished submissions, a restart, then pruning: the start loads only
-/// the unfinished submission, and sled then holds at most the retention
-/// (counted entry by entry in every tree) plus the unfinished work, whose
-/// shared build survives although finished submissions that listed it went.
-#[test]
-fn ten_thousand_finished_submissions_pruned_to_the_retention_after_a_restart() {
-    const N: usize = 10_000;
-    const KEEP: usize = 100;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let (long, shared_id, newest);
-    {
-        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
-        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
-        // An unfinished submission: "shared" builds, "blocker" never ends.
-        long = s
-            .submit(
-                graph(
-                    vec![
-                        nb("shared", "x86_64-linux", &[], &[]),
-                        nb("blocker", "x86_64-linux", &[], &[]),
-                    ],
-                    &["shared", "blocker"],
-                ),
-                0,
-            )
-            .unwrap();
-        let jobs = settle(&mut s, 0);
-        shared_id = id_of(&s, "shared");
-        let j = jobs.iter().find(|j| j.build == shared_id).unwrap();
-        s.job_ended("b", &j.job_id, JobEnd::Built, 0);
-        let mut last = 0;
-        for i in 0..N {
-            let own = format!("own-{i}");
-            // Every hundredth one shares the long submission's built build.
-            let names: Vec<&str> = if i % 100 == 0 {
-                vec![&own, "shared"]
-            } else {
-                vec![&own]
-            };
-            last = build_all(&mut s, &names, 1 + i as i64);
-        }
-        newest = last;
-        s.store().flush_blocking().unwrap();
-        let c = s.store().counts();
-        assert_eq!((c.submissions, c.finished), (N + 1, N));
-        assert_eq!(c.builds, N + 2);
-    }
-    // Restart: only the unfinished work is read.
-    let store = Store::open(&path).unwrap();
-    let s = Scheduler::load(cfg(), store.clone(), 20_000).unwrap();
-    let (builds, subs, _, _) = s.memory_counts();
-    assert_eq!((builds, subs), (2, 1), "the start read finished history");
-    assert!(!s.submission_done(long));
-    let retention = Retention {
-        finished_submissions: KEEP,
-        max_age_ms: None,
-        builder_ms: i64::MAX,
-    };
-    assert_eq!(prune_all(&store, &retention, 20_000), N - KEEP);
-    let c = store.counts();
-    assert_eq!(c.finished, KEEP, "{c:?}");
-    assert_eq!(c.submissions, KEEP + 1, "{c:?}");
-    // the kept submissions' own builds, plus "shared" and "blocker"
-    assert_eq!(c.builds, KEEP + 2, "{c:?}");
-    assert_eq!(c.log_index, c.builds, "{c:?}");
-    assert_eq!(c.active, 2, "{c:?}");
-    // the newest are the ones kept; the shared build is still there
-    assert!(store.get_submission(newest).unwrap().is_some());
-    assert!(store.get_build(shared_id).unwrap().is_some());
-    assert!(
-        store
-            .build_of_drv(&drv("own-0").base_name())
-            .unwrap()
-            .is_none()
-    );
-    assert!(
-        store
-            .build_of_drv(&drv(&format!("own-{}", N - 1)).base_name())
-            .unwrap()
-            .is_some()
-    );
-    // nothing more is due; and an age limit prunes what is older
-    assert_eq!(prune_all(&store, &retention, 20_000), 0);
-    let by_age = Retention {
-        // finished at 1..=N: keep those at N-9..=N
-        max_age_ms: Some(20_000 - (N as i64 - 9)),
-        ..retention
-    };
-    assert_eq!(prune_all(&store, &by_age, 20_000), KEEP - 10);
-    assert_eq!(store.counts().finished, 10);
-    // the unfinished submission still resumes
-    drop(s);
-    let s = Scheduler::load(cfg(), store, 30_000).unwrap();
-    assert!(!s.submission_done(long));
-    assert_eq!(
-        s.state_of(shared_id),
-        Some(BuildState::Done(Outcome::Built))
-    );
-}
-
-/// Records written by a submission that a crash interrupted before it was
-/// recorded are dropped at the next start, not built.
-#[test]
-fn an_interrupted_submission_leaves_nothing_to_build() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    {
-        let s = Scheduler::new(cfg(), Store::open(&path).unwrap());
-        let g = graph(
-            vec![
-                nb("a", "x86_64-linux", &[], &[]),
-                nb("b", "x86_64-linux", &[], &["a"]),
-            ],
-            &["b"],
-        );
-        let plan = s.share_plan(&PlanQuery::new(&g));
-        let p = Scheduler::prepare_submission(s.store(), g, &plan, 0).unwrap();
-        assert_eq!(s.store().counts().builds, 2);
-        drop(p);
-        s.store().flush_blocking().unwrap();
-    }
-    let store = Store::open(&path).unwrap();
-    let s = Scheduler::load(cfg(), store.clone(), 1).unwrap();
-    assert_eq!(s.memory_counts().0, 0);
-    let c = store.counts();
-    assert_eq!((c.builds, c.active, c.log_index), (0, 0, 0), "{c:?}");
-}
-
-/// Two submissions of the same new derivation prepared at once: the one
-/// inserted second shares the first one's build, and its own record is
-/// discarded (the log index points at the build that exists).
-#[test]
-fn submissions_prepared_at_once_share_one_build() {
-    let mut s = sched();
-    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
-    let g1 = graph(vec![nb("x", "x86_64-linux", &[], &[])], &["x"]);
-    let g2 = graph(
-        vec![
-            nb("x", "x86_64-linux", &[], &[]),
-            nb("y", "x86_64-linux", &[], &["x"]),
-        ],
-        &["y"],
-    );
-    let (p1, p2) = (
-        s.share_plan(&PlanQuery::new(&g1)),
-        s.share_plan(&PlanQuery::new(&g2)),
-    );
-    let p1 = Scheduler::prepare_submission(s.store(), g1, &p1, 0).unwrap();
-    let p2 = Scheduler::prepare_submission(s.store(), g2, &p2, 0).unwrap();
-    let i1 = s.insert_submission(p1, 0);
-    assert!(i1.discard.is_empty());
-    let i2 = s.insert_submission(p2, 0);
-    i2.persisted.unwrap();
-    assert_eq!(i2.discard.len(), 1);
-    s.store().discard_new_builds(&i2.discard).unwrap();
-    let x = id_of(&s, "x");
-    assert_eq!(
-        s.store().build_of_drv(&drv("x").base_name()).unwrap(),
-        Some(x)
-    );
-    assert_eq!(s.store().counts().builds, 2);
-    let y = id_of(&s, "y");
-    assert_eq!(
-        s.build_record(y).unwrap().deps,
-        BTreeSet::from([x]),
-        "linked to the shared build, not the discarded one"
-    );
-    assert_eq!(
-        s.store().get_build(y).unwrap().unwrap().deps,
-        BTreeSet::from([x])
-    );
-    let jobs = settle(&mut s, 0);
-    assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].build, x);
-    s.job_ended("b", &jobs[0].job_id, JobEnd::Built, 1);
-    assert!(s.submission_done(i1.sid));
-    let jobs = settle(&mut s, 1);
-    assert_eq!(jobs[0].build, y);
-}
-
 /// A build a prepared submission was to share fails before it is inserted:
 /// the submission gets a build of its own instead of a failed dependency.
 #[test]
 fn a_shared_build_that_fails_meanwhile_is_built_again() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 0);
-    s.submit(graph(vec![nb("x", "x86_64-linux", &[], &[])], &["x"]), 0)
+    s.submit_test(graph(vec![nb("x", "x86_64-linux", &[], &[])], &["x"]), 0)
         .unwrap();
     let first = settle(&mut s, 0);
     let g = graph(
@@ -1194,18 +915,15 @@ fn a_shared_build_that_fails_meanwhile_is_built_again() {
         &["y"],
     );
     let plan = s.share_plan(&PlanQuery::new(&g));
-    let p = Scheduler::prepare_submission(s.store(), g, &plan, 1).unwrap();
+    let p = Scheduler::prepare_submission(g, &plan, 1, next_id).unwrap();
     s.job_ended("b", &first[0].job_id, JobEnd::Failed("boom".into()), 2);
     let ins = s.insert_submission(p, 3);
-    ins.persisted.unwrap();
+    assert!(ins.discard.is_empty());
     let x2 = id_of(&s, "x");
     assert_ne!(x2, first[0].build);
     let y = id_of(&s, "y");
     assert_eq!(s.build_record(y).unwrap().deps, BTreeSet::from([x2]));
-    assert_eq!(
-        s.store().get_build(x2).unwrap().unwrap().state,
-        BuildState::Waiting
-    );
+    assert_eq!(written_build(&s, x2).unwrap().state, BuildState::Waiting);
     let jobs = settle(&mut s, 3);
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].build, x2);
@@ -1218,7 +936,7 @@ fn a_shared_build_that_fails_meanwhile_is_built_again() {
 fn input_closures_are_held_only_while_queued_and_shared() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("p", "x86_64-linux", &[], &[]),
@@ -1299,55 +1017,6 @@ fn a_builder_name_is_bound_to_one_key() {
     assert_eq!(s.builder_key("n"), Some(("k2".to_string(), true)));
 }
 
-/// Builders not seen within the retention are forgotten, in memory and in
-/// the store; online ones and those with work stay.
-#[test]
-fn builders_not_seen_within_the_retention_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db");
-    let day = 86_400_000;
-    {
-        let mut s = Scheduler::new(cfg(), Store::open(&path).unwrap());
-        let c = caps(&["x86_64-linux"], &[], &[], 1, 1.0);
-        let (old, _) = s.builder_connected("old", "k1", c.clone(), &[], 0);
-        s.builder_disconnected("old", old, day);
-        let (busy, _) = s.builder_connected("busy", "k2", c.clone(), &[], 0);
-        s.submit(graph(vec![nb("t", "x86_64-linux", &[], &[])], &["t"]), day)
-            .unwrap();
-        assert_eq!(settle(&mut s, day).len(), 1);
-        s.builder_disconnected("busy", busy, day);
-        s.builder_connected("online", "k3", c, &[], 0);
-        s.store().flush_blocking().unwrap();
-    }
-    let store = Store::open(&path).unwrap();
-    let mut s = Scheduler::load(cfg(), store.clone(), 40 * day).unwrap();
-    assert_eq!(s.builders().len(), 3);
-    // "online" is back; "old" was last seen 39 days ago; "busy" 39 too, but
-    // it has a job (its grace period decides about that)
-    s.builder_connected(
-        "online",
-        "k3",
-        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
-        &[],
-        40 * day,
-    );
-    let gone = s.forget_builders(40 * day, 30 * day);
-    assert_eq!(gone, vec!["old".to_string()]);
-    assert!(s.builder_key("old").is_none());
-    assert!(s.builder_key("busy").is_some());
-    assert_eq!(store.counts().builders, 2);
-    // the name is free again
-    s.builder_join(
-        "old",
-        "k9",
-        None,
-        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
-        &[],
-        40 * day,
-    )
-    .unwrap();
-}
-
 /// Links and chains as a full recomputation would have them.
 fn check_links(s: &mut Scheduler) {
     let ids: Vec<BuildId> = s.builds.keys().copied().collect();
@@ -1367,7 +1036,7 @@ fn check_links(s: &mut Scheduler) {
             assert!(s.builds[x].rec.deps.contains(id), "b{x} lacks dep b{id}");
         }
         assert_eq!(
-            s.store().get_build(*id).unwrap().unwrap().deps,
+            written_build(s, *id).unwrap().deps,
             b.rec.deps,
             "stored deps of b{id}"
         );
@@ -1385,7 +1054,7 @@ fn prepared_inserts_link_like_a_full_recomputation() {
     let mut s = sched();
     s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
     // an existing chain x <- y, x running
-    s.submit(
+    s.submit_test(
         graph(
             vec![
                 nb("x", "x86_64-linux", &[], &[]),
@@ -1410,7 +1079,7 @@ fn prepared_inserts_link_like_a_full_recomputation() {
         ],
         &["d"],
     );
-    s.submit(g, 1).unwrap();
+    s.submit_test(g, 1).unwrap();
     check_links(&mut s);
     assert_eq!(s.builds[&id_of(&s, "x")].chain, 5);
     // changed meanwhile: x fails before the insert, so x, y and what this
@@ -1425,14 +1094,60 @@ fn prepared_inserts_link_like_a_full_recomputation() {
         &["f"],
     );
     let plan = s.share_plan(&PlanQuery::new(&g));
-    let p = Scheduler::prepare_submission(s.store(), g, &plan, 2).unwrap();
+    let p = Scheduler::prepare_submission(g, &plan, 2, next_id).unwrap();
     s.job_ended("b", &first[0].job_id, JobEnd::Failed("no".into()), 3);
-    let ins = s.insert_submission(p, 4);
-    ins.persisted.unwrap();
+    s.insert_submission(p, 4);
     check_links(&mut s);
     let (x2, e) = (id_of(&s, "x"), id_of(&s, "e"));
     assert_ne!(x2, first[0].build);
     assert_eq!(s.builds[&x2].chain, 4);
     assert_eq!(s.builds[&e].pending, BTreeSet::from([id_of(&s, "y")]));
     assert_eq!(settle(&mut s, 4)[0].build, x2);
+}
+
+/// What must persist comes back as writes, in order: a submission whose new
+/// builds the caller wrote ahead is inserted with its record as the caller
+/// encoded it and nothing else; without that, each new build's record, then
+/// the submission's; a forgotten builder's record goes.
+#[test]
+fn what_must_persist_comes_back_as_writes() {
+    let mut s = sched();
+    let (conn, _) =
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+    assert!(matches!(&s.take_writes()[..], [Write::Builder(b)] if b.name == "b"));
+    let g = graph(
+        vec![
+            nb("a", "x86_64-linux", &[], &[]),
+            nb("b", "x86_64-linux", &[], &["a"]),
+        ],
+        &["b"],
+    );
+    let plan = s.share_plan(&PlanQuery::new(&g));
+    let mut p = Scheduler::prepare_submission(g, &plan, 0, next_id).unwrap();
+    assert_eq!(p.new_builds().count(), 2);
+    p.written_ahead(b"as encoded".to_vec());
+    let sid = p.id();
+    s.insert_submission(p, 0);
+    assert_eq!(
+        s.take_writes(),
+        [Write::NewSubmission {
+            id: sid,
+            encoded: b"as encoded".to_vec()
+        }]
+    );
+    let sid2 = s
+        .submit_test(graph(vec![nb("c", "x86_64-linux", &[], &[])], &["c"]), 1)
+        .unwrap();
+    let c = id_of(&s, "c");
+    match &s.take_writes()[..] {
+        [Write::Build(b), Write::Submission(sub)] => {
+            assert_eq!((b.id, b.state.clone()), (c, BuildState::Waiting));
+            assert_eq!((sub.id, sub.done), (sid2, false));
+        }
+        other => panic!("{other:?}"),
+    }
+    s.builder_disconnected("b", conn, 2);
+    s.take_writes();
+    assert_eq!(s.forget_builders(100, 10), ["b".to_string()]);
+    assert_eq!(s.take_writes(), [Write::ForgetBuilder("b".into())]);
 }

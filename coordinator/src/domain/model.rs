@@ -1,5 +1,8 @@
-//! The scheduler's domain types: builds, submissions, builders (what is
-//! persisted, as serde records), and the events and actions the scheduler emits.
+//! The farm's records and the words the scheduler and the state share:
+//! builds, submissions and builders (what is persisted, as serde records),
+//! what a start loads, the writes the scheduler hands back, and the events and
+//! actions it emits. Both [`super::scheduler`] and [`super::state`] use these;
+//! neither names the other.
 //!
 //! Times are unix milliseconds (`i64`) everywhere, so a restart keeps every timer.
 
@@ -245,6 +248,32 @@ pub struct BuilderRecord {
     pub capabilities: Capabilities,
     pub last_seen_ms: i64,
     pub draining: bool,
+}
+
+/// Everything a start loads (see `Store::load`).
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub builds: Vec<BuildRecord>,
+    pub submissions: Vec<SubmissionRecord>,
+    pub builders: Vec<BuilderRecord>,
+}
+
+/// A record the scheduler changed, to write to the state. The caller applies
+/// them in the order given, before it carries out the actions and notices
+/// taken with them (see `Coordinator::with_sched`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// A build's record (and its `active` and log index entries).
+    Build(Box<BuildRecord>),
+    /// A submission's record (and its `active` or `finished` entry).
+    Submission(Arc<SubmissionRecord>),
+    /// A new, unfinished submission's record, already encoded by the caller
+    /// (outside the lock: see `PreparedSubmission::written_ahead`).
+    NewSubmission { id: SubmissionId, encoded: Vec<u8> },
+    /// A builder's record.
+    Builder(Box<BuilderRecord>),
+    /// Forget a builder's record.
+    ForgetBuilder(String),
 }
 
 /// Something that happened to a build or submission, for the submissions that include it.
