@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use farm_nix::derivation::{BasicDerivation, Derivation, name_from_drv_path};
+use farm_nix::derivation::{BasicDerivation, Derivation, MAX_DRV_SIZE, name_from_drv_path};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::serve::BuildOptions;
 use farm_nix::store_path::StorePath;
@@ -40,8 +40,6 @@ use crate::logs::LogState;
 use crate::probe::NixBin;
 use crate::transfer;
 
-/// Longest derivation accepted.
-const MAX_ATERM: usize = 64 * 1024 * 1024;
 /// Most input paths accepted for one job.
 const MAX_INPUTS: usize = 1_000_000;
 /// How long a job waits for a coordinator link before giving up.
@@ -140,7 +138,7 @@ fn plan(job: &Job) -> Result<Plan, Fail> {
     let drv_path = StorePath::parse(&job.drv_path)
         .map_err(|e| invalid(format!("drv path {:?}: {e}", job.drv_path)))?;
     let name = name_from_drv_path(&drv_path).map_err(|e| invalid(e.to_string()))?;
-    if job.drv_aterm.len() > MAX_ATERM {
+    if job.drv_aterm.len() > MAX_DRV_SIZE {
         return Err(invalid("derivation too large".into()));
     }
     let full = Derivation::parse_aterm(&job.drv_aterm)

@@ -364,10 +364,9 @@ pub fn dependency_order(
 
 /// Read a local derivation's outputs (`name → path`).
 pub fn drv_outputs(drv: &StorePath) -> Result<BTreeMap<String, StorePath>, CliError> {
-    const MAX_DRV: u64 = 64 * 1024 * 1024;
     let path = PathBuf::from(drv.to_string());
     let meta = std::fs::metadata(&path).map_err(|e| CliError::io_path("reading", &path, e))?;
-    if meta.len() > MAX_DRV {
+    if meta.len() > farm_nix::derivation::MAX_DRV_SIZE as u64 {
         return Err(CliError::Usage(format!("{drv}: derivation file too large")));
     }
     let text =

@@ -261,18 +261,7 @@ struct TestDrv {
 
 /// Where Nix would put `drv`: a text path of its ATerm, referring to its inputs.
 fn drv_path_of(name: &str, drv: &Derivation) -> StorePath {
-    let refs: BTreeSet<StorePath> = drv
-        .input_srcs
-        .iter()
-        .chain(drv.input_drvs.keys())
-        .cloned()
-        .collect();
-    farm_coordinator::cache::content::make_text_path(
-        &format!("{name}.drv"),
-        &HashAlgo::Sha256.digest(drv.to_aterm().as_bytes()),
-        &refs,
-    )
-    .unwrap()
+    drv.drv_path(name).unwrap()
 }
 
 fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {

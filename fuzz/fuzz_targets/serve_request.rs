@@ -15,14 +15,14 @@ use std::collections::{BTreeSet, HashMap};
 
 use farm_nix::HashAlgo;
 use farm_nix::derivation::BasicDerivation;
-use farm_nix::nar::{NarLimits, copy_nar};
+use farm_nix::nar::{NarLimits, copy_nar, nar_of_bytes};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::serve::{
     BuildOptions, MIN_SERVE_VERSION, SERVE_MAGIC_1, ServeConfig, ServeHandler, ServeRequest,
     copy_export_stream, run_server_with_config,
 };
 use farm_nix::store_path::StorePath;
-use farm_nix::wire::{BuildResult, BuildStatus, HandlerError, Limits, write_bytes};
+use farm_nix::wire::{BuildResult, BuildStatus, HandlerError, Limits};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -175,7 +175,7 @@ impl ServeHandler for MemStore {
                 ));
             };
             let contents = drv.env.get("text").map(String::as_bytes).unwrap_or(b"");
-            let nar = nar_of_file(contents).await;
+            let nar = nar_of_bytes(contents);
             let mut info = ValidPathInfo::new(
                 path.clone(),
                 HashAlgo::Sha256.digest(&nar),
@@ -219,21 +219,4 @@ impl ServeHandler for MemStore {
             None => Ok(()),
         }
     }
-}
-
-/// The NAR of one regular file.
-async fn nar_of_file(contents: &[u8]) -> Vec<u8> {
-    let mut nar = Vec::new();
-    for token in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        contents,
-        b")",
-    ] {
-        write_bytes(&mut nar, token).await.expect("write to a Vec");
-    }
-    nar
 }

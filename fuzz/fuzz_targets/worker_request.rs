@@ -17,11 +17,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use farm_nix::HashAlgo;
 use farm_nix::derivation::BasicDerivation;
+use farm_nix::nar::nar_of_bytes;
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::{
     BuildResult, BuildStatus, DerivedPath, FramedReader, HandlerError, Limits, read_strings,
-    read_u64, write_bytes,
+    read_u64,
 };
 use farm_nix::worker::{
     BuildMode, Logger, Missing, WORKER_MAGIC_1, WorkerConfig, WorkerHandler, WorkerRequest, minor,
@@ -131,7 +132,7 @@ impl MemStore {
                 return BuildResult::new(BuildStatus::MiscFailure, "output without a path");
             };
             let contents = drv.env.get("text").map(String::as_bytes).unwrap_or(b"");
-            let nar = nar_of_file(contents).await;
+            let nar = nar_of_bytes(contents);
             let mut info = ValidPathInfo::new(
                 path.clone(),
                 HashAlgo::Sha256.digest(&nar),
@@ -265,21 +266,4 @@ impl WorkerHandler for MemStore {
             None => Err(HandlerError::new(format!("path '{path}' is not valid"))),
         }
     }
-}
-
-/// The NAR of one regular file.
-async fn nar_of_file(contents: &[u8]) -> Vec<u8> {
-    let mut nar = Vec::new();
-    for token in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        contents,
-        b")",
-    ] {
-        write_bytes(&mut nar, token).await.expect("write to a Vec");
-    }
-    nar
 }

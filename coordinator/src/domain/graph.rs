@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use farm_nix::derivation::{BasicDerivation, Derivation};
-use farm_nix::nar::{NarEvent, NarLimits, NarReader};
 use farm_nix::store_path::StorePath;
 
 use crate::domain::coordinator::{Coordinator, Prepared};
@@ -15,8 +14,6 @@ use crate::domain::error::DomainError;
 use crate::domain::model::{BuildId, BuildState, Priority, SubmissionId};
 use crate::domain::scheduler::{GraphSubmission, NewBuild};
 
-/// Largest `.drv` file read.
-pub const MAX_DRV_SIZE: u64 = 16 * 1024 * 1024;
 /// Most derivations in one submitted graph.
 pub const MAX_GRAPH: usize = 200_000;
 
@@ -87,37 +84,10 @@ impl Coordinator {
         let Some(mut reader) = reader else {
             return Ok(None);
         };
-        let bad =
-            |why: String| DomainError::Invalid(format!("{drv} is not a derivation file: {why}"));
-        let mut sink = tokio::io::sink();
-        let limits = NarLimits {
-            max_total_size: MAX_DRV_SIZE + 4096,
-            max_file_size: MAX_DRV_SIZE,
-            ..NarLimits::default()
-        };
-        let mut nar = NarReader::new(&mut reader, &mut sink, &limits);
-        match nar.next_event().await.map_err(|e| bad(e.to_string()))? {
-            Some(NarEvent::Regular { size, .. }) if size <= MAX_DRV_SIZE => {
-                let mut text = vec![0u8; size as usize];
-                let mut got = 0;
-                while got < text.len() {
-                    let n = nar
-                        .read_contents(&mut text[got..])
-                        .await
-                        .map_err(|e| bad(e.to_string()))?;
-                    if n == 0 {
-                        return Err(bad("truncated".into()));
-                    }
-                    got += n;
-                }
-                nar.finish().await.map_err(|e| bad(e.to_string()))?;
-                String::from_utf8(text)
-                    .map(Some)
-                    .map_err(|_| bad("not UTF-8".into()))
-            }
-            Some(NarEvent::Regular { size, .. }) => Err(bad(format!("{size} bytes is too large"))),
-            _ => Err(bad("not a regular file".into())),
-        }
+        farm_nix::derivation::read_drv(&mut reader)
+            .await
+            .map(Some)
+            .map_err(|e| DomainError::Invalid(format!("{drv} is not a derivation file: {e}")))
     }
 
     async fn parsed_drv(&self, drv: &StorePath) -> Result<(String, Derivation), DomainError> {

@@ -6,10 +6,11 @@
 
 use std::collections::BTreeSet;
 
-use farm_nix::derivation::{Derivation, MAX_DRV_SIZE};
+use farm_nix::content_address::{ContentAddress, make_text_path};
+use farm_nix::derivation::{Derivation, read_drv};
 use farm_nix::export::{ExportError, ExportReader};
 use farm_nix::hash::HashAlgo;
-use farm_nix::nar::{NarError, NarEvent, NarLimits, NarReader};
+use farm_nix::nar::{NarError, NarLimits, nar_of_bytes};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::HandlerError;
@@ -163,31 +164,9 @@ impl FarmStore {
             return Ok(None);
         };
         let bad = |why: String| HandlerError::new(format!("'{drv}' is not a derivation: {why}"));
-        let limits = NarLimits {
-            max_total_size: MAX_DRV_SIZE as u64 + 4096,
-            max_file_size: MAX_DRV_SIZE as u64,
-            ..NarLimits::default()
-        };
-        let mut sink = tokio::io::sink();
-        let mut nar = NarReader::new(&mut reader, &mut sink, &limits);
-        let size = match nar.next_event().await.map_err(|e| bad(e.to_string()))? {
-            Some(NarEvent::Regular { size, .. }) => size,
-            _ => return Err(bad("not a regular file".into())),
-        };
-        let mut text = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < text.len() {
-            let n = nar
-                .read_contents(&mut text[got..])
-                .await
-                .map_err(|e| bad(e.to_string()))?;
-            if n == 0 {
-                return Err(bad("truncated".into()));
-            }
-            got += n;
-        }
-        nar.finish().await.map_err(|e| bad(e.to_string()))?;
-        let text = String::from_utf8(text).map_err(|_| bad("not UTF-8".into()))?;
+        let text = read_drv(&mut reader)
+            .await
+            .map_err(|e| bad(e.to_string()))?;
         Derivation::parse_aterm(&text)
             .map(Some)
             .map_err(|e| bad(e.to_string()))
@@ -202,21 +181,16 @@ impl FarmStore {
         references: &BTreeSet<StorePath>,
     ) -> Result<StorePath, HandlerError> {
         let inner = HashAlgo::Sha256.digest(text.as_bytes());
-        let mut path_type = String::from("text");
-        for r in references {
-            path_type.push(':');
-            path_type.push_str(&r.to_string());
-        }
-        let path = StorePath::make(&path_type, &inner, name)
+        let path = make_text_path(name, &inner, references)
             .map_err(|e| HandlerError::new(format!("adding text {name:?}: {e}")))?;
-        let nar = regular_file_nar(text.as_bytes());
+        let nar = nar_of_bytes(text.as_bytes());
         let mut info = ValidPathInfo::new(
             path.clone(),
             HashAlgo::Sha256.digest(&nar),
             nar.len() as u64,
         );
         info.references = references.clone();
-        info.ca = Some(format!("text:{}", inner.to_nix32_prefixed()));
+        info.ca = Some(ContentAddress::Text(inner).to_string());
         self.add(info, &mut &nar[..]).await?;
         Ok(path)
     }
@@ -229,26 +203,4 @@ pub fn bounded_by(limits: &NarLimits, max_nar_size: u64) -> NarLimits {
         max_file_size: limits.max_file_size.min(max_nar_size),
         ..limits.clone()
     }
-}
-
-/// The NAR of a single non-executable regular file.
-fn regular_file_nar(contents: &[u8]) -> Vec<u8> {
-    fn token(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        out.extend_from_slice(b);
-        out.resize(out.len() + (8 - b.len() % 8) % 8, 0);
-    }
-    let mut out = Vec::with_capacity(contents.len() + 128);
-    for t in [
-        &b"nix-archive-1"[..],
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-    ] {
-        token(&mut out, t);
-    }
-    token(&mut out, contents);
-    token(&mut out, b")");
-    out
 }

@@ -17,13 +17,19 @@
 //! fixed-output ones `sha256` (flat) or `r:sha256` (recursive) and base16.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 
+use tokio::io::AsyncRead;
+
+use crate::content_address::make_text_path;
 use crate::hash::HashAlgo;
+use crate::nar::{NarError, NarEvent, NarLimits, NarReader};
 use crate::store_path::{StorePath, StorePathError};
 
-/// Largest `.drv` text accepted.
-pub const MAX_DRV_SIZE: usize = 64 << 20;
+/// Largest `.drv` text accepted, wherever one is read (the cache, the SSH
+/// endpoint, a builder's job, the CLI). A job carries the whole ATerm in one
+/// gRPC message of at most 32 MiB, so the limit stays well below that; real
+/// derivations are kilobytes, the largest seen a few megabytes.
+pub const MAX_DRV_SIZE: usize = 16 << 20;
 
 /// Why a derivation did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,6 +146,47 @@ fn known_output_paths(outputs: &BTreeMap<String, DerivationOutput>) -> BTreeMap<
         .iter()
         .filter_map(|(name, o)| o.path.clone().map(|p| (name.clone(), p)))
         .collect()
+}
+
+/// Why a `.drv` file could not be read from its NAR.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadDrvError {
+    #[error(transparent)]
+    Nar(#[from] NarError),
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("truncated")]
+    Truncated,
+    #[error("not UTF-8")]
+    NotUtf8,
+}
+
+/// The text of a `.drv` file from the NAR holding it (one regular file of at
+/// most [`MAX_DRV_SIZE`] bytes), read to the NAR's end. Not parsed.
+pub async fn read_drv<R: AsyncRead + Unpin>(r: &mut R) -> Result<String, ReadDrvError> {
+    let limits = NarLimits {
+        max_total_size: MAX_DRV_SIZE as u64 + 4096,
+        max_file_size: MAX_DRV_SIZE as u64,
+        ..NarLimits::default()
+    };
+    let mut sink = tokio::io::sink();
+    let mut nar = NarReader::new(r, &mut sink, &limits);
+    let size = match nar.next_event().await? {
+        Some(NarEvent::Regular { size, .. }) => size,
+        _ => return Err(ReadDrvError::NotRegular),
+    };
+    // The reader refused anything larger than `max_file_size` already.
+    let mut text = vec![0u8; size as usize];
+    let mut got = 0;
+    while got < text.len() {
+        let n = nar.read_contents(&mut text[got..]).await?;
+        if n == 0 {
+            return Err(ReadDrvError::Truncated);
+        }
+        got += n;
+    }
+    nar.finish().await?;
+    String::from_utf8(text).map_err(|_| ReadDrvError::NotUtf8)
 }
 
 impl Derivation {
@@ -324,17 +371,14 @@ impl Derivation {
     /// name `name`: a `text` path over the ATerm whose references are the input
     /// sources and input derivations.
     pub fn drv_path(&self, name: &str) -> Result<StorePath, StorePathError> {
-        let refs: BTreeSet<&StorePath> = self
+        let refs: BTreeSet<StorePath> = self
             .input_srcs
             .iter()
             .chain(self.input_drvs.keys())
+            .cloned()
             .collect();
-        let mut path_type = String::from("text");
-        for r in refs {
-            let _ = write!(path_type, ":{r}");
-        }
         let inner = HashAlgo::Sha256.digest(self.to_aterm().as_bytes());
-        StorePath::make(&path_type, &inner, &format!("{name}.drv"))
+        make_text_path(&format!("{name}.drv"), &inner, &refs)
     }
 
     /// The derivation without its input derivations. `input_srcs` holds only
@@ -667,5 +711,37 @@ mod tests {
         ));
         // the minimal valid one still parses
         Derivation::parse_aterm(r#"Derive([],[],[],"s","b",[],[])"#).unwrap();
+    }
+
+    /// A `.drv` comes back from its NAR as it went in; anything else that is
+    /// not one small regular file is refused with the reason.
+    #[test]
+    fn read_drv_from_its_nar() {
+        let rt = crate::testutil::rt();
+        let nar = crate::nar::nar_of_bytes(SIMPLE.as_bytes());
+        assert_eq!(rt.block_on(read_drv(&mut &nar[..])).unwrap(), SIMPLE);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::nix_dump(tmp.path());
+        let e = rt.block_on(read_drv(&mut &dir[..])).unwrap_err();
+        assert!(matches!(e, ReadDrvError::NotRegular), "{e}");
+
+        let e = rt
+            .block_on(read_drv(&mut &nar[..nar.len() - 20]))
+            .unwrap_err();
+        assert!(matches!(e, ReadDrvError::Nar(_)), "{e}");
+
+        let big = crate::nar::nar_of_bytes(&vec![b' '; MAX_DRV_SIZE + 1]);
+        let e = rt.block_on(read_drv(&mut &big[..])).unwrap_err();
+        assert!(
+            matches!(e, ReadDrvError::Nar(NarError::FileTooLarge { .. })),
+            "{e}"
+        );
+        let at_limit = crate::nar::nar_of_bytes(&vec![b' '; MAX_DRV_SIZE]);
+        rt.block_on(read_drv(&mut &at_limit[..])).unwrap();
+
+        let latin1 = crate::nar::nar_of_bytes(b"Derive(\xff");
+        let e = rt.block_on(read_drv(&mut &latin1[..])).unwrap_err();
+        assert!(matches!(e, ReadDrvError::NotUtf8), "{e}");
     }
 }

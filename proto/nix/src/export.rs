@@ -240,8 +240,8 @@ pub(crate) async fn write_trailer<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::hash::Hash;
+    use crate::nar::nar_of_bytes;
     use crate::testutil::{PrivateStore, nix_dump, rt};
-    use crate::wire::test_support::nar_of_file;
 
     fn sp(s: &str) -> StorePath {
         StorePath::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
@@ -423,7 +423,7 @@ mod tests {
     fn one_entry() -> Vec<u8> {
         let path = sp("/nix/store/00000000000000000000000000000000-a");
         let dep = sp("/nix/store/11111111111111111111111111111111-b");
-        let nar = nar_of_file(b"x");
+        let nar = nar_of_bytes(b"x");
         rt().block_on(async {
             let mut out = Vec::new();
             write_export_entry(

@@ -1,6 +1,7 @@
 //! Nix's own formats and wire protocols. Pure: no networking and no knowledge of
 //! the farm. Async readers/writers over `AsyncRead`/`AsyncWrite` where a format streams.
 
+pub mod content_address;
 pub mod derivation;
 pub mod export;
 pub mod hash;

@@ -208,11 +208,12 @@ mod tests {
         assert!(StorePath::parse(&long).is_err());
     }
 
-    /// Paths computed here are the ones a real Nix 2.8 store gives: added
-    /// files and trees (`source`), flat fixed-output paths, and text files
-    /// with and without references.
+    /// Paths computed here (and by `content_address`) are the ones a real
+    /// Nix 2.8 store gives: added files and trees (`source`), flat
+    /// fixed-output paths, and text files with and without references.
     #[test]
     fn paths_match_real_nix() {
+        use crate::content_address::{make_fixed_output_path, make_text_path};
         use crate::testutil::{PrivateStore, nix_dump};
         let store = PrivateStore::new();
         let src = tempfile::tempdir().unwrap();
@@ -250,6 +251,9 @@ mod tests {
                 .unwrap()
                 .to_string()
         );
+        let computed =
+            make_fixed_output_path("hello.txt", false, &content, &Default::default(), None);
+        assert_eq!(flat, computed.unwrap().to_string());
 
         let text = store.run_str(
             "nix-instantiate",
@@ -268,6 +272,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(text, format!("\"{b}\""));
+        let a2 = make_text_path("a", &HashAlgo::Sha256.digest(b"x"), &Default::default()).unwrap();
+        let b2 = make_text_path(
+            "b",
+            &HashAlgo::Sha256.digest(format!("see {a}").as_bytes()),
+            &[a2.clone()].into(),
+        )
+        .unwrap();
+        assert_eq!((a2, b2), (a, b));
     }
 
     #[test]

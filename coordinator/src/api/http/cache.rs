@@ -18,8 +18,6 @@ use object_store::{GetOptions, GetRange};
 use super::error::{HttpError, not_found, text};
 use crate::cache::Cache;
 
-const NIX32_ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-
 /// The cache routes, ready to be served or merged into a larger router.
 pub fn cache_router(cache: Cache) -> Router {
     Router::new()
@@ -30,8 +28,11 @@ pub fn cache_router(cache: Cache) -> Router {
         .with_state(cache)
 }
 
+/// `len` characters of the nix32 alphabet (a hash part or a NAR file hash).
 fn is_nix32(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| NIX32_ALPHABET.contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| farm_nix::nixbase32::ALPHABET.contains(&b))
 }
 
 async fn cache_info(State(cache): State<Cache>) -> Response {

@@ -1,4 +1,5 @@
-//! NAR (Nix ARchive): streaming writer from a filesystem path ([`dump_path`]),
+//! NAR (Nix ARchive): streaming writer from a filesystem path ([`dump_path`])
+//! or from bytes ([`dump_bytes`], [`nar_of_bytes`]),
 //! streaming reader/validator ([`copy_nar`], [`NarReader`]) and restore to a
 //! directory ([`restore`]). Every function hashes (sha256) and counts the NAR
 //! bytes as they pass, so one pass gives both the copy and its [`NarSummary`].
@@ -33,7 +34,7 @@ use crate::hash::Hash;
 
 pub use reader::{NarEvent, NarReader, copy_nar, copy_nar_exact, expect_eof};
 pub use restore::restore;
-pub use writer::dump_path;
+pub use writer::{dump_bytes, dump_path, nar_of_bytes};
 
 /// The magic first token of every NAR.
 pub const NAR_MAGIC: &str = "nix-archive-1";

@@ -123,6 +123,31 @@ fn dump_single_nodes_match_nix() {
     }
 }
 
+/// The NAR of bytes is that of a file holding them, as `nix-store --dump`
+/// writes it, for every padding length and both executable flags.
+#[test]
+fn dump_bytes_matches_nix() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, len) in [0, 1, 7, 8, 9, 15, 16, 100_000].into_iter().enumerate() {
+        let data = noise(len, i as u64);
+        for executable in [false, true] {
+            let file = tmp.path().join(format!("f{i}-{executable}"));
+            write_file(&file, &data, if executable { 0o755 } else { 0o644 });
+            let theirs = nix_dump(&file);
+            let mut ours = Vec::new();
+            let summary = rt()
+                .block_on(dump_bytes(&data, executable, &mut ours))
+                .unwrap();
+            assert!(ours == theirs, "{len} bytes, executable {executable}");
+            assert_eq!(summary.nar_hash, sha256(&theirs));
+            assert_eq!(summary.nar_size, theirs.len() as u64);
+            if !executable {
+                assert!(nar_of_bytes(&data) == theirs, "{len} bytes in memory");
+            }
+        }
+    }
+}
+
 #[test]
 fn dump_refuses_fifo() {
     let tmp = tempfile::tempdir().unwrap();

@@ -8,6 +8,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use std::future::Future;
+
 use tokio::io::{AsyncReadExt, AsyncWrite};
 
 use super::out::{NarOut, pad_len};
@@ -81,14 +83,8 @@ async fn dump_node<W: AsyncWrite + Unpin>(
     out.token(b"type").await?;
     let ft = meta.file_type();
     if ft.is_file() {
-        out.token(b"regular").await?;
-        if meta.permissions().mode() & 0o100 != 0 {
-            out.token(b"executable").await?;
-            out.token(b"").await?;
-        }
-        out.token(b"contents").await?;
         let size = meta.len();
-        out.write(&size.to_le_bytes()).await?;
+        regular_header(out, meta.permissions().mode() & 0o100 != 0, size).await?;
         let mut file = tokio::fs::File::open(path)
             .await
             .map_err(fs_err("open", path))?;
@@ -118,8 +114,7 @@ async fn dump_node<W: AsyncWrite + Unpin>(
                 path: path.to_path_buf(),
             });
         }
-        out.write(&[0u8; 8][..pad_len(size)]).await?;
-        out.token(b")").await?;
+        regular_trailer(out, size).await?;
         Ok(None)
     } else if ft.is_symlink() {
         let target = tokio::fs::read_link(path)
@@ -154,4 +149,66 @@ async fn dump_node<W: AsyncWrite + Unpin>(
             path: path.to_path_buf(),
         })
     }
+}
+
+/// Open a regular file's node (after `( type`): its kind, the executable
+/// flag, and the length of its contents, which the caller writes next.
+async fn regular_header<W: AsyncWrite + Unpin>(
+    out: &mut NarOut<'_, W>,
+    executable: bool,
+    size: u64,
+) -> std::io::Result<()> {
+    out.token(b"regular").await?;
+    if executable {
+        out.token(b"executable").await?;
+        out.token(b"").await?;
+    }
+    out.token(b"contents").await?;
+    out.write(&size.to_le_bytes()).await
+}
+
+/// Close a regular file's node after its `size` bytes of contents.
+async fn regular_trailer<W: AsyncWrite + Unpin>(
+    out: &mut NarOut<'_, W>,
+    size: u64,
+) -> std::io::Result<()> {
+    out.write(&[0u8; 8][..pad_len(size)]).await?;
+    out.token(b")").await
+}
+
+/// Write the NAR of a single regular file holding `contents` to `w`,
+/// byte-identical to `nix-store --dump` of such a file (executable when
+/// `executable`). Returns the NAR's size and sha256; the writer is flushed.
+pub async fn dump_bytes<W: AsyncWrite + Unpin>(
+    contents: &[u8],
+    executable: bool,
+    w: &mut W,
+) -> Result<NarSummary, NarError> {
+    let mut out = NarOut::new(w);
+    out.token(NAR_MAGIC.as_bytes()).await?;
+    out.token(b"(").await?;
+    out.token(b"type").await?;
+    regular_header(&mut out, executable, contents.len() as u64).await?;
+    out.write(contents).await?;
+    regular_trailer(&mut out, contents.len() as u64).await?;
+    Ok(out.finish().await?)
+}
+
+/// The NAR of a single non-executable regular file holding `contents`, in
+/// memory: how a `text:` path (a `.drv`, `builtins.toFile`) is stored, and
+/// the "NAR of these bytes" tests need. The same bytes as [`dump_bytes`].
+pub fn nar_of_bytes(contents: &[u8]) -> Vec<u8> {
+    let mut nar = Vec::with_capacity(contents.len() + 128);
+    {
+        let fut = std::pin::pin!(dump_bytes(contents, false, &mut nar));
+        // Writing to a Vec never waits, so the first poll finishes.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.poll(&mut cx) {
+            std::task::Poll::Ready(r) => {
+                r.expect("writing a NAR to memory cannot fail");
+            }
+            std::task::Poll::Pending => unreachable!("writing to a Vec does not wait"),
+        }
+    }
+    nar
 }

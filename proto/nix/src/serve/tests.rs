@@ -387,7 +387,7 @@ proptest! {
         let cases = vec![
             (ServeRequest::QueryValidPaths { lock: false, substitute: false, paths: paths.clone() }, ServeReply::Paths(paths)),
             (ServeRequest::QueryPathInfos { paths: BTreeSet::new() }, ServeReply::PathInfos(infos)),
-            (ServeRequest::DumpStorePath { path: p0 }, ServeReply::Nar(nar_of_file(msg.as_bytes()))),
+            (ServeRequest::DumpStorePath { path: p0 }, ServeReply::Nar(nar_of_bytes(msg.as_bytes()))),
             (ServeRequest::ImportPaths, ServeReply::Success),
             (ServeRequest::BuildPaths { paths: vec![], options: BuildOptions::default() }, ServeReply::BuildPaths { status: 0, message: String::new() }),
             (ServeRequest::BuildPaths { paths: vec![], options: BuildOptions::default() }, ServeReply::BuildPaths { status: 1, message: msg.clone() }),
@@ -500,7 +500,7 @@ fn our_client_against_our_server() {
         let mut c = ServeClient::connect(cr, cw).await.unwrap();
         assert_eq!(c.version(), SERVE_PROTOCOL_VERSION);
         let src = test_path("src");
-        let nar = nar_of_file(b"input\n");
+        let nar = nar_of_bytes(b"input\n");
         let info = info_for_nar(&src, &nar);
         let set = BTreeSet::from([src.clone()]);
         assert!(
@@ -523,7 +523,7 @@ fn our_client_against_our_server() {
         assert_eq!(res.output_paths().get("out"), Some(&out));
         let mut got = Vec::new();
         let summary = c.dump_store_path(&out, &mut got).await.unwrap();
-        assert_eq!(got, nar_of_file(b"hello"));
+        assert_eq!(got, nar_of_bytes(b"hello"));
         assert_eq!(summary.nar_size, got.len() as u64);
         drop(c);
         let store = task.await.unwrap().unwrap();
@@ -605,7 +605,7 @@ fn malformed_input_closes_the_connection_with_an_error() {
         let e = serve_bytes(v).await.unwrap_err();
         assert!(matches!(e, ServeError::Nar(_)), "{e}");
         // AddToStoreNar whose NAR does not match its hash.
-        let nar = nar_of_file(b"x");
+        let nar = nar_of_bytes(b"x");
         let mut info = info_for_nar(&p, &nar);
         info.nar_hash = HashAlgo::Sha256.digest(b"other");
         let mut v = handshake();
@@ -641,7 +641,7 @@ fn our_client_against_real_nix_store_serve() {
         assert_eq!(c.version(), 0x207);
 
         let src = test_path("farm-serve-src");
-        let nar = nar_of_file(b"from the farm\n");
+        let nar = nar_of_bytes(b"from the farm\n");
         let mut info = info_for_nar(&src, &nar);
         info.registration_time = 1_700_000_000;
         let set = BTreeSet::from([src.clone()]);
@@ -670,7 +670,7 @@ fn our_client_against_real_nix_store_serve() {
         let summary = c.dump_store_path(&out, &mut got).await.unwrap();
         assert_eq!(
             got,
-            nar_of_file(format!("built from the farm {src}\n").as_bytes())
+            nar_of_bytes(format!("built from the farm {src}\n").as_bytes())
         );
         let infos = c
             .query_path_infos(&BTreeSet::from([out.clone()]))

@@ -475,30 +475,7 @@ pub(crate) mod tests {
 
     pub use crate::testutil::rt;
 
-    /// The NAR of a single regular file.
-    pub fn nar_of_file(contents: &[u8]) -> Vec<u8> {
-        fn tok(out: &mut Vec<u8>, b: &[u8]) {
-            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            out.extend_from_slice(b);
-            out.extend(std::iter::repeat_n(
-                0u8,
-                crate::wire::padding(b.len() as u64),
-            ));
-        }
-        let mut out = Vec::new();
-        for t in [
-            &b"nix-archive-1"[..],
-            b"(",
-            b"type",
-            b"regular",
-            b"contents",
-        ] {
-            tok(&mut out, t);
-        }
-        tok(&mut out, contents);
-        tok(&mut out, b")");
-        out
-    }
+    pub use crate::nar::nar_of_bytes;
 
     /// A `text` store path named `name` (its hash is that of the name).
     pub fn test_path(name: &str) -> StorePath {
@@ -607,7 +584,7 @@ pub(crate) mod tests {
             for (name, out) in &drv.outputs {
                 let path = out.path.clone().unwrap();
                 let text = drv.env.get("text").map(|s| s.as_bytes()).unwrap_or(b"");
-                let nar = nar_of_file(text);
+                let nar = nar_of_bytes(text);
                 let mut info = info_for_nar(&path, &nar);
                 info.references = drv.input_srcs.clone();
                 self.0.insert(path.clone(), (info, nar));

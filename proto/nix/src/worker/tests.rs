@@ -688,7 +688,7 @@ proptest! {
             (Q::QueryPathFromHashPart("x".into()), WorkerReply::OptPath(Some(p.clone()))),
             (Q::QueryPathFromHashPart("x".into()), WorkerReply::OptPath(None)),
             (Q::BuildDerivation { drv_path: p.clone(), drv: BasicDerivation::default(), mode: BuildMode::Normal }, WorkerReply::Build(res.clone())),
-            (Q::NarFromPath(p.clone()), WorkerReply::Nar(nar_of_file(text.as_bytes()))),
+            (Q::NarFromPath(p.clone()), WorkerReply::Nar(nar_of_bytes(text.as_bytes()))),
             (Q::QueryMissing(vec![]), WorkerReply::Missing(Missing { will_build: paths.clone(), will_substitute: BTreeSet::new(), unknown: paths.clone(), download_size: 3, nar_size: 4 })),
             (Q::QueryDerivationOutputMap(p.clone()), WorkerReply::OutputMap(outmap)),
             (Q::QueryRealisation("x".into()), WorkerReply::Strings(strings)),
@@ -830,7 +830,7 @@ fn handshake_at_every_supported_version() {
             assert_eq!(c.trusted(), (minor(expect) >= 35).then_some(true));
             // A build at this version: the result fields follow it.
             let src = test_path("src");
-            let nar = nar_of_file(b"in");
+            let nar = nar_of_bytes(b"in");
             c.add_to_store_nar(&info_for_nar(&src, &nar), false, true, &mut &nar[..])
                 .await
                 .unwrap();
@@ -860,8 +860,8 @@ fn our_client_against_our_server() {
         });
         let a = test_path("a");
         let b = test_path("b");
-        let nar_a = nar_of_file(b"a");
-        let nar_b = nar_of_file(b"b");
+        let nar_a = nar_of_bytes(b"a");
+        let nar_b = nar_of_bytes(b"b");
         assert!(!c.is_valid_path(&a).await.unwrap());
         assert_eq!(c.query_path_info(&a).await.unwrap(), None);
         let ia = info_for_nar(&a, &nar_a);
@@ -893,7 +893,7 @@ fn our_client_against_our_server() {
         assert_eq!(*lines.lock().unwrap(), vec!["a log line".to_string()]);
         let mut got = Vec::new();
         c.nar_from_path(&out, &mut got).await.unwrap();
-        assert_eq!(got, nar_of_file(b"hello"));
+        assert_eq!(got, nar_of_bytes(b"hello"));
 
         // Handler errors are reported and the connection goes on.
         let missing = test_path("missing");
@@ -1237,7 +1237,7 @@ fn our_client_against_real_nix_daemon() {
         });
 
         let src = test_path("farm-worker-src");
-        let nar = nar_of_file(b"from the farm\n");
+        let nar = nar_of_bytes(b"from the farm\n");
         let mut info = info_for_nar(&src, &nar);
         info.registration_time = 1_700_000_000;
         assert!(!c.is_valid_path(&src).await.unwrap());
@@ -1253,8 +1253,8 @@ fn our_client_against_real_nix_daemon() {
         // Two more paths in one AddMultipleToStore, the second referring to the first.
         let d1 = test_path("farm-worker-d1");
         let d2 = test_path("farm-worker-d2");
-        let n1 = nar_of_file(b"one");
-        let n2 = nar_of_file(format!("two {d1}").as_bytes());
+        let n1 = nar_of_bytes(b"one");
+        let n2 = nar_of_bytes(format!("two {d1}").as_bytes());
         let i1 = info_for_nar(&d1, &n1);
         let mut i2 = info_for_nar(&d2, &n2);
         i2.references.insert(d1.clone());
@@ -1289,7 +1289,7 @@ fn our_client_against_real_nix_daemon() {
         let summary = c.nar_from_path(&out, &mut got).await.unwrap();
         assert_eq!(
             got,
-            nar_of_file(format!("built from the farm {src}\n").as_bytes())
+            nar_of_bytes(format!("built from the farm {src}\n").as_bytes())
         );
         let oi = c.query_path_info(&out).await.unwrap().unwrap();
         assert_eq!(oi.nar_hash, summary.nar_hash);
