@@ -22,7 +22,7 @@ use farm_nix::serve::{
     copy_export_stream, run_server_with_config,
 };
 use farm_nix::store_path::StorePath;
-use farm_nix::wire::{BuildResult, BuildStatus, HandlerError, Limits};
+use farm_nix::wire::{BuildResult, BuildStatus, HandlerError, Limits, ProtocolVersion};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -45,7 +45,8 @@ fuzz_target!(|data: &[u8]| {
             .expect("runtime")
     });
     let client_version = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
-    let version = 0x200 | (client_version & 0xff).min(7);
+    let minor = ProtocolVersion::from_wire(client_version).minor();
+    let version = ProtocolVersion::new(2, minor.min(7));
     let requests = &data[16..];
     rt.block_on(async {
         decode_all(requests, version, &TIGHT).await;
@@ -55,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
 });
 
 /// Decode requests one after another until the end or the first error.
-async fn decode_all(mut input: &[u8], version: u64, limits: &Limits) {
+async fn decode_all(mut input: &[u8], version: ProtocolVersion, limits: &Limits) {
     while let Ok(Some(req)) = ServeRequest::read(&mut input, version, limits).await {
         let mut bytes = Vec::new();
         req.write(&mut bytes, version).await.expect("encode");
@@ -93,9 +94,9 @@ async fn decode_all(mut input: &[u8], version: u64, limits: &Limits) {
 }
 
 /// Run the server loop on the requests after a valid handshake at `version`.
-async fn serve(requests: &[u8], version: u64) {
+async fn serve(requests: &[u8], version: ProtocolVersion) {
     let mut input = SERVE_MAGIC_1.to_le_bytes().to_vec();
-    input.extend_from_slice(&version.to_le_bytes());
+    input.extend_from_slice(&version.to_wire().to_le_bytes());
     input.extend_from_slice(requests);
     let config = ServeConfig {
         limits: TIGHT,

@@ -21,12 +21,12 @@ use farm_nix::nar::nar_of_bytes;
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::{
-    BuildResult, BuildStatus, DerivedPath, FramedReader, HandlerError, Limits, read_strings,
-    read_u64,
+    BuildResult, BuildStatus, DerivedPath, FramedReader, HandlerError, Limits, ProtocolVersion,
+    read_strings, read_u64,
 };
 use farm_nix::worker::{
-    BuildMode, Logger, Missing, WORKER_MAGIC_1, WorkerConfig, WorkerHandler, WorkerRequest, minor,
-    run_server_with_config,
+    BuildMode, Logger, Missing, WORKER_MAGIC_1, WorkerConfig, WorkerHandler, WorkerRequest,
+    feature, run_server_with_config,
 };
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -50,7 +50,8 @@ fuzz_target!(|data: &[u8]| {
             .expect("runtime")
     });
     let client_version = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
-    let version = 0x100 | minor(client_version).clamp(34, 38);
+    let minor = ProtocolVersion::from_wire(client_version).minor();
+    let version = ProtocolVersion::new(1, minor.clamp(34, 38));
     let rest = &data[16..];
     rt.block_on(async {
         decode_all(rest, version, &TIGHT).await;
@@ -61,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
 
 /// Read the rest of the client handshake, then decode requests one after
 /// another until the end or the first error.
-async fn decode_all(mut input: &[u8], version: u64, limits: &Limits) {
+async fn decode_all(mut input: &[u8], version: ProtocolVersion, limits: &Limits) {
     if client_handshake(&mut input, version, limits)
         .await
         .is_none()
@@ -92,8 +93,12 @@ async fn decode_all(mut input: &[u8], version: u64, limits: &Limits) {
 
 /// What the client sends after magic and version: (≥ 1.38) features,
 /// (≥ 1.14) CPU affinity, (≥ 1.11) reserveSpace.
-async fn client_handshake(input: &mut &[u8], version: u64, limits: &Limits) -> Option<()> {
-    if minor(version) >= 38 {
+async fn client_handshake(
+    input: &mut &[u8],
+    version: ProtocolVersion,
+    limits: &Limits,
+) -> Option<()> {
+    if version.supports(feature::FEATURE_EXCHANGE) {
         read_strings(input, limits).await.ok()?;
     }
     if read_u64(input).await.ok()? != 0 {
@@ -104,12 +109,12 @@ async fn client_handshake(input: &mut &[u8], version: u64, limits: &Limits) -> O
 }
 
 /// Run the server loop after a valid magic and `version`.
-async fn serve(rest: &[u8], version: u64) {
+async fn serve(rest: &[u8], version: ProtocolVersion) {
     let mut input = WORKER_MAGIC_1.to_le_bytes().to_vec();
-    input.extend_from_slice(&version.to_le_bytes());
+    input.extend_from_slice(&version.to_wire().to_le_bytes());
     input.extend_from_slice(rest);
     let config = WorkerConfig {
-        version: 0x126,
+        version: ProtocolVersion::new(1, 38),
         limits: TIGHT,
         ..WorkerConfig::default()
     };

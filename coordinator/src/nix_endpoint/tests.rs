@@ -175,14 +175,14 @@ async fn serve_copy_from_replayed_gives_nix_the_same_nar() {
     // Parse our QueryPathInfos reply like Nix does and compare with the real one's.
     let ours = farm_nix::serve::read_path_infos(
         &mut &out[16..],
-        0x207,
+        farm_nix::serve::SERVE_PROTOCOL_VERSION,
         &farm_nix::wire::Limits::default(),
     )
     .await
     .unwrap();
     let theirs = farm_nix::serve::read_path_infos(
         &mut &s2c[16..],
-        0x207,
+        farm_nix::serve::SERVE_PROTOCOL_VERSION,
         &farm_nix::wire::Limits::default(),
     )
     .await

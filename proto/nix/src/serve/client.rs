@@ -12,13 +12,15 @@ use crate::derivation::BasicDerivation;
 use crate::nar::{NarLimits, NarSummary, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
-use crate::wire::{self, BuildResult, Limits, WireError, read_store_paths, read_u64, write_u64};
+use crate::wire::{
+    self, BuildResult, Limits, ProtocolVersion, WireError, read_store_paths, read_u64, write_u64,
+};
 
 /// One serve protocol connection, after the handshake.
 pub struct ServeClient<R, W> {
     r: BufReader<R>,
     w: BufWriter<W>,
-    version: u64,
+    version: ProtocolVersion,
     limits: Limits,
     nar_limits: NarLimits,
 }
@@ -29,12 +31,13 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> ServeClient<R, W
         let mut r = BufReader::new(reader);
         let mut w = BufWriter::new(writer);
         write_u64(&mut w, SERVE_MAGIC_1).await?;
-        write_u64(&mut w, SERVE_PROTOCOL_VERSION).await?;
+        write_u64(&mut w, SERVE_PROTOCOL_VERSION.to_wire()).await?;
         w.flush().await.map_err(WireError::from)?;
         wire::expect_u64(&mut r, SERVE_MAGIC_2).await?;
-        let server_version = read_u64(&mut r).await?;
-        if server_version & 0xff00 != 0x200 || server_version < MIN_SERVE_VERSION {
-            return Err(WireError::UnsupportedVersion(server_version).into());
+        let server_wire = read_u64(&mut r).await?;
+        let server_version = ProtocolVersion::from_wire(server_wire);
+        if !server_version.supports(MIN_SERVE_VERSION) {
+            return Err(WireError::UnsupportedVersion(server_wire).into());
         }
         Ok(ServeClient {
             r,
@@ -46,7 +49,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> ServeClient<R, W
     }
 
     /// The negotiated version.
-    pub fn version(&self) -> u64 {
+    pub fn version(&self) -> ProtocolVersion {
         self.version
     }
 

@@ -37,22 +37,39 @@ use crate::nar::{NarError, NarLimits, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, BuildResultFields, HandlerError, Limits, NarMismatch, WireError, read_bool,
-    read_opt_store_path, read_store_path, read_store_paths, read_string, read_string_set,
-    read_strings, read_u64, read_u64_or_eof, write_bool, write_opt_store_path, write_store_path,
-    write_store_paths, write_string, write_strings, write_u64,
+    self, BuildResult, BuildResultFields, HandlerError, Limits, NarMismatch, ProtocolVersion,
+    WireError, read_bool, read_opt_store_path, read_store_path, read_store_paths, read_string,
+    read_string_set, read_strings, read_u64, read_u64_or_eof, write_bool, write_opt_store_path,
+    write_store_path, write_store_paths, write_string, write_strings, write_u64,
 };
 
 pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
 pub const SERVE_MAGIC_2: u64 = 0x5452_eecb;
 /// The version we speak: 2.7, as Nix 2.8 … 2.34 and Lix do.
-pub const SERVE_PROTOCOL_VERSION: u64 = 0x207;
+pub const SERVE_PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::new(2, 7);
 /// The oldest version we accept (2.4: NAR hashes in path infos).
-pub const MIN_SERVE_VERSION: u64 = 0x204;
+pub const MIN_SERVE_VERSION: ProtocolVersion = feature::PATH_INFO_NAR_HASH;
+
+/// The serve protocol versions that brought what the codecs gate on; ask
+/// with [`ProtocolVersion::supports`].
+pub mod feature {
+    use crate::wire::ProtocolVersion as V;
+
+    /// Build options carry a maximum log size.
+    pub const MAX_LOG_SIZE: V = V::new(2, 2);
+    /// Build options carry repeats and determinism enforcement.
+    pub const BUILD_REPEATS: V = V::new(2, 3);
+    /// Build results carry times, repeats and determinism.
+    pub const BUILD_TIMINGS: V = V::new(2, 3);
+    /// `QueryPathInfos` replies carry NAR hashes, content addresses and signatures.
+    pub const PATH_INFO_NAR_HASH: V = V::new(2, 4);
+    /// Build results list the built outputs.
+    pub const BUILT_OUTPUTS: V = V::new(2, 6);
+    /// Build options carry `keepFailed`.
+    pub const KEEP_FAILED: V = V::new(2, 7);
+}
 /// The magic before each path's metadata in an export stream.
 pub use crate::export::EXPORT_MAGIC;
-
-pub use crate::wire::minor;
 
 /// Everything that ends a serve connection with an error.
 #[derive(Debug, thiserror::Error)]
@@ -125,21 +142,21 @@ pub struct BuildOptions {
 impl BuildOptions {
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<BuildOptions, WireError> {
         let mut o = BuildOptions {
             max_silent_time: read_u64(r).await?,
             build_timeout: read_u64(r).await?,
             ..BuildOptions::default()
         };
-        if minor(version) >= 2 {
+        if version.supports(feature::MAX_LOG_SIZE) {
             o.max_log_size = read_u64(r).await?;
         }
-        if minor(version) >= 3 {
+        if version.supports(feature::BUILD_REPEATS) {
             o.nr_repeats = read_u64(r).await?;
             o.enforce_determinism = read_bool(r).await?;
         }
-        if minor(version) >= 7 {
+        if version.supports(feature::KEEP_FAILED) {
             o.keep_failed = read_bool(r).await?;
         }
         Ok(o)
@@ -148,18 +165,18 @@ impl BuildOptions {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         write_u64(w, self.max_silent_time).await?;
         write_u64(w, self.build_timeout).await?;
-        if minor(version) >= 2 {
+        if version.supports(feature::MAX_LOG_SIZE) {
             write_u64(w, self.max_log_size).await?;
         }
-        if minor(version) >= 3 {
+        if version.supports(feature::BUILD_REPEATS) {
             write_u64(w, self.nr_repeats).await?;
             write_bool(w, self.enforce_determinism).await?;
         }
-        if minor(version) >= 7 {
+        if version.supports(feature::KEEP_FAILED) {
             write_bool(w, self.keep_failed).await?;
         }
         Ok(())
@@ -171,11 +188,11 @@ impl BuildOptions {
 /// (`nix-store --serve` of Nix 2.8 always sends built outputs, whatever the
 /// client version, because of a misplaced parenthesis; every client it talks
 /// to is ≥ 2.6 anyway.)
-pub fn build_result_fields(version: u64) -> BuildResultFields {
+pub fn build_result_fields(version: ProtocolVersion) -> BuildResultFields {
     BuildResultFields {
-        timings: minor(version) >= 3,
+        timings: version.supports(feature::BUILD_TIMINGS),
         cpu: false,
-        built_outputs: minor(version) >= 6,
+        built_outputs: version.supports(feature::BUILT_OUTPUTS),
     }
 }
 
@@ -238,7 +255,7 @@ impl ServeRequest {
     /// between requests.
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<Option<ServeRequest>, WireError> {
         let Some(op) = read_u64_or_eof(r).await? else {
@@ -295,7 +312,7 @@ impl ServeRequest {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         write_u64(w, self.command() as u64).await?;
         match self {
@@ -344,7 +361,7 @@ impl ServeRequest {
 pub async fn write_path_infos<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     infos: &[ValidPathInfo],
-    version: u64,
+    version: ProtocolVersion,
 ) -> Result<(), WireError> {
     for info in infos {
         write_store_path(w, &info.path).await?;
@@ -352,7 +369,7 @@ pub async fn write_path_infos<W: AsyncWrite + Unpin + ?Sized>(
         write_store_paths(w, &info.references).await?;
         write_u64(w, info.nar_size).await?;
         write_u64(w, info.nar_size).await?;
-        if minor(version) >= 4 {
+        if version.supports(feature::PATH_INFO_NAR_HASH) {
             write_string(w, &info.nar_hash.to_nix32_prefixed()).await?;
             write_string(w, info.ca.as_deref().unwrap_or("")).await?;
             write_strings(w, &info.sigs).await?;
@@ -364,11 +381,11 @@ pub async fn write_path_infos<W: AsyncWrite + Unpin + ?Sized>(
 /// Read a `QueryPathInfos` reply (needs version ≥ 2.4 for the NAR hashes).
 pub async fn read_path_infos<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
-    version: u64,
+    version: ProtocolVersion,
     limits: &Limits,
 ) -> Result<Vec<ValidPathInfo>, WireError> {
-    if minor(version) < 4 {
-        return Err(WireError::UnsupportedVersion(version));
+    if !version.supports(feature::PATH_INFO_NAR_HASH) {
+        return Err(WireError::UnsupportedVersion(version.to_wire()));
     }
     let mut infos = Vec::new();
     loop {
@@ -475,7 +492,7 @@ impl ServeReply {
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
         request: &ServeRequest,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<ServeReply, ServeError> {
         Ok(match request {
@@ -523,7 +540,7 @@ impl ServeReply {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         match self {
             ServeReply::Paths(p) => write_store_paths(w, p).await,

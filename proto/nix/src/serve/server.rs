@@ -15,8 +15,8 @@ use crate::nar::{NarLimits, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, HandlerError, Limits, WireError, pipe::pipe, read_u64, write_store_paths,
-    write_string, write_u64,
+    self, BuildResult, HandlerError, Limits, ProtocolVersion, WireError, pipe::pipe, read_u64,
+    write_store_paths, write_string, write_u64,
 };
 
 /// What a serve protocol server asks of the store behind it. Every method runs
@@ -127,7 +127,7 @@ pub trait ServeHandler: Send {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// The version we announce (default [`SERVE_PROTOCOL_VERSION`]).
-    pub version: u64,
+    pub version: ProtocolVersion,
     pub limits: Limits,
     pub nar_limits: NarLimits,
 }
@@ -169,14 +169,15 @@ where
     let mut w = BufWriter::new(writer);
     wire::expect_u64(&mut r, SERVE_MAGIC_1).await?;
     write_u64(&mut w, SERVE_MAGIC_2).await?;
-    write_u64(&mut w, config.version).await?;
+    write_u64(&mut w, config.version.to_wire()).await?;
     w.flush().await.map_err(WireError::from)?;
-    let client_version = read_u64(&mut r).await?;
-    if client_version & 0xff00 != 0x200 || client_version < MIN_SERVE_VERSION {
-        return Err(WireError::UnsupportedVersion(client_version).into());
+    let client_wire = read_u64(&mut r).await?;
+    let client_version = ProtocolVersion::from_wire(client_wire);
+    if !client_version.supports(MIN_SERVE_VERSION) {
+        return Err(WireError::UnsupportedVersion(client_wire).into());
     }
     let version = client_version.min(config.version);
-    tracing::debug!(version = format!("{version:#x}"), "serve handshake done");
+    tracing::debug!(%version, "serve handshake done");
 
     while let Some(req) = ServeRequest::read(&mut r, version, &config.limits).await? {
         tracing::debug!(command = ?req.command(), "serve request");
@@ -191,7 +192,7 @@ async fn handle<R, W, H>(
     w: &mut W,
     handler: &mut H,
     req: ServeRequest,
-    version: u64,
+    version: ProtocolVersion,
     config: &ServeConfig,
 ) -> Result<(), ServeError>
 where

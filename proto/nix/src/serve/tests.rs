@@ -15,7 +15,12 @@ use crate::testutil::{
     PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
 };
 use crate::wire::test_support::*;
-use crate::wire::{BuildStatus, HandlerError};
+use crate::wire::{BuildStatus, HandlerError, ProtocolVersion};
+
+/// Serve protocol version `2.minor`.
+fn v2(minor: u8) -> ProtocolVersion {
+    ProtocolVersion::new(2, minor)
+}
 
 /// One request of a capture with its reply, decoded, and the exact bytes of each.
 struct Exchange {
@@ -31,8 +36,8 @@ struct Capture {
     name: String,
     handshake_c2s: Vec<u8>,
     handshake_s2c: Vec<u8>,
-    client_version: u64,
-    server_version: u64,
+    client_version: ProtocolVersion,
+    server_version: ProtocolVersion,
     exchanges: Vec<Exchange>,
 }
 
@@ -40,9 +45,9 @@ async fn parse_capture(name: &str, c2s: &[u8], s2c: &[u8]) -> Capture {
     let lim = Limits::default();
     let (mut c, mut s) = (c2s, s2c);
     wire::expect_u64(&mut c, SERVE_MAGIC_1).await.unwrap();
-    let client_version = read_u64(&mut c).await.unwrap();
+    let client_version = ProtocolVersion::from_wire(read_u64(&mut c).await.unwrap());
     wire::expect_u64(&mut s, SERVE_MAGIC_2).await.unwrap();
-    let server_version = read_u64(&mut s).await.unwrap();
+    let server_version = ProtocolVersion::from_wire(read_u64(&mut s).await.unwrap());
     let version = client_version.min(server_version);
     let mut exchanges = Vec::new();
     loop {
@@ -102,8 +107,8 @@ fn captures_decode_and_reencode_byte_identically() {
         let caps = all_captures().await;
         let mut seen = BTreeSet::new();
         for cap in &caps {
-            assert_eq!(cap.client_version, 0x207, "{}", cap.name);
-            assert_eq!(cap.server_version, 0x207, "{}", cap.name);
+            assert_eq!(cap.client_version, v2(7), "{}", cap.name);
+            assert_eq!(cap.server_version, v2(7), "{}", cap.name);
             let version = cap.client_version.min(cap.server_version);
             for ex in &cap.exchanges {
                 seen.insert(format!("{:?}", ex.req.command()));
@@ -353,10 +358,10 @@ fn arb_request() -> impl Strategy<Value = ServeRequest> {
 
 proptest! {
     #[test]
-    fn request_roundtrip(req in arb_request(), v in MIN_SERVE_VERSION..=SERVE_PROTOCOL_VERSION) {
+    fn request_roundtrip(req in arb_request(), v in (MIN_SERVE_VERSION.minor()..=SERVE_PROTOCOL_VERSION.minor()).prop_map(v2)) {
         // Before 2.7 `keepFailed` is not sent, so it reads back as false.
         let mut want = req.clone();
-        if minor(v) < 7
+        if !v.supports(feature::KEEP_FAILED)
             && let ServeRequest::BuildPaths { options, .. }
             | ServeRequest::BuildDerivation { options, .. } = &mut want
         {
@@ -418,15 +423,15 @@ fn build_options_follow_the_version() {
             keep_failed: true,
         };
         for (v, len) in [
-            (0x201, 16),
-            (0x202, 24),
-            (0x203, 40),
-            (0x206, 40),
-            (0x207, 48),
+            (v2(1), 16),
+            (v2(2), 24),
+            (v2(3), 40),
+            (v2(6), 40),
+            (v2(7), 48),
         ] {
             let mut out = Vec::new();
             o.write(&mut out, v).await.unwrap();
-            assert_eq!(out.len(), len, "{v:#x}");
+            assert_eq!(out.len(), len, "{v}");
             let back = BuildOptions::read(&mut &out[..], v).await.unwrap();
             assert_eq!(back.build_timeout, 2);
         }
@@ -548,7 +553,7 @@ async fn serve_bytes(input: Vec<u8>) -> Result<(), ServeError> {
 
 fn handshake() -> Vec<u8> {
     let mut v = SERVE_MAGIC_1.to_le_bytes().to_vec();
-    v.extend_from_slice(&SERVE_PROTOCOL_VERSION.to_le_bytes());
+    v.extend_from_slice(&0x207u64.to_le_bytes());
     v
 }
 
@@ -638,7 +643,7 @@ fn our_client_against_real_nix_store_serve() {
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut c = ServeClient::connect(stdout, stdin).await.unwrap();
-        assert_eq!(c.version(), 0x207);
+        assert_eq!(c.version(), v2(7));
 
         let src = test_path("farm-serve-src");
         let nar = nar_of_bytes(b"from the farm\n");

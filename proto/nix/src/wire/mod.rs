@@ -7,7 +7,8 @@
 //! - list: `u64 count`, then the elements; a set is a list in sorted order;
 //! - map: `u64 count`, then key, value, key, value…;
 //! - store paths: full paths as strings, `""` for "none";
-//! - framed stream ([`FramedReader`], [`FramedWriter`]): `[u64 len][len bytes]…`, ended by `len = 0`.
+//! - framed stream ([`FramedReader`], [`FramedWriter`]): `[u64 len][len bytes]…`, ended by `len = 0`;
+//! - protocol versions ([`ProtocolVersion`]): one `u64`, `major << 8 | minor`.
 //!
 //! Every reader checks a length against its [`Limits`] before allocating,
 //! rejects non-zero padding, and reports failures as [`WireError`].
@@ -15,6 +16,7 @@
 mod framed;
 pub mod pipe;
 mod types;
+mod version;
 
 pub use framed::{DEFAULT_FRAME_SIZE, FramedReader, FramedWriter};
 #[cfg(test)]
@@ -24,6 +26,7 @@ pub use types::{
     parse_nar_hash, read_basic_derivation, read_path_info, read_path_info_fields,
     write_basic_derivation, write_path_info, write_path_info_fields,
 };
+pub use version::ProtocolVersion;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -106,11 +109,6 @@ impl WireError {
     pub fn is_eof(&self) -> bool {
         matches!(self, WireError::UnexpectedEof)
     }
-}
-
-/// The minor part of a protocol version (serve `0x2mm`, worker `0x1mm`).
-pub const fn minor(version: u64) -> u64 {
-    version & 0xff
 }
 
 /// A NAR whose size or sha256 is not what its path info announced.

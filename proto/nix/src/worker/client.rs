@@ -5,15 +5,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use super::{
-    BuildMode, ClientSettings, Missing, PROTOCOL_VERSION, StderrMsg, WORKER_MAGIC_1,
-    WORKER_MAGIC_2, WorkerError, WorkerReply, WorkerRequest, build_result_fields, minor,
+    BuildMode, ClientSettings, MIN_DAEMON_VERSION, Missing, PROTOCOL_VERSION, StderrMsg,
+    WORKER_MAGIC_1, WORKER_MAGIC_2, WorkerError, WorkerReply, WorkerRequest, build_result_fields,
+    feature,
 };
 use crate::derivation::BasicDerivation;
 use crate::nar::{NarLimits, NarSummary, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, DerivedPath, FramedWriter, Limits, WireError, read_u64, write_u64,
+    self, BuildResult, DerivedPath, FramedWriter, Limits, ProtocolVersion, WireError, read_u64,
+    write_u64,
 };
 
 /// Receives the stderr messages (log lines, activities) of each operation.
@@ -23,7 +25,7 @@ pub type StderrCallback = Box<dyn FnMut(&StderrMsg) + Send>;
 pub struct WorkerClient<R, W> {
     r: BufReader<R>,
     w: BufWriter<W>,
-    version: u64,
+    version: ProtocolVersion,
     daemon_nix_version: Option<String>,
     trusted: Option<bool>,
     limits: Limits,
@@ -41,38 +43,39 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> WorkerClient<R, 
     pub async fn connect_with_version(
         reader: R,
         writer: W,
-        our_version: u64,
+        our_version: ProtocolVersion,
     ) -> Result<Self, WorkerError> {
         let mut r = BufReader::new(reader);
         let mut w = BufWriter::new(writer);
         write_u64(&mut w, WORKER_MAGIC_1).await?;
-        write_u64(&mut w, our_version).await?;
+        write_u64(&mut w, our_version.to_wire()).await?;
         w.flush().await.map_err(WireError::from)?;
         wire::expect_u64(&mut r, WORKER_MAGIC_2).await?;
-        let daemon_version = read_u64(&mut r).await?;
-        if daemon_version & 0xff00 != 0x100 || minor(daemon_version) < 10 {
-            return Err(WireError::UnsupportedVersion(daemon_version).into());
+        let daemon_wire = read_u64(&mut r).await?;
+        let daemon_version = ProtocolVersion::from_wire(daemon_wire);
+        if !daemon_version.supports(MIN_DAEMON_VERSION) {
+            return Err(WireError::UnsupportedVersion(daemon_wire).into());
         }
         let version = daemon_version.min(our_version);
         let limits = Limits::default();
-        if minor(version) >= 38 {
+        if version.supports(feature::FEATURE_EXCHANGE) {
             wire::write_strings(&mut w, Vec::<String>::new()).await?;
             w.flush().await.map_err(WireError::from)?;
             let _features = wire::read_strings(&mut r, &limits).await?;
         }
-        if minor(version) >= 14 {
+        if version.supports(feature::CPU_AFFINITY) {
             write_u64(&mut w, 0).await?; // no CPU affinity
         }
-        if minor(version) >= 11 {
+        if version.supports(feature::RESERVE_SPACE) {
             write_u64(&mut w, 0).await?; // reserveSpace
         }
         w.flush().await.map_err(WireError::from)?;
-        let daemon_nix_version = if minor(version) >= 33 {
+        let daemon_nix_version = if version.supports(feature::NIX_VERSION) {
             Some(wire::read_string(&mut r, 1024).await?)
         } else {
             None
         };
-        let trusted = if minor(version) >= 35 {
+        let trusted = if version.supports(feature::TRUST_STATUS) {
             match read_u64(&mut r).await? {
                 1 => Some(true),
                 2 => Some(false),
@@ -96,7 +99,7 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> WorkerClient<R, 
     }
 
     /// The negotiated version.
-    pub fn version(&self) -> u64 {
+    pub fn version(&self) -> ProtocolVersion {
         self.version
     }
 
@@ -259,8 +262,8 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> WorkerClient<R, 
         dont_check_sigs: bool,
         nar: &mut N,
     ) -> Result<(), WorkerError> {
-        if minor(self.version) < 23 {
-            return Err(WireError::UnsupportedVersion(self.version).into());
+        if !self.version.supports(feature::ADD_TO_STORE_NAR) {
+            return Err(WireError::UnsupportedVersion(self.version.to_wire()).into());
         }
         WorkerRequest::AddToStoreNar {
             info: info.clone(),
@@ -291,8 +294,8 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> WorkerClient<R, 
         repair: bool,
         dont_check_sigs: bool,
     ) -> Result<(), WorkerError> {
-        if minor(self.version) < 32 {
-            return Err(WireError::UnsupportedVersion(self.version).into());
+        if !self.version.supports(feature::ADD_MULTIPLE_TO_STORE) {
+            return Err(WireError::UnsupportedVersion(self.version.to_wire()).into());
         }
         WorkerRequest::AddMultipleToStore {
             repair,

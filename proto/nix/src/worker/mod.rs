@@ -62,18 +62,53 @@ use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
     self, BuildResult, BuildResultFields, DerivedPath, HandlerError, Limits, NarMismatch,
-    WireError, read_bool, read_bytes, read_count, read_opt_store_path, read_store_path,
-    read_store_paths, read_string, read_string_set, read_strings, read_u64, read_u64_or_eof,
-    write_bool, write_bytes, write_opt_store_path, write_store_path, write_store_paths,
-    write_string, write_strings, write_u64,
+    ProtocolVersion, WireError, read_bool, read_bytes, read_count, read_opt_store_path,
+    read_store_path, read_store_paths, read_string, read_string_set, read_strings, read_u64,
+    read_u64_or_eof, write_bool, write_bytes, write_opt_store_path, write_store_path,
+    write_store_paths, write_string, write_strings, write_u64,
 };
 
 pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;
 pub const WORKER_MAGIC_2: u64 = 0x6478_696f;
 /// The version we announce: 1.35 (see the module documentation).
-pub const PROTOCOL_VERSION: u64 = 0x123;
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::new(1, 35);
 /// The oldest client version we accept: 1.34 (Nix 2.8).
-pub const MIN_CLIENT_VERSION: u64 = 0x122;
+pub const MIN_CLIENT_VERSION: ProtocolVersion = ProtocolVersion::new(1, 34);
+/// The oldest daemon version our client talks to: 1.10.
+pub const MIN_DAEMON_VERSION: ProtocolVersion = ProtocolVersion::new(1, 10);
+
+/// The worker protocol versions that brought what the codecs gate on; ask
+/// with [`ProtocolVersion::supports`].
+pub mod feature {
+    use crate::wire::ProtocolVersion as V;
+
+    /// The client sends the obsolete `reserveSpace` flag.
+    pub const RESERVE_SPACE: V = V::new(1, 11);
+    /// `SetOptions` carries setting overrides.
+    pub const SETTING_OVERRIDES: V = V::new(1, 12);
+    /// The client sends a CPU affinity.
+    pub const CPU_AFFINITY: V = V::new(1, 14);
+    /// `AddToStoreNar` exists.
+    pub const ADD_TO_STORE_NAR: V = V::new(1, 23);
+    /// Errors are structured (type, level, name, message, traces).
+    pub const STRUCTURED_ERRORS: V = V::new(1, 26);
+    /// `QueryValidPaths` carries a `substitute` flag.
+    pub const SUBSTITUTE_FLAG: V = V::new(1, 27);
+    /// Build results list the built outputs.
+    pub const BUILT_OUTPUTS: V = V::new(1, 28);
+    /// Build results carry times, repeats and determinism.
+    pub const BUILD_TIMINGS: V = V::new(1, 29);
+    /// `AddMultipleToStore` exists.
+    pub const ADD_MULTIPLE_TO_STORE: V = V::new(1, 32);
+    /// The daemon sends its Nix version in the handshake.
+    pub const NIX_VERSION: V = V::new(1, 33);
+    /// The daemon tells whether it trusts the client.
+    pub const TRUST_STATUS: V = V::new(1, 35);
+    /// Build results carry CPU times.
+    pub const BUILD_CPU_TIMES: V = V::new(1, 37);
+    /// Client and daemon exchange feature lists in the handshake.
+    pub const FEATURE_EXCHANGE: V = V::new(1, 38);
+}
 
 pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
 pub const STDERR_READ: u64 = 0x6461_7461;
@@ -89,14 +124,12 @@ pub const ACT_BUILD: u64 = 105;
 /// Result type of a build log line (`resBuildLogLine`).
 pub const RES_BUILD_LOG_LINE: u64 = 101;
 
-pub use crate::wire::minor;
-
 /// [`BuildResult`] fields of a worker protocol version.
-pub fn build_result_fields(version: u64) -> BuildResultFields {
+pub fn build_result_fields(version: ProtocolVersion) -> BuildResultFields {
     BuildResultFields {
-        timings: minor(version) >= 29,
-        cpu: minor(version) >= 37,
-        built_outputs: minor(version) >= 28,
+        timings: version.supports(feature::BUILD_TIMINGS),
+        cpu: version.supports(feature::BUILD_CPU_TIMES),
+        built_outputs: version.supports(feature::BUILT_OUTPUTS),
     }
 }
 
@@ -227,7 +260,7 @@ pub struct ClientSettings {
 impl ClientSettings {
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<ClientSettings, WireError> {
         let mut s = ClientSettings::default();
@@ -247,7 +280,7 @@ impl ClientSettings {
         ] {
             *f = read_u64(r).await?;
         }
-        if minor(version) >= 12 {
+        if version.supports(feature::SETTING_OVERRIDES) {
             let n = read_count(r, limits).await?;
             for _ in 0..n {
                 let k = read_string(r, limits.max_string).await?;
@@ -261,7 +294,7 @@ impl ClientSettings {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         for f in [
             self.keep_failed,
@@ -279,7 +312,7 @@ impl ClientSettings {
         ] {
             write_u64(w, f).await?;
         }
-        if minor(version) >= 12 {
+        if version.supports(feature::SETTING_OVERRIDES) {
             write_u64(w, self.overrides.len() as u64).await?;
             for (k, v) in &self.overrides {
                 write_string(w, k).await?;
@@ -397,7 +430,7 @@ impl WorkerRequest {
     /// between requests.
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<Option<WorkerRequest>, WireError> {
         use WorkerRequest as Q;
@@ -432,7 +465,7 @@ impl WorkerRequest {
             }
             WorkerOp::QueryValidPaths => Q::QueryValidPaths {
                 paths: read_store_paths(r, limits).await?,
-                substitute: if minor(version) >= 27 {
+                substitute: if version.supports(feature::SUBSTITUTE_FLAG) {
                     read_bool(r).await?
                 } else {
                     false
@@ -480,7 +513,7 @@ impl WorkerRequest {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         use WorkerRequest as Q;
         write_u64(w, self.op() as u64).await?;
@@ -522,7 +555,7 @@ impl WorkerRequest {
             }
             Q::QueryValidPaths { paths, substitute } => {
                 write_store_paths(w, paths).await?;
-                if minor(version) >= 27 {
+                if version.supports(feature::SUBSTITUTE_FLAG) {
                     write_bool(w, *substitute).await?;
                 }
                 Ok(())
@@ -605,7 +638,7 @@ impl WorkerReply {
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
         request: &WorkerRequest,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<WorkerReply, WorkerError> {
         use WorkerRequest as Q;
@@ -680,7 +713,7 @@ impl WorkerReply {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         match self {
             WorkerReply::Nothing => Ok(()),
@@ -801,10 +834,10 @@ impl RemoteError {
 
     async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<RemoteError, WireError> {
-        if minor(version) < 26 {
+        if !version.supports(feature::STRUCTURED_ERRORS) {
             let message = read_string(r, limits.max_string).await?;
             let exit_status = read_u64(r).await?;
             return Ok(RemoteError {
@@ -846,9 +879,9 @@ impl RemoteError {
     async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
-        if minor(version) < 26 {
+        if !version.supports(feature::STRUCTURED_ERRORS) {
             write_string(w, &self.message).await?;
             return write_u64(w, self.exit_status).await;
         }
@@ -901,7 +934,7 @@ pub enum StderrMsg {
 impl StderrMsg {
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
-        version: u64,
+        version: ProtocolVersion,
         limits: &Limits,
     ) -> Result<StderrMsg, WireError> {
         Ok(match read_u64(r).await? {
@@ -936,7 +969,7 @@ impl StderrMsg {
     pub async fn write<W: AsyncWrite + Unpin + ?Sized>(
         &self,
         w: &mut W,
-        version: u64,
+        version: ProtocolVersion,
     ) -> Result<(), WireError> {
         match self {
             StderrMsg::Next(s) => {

@@ -15,31 +15,31 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use super::{
     BuildMode, ClientSettings, Field, MIN_CLIENT_VERSION, Missing, PROTOCOL_VERSION, RemoteError,
     STDERR_LAST, StderrMsg, WORKER_MAGIC_1, WORKER_MAGIC_2, WorkerError, WorkerReply,
-    WorkerRequest, minor,
+    WorkerRequest, feature,
 };
 use crate::derivation::BasicDerivation;
 use crate::nar::{NarLimits, copy_nar};
 use crate::path_info::ValidPathInfo;
 use crate::store_path::StorePath;
 use crate::wire::{
-    self, BuildResult, DerivedPath, FramedReader, HandlerError, Limits, WireError, pipe::pipe,
-    read_strings, read_u64, write_strings, write_u64,
+    self, BuildResult, DerivedPath, FramedReader, HandlerError, Limits, ProtocolVersion, WireError,
+    pipe::pipe, read_strings, read_u64, write_strings, write_u64,
 };
 
 /// Sends stderr messages to the client while an operation runs (log lines,
 /// activities). Each message is flushed at once.
 pub struct Logger<'a> {
     w: &'a mut (dyn AsyncWrite + Unpin + Send),
-    version: u64,
+    version: ProtocolVersion,
 }
 
 impl<'a> Logger<'a> {
-    pub fn new(w: &'a mut (dyn AsyncWrite + Unpin + Send), version: u64) -> Logger<'a> {
+    pub fn new(w: &'a mut (dyn AsyncWrite + Unpin + Send), version: ProtocolVersion) -> Logger<'a> {
         Logger { w, version }
     }
 
     /// The negotiated protocol version.
-    pub fn version(&self) -> u64 {
+    pub fn version(&self) -> ProtocolVersion {
         self.version
     }
 
@@ -342,7 +342,7 @@ pub trait WorkerHandler: Send {
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// The version we announce (default [`PROTOCOL_VERSION`], 1.35).
-    pub version: u64,
+    pub version: ProtocolVersion,
     /// The Nix version string sent to clients ≥ 1.33.
     pub nix_version: String,
     /// Trust sent to clients ≥ 1.35: `Some(true)` trusted, `Some(false)` not, `None` unknown.
@@ -419,35 +419,40 @@ where
     }
 }
 
-async fn handshake<R, W>(r: &mut R, w: &mut W, config: &WorkerConfig) -> Result<u64, WorkerError>
+async fn handshake<R, W>(
+    r: &mut R,
+    w: &mut W,
+    config: &WorkerConfig,
+) -> Result<ProtocolVersion, WorkerError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     wire::expect_u64(r, WORKER_MAGIC_1).await?;
     write_u64(w, WORKER_MAGIC_2).await?;
-    write_u64(w, config.version).await?;
+    write_u64(w, config.version.to_wire()).await?;
     w.flush().await.map_err(WireError::from)?;
-    let client_version = read_u64(r).await?;
-    let version = client_version.min(config.version);
-    if client_version & 0xff00 != 0x100 || client_version < MIN_CLIENT_VERSION {
-        return Err(WireError::UnsupportedVersion(client_version).into());
+    let client_wire = read_u64(r).await?;
+    let client_version = ProtocolVersion::from_wire(client_wire);
+    if !client_version.supports(MIN_CLIENT_VERSION) {
+        return Err(WireError::UnsupportedVersion(client_wire).into());
     }
-    if minor(version) >= 38 {
+    let version = client_version.min(config.version);
+    if version.supports(feature::FEATURE_EXCHANGE) {
         let _features = read_strings(r, &config.limits).await?;
         write_strings(w, Vec::<String>::new()).await?;
         w.flush().await.map_err(WireError::from)?;
     }
-    if minor(version) >= 14 && read_u64(r).await? != 0 {
+    if version.supports(feature::CPU_AFFINITY) && read_u64(r).await? != 0 {
         read_u64(r).await?; // obsolete CPU affinity
     }
-    if minor(version) >= 11 {
+    if version.supports(feature::RESERVE_SPACE) {
         read_u64(r).await?; // obsolete reserveSpace
     }
-    if minor(version) >= 33 {
+    if version.supports(feature::NIX_VERSION) {
         wire::write_string(w, &config.nix_version).await?;
     }
-    if minor(version) >= 35 {
+    if version.supports(feature::TRUST_STATUS) {
         write_u64(
             w,
             match config.trusted {
@@ -460,12 +465,16 @@ where
     }
     write_u64(w, STDERR_LAST).await?;
     w.flush().await.map_err(WireError::from)?;
-    tracing::debug!(version = format!("{version:#x}"), "worker handshake done");
+    tracing::debug!(%version, "worker handshake done");
     Ok(version)
 }
 
 /// Best effort: tell the client why (it may already be gone).
-async fn send_error<W: AsyncWrite + Unpin + Send>(w: &mut W, version: u64, message: &str) {
+async fn send_error<W: AsyncWrite + Unpin + Send>(
+    w: &mut W,
+    version: ProtocolVersion,
+    message: &str,
+) {
     let msg = StderrMsg::Error(RemoteError::new(message));
     if msg.write(w, version).await.is_ok() {
         let _ = w.flush().await;
@@ -500,7 +509,7 @@ impl From<WireError> for OpError {
 /// Reply: `STDERR_LAST` then the value.
 async fn reply<W: AsyncWrite + Unpin + Send>(
     w: &mut W,
-    version: u64,
+    version: ProtocolVersion,
     value: WorkerReply,
 ) -> Result<(), OpError> {
     write_u64(w, STDERR_LAST).await?;
@@ -550,7 +559,7 @@ async fn handle<R, W, H>(
     w: &mut W,
     handler: &mut H,
     req: WorkerRequest,
-    version: u64,
+    version: ProtocolVersion,
     config: &WorkerConfig,
 ) -> Result<(), OpError>
 where

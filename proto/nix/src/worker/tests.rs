@@ -15,7 +15,14 @@ use crate::testutil::{
     PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
 };
 use crate::wire::test_support::*;
-use crate::wire::{BuildStatus, FramedReader, FramedWriter, HandlerError, OutputsSpec};
+use crate::wire::{
+    BuildStatus, FramedReader, FramedWriter, HandlerError, OutputsSpec, ProtocolVersion,
+};
+
+/// Worker protocol version `1.minor`.
+fn v1(minor: u8) -> ProtocolVersion {
+    ProtocolVersion::new(1, minor)
+}
 
 /// Read a framed stream, returning (raw bytes including headers, payload).
 async fn read_framed_raw(r: &mut &[u8]) -> (Vec<u8>, Vec<u8>) {
@@ -44,8 +51,8 @@ struct Capture {
     name: String,
     handshake_c2s: Vec<u8>,
     handshake_s2c: Vec<u8>,
-    client_version: u64,
-    version: u64,
+    client_version: ProtocolVersion,
+    version: ProtocolVersion,
     nix_version: Option<String>,
     exchanges: Vec<Exchange>,
 }
@@ -53,7 +60,7 @@ struct Capture {
 async fn read_response(
     s: &mut &[u8],
     req: Option<&WorkerRequest>,
-    version: u64,
+    version: ProtocolVersion,
 ) -> (Vec<StderrMsg>, Result<WorkerReply, RemoteError>) {
     let lim = Limits::default();
     let mut msgs = Vec::new();
@@ -75,19 +82,19 @@ async fn parse_capture(name: &str, c2s: &[u8], s2c: &[u8]) -> Capture {
     let lim = Limits::default();
     let (mut c, mut s) = (c2s, s2c);
     wire::expect_u64(&mut c, WORKER_MAGIC_1).await.unwrap();
-    let client_version = read_u64(&mut c).await.unwrap();
+    let client_version = ProtocolVersion::from_wire(read_u64(&mut c).await.unwrap());
     wire::expect_u64(&mut s, WORKER_MAGIC_2).await.unwrap();
-    let server_version = read_u64(&mut s).await.unwrap();
+    let server_version = ProtocolVersion::from_wire(read_u64(&mut s).await.unwrap());
     let version = client_version.min(server_version);
     assert!(
-        minor(version) < 38,
+        !version.supports(feature::FEATURE_EXCHANGE),
         "feature exchange not expected from Nix 2.8"
     );
     if read_u64(&mut c).await.unwrap() != 0 {
         read_u64(&mut c).await.unwrap();
     }
     read_u64(&mut c).await.unwrap();
-    let nix_version = if minor(version) >= 33 {
+    let nix_version = if version.supports(feature::NIX_VERSION) {
         Some(wire::read_string(&mut s, 100).await.unwrap())
     } else {
         None
@@ -200,7 +207,8 @@ fn captures_decode_and_reencode_byte_identically() {
         let mut seen = BTreeSet::new();
         for cap in all_captures().await {
             assert_eq!(
-                cap.client_version, 0x122,
+                cap.client_version,
+                ProtocolVersion::new(1, 34),
                 "{}: Nix 2.8 speaks 1.34",
                 cap.name
             );
@@ -433,7 +441,8 @@ fn captures_replayed_against_our_server_give_the_same_bytes() {
             let mut got = vec![0u8; cap.handshake_s2c.len()];
             cr.read_exact(&mut got).await.unwrap();
             // We announce 1.35 where Nix 2.8 announced 1.34; the rest is identical.
-            assert_eq!(got[8..16], PROTOCOL_VERSION.to_le_bytes());
+            assert_eq!(got[8..16], 0x123u64.to_le_bytes());
+            assert_eq!(PROTOCOL_VERSION.to_wire(), 0x123);
             assert_eq!(
                 got[16..],
                 cap.handshake_s2c[16..],
@@ -636,7 +645,7 @@ fn arb_stderr() -> impl Strategy<Value = StderrMsg> {
 
 proptest! {
     #[test]
-    fn request_roundtrip(req in arb_request(), v in prop_oneof![Just(0x122u64), Just(0x123), Just(0x125), Just(0x126)]) {
+    fn request_roundtrip(req in arb_request(), v in prop_oneof![Just(v1(34)), Just(v1(35)), Just(v1(37)), Just(v1(38))]) {
         rt().block_on(async {
             let mut out = Vec::new();
             req.write(&mut out, v).await.unwrap();
@@ -662,7 +671,7 @@ proptest! {
 
     #[test]
     fn reply_roundtrip(
-        v in prop_oneof![Just(0x122u64), Just(0x123), Just(0x125), Just(0x126)],
+        v in prop_oneof![Just(v1(34)), Just(v1(35)), Just(v1(37)), Just(v1(38))],
         paths in arb_paths(),
         info in arb_path_info(),
         res in arb_build_result(BuildResultFields { timings: true, cpu: true, built_outputs: true }),
@@ -715,22 +724,22 @@ fn version_gates() {
             substitute: true,
         };
         let mut old = Vec::new();
-        req.write(&mut old, 0x11a).await.unwrap();
+        req.write(&mut old, v1(26)).await.unwrap();
         let mut new = Vec::new();
-        req.write(&mut new, 0x11b).await.unwrap();
+        req.write(&mut new, v1(27)).await.unwrap();
         assert_eq!(new.len(), old.len() + 8, "substitute flag from 1.27");
         let e = StderrMsg::Error(RemoteError::new("boom"));
         let mut old = Vec::new();
-        e.write(&mut old, 0x119).await.unwrap();
-        let back = StderrMsg::read(&mut &old[..], 0x119, &Limits::default())
+        e.write(&mut old, v1(25)).await.unwrap();
+        let back = StderrMsg::read(&mut &old[..], v1(25), &Limits::default())
             .await
             .unwrap();
         assert_eq!(back, e);
-        let mut f = build_result_fields(0x123);
+        let mut f = build_result_fields(v1(35));
         assert!(!f.cpu && f.timings && f.built_outputs);
-        f = build_result_fields(0x11b);
+        f = build_result_fields(v1(27));
         assert!(!f.timings && !f.built_outputs);
-        assert!(build_result_fields(0x125).cpu);
+        assert!(build_result_fields(v1(37)).cpu);
     });
 }
 
@@ -788,8 +797,8 @@ type Duplex = tokio::io::DuplexStream;
 type TestClient = WorkerClient<tokio::io::ReadHalf<Duplex>, tokio::io::WriteHalf<Duplex>>;
 
 async fn mem_server(
-    server_version: u64,
-    client_version: u64,
+    server_version: ProtocolVersion,
+    client_version: ProtocolVersion,
 ) -> (
     TestClient,
     tokio::task::JoinHandle<Result<MemStore, WorkerError>>,
@@ -817,17 +826,20 @@ async fn mem_server(
 fn handshake_at_every_supported_version() {
     rt().block_on(async {
         for (server, client, expect) in [
-            (0x123, 0x122, 0x122),
-            (0x123, 0x123, 0x123),
-            (0x123, 0x126, 0x123),
-            (0x125, 0x125, 0x125),
-            (0x126, 0x126, 0x126),
-            (0x126, 0x122, 0x122),
+            (v1(35), v1(34), v1(34)),
+            (v1(35), v1(35), v1(35)),
+            (v1(35), v1(38), v1(35)),
+            (v1(37), v1(37), v1(37)),
+            (v1(38), v1(38), v1(38)),
+            (v1(38), v1(34), v1(34)),
         ] {
             let (mut c, task) = mem_server(server, client).await;
             assert_eq!(c.version(), expect);
             assert!(c.daemon_nix_version().unwrap().starts_with("2.8.0"));
-            assert_eq!(c.trusted(), (minor(expect) >= 35).then_some(true));
+            assert_eq!(
+                c.trusted(),
+                expect.supports(feature::TRUST_STATUS).then_some(true)
+            );
             // A build at this version: the result fields follow it.
             let src = test_path("src");
             let nar = nar_of_bytes(b"in");
@@ -955,7 +967,7 @@ async fn last_error(out: &[u8]) -> RemoteError {
     let mut r = &out[16..];
     wire::read_string(&mut r, 100).await.unwrap();
     assert_eq!(read_u64(&mut r).await.unwrap(), STDERR_LAST);
-    match StderrMsg::read(&mut r, 0x122, &Limits::default())
+    match StderrMsg::read(&mut r, v1(34), &Limits::default())
         .await
         .unwrap()
     {
@@ -979,6 +991,15 @@ fn malformed_input_closes_the_connection_with_an_error() {
         assert!(matches!(
             res,
             Err(WorkerError::Wire(WireError::UnsupportedVersion(0x115)))
+        ));
+        // Bits above the major number are not part of the version (Nix masks
+        // them): 0x1_0100 is 1.0, too old, not a huge 1.x.
+        let mut v = handshake();
+        v[8..16].copy_from_slice(&0x1_0100u64.to_le_bytes());
+        let (_, res) = serve_bytes(v).await;
+        assert!(matches!(
+            res,
+            Err(WorkerError::Wire(WireError::UnsupportedVersion(0x1_0100)))
         ));
         // Unknown operation: an error message, then the connection closes.
         let mut v = handshake();
@@ -1007,7 +1028,7 @@ fn malformed_input_closes_the_connection_with_an_error() {
         // A store path that is not one.
         let mut v = handshake();
         WorkerRequest::IsValidPath(test_path("x"))
-            .write(&mut v, 0x122)
+            .write(&mut v, v1(34))
             .await
             .unwrap();
         let n = v.len();
@@ -1025,7 +1046,7 @@ fn malformed_input_closes_the_connection_with_an_error() {
             repair: false,
             dont_check_sigs: true,
         }
-        .write(&mut v, 0x122)
+        .write(&mut v, v1(34))
         .await
         .unwrap();
         let mut fw = FramedWriter::new(&mut v);
@@ -1226,7 +1247,7 @@ fn our_client_against_real_nix_daemon() {
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut c = WorkerClient::connect(stdout, stdin).await.unwrap();
-        assert_eq!(c.version(), 0x122, "Nix 2.8 speaks 1.34");
+        assert_eq!(c.version(), v1(34), "Nix 2.8 speaks 1.34");
         assert_eq!(c.daemon_nix_version(), Some("2.8.0"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l2 = lines.clone();
