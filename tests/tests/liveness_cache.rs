@@ -31,17 +31,6 @@ const TEST_DEADLINE: Duration = Duration::from_secs(300);
 /// The coordinator's upload grace in the trickle test.
 const UPLOAD_GRACE_SECS: u64 = 30;
 
-/// The NAR of one non-executable regular file holding `contents`, as
-/// farm-nix's writer (byte-identical to `nix-store --dump`) makes it.
-async fn regular_file_nar(contents: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("f");
-    std::fs::write(&file, contents)?;
-    let mut nar = Vec::new();
-    farm_nix::nar::dump_path(&file, &mut nar).await?;
-    Ok(nar)
-}
-
 /// `n` incompressible bytes.
 fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
     use std::io::Read;
@@ -110,7 +99,7 @@ async fn trickle_test(logs: &TestLogs) -> anyhow::Result<()> {
     // second that would take more than an hour to finish.
     let mut fake = random_bytes(10 << 20)?;
     fake.extend_from_slice(&[b'x'; 64 << 10]);
-    let fake_nar = regular_file_nar(&fake).await?;
+    let fake_nar = farm_nix::nar::nar_of_bytes(&fake);
     let claim = ValidPathInfo::new(
         out_path.clone(),
         HashAlgo::Sha256.digest(&fake_nar),
@@ -225,7 +214,7 @@ async fn trickle_test(logs: &TestLogs) -> anyhow::Result<()> {
     .await?;
     ensure!(code == 200, "narinfo: HTTP {code}");
     let ni = NarInfo::parse(std::str::from_utf8(&body)?)?;
-    let expected = regular_file_nar(built_contents).await?;
+    let expected = farm_nix::nar::nar_of_bytes(built_contents);
     ensure!(
         ni.info.nar_hash == HashAlgo::Sha256.digest(&expected)
             && ni.info.nar_size == expected.len() as u64,
