@@ -28,9 +28,6 @@ fn read_builds(store: &Store, ids: &[BuildId]) -> Vec<Arc<BuildView>> {
         .collect()
 }
 
-/// Capacity of a submission's event channel (a watcher that falls further
-/// behind gets a fresh snapshot).
-const EVENT_CHANNEL: usize = 4096;
 /// Live log bytes kept per running build; beyond it the head is dropped.
 pub const MAX_LIVE_LOG: usize = 64 * 1024 * 1024;
 
@@ -89,9 +86,9 @@ struct Sessions {
     by_token: HashMap<String, String>,
 }
 
-/// A running build's log so far, and a signal for followers. Kept as the
-/// chunks the builder sent; past [`MAX_LIVE_LOG`] whole chunks are dropped from
-/// the head (no bytes are moved).
+/// A running build's log so far, and where it is in its life. Kept as the
+/// chunks the builder sent; past [`MAX_LIVE_LOG`] whole chunks are dropped
+/// from the head (no bytes are moved).
 #[derive(Default)]
 pub struct LiveLog {
     chunks: std::collections::VecDeque<bytes::Bytes>,
@@ -99,7 +96,10 @@ pub struct LiveLog {
     held: usize,
     /// Bytes dropped from the head to stay under [`MAX_LIVE_LOG`].
     pub dropped: u64,
+    /// The build ended: no more bytes come.
     pub ended: bool,
+    /// Set once storing the ended log was tried: whether it is in the cache.
+    pub stored: Option<bool>,
 }
 
 impl LiveLog {
@@ -173,7 +173,8 @@ pub struct Facts {
 ///   link) and its data-call token (token → name), one map each under one
 ///   mutex (see [`Sessions`]).
 /// - `events`: each followed submission's broadcast channel.
-/// - `logs`: the live log of each running build; each `LiveLog` has its own
+/// - `logs`: the live log of each running build (until its log is stored:
+///   see [`crate::domain::follow`]); each `LiveLog` has its own
 ///   mutex, so appending to one log does not stop readers of another.
 ///
 /// Lock order: `sessions` before `sched` ([`Coordinator::builder_online`]
@@ -190,7 +191,8 @@ pub struct Facts {
 /// such as a flush or a store read for a follower, happens after the guard
 /// drops). [`lock`] says why poisoning is ignored.
 ///
-/// Not locks: `log_notify` wakes followers of any live log (armed before
+/// Not locks: `log_notify` wakes log followers when a live log is created,
+/// grows, ends or is stored and when a build ends (armed before
 /// they look, so none is missed); `kick` is signalled after a builder came
 /// online; `stopping` ends sessions and followers; `outbox_tx` is the ordered
 /// queue to [`run_outbox`].
@@ -203,9 +205,11 @@ pub(crate) struct Inner {
     /// The state database (a handle: cloned, it is read without any lock).
     store: Store,
     sessions: Mutex<Sessions>,
-    events: Mutex<HashMap<SubmissionId, broadcast::Sender<Event>>>,
-    logs: Mutex<HashMap<BuildId, Arc<Mutex<LiveLog>>>>,
-    log_notify: Notify,
+    pub(crate) events: Mutex<HashMap<SubmissionId, broadcast::Sender<Event>>>,
+    /// Live logs, from dispatch until stored (see [`crate::domain::follow`]).
+    pub(crate) logs: Mutex<HashMap<BuildId, Arc<Mutex<LiveLog>>>>,
+    /// Fires when a live log is created, grows, ends or is stored, and when a build ends.
+    pub(crate) log_notify: Notify,
     kick: Notify,
     pub(crate) facts: Facts,
     pub(crate) cache: Cache,
@@ -475,8 +479,7 @@ impl Coordinator {
         for a in actions {
             match a {
                 Action::Dispatch(job) => {
-                    lock(&self.inner.logs)
-                        .insert(job.build, Arc::new(Mutex::new(LiveLog::default())));
+                    self.open_live_log(job.build);
                     let builder = job.builder.clone();
                     let job_id = job.job_id.clone();
                     // A message past the builder's decoding limit would end its
@@ -547,26 +550,6 @@ impl Coordinator {
                 Ok(Prepared::Cached) => s.set_cached(build, now),
                 Err(e) => s.prepare_failed(build, e.to_string(), now),
             });
-        });
-    }
-
-    /// A build ended: store its log and forget the live copy.
-    fn spawn_build_ended(&self, build: BuildId) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let live = lock(&this.inner.logs).remove(&build);
-            if let Some(live) = live {
-                // Followers keep the Arc and read the tail after `ended`.
-                // The chunks are shared, not copied, under the lock; followers
-                // still read the tail from the live log.
-                let chunks = {
-                    let mut l = lock(&live);
-                    l.ended = true;
-                    l.chunks()
-                };
-                this.inner.log_notify.notify_waiters();
-                this.store_log(build, chunks.concat()).await;
-            }
         });
     }
 
@@ -681,31 +664,6 @@ impl Coordinator {
             interval.tick().await;
             self.with_sched(|s, now| s.tick(now));
         }
-    }
-
-    /// Subscribe to a submission's events.
-    pub fn subscribe(&self, sid: SubmissionId) -> broadcast::Receiver<Event> {
-        let mut events = lock(&self.inner.events);
-        events
-            .entry(sid)
-            .or_insert_with(|| broadcast::channel(EVENT_CHANNEL).0)
-            .subscribe()
-    }
-
-    /// Drop event channels nobody listens to any more.
-    pub fn unsubscribe_idle(&self) {
-        let mut events = lock(&self.inner.events);
-        events.retain(|_, tx| tx.receiver_count() > 0);
-    }
-
-    /// The live log of a running build, if it is running.
-    pub fn live_log(&self, build: BuildId) -> Option<Arc<Mutex<LiveLog>>> {
-        lock(&self.inner.logs).get(&build).cloned()
-    }
-
-    /// Resolves when some live log grows or ends (armed when called).
-    pub fn log_changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.log_notify.notified()
     }
 }
 

@@ -11,7 +11,7 @@ use farm_nix::store_path::StorePath;
 
 use crate::domain::coordinator::{Coordinator, Prepared};
 use crate::domain::error::DomainError;
-use crate::domain::model::{BuildId, BuildState, Priority, SubmissionId};
+use crate::domain::model::{BuildId, Priority, SubmissionId};
 use crate::domain::scheduler::{GraphSubmission, NewBuild};
 
 /// Most derivations in one submitted graph.
@@ -326,10 +326,11 @@ impl Coordinator {
         }
     }
 
-    /// Store a finished build's log (the tail, if it is over the cache's limit).
-    pub(crate) async fn store_log(&self, build: BuildId, data: Vec<u8>) {
+    /// Store a finished build's log (the tail, if it is over the cache's
+    /// limit); whether it is in the cache now.
+    pub(crate) async fn store_log(&self, build: BuildId, data: Vec<u8>) -> bool {
         let Some(rec) = self.build_view(build) else {
-            return;
+            return false;
         };
         let limit = self.cache().config().max_log_size as usize;
         let data = if data.len() > limit {
@@ -337,19 +338,13 @@ impl Coordinator {
         } else {
             data
         };
-        if let Err(e) = self.cache().put_log(&rec.drv_path, &data).await {
-            tracing::warn!(build = %format!("b{build}"), drv = %rec.drv_path, error = %e, "cannot store the build log");
+        match self.cache().put_log(&rec.drv_path, &data).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(build = %format!("b{build}"), drv = %rec.drv_path, error = %e, "cannot store the build log");
+                false
+            }
         }
-    }
-
-    /// Whether a build is still waiting to run (for log followers).
-    pub fn is_pending(&self, build: BuildId) -> bool {
-        self.read_sched(|s| {
-            matches!(
-                s.state_of(build),
-                Some(BuildState::Waiting | BuildState::Queued)
-            )
-        })
     }
 }
 

@@ -3,12 +3,14 @@
 //! call; [`scheduler`] decides, [`state`] persists, both in the words of
 //! [`model`]; [`persist`] writes a submission's new builds ahead of the
 //! scheduler lock; [`graph`] turns a derivation graph into a submission;
-//! [`status`] is the farm as its APIs show it.
+//! [`status`] is the farm as its APIs show it; [`follow`] streams a
+//! submission's events and a build's log to whoever follows them.
 //! Nothing here names tonic, axum or russh (a test in
 //! `coordinator/tests/layering.rs` checks it).
 
 pub mod coordinator;
 pub mod error;
+pub mod follow;
 pub mod graph;
 pub(crate) mod lock;
 pub mod model;

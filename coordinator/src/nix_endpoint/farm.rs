@@ -13,14 +13,15 @@ use std::time::Duration;
 use farm_nix::derivation::BasicDerivation;
 use farm_nix::store_path::StorePath;
 use farm_nix::wire::{BuildStatus, HandlerError};
-use tokio::sync::broadcast::error::RecvError;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::build::{BuildBackend, BuildEvent, BuildOutcome, BuildSettings};
 use crate::domain::coordinator::Coordinator;
+use crate::domain::follow::{LogUpdate, SubmissionUpdate};
 use crate::domain::graph::{Root, SubmitOptions};
 use crate::domain::model::{
-    BuildId, BuildState, BuildView, Outcome, Priority, SubmissionId, SubmissionRecord,
+    BuildId, BuildState, BuildView, Event, Outcome, Priority, SubmissionId, SubmissionRecord,
 };
 use crate::domain::scheduler::SubmissionSnapshot;
 use crate::nix_endpoint::error::handler_error;
@@ -196,151 +197,186 @@ fn outcome_of(
 }
 
 impl FarmBuilds {
-    /// Follow submission `sid` until it is done: `Started`, `Log` and
-    /// `Finished` events for each of its builds, in order per build. Returns
-    /// the final records.
+    /// Follow submission `sid` ([`Coordinator::follow_submission`]) until it
+    /// is done: `Started`, `Log` and `Finished` events for each of its builds,
+    /// in order per build. Returns the final records.
     async fn follow(
         &self,
         sid: SubmissionId,
         events: &mpsc::Sender<BuildEvent>,
     ) -> Result<SubmissionSnapshot, HandlerError> {
-        let mut rx = self.coord.subscribe(sid);
-        let mut trackers: HashMap<BuildId, tokio::task::JoinHandle<()>> = HashMap::new();
-        let mut finished: HashSet<BuildId> = HashSet::new();
+        let mut updates = std::pin::pin!(self.coord.follow_submission(sid));
+        let mut p = Progress {
+            coord: self.coord.clone(),
+            events,
+            trackers: HashMap::new(),
+            finished: HashSet::new(),
+            views: HashMap::new(),
+            sub: None,
+        };
+        let lost = || HandlerError::new(format!("the farm lost track of submission s{sid}"));
         let result = loop {
-            let Some((sub, builds)) = self.coord.submission(sid).await else {
+            let Some(u) = updates.next().await else {
                 break Err(HandlerError::new(format!(
-                    "the farm lost track of submission s{sid}"
+                    "the farm stopped before submission s{sid} was done"
                 )));
             };
-            for b in &builds {
-                let ran = matches!(b.state, BuildState::Running { .. })
-                    || (b.state.is_terminal() && b.started_ms.is_some() && b.builder.is_some());
-                if ran && !trackers.contains_key(&b.id) && !finished.contains(&b.id) {
-                    let builder = match &b.state {
-                        BuildState::Running { builder, .. } => Some(builder.clone()),
-                        _ => b.builder.clone(),
-                    };
-                    let _ = events
-                        .send(BuildEvent::Started {
-                            drv: b.drv_path.clone(),
-                            builder: builder.unwrap_or_default(),
-                        })
-                        .await;
-                    let t = tokio::spawn(track_log(
-                        self.coord.clone(),
-                        b.id,
-                        b.drv_path.clone(),
-                        events.clone(),
-                    ));
-                    trackers.insert(b.id, t);
-                }
-                if b.state.is_terminal() && !finished.contains(&b.id) {
-                    if let Some(mut t) = trackers.remove(&b.id) {
-                        // The log ends just after the build; never wait long for it.
-                        if tokio::time::timeout(Duration::from_secs(10), &mut t)
-                            .await
-                            .is_err()
-                        {
-                            t.abort();
-                        }
+            match u {
+                SubmissionUpdate::Snapshot(snap) => {
+                    p.snapshot(&snap).await;
+                    if snap.0.done {
+                        break Ok(snap);
                     }
-                    finished.insert(b.id);
-                    let outcome = outcome_of(&b.drv_path, &sub, &builds, &b.outputs);
-                    let _ = events
-                        .send(BuildEvent::Finished {
-                            drv: b.drv_path.clone(),
-                            outcome,
-                        })
-                        .await;
                 }
-            }
-            if sub.done {
-                break Ok((sub, builds));
-            }
-            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => {}
-                Ok(Err(RecvError::Closed)) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                SubmissionUpdate::Event(Event::Started {
+                    build,
+                    drv_path,
+                    builder,
+                }) => p.started(build, &drv_path, builder).await,
+                SubmissionUpdate::Event(Event::Finished {
+                    build,
+                    outcome,
+                    error,
+                    builder,
+                    started_ms,
+                    finished_ms,
+                    ..
+                }) => {
+                    let Some(view) = p.views.get(&build) else {
+                        continue;
+                    };
+                    let mut view = BuildView::clone(view);
+                    view.state = BuildState::Done(outcome);
+                    view.error = error;
+                    view.builder = builder;
+                    view.started_ms = started_ms;
+                    view.finished_ms = finished_ms;
+                    p.build(&Arc::new(view)).await;
                 }
+                SubmissionUpdate::Event(Event::Queued { .. }) => {}
+                SubmissionUpdate::Event(Event::SubmissionDone { .. }) => {
+                    // Every build's event came before this; the records, as stored.
+                    let Some(snap) = self.coord.submission(sid).await else {
+                        break Err(lost());
+                    };
+                    p.snapshot(&snap).await;
+                    break Ok(snap);
+                }
+                SubmissionUpdate::Unknown => break Err(lost()),
             }
         };
-        for (_, t) in trackers {
+        for (_, t) in p.trackers {
             t.abort();
         }
-        drop(rx);
-        self.coord.unsubscribe_idle();
         result
     }
 }
 
-/// Stream one build's log as `Log` events: its live log while it runs (from
-/// the start), or the stored log if it ended before we could look.
+/// What a submission's follower has told the Nix client so far.
+struct Progress<'a> {
+    coord: Coordinator,
+    events: &'a mpsc::Sender<BuildEvent>,
+    /// A log follower per build that started.
+    trackers: HashMap<BuildId, tokio::task::JoinHandle<()>>,
+    /// Builds whose `Finished` was sent.
+    finished: HashSet<BuildId>,
+    /// The latest view of each build.
+    views: HashMap<BuildId, Arc<BuildView>>,
+    sub: Option<Arc<SubmissionRecord>>,
+}
+
+impl Progress<'_> {
+    /// Catch up with a snapshot: each build that ran and each that ended.
+    async fn snapshot(&mut self, (sub, builds): &SubmissionSnapshot) {
+        self.sub = Some(sub.clone());
+        for b in builds {
+            self.views.insert(b.id, b.clone());
+            self.build(b).await;
+        }
+    }
+
+    /// `Started` and a log follower, once per build.
+    async fn started(&mut self, build: BuildId, drv: &StorePath, builder: String) {
+        if self.trackers.contains_key(&build) || self.finished.contains(&build) {
+            return;
+        }
+        let _ = self
+            .events
+            .send(BuildEvent::Started {
+                drv: drv.clone(),
+                builder,
+            })
+            .await;
+        let t = tokio::spawn(track_log(
+            self.coord.clone(),
+            build,
+            drv.clone(),
+            self.events.clone(),
+        ));
+        self.trackers.insert(build, t);
+    }
+
+    /// A build as it stands: `Started` if it ran, and once it ended, the end
+    /// of its log and `Finished`.
+    async fn build(&mut self, b: &Arc<BuildView>) {
+        self.views.insert(b.id, b.clone());
+        let ran = matches!(b.state, BuildState::Running { .. })
+            || (b.state.is_terminal() && b.started_ms.is_some() && b.builder.is_some());
+        if ran {
+            let builder = match &b.state {
+                BuildState::Running { builder, .. } => Some(builder.clone()),
+                _ => b.builder.clone(),
+            };
+            self.started(b.id, &b.drv_path, builder.unwrap_or_default())
+                .await;
+        }
+        if b.state.is_terminal() && !self.finished.contains(&b.id) {
+            if let Some(mut t) = self.trackers.remove(&b.id) {
+                // The log ends just after the build; never wait long for it.
+                if tokio::time::timeout(Duration::from_secs(10), &mut t)
+                    .await
+                    .is_err()
+                {
+                    t.abort();
+                }
+            }
+            self.finished.insert(b.id);
+            let Some(sub) = &self.sub else {
+                return;
+            };
+            let outcome = outcome_of(&b.drv_path, sub, std::slice::from_ref(b), &b.outputs);
+            let _ = self
+                .events
+                .send(BuildEvent::Finished {
+                    drv: b.drv_path.clone(),
+                    outcome,
+                })
+                .await;
+        }
+    }
+}
+
+/// Stream one build's log as `Log` events ([`Coordinator::follow_log`]):
+/// its live log while it runs (from the start), or the stored log if it ended
+/// before we could look; done once the build ended.
 async fn track_log(
     coord: Coordinator,
     build: BuildId,
     drv: StorePath,
     events: mpsc::Sender<BuildEvent>,
 ) {
-    let send = |data: &[u8]| {
-        let chunks: Vec<BuildEvent> = data
-            .chunks(LOG_CHUNK)
-            .map(|c| BuildEvent::Log {
-                drv: drv.clone(),
-                data: c.to_vec(),
-            })
-            .collect();
-        let events = events.clone();
-        async move {
-            for c in chunks {
-                if events.send(c).await.is_err() {
-                    return false;
-                }
-            }
-            true
-        }
-    };
-    // The live log appears when the job is dispatched (just after the event).
-    let mut live = None;
-    for _ in 0..100 {
-        if let Some(l) = coord.live_log(build) {
-            live = Some(l);
-            break;
-        }
-        let terminal = coord
-            .read_sched(|s| s.state_of(build))
-            .is_none_or(|s| s.is_terminal());
-        if terminal {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let Some(live) = live else {
-        // Over already: the stored log (written just after the build ends).
-        for _ in 0..50 {
-            if let Ok(Some(data)) = coord.cache().get_log(&drv).await {
-                send(&data).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(40)).await;
-        }
+    let Ok(mut log) = coord.follow_log(Some(build), &drv, 0, true).await else {
         return;
     };
-    let mut offset: u64 = 0;
-    loop {
-        let changed = coord.log_changed();
-        let (chunk, ended) = {
-            let l = live.lock().unwrap_or_else(|e| e.into_inner());
-            let chunk = l.read_from(offset);
-            offset = l.end();
-            (chunk, l.ended)
-        };
-        if !chunk.is_empty() && !send(&chunk).await {
-            return;
+    while let Some(LogUpdate::Chunk(data)) = log.next().await {
+        for c in data.chunks(LOG_CHUNK) {
+            let e = BuildEvent::Log {
+                drv: drv.clone(),
+                data: c.to_vec(),
+            };
+            if events.send(e).await.is_err() {
+                return;
+            }
         }
-        if ended {
-            return;
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(500), changed).await;
     }
 }

@@ -7,13 +7,14 @@ use farm_nix::store_path::StorePath;
 use farm_proto::auth::methods;
 use farm_proto::v1;
 use farm_proto::v1::build_event::Event as Ev;
-use tokio::sync::broadcast::error::RecvError;
+use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::grpc::BoxStream;
 use crate::api::grpc::auth::{Caller, CliAuth, Level};
 use crate::api::grpc::convert::{event_to, machine_to, status_to};
 use crate::domain::coordinator::{Coordinator, now_ms};
+use crate::domain::follow::SubmissionUpdate;
 use crate::domain::graph::Root;
 use crate::domain::model::*;
 
@@ -122,52 +123,23 @@ pub fn snapshot_events(
     out
 }
 
-/// Follow a submission: a snapshot, then live events until it is done. A
-/// watcher that falls behind gets a fresh snapshot.
+/// Follow a submission ([`Coordinator::follow_submission`]) as `BuildEvent`s:
+/// each snapshot as [`snapshot_events`], each event as itself, an unknown
+/// submission as `NOT_FOUND`.
 pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::BuildEvent> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::BuildEvent, Status>>(256);
-    tokio::spawn(async move {
-        'outer: loop {
-            let mut events = coord.subscribe(sid);
-            // The snapshot reports only what is on disk.
-            if let Err(e) = coord.flush().await {
-                tracing::error!(error = %e, "cannot flush the state database");
+    let events = coord.follow_submission(sid).flat_map(move |u| {
+        let out: Vec<Result<v1::BuildEvent, Status>> = match u {
+            SubmissionUpdate::Snapshot((sub, builds)) => {
+                snapshot_events(&sub, &builds).into_iter().map(Ok).collect()
             }
-            let Some((sub, builds)) = coord.submission(sid).await else {
-                let _ = tx
-                    .send(Err(Status::not_found(format!("no submission s{sid}"))))
-                    .await;
-                break;
-            };
-            for e in snapshot_events(&sub, &builds) {
-                if tx.send(Ok(e)).await.is_err() {
-                    break 'outer;
-                }
+            SubmissionUpdate::Event(e) => vec![Ok(event_to(&e))],
+            SubmissionUpdate::Unknown => {
+                vec![Err(Status::not_found(format!("no submission s{sid}")))]
             }
-            if sub.done {
-                break;
-            }
-            loop {
-                let next = tokio::select! {
-                    e = events.recv() => e,
-                    _ = coord.stopping().cancelled() => break 'outer,
-                };
-                match next {
-                    Ok(e) => {
-                        let done = matches!(e, Event::SubmissionDone { .. });
-                        if tx.send(Ok(event_to(&e))).await.is_err() || done {
-                            break 'outer;
-                        }
-                    }
-                    Err(RecvError::Lagged(_)) => continue 'outer,
-                    Err(RecvError::Closed) => break 'outer,
-                }
-            }
-        }
-        drop(tx);
-        coord.unsubscribe_idle();
+        };
+        futures::stream::iter(out)
     });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    Box::pin(events)
 }
 
 fn parse_priority(p: i32) -> Priority {
