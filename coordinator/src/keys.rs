@@ -24,7 +24,7 @@ use crate::config::CoordinatorConfig;
 /// (created exclusively, mode 0600 from the start, so a secret is never readable
 /// by others even for a moment) is written, synced, given `mode`, renamed in
 /// place, and the directory synced. Temporary files a crash left behind are removed.
-pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -65,13 +65,15 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Re
 }
 
 /// Read a small text file, refusing anything over [`farm_common::keys::MAX_KEY_FILE`].
-pub fn read_small_file(path: &Path) -> Result<String, CoordinatorError> {
+pub(crate) fn read_small_file(path: &Path) -> Result<String, CoordinatorError> {
     Ok(farm_common::keys::read_small_file(path)?)
 }
 
 /// The cache signing key: `--cache-key-file`, or `DIR/cache-key.sec` (generated
 /// with the configured name when missing). Also writes `DIR/cache-key.pub`.
-pub fn cache_signing_key(config: &CoordinatorConfig) -> Result<SigningKey, CoordinatorError> {
+pub(crate) fn cache_signing_key(
+    config: &CoordinatorConfig,
+) -> Result<SigningKey, CoordinatorError> {
     let key = match &config.cache_key_file {
         Some(file) => SigningKey::read_file(file)
             .map_err(|e| CoordinatorError::Key(format!("{}: {e}", file.display())))?,
@@ -91,7 +93,7 @@ pub fn cache_signing_key(config: &CoordinatorConfig) -> Result<SigningKey, Coord
 }
 
 /// The SSH host key `DIR/ssh_host_ed25519_key` (OpenSSH format), generated when missing.
-pub fn ssh_host_key(state_dir: &Path) -> Result<PrivateKey, CoordinatorError> {
+pub(crate) fn ssh_host_key(state_dir: &Path) -> Result<PrivateKey, CoordinatorError> {
     let path = state_dir.join("ssh_host_ed25519_key");
     let kerr = |e: String| CoordinatorError::Key(format!("{}: {e}", path.display()));
     if path.exists() {
@@ -117,7 +119,7 @@ pub fn ssh_host_key(state_dir: &Path) -> Result<PrivateKey, CoordinatorError> {
 
 /// PEM certificate chain and private key for the gRPC listener.
 #[derive(Clone)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
     pub cert_path: PathBuf,
@@ -125,7 +127,7 @@ pub struct TlsFiles {
 
 /// The TLS certificate: `--tls-cert`/`--tls-key`, or the self-signed one in
 /// `DIR/tls/`, generated when missing for `names` (host names and IPs).
-pub fn tls_files(
+pub(crate) fn tls_files(
     config: &CoordinatorConfig,
     names: &[String],
 ) -> Result<TlsFiles, CoordinatorError> {
@@ -165,7 +167,7 @@ pub fn tls_files(
 // The authorized_keys parser and the public key helpers are the farm's
 // shared ones (one parser for builder enrolment, CLI calls and the SSH
 // endpoint).
-pub use farm_common::keys::{
+pub(crate) use farm_common::keys::{
     AuthorizedKey, cached_authorized_keys, fingerprint_ed25519, parse_ed25519_line,
     public_key_line, public_key_line_ed25519,
 };

@@ -5,14 +5,22 @@
 //! (its [`server::Endpoints`], and `shutdown()`); [`server::run`] runs until a
 //! shutdown future resolves.
 
-pub mod api;
+#![deny(unreachable_pub)]
+
+// The public API is what `farm-coordinator`, `farm up`, the benchmark and the
+// tests use: starting a coordinator (`start`, `run`, `config`), the domain
+// (for `farm up`'s status and `restart_bench`), the cache (served alone in
+// the cache tests) and the SSH transport (its own tests). The rest is
+// crate-private, and `unreachable_pub` keeps it so.
+mod api;
 pub mod cache;
 pub mod config;
 pub mod domain;
-pub mod keys;
+mod keys;
 pub mod nix_endpoint;
-pub mod server;
+mod server;
 
+pub use api::http::cache::cache_router;
 pub use config::CoordinatorConfig;
 pub use server::{Endpoints, RunningCoordinator, run, start};
 

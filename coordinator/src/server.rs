@@ -26,11 +26,11 @@ use crate::domain::state::Store;
 use crate::{CoordinatorError, keys};
 
 /// HTTP/2 streams one gRPC connection may have open at once.
-pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Requests one gRPC connection may have in flight at once.
-pub const CONCURRENCY_PER_CONNECTION: usize = 64;
+pub(crate) const CONCURRENCY_PER_CONNECTION: usize = 64;
 /// How often finished history past the retention is pruned (first at start).
-pub const PRUNE_PERIOD: Duration = Duration::from_secs(300);
+pub(crate) const PRUNE_PERIOD: Duration = Duration::from_secs(300);
 
 /// Where the coordinator listens and how to trust it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail, ensure};
-use farm_coordinator::api::http::cache::cache_router;
 use farm_coordinator::cache::{Cache, CacheConfig};
+use farm_coordinator::cache_router;
 use farm_nix::hash::{Hash, HashAlgo};
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::SigningKey;

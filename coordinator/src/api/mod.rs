@@ -3,5 +3,5 @@
 //! Each converts its wire types to domain calls and domain errors to its own
 //! responses, once per boundary.
 
-pub mod grpc;
-pub mod http;
+pub(crate) mod grpc;
+pub(crate) mod http;

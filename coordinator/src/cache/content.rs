@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What ingest must learn about the NAR beyond its hash and size.
 #[derive(Debug, Default)]
-pub struct ContentCheck {
+pub(crate) struct ContentCheck {
     /// Keep the single file's bytes (a `.drv`, up to [`MAX_DRV_SIZE`]).
     pub keep_bytes: bool,
     /// Hash the single file's contents with these algorithms.
@@ -36,7 +36,7 @@ pub struct ContentCheck {
 
 impl ContentCheck {
     /// What `claimed` needs checked (a malformed `ca` is an error).
-    pub fn for_claim(claimed: &ValidPathInfo) -> Result<ContentCheck, String> {
+    pub(crate) fn for_claim(claimed: &ValidPathInfo) -> Result<ContentCheck, String> {
         let ca = claimed
             .ca
             .as_deref()
@@ -75,7 +75,7 @@ impl ContentCheck {
 
 /// The NAR's root, when it is a single regular file and the check needed it.
 #[derive(Debug, Default)]
-pub struct FileContents {
+pub(crate) struct FileContents {
     /// Whether the NAR is one regular file.
     pub regular: bool,
     /// Its bytes, when kept and not larger than [`MAX_DRV_SIZE`].
@@ -117,7 +117,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for HashTee<'_, W> {
 }
 
 /// As [`copy_nar`], also reading the root file's contents when `check` needs them.
-pub async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+pub(crate) async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
     limits: &NarLimits,
@@ -165,7 +165,7 @@ pub async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
 /// Check the path's name and `ca` claim against what the NAR held; the reason
 /// when they do not match.
-pub fn verify(
+pub(crate) fn verify(
     claimed: &ValidPathInfo,
     check: &ContentCheck,
     summary: &NarSummary,

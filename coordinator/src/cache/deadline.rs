@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 /// The longest an upload of a `nar_size`-byte NAR may take: `grace` plus the
 /// time it takes at `min_rate` bytes per second (a rate of 0 adds nothing).
-pub fn upload_time_limit(nar_size: u64, grace_secs: u64, min_rate: u64) -> Duration {
+pub(super) fn upload_time_limit(nar_size: u64, grace_secs: u64, min_rate: u64) -> Duration {
     let transfer = if min_rate == 0 {
         Duration::ZERO
     } else {
@@ -23,7 +23,7 @@ pub fn upload_time_limit(nar_size: u64, grace_secs: u64, min_rate: u64) -> Durat
 
 /// Reads from `inner` until `limit` has passed since it was made; after that
 /// every read fails with `TimedOut` (and [`Deadline::expired`] says so).
-pub struct Deadline<R> {
+pub(super) struct Deadline<R> {
     inner: R,
     sleep: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
@@ -31,7 +31,7 @@ pub struct Deadline<R> {
 }
 
 impl<R> Deadline<R> {
-    pub fn new(inner: R, limit: Duration) -> Deadline<R> {
+    pub(super) fn new(inner: R, limit: Duration) -> Deadline<R> {
         let sleep = match tokio::time::Instant::now().checked_add(limit) {
             Some(at) => tokio::time::sleep_until(at),
             // Far enough to be never (tokio's own "far future" is ~30 years).
@@ -46,12 +46,12 @@ impl<R> Deadline<R> {
     }
 
     /// Whether a read failed because the deadline passed.
-    pub fn expired(&self) -> bool {
+    pub(super) fn expired(&self) -> bool {
         self.expired
     }
 
     /// The time the upload was given.
-    pub fn limit(&self) -> Duration {
+    pub(super) fn limit(&self) -> Duration {
         self.limit
     }
 }

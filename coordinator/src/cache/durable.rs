@@ -37,7 +37,7 @@ use object_store::{
 };
 
 /// How files and directories are made durable (tests record the calls).
-pub trait Fsync: Send + Sync + fmt::Debug {
+pub(crate) trait Fsync: Send + Sync + fmt::Debug {
     /// Flush a file's data and metadata to disk.
     fn file(&self, path: &Path) -> std::io::Result<()>;
     /// Flush a directory's entries to disk.
@@ -46,7 +46,7 @@ pub trait Fsync: Send + Sync + fmt::Debug {
 
 /// The real thing: `fsync(2)` through `File::sync_all`.
 #[derive(Debug, Default)]
-pub struct OsFsync;
+pub(crate) struct OsFsync;
 
 impl Fsync for OsFsync {
     fn file(&self, path: &Path) -> std::io::Result<()> {
@@ -60,7 +60,7 @@ impl Fsync for OsFsync {
 
 /// A local object store whose writes are durable when they return.
 #[derive(Debug)]
-pub struct DurableLocal {
+pub(crate) struct DurableLocal {
     inner: Arc<dyn ObjectStore>,
     /// Maps object keys to files (the same layout as `inner`).
     layout: LocalFileSystem,
@@ -75,7 +75,7 @@ pub struct DurableLocal {
 impl DurableLocal {
     /// Wrap `inner`, whose objects are the files under `root` (created if
     /// missing); objects under `scratch` are not synced when written.
-    pub fn new(
+    pub(crate) fn new(
         root: &Path,
         inner: Arc<dyn ObjectStore>,
         scratch: &str,
@@ -84,7 +84,7 @@ impl DurableLocal {
     }
 
     /// As [`DurableLocal::new`], syncing through `fsync`.
-    pub fn with_fsync(
+    pub(crate) fn with_fsync(
         root: &Path,
         inner: Arc<dyn ObjectStore>,
         scratch: &str,

@@ -32,9 +32,9 @@
 //! writes and for those the index loads, so whatever was accepted is loaded
 //! again after a restart.
 
-pub mod content;
+pub(crate) mod content;
 mod deadline;
-pub mod durable;
+pub(crate) mod durable;
 mod error;
 mod hashing;
 mod storage;

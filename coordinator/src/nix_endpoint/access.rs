@@ -15,12 +15,12 @@ use crate::nix_endpoint::ssh::{ClientIdentity, KeyAuthorizer};
 
 /// Authorizes the keys listed in some authorized_keys files.
 #[derive(Debug, Clone, Default)]
-pub struct AuthorizedKeysFiles {
+pub(crate) struct AuthorizedKeysFiles {
     pub files: Vec<PathBuf>,
 }
 
 impl AuthorizedKeysFiles {
-    pub fn new(files: Vec<PathBuf>) -> AuthorizedKeysFiles {
+    pub(crate) fn new(files: Vec<PathBuf>) -> AuthorizedKeysFiles {
         AuthorizedKeysFiles { files }
     }
 }

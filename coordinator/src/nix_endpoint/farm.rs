@@ -32,12 +32,12 @@ const LOG_CHUNK: usize = 64 * 1024;
 
 /// The farm's scheduler as the endpoint's build backend.
 #[derive(Clone)]
-pub struct FarmBuilds {
+pub(crate) struct FarmBuilds {
     coord: Coordinator,
 }
 
 impl FarmBuilds {
-    pub fn new(coord: Coordinator) -> FarmBuilds {
+    pub(crate) fn new(coord: Coordinator) -> FarmBuilds {
         FarmBuilds { coord }
     }
 }

@@ -7,15 +7,15 @@
 //! one-line message on its stderr and a non-zero exit status; it never
 //! affects another session.
 
-pub mod access;
-pub mod build;
+pub(crate) mod access;
+pub(crate) mod build;
 pub(crate) mod error;
-pub mod farm;
-pub mod serve;
+pub(crate) mod farm;
+pub(crate) mod serve;
 pub mod ssh;
 pub mod stdio;
-pub mod store;
-pub mod worker;
+pub(crate) mod store;
+pub(crate) mod worker;
 
 #[cfg(test)]
 mod tests;

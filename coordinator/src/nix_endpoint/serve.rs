@@ -20,7 +20,7 @@ use super::store::FarmStore;
 use crate::nix_endpoint::ssh::ClientIdentity;
 
 /// One serve session.
-pub struct ServeSession {
+pub(crate) struct ServeSession {
     pub(super) store: FarmStore,
     pub(super) builds: Option<Arc<dyn BuildBackend>>,
     pub(super) client: ClientIdentity,

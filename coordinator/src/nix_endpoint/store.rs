@@ -21,21 +21,17 @@ use crate::nix_endpoint::error::handler_error;
 
 /// The cache as a Nix store.
 #[derive(Clone)]
-pub struct FarmStore {
+pub(crate) struct FarmStore {
     cache: Cache,
 }
 
 impl FarmStore {
-    pub fn new(cache: Cache) -> FarmStore {
+    pub(crate) fn new(cache: Cache) -> FarmStore {
         FarmStore { cache }
     }
 
-    pub fn cache(&self) -> &Cache {
-        &self.cache
-    }
-
     /// Which of `paths` the cache holds.
-    pub async fn valid_paths(
+    pub(crate) async fn valid_paths(
         &self,
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, HandlerError> {
@@ -46,12 +42,15 @@ impl FarmStore {
             .map_err(|e| handler_error("querying valid paths", e))
     }
 
-    pub async fn is_valid(&self, path: &StorePath) -> Result<bool, HandlerError> {
+    pub(crate) async fn is_valid(&self, path: &StorePath) -> Result<bool, HandlerError> {
         Ok(self.path_info(path).await?.is_some())
     }
 
     /// The published info of `path` (with the cache's signature).
-    pub async fn path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, HandlerError> {
+    pub(crate) async fn path_info(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<ValidPathInfo>, HandlerError> {
         self.cache
             .path_info(path)
             .await
@@ -59,7 +58,7 @@ impl FarmStore {
     }
 
     /// The closure of `paths` under references (paths the cache lacks are left out).
-    pub async fn closure(
+    pub(crate) async fn closure(
         &self,
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, HandlerError> {
@@ -71,7 +70,7 @@ impl FarmStore {
     }
 
     /// Stream the NAR of `path` to `out`. A path the cache lacks is an error.
-    pub async fn write_nar(
+    pub(crate) async fn write_nar(
         &self,
         path: &StorePath,
         out: &mut (dyn AsyncWrite + Unpin + Send),
@@ -94,7 +93,7 @@ impl FarmStore {
     }
 
     /// Verify and store one uploaded path; `nar` yields exactly its NAR.
-    pub async fn add(
+    pub(crate) async fn add(
         &self,
         info: ValidPathInfo,
         nar: &mut (dyn AsyncRead + Unpin + Send),
@@ -115,7 +114,7 @@ impl FarmStore {
     /// the cache's `max_nar_size` as it grows: a NAR over it is refused before
     /// a byte past the limit is written (a regular file too large for it
     /// before any of its contents), and nothing of it is published.
-    pub async fn import(
+    pub(crate) async fn import(
         &self,
         stream: &mut (dyn AsyncRead + Unpin + Send),
         limits: &NarLimits,
@@ -154,7 +153,10 @@ impl FarmStore {
     }
 
     /// A derivation in the cache (its `.drv` file), parsed; `None` if absent.
-    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<Derivation>, HandlerError> {
+    pub(crate) async fn read_drv(
+        &self,
+        drv: &StorePath,
+    ) -> Result<Option<Derivation>, HandlerError> {
         let reader = self
             .cache
             .nar_reader(drv)
@@ -174,7 +176,7 @@ impl FarmStore {
 
     /// Add a text file as Nix's `addTextToStore` does (a `text:` content-addressed
     /// path, e.g. a `.drv` written by a client evaluating against this store).
-    pub async fn add_text(
+    pub(crate) async fn add_text(
         &self,
         name: &str,
         text: &str,
@@ -197,7 +199,7 @@ impl FarmStore {
 }
 
 /// `limits` with no NAR, and no file in one, larger than `max_nar_size`.
-pub fn bounded_by(limits: &NarLimits, max_nar_size: u64) -> NarLimits {
+pub(crate) fn bounded_by(limits: &NarLimits, max_nar_size: u64) -> NarLimits {
     NarLimits {
         max_total_size: limits.max_total_size.min(max_nar_size),
         max_file_size: limits.max_file_size.min(max_nar_size),

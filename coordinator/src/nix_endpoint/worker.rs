@@ -31,7 +31,7 @@ const LVL_INFO: u64 = 3;
 const MAX_LINE: usize = 64 * 1024;
 
 /// Serve one worker protocol session.
-pub async fn run(
+pub(crate) async fn run(
     endpoint: &Endpoint,
     client: &ClientIdentity,
     stdin: impl AsyncRead + Unpin + Send,
@@ -48,7 +48,7 @@ pub async fn run(
 }
 
 /// One worker session.
-pub struct WorkerSession {
+pub(crate) struct WorkerSession {
     store: FarmStore,
     builds: Option<Arc<dyn BuildBackend>>,
     client: ClientIdentity,

@@ -23,11 +23,11 @@ use crate::keys::{AuthorizedKey, cached_authorized_keys, fingerprint_ed25519, pa
 
 /// How far a CLI call's timestamp may be from our clock, and the signature
 /// check itself: the farm's one definition, shared with the CLI's signer.
-pub use farm_common::sign::{CLI_TIME_SKEW_SECS, verify_ed25519};
+pub(crate) use farm_common::sign::verify_ed25519;
 
 /// The builder enrolment list.
 #[derive(Debug, Clone, Default)]
-pub struct BuilderAuth {
+pub(crate) struct BuilderAuth {
     /// `--builder-keys`, re-read on every check so enrolment needs no restart.
     pub file: Option<PathBuf>,
     /// Keys enrolled without a file (OpenSSH public key lines).
@@ -38,7 +38,10 @@ impl BuilderAuth {
     /// The enrolled entry for `key`, if any. A broken file is an error (logged by
     /// the caller) rather than an empty list, so a typo never silently locks out.
     /// Blocking (reads the key file when it changed): call it off the runtime.
-    pub fn enrolled(&self, key: &[u8; 32]) -> Result<Option<AuthorizedKey>, CoordinatorError> {
+    pub(crate) fn enrolled(
+        &self,
+        key: &[u8; 32],
+    ) -> Result<Option<AuthorizedKey>, CoordinatorError> {
         for line in &self.extra {
             if let Ok(k) = parse_ed25519_line(line)
                 && &k == key
@@ -59,14 +62,19 @@ impl BuilderAuth {
     }
 
     /// Whether `signature` proves the builder holds `key` for this challenge.
-    pub fn verify_challenge(key: &[u8; 32], nonce: &[u8], name: &str, signature: &[u8]) -> bool {
+    pub(crate) fn verify_challenge(
+        key: &[u8; 32],
+        nonce: &[u8],
+        name: &str,
+        signature: &[u8],
+    ) -> bool {
         verify_ed25519(key, &builder_auth_message(nonce, name), signature)
     }
 }
 
 /// What a CLI call may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
+pub(crate) enum Level {
     /// Status, logs, submit, watch, cache reads and uploads, machines.
     Read,
     /// Also drain and cancel.
@@ -75,7 +83,7 @@ pub enum Level {
 
 /// Who made a CLI call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
+pub(crate) enum Caller {
     /// No key file for the level on a loopback listener: anyone local.
     Local,
     /// A key from the key files (its fingerprint and comment).
@@ -87,7 +95,7 @@ pub enum Caller {
 
 /// The CLI key policy.
 #[derive(Debug, Clone, Default)]
-pub struct CliAuth {
+pub(crate) struct CliAuth {
     pub authorized_keys: Option<PathBuf>,
     pub admin_keys: Option<PathBuf>,
     /// Whether the gRPC listener is loopback-only.
@@ -104,7 +112,7 @@ impl CliAuth {
     /// Authorise a call to `method` (its gRPC path) at `level`, now being `now_unix`.
     /// The signature is checked before any key file is looked at; the files are
     /// read (when they changed) off the async runtime.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         metadata: &MetadataMap,
         method: &str,

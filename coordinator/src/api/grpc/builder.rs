@@ -31,9 +31,9 @@ use crate::domain::model::Capabilities;
 use crate::keys::{fingerprint_ed25519, parse_ed25519_line};
 
 /// How long a builder has for each handshake step.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest builder name.
-pub const MAX_NAME_LEN: usize = 64;
+pub(crate) const MAX_NAME_LEN: usize = 64;
 /// Messages buffered towards one builder.
 const SESSION_BUFFER: usize = 1024;
 /// Most job ids in each of `Hello.running_jobs` and `Hello.finished_jobs`.
@@ -55,7 +55,7 @@ impl BuilderLink for GrpcLink {
 }
 
 /// Whether `name` is an acceptable builder name: 1–64 of `[A-Za-z0-9._-]`.
-pub fn valid_builder_name(name: &str) -> bool {
+pub(crate) fn valid_builder_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
@@ -65,14 +65,14 @@ pub fn valid_builder_name(name: &str) -> bool {
 
 /// `BuilderService`.
 #[derive(Clone)]
-pub struct BuilderSvc {
+pub(crate) struct BuilderSvc {
     pub coord: Coordinator,
     pub auth: BuilderAuth,
 }
 
 impl BuilderSvc {
     /// The builder a data call's session token belongs to.
-    pub fn session_of<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    pub(crate) fn session_of<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let token = req
             .metadata()
             .get(farm_proto::auth::SESSION_METADATA)

@@ -28,7 +28,7 @@ fn bounded_list(field: &str, v: Vec<String>) -> Result<Vec<String>, Status> {
 }
 
 /// Capabilities from a `Hello`, checked.
-pub fn capabilities_from(c: v1::Capabilities) -> Result<Capabilities, Status> {
+pub(crate) fn capabilities_from(c: v1::Capabilities) -> Result<Capabilities, Status> {
     let systems = bounded_list("systems", c.systems)?;
     if systems.is_empty() {
         return Err(Status::invalid_argument("capabilities.systems is empty"));
@@ -54,7 +54,7 @@ pub fn capabilities_from(c: v1::Capabilities) -> Result<Capabilities, Status> {
 }
 
 /// Capabilities as `farm status` shows them.
-pub fn capabilities_to(c: &Capabilities) -> v1::Capabilities {
+pub(crate) fn capabilities_to(c: &Capabilities) -> v1::Capabilities {
     v1::Capabilities {
         systems: c.systems.clone(),
         supported_features: c.supported_features.iter().cloned().collect(),
@@ -68,7 +68,7 @@ pub fn capabilities_to(c: &Capabilities) -> v1::Capabilities {
 }
 
 /// A load report.
-pub fn load_from(l: v1::LoadReport) -> Load {
+pub(crate) fn load_from(l: v1::LoadReport) -> Load {
     let finite = |x: f64| if x.is_finite() { x } else { -1.0 };
     Load {
         running_jobs: l.running_jobs,
@@ -83,7 +83,7 @@ pub fn load_from(l: v1::LoadReport) -> Load {
 }
 
 /// A load report as `farm status` shows it.
-pub fn load_to(l: &Load) -> v1::LoadReport {
+pub(crate) fn load_to(l: &Load) -> v1::LoadReport {
     v1::LoadReport {
         running_jobs: l.running_jobs,
         load_avg_1: l.load_avg_1,
@@ -97,7 +97,7 @@ pub fn load_to(l: &Load) -> v1::LoadReport {
 }
 
 /// How a builder's job result maps onto the scheduler (before output verification).
-pub fn job_end_from(status: v1::JobStatus, error: &str) -> JobEnd {
+pub(crate) fn job_end_from(status: v1::JobStatus, error: &str) -> JobEnd {
     let msg = || {
         if error.is_empty() {
             format!("{status:?}")
@@ -119,7 +119,7 @@ pub fn job_end_from(status: v1::JobStatus, error: &str) -> JobEnd {
 
 /// The message of a command to a builder, or why it cannot go: over `limit`
 /// bytes encoded (the builder would refuse it and end its whole session).
-pub fn command_message(
+pub(crate) fn command_message(
     command: BuilderCommand,
     limit: usize,
 ) -> Result<v1::CoordinatorMessage, LinkError> {
@@ -153,7 +153,7 @@ fn outputs_map(o: &BTreeMap<String, StorePath>) -> std::collections::HashMap<Str
 }
 
 /// The wire outcome of a domain outcome.
-pub fn outcome_to(o: Outcome) -> v1::BuildOutcome {
+pub(crate) fn outcome_to(o: Outcome) -> v1::BuildOutcome {
     match o {
         Outcome::Built => v1::BuildOutcome::Built,
         Outcome::Cached => v1::BuildOutcome::Cached,
@@ -166,7 +166,7 @@ pub fn outcome_to(o: Outcome) -> v1::BuildOutcome {
 }
 
 /// A domain event as a `BuildEvent`.
-pub fn event_to(e: &Event) -> v1::BuildEvent {
+pub(crate) fn event_to(e: &Event) -> v1::BuildEvent {
     let ev = match e {
         Event::Queued { build, drv_path } => Ev::Queued(v1::BuildQueued {
             build_id: format!("b{build}"),
@@ -218,7 +218,7 @@ pub fn event_to(e: &Event) -> v1::BuildEvent {
 }
 
 /// `farm status`'s answer.
-pub fn status_to(st: FarmStatus) -> v1::StatusResponse {
+pub(crate) fn status_to(st: FarmStatus) -> v1::StatusResponse {
     let builders = st
         .builders
         .into_iter()
@@ -287,7 +287,7 @@ pub fn status_to(st: FarmStatus) -> v1::StatusResponse {
 }
 
 /// `farm machines`'s answer.
-pub fn machine_to(m: FarmMachine) -> v1::MachinesResponse {
+pub(crate) fn machine_to(m: FarmMachine) -> v1::MachinesResponse {
     v1::MachinesResponse {
         machines_line: m.machines_line,
         nix_conf_lines: m.nix_conf_lines,

@@ -28,9 +28,9 @@ const CHUNK: usize = 256 * 1024;
 /// Most paths in one query.
 const MAX_QUERY: usize = 100_000;
 /// Longest wait for the next chunk of an upload.
-pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn download_nar(
+pub(crate) async fn download_nar(
     coord: &Coordinator,
     req: v1::DownloadNarRequest,
 ) -> Result<Response<BoxStream<v1::NarChunk>>, Status> {
@@ -55,12 +55,12 @@ pub async fn download_nar(
 /// Who is uploading: builders may publish only outputs of their running jobs;
 /// authorized clients (CLI, Nix) are trusted like Nix's trusted-users, since the
 /// build hook must push the input closure.
-pub enum Uploader<'a> {
+pub(crate) enum Uploader<'a> {
     Builder(&'a str),
     Client,
 }
 
-pub async fn upload_nar(
+pub(crate) async fn upload_nar(
     coord: &Coordinator,
     uploader: Uploader<'_>,
     mut stream: Streaming<v1::UploadNarRequest>,
@@ -99,7 +99,7 @@ pub async fn upload_nar(
 /// The NAR bytes of an upload's `data` messages, as a reader. A gap of more
 /// than `idle` between messages is an error (`TimedOut`), so a stalled
 /// uploader is dropped long before the cache's overall upload deadline.
-pub fn nar_data<S>(stream: S, idle: Duration) -> impl AsyncRead + Send + Unpin + 'static
+pub(crate) fn nar_data<S>(stream: S, idle: Duration) -> impl AsyncRead + Send + Unpin + 'static
 where
     S: Stream<Item = Result<v1::UploadNarRequest, Status>> + Send + Unpin + 'static,
 {
@@ -130,7 +130,7 @@ where
     tokio_util::io::StreamReader::new(Box::pin(data))
 }
 
-pub async fn query_path_infos(
+pub(crate) async fn query_path_infos(
     coord: &Coordinator,
     req: v1::QueryPathInfosRequest,
 ) -> Result<Response<v1::QueryPathInfosResponse>, Status> {
@@ -144,7 +144,7 @@ pub async fn query_path_infos(
     Ok(Response::new(v1::QueryPathInfosResponse { infos }))
 }
 
-pub async fn query_valid_paths(
+pub(crate) async fn query_valid_paths(
     coord: &Coordinator,
     req: v1::QueryValidPathsRequest,
 ) -> Result<Response<v1::QueryValidPathsResponse>, Status> {

@@ -20,7 +20,7 @@ use crate::domain::model::*;
 
 /// `FarmService`.
 #[derive(Clone)]
-pub struct FarmSvc {
+pub(crate) struct FarmSvc {
     pub coord: Coordinator,
     pub auth: CliAuth,
 }
@@ -48,7 +48,7 @@ impl FarmSvc {
 
 /// The events that describe a submission as it stands: `Submitted`, then per
 /// build its latest event, then `Done` if it is done.
-pub fn snapshot_events(
+pub(crate) fn snapshot_events(
     sub: &SubmissionRecord,
     builds: &[std::sync::Arc<BuildView>],
 ) -> Vec<v1::BuildEvent> {
@@ -126,7 +126,7 @@ pub fn snapshot_events(
 /// Follow a submission ([`Coordinator::follow_submission`]) as `BuildEvent`s:
 /// each snapshot as [`snapshot_events`], each event as itself, an unknown
 /// submission as `NOT_FOUND`.
-pub fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::BuildEvent> {
+pub(crate) fn watch_stream(coord: Coordinator, sid: SubmissionId) -> BoxStream<v1::BuildEvent> {
     let events = coord.follow_submission(sid).flat_map(move |u| {
         let out: Vec<Result<v1::BuildEvent, Status>> = match u {
             SubmissionUpdate::Snapshot((sub, builds)) => {

@@ -32,7 +32,7 @@ fn resolve(coord: &Coordinator, id: &str) -> Result<(Option<BuildId>, StorePath)
     Ok((Some(build), rec.drv_path.clone()))
 }
 
-pub async fn logs_stream(
+pub(crate) async fn logs_stream(
     coord: Coordinator,
     id: &str,
     follow: bool,

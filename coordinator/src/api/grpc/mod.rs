@@ -2,13 +2,13 @@
 //! the NAR data calls both share ([`data`]), build logs ([`logs`]), and how
 //! callers prove who they are ([`auth`]).
 
-pub mod auth;
-pub mod builder;
-pub mod convert;
-pub mod data;
+pub(crate) mod auth;
+pub(crate) mod builder;
+pub(crate) mod convert;
+pub(crate) mod data;
 pub(crate) mod error;
-pub mod farm;
-pub mod logs;
+pub(crate) mod farm;
+pub(crate) mod logs;
 
 use std::pin::Pin;
 
@@ -16,4 +16,4 @@ use futures::Stream;
 use tonic::Status;
 
 /// A boxed response stream.
-pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -3,7 +3,7 @@
 use crate::domain::coordinator::Coordinator;
 
 /// Prometheus text exposition of the farm's state.
-pub fn metrics_text(coord: &Coordinator) -> String {
+pub(crate) fn metrics_text(coord: &Coordinator) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let (builders, queue, running) =

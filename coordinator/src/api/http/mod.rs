@@ -2,15 +2,15 @@
 //! ([`cache`]), stored build logs ([`log`]), Prometheus metrics
 //! ([`metrics`]); [`error`] is how every route reports a failure.
 
-pub mod cache;
+pub(crate) mod cache;
 pub(crate) mod error;
-pub mod log;
-pub mod metrics;
+pub(crate) mod log;
+pub(crate) mod metrics;
 
 use crate::domain::coordinator::Coordinator;
 
 /// The HTTP listener's routes: the binary cache, `/metrics` and `/healthz`.
-pub fn router(coord: &Coordinator) -> axum::Router {
+pub(crate) fn router(coord: &Coordinator) -> axum::Router {
     let c = coord.clone();
     let metrics = axum::Router::new()
         .route(

@@ -18,7 +18,7 @@ use crate::domain::model::{Capabilities, Load};
 /// of the input closure's bytes it does not hold.
 /// (Paths are anything that borrows as a [`StorePath`]: the scheduler passes
 /// its interned `Arc<StorePath>`s.)
-pub fn score<H, P>(
+pub(crate) fn score<H, P>(
     caps: &Capabilities,
     load: &Load,
     running: usize,
@@ -63,7 +63,7 @@ where
 }
 
 /// A builder as the unschedulable message describes it.
-pub struct Known<'a> {
+pub(crate) struct Known<'a> {
     pub name: &'a str,
     pub caps: &'a Capabilities,
 }
@@ -78,7 +78,7 @@ fn list(set: &BTreeSet<String>) -> String {
 
 /// Why no builder in `known` can take a derivation for `system` needing
 /// `required`, and what the farm has.
-pub fn unschedulable_message(
+pub(crate) fn unschedulable_message(
     drv: &StorePath,
     system: &str,
     required: &BTreeSet<String>,
