@@ -225,6 +225,19 @@ pub struct CoordinatorConfig {
     pub retention: Retention,
 }
 
+#[cfg(test)]
+impl CoordinatorConfig {
+    /// For unit tests: every listener on loopback port 0, the cache key named `test`.
+    pub(crate) fn for_tests(state_dir: impl Into<PathBuf>) -> CoordinatorConfig {
+        let mut cfg = CoordinatorConfig::new(state_dir);
+        cfg.grpc = "127.0.0.1:0".into();
+        cfg.http = "127.0.0.1:0".into();
+        cfg.ssh = "127.0.0.1:0".into();
+        cfg.cache_key_name = Some("test".into());
+        cfg
+    }
+}
+
 impl CoordinatorConfig {
     /// The defaults, with state in `state_dir`.
     pub fn new(state_dir: impl Into<PathBuf>) -> CoordinatorConfig {

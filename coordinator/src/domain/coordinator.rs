@@ -769,11 +769,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn submissions_are_read_outside_the_lock_and_pruned_by_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::CoordinatorConfig::new(dir.path().join("state"));
-        cfg.grpc = "127.0.0.1:0".into();
-        cfg.http = "127.0.0.1:0".into();
-        cfg.ssh = "127.0.0.1:0".into();
-        cfg.cache_key_name = Some("test".into());
+        let cfg = crate::CoordinatorConfig::for_tests(dir.path().join("state"));
         let running = crate::server::start(cfg).await.unwrap();
         let coord = running.coordinator().clone();
         let path = |n: &str| {

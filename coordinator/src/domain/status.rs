@@ -157,16 +157,7 @@ mod tests {
                 last_seen_ms: 0,
                 draining: false,
             },
-            load: Load {
-                running_jobs: 0,
-                load_avg_1: 0.0,
-                load_avg_5: 0.0,
-                memory_available_bytes: 0,
-                disk_free_bytes: 0,
-                cpu_pressure: -1.0,
-                memory_pressure: -1.0,
-                io_pressure: -1.0,
-            },
+            load: Load::default(),
             online: true,
             running: 0,
         }

@@ -474,12 +474,8 @@ mod tests {
             .collect();
         let key_file = dir.path().join("builder_keys");
         std::fs::write(&key_file, lines).unwrap();
-        let mut cfg = crate::CoordinatorConfig::new(dir.path().join("state"));
-        cfg.grpc = "127.0.0.1:0".into();
-        cfg.http = "127.0.0.1:0".into();
-        cfg.ssh = "127.0.0.1:0".into();
+        let mut cfg = crate::CoordinatorConfig::for_tests(dir.path().join("state"));
         cfg.builder_keys = Some(key_file);
-        cfg.cache_key_name = Some("test".into());
         let running = crate::server::start(cfg).await.unwrap();
         let url = running.endpoints().grpc_url();
         let mut winners = [0usize; 2];

@@ -40,11 +40,7 @@ impl Farm {
     /// A coordinator with one builder, `b1`, that runs one job at a time.
     async fn start() -> Farm {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::CoordinatorConfig::new(dir.path().join("state"));
-        cfg.grpc = "127.0.0.1:0".into();
-        cfg.http = "127.0.0.1:0".into();
-        cfg.ssh = "127.0.0.1:0".into();
-        cfg.cache_key_name = Some("test".into());
+        let cfg = crate::CoordinatorConfig::for_tests(dir.path().join("state"));
         let running = crate::server::start(cfg).await.unwrap();
         let coord = running.coordinator().clone();
         let (tx, jobs) = mpsc::unbounded_channel();
