@@ -222,6 +222,18 @@ impl<'a> FarmSetup<'a> {
         } else {
             None
         };
+        // The client's own key is where ssh looks for it: `~/.ssh/id_ed25519`.
+        let client_key = match &own {
+            Some(a) => {
+                let ssh_dir = client.root().join("home/.ssh");
+                std::fs::create_dir_all(&ssh_dir)?;
+                let key = ssh_dir.join("id_ed25519");
+                std::fs::copy(&a.keys[0], &key)?;
+                std::fs::copy(a.keys[0].with_extension("pub"), key.with_extension("pub"))?;
+                Some(key)
+            }
+            None => None,
+        };
         let access = self.access.or(own.as_ref());
         let mut args: Vec<String> = vec![
             "--builder-keys".into(),
@@ -263,6 +275,7 @@ impl<'a> FarmSetup<'a> {
             builder_keys,
             proxies,
             ssh: own,
+            client_key,
             _keys: keys,
         })
     }
@@ -280,6 +293,8 @@ pub struct Farm {
     pub proxies: BTreeMap<String, LinkProxy>,
     /// The farm's own client keys ([`FarmSetup::clients`]).
     pub ssh: Option<SshAccess>,
+    /// The first of them, in the client's `~/.ssh/id_ed25519`.
+    client_key: Option<PathBuf>,
     _keys: tempfile::TempDir,
 }
 
@@ -617,9 +632,12 @@ impl Farm {
             .context("this farm was set up without client keys (FarmSetup::clients)")
     }
 
-    /// The client's private key (the farm's first own client key).
+    /// The client's private key (`~/.ssh/id_ed25519` in the client's home:
+    /// the farm's first own client key).
     pub fn client_key(&self) -> anyhow::Result<&Path> {
-        Ok(&self.own_ssh()?.keys[0])
+        self.client_key
+            .as_deref()
+            .context("this farm was set up without client keys (FarmSetup::clients)")
     }
 
     /// `NIX_SSHOPTS` for the client: port, its key, the coordinator's host key.

@@ -184,16 +184,9 @@ impl SshAccess {
         // Other clients' ssh may be reading it: replace it whole, and only
         // when it changes (never truncate it under a reader).
         if std::fs::read_to_string(&known_hosts).ok().as_deref() != Some(line.as_str()) {
-            let tmp = self
-                .dir
-                .path()
-                .join(format!("known_hosts.{}.tmp", std::process::id()));
-            let tmp = tmp.with_extension(format!(
-                "{}.tmp",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_nanos()
-            ));
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = self.dir.path().join(format!("known_hosts.{n}.tmp"));
             std::fs::write(&tmp, &line)?;
             std::fs::rename(&tmp, &known_hosts)?;
         }
