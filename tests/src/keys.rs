@@ -5,14 +5,12 @@
 //! endpoint with them, `farm` signs its calls with them) and for any other
 //! SSH party a test runs (an sshd's host key).
 //!
-//! [`ClientKey`] signs the fixture's own gRPC calls (the readiness probe) the
-//! way a CLI user does (`farm_proto::auth`).
+//! [`ClientKey`] signs the fixture's own gRPC calls (the readiness probe) with
+//! farm-common's signer, the one `farm` uses.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail, ensure};
-use base64::Engine as _;
-use ed25519_dalek::Signer as _;
 
 use crate::bins::farm_bin;
 use crate::coordinator::Endpoints;
@@ -42,11 +40,11 @@ pub fn ssh_key(path: &Path, comment: &str) -> anyhow::Result<String> {
     Ok(line)
 }
 
-/// A client key that signs gRPC calls as `farm` does.
+/// A client key that signs gRPC calls as `farm` does (farm-common's
+/// [`CliSigner`](farm_common::sign::CliSigner)).
 #[derive(Debug, Clone)]
 pub struct ClientKey {
-    public_line: String,
-    signing: ed25519_dalek::SigningKey,
+    signer: farm_common::sign::CliSigner,
 }
 
 impl ClientKey {
@@ -59,30 +57,15 @@ impl ClientKey {
         let Some(pair) = key.key_data().ed25519() else {
             bail!("{} is not an ed25519 key", path.display());
         };
+        let signing = ed25519_dalek::SigningKey::from_bytes(&pair.private.to_bytes());
         Ok(ClientKey {
-            public_line: key.public_key().to_openssh()?,
-            signing: ed25519_dalek::SigningKey::from_bytes(&pair.private.to_bytes()),
+            signer: farm_common::sign::CliSigner::new(signing, key.public_key().to_openssh()?),
         })
     }
 
     /// Adds the signature metadata of a call to `method` (its gRPC path) now.
     pub fn sign<T>(&self, req: &mut tonic::Request<T>, method: &str) -> anyhow::Result<()> {
-        use farm_proto::auth::{CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA};
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs() as i64;
-        let sig = self
-            .signing
-            .sign(&farm_proto::auth::cli_auth_message(now, method));
-        let md = req.metadata_mut();
-        md.insert(CLI_KEY_METADATA, self.public_line.parse()?);
-        md.insert(CLI_TIME_METADATA, now.to_string().parse()?);
-        md.insert(
-            CLI_SIG_METADATA,
-            base64::engine::general_purpose::STANDARD
-                .encode(sig.to_bytes())
-                .parse()?,
-        );
+        self.signer.sign(req, method, farm_common::sign::now_unix());
         Ok(())
     }
 }
