@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::Fake;
-use common::nixenv::NixEnv;
 use farm_builder::BuilderConfig;
 use farm_proto::v1::coordinator_message::Msg as Down;
 use farm_proto::v1::{CancelJob, Drain, Job, JobStatus};
+use farm_testkit::{Actor, NIX_PROGRAMS};
 
 /// Each test's hang-guard: past it the test fails instead of hanging.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -21,17 +21,20 @@ const JOBS_NIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jobs.nix
 
 /// A client store that instantiates the test derivations and publishes inputs.
 struct Client {
-    env: NixEnv,
+    env: Actor,
 }
 
 impl Client {
     fn new() -> Client {
-        Client { env: NixEnv::new() }
+        Client {
+            env: Actor::new("client").unwrap(),
+        }
     }
 
     fn instantiate(&self, attr: &str) -> String {
         self.env
             .run("nix-instantiate", &[JOBS_NIX, "-A", attr])
+            .unwrap()
             .trim()
             .to_owned()
     }
@@ -40,15 +43,16 @@ impl Client {
     /// derivations built here and published, sources published).
     fn job(&self, fake: &Fake, id: &str, attr: &str) -> Job {
         let drv = self.instantiate(attr);
-        let aterm = std::fs::read_to_string(self.env.host_path(&drv)).unwrap();
+        let aterm = std::fs::read_to_string(self.env.host_path(&drv).unwrap()).unwrap();
         let mut roots = Vec::new();
         for r in self
             .env
             .run("nix-store", &["--query", "--references", &drv])
+            .unwrap()
             .lines()
         {
             if r.ends_with(".drv") {
-                let out = self.env.run("nix-store", &["--realise", r]);
+                let out = self.env.run("nix-store", &["--realise", r]).unwrap();
                 roots.extend(out.lines().map(str::to_owned));
             } else {
                 roots.push(r.to_owned());
@@ -58,7 +62,7 @@ impl Client {
         if !roots.is_empty() {
             let mut args = vec!["--query", "--requisites"];
             args.extend(roots.iter().map(String::as_str));
-            for p in self.env.run("nix-store", &args).lines() {
+            for p in self.env.run("nix-store", &args).unwrap().lines() {
                 fake.publish(&self.env, p);
                 inputs.push(p.to_owned());
             }
@@ -73,7 +77,10 @@ impl Client {
     }
 
     fn output(&self, drv: &str, name: &str) -> String {
-        let outs = self.env.run("nix-store", &["--query", "--outputs", drv]);
+        let outs = self
+            .env
+            .run("nix-store", &["--query", "--outputs", drv])
+            .unwrap();
         outs.lines()
             .find(|l| (name == "out" && !l.ends_with("-dev")) || l.ends_with(&format!("-{name}")))
             .unwrap()
@@ -83,7 +90,7 @@ impl Client {
 
 struct Running {
     fake: Fake,
-    builder_store: NixEnv,
+    builder_store: Actor,
     _state: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), farm_builder::BuilderError>>,
@@ -91,11 +98,11 @@ struct Running {
 
 async fn start_builder(max_jobs: u32) -> Running {
     let fake = Fake::start().await;
-    let builder_store = NixEnv::new();
+    let builder_store = Actor::new("builder").unwrap();
     let state = tempfile::tempdir().unwrap();
     let mut config = BuilderConfig::new(fake.url(), state.path());
     config.name = Some("test-builder".into());
-    config.nix_bin_dir = Some(builder_store.bin_dir());
+    config.nix_bin_dir = Some(builder_store.wrapper_bin_dir(NIX_PROGRAMS).unwrap());
     config.max_jobs = Some(max_jobs);
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(farm_builder::run(config, async {
@@ -140,8 +147,8 @@ fn processes_with(needle: &str) -> Vec<String> {
 #[test]
 fn fetches_inputs_builds_streams_the_log_and_uploads_outputs() -> anyhow::Result<()> {
     let logs =
-        farm_tests::TestLogs::new("fetches_inputs_builds_streams_the_log_and_uploads_outputs")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        farm_testkit::TestLogs::new("fetches_inputs_builds_streams_the_log_and_uploads_outputs")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         fetches_inputs_builds_streams_the_log_and_uploads_outputs_body().await;
         Ok(())
     })
@@ -155,7 +162,7 @@ async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs_body() {
     let inputs = job.input_paths.clone();
     assert_eq!(inputs.len(), 2, "{inputs:?}");
     for p in &inputs {
-        assert!(!b.builder_store.is_valid(p));
+        assert!(!b.builder_store.is_valid(p).unwrap());
     }
     b.fake.send(Down::Job(job.clone())).await;
     let r = b.fake.wait_result("top-1", Duration::from_secs(120)).await;
@@ -176,7 +183,7 @@ async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs_body() {
     );
     // The inputs were fetched and are valid in the builder's store now.
     for p in &inputs {
-        assert!(b.builder_store.is_valid(p), "{p} not imported");
+        assert!(b.builder_store.is_valid(p).unwrap(), "{p} not imported");
     }
     assert_eq!(
         b.fake
@@ -186,8 +193,11 @@ async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs_body() {
     // What was uploaded is exactly what Nix builds for that derivation.
     let (info, nar) = b.fake.with(|s| s.cache.get(&out).cloned()).unwrap();
     assert_eq!(info.deriver, drv);
-    client.env.run("nix-store", &["--realise", &drv]);
-    let expected = client.env.run_bytes("nix-store", &["--dump", &out]);
+    client.env.run("nix-store", &["--realise", &drv]).unwrap();
+    let expected = client
+        .env
+        .run_bytes("nix-store", &["--dump", &out])
+        .unwrap();
     assert_eq!(nar, expected);
     assert!(String::from_utf8_lossy(&nar).contains("dep-content\nsource-content\n/nix/store/"));
     let mut refs = info.references.clone();
@@ -208,8 +218,8 @@ async fn fetches_inputs_builds_streams_the_log_and_uploads_outputs_body() {
 
 #[test]
 fn uploads_every_output_of_a_multi_output_derivation() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("uploads_every_output_of_a_multi_output_derivation")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs = farm_testkit::TestLogs::new("uploads_every_output_of_a_multi_output_derivation")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         uploads_every_output_of_a_multi_output_derivation_body().await;
         Ok(())
     })
@@ -239,8 +249,8 @@ async fn uploads_every_output_of_a_multi_output_derivation_body() {
 
 #[test]
 fn a_failing_build_reports_failed_with_its_log() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("a_failing_build_reports_failed_with_its_log")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs = farm_testkit::TestLogs::new("a_failing_build_reports_failed_with_its_log")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         a_failing_build_reports_failed_with_its_log_body().await;
         Ok(())
     })
@@ -264,8 +274,8 @@ async fn a_failing_build_reports_failed_with_its_log_body() {
 
 #[test]
 fn build_timeout_and_max_silent_time_stop_the_build() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("build_timeout_and_max_silent_time_stop_the_build")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs = farm_testkit::TestLogs::new("build_timeout_and_max_silent_time_stop_the_build")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         build_timeout_and_max_silent_time_stop_the_build_body().await;
         Ok(())
     })
@@ -296,8 +306,8 @@ async fn build_timeout_and_max_silent_time_stop_the_build_body() {
 
 #[test]
 fn cancel_kills_the_build_and_its_processes() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("cancel_kills_the_build_and_its_processes")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs = farm_testkit::TestLogs::new("cancel_kills_the_build_and_its_processes")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         cancel_kills_the_build_and_its_processes_body().await;
         Ok(())
     })
@@ -334,8 +344,8 @@ async fn cancel_kills_the_build_and_its_processes_body() {
 
 #[test]
 fn missing_or_corrupt_inputs_are_input_errors() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("missing_or_corrupt_inputs_are_input_errors")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs = farm_testkit::TestLogs::new("missing_or_corrupt_inputs_are_input_errors")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         missing_or_corrupt_inputs_are_input_errors_body().await;
         Ok(())
     })
@@ -369,14 +379,15 @@ async fn missing_or_corrupt_inputs_are_input_errors_body() {
     let r = b.fake.wait_result("m2", Duration::from_secs(60)).await;
     assert_eq!(r.status, JobStatus::InputError as i32, "{r:?}");
     assert!(r.error_message.contains("hash"), "{r:?}");
-    assert!(!b.builder_store.is_valid(&dep));
+    assert!(!b.builder_store.is_valid(&dep).unwrap());
     b.shutdown().await;
 }
 
 #[test]
 fn drain_lets_running_builds_finish_and_refuses_new_ones() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("drain_lets_running_builds_finish_and_refuses_new_ones")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs =
+        farm_testkit::TestLogs::new("drain_lets_running_builds_finish_and_refuses_new_ones")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         drain_lets_running_builds_finish_and_refuses_new_ones_body().await;
         Ok(())
     })
@@ -419,8 +430,8 @@ async fn drain_lets_running_builds_finish_and_refuses_new_ones_body() {
 #[test]
 fn shutdown_stops_running_builds_and_reports_them_as_transient() -> anyhow::Result<()> {
     let logs =
-        farm_tests::TestLogs::new("shutdown_stops_running_builds_and_reports_them_as_transient")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        farm_testkit::TestLogs::new("shutdown_stops_running_builds_and_reports_them_as_transient")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         shutdown_stops_running_builds_and_reports_them_as_transient_body().await;
         Ok(())
     })

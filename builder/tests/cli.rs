@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Fake;
-use common::nixenv::NixEnv;
+use farm_testkit::{Actor, NIX_PROGRAMS};
 
 /// Each test's hang-guard: past it the test fails instead of hanging.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -19,8 +19,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_farm-builder");
 #[test]
 fn prints_the_same_public_key_every_time_and_keeps_it_private() -> anyhow::Result<()> {
     let logs =
-        farm_tests::TestLogs::new("prints_the_same_public_key_every_time_and_keeps_it_private")?;
-    farm_tests::deadline(DEADLINE, &logs, |_| {
+        farm_testkit::TestLogs::new("prints_the_same_public_key_every_time_and_keeps_it_private")?;
+    farm_testkit::deadline(DEADLINE, &logs, |_| {
         prints_the_same_public_key_every_time_and_keeps_it_private_body();
         Ok(())
     })
@@ -59,8 +59,8 @@ fn prints_the_same_public_key_every_time_and_keeps_it_private_body() {
 #[test]
 fn rejects_unknown_config_keys_and_plain_http_to_remote_hosts() -> anyhow::Result<()> {
     let logs =
-        farm_tests::TestLogs::new("rejects_unknown_config_keys_and_plain_http_to_remote_hosts")?;
-    farm_tests::deadline(DEADLINE, &logs, |_| {
+        farm_testkit::TestLogs::new("rejects_unknown_config_keys_and_plain_http_to_remote_hosts")?;
+    farm_testkit::deadline(DEADLINE, &logs, |_| {
         rejects_unknown_config_keys_and_plain_http_to_remote_hosts_body();
         Ok(())
     })
@@ -93,8 +93,8 @@ fn rejects_unknown_config_keys_and_plain_http_to_remote_hosts_body() {
 #[test]
 fn the_daemon_joins_with_env_settings_and_stops_on_sigterm() -> anyhow::Result<()> {
     let logs =
-        farm_tests::TestLogs::new("the_daemon_joins_with_env_settings_and_stops_on_sigterm")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        farm_testkit::TestLogs::new("the_daemon_joins_with_env_settings_and_stops_on_sigterm")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         the_daemon_joins_with_env_settings_and_stops_on_sigterm_body().await;
         Ok(())
     })
@@ -102,7 +102,8 @@ fn the_daemon_joins_with_env_settings_and_stops_on_sigterm() -> anyhow::Result<(
 
 async fn the_daemon_joins_with_env_settings_and_stops_on_sigterm_body() {
     let fake = Fake::start().await;
-    let nix = NixEnv::new();
+    let nix = Actor::new("builder").unwrap();
+    let nix_bin_dir = nix.wrapper_bin_dir(NIX_PROGRAMS).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("b.toml");
     // The file sets the name and speed; env overrides the name.
@@ -118,7 +119,7 @@ async fn the_daemon_joins_with_env_settings_and_stops_on_sigterm_body() {
         .env("FARM_NAME", "from-env")
         .env("FARM_MAX_JOBS", "3")
         .env("FARM_SYSTEM", "x86_64-linux,aarch64-linux")
-        .env("FARM_NIX_BIN_DIR", nix.bin_dir())
+        .env("FARM_NIX_BIN_DIR", &nix_bin_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -46,8 +46,8 @@ fn caps() -> Capabilities {
 
 #[test]
 fn connects_proves_its_key_reports_load_and_reconnects() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new("connects_proves_its_key_reports_load_and_reconnects")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    let logs = farm_testkit::TestLogs::new("connects_proves_its_key_reports_load_and_reconnects")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         connects_proves_its_key_reports_load_and_reconnects_body().await;
         Ok(())
     })
@@ -114,8 +114,8 @@ async fn connects_proves_its_key_reports_load_and_reconnects_body() {
 #[test]
 fn an_unenrolled_key_is_refused_and_retried_until_enrolled() -> anyhow::Result<()> {
     let logs =
-        farm_tests::TestLogs::new("an_unenrolled_key_is_refused_and_retried_until_enrolled")?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        farm_testkit::TestLogs::new("an_unenrolled_key_is_refused_and_retried_until_enrolled")?;
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         an_unenrolled_key_is_refused_and_retried_until_enrolled_body().await;
         Ok(())
     })
@@ -153,10 +153,10 @@ async fn an_unenrolled_key_is_refused_and_retried_until_enrolled_body() {
 
 #[test]
 fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly() -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new(
+    let logs = farm_testkit::TestLogs::new(
         "keeps_retrying_while_the_coordinator_is_down_and_stops_promptly",
     )?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         keeps_retrying_while_the_coordinator_is_down_and_stops_promptly_body().await;
         Ok(())
     })
@@ -194,10 +194,10 @@ async fn keeps_retrying_while_the_coordinator_is_down_and_stops_promptly_body() 
 #[test]
 fn https_with_the_pinned_certificate_connects_and_another_certificate_does_not()
 -> anyhow::Result<()> {
-    let logs = farm_tests::TestLogs::new(
+    let logs = farm_testkit::TestLogs::new(
         "https_with_the_pinned_certificate_connects_and_another_certificate_does_not",
     )?;
-    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+    farm_testkit::deadline_async(DEADLINE, &logs, |_| async {
         https_with_the_pinned_certificate_connects_and_another_certificate_does_not_body().await;
         Ok(())
     })

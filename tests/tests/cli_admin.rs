@@ -3,11 +3,9 @@
 //! keys can; a drained builder finishes its running build, takes no new ones,
 //! and takes them again once undrained.
 
-mod cli_support;
-
 use std::time::{Duration, Instant};
 
-use cli_support::{BuilderSpec, TestFarm, graph_expr, ssh_key};
+use farm_tests::fixture::{BuilderSpec, Farm, SshAccess, graph_expr};
 use farm_tests::{TestLogs, deadline};
 
 /// Each test's hang-guard.
@@ -20,27 +18,18 @@ fn keys_decide_who_reads_and_who_changes() -> anyhow::Result<()> {
 }
 
 fn keys_decide(logs: &TestLogs) -> anyhow::Result<()> {
-    let keys = tempfile::tempdir()?;
-    let (user, user_line) = ssh_key(keys.path(), "user")?;
-    let (admin, admin_line) = ssh_key(keys.path(), "admin")?;
-    let (stranger, _) = ssh_key(keys.path(), "stranger")?;
-    let users = keys.path().join("authorized_keys");
-    let admins = keys.path().join("admin_keys");
-    std::fs::write(&users, format!("{user_line}\n"))?;
-    std::fs::write(&admins, format!("{admin_line}\n"))?;
-    let farm = TestFarm::start(
-        logs,
-        &[BuilderSpec {
+    // `user` may read, `admin` may also change; nobody knows the stranger.
+    let access = SshAccess::named(&["user"], &["admin"])?;
+    let (user, admin) = (access.keys[0].clone(), access.admin_keys[0].clone());
+    let stranger = access.stranger("stranger")?;
+    let farm = Farm::setup(logs)
+        .builders(&[BuilderSpec {
             name: "b1",
             max_jobs: 1,
-        }],
-        &[
-            "--authorized-keys".into(),
-            users.display().to_string(),
-            "--admin-keys".into(),
-            admins.display().to_string(),
-        ],
-    )?;
+            conf: &[],
+        }])
+        .access(&access)
+        .start()?;
     farm.wait_for_builders(Some(&user), 1)?;
 
     // Unknown key, and no key: no status.
@@ -82,11 +71,12 @@ fn drain_finishes_the_running_build_and_takes_no_new_ones() -> anyhow::Result<()
 }
 
 fn drain(logs: &TestLogs) -> anyhow::Result<()> {
-    let farm = TestFarm::start(
+    let farm = Farm::start(
         logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 1,
+            conf: &[],
         }],
         &[],
     )?;
@@ -171,11 +161,12 @@ fn ctrl_c_cancels_what_was_submitted() -> anyhow::Result<()> {
 }
 
 fn ctrl_c(logs: &TestLogs) -> anyhow::Result<()> {
-    let farm = TestFarm::start(
+    let farm = Farm::start(
         logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 1,
+            conf: &[],
         }],
         &[],
     )?;

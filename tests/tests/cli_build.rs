@@ -4,12 +4,10 @@
 //! running builds meanwhile), and a graph with a failing derivation (exit 1,
 //! its log printed).
 
-mod cli_support;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cli_support::{BuilderSpec, TestFarm, graph_expr};
+use farm_tests::fixture::{BuilderSpec, Farm, graph_expr};
 use farm_tests::{TestLogs, deadline};
 
 /// Each test's hang-guard.
@@ -22,16 +20,18 @@ fn builds_a_30_derivation_graph() -> anyhow::Result<()> {
 }
 
 fn graph(logs: &TestLogs) -> anyhow::Result<()> {
-    let farm = TestFarm::start(
+    let farm = Farm::start(
         logs,
         &[
             BuilderSpec {
                 name: "b1",
                 max_jobs: 2,
+                conf: &[],
             },
             BuilderSpec {
                 name: "b2",
                 max_jobs: 2,
+                conf: &[],
             },
         ],
         &[],
@@ -156,11 +156,12 @@ fn a_failing_derivation_exits_1_with_its_log() -> anyhow::Result<()> {
 }
 
 fn failure(logs: &TestLogs) -> anyhow::Result<()> {
-    let farm = TestFarm::start(
+    let farm = Farm::start(
         logs,
         &[BuilderSpec {
             name: "b1",
             max_jobs: 2,
+            conf: &[],
         }],
         &[],
     )?;

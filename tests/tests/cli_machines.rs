@@ -9,22 +9,25 @@
 //! client's builds run with its home bind-mounted on root's home inside its
 //! own mount namespace (the host's is never touched).
 
-mod endpoint_support;
-
 use std::process::Command;
 
 use anyhow::{Context, ensure};
-use endpoint_support::*;
 use farm_nix::store_path::StorePath;
 use farm_tests::farm_bin;
+use farm_tests::fixture::*;
+
+/// Each endpoint test's hang-guard.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(400);
 
 #[test]
 fn the_printed_machines_line_builds_through_the_farm() -> anyhow::Result<()> {
     let logs = farm_tests::TestLogs::new("cli_machines")?;
-    farm_tests::deadline(DEADLINE, &logs, |logs| run(&mut TestFarm::start(&logs)?))
+    farm_tests::deadline(DEADLINE, &logs, |logs| {
+        run(&mut Farm::nix_endpoint(&logs, &[] as &[&str])?)
+    })
 }
 
-fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn run(farm: &mut Farm) -> anyhow::Result<()> {
     for (protocol, salt) in [(None, "machines-ng"), (Some("ssh"), "machines-ssh")] {
         let (line, ssh_config) = farm_machines(farm, protocol)?;
         eprintln!("farm machines {protocol:?}:\n{line}\n{ssh_config}");
@@ -37,7 +40,7 @@ fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
             ssh_config
                 == format!(
                     "Host 127.0.0.1\n  Port {}\n  HostKeyAlias 127.0.0.1\n",
-                    farm.ssh_port
+                    farm.coordinator.endpoints.ssh_port()?
                 ),
             "unexpected ssh_config {ssh_config:?}"
         );
@@ -59,7 +62,7 @@ fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
 }
 
 /// `farm machines [--protocol P] --json` as the client: (machines line, ssh_config).
-fn farm_machines(farm: &TestFarm, protocol: Option<&str>) -> anyhow::Result<(String, String)> {
+fn farm_machines(farm: &Farm, protocol: Option<&str>) -> anyhow::Result<(String, String)> {
     let mut args = vec![
         "machines".to_owned(),
         "--json".into(),
@@ -70,7 +73,7 @@ fn farm_machines(farm: &TestFarm, protocol: Option<&str>) -> anyhow::Result<(Str
         args.extend(["--protocol".to_owned(), p.to_owned()]);
     }
     let mut cmd = farm.client.command(farm_bin("farm")?);
-    cmd.args(&args).env("FARM_KEY", &farm.client_key);
+    cmd.args(&args).env("FARM_KEY", farm.client_key()?);
     let out = farm.client.run_command(cmd)?;
     let json: serde_json::Value =
         serde_json::from_str(&out).with_context(|| format!("farm machines printed {out:?}"))?;
@@ -85,7 +88,7 @@ fn farm_machines(farm: &TestFarm, protocol: Option<&str>) -> anyhow::Result<(Str
     // The human output carries the same two parts verbatim.
     let mut cmd = farm.client.command(farm_bin("farm")?);
     cmd.args(args.iter().filter(|a| *a != "--json"))
-        .env("FARM_KEY", &farm.client_key)
+        .env("FARM_KEY", farm.client_key()?)
         .env("NO_COLOR", "1");
     let human = farm.client.run_command(cmd)?;
     ensure!(
@@ -103,7 +106,7 @@ fn farm_machines(farm: &TestFarm, protocol: Option<&str>) -> anyhow::Result<(Str
 /// client, with its home as root's (so ssh reads its `.ssh/config` and
 /// `.ssh/id_ed25519`) and no `NIX_SSHOPTS`; every derivation must have run on
 /// a farm builder and its output be in the farm's cache.
-fn build_with(farm: &mut TestFarm, line: &str, salt: &str) -> anyhow::Result<()> {
+fn build_with(farm: &mut Farm, line: &str, salt: &str) -> anyhow::Result<()> {
     let expr = farm
         .client
         .write_file(&format!("{salt}.nix"), &layered_graph_nix(salt, 1, 1))?;

@@ -2,8 +2,6 @@
 //! the actor's own Nix; it prints how to point Nix at it, and `farm build`
 //! from another actor builds through it.
 
-mod cli_support;
-
 use std::time::Duration;
 
 use farm_tests::{Actor, TestLogs, deadline, farm_bin, wait_for_endpoints};
@@ -67,7 +65,10 @@ fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
     // Another actor builds through it.
     let client = Actor::with_logs("client", logs)?;
     let salt = client.root().display().to_string();
-    let file = client.write_file("two.nix", &cli_support::graph_expr(2, 0.0, &salt, None))?;
+    let file = client.write_file(
+        "two.nix",
+        &farm_tests::fixture::graph_expr(2, 0.0, &salt, None),
+    )?;
     let mut cmd = client.command(farm_bin("farm")?);
     cmd.args(["build", &file.display().to_string(), "-A", "d1", "--json"])
         .env("FARM_COORDINATOR", format!("http://{}", endpoints.grpc));

@@ -8,13 +8,11 @@
 //! witness file the builds append to, independent of the farm's own word),
 //! each client got its result, and nothing is left running or queued.
 
-mod farm_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, bail, ensure};
 use farm_nix::store_path::StorePath;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{Actor, FarmProcess, TestLogs, deadline};
 
 const CLIENTS: usize = 8;
@@ -42,8 +40,10 @@ fn builders() -> Vec<BuilderSpec<'static>> {
 
 fn run(logs: &TestLogs) -> anyhow::Result<()> {
     let ssh = SshAccess::new(CLIENTS)?;
-    let args = ssh.coordinator_args();
-    let farm = Farm::start(logs, &builders(), &[&args[0], &args[1]])?;
+    let farm = Farm::setup(logs)
+        .builders(&builders())
+        .access(&ssh)
+        .start()?;
 
     // Every client's actor and graph first, then all of them at once.
     let mut clients = Vec::new();

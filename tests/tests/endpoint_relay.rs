@@ -4,15 +4,16 @@
 //! coordinator's `--relay-socket`. Builds go to the farm's builders; a
 //! command other than the two Nix programs is refused with one line.
 
-mod endpoint_support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use endpoint_support::*;
 use farm_nix::store_path::StorePath;
+use farm_tests::fixture::*;
 use farm_tests::{FarmProcess, farm_bin};
+
+/// Each endpoint test's hang-guard.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(400);
 
 struct Sshd {
     process: FarmProcess,
@@ -27,12 +28,12 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// `sshd` on a loopback port: the client's key may only run the relay.
-fn start_sshd(farm: &TestFarm, socket: &std::path::Path) -> anyhow::Result<Sshd> {
+fn start_sshd(farm: &Farm, socket: &std::path::Path) -> anyhow::Result<Sshd> {
     let dir = farm.client.root().join("sshd");
     std::fs::create_dir_all(&dir)?;
     let host_key = dir.join("ssh_host_ed25519_key");
-    let host_pub = ssh_keygen(&host_key)?;
-    let client_pub = std::fs::read_to_string(farm.client_key.with_extension("pub"))?;
+    let host_pub = ssh_key(&host_key, "sshd-host@farm-e2e")?;
+    let client_pub = std::fs::read_to_string(farm.client_key()?.with_extension("pub"))?;
     let relay = farm_bin("farm-coordinator")?;
     std::fs::write(
         dir.join("authorized_keys"),
@@ -81,18 +82,17 @@ fn nix_through_openssh_and_the_stdio_relay() -> anyhow::Result<()> {
     farm_tests::deadline(DEADLINE, &logs, |logs| {
         let socket_dir = tempfile::tempdir()?;
         let socket = socket_dir.path().join("relay.sock");
-        let mut farm =
-            TestFarm::start_with(&logs, &["--relay-socket".as_ref(), socket.as_os_str()])?;
+        let mut farm = Farm::nix_endpoint(&logs, &["--relay-socket".as_ref(), socket.as_os_str()])?;
         run(&mut farm, &socket)
     })
 }
 
-fn run(farm: &mut TestFarm, socket: &std::path::Path) -> anyhow::Result<()> {
+fn run(farm: &mut Farm, socket: &std::path::Path) -> anyhow::Result<()> {
     let sshd = start_sshd(farm, socket)?;
     let opts = format!(
         "-p {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={}",
         sshd.port,
-        farm.client_key.display(),
+        farm.client_key()?.display(),
         sshd.known_hosts.display()
     );
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());

@@ -6,11 +6,12 @@
 //! shows the farm's log; an `aarch64-darwin` derivation runs on the builder
 //! that has that platform.
 
-mod endpoint_support;
-
 use anyhow::{Context, ensure};
-use endpoint_support::*;
 use farm_nix::store_path::StorePath;
+use farm_tests::fixture::*;
+
+/// Each endpoint test's hang-guard.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(400);
 
 const WIDTH: usize = 6;
 const DEPTH: usize = 3;
@@ -18,17 +19,19 @@ const DEPTH: usize = 3;
 #[test]
 fn nix_build_with_the_farm_as_ssh_builder() -> anyhow::Result<()> {
     let logs = farm_tests::TestLogs::new("endpoint_serve")?;
-    farm_tests::deadline(DEADLINE, &logs, |logs| run(&mut TestFarm::start(&logs)?))
+    farm_tests::deadline(DEADLINE, &logs, |logs| {
+        run(&mut Farm::nix_endpoint(&logs, &[] as &[&str])?)
+    })
 }
 
-fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn run(farm: &mut Farm) -> anyhow::Result<()> {
     let salt = "serve";
     let expr = farm
         .client
         .write_file("graph.nix", &layered_graph_nix(salt, WIDTH, DEPTH))?;
 
     // The graph, built remotely only.
-    let mut cmd = farm.client_command("nix-build");
+    let mut cmd = farm.client_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh"))
         .arg(&expr);
@@ -87,7 +90,7 @@ fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
             "echo this-is-the-farm-log-of-a-failure >&2; exit 3",
         ),
     )?;
-    let mut cmd = farm.client_command("nix-build");
+    let mut cmd = farm.client_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh"))
         .arg(&failing);
@@ -107,7 +110,7 @@ fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
         "darwin.nix",
         "derivation { name = \"serve-darwin\"; system = \"aarch64-darwin\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo built for darwin > $out\" ]; }\n",
     )?;
-    let mut cmd = farm.client_command("nix-build");
+    let mut cmd = farm.client_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh"))
         .arg(&darwin);

@@ -9,16 +9,17 @@
 //! - an unknown key is refused; a client sending garbage after the handshake
 //!   is cut off while another client's build completes.
 
-mod endpoint_support;
-
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use endpoint_support::*;
 use farm_nix::store_path::StorePath;
 use farm_tests::Actor;
+use farm_tests::fixture::*;
+
+/// Each endpoint test's hang-guard.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(400);
 
 const WIDTH: usize = 6;
 const DEPTH: usize = 3;
@@ -26,10 +27,12 @@ const DEPTH: usize = 3;
 #[test]
 fn the_farm_over_ssh_ng() -> anyhow::Result<()> {
     let logs = farm_tests::TestLogs::new("endpoint_worker")?;
-    farm_tests::deadline(DEADLINE, &logs, |logs| run(&mut TestFarm::start(&logs)?))
+    farm_tests::deadline(DEADLINE, &logs, |logs| {
+        run(&mut Farm::nix_endpoint(&logs, &[] as &[&str])?)
+    })
 }
 
-fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn run(farm: &mut Farm) -> anyhow::Result<()> {
     build_hook(farm)?;
     store_build(farm)?;
     store_ping_and_copy(farm)?;
@@ -38,12 +41,12 @@ fn run(farm: &mut TestFarm) -> anyhow::Result<()> {
 }
 
 /// `nix-build --max-jobs 0 --builders 'ssh-ng://…'`.
-fn build_hook(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn build_hook(farm: &mut Farm) -> anyhow::Result<()> {
     let salt = "worker-hook";
     let expr = farm
         .client
         .write_file("hook.nix", &layered_graph_nix(salt, WIDTH, DEPTH))?;
-    let mut cmd = farm.client_command("nix-build");
+    let mut cmd = farm.client_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh-ng"))
         .arg(&expr);
@@ -88,7 +91,7 @@ fn build_hook(farm: &mut TestFarm) -> anyhow::Result<()> {
             "echo this-is-the-ssh-ng-farm-log-of-a-failure >&2; exit 3",
         ),
     )?;
-    let mut cmd = farm.client_command("nix-build");
+    let mut cmd = farm.client_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh-ng"))
         .arg(&failing);
@@ -106,12 +109,12 @@ fn build_hook(farm: &mut TestFarm) -> anyhow::Result<()> {
 }
 
 /// `nix build --store ssh-ng://… --eval-store auto`: the farm builds it all.
-fn store_build(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn store_build(farm: &mut Farm) -> anyhow::Result<()> {
     let salt = "worker-store";
     let expr = farm
         .client
         .write_file("store.nix", &layered_graph_nix(salt, WIDTH, DEPTH))?;
-    let mut cmd = farm.client_command("nix");
+    let mut cmd = farm.client_command("nix")?;
     cmd.args(["build", "--no-link", "-L", "--json", "--store"])
         .arg(farm.store_uri("ssh-ng"))
         .args(["--eval-store", "auto", "-f"])
@@ -176,9 +179,9 @@ fn store_build(farm: &mut TestFarm) -> anyhow::Result<()> {
 }
 
 /// `nix store ping`, `nix copy --to` (substitutable over HTTP afterwards) and `--from`.
-fn store_ping_and_copy(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn store_ping_and_copy(farm: &mut Farm) -> anyhow::Result<()> {
     let uri = farm.store_uri("ssh-ng");
-    let mut cmd = farm.client_command("nix");
+    let mut cmd = farm.client_command("nix")?;
     cmd.args(["store", "ping", "--store", &uri]);
     farm.client.run_command(cmd)?;
 
@@ -188,7 +191,7 @@ fn store_ping_and_copy(farm: &mut TestFarm) -> anyhow::Result<()> {
         "let dep = derivation { name = \"copy-dep\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo dep > $out\" ]; }; in derivation { name = \"copy-top\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo ${dep} > $out\" ]; }\n",
     )?;
     let top = farm.client.nix_build(&expr, &[] as &[&str])?.remove(0);
-    let mut cmd = farm.client_command("nix");
+    let mut cmd = farm.client_command("nix")?;
     cmd.args(["copy", "--to", &uri, &top.to_string()]);
     farm.client.run_command(cmd)?;
     let fresh = Actor::with_logs("fresh-substituter", &farm.logs)?;
@@ -224,7 +227,7 @@ fn store_ping_and_copy(farm: &mut TestFarm) -> anyhow::Result<()> {
         .context("no store-build leaf ran")?;
     let leaf_out = outputs_of(&farm.client, &[StorePath::parse(&leaf)?])?.remove(0);
     let mut cmd = from.command("nix");
-    cmd.env("NIX_SSHOPTS", farm.ssh_opts()).args([
+    cmd.env("NIX_SSHOPTS", farm.ssh_opts()?).args([
         "copy",
         "--from",
         &uri,
@@ -238,11 +241,11 @@ fn store_ping_and_copy(farm: &mut TestFarm) -> anyhow::Result<()> {
 
 /// An unknown key is refused; garbage after the handshake ends that session
 /// while another client's build completes.
-fn refusals(farm: &mut TestFarm) -> anyhow::Result<()> {
+fn refusals(farm: &mut Farm) -> anyhow::Result<()> {
     let stranger_key = farm.client.root().join("stranger/id_ed25519");
-    ssh_keygen(&stranger_key)?;
+    ssh_key(&stranger_key, "stranger@elsewhere")?;
     let mut cmd = farm.client.command("nix");
-    cmd.env("NIX_SSHOPTS", farm.ssh_opts_with_key(&stranger_key))
+    cmd.env("NIX_SSHOPTS", farm.ssh_opts_with_key(&stranger_key)?)
         .args(["store", "ping", "--store", &farm.store_uri("ssh-ng")]);
     let err = farm
         .client
@@ -259,7 +262,7 @@ fn refusals(farm: &mut TestFarm) -> anyhow::Result<()> {
         "slow.nix",
         &farm_tests::sh_derivation("worker-slow", "/bin/sleep 4; echo slow and sure > $out"),
     )?;
-    let mut cmd = farm.client_command("nix-build");
+    let mut cmd = farm.client_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh-ng"))
         .arg(&slow)
@@ -269,7 +272,7 @@ fn refusals(farm: &mut TestFarm) -> anyhow::Result<()> {
 
     // …while a hostile one sends garbage after a valid handshake.
     let mut ssh = std::process::Command::new("ssh");
-    ssh.args(farm.ssh_opts().split_whitespace())
+    ssh.args(farm.ssh_opts()?.split_whitespace())
         .args(["nix@127.0.0.1", "nix-daemon --stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

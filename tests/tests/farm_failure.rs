@@ -6,14 +6,12 @@
 //! - a builder whose key is not enrolled is refused, and the refusal is logged
 //!   on both sides.
 
-mod farm_support;
-
 use std::collections::BTreeMap;
 
 use farm_proto::v1;
 use farm_proto::v1::BuildOutcome;
 use farm_proto::v1::build_event::Event as Ev;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{TestLogs, deadline_async};
 
 /// What the failing build prints before it fails.

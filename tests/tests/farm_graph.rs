@@ -9,8 +9,6 @@
 //! big-parallel ones ran only on the builder that advertises them, and both
 //! x86_64 builders did work.
 
-mod farm_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
@@ -19,7 +17,7 @@ use farm_nix::narinfo::NarInfo;
 use farm_nix::signing::VerifyingKey;
 use farm_nix::store_path::StorePath;
 use farm_proto::v1::BuildOutcome;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{Actor, TestLogs, deadline_async};
 
 /// Layers of plain derivations and their width.

@@ -7,12 +7,10 @@
 //!   port: the builders reconnect, the graph finishes (followed with `Watch`),
 //!   and nothing that had finished is built again.
 
-mod farm_support;
-
 use anyhow::Context as _;
 use farm_proto::v1::BuildOutcome;
 use farm_proto::v1::build_event::Event as Ev;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{TestLogs, deadline_async};
 
 /// `WIDTH` leaves, a gated node depending on all of them (so nothing else can

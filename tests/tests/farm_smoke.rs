@@ -2,10 +2,8 @@
 //! derivations submitted over gRPC. Every part is real: the binaries, Nix in
 //! each actor's own store, loopback sockets.
 
-mod farm_support;
-
 use farm_proto::v1::BuildOutcome;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{TestLogs, deadline_async};
 
 #[test]

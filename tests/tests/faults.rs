@@ -10,13 +10,12 @@
 //! nothing published is lost; retries only where faults were met; nothing
 //! left running).
 
-mod farm_support;
 mod fault_support;
 
 use std::time::Duration;
 
 use anyhow::ensure;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{Actor, TestLogs, deadline};
 use fault_support::*;
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use farm_nix::StorePath;
 use farm_tests::{
-    Actor, FarmProcess, TestLogs, deadline, deadline_async, farm_bin, sh_derivation,
-    wait_for_endpoints,
+    Actor, FarmProcess, TestLogs, deadline, deadline_async, farm_bin, process_endpoints,
+    sh_derivation, wait_for_endpoints,
 };
 
 /// Each harness test's hang-guard.
@@ -167,7 +167,7 @@ fn processes(logs: &TestLogs) -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c").arg(script).arg(state.path());
     let mut proc = FarmProcess::spawn(logs, "fake-coordinator", cmd)?;
-    let endpoints = proc.wait_for_endpoints(state.path(), Duration::from_secs(10))?;
+    let endpoints = process_endpoints(&mut proc, state.path(), Duration::from_secs(10))?;
     assert_eq!(endpoints.ssh, "127.0.0.1:3");
     assert_eq!(wait_for_endpoints(state.path(), Duration::ZERO)?, endpoints);
     proc.wait_for_log("ready", Duration::from_secs(10))?;
@@ -190,8 +190,7 @@ fn processes(logs: &TestLogs) -> anyhow::Result<()> {
     let mut cmd = std::process::Command::new("sh");
     cmd.args(["-c", "echo cannot bind >&2; exit 2"]);
     let mut dead = FarmProcess::spawn(logs, "dead", cmd)?;
-    let err = dead
-        .wait_for_endpoints(state2.path(), Duration::from_secs(30))
+    let err = process_endpoints(&mut dead, state2.path(), Duration::from_secs(30))
         .expect_err("the process exits without endpoints");
     let msg = format!("{err:#}");
     assert!(msg.contains("cannot bind"), "{msg}");

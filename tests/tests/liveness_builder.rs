@@ -12,8 +12,6 @@
 //! - a builder killed mid-build leaves its scratch `tmp/job-*`: the next start
 //!   removes it (and nothing else there).
 
-mod farm_support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitStatus;
@@ -21,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use farm_proto::v1::BuildOutcome;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{FarmProcess, LinkProxy, TestLogs, deadline_async};
 
 fn one_builder(name: &'static str, max_jobs: u32) -> Vec<BuilderSpec<'static>> {

@@ -12,9 +12,6 @@
 //!   `max_nar_size` fails with the reason on the client's terminal and stores
 //!   nothing, while a path under the limit is copied.
 
-mod endpoint_support;
-mod farm_support;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -23,7 +20,7 @@ use farm_nix::narinfo::NarInfo;
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::store_path::StorePath;
 use farm_proto::v1;
-use farm_support::{BuilderSpec, Farm, GRAPH_TIMEOUT, http_get, outcome, prelude};
+use farm_tests::fixture::{BuilderSpec, Farm, GRAPH_TIMEOUT, http_get, outcome, prelude};
 use farm_tests::{TestLogs, deadline_async};
 
 /// The whole test's deadline: past it the test fails (and prints every log).
@@ -244,12 +241,9 @@ fn nix_copy_of_a_path_over_max_nar_size_is_refused_with_the_reason() -> anyhow::
 }
 
 /// `nix copy --to ssh-ng://` as the client, killed if the test's deadline passes.
-async fn nix_copy_to(
-    farm: &endpoint_support::TestFarm,
-    path: &StorePath,
-) -> anyhow::Result<std::process::Output> {
+async fn nix_copy_to(farm: &Farm, path: &StorePath) -> anyhow::Result<std::process::Output> {
     let mut cmd = farm.client.tokio_command("nix");
-    cmd.env("NIX_SSHOPTS", farm.ssh_opts())
+    cmd.env("NIX_SSHOPTS", farm.ssh_opts()?)
         .args(["copy", "--to", &farm.store_uri("ssh-ng"), &path.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -270,8 +264,7 @@ async fn copy_test(logs: TestLogs) -> anyhow::Result<()> {
     let conf_dir = tempfile::tempdir()?;
     let config = conf_dir.path().join("coordinator.toml");
     std::fs::write(&config, format!("[cache]\nmax_nar_size = {MAX}\n"))?;
-    let farm =
-        endpoint_support::TestFarm::start_with(&logs, &["--config".as_ref(), config.as_os_str()])?;
+    let farm = Farm::nix_endpoint(&logs, &["--config".as_ref(), config.as_os_str()])?;
     let expr = farm.client.write_file(
         "sizes.nix",
         "let mk = name: script: derivation { inherit name; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" script ]; };\n\

@@ -5,12 +5,10 @@
 //! still there, unfinished, and finishes once its gate opens), and nothing
 //! that ran is run twice.
 
-mod farm_support;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{TestLogs, deadline_async};
 
 /// The grace the coordinator is given here.

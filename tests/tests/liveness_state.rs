@@ -10,14 +10,12 @@
 //! Every test here runs under the harness's deadline: on expiry it fails with
 //! the logs of the coordinator, the builder and the client.
 
-mod farm_support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use farm_proto::v1::BuildOutcome;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{TestLogs, deadline_async};
 
 /// The job ids in `farm-builder` output lines `job received job=…`, in order.

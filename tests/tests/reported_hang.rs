@@ -9,13 +9,11 @@
 //! exits 0, every derivation ran exactly once, and the coordinator stops on
 //! SIGTERM within its `--shutdown-grace`, cleanly.
 
-mod farm_support;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use farm_nix::hash::HashAlgo;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{FarmProcess, TestLogs, deadline};
 
 /// The layered part: `LAYERS` layers of `WIDTH` nodes.

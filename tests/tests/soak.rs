@@ -10,13 +10,12 @@
 //! `SOAK_SEED` replays a run (the seed is printed). Run it with
 //! `tests/soak.sh MINUTES`.
 
-mod farm_support;
 mod fault_support;
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use farm_support::*;
+use farm_tests::fixture::*;
 use farm_tests::{Actor, TestLogs, deadline};
 use fault_support::*;
 

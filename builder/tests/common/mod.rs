@@ -4,8 +4,6 @@
 //! what the builder sends; it does not schedule anything.
 #![allow(dead_code)]
 
-pub mod nixenv;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -168,10 +166,14 @@ impl Fake {
     }
 
     /// Put a path of `env`'s store into the cache.
-    pub fn publish(&self, env: &nixenv::NixEnv, path: &str) {
-        let nar = env.run_bytes("nix-store", &["--dump", path]);
-        let refs = env.run("nix-store", &["--query", "--references", path]);
-        let deriver = env.run("nix-store", &["--query", "--deriver", path]);
+    pub fn publish(&self, env: &farm_testkit::Actor, path: &str) {
+        let nar = env.run_bytes("nix-store", &["--dump", path]).unwrap();
+        let refs = env
+            .run("nix-store", &["--query", "--references", path])
+            .unwrap();
+        let deriver = env
+            .run("nix-store", &["--query", "--deriver", path])
+            .unwrap();
         let deriver = deriver.trim();
         let info = PathInfo {
             store_path: path.to_owned(),

@@ -717,12 +717,12 @@ mod tests {
     /// not one small regular file is refused with the reason.
     #[test]
     fn read_drv_from_its_nar() {
-        let rt = crate::testutil::rt();
+        let rt = farm_testkit::host::rt();
         let nar = crate::nar::nar_of_bytes(SIMPLE.as_bytes());
         assert_eq!(rt.block_on(read_drv(&mut &nar[..])).unwrap(), SIMPLE);
 
         let tmp = tempfile::tempdir().unwrap();
-        let dir = crate::testutil::nix_dump(tmp.path());
+        let dir = farm_testkit::host::nix_dump(tmp.path());
         let e = rt.block_on(read_drv(&mut &dir[..])).unwrap_err();
         assert!(matches!(e, ReadDrvError::NotRegular), "{e}");
 

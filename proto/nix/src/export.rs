@@ -241,7 +241,8 @@ mod tests {
     use super::*;
     use crate::hash::Hash;
     use crate::nar::nar_of_bytes;
-    use crate::testutil::{PrivateStore, nix_dump, rt};
+    use farm_testkit::Actor;
+    use farm_testkit::host::{nix_dump, rt};
 
     fn sp(s: &str) -> StorePath {
         StorePath::parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"))
@@ -250,7 +251,7 @@ mod tests {
     /// Fill a store with a few paths: added files and trees, text files
     /// referring to each other, a built output with a deriver. Returns
     /// the closure of them in dependency order.
-    fn populate(store: &PrivateStore) -> Vec<StorePath> {
+    fn populate(store: &Actor) -> Vec<StorePath> {
         let src = tempfile::tempdir().unwrap();
         let file = src.path().join("hello.txt");
         std::fs::write(&file, "hello\n").unwrap();
@@ -265,50 +266,73 @@ mod tests {
         std::os::unix::fs::symlink("bin/run", tree.join("link")).unwrap();
         std::fs::create_dir(tree.join("empty")).unwrap();
         std::fs::write(tree.join("ünïcode"), vec![7u8; 3 << 20]).unwrap();
-        let added = store.run_str(
-            "nix-store",
-            &["--add", file.to_str().unwrap(), tree.to_str().unwrap()],
-        );
-        let text = store.run_str(
-            "nix-instantiate",
-            &[
-                "--eval",
-                "--read-write-mode",
-                "-E",
-                "let a = builtins.toFile \"a\" \"hello\"; \
+        let added = store
+            .run(
+                "nix-store",
+                &["--add", file.to_str().unwrap(), tree.to_str().unwrap()],
+            )
+            .unwrap()
+            .trim()
+            .to_string();
+        let text = store
+            .run(
+                "nix-instantiate",
+                &[
+                    "--eval",
+                    "--read-write-mode",
+                    "-E",
+                    "let a = builtins.toFile \"a\" \"hello\"; \
                  in builtins.toFile \"b\" \"see ${a} and ${builtins.toFile \"c\" \"${a}\"}\"",
-            ],
-        );
-        let built = store.run_str(
-            "nix-build",
-            &[
-                "--no-out-link",
-                "-E",
-                "derivation { name = \"out\"; system = builtins.currentSystem; \
+                ],
+            )
+            .unwrap()
+            .trim()
+            .to_string();
+        let built = store
+            .run(
+                "nix-build",
+                &[
+                    "--no-out-link",
+                    "-E",
+                    "derivation { name = \"out\"; system = builtins.currentSystem; \
                  builder = \"/bin/sh\"; args = [\"-c\" \"echo built > $out\"]; }",
-            ],
-        );
+                ],
+            )
+            .unwrap()
+            .trim()
+            .to_string();
         let mut roots: Vec<String> = added.lines().map(str::to_string).collect();
         roots.push(text.trim_matches('"').to_string());
         roots.push(built);
         let mut args = vec!["-qR"];
         args.extend(roots.iter().map(String::as_str));
-        store.run_str("nix-store", &args).lines().map(sp).collect()
+        store
+            .run("nix-store", &args)
+            .unwrap()
+            .trim()
+            .to_string()
+            .lines()
+            .map(sp)
+            .collect()
     }
 
-    fn query(store: &PrivateStore, q: &str, p: &StorePath) -> String {
-        store.run_str("nix-store", &["-q", q, &p.to_string()])
+    fn query(store: &Actor, q: &str, p: &StorePath) -> String {
+        store
+            .run("nix-store", &["-q", q, &p.to_string()])
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     #[test]
     fn export_golden_read_write_import() {
-        let store = PrivateStore::new();
+        let store = Actor::new("export").expect("a private store");
         let paths = populate(&store);
         assert!(paths.len() >= 6, "{paths:?}");
         let mut args = vec!["--export".to_string()];
         args.extend(paths.iter().map(|p| p.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let exported = store.run("nix-store", &args, None);
+        let exported = store.run_bytes("nix-store", &args).unwrap();
 
         let rt = rt();
         // Read it: paths, references, derivers, NAR hashes as Nix has them.
@@ -354,7 +378,7 @@ mod tests {
             assert_eq!(e.nar.nar_hash, hash, "{}", e.path);
             let size: u64 = query(&store, "--size", &e.path).parse().unwrap();
             assert_eq!(e.nar.nar_size, size);
-            assert!(*nar == nix_dump(&store.store_on_host().join(e.path.base_name())));
+            assert!(*nar == nix_dump(&store.store_dir_on_host().join(e.path.base_name())));
             let info = e.to_path_info();
             assert_eq!(info.nar_hash, hash);
             assert_eq!(info.references, e.references);
@@ -391,7 +415,7 @@ mod tests {
                     &e.path,
                     &e.references,
                     e.deriver.as_ref(),
-                    &store.store_on_host().join(e.path.base_name()),
+                    &store.store_dir_on_host().join(e.path.base_name()),
                 )
                 .await
                 .unwrap();
@@ -400,15 +424,21 @@ mod tests {
             out
         });
         assert!(ours == exported);
-        let fresh = PrivateStore::new();
-        let imported = String::from_utf8(fresh.run("nix-store", &["--import"], Some(&ours)))
-            .unwrap()
-            .lines()
-            .map(sp)
-            .collect::<Vec<_>>();
+        let fresh = Actor::new("export").expect("a private store");
+        let imported = String::from_utf8(
+            fresh
+                .run_with_input("nix-store", &["--import"], &ours)
+                .unwrap(),
+        )
+        .unwrap()
+        .lines()
+        .map(sp)
+        .collect::<Vec<_>>();
         assert_eq!(imported, paths);
         for (e, _) in &entries {
-            fresh.run("nix-store", &["--verify-path", &e.path.to_string()], None);
+            fresh
+                .run("nix-store", &["--verify-path", &e.path.to_string()])
+                .unwrap();
             let hash = Hash::parse_any(&query(&fresh, "--hash", &e.path)).unwrap();
             assert_eq!(hash, e.nar.nar_hash);
             let refs: BTreeSet<StorePath> = query(&fresh, "--references", &e.path)

@@ -309,7 +309,7 @@ mod tests {
     /// and `nix-hash --flat` of the same bytes.
     #[test]
     fn formats_match_nix() {
-        use crate::testutil::run;
+        use farm_testkit::host::run;
         use std::process::Command;
         let lines = |mut cmd: Command| -> Vec<String> {
             cmd.arg("--extra-experimental-features").arg("nix-command");

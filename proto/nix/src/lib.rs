@@ -1,6 +1,8 @@
 //! Nix's own formats and wire protocols. Pure: no networking and no knowledge of
 //! the farm. Async readers/writers over `AsyncRead`/`AsyncWrite` where a format streams.
 
+#[cfg(test)]
+mod captures;
 pub mod content_address;
 pub mod derivation;
 pub mod export;
@@ -12,8 +14,6 @@ pub mod path_info;
 pub mod serve;
 pub mod signing;
 pub mod store_path;
-#[cfg(test)]
-mod testutil;
 pub mod wire;
 pub mod worker;
 

@@ -214,8 +214,9 @@ mod tests {
     #[test]
     fn paths_match_real_nix() {
         use crate::content_address::{make_fixed_output_path, make_text_path};
-        use crate::testutil::{PrivateStore, nix_dump};
-        let store = PrivateStore::new();
+        use farm_testkit::Actor;
+        use farm_testkit::host::nix_dump;
+        let store = Actor::new("store-path").expect("a private store");
         let src = tempfile::tempdir().unwrap();
         let file = src.path().join("hello.txt");
         std::fs::write(&file, "hello\n").unwrap();
@@ -224,10 +225,14 @@ mod tests {
         std::fs::write(tree.join("sub/x"), "x").unwrap();
         std::os::unix::fs::symlink("sub/x", tree.join("link")).unwrap();
 
-        let added = store.run_str(
-            "nix-store",
-            &["--add", file.to_str().unwrap(), tree.to_str().unwrap()],
-        );
+        let added = store
+            .run(
+                "nix-store",
+                &["--add", file.to_str().unwrap(), tree.to_str().unwrap()],
+            )
+            .unwrap()
+            .trim()
+            .to_string();
         let added: Vec<&str> = added.lines().collect();
         for (fs_path, printed) in [&file, &tree].into_iter().zip(&added) {
             let nar_hash = HashAlgo::Sha256.digest(&nix_dump(fs_path));
@@ -238,10 +243,14 @@ mod tests {
         }
         assert_eq!(added.len(), 2);
 
-        let flat = store.run_str(
-            "nix-store",
-            &["--add-fixed", "sha256", file.to_str().unwrap()],
-        );
+        let flat = store
+            .run(
+                "nix-store",
+                &["--add-fixed", "sha256", file.to_str().unwrap()],
+            )
+            .unwrap()
+            .trim()
+            .to_string();
         let content = HashAlgo::Sha256.digest(b"hello\n");
         let inner = HashAlgo::Sha256
             .digest(format!("fixed:out:sha256:{}:", content.to_base16()).as_bytes());
@@ -255,15 +264,19 @@ mod tests {
             make_fixed_output_path("hello.txt", false, &content, &Default::default(), None);
         assert_eq!(flat, computed.unwrap().to_string());
 
-        let text = store.run_str(
-            "nix-instantiate",
-            &[
-                "--eval",
-                "--read-write-mode",
-                "-E",
-                "let a = builtins.toFile \"a\" \"x\"; in builtins.toFile \"b\" \"see ${a}\"",
-            ],
-        );
+        let text = store
+            .run(
+                "nix-instantiate",
+                &[
+                    "--eval",
+                    "--read-write-mode",
+                    "-E",
+                    "let a = builtins.toFile \"a\" \"x\"; in builtins.toFile \"b\" \"see ${a}\"",
+                ],
+            )
+            .unwrap()
+            .trim()
+            .to_string();
         let a = StorePath::make("text", &HashAlgo::Sha256.digest(b"x"), "a").unwrap();
         let b = StorePath::make(
             &format!("text:{a}"),

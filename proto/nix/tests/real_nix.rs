@@ -2,20 +2,27 @@
 //! narinfo files interoperate in both directions, and a real Nix client
 //! substitutes from a binary cache whose narinfos we rendered and signed.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::NixRoot;
 use farm_nix::narinfo::NarInfo;
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::{SigningKey, VerifyingKey};
 use farm_nix::{Hash, HashAlgo, StorePath};
+use farm_testkit::Actor;
+
+/// A private store (own `/nix`, no substituters) whose nix.conf also has `extra`.
+fn store(name: &str, extra: &[&str]) -> Actor {
+    let actor = Actor::new(name).expect("a private store");
+    for line in extra {
+        actor.nix_conf_append(line).expect("nix.conf");
+    }
+    actor
+}
 
 /// Build a two-derivation closure (`top` refers to `dep`) and return top's path.
-fn build_closure(root: &NixRoot) -> String {
-    let expr = root.path().join("closure.nix");
+fn build_closure(root: &Actor) -> String {
+    let expr = root.root().join("closure.nix");
     std::fs::write(
         &expr,
         r#"
@@ -28,13 +35,14 @@ in derivation { name = "top"; system = builtins.currentSystem; builder = "/bin/s
     )
     .unwrap();
     root.run("nix-build", &["--no-out-link", expr.to_str().unwrap()])
+        .unwrap()
         .trim()
         .to_owned()
 }
 
 /// `nix path-info --json` of one path, as a ValidPathInfo.
-fn path_info(root: &NixRoot, path: &str) -> ValidPathInfo {
-    let json = root.run("nix", &["path-info", "--json", path]);
+fn path_info(root: &Actor, path: &str) -> ValidPathInfo {
+    let json = root.run("nix", &["path-info", "--json", path]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let v = &v[0];
     let mut info = ValidPathInfo::new(
@@ -56,9 +64,9 @@ fn path_info(root: &NixRoot, path: &str) -> ValidPathInfo {
 
 #[test]
 fn keys_from_nix_load_and_match() {
-    let root = NixRoot::new(&[]);
-    let sec = root.path().join("nix.sec");
-    let public = root.path().join("nix.pub");
+    let root = store("root", &[]);
+    let sec = root.root().join("nix.sec");
+    let public = root.root().join("nix.pub");
     root.run(
         "nix-store",
         &[
@@ -67,7 +75,8 @@ fn keys_from_nix_load_and_match() {
             sec.to_str().unwrap(),
             public.to_str().unwrap(),
         ],
-    );
+    )
+    .unwrap();
     let sk = SigningKey::read_file(&sec).unwrap();
     let pk = VerifyingKey::read_file(&public).unwrap();
     assert_eq!(sk.name(), "nix-made-1");
@@ -85,9 +94,9 @@ fn keys_from_nix_load_and_match() {
 
 #[test]
 fn nix_signs_with_our_key_and_we_agree() {
-    let root = NixRoot::new(&[]);
+    let root = store("root", &[]);
     let key = SigningKey::generate("farm-test-1").unwrap();
-    let key_file = root.path().join("ours.sec");
+    let key_file = root.root().join("ours.sec");
     key.write_secret_key_file(&key_file).unwrap();
     let top = build_closure(&root);
 
@@ -104,7 +113,8 @@ fn nix_signs_with_our_key_and_we_agree() {
             key_file.to_str().unwrap(),
             &top,
         ],
-    );
+    )
+    .unwrap();
     let info = path_info(&root, &top);
     let nix_sigs: Vec<&String> = info
         .sigs
@@ -121,17 +131,19 @@ fn nix_signs_with_our_key_and_we_agree() {
     assert!(!info.verify_any(&[other.verifying_key()]));
 
     // and Nix accepts our public key for its own check
-    let verify = root.output(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--no-contents",
-            "--trusted-public-keys",
-            &key.verifying_key().to_string(),
-            &top,
-        ],
-    );
+    let verify = root
+        .output(
+            "nix",
+            &[
+                "store",
+                "verify",
+                "--no-contents",
+                "--trusted-public-keys",
+                &key.verifying_key().to_string(),
+                &top,
+            ],
+        )
+        .unwrap();
     assert!(
         verify.status.success(),
         "{}",
@@ -140,8 +152,10 @@ fn nix_signs_with_our_key_and_we_agree() {
 }
 
 /// NAR of `path` as `nix-store --dump` writes it.
-fn dump(root: &NixRoot, path: &Path) -> Vec<u8> {
-    let out = root.output("nix-store", &["--dump", path.to_str().unwrap()]);
+fn dump(root: &Actor, path: &Path) -> Vec<u8> {
+    let out = root
+        .output("nix-store", &["--dump", path.to_str().unwrap()])
+        .unwrap();
     assert!(out.status.success());
     out.stdout
 }
@@ -211,7 +225,7 @@ fn real_nix_substitutes_what_we_signed() {
     let file = work.path().join("file");
     std::fs::write(&file, format!("uses {a}\n")).unwrap();
 
-    let dumper = NixRoot::new(&[]);
+    let dumper = store("dumper", &[]);
     let nar_a = dump(&dumper, &tree);
     let nar_b = dump(&dumper, &file);
     publish(&cache, &a, &nar_a, &[], &key);
@@ -219,14 +233,16 @@ fn real_nix_substitutes_what_we_signed() {
 
     let subst = format!("substituters = file://{}", cache.display());
     let trusted = format!("trusted-public-keys = {}", key.verifying_key());
-    let client = NixRoot::new(&[&subst, &trusted, "require-sigs = true"]);
-    client.run("nix-store", &["--realise", &b.to_string()]);
+    let client = store("client", &[&subst, &trusted, "require-sigs = true"]);
+    client
+        .run("nix-store", &["--realise", &b.to_string()])
+        .unwrap();
     // B and, through its references, A are there with the right contents
     assert_eq!(
-        std::fs::read_to_string(client.host_path(&b.to_string())).unwrap(),
+        std::fs::read_to_string(client.host_path(&b.to_string()).unwrap()).unwrap(),
         format!("uses {a}\n")
     );
-    let got_a = client.host_path(&a.to_string());
+    let got_a = client.host_path(&a.to_string()).unwrap();
     assert_eq!(
         std::fs::read_to_string(got_a.join("hello")).unwrap(),
         "hello from the farm\n"
@@ -245,16 +261,18 @@ fn real_nix_substitutes_what_we_signed() {
     // With another trusted key Nix refuses the same cache.
     let other = SigningKey::generate("farm-cache-1").unwrap();
     let trusted_other = format!("trusted-public-keys = {}", other.verifying_key());
-    let refusing = NixRoot::new(&[&subst, &trusted_other]);
-    let out = refusing.output("nix-store", &["--realise", &b.to_string()]);
+    let refusing = store("refusing", &[&subst, &trusted_other]);
+    let out = refusing
+        .output("nix-store", &["--realise", &b.to_string()])
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("is not signed by any of the keys"),
         "{stderr}"
     );
-    assert!(!refusing.host_path(&b.to_string()).exists());
-    assert!(!refusing.host_path(&a.to_string()).exists());
+    assert!(!refusing.host_path(&b.to_string()).unwrap().exists());
+    assert!(!refusing.host_path(&a.to_string()).unwrap().exists());
 }
 
 #[test]
@@ -264,11 +282,12 @@ fn narinfos_written_by_nix_parse_render_and_verify() {
     let key_file = probe.path().join("k.sec");
     key.write_secret_key_file(&key_file).unwrap();
     let secret = format!("secret-key-files = {}", key_file.display());
-    let root = NixRoot::new(&[&secret]);
+    let root = store("root", &[&secret]);
     let top = build_closure(&root);
     // a .drv too: a content-addressed text path, so CA appears
     let drv = root
         .run("nix-store", &["--query", "--deriver", &top])
+        .unwrap()
         .trim()
         .to_owned();
     // secret-key-files signs what Nix builds; the .drv files it only wrote, so
@@ -284,13 +303,15 @@ fn narinfos_written_by_nix_parse_render_and_verify() {
             key_file.to_str().unwrap(),
             &drv,
         ],
-    );
+    )
+    .unwrap();
 
     for (dir, query, compression) in [("plain", "?compression=none", "none"), ("xz", "", "xz")] {
-        let cache = root.path().join(dir);
+        let cache = root.root().join(dir);
         let to = format!("file://{}{query}", cache.display());
-        root.run("nix", &["copy", "--to", &to, &top]);
-        root.run("nix", &["copy", "--derivation", "--to", &to, &drv]);
+        root.run("nix", &["copy", "--to", &to, &top]).unwrap();
+        root.run("nix", &["copy", "--derivation", "--to", &to, &drv])
+            .unwrap();
         let mut seen = BTreeSet::new();
         for entry in std::fs::read_dir(&cache).unwrap() {
             let p = entry.unwrap().path();

@@ -37,7 +37,7 @@ use anyhow::{Context as _, bail, ensure};
 use farm_nix::store_path::StorePath;
 use farm_tests::{Actor, FarmProcess};
 
-use crate::farm_support::*;
+use farm_tests::fixture::*;
 
 /// The builders, by index in [`Farm::builders`].
 pub const LINK: usize = 0;
@@ -61,13 +61,12 @@ pub fn builders() -> Vec<BuilderSpec<'static>> {
 
 /// The farm: the builders, `f-link` behind a proxy, the clients' keys authorized.
 pub fn start_farm(logs: &farm_tests::TestLogs, ssh: &SshAccess) -> anyhow::Result<Farm> {
-    let args = ssh.coordinator_args();
-    Farm::start_with(
-        logs,
-        &builders(),
-        &[&args[0], &args[1], "--shutdown-grace", "5"],
-        &["f-link"],
-    )
+    Farm::setup(logs)
+        .builders(&builders())
+        .args(&["--shutdown-grace", "5"])
+        .access(ssh)
+        .proxied("f-link")
+        .start()
 }
 
 /// A fault the round injects.
@@ -249,12 +248,7 @@ pub fn run_round(
         let start = farm.coordinator.process.log().len();
         match step.fault {
             Fault::CutLink => {
-                let before = farm.times_online(LINK);
-                let proxy = farm.proxies.get("f-link").context("no proxy")?;
-                proxy.cut();
-                std::thread::sleep(step.lasting);
-                proxy.restore();
-                farm.wait_online_again(LINK, before)?;
+                farm.cut_link(LINK, step.lasting)?;
                 std::thread::sleep(SETTLE);
                 windows.push(Window {
                     instance,

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::*;
 use crate::hash::HashAlgo;
-use crate::testutil::{nix_dump, nix_hash, rt, run};
+use farm_testkit::host::{nix_dump, nix_hash, rt, run};
 
 fn write_file(path: &Path, data: &[u8], mode: u32) {
     std::fs::write(path, data).unwrap();

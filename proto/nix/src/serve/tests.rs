@@ -9,13 +9,12 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
+use crate::captures::{captures, check_captured_basic_derivation, instantiate_capture_drv};
 use crate::derivation::BasicDerivation;
 use crate::hash::HashAlgo;
-use crate::testutil::{
-    PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
-};
 use crate::wire::test_support::*;
 use crate::wire::{BuildStatus, HandlerError, ProtocolVersion};
+use farm_testkit::Actor;
 
 /// Serve protocol version `2.minor`.
 fn v2(minor: u8) -> ProtocolVersion {
@@ -158,7 +157,7 @@ fn captures_decode_and_reencode_byte_identically() {
 #[test]
 fn captured_basic_derivations_match_the_drv_files() {
     rt().block_on(async {
-        let store = PrivateStore::new();
+        let store = Actor::new("serve").expect("a private store");
         instantiate_capture_drv(&store, "serve-hook");
         let mut checked = 0;
         for cap in all_captures().await {
@@ -633,9 +632,10 @@ fn malformed_input_closes_the_connection_with_an_error() {
 #[test]
 fn our_client_against_real_nix_store_serve() {
     rt().block_on(async {
-        let store = PrivateStore::new();
+        let store = Actor::new("serve").expect("a private store");
         let mut child = store
-            .async_command("nix-store", &["--serve", "--write"])
+            .tokio_command("nix-store")
+            .args(["--serve", "--write"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -687,7 +687,11 @@ fn our_client_against_real_nix_store_serve() {
         let status = child.wait().await.unwrap();
         assert!(status.success());
         // The real store registered what we sent, as we sent it.
-        let hash = store.run_str("nix-store", &["-q", "--hash", &src.to_string()]);
+        let hash = store
+            .run("nix-store", &["-q", "--hash", &src.to_string()])
+            .unwrap()
+            .trim()
+            .to_string();
         assert_eq!(hash, info.nar_hash.to_nix32_prefixed());
     });
 }

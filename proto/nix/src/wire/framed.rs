@@ -233,7 +233,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::testutil::rt;
+    use farm_testkit::host::rt;
 
     #[test]
     fn layout_and_position() {

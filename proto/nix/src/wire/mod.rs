@@ -435,7 +435,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    use crate::testutil::rt;
+    use farm_testkit::host::rt;
 
     #[test]
     fn string_layout() {

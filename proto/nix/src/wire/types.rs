@@ -473,7 +473,7 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub use crate::testutil::rt;
+    pub use farm_testkit::host::rt;
 
     pub use crate::nar::nar_of_bytes;
 

@@ -10,14 +10,13 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
+use crate::captures::{captures, check_captured_basic_derivation, instantiate_capture_drv};
 use crate::hash::HashAlgo;
-use crate::testutil::{
-    PrivateStore, captures, check_captured_basic_derivation, instantiate_capture_drv,
-};
 use crate::wire::test_support::*;
 use crate::wire::{
     BuildStatus, FramedReader, FramedWriter, HandlerError, OutputsSpec, ProtocolVersion,
 };
+use farm_testkit::Actor;
 
 /// Worker protocol version `1.minor`.
 fn v1(minor: u8) -> ProtocolVersion {
@@ -145,7 +144,7 @@ async fn parse_capture(name: &str, c2s: &[u8], s2c: &[u8]) -> Capture {
 #[test]
 fn captured_basic_derivations_match_the_drv_files() {
     rt().block_on(async {
-        let store = PrivateStore::new();
+        let store = Actor::new("worker").expect("a private store");
         instantiate_capture_drv(&store, "worker-hook");
         let mut checked = 0;
         for cap in all_captures().await {
@@ -1078,22 +1077,31 @@ fn malformed_input_closes_the_connection_with_an_error() {
 fn every_data_free_op_against_real_nix_daemon() {
     rt().block_on(async {
         use WorkerRequest as Q;
-        let store = PrivateStore::new();
-        let drv_path = StorePath::parse(&store.run_str(
-            "nix-instantiate",
-            &[
-                "-E",
-                "derivation { name = \"farm-op\"; system = builtins.currentSystem; \
+        let store = Actor::new("worker").expect("a private store");
+        let drv_path = StorePath::parse(
+            store
+                .run(
+                    "nix-instantiate",
+                    &[
+                        "-E",
+                        "derivation { name = \"farm-op\"; system = builtins.currentSystem; \
                  builder = \"/bin/sh\"; args = [\"-c\" \"echo op > $out\"]; }",
-            ],
-        ))
+                    ],
+                )
+                .unwrap()
+                .trim(),
+        )
         .unwrap();
         let drv_out = StorePath::parse(
-            &store.run_str("nix-store", &["-q", "--outputs", &drv_path.to_string()]),
+            store
+                .run("nix-store", &["-q", "--outputs", &drv_path.to_string()])
+                .unwrap()
+                .trim(),
         )
         .unwrap();
         let mut child = store
-            .async_command("nix-daemon", &["--stdio"])
+            .tokio_command("nix-daemon")
+            .args(["--stdio"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -1237,9 +1245,10 @@ fn every_data_free_op_against_real_nix_daemon() {
 #[test]
 fn our_client_against_real_nix_daemon() {
     rt().block_on(async {
-        let store = PrivateStore::new();
+        let store = Actor::new("worker").expect("a private store");
         let mut child = store
-            .async_command("nix-daemon", &["--stdio"])
+            .tokio_command("nix-daemon")
+            .args(["--stdio"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -30,9 +30,9 @@ pub fn keep_temp_dirs() -> bool {
     std::env::var_os("FARM_TEST_KEEP").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Creates a temp dir with the given prefix, kept (and announced) when
+/// Creates a temp dir `farm-PREFIX-…`, kept (and announced) when
 /// `FARM_TEST_KEEP=1`.
-pub(crate) fn temp_dir(prefix: &str) -> anyhow::Result<KeptTempDir> {
+pub fn temp_dir(prefix: &str) -> anyhow::Result<KeptTempDir> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("farm-{prefix}-"))
         .tempdir()
@@ -42,12 +42,12 @@ pub(crate) fn temp_dir(prefix: &str) -> anyhow::Result<KeptTempDir> {
 
 /// A [`tempfile::TempDir`] that is left on disk when `FARM_TEST_KEEP=1`.
 #[derive(Debug)]
-pub(crate) struct KeptTempDir {
+pub struct KeptTempDir {
     dir: Option<tempfile::TempDir>,
 }
 
 impl KeptTempDir {
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new(""))
     }
 }

@@ -3,100 +3,18 @@
 //! registered with the test's [`TestLogs`] (stdout in a file of its own when
 //! asked), registered as running until reaped, SIGKILLed (the whole group)
 //! when dropped. Also short commands with captured output that stay
-//! killable while they run ([`tracked_output`]), and reading the
-//! coordinator's `STATE/endpoints.json`.
+//! killable while they run ([`tracked_output`]).
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use serde::Deserialize;
-
 use crate::logs::{SharedRegistry, TestLogs, lock, tail};
+use anyhow::{Context as _, bail};
 
 /// How often the wait loops poll.
 const POLL: Duration = Duration::from_millis(50);
-
-/// The addresses and keys a coordinator publishes in `STATE/endpoints.json`
-/// once every listener is bound. Extra fields are ignored.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Endpoints {
-    /// gRPC listener, `host:port`.
-    pub grpc: String,
-    /// HTTP listener (cache, metrics, dashboard), `host:port`.
-    pub http: String,
-    /// SSH nix endpoint, `host:port`.
-    pub ssh: String,
-    /// The cache signing key's public half, `name:base64`.
-    pub cache_public_key: String,
-    /// The SSH host key, `ssh-ed25519 AAAA…`.
-    pub ssh_host_key: String,
-}
-
-impl Endpoints {
-    /// `http://` URL of the gRPC listener.
-    pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc)
-    }
-
-    /// `http://` URL of the HTTP listener (the binary cache).
-    pub fn http_url(&self) -> String {
-        format!("http://{}", self.http)
-    }
-
-    /// The SSH listener's port.
-    pub fn ssh_port(&self) -> anyhow::Result<u16> {
-        port_of(&self.ssh)
-    }
-
-    /// Reads and parses `STATE/endpoints.json`; `Ok(None)` while it does not
-    /// exist or is not yet complete JSON.
-    pub fn read(state_dir: &Path) -> anyhow::Result<Option<Endpoints>> {
-        let path = state_dir.join("endpoints.json");
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        match serde_json::from_slice(&bytes) {
-            Ok(endpoints) => Ok(Some(endpoints)),
-            // Possibly written non-atomically and caught half way: retry.
-            Err(e) if e.is_eof() => Ok(None),
-            Err(e) => Err(e).with_context(|| {
-                format!(
-                    "{} is not valid endpoints JSON: {}",
-                    path.display(),
-                    String::from_utf8_lossy(&bytes)
-                )
-            }),
-        }
-    }
-}
-
-fn port_of(addr: &str) -> anyhow::Result<u16> {
-    addr.rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .with_context(|| format!("{addr:?} has no port"))
-}
-
-/// Waits until `STATE/endpoints.json` exists and parses, up to `timeout`.
-pub fn wait_for_endpoints(state_dir: &Path, timeout: Duration) -> anyhow::Result<Endpoints> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(e) = Endpoints::read(state_dir)? {
-            return Ok(e);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "no complete {} after {timeout:?}",
-                state_dir.join("endpoints.json").display()
-            );
-        }
-        std::thread::sleep(POLL);
-    }
-}
 
 /// A child process registered with its test's [`TestLogs`] while it runs.
 /// It is reaped only through [`Tracked::try_wait`], which unregisters it under
@@ -148,8 +66,32 @@ impl Drop for Tracked {
 /// [`Command::output`]), registered with `logs` as `title` meanwhile, so an
 /// expiring [`deadline`](crate::deadline) shows it and kills it.
 pub fn tracked_output(logs: &TestLogs, title: &str, cmd: &mut Command) -> std::io::Result<Output> {
+    tracked_output_with_input(logs, title, cmd, None)
+}
+
+/// [`tracked_output`] feeding `input` (when given) to the command's stdin.
+pub fn tracked_output_with_input(
+    logs: &TestLogs,
+    title: &str,
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+) -> std::io::Result<Output> {
+    if input.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let tracked = Tracked::new(logs, title, &child, false);
+    let feeder = match (input, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => {
+            let data = data.to_vec();
+            Some(std::thread::spawn(move || {
+                use std::io::Write as _;
+                // The command may exit without reading it all; its status says why.
+                let _ = pipe.write_all(&data);
+            }))
+        }
+        _ => None,
+    };
     let readers = [
         child
             .stdout
@@ -170,6 +112,9 @@ pub fn tracked_output(logs: &TestLogs, title: &str, cmd: &mut Command) -> std::i
         })
     });
     let status = tracked.wait(&mut child)?;
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
     let [stdout, stderr] = readers.map(|r| r.join().unwrap_or_default());
     Ok(Output {
         status,
@@ -321,24 +266,25 @@ impl FarmProcess {
         Ok(())
     }
 
-    /// Waits for `STATE/endpoints.json`, failing early (with the log) if the
-    /// process exits first.
-    pub fn wait_for_endpoints(
+    /// Polls `probe` until it yields a value, failing early (with the log's
+    /// tail) if the process exits first, or when `timeout` passes (the error
+    /// says the process did not do `what`).
+    pub fn wait_until<T>(
         &mut self,
-        state_dir: &Path,
+        what: &str,
         timeout: Duration,
-    ) -> anyhow::Result<Endpoints> {
+        mut probe: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(e) = Endpoints::read(state_dir)? {
-                return Ok(e);
+            if let Some(value) = probe()? {
+                return Ok(value);
             }
             self.ensure_running()?;
             if Instant::now() >= deadline {
                 bail!(
-                    "{} wrote no complete {} within {timeout:?}; its log ends with:\n{}",
+                    "{} did not {what} within {timeout:?}; its log ends with:\n{}",
                     self.name,
-                    state_dir.join("endpoints.json").display(),
                     tail(&self.log(), 40)
                 );
             }
@@ -473,35 +419,4 @@ pub(crate) fn signal_all(targets: &[String], sig: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn endpoints_tolerate_extra_fields() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        assert_eq!(Endpoints::read(dir.path())?, None);
-        std::fs::write(dir.path().join("endpoints.json"), "{\"grpc\": \"127.0")?;
-        assert_eq!(
-            Endpoints::read(dir.path())?,
-            None,
-            "partial JSON means retry"
-        );
-        std::fs::write(
-            dir.path().join("endpoints.json"),
-            r#"{"grpc":"127.0.0.1:1","http":"127.0.0.1:2","ssh":"127.0.0.1:3",
-               "cache_public_key":"farm:AAAA","ssh_host_key":"ssh-ed25519 AAAA","extra":1}"#,
-        )?;
-        let e = Endpoints::read(dir.path())?.expect("complete file");
-        assert_eq!(e.grpc_url(), "http://127.0.0.1:1");
-        assert_eq!(e.ssh_port()?, 3);
-        std::fs::write(dir.path().join("endpoints.json"), r#"{"grpc": 1}"#)?;
-        assert!(
-            Endpoints::read(dir.path()).is_err(),
-            "wrong types are an error"
-        );
-        Ok(())
-    }
 }
