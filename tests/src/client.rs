@@ -152,14 +152,24 @@ pub fn drv_name(drv_path: &str) -> String {
     name.trim_end_matches(".drv").to_owned()
 }
 
+/// The path infos of `.drv` paths' closure in `actor`'s store
+/// (`nix path-info --json -r --derivation`).
+pub fn drv_path_infos(actor: &Actor, paths: &[StorePath]) -> anyhow::Result<Vec<ValidPathInfo>> {
+    closure_infos(actor, paths, &["--derivation"])
+}
+
 /// The path infos of `paths`' closure in `actor`'s store (`nix path-info --json -r`).
 pub fn path_infos(actor: &Actor, paths: &[StorePath]) -> anyhow::Result<Vec<ValidPathInfo>> {
-    let mut args = vec![
-        "path-info".to_string(),
-        "--json".into(),
-        "-r".into(),
-        "--derivation".into(),
-    ];
+    closure_infos(actor, paths, &[])
+}
+
+fn closure_infos(
+    actor: &Actor,
+    paths: &[StorePath],
+    extra: &[&str],
+) -> anyhow::Result<Vec<ValidPathInfo>> {
+    let mut args = vec!["path-info".to_string(), "--json".into(), "-r".into()];
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend(paths.iter().map(|p| p.to_string()));
     let json: serde_json::Value = serde_json::from_str(&actor.run("nix", &args)?)?;
     let mut out = Vec::new();

@@ -30,7 +30,7 @@ use farm_testkit::{FarmProcess, TestLogs, tracked_output};
 use crate::LinkProxy;
 use crate::actor::Actor;
 use crate::bins::farm_bin;
-use crate::client::{EventStream, dump, http_get_blocking, path_infos, topo_order};
+use crate::client::{EventStream, drv_path_infos, dump, http_get_blocking, topo_order};
 use crate::coordinator::Coordinator;
 use crate::graphs::graph_nix;
 use crate::keys::{SshAccess, ssh_key};
@@ -539,7 +539,7 @@ impl Farm {
     /// Uploads the closure of `drvs` (the `.drv` files and sources) from the
     /// client's store to the farm's cache, dependencies first.
     pub async fn upload_closure(&self, drvs: &[StorePath]) -> anyhow::Result<usize> {
-        let infos = path_infos(&self.client, drvs)?;
+        let infos = drv_path_infos(&self.client, drvs)?;
         let ordered = topo_order(infos)?;
         let mut client = self.farm_client().await?;
         for info in &ordered {

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail, ensure};
 use farm_coordinator::cache::{Cache, CacheConfig};
 use farm_coordinator::cache_router;
-use farm_nix::hash::{Hash, HashAlgo};
+use farm_nix::hash::HashAlgo;
 use farm_nix::path_info::ValidPathInfo;
 use farm_nix::signing::SigningKey;
 use farm_nix::store_path::StorePath;
+use farm_tests::fixture::{dump, path_infos};
 use farm_tests::{Actor, TestLogs, deadline_async};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -56,50 +57,6 @@ let
   };
 in [ tree multi.out multi.lib multi.dev ]
 "#;
-
-/// The path infos of `paths`' closure in `actor`'s store, from `nix path-info --json -r`.
-fn path_infos(actor: &Actor, paths: &[StorePath]) -> anyhow::Result<Vec<ValidPathInfo>> {
-    let mut args = vec!["path-info".to_string(), "--json".into(), "-r".into()];
-    args.extend(paths.iter().map(|p| p.to_string()));
-    let json: serde_json::Value = serde_json::from_str(&actor.run("nix", &args)?)?;
-    let mut out = Vec::new();
-    for item in json
-        .as_array()
-        .context("path-info output is not an array")?
-    {
-        let s = |k: &str| item.get(k).and_then(|v| v.as_str());
-        let path = StorePath::parse(s("path").context("path")?)?;
-        let nar_hash = Hash::parse_any(s("narHash").context("narHash")?)?;
-        let nar_size = item["narSize"].as_u64().context("narSize")?;
-        let mut info = ValidPathInfo::new(path, nar_hash, nar_size);
-        for r in item["references"].as_array().context("references")? {
-            info.references
-                .insert(StorePath::parse(r.as_str().context("reference")?)?);
-        }
-        if let Some(d) = s("deriver") {
-            info.deriver = Some(StorePath::parse(d)?);
-        }
-        info.ca = s("ca").map(str::to_owned);
-        out.push(info);
-    }
-    Ok(out)
-}
-
-/// `nix-store --dump PATH` inside the actor.
-fn dump(actor: &Actor, path: &StorePath) -> anyhow::Result<Vec<u8>> {
-    let out = actor
-        .command("nix-store")
-        .arg("--dump")
-        .arg(path.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "nix-store --dump {path} failed: {out:?}"
-    );
-    Ok(out.stdout)
-}
 
 /// A minimal HTTP/1.1 client over a fresh connection: (status, headers, body).
 async fn http(
