@@ -75,19 +75,27 @@ pub(crate) fn cache_signing_key(
     config: &CoordinatorConfig,
 ) -> Result<SigningKey, CoordinatorError> {
     let key = match &config.cache_key_file {
-        Some(file) => SigningKey::read_file(file)
-            .map_err(|e| CoordinatorError::Key(format!("{}: {e}", file.display())))?,
+        Some(file) => {
+            SigningKey::read_file(file).map_err(|source| CoordinatorError::SigningKey {
+                path: file.clone(),
+                source,
+            })?
+        }
         None => {
             let path = config.state_dir.join("cache-key.sec");
             SigningKey::load_or_generate(&path, &config.cache_key_name())
-                .map_err(|e| CoordinatorError::Key(format!("{}: {e}", path.display())))?
+                .map_err(|source| CoordinatorError::SigningKey { path, source })?
         }
     };
     let public = format!("{}\n", key.verifying_key());
     let pub_path = config.state_dir.join("cache-key.pub");
     if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(public.as_str()) {
-        write_file_atomic(&pub_path, public.as_bytes(), 0o644)
-            .map_err(|e| CoordinatorError::Key(format!("{}: {e}", pub_path.display())))?;
+        write_file_atomic(&pub_path, public.as_bytes(), 0o644).map_err(|source| {
+            CoordinatorError::WriteKey {
+                path: pub_path.clone(),
+                source,
+            }
+        })?;
     }
     Ok(key)
 }
@@ -95,25 +103,26 @@ pub(crate) fn cache_signing_key(
 /// The SSH host key `DIR/ssh_host_ed25519_key` (OpenSSH format), generated when missing.
 pub(crate) fn ssh_host_key(state_dir: &Path) -> Result<PrivateKey, CoordinatorError> {
     let path = state_dir.join("ssh_host_ed25519_key");
-    let kerr = |e: String| CoordinatorError::Key(format!("{}: {e}", path.display()));
+    let kerr = |source: ssh_key::Error| CoordinatorError::HostKey {
+        path: path.clone(),
+        source,
+    };
+    let werr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CoordinatorError::WriteKey { path, source }
+    };
     if path.exists() {
         let text = read_small_file(&path)?;
-        return PrivateKey::from_openssh(text.as_bytes()).map_err(|e| kerr(e.to_string()));
+        return PrivateKey::from_openssh(text.as_bytes()).map_err(kerr);
     }
-    let mut key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519)
-        .map_err(|e| kerr(e.to_string()))?;
+    let mut key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519).map_err(kerr)?;
     key.set_comment("nix-farm coordinator");
-    let text = key
-        .to_openssh(LineEnding::LF)
-        .map_err(|e| kerr(e.to_string()))?;
-    write_file_atomic(&path, text.as_bytes(), 0o600).map_err(|e| kerr(e.to_string()))?;
-    let public = key
-        .public_key()
-        .to_openssh()
-        .map_err(|e| kerr(e.to_string()))?;
+    let text = key.to_openssh(LineEnding::LF).map_err(kerr)?;
+    write_file_atomic(&path, text.as_bytes(), 0o600).map_err(werr(&path))?;
+    let public = key.public_key().to_openssh().map_err(kerr)?;
     let pub_path = state_dir.join("ssh_host_ed25519_key.pub");
     write_file_atomic(&pub_path, format!("{public}\n").as_bytes(), 0o644)
-        .map_err(|e| kerr(e.to_string()))?;
+        .map_err(werr(&pub_path))?;
     Ok(key)
 }
 
@@ -145,14 +154,14 @@ pub(crate) fn tls_files(
                         sans.push(n.clone());
                     }
                 }
-                let ck = rcgen::generate_simple_self_signed(sans).map_err(|e| {
-                    CoordinatorError::Key(format!("generating TLS certificate: {e}"))
-                })?;
-                let kerr =
-                    |e: std::io::Error| CoordinatorError::Key(format!("{}: {e}", dir.display()));
+                let ck = rcgen::generate_simple_self_signed(sans)?;
+                let werr = |path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| CoordinatorError::WriteKey { path, source }
+                };
                 write_file_atomic(&key, ck.key_pair.serialize_pem().as_bytes(), 0o600)
-                    .map_err(kerr)?;
-                write_file_atomic(&cert, ck.cert.pem().as_bytes(), 0o644).map_err(kerr)?;
+                    .map_err(werr(&key))?;
+                write_file_atomic(&cert, ck.cert.pem().as_bytes(), 0o644).map_err(werr(&cert))?;
             }
             (cert, key)
         }

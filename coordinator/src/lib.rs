@@ -29,8 +29,33 @@ pub use server::{Endpoints, RunningCoordinator, run, start};
 pub enum CoordinatorError {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("key: {0}")]
-    Key(String),
+    /// The cache signing key is unusable.
+    #[error("cache signing key {}: {source}", path.display())]
+    SigningKey {
+        path: std::path::PathBuf,
+        source: farm_nix::signing::SigningError,
+    },
+    /// The SSH host key is unusable.
+    #[error("SSH host key {}: {source}", path.display())]
+    HostKey {
+        path: std::path::PathBuf,
+        source: ssh_key::Error,
+    },
+    /// The SSH server cannot use the host key.
+    #[error("the SSH server cannot load the host key: {0}")]
+    SshServerKey(#[source] russh::keys::ssh_key::Error),
+    /// Generating the self-signed TLS certificate failed.
+    #[error("generating the TLS certificate: {0}")]
+    TlsCertificate(#[from] rcgen::Error),
+    /// A key or certificate file could not be written.
+    #[error("writing {}: {source}", path.display())]
+    WriteKey {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The shutdown grace ran out before the state was flushed.
+    #[error("stopped before the state was flushed (shutdown grace ran out)")]
+    FlushTimedOut,
     /// A key file (authorized keys, key lines) is unreadable or malformed.
     #[error("key: {0}")]
     KeyFile(#[from] farm_common::Error),

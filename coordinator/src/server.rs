@@ -143,9 +143,7 @@ impl RunningCoordinator {
             Ok(r) => r?,
             Err(_) => {
                 tracing::error!("the last state flush did not finish within the shutdown grace");
-                return Err(CoordinatorError::Config(
-                    "stopped before the state was flushed (shutdown grace ran out)".into(),
-                ));
+                return Err(CoordinatorError::FlushTimedOut);
             }
         }
         drop(store);
@@ -217,7 +215,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     let host_key = keys::ssh_host_key(&config.state_dir)?;
     let host_key_openssh = host_key
         .to_openssh(ssh_key::LineEnding::LF)
-        .map_err(|e| CoordinatorError::Key(format!("SSH host key: {e}")))?;
+        .map_err(|source| CoordinatorError::HostKey {
+            path: config.state_dir.join("ssh_host_ed25519_key"),
+            source,
+        })?;
     let ssh_host_key = keys::public_key_line(host_key.public_key());
 
     let grpc_l = bind(&config.grpc).await?;
@@ -366,7 +367,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         }
         let ssh_config = crate::nix_endpoint::ssh::SshConfig {
             host_key: crate::nix_endpoint::ssh::load_host_key(&host_key_openssh)
-                .map_err(|e| CoordinatorError::Key(format!("SSH host key: {e}")))?,
+                .map_err(CoordinatorError::SshServerKey)?,
             inactivity_timeout: Duration::from_secs(24 * 3600),
         };
         let done = stopped();
