@@ -16,6 +16,9 @@ use crate::error::CliError;
 use crate::machines::{MachinesJson, render};
 use crate::style::Painter;
 
+/// How long the local builder has to stop before the coordinator stops.
+const BUILDER_STOP: Duration = Duration::from_secs(30);
+
 /// The default state directory.
 pub fn default_state_dir(
     xdg_state_home: Option<PathBuf>,
@@ -71,22 +74,6 @@ pub fn builder_config(args: &UpArgs, state_dir: &Path) -> farm_builder::BuilderC
     c
 }
 
-/// SIGINT or SIGTERM.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Run `farm up`.
 pub async fn run(args: &UpArgs) -> Result<(), CliError> {
     let state_dir = match &args.state_dir {
@@ -129,6 +116,8 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
         cconf.extra_builder_keys.push(key.public_line().to_owned());
     }
 
+    // The builder gets up to BUILDER_STOP to finish, then the coordinator its grace.
+    let stop_grace = BUILDER_STOP + cconf.shutdown_grace;
     let running = farm_coordinator::start(cconf)
         .await
         .map_err(|e| CliError::Config(format!("starting the coordinator: {e}")))?;
@@ -213,7 +202,7 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
     };
     let mut builder_result = None;
     tokio::select! {
-        _ = stop_signal() => {}
+        _ = farm_common::signal::shutdown_signal(stop_grace) => {}
         r = builder_ended => builder_result = r,
     }
     eprintln!("farm up: stopping");
@@ -221,7 +210,7 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
     if builder_result.is_none()
         && let Some(t) = builder_task
     {
-        builder_result = tokio::time::timeout(Duration::from_secs(30), t).await.ok();
+        builder_result = tokio::time::timeout(BUILDER_STOP, t).await.ok();
     }
     let coord = running.shutdown().await;
     match builder_result {
