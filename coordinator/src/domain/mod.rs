@@ -6,7 +6,7 @@
 //! [`status`] is the farm as its APIs show it; [`follow`] streams a
 //! submission's events and a build's log to whoever follows them.
 //! Nothing here names tonic, axum or russh (a test in
-//! `coordinator/tests/layering.rs` checks it).
+//! `tests/tests/layering.rs` checks it).
 
 pub mod coordinator;
 pub mod error;
