@@ -57,21 +57,55 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The source without comments and without what follows the first `#[cfg(test)]`.
+/// The source without comments and without the items marked `#[cfg(test)]`
+/// (a `mod x;` line, or the item up to its matching closing brace).
 fn non_test(text: &str) -> String {
     let mut out = String::new();
-    for line in text.lines() {
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
         let t = line.trim_start();
-        if t.starts_with("#[cfg(test)]") {
-            break;
-        }
         if t.starts_with("//") {
+            continue;
+        }
+        if t.starts_with("#[cfg(test)]") {
+            // Skip the item: attributes, then up to `;` or the brace that closes it.
+            let mut depth: i64 = 0;
+            let mut opened = false;
+            for item in lines.by_ref() {
+                let it = item.trim_start();
+                if it.starts_with("//") || (!opened && it.starts_with("#[")) {
+                    continue;
+                }
+                for c in it.chars() {
+                    match c {
+                        '{' => {
+                            depth += 1;
+                            opened = true;
+                        }
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                }
+                if (opened && depth <= 0) || (!opened && it.trim_end().ends_with(';')) {
+                    break;
+                }
+            }
             continue;
         }
         out.push_str(line);
         out.push('\n');
     }
     out
+}
+
+/// Whether `text` names `word` as a whole identifier path segment.
+fn names(text: &str, word: &str) -> bool {
+    let b = text.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    text.match_indices(word).any(|(i, _)| {
+        let end = i + word.len();
+        (i == 0 || !ident(b[i - 1])) && (end >= b.len() || !ident(b[end]))
+    })
 }
 
 /// Every path expression starting at `start` (`crate`, `super`, `self`), as its segments.
@@ -293,8 +327,9 @@ fn layer_violations(g: &Graph) -> Vec<String> {
     }
     for (m, text) in &g.source {
         if in_layer(m, "domain") {
-            for name in ["tonic", "axum", "russh", "farm_proto::v1", "prost"] {
-                if paths(text, name).iter().any(|_| true) || text.contains(&format!("{name}::")) {
+            // farm_proto whole: the domain has no use for the wire crate at all.
+            for name in ["tonic", "axum", "russh", "farm_proto", "prost"] {
+                if names(text, name) {
                     bad.push(format!("{m} names {name} (the domain knows no transport)"));
                 }
             }
@@ -330,6 +365,15 @@ fn the_checker_sees_a_cycle_and_a_layer_breach() {
     let v = layer_violations(&g);
     assert!(v.iter().any(|l| l.contains("names api::grpc")), "{v:?}");
     assert!(v.iter().any(|l| l.contains("names tonic")), "{v:?}");
+    // A `#[cfg(test)]` item is left out, and only that item.
+    let src = "#[cfg(test)]\nimpl X {\n    fn t() { tonic::x(); }\n}\nfn f() { crate::api::y(); }\n#[cfg(test)]\nmod tests;\nuse farm_proto::{v1};\n";
+    let kept = non_test(src);
+    assert!(!kept.contains("tonic"), "{kept}");
+    assert!(kept.contains("crate::api::y"), "{kept}");
+    assert!(
+        names(&kept, "farm_proto") && !names("my_farm_proto_x", "farm_proto"),
+        "{kept}"
+    );
     // And the path reader resolves groups and `super`.
     let p = paths(
         "use crate::domain::{coordinator::Coordinator, state};",

@@ -1,10 +1,11 @@
 //! The Nix side of the repository: every `.nix` file (NixOS and nix-darwin
 //! modules, `flake.nix`, the VM test) must parse with the real Nix
-//! (`nix-instantiate --parse`), and, when `NIXPKGS_LIB` names a nixpkgs `lib`
-//! directory, the modules must pass `nixos-modules/check.sh` (evaluation with
-//! nixpkgs' module system, command lines checked against the farm binaries,
-//! `docs/options.md` regenerated). CI has no nixpkgs, so there it runs the
-//! parse part only.
+//! (`nix-instantiate --parse`), and the modules must pass
+//! `nixos-modules/check.sh` (evaluation with nixpkgs' module system, command
+//! lines checked against the farm binaries, `docs/options.md` regenerated)
+//! with nixpkgs' lib from `NIXPKGS_LIB`, else from `../shared/nixpkgs-lib/lib`
+//! beside the checkout (so `cargo test --workspace` needs no setup there).
+//! With neither, the test fails: it never passes without evaluating.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
