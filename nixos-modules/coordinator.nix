@@ -90,7 +90,9 @@ let
     ++ optionals (cfg.publicHost != null) (flag "--public-host" cfg.publicHost)
     ++ flag "--cache-key-name" cfg.cacheKeyName
     ++ credentialFlag "--cache-key-file" "cache-key" cfg.cacheKeyFile
+    ++ fileFlag "--read-keys" (keysFile "read_keys" cfg.readKeys)
     ++ fileFlag "--authorized-keys" (keysFile "authorized_keys" cfg.authorizedKeys)
+    ++ fileFlag "--push-keys" (keysFile "push_keys" cfg.pushKeys)
     ++ fileFlag "--admin-keys" (keysFile "admin_keys" cfg.adminKeys)
     ++ fileFlag "--builder-keys" (keysFile "builder_keys" cfg.builderKeys)
     ++ flag "--tls" cfg.tls.mode
@@ -169,13 +171,22 @@ in
       '';
     };
 
+    readKeys = keysOption ''
+      Clients that may only read: `farm status`, logs, cache queries and
+      downloads over SSH'';
     authorizedKeys = keysOption ''
-      Who may connect: Nix clients (through the SSH endpoint) and `farm` CLI
-      users (read the farm, submit builds). Empty: the flag is not passed, and
-      only loopback callers are let in'';
+      Clients that may build: Nix clients (through the SSH endpoint, as
+      `nix.buildMachines` or `--store ssh-ng://`) and `farm build`. What they
+      upload stays their own unsigned claim: usable in their builds, never
+      signed or served to others. With no key in any of the key options, no
+      client can connect'';
+    pushKeys = keysOption ''
+      Clients the farm trusts like Nix's `trusted-users`: their uploads, and
+      the outputs of their build-hook builds, are signed into the farm's
+      cache. Give one to each host whose hook builds should fill the cache'';
     adminKeys = keysOption ''
-      `farm` CLI users who may also change the farm (drain builders, cancel
-      builds)'';
+      Operators: everything {option}`pushKeys` may, and drain builders and
+      cancel builds'';
     builderKeys = keysOption ''
       Builders' public keys: only these builders may join (each builder prints
       its key line on first start)'';

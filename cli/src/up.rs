@@ -285,7 +285,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.grpc, "127.0.0.1:0");
-        assert_eq!(c.authorized_keys, Some(PathBuf::from("/k")));
+        assert_eq!(c.keys.build, Some(PathBuf::from("/k")));
         let b = builder_config(&a, Path::new("/s"));
         assert_eq!(b.systems, ["x86_64-linux"]);
         assert_eq!(b.state_dir, PathBuf::from("/s/builder"));

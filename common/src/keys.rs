@@ -6,10 +6,11 @@
 //! A file is a list of typed keys ([`AuthorizedKey`]) of any algorithm OpenSSH
 //! writes (ed25519, RSA, ECDSA, …): the SSH endpoint accepts them all, the
 //! farm's own signatures (builder challenge, CLI calls) only ed25519 ones.
-//! Blank lines and `#` comments are skipped, an options prefix
-//! (`restrict,command="…" ssh-ed25519 …`) is allowed; any other line that is
-//! not a key is an error naming the file and line, so a typo never silently
-//! drops a key (or, worse, reads as "nobody").
+//! Blank lines and `#` comments are skipped; an options prefix
+//! (`restrict,from="10.0.0.0/8" ssh-ed25519 …`) is parsed and kept with the
+//! key ([`crate::key_options`]: each option is honoured or refused); any other
+//! line that is not a key is an error naming the file and line, so a typo
+//! never silently drops a key (or, worse, reads as "nobody").
 //!
 //! Files are re-read when they change ([`cached_authorized_keys`]: a `stat`
 //! per check, a parse when the modification time, length or inode moved), so
@@ -23,6 +24,7 @@ use ssh_key::public::{Ed25519PublicKey, KeyData};
 use ssh_key::{HashAlg, PublicKey};
 
 use crate::Error;
+use crate::key_options::KeyOptions;
 
 /// Largest key or authorized_keys file read.
 pub const MAX_KEY_FILE: u64 = 4 * 1024 * 1024;
@@ -34,6 +36,7 @@ pub const MAX_KEY_LINE: usize = 16 * 1024;
 pub struct AuthorizedKey {
     key: KeyData,
     comment: String,
+    options: KeyOptions,
 }
 
 impl std::fmt::Debug for AuthorizedKey {
@@ -48,7 +51,18 @@ impl AuthorizedKey {
         AuthorizedKey {
             key,
             comment: comment.into(),
+            options: KeyOptions::default(),
         }
+    }
+
+    /// The entry's options (`from=`, `command=`, …).
+    pub fn options(&self) -> &KeyOptions {
+        &self.options
+    }
+
+    /// Whether a client at `peer` may use this entry (its `from=`).
+    pub fn admits(&self, peer: Option<std::net::IpAddr>) -> bool {
+        self.options.admits(peer)
     }
 
     /// The key itself.
@@ -94,24 +108,26 @@ pub fn parse_authorized_keys(text: &str, path: Option<&Path>) -> Result<Vec<Auth
         if line.len() > MAX_KEY_LINE {
             return Err(bad("line too long for a public key".into()));
         }
-        let pk = parse_entry(line).map_err(bad)?;
-        keys.push(AuthorizedKey::new(pk.key_data().clone(), pk.comment()));
+        let (pk, options) = parse_entry(line).map_err(bad)?;
+        let mut key = AuthorizedKey::new(pk.key_data().clone(), pk.comment());
+        key.options = options;
+        keys.push(key);
     }
     Ok(keys)
 }
 
-/// One non-comment line: `[options] ALGORITHM BASE64 [comment]`. The options
-/// (OpenSSH's `restrict,command="farm-coordinator stdio",from="10.0.0.0/8"`)
-/// are allowed and ignored: the farm decides by the key alone.
-fn parse_entry(line: &str) -> Result<PublicKey, String> {
+/// One non-comment line: `[options] ALGORITHM BASE64 [comment]`; the options
+/// are parsed ([`KeyOptions::parse`]), an unsupported one is an error.
+fn parse_entry(line: &str) -> Result<(PublicKey, KeyOptions), String> {
     if let Ok(pk) = PublicKey::from_openssh(line) {
-        return Ok(pk);
+        return Ok((pk, KeyOptions::default()));
     }
     let Some((options, rest)) = split_options(line) else {
         return Err("not an OpenSSH public key".into());
     };
-    PublicKey::from_openssh(rest.trim_start())
-        .map_err(|e| format!("not an OpenSSH public key after the options {options:?}: {e}"))
+    let pk = PublicKey::from_openssh(rest.trim_start())
+        .map_err(|e| format!("not an OpenSSH public key after the options {options:?}: {e}"))?;
+    Ok((pk, KeyOptions::parse(options)?))
 }
 
 /// Split an options prefix off at the first blank outside double quotes
@@ -267,7 +283,7 @@ mod tests {
     fn every_key_type_with_comments_and_options() {
         let (ed, raw) = ed25519_line(1, "alice@laptop");
         let text = format!(
-            "# the farm's users\n\n   \n{ed}\n{RSA}\n  {ECDSA}\nrestrict,command=\"farm-coordinator stdio --say \\\"hi there\\\"\" {}\nfrom=\"10.0.0.0/8\",no-pty\t{}\n",
+            "# the farm's users\n\n   \n{ed}\n{RSA}\n  {ECDSA}\nrestrict,command=\"nix-daemon --stdio --say \\\"hi there\\\"\" {}\nfrom=\"10.0.0.0/8\",no-pty\t{}\n",
             ed25519_line(2, "bob").0,
             ed25519_line(4, "carol with spaces").0,
         );

@@ -16,6 +16,7 @@
 #![deny(unreachable_pub)]
 
 pub mod channel;
+pub mod key_options;
 pub mod keys;
 pub mod sign;
 pub mod signal;

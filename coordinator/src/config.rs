@@ -28,6 +28,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::CoordinatorError;
+use crate::access::{KeyPolicy, Level};
 use crate::cache::CacheConfig;
 use crate::domain::state::Retention;
 
@@ -54,11 +55,13 @@ pub enum TlsMode {
 /// `farm-coordinator`: the nix-farm coordinator (scheduler, binary cache, gRPC, HTTP and SSH endpoints).
 ///
 /// Authentication: builders join only with a key listed in --builder-keys.
-/// CLI users sign each call with a key from --authorized-keys (read, submit) or
-/// --admin-keys (also drain and cancel). When the gRPC listener is on loopback
-/// and neither --authorized-keys nor --admin-keys is given, every local caller
-/// may do everything; once either is given, or beyond loopback, a level whose
-/// key file is missing is closed to everybody.
+/// Clients (Nix over SSH, and the `farm` CLI, which signs each call) are
+/// admitted by the key files, one per level: --read-keys (status, logs, cache
+/// reads), --authorized-keys (also builds, and uploads kept as that client's
+/// unsigned claims), --push-keys (also uploads and hook-build outputs the
+/// farm signs), --admin-keys (also drain and cancel). A key gets the highest
+/// level whose file admits it (`from=` in a line limits it to addresses).
+/// With no key file, no client is accepted, on loopback too.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "farm-coordinator", version, about, long_about)]
 pub struct Args {
@@ -96,13 +99,22 @@ pub struct Args {
     /// Priority advertised in nix-cache-info; lower is preferred [default: 30].
     #[arg(long, env = "FARM_CACHE_PRIORITY", value_name = "N")]
     pub cache_priority: Option<u32>,
-    /// Nix clients and CLI users (OpenSSH authorized_keys format). These keys are
-    /// trusted like Nix's trusted-users: they may upload any store path into the
-    /// farm's cache (signed by the farm), since a build hook must push its input
-    /// closure. Builders may upload only the outputs of their running jobs.
+    /// Clients that may only read: status, logs, cache queries and downloads
+    /// (OpenSSH authorized_keys format).
+    #[arg(long, env = "FARM_READ_KEYS", value_name = "FILE")]
+    pub read_keys: Option<PathBuf>,
+    /// Clients that may build (Nix over ssh:// and ssh-ng://, `farm build`):
+    /// submit `.drv` builds and build-hook builds. What they upload is kept as
+    /// their own unsigned claim: usable in their builds, never signed or
+    /// served to others (OpenSSH authorized_keys format).
     #[arg(long, env = "FARM_AUTHORIZED_KEYS", value_name = "FILE")]
     pub authorized_keys: Option<PathBuf>,
-    /// CLI users who may change the farm: drain, cancel (authorized_keys format).
+    /// Clients the farm trusts like Nix's trusted-users: what they upload, and
+    /// the outputs of their build-hook builds, are signed into the cache. Give
+    /// one to each host whose hook builds should fill the cache.
+    #[arg(long, env = "FARM_PUSH_KEYS", value_name = "FILE")]
+    pub push_keys: Option<PathBuf>,
+    /// Operators: everything push may, and drain, cancel (authorized_keys format).
     #[arg(long, env = "FARM_ADMIN_KEYS", value_name = "FILE")]
     pub admin_keys: Option<PathBuf>,
     /// Builders' public keys (authorized_keys format); re-read on every builder connection.
@@ -112,6 +124,10 @@ pub struct Args {
     /// the Nix endpoint); not opened unless given.
     #[arg(long, env = "FARM_RELAY_SOCKET", value_name = "PATH")]
     pub relay_socket: Option<PathBuf>,
+    /// What clients of the stdio relay may do (the OpenSSH account's
+    /// authorized_keys decides who they are) [default: build].
+    #[arg(long, env = "FARM_RELAY_LEVEL", value_name = "LEVEL")]
+    pub relay_level: Option<RelayLevel>,
     /// gRPC TLS [default: auto = TLS unless the gRPC address is loopback].
     #[arg(long, env = "FARM_TLS", value_name = "MODE")]
     pub tls: Option<TlsMode>,
@@ -170,10 +186,13 @@ pub struct FileConfig {
     pub cache_dir: Option<PathBuf>,
     pub zstd_level: Option<i32>,
     pub cache_priority: Option<u32>,
+    pub read_keys: Option<PathBuf>,
     pub authorized_keys: Option<PathBuf>,
+    pub push_keys: Option<PathBuf>,
     pub admin_keys: Option<PathBuf>,
     pub builder_keys: Option<PathBuf>,
     pub relay_socket: Option<PathBuf>,
+    pub relay_level: Option<RelayLevel>,
     pub tls: Option<TlsMode>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -191,6 +210,27 @@ pub struct FileConfig {
     pub cache: Option<toml::Table>,
 }
 
+/// `--relay-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayLevel {
+    Read,
+    Build,
+    Push,
+    Admin,
+}
+
+impl RelayLevel {
+    fn level(self) -> Level {
+        match self {
+            RelayLevel::Read => Level::Read,
+            RelayLevel::Build => Level::Build,
+            RelayLevel::Push => Level::Push,
+            RelayLevel::Admin => Level::Admin,
+        }
+    }
+}
+
 /// Everything the coordinator runs with, resolved.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -203,14 +243,16 @@ pub struct CoordinatorConfig {
     pub cache_key_file: Option<PathBuf>,
     /// The binary cache's settings (default: local, in `STATE_DIR/cache`).
     pub cache: CacheConfig,
-    pub authorized_keys: Option<PathBuf>,
-    pub admin_keys: Option<PathBuf>,
+    /// The client key files, one per level.
+    pub keys: KeyPolicy,
     pub builder_keys: Option<PathBuf>,
     /// Builder keys accepted in addition to the file (OpenSSH public key lines);
     /// `farm up` enrols its in-process builder this way.
     pub extra_builder_keys: Vec<String>,
     /// Unix socket the stdio relay (`farm-coordinator stdio`) connects to.
     pub relay_socket: Option<PathBuf>,
+    /// The level of the stdio relay's clients.
+    pub relay_level: Level,
     pub tls: TlsMode,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -251,11 +293,11 @@ impl CoordinatorConfig {
             cache_key_name: None,
             cache_key_file: None,
             cache: CacheConfig::local(state_dir.join("cache")),
-            authorized_keys: None,
-            admin_keys: None,
+            keys: KeyPolicy::default(),
             builder_keys: None,
             extra_builder_keys: Vec::new(),
             relay_socket: None,
+            relay_level: Level::Build,
             tls: TlsMode::Auto,
             tls_cert: None,
             tls_key: None,
@@ -328,11 +370,19 @@ impl CoordinatorConfig {
             cache_key_name: args.cache_key_name.or(file.cache_key_name),
             cache_key_file: args.cache_key_file.or(file.cache_key_file),
             cache,
-            authorized_keys: args.authorized_keys.or(file.authorized_keys),
-            admin_keys: args.admin_keys.or(file.admin_keys),
+            keys: KeyPolicy {
+                read: args.read_keys.or(file.read_keys),
+                build: args.authorized_keys.or(file.authorized_keys),
+                push: args.push_keys.or(file.push_keys),
+                admin: args.admin_keys.or(file.admin_keys),
+            },
             builder_keys: args.builder_keys.or(file.builder_keys),
             extra_builder_keys: Vec::new(),
             relay_socket: args.relay_socket.or(file.relay_socket),
+            relay_level: args
+                .relay_level
+                .or(file.relay_level)
+                .map_or(Level::Build, RelayLevel::level),
             tls: args.tls.or(file.tls).unwrap_or(d.tls),
             tls_cert,
             tls_key,

@@ -12,6 +12,7 @@
 // (for `farm up`'s status and `restart_bench`), the cache (served alone in
 // the cache tests) and the SSH transport (its own tests). The rest is
 // crate-private, and `unreachable_pub` keeps it so.
+pub mod access;
 mod api;
 pub mod cache;
 pub mod config;

@@ -276,10 +276,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     if builder_auth.file.is_none() && builder_auth.extra.is_empty() {
         tracing::warn!("no --builder-keys configured: no builder can join");
     }
+    if config.keys.is_empty() {
+        tracing::warn!(
+            "no client key files (--authorized-keys, --read-keys, --push-keys, --admin-keys): no client can use this coordinator"
+        );
+    }
+    // A broken key file is an error now, not at the first client.
+    config.keys.check_files()?;
     let cli_auth = CliAuth {
-        authorized_keys: config.authorized_keys.clone(),
-        admin_keys: config.admin_keys.clone(),
-        loopback: grpc_addr.ip().is_loopback(),
+        keys: config.keys.clone(),
     };
     let cache = crate::cache::Cache::open(config.cache.clone(), signing_key).await?;
     let coordinator = Coordinator::new(sched, store, cache, facts);
@@ -354,17 +359,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     // sites with OpenSSH in front.
     {
         let endpoint = crate::nix_endpoint::Endpoint::for_coordinator(&coordinator);
-        let keys = crate::nix_endpoint::access::AuthorizedKeysFiles::new(
-            config
-                .authorized_keys
-                .iter()
-                .chain(config.admin_keys.iter())
-                .cloned()
-                .collect(),
-        );
-        if keys.files.is_empty() {
-            tracing::warn!("no --authorized-keys configured: no Nix client can connect over SSH");
-        }
+        let keys = crate::nix_endpoint::access::AuthorizedKeysFiles::new(config.keys.clone());
         let ssh_config = crate::nix_endpoint::ssh::SshConfig {
             host_key: crate::nix_endpoint::ssh::load_host_key(&host_key_openssh)
                 .map_err(CoordinatorError::SshServerKey)?,
@@ -390,13 +385,19 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             let listener = crate::nix_endpoint::bind_relay_socket(path)
                 .map_err(io(format!("binding the relay socket {}", path.display())))?;
             let done = stopped();
+            let relay_level = config.relay_level;
             tasks.spawn(async move {
-                crate::nix_endpoint::stdio::serve(listener, std::sync::Arc::new(endpoint), done)
-                    .await
-                    .map_err(|source| CoordinatorError::Io {
-                        context: "relay socket".into(),
-                        source,
-                    })
+                crate::nix_endpoint::stdio::serve(
+                    listener,
+                    std::sync::Arc::new(endpoint),
+                    relay_level,
+                    done,
+                )
+                .await
+                .map_err(|source| CoordinatorError::Io {
+                    context: "relay socket".into(),
+                    source,
+                })
             });
         }
     }

@@ -15,11 +15,13 @@ const DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 struct OneKey(String);
 impl KeyAuthorizer for OneKey {
-    fn authorize(&self, key: &str) -> Option<ClientIdentity> {
+    fn authorize(&self, key: &str, _peer: Option<std::net::IpAddr>) -> Option<ClientIdentity> {
         (key == self.0).then(|| ClientIdentity {
             public_key: key.into(),
             fingerprint: "test".into(),
             comment: String::new(),
+            level: farm_coordinator::access::Level::Build,
+            forced_command: None,
         })
     }
 }
@@ -200,6 +202,7 @@ async fn stdio_relay_carries_streams_and_exit_status_body() {
     let server = tokio::spawn(farm_coordinator::nix_endpoint::stdio::serve(
         listener,
         Arc::new(Echo),
+        farm_coordinator::access::Level::Build,
         async {
             let _ = stop_rx.await;
         },

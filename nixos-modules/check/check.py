@@ -94,6 +94,7 @@ CONTRACT_FLAGS = {
     "farm-coordinator": {
         "--config", "--state-dir", "--grpc", "--http", "--ssh", "--public-host",
         "--cache-key-name", "--cache-key-file", "--authorized-keys", "--admin-keys",
+        "--read-keys", "--push-keys",
         "--builder-keys", "--tls", "--tls-cert", "--tls-key", "--zstd-level",
         "--builder-grace", "--max-retries", "--cache-dir", "--cache-priority",
         "--insecure-plaintext", "--unschedulable-wait", "--recent-builder-window",

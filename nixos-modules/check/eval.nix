@@ -527,7 +527,9 @@ let
         lines = k: k.keys ++ lib.concatMap (f: lib.splitString "\n" (lib.fileContents f)) k.keyFiles;
       in
       lib.optionalAttrs (enabledFarmServices h ? coordinator) {
+        read_keys = lines c.readKeys;
         authorized_keys = lines c.authorizedKeys;
+        push_keys = lines c.pushKeys;
         admin_keys = lines c.adminKeys;
         builder_keys = lines c.builderKeys;
       };

@@ -202,6 +202,11 @@ impl Coordinator {
     }
 
     /// The coordinator's state directory.
+    /// The key the readiness probe (and the fixture's own calls) sign with.
+    pub fn probe_key(&self) -> Option<&ClientKey> {
+        self.probe_key.as_ref()
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }

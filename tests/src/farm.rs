@@ -33,7 +33,7 @@ use crate::bins::farm_bin;
 use crate::client::{EventStream, drv_path_infos, dump, http_get_blocking, topo_order};
 use crate::coordinator::Coordinator;
 use crate::graphs::graph_nix;
-use crate::keys::{SshAccess, ssh_key};
+use crate::keys::{SigningInterceptor, SshAccess, ssh_key};
 
 /// How long one graph may take before a test gives up (a hang is a failure,
 /// not a timing assertion).
@@ -234,7 +234,14 @@ impl<'a> FarmSetup<'a> {
             }
             None => None,
         };
-        let access = self.access.or(own.as_ref());
+        // Without client keys of its own, the farm authorizes an operator key
+        // (admin) that the fixture's calls and `farm` commands sign with: a
+        // coordinator with no key file accepts nobody.
+        let operator = match (&self.access, &own) {
+            (None, None) => Some(SshAccess::named(&[], &["operator"])?),
+            _ => None,
+        };
+        let access = self.access.or(own.as_ref()).or(operator.as_ref());
         let mut args: Vec<String> = vec![
             "--builder-keys".into(),
             builder_keys.to_str().context("path")?.into(),
@@ -276,6 +283,8 @@ impl<'a> FarmSetup<'a> {
             proxies,
             ssh: own,
             client_key,
+            operator_key: operator.as_ref().map(|o| o.admin_keys[0].clone()),
+            _operator: operator,
             _keys: keys,
         })
     }
@@ -295,6 +304,10 @@ pub struct Farm {
     pub ssh: Option<SshAccess>,
     /// The first of them, in the client's `~/.ssh/id_ed25519`.
     client_key: Option<PathBuf>,
+    /// The admin key `farm` commands sign with when no key is given (a farm
+    /// set up without client keys of its own).
+    operator_key: Option<PathBuf>,
+    _operator: Option<SshAccess>,
     _keys: tempfile::TempDir,
 }
 
@@ -477,7 +490,7 @@ impl Farm {
         cmd.args(args)
             .env("FARM_COORDINATOR", self.grpc_url())
             .env("NO_COLOR", "1");
-        if let Some(k) = key {
+        if let Some(k) = key.or(self.operator_key.as_deref()) {
             cmd.env("FARM_KEY", k);
         }
         Ok(cmd)
@@ -574,12 +587,30 @@ impl Farm {
         Ok(ordered.len())
     }
 
-    /// A FarmService client (no key: the coordinator's listener is loopback and
-    /// it has no `--authorized-keys`, so local callers are allowed).
+    /// A FarmService client signing with the fixture's own key (the operator
+    /// key, or the first client key).
     pub async fn farm_client(
         &self,
-    ) -> anyhow::Result<FarmServiceClient<tonic::transport::Channel>> {
-        Ok(FarmServiceClient::connect(self.grpc_url()).await?)
+    ) -> anyhow::Result<
+        FarmServiceClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                SigningInterceptor,
+            >,
+        >,
+    > {
+        let key = self
+            .coordinator
+            .probe_key()
+            .context("this farm's coordinator has no key to sign with")?
+            .clone();
+        let channel = tonic::transport::Endpoint::from_shared(self.grpc_url())?
+            .connect()
+            .await?;
+        Ok(FarmServiceClient::with_interceptor(
+            channel,
+            key.interceptor(),
+        ))
     }
 
     /// Submits `drvs` and returns the event stream.

@@ -63,6 +63,12 @@ impl ClientKey {
         })
     }
 
+    /// A tonic interceptor signing every call with this key (the method path
+    /// comes from the `GrpcMethod` the generated client attaches).
+    pub fn interceptor(&self) -> SigningInterceptor {
+        SigningInterceptor { key: self.clone() }
+    }
+
     /// Adds the signature metadata of a call to `method` (its gRPC path) now.
     pub fn sign<T>(&self, req: &mut tonic::Request<T>, method: &str) -> anyhow::Result<()> {
         self.signer.sign(req, method, farm_common::sign::now_unix());
@@ -174,5 +180,26 @@ impl SshAccess {
             std::fs::rename(&tmp, &known_hosts)?;
         }
         Ok(known_hosts)
+    }
+}
+
+/// Signs each call of a generated client ([`ClientKey::interceptor`]).
+#[derive(Debug, Clone)]
+pub struct SigningInterceptor {
+    key: ClientKey,
+}
+
+impl tonic::service::Interceptor for SigningInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(m) = req.extensions().get::<tonic::GrpcMethod>() else {
+            return Err(tonic::Status::internal(
+                "the test client's call has no GrpcMethod",
+            ));
+        };
+        let path = format!("/{}/{}", m.service(), m.method());
+        self.key
+            .sign(&mut req, &path)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(req)
     }
 }

@@ -23,3 +23,21 @@ pub(crate) fn handler_error(context: &str, e: impl Into<DomainError>) -> Handler
         ))
     }
 }
+
+/// Refuse `what` unless `client`'s key has at least the `needed` level.
+pub(crate) fn need_level(
+    client: &crate::nix_endpoint::ssh::ClientIdentity,
+    needed: crate::access::Level,
+    what: &str,
+) -> Result<(), HandlerError> {
+    if client.level >= needed {
+        return Ok(());
+    }
+    tracing::warn!(client = %client.fingerprint, has = %client.level, needs = %needed, "{what} refused: below the key's level");
+    Err(HandlerError::new(format!(
+        "nix-farm: {what} needs the {needed} level; key {} has {} (a key in the coordinator's {} may)",
+        client.fingerprint,
+        client.level,
+        needed.flag()
+    )))
+}

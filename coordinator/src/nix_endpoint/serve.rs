@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 
 use super::build::{BuildBackend, BuildEvent, BuildSettings};
 use super::store::FarmStore;
+use crate::access::Level;
+use crate::nix_endpoint::error::need_level;
 use crate::nix_endpoint::ssh::ClientIdentity;
 
 /// One serve session.
@@ -32,6 +34,7 @@ pub(crate) struct ServeSession {
 
 impl ServeSession {
     fn need_write(&self, what: &str) -> Result<(), HandlerError> {
+        need_level(&self.client, Level::Build, what)?;
         if self.write {
             Ok(())
         } else {

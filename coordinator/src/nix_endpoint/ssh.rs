@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,8 @@ use russh::server::{Auth, Handler, Msg, Server as _, Session};
 use russh::{Channel, ChannelId};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+pub use crate::access::Level;
 
 /// The Nix program a client asked to run over SSH.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,10 @@ pub struct ClientIdentity {
     pub fingerprint: String,
     /// The comment of the matching authorized_keys line (often user@host).
     pub comment: String,
+    /// What the key may do (the key file that admitted it).
+    pub level: Level,
+    /// `command=` of its entry: the only Nix program it may run.
+    pub forced_command: Option<String>,
 }
 
 /// The byte streams of one exec session.
@@ -60,9 +66,40 @@ pub trait NixSessionHandler: Send + Sync + 'static {
     ) -> BoxFuture<'static, u32>;
 }
 
-/// Decides whether a public key (OpenSSH form, no comment) may connect.
+/// Decides whether a public key (OpenSSH form, no comment) may connect from
+/// `peer` (`None`: the address is unknown).
 pub trait KeyAuthorizer: Send + Sync + 'static {
-    fn authorize(&self, public_key: &str) -> Option<ClientIdentity>;
+    fn authorize(&self, public_key: &str, peer: Option<IpAddr>) -> Option<ClientIdentity>;
+}
+
+/// The program a session runs: what the client asked for, limited by the
+/// key's `command=`. A forced command must name the same Nix program (it
+/// cannot turn ssh:// into ssh-ng://, so a mismatch is refused rather than
+/// answered in the wrong protocol); a forced `nix-store --serve` without
+/// `--write` makes the session read-only whatever the client asked.
+pub fn effective_program(
+    requested: NixProgram,
+    forced: Option<&str>,
+) -> Result<NixProgram, RefusedCommand> {
+    let Some(forced) = forced else {
+        return Ok(requested);
+    };
+    let allowed = parse_exec(forced).map_err(|_| {
+        RefusedCommand(format!(
+            "nix-farm: this key's command={forced:?} (in its authorized_keys entry) is not a Nix program the farm runs; use \"nix-store --serve --write\" or \"nix-daemon --stdio\""
+        ))
+    })?;
+    match (requested, allowed) {
+        (NixProgram::Serve { write }, NixProgram::Serve { write: allowed }) => {
+            Ok(NixProgram::Serve {
+                write: write && allowed,
+            })
+        }
+        (NixProgram::Daemon, NixProgram::Daemon) => Ok(NixProgram::Daemon),
+        _ => Err(RefusedCommand(format!(
+            "nix-farm: this key may only run {forced:?} (command= in its authorized_keys entry)"
+        ))),
+    }
 }
 
 /// Why an exec command was refused.
@@ -228,9 +265,13 @@ impl Handler for Connection {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let line = openssh_without_comment(key.public_key);
-        match self.shared.authorizer.authorize(&line) {
+        match self
+            .shared
+            .authorizer
+            .authorize(&line, self.peer.map(|p| p.ip()))
+        {
             Some(identity) => {
-                tracing::info!(peer = ?self.peer, user, key = %identity.fingerprint, "ssh client authenticated");
+                tracing::info!(peer = ?self.peer, user, key = %identity.fingerprint, level = %identity.level, "ssh client authenticated");
                 self.identity = Some(identity);
                 Ok(Auth::Accept)
             }
@@ -280,7 +321,9 @@ impl Handler for Connection {
             // The slot is held until the command ends.
             let _slot = slot;
             let mut stderr = channel.make_writer_ext(Some(1));
-            let code = match parse_exec(&command) {
+            let program = parse_exec(&command)
+                .and_then(|p| effective_program(p, identity.forced_command.as_deref()));
+            let code = match program {
                 Ok(program) => {
                     tracing::debug!(?program, client = %identity.fingerprint, "ssh exec");
                     let stream = channel.into_stream();

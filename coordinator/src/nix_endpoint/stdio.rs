@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::nix_endpoint::ssh::{ClientIdentity, NixSessionHandler, SessionIo, parse_exec};
+use crate::nix_endpoint::ssh::{ClientIdentity, Level, NixSessionHandler, SessionIo, parse_exec};
 
 const KIND_STDOUT: u8 = 1;
 const KIND_STDERR: u8 = 2;
@@ -142,6 +142,7 @@ fn framed_pipe(
 async fn serve_one(
     stream: UnixStream,
     handler: Arc<dyn NixSessionHandler>,
+    level: Level,
 ) -> Result<(), RelayError> {
     let (mut rd, mut wr) = stream.into_split();
     let len = rd.read_u32_le().await?;
@@ -169,6 +170,8 @@ async fn serve_one(
                 public_key: String::new(),
                 fingerprint: format!("relay:{}", preamble.client),
                 comment: preamble.client.clone(),
+                level,
+                forced_command: None,
             };
             let (stdout, out_pump) = framed_pipe(KIND_STDOUT, tx.clone());
             let (stderr, err_pump) = framed_pipe(KIND_STDERR, tx.clone());
@@ -213,11 +216,13 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Accept relay connections on `listener` until `shutdown` resolves; each runs
-/// on its own. A failed `accept` (say, out of file descriptors) is logged and
+/// on its own, its client at `level` (`--relay-level`: the OpenSSH account
+/// in front decides who reaches the socket). A failed `accept` (say, out of file descriptors) is logged and
 /// the loop goes on after a short pause; it never ends the relay server.
 pub async fn serve(
     listener: UnixListener,
     handler: Arc<dyn NixSessionHandler>,
+    level: Level,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
@@ -237,7 +242,7 @@ pub async fn serve(
                 };
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = serve_one(stream, handler).await {
+                    if let Err(error) = serve_one(stream, handler, level).await {
                         tracing::debug!(%error, "relay session ended with an error");
                     }
                 });

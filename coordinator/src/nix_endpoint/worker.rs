@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use super::Endpoint;
 use super::build::{BuildBackend, BuildEvent, BuildSettings};
 use super::store::FarmStore;
+use crate::access::Level;
+use crate::nix_endpoint::error::need_level;
 use crate::nix_endpoint::ssh::{BoxFuture, ClientIdentity};
 
 /// Nix's `lvlInfo`.
@@ -203,6 +205,7 @@ impl WorkerHandler for WorkerSession {
         _dont_check_sigs: bool,
         nar: &mut (dyn AsyncRead + Unpin + Send),
     ) -> Result<(), HandlerError> {
+        need_level(&self.client, Level::Build, "adding paths")?;
         // Signatures do not matter: the cache verifies the NAR and signs it itself.
         self.store.add(info, nar).await.map(|_| ())
     }
@@ -226,6 +229,7 @@ impl WorkerHandler for WorkerSession {
         mode: BuildMode,
         log: &mut Logger<'_>,
     ) -> Result<BuildResult, HandlerError> {
+        need_level(&self.client, Level::Build, "building")?;
         refuse_mode(mode)?;
         let backend = self.backend()?;
         let (tx, rx) = mpsc::channel(256);
@@ -246,6 +250,7 @@ impl WorkerHandler for WorkerSession {
         mode: BuildMode,
         log: &mut Logger<'_>,
     ) -> Result<Vec<BuildResult>, HandlerError> {
+        need_level(&self.client, Level::Build, "building")?;
         refuse_mode(mode)?;
         let drvs: Vec<StorePath> = paths
             .iter()
@@ -385,6 +390,7 @@ impl WorkerHandler for WorkerSession {
         text: &str,
         references: &BTreeSet<StorePath>,
     ) -> Result<StorePath, HandlerError> {
+        need_level(&self.client, Level::Build, "adding paths")?;
         self.store.add_text(name, text, references).await
     }
 }

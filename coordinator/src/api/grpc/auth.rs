@@ -5,20 +5,21 @@
 //!   and the builder must sign a fresh challenge (see `farm_proto::auth`).
 //! - CLI users ([`CliAuth`]): each `FarmService` call carries an OpenSSH public
 //!   key, a unix time and a signature over the time and the method path, in
-//!   metadata. Reading and submitting need a key from `--authorized-keys` or
-//!   `--admin-keys`; drain and cancel need one from `--admin-keys`. When neither
-//!   file is configured and the gRPC listener is on loopback, every caller gets
-//!   both levels; once either file is configured, or beyond loopback, a level
-//!   without a file is closed to everybody.
+//!   metadata. The key's level comes from the key files ([`crate::access`]):
+//!   read for status, logs and cache reads, build to submit and upload, admin
+//!   to drain and cancel. No key file: nobody, on loopback too.
 
 use std::path::PathBuf;
 
-use farm_common::keys::find_in_files;
 use farm_proto::auth::builder_auth_message;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use std::net::IpAddr;
+
 use crate::CoordinatorError;
+pub(crate) use crate::access::Level;
+use crate::access::{KeyPolicy, Principal, Refusal};
 use crate::keys::{AuthorizedKey, cached_authorized_keys, fingerprint_ed25519, parse_ed25519_line};
 
 /// How far a CLI call's timestamp may be from our clock, and the signature
@@ -35,12 +36,15 @@ pub(crate) struct BuilderAuth {
 }
 
 impl BuilderAuth {
-    /// The enrolled entry for `key`, if any. A broken file is an error (logged by
-    /// the caller) rather than an empty list, so a typo never silently locks out.
+    /// The enrolled entry for `key` that admits a builder at `peer` (its
+    /// `from=`), if any. A broken file is an error (logged by the caller)
+    /// rather than an empty list, so a typo never silently locks out; an entry
+    /// with `command=` (meaningless for a builder) is an error too.
     /// Blocking (reads the key file when it changed): call it off the runtime.
     pub(crate) fn enrolled(
         &self,
         key: &[u8; 32],
+        peer: Option<IpAddr>,
     ) -> Result<Option<AuthorizedKey>, CoordinatorError> {
         for line in &self.extra {
             if let Ok(k) = parse_ed25519_line(line)
@@ -54,10 +58,38 @@ impl BuilderAuth {
         }
         match &self.file {
             None => Ok(None),
+            Some(path) => {
+                let keys = cached_authorized_keys(path)?;
+                let mut matching = keys.iter().filter(|k| k.ed25519().as_ref() == Some(key));
+                match matching.find(|k| k.admits(peer)) {
+                    Some(k) if k.options().command.is_some() => {
+                        Err(CoordinatorError::Config(format!(
+                            "{}: the entry of builder key {} has command=, which means nothing for a builder; remove it",
+                            path.display(),
+                            k.fingerprint()
+                        )))
+                    }
+                    found => Ok(found.cloned()),
+                }
+            }
+        }
+    }
+
+    /// Whether `key` is enrolled at all, from any address (a name stays bound
+    /// to a key that is still listed). Blocking, as [`BuilderAuth::enrolled`].
+    pub(crate) fn listed(&self, key: &[u8; 32]) -> Result<bool, CoordinatorError> {
+        if self
+            .extra
+            .iter()
+            .any(|l| parse_ed25519_line(l).is_ok_and(|k| &k == key))
+        {
+            return Ok(true);
+        }
+        match &self.file {
+            None => Ok(false),
             Some(path) => Ok(cached_authorized_keys(path)?
                 .iter()
-                .find(|k| k.ed25519().as_ref() == Some(key))
-                .cloned()),
+                .any(|k| k.ed25519().as_ref() == Some(key))),
         }
     }
 
@@ -72,111 +104,80 @@ impl BuilderAuth {
     }
 }
 
-/// What a CLI call may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Level {
-    /// Status, logs, submit, watch, cache reads and uploads, machines.
-    Read,
-    /// Also drain and cancel.
-    Admin,
-}
-
-/// Who made a CLI call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Caller {
-    /// No key file for the level on a loopback listener: anyone local.
-    Local,
-    /// A key from the key files (its fingerprint and comment).
-    Key {
-        fingerprint: String,
-        comment: String,
-    },
-}
-
-/// The CLI key policy.
+/// The CLI key policy: the level files ([`KeyPolicy`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CliAuth {
-    pub authorized_keys: Option<PathBuf>,
-    pub admin_keys: Option<PathBuf>,
-    /// Whether the gRPC listener is loopback-only.
-    pub loopback: bool,
+    pub keys: KeyPolicy,
 }
 
 impl CliAuth {
-    /// Whether every caller on this listener is trusted: loopback, and neither
-    /// key file configured (configuring either locks both levels).
-    fn open(&self) -> bool {
-        self.loopback && self.authorized_keys.is_none() && self.admin_keys.is_none()
-    }
-
-    /// Authorise a call to `method` (its gRPC path) at `level`, now being `now_unix`.
-    /// The signature is checked before any key file is looked at; the files are
-    /// read (when they changed) off the async runtime.
+    /// Authorise a call to `method` (its gRPC path) needing `level`, from a
+    /// client at `peer`, now being `now_unix`. The signature is checked before
+    /// any key file is looked at; the files are read (when they changed) off
+    /// the async runtime.
     pub(crate) async fn check(
         &self,
         metadata: &MetadataMap,
         method: &str,
         level: Level,
+        peer: Option<IpAddr>,
         now_unix: i64,
-    ) -> Result<Caller, Status> {
-        let open = self.open();
-        let has_key = farm_common::sign::is_signed(metadata);
-        if open && !has_key {
-            return Ok(Caller::Local);
-        }
-        let files: Vec<PathBuf> = match level {
-            Level::Read => self
-                .authorized_keys
-                .iter()
-                .chain(self.admin_keys.iter())
-                .cloned()
-                .collect(),
-            Level::Admin => self.admin_keys.iter().cloned().collect(),
-        };
-        if !open && files.is_empty() {
-            return Err(Status::permission_denied(match level {
-                Level::Read => "no --authorized-keys configured on this coordinator",
-                Level::Admin => "no --admin-keys configured on this coordinator",
-            }));
-        }
-        // A signed call on an open loopback listener is still verified, so a bad
-        // signature is never silently accepted.
+    ) -> Result<Principal, Status> {
         let key = self.verify(metadata, method, now_unix)?;
-        if open {
-            return Ok(Caller::Local);
+        if self.keys.is_empty() {
+            return Err(Status::permission_denied(
+                "this coordinator authorizes no client keys: start it with --authorized-keys FILE (or --read-keys, --push-keys, --admin-keys), or use `farm up`, which authorizes its user's key",
+            ));
         }
-        // Only ed25519 entries can match: other key types in the files serve
-        // the SSH endpoint.
-        let found = tokio::task::spawn_blocking(move || {
-            find_in_files(&files, |k| k.ed25519() == Some(key)).map_err(CoordinatorError::from)
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "reading CLI key files");
-            Status::internal("the coordinator's key files are unreadable")
-        })?;
-        match found {
-            Ok(Some(entry)) => Ok(Caller::Key {
-                fingerprint: fingerprint_ed25519(&key),
-                comment: entry.comment().to_owned(),
-            }),
-            Ok(None) => {
-                tracing::warn!(method, key = %fingerprint_ed25519(&key), "CLI call with a key not allowed for it");
-                Err(Status::permission_denied(format!(
-                    "key {} is not allowed to call {method}",
-                    fingerprint_ed25519(&key)
-                )))
+        let keys = self.keys.clone();
+        let data = ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(key));
+        let found = tokio::task::spawn_blocking(move || keys.principal(&data, peer))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading CLI key files");
+                Status::internal("the coordinator's key files are unreadable")
+            })?;
+        let fp = fingerprint_ed25519(&key);
+        let principal = match found {
+            Ok(Ok(p)) => p,
+            Ok(Err(Refusal::Unknown)) => {
+                tracing::warn!(method, key = %fp, "CLI call with an unknown key");
+                return Err(Status::permission_denied(format!(
+                    "key {fp} is not authorized on this coordinator"
+                )));
+            }
+            Ok(Err(Refusal::FromRefused)) => {
+                tracing::warn!(method, key = %fp, ?peer, "CLI call refused by from=");
+                return Err(Status::permission_denied(format!(
+                    "key {fp} is not accepted from {} (from= in its entry)",
+                    peer.map_or("this address".to_owned(), |p| p.to_string())
+                )));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read CLI key file");
-                Err(Status::internal(
+                return Err(Status::internal(
                     "the coordinator's key files are unreadable",
-                ))
+                ));
             }
+        };
+        if let Some(cmd) = &principal.forced_command {
+            tracing::warn!(method, key = %fp, "CLI call with a command= key");
+            return Err(Status::permission_denied(format!(
+                "key {fp} may only run {cmd:?} over SSH (command= in its entry), not CLI calls"
+            )));
         }
+        if !principal.may(level) {
+            tracing::warn!(method, key = %fp, has = %principal.level, needs = %level, "CLI call above the key's level");
+            return Err(Status::permission_denied(format!(
+                "key {fp} ({}) has the {} level; {method} needs {level} (a key in {})",
+                principal.comment,
+                principal.level,
+                level.flag()
+            )));
+        }
+        Ok(principal)
     }
 
-    /// Check the signature; returns the key that made it.
     fn verify(
         &self,
         metadata: &MetadataMap,
@@ -212,173 +213,130 @@ mod tests {
         req.metadata().clone()
     }
 
+    /// Key files for seeds 1 (read), 2 (build), 3 (push), 4 (admin).
+    fn policy(dir: &std::path::Path) -> CliAuth {
+        let file = |name: &str, seed: u8| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("{}\n", keypair(seed).1)).unwrap();
+            Some(p)
+        };
+        CliAuth {
+            keys: KeyPolicy {
+                read: file("read", 1),
+                build: file("build", 2),
+                push: file("push", 3),
+                admin: file("admin", 4),
+            },
+        }
+    }
+
+    async fn code(auth: &CliAuth, seed: u8, method: &str, level: Level) -> Option<tonic::Code> {
+        let now = 1_700_000_000;
+        auth.check(&signed(seed, method, now), method, level, None, now)
+            .await
+            .err()
+            .map(|e| e.code())
+    }
+
     #[tokio::test]
     async fn cli_levels() {
         let dir = tempfile::tempdir().unwrap();
-        let users = dir.path().join("users");
-        let admins = dir.path().join("admins");
-        std::fs::write(&users, format!("{}\n", keypair(1).1)).unwrap();
-        std::fs::write(&admins, format!("{}\n", keypair(2).1)).unwrap();
-        let auth = CliAuth {
-            authorized_keys: Some(users),
-            admin_keys: Some(admins),
-            loopback: true,
-        };
-        let now = 1_700_000_000;
-        // user: read yes, admin no
-        assert!(matches!(
-            auth.check(
-                &signed(1, methods::STATUS, now),
-                methods::STATUS,
-                Level::Read,
-                now
-            )
-            .await,
-            Ok(Caller::Key { .. })
-        ));
-        let e = auth
-            .check(
-                &signed(1, methods::CANCEL, now),
-                methods::CANCEL,
-                Level::Admin,
-                now,
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        // admin: both
-        assert!(
-            auth.check(
-                &signed(2, methods::STATUS, now),
-                methods::STATUS,
-                Level::Read,
-                now
-            )
-            .await
-            .is_ok()
-        );
-        assert!(
-            auth.check(
-                &signed(2, methods::CANCEL, now),
-                methods::CANCEL,
-                Level::Admin,
-                now
-            )
-            .await
-            .is_ok()
-        );
+        let auth = policy(dir.path());
+        use tonic::Code::PermissionDenied as Denied;
+        let cases = [
+            (methods::STATUS, Level::Read),
+            (methods::SUBMIT, Level::Build),
+            (methods::UPLOAD_NAR, Level::Build),
+            (methods::CANCEL, Level::Admin),
+        ];
+        for seed in 1..=4u8 {
+            for (m, needs) in cases {
+                let has = [Level::Read, Level::Build, Level::Push, Level::Admin][seed as usize - 1];
+                let want = if has >= needs { None } else { Some(Denied) };
+                assert_eq!(
+                    code(&auth, seed, m, needs).await,
+                    want,
+                    "key {seed} calling {m}"
+                );
+            }
+        }
         // unknown key
         assert_eq!(
-            auth.check(
-                &signed(3, methods::STATUS, now),
-                methods::STATUS,
-                Level::Read,
-                now
-            )
-            .await
-            .unwrap_err()
-            .code(),
-            tonic::Code::PermissionDenied
+            code(&auth, 9, methods::STATUS, Level::Read).await,
+            Some(Denied)
         );
+        let now = 1_700_000_000;
         // signature for another method, stale time, no metadata
-        assert_eq!(
-            auth.check(
-                &signed(1, methods::SUBMIT, now),
-                methods::STATUS,
-                Level::Read,
-                now
-            )
-            .await
-            .unwrap_err()
-            .code(),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            auth.check(
-                &signed(1, methods::STATUS, now - 1000),
-                methods::STATUS,
-                Level::Read,
-                now
-            )
-            .await
-            .unwrap_err()
-            .code(),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            auth.check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
-                .await
-                .unwrap_err()
-                .code(),
-            tonic::Code::Unauthenticated
-        );
-    }
-
-    #[tokio::test]
-    async fn open_loopback_and_closed_beyond() {
-        let now = 1_700_000_000;
-        let open = CliAuth {
-            loopback: true,
-            ..Default::default()
-        };
-        assert_eq!(
-            open.check(&MetadataMap::new(), methods::CANCEL, Level::Admin, now)
-                .await
-                .unwrap(),
-            Caller::Local
-        );
-        // a bad signature is refused even there
-        assert!(
-            open.check(
-                &signed(1, methods::SUBMIT, now),
-                methods::CANCEL,
-                Level::Admin,
-                now
-            )
-            .await
-            .is_err()
-        );
-        let closed = CliAuth::default();
-        assert_eq!(
-            closed
-                .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
-                .await
-                .unwrap_err()
-                .code(),
-            tonic::Code::PermissionDenied
-        );
-    }
-
-    #[tokio::test]
-    async fn one_key_file_locks_both_levels_on_loopback() {
-        let dir = tempfile::tempdir().unwrap();
-        let users = dir.path().join("users");
-        std::fs::write(&users, format!("{}\n", keypair(1).1)).unwrap();
-        let auth = CliAuth {
-            authorized_keys: Some(users),
-            admin_keys: None,
-            loopback: true,
-        };
-        let now = 1_700_000_000;
-        for m in [methods::CANCEL, methods::SET_DRAIN] {
+        for md in [
+            signed(4, methods::SUBMIT, now),
+            signed(4, methods::STATUS, now - 1000),
+            MetadataMap::new(),
+        ] {
             let e = auth
-                .check(&MetadataMap::new(), m, Level::Admin, now)
+                .check(&md, methods::STATUS, Level::Read, None, now)
                 .await
                 .unwrap_err();
-            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}: {e:?}");
-            // nor with a valid signature by an authorized (non-admin) key
-            let e = auth
-                .check(&signed(1, m, now), m, Level::Admin, now)
-                .await
-                .unwrap_err();
-            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}: {e:?}");
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         }
-        // reading still needs a key
+    }
+
+    #[tokio::test]
+    async fn no_key_file_means_nobody() {
+        let now = 1_700_000_000;
+        let closed = CliAuth::default();
+        for md in [MetadataMap::new(), signed(1, methods::STATUS, now)] {
+            let e = closed
+                .check(&md, methods::STATUS, Level::Read, None, now)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn from_and_command_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin");
+        std::fs::write(
+            &file,
+            format!(
+                "from=\"10.0.0.0/8\" {}\ncommand=\"nix-daemon --stdio\" {}\n",
+                keypair(1).1,
+                keypair(2).1
+            ),
+        )
+        .unwrap();
+        let auth = CliAuth {
+            keys: KeyPolicy {
+                admin: Some(file),
+                ..Default::default()
+            },
+        };
+        let now = 1_700_000_000;
+        let m = methods::STATUS;
+        let lan = Some("10.2.3.4".parse().unwrap());
+        let wan = Some("127.0.0.1".parse().unwrap());
+        assert!(
+            auth.check(&signed(1, m, now), m, Level::Read, lan, now)
+                .await
+                .is_ok()
+        );
         let e = auth
-            .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
+            .check(&signed(1, m, now), m, Level::Read, wan, now)
             .await
             .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("from="), "{e:?}");
+        let e = auth
+            .check(&signed(2, m, now), m, Level::Read, wan, now)
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("command="), "{e:?}");
     }
 
     #[tokio::test]
@@ -387,34 +345,26 @@ mod tests {
         // A key file that cannot be read: a bad or missing signature must still
         // be refused as such, without touching it.
         let auth = CliAuth {
-            authorized_keys: Some(dir.path().join("missing")),
-            admin_keys: None,
-            loopback: false,
+            keys: KeyPolicy {
+                build: Some(dir.path().join("missing")),
+                ..Default::default()
+            },
         };
         let now = 1_700_000_000;
+        let m = methods::STATUS;
         let e = auth
-            .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
+            .check(&MetadataMap::new(), m, Level::Read, None, now)
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         let e = auth
-            .check(
-                &signed(1, methods::SUBMIT, now),
-                methods::STATUS,
-                Level::Read,
-                now,
-            )
+            .check(&signed(1, methods::SUBMIT, now), m, Level::Read, None, now)
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         // A good signature reaches the file, which is unreadable.
         let e = auth
-            .check(
-                &signed(1, methods::STATUS, now),
-                methods::STATUS,
-                Level::Read,
-                now,
-            )
+            .check(&signed(1, m, now), m, Level::Read, None, now)
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
@@ -422,16 +372,15 @@ mod tests {
 
     #[tokio::test]
     async fn extreme_times_are_refused_without_overflow() {
-        let open = CliAuth {
-            loopback: true,
-            ..Default::default()
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let auth = policy(dir.path());
         for (time, now) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MIN, 0)] {
-            let e = open
+            let e = auth
                 .check(
                     &signed(1, methods::STATUS, time),
                     methods::STATUS,
                     Level::Read,
+                    None,
                     now,
                 )
                 .await
@@ -453,11 +402,11 @@ mod tests {
         };
         let k1 = parse_ed25519_line(&line1).unwrap();
         let k2 = parse_ed25519_line(&line2).unwrap();
-        assert!(auth.enrolled(&k1).unwrap().is_some());
-        assert!(auth.enrolled(&k2).unwrap().is_none());
+        assert!(auth.enrolled(&k1, None).unwrap().is_some());
+        assert!(auth.enrolled(&k2, None).unwrap().is_none());
         // enrolment is re-read
         std::fs::write(&file, format!("{line1}\n{line2}\n")).unwrap();
-        assert!(auth.enrolled(&k2).unwrap().is_some());
+        assert!(auth.enrolled(&k2, None).unwrap().is_some());
 
         use ed25519_dalek::Signer;
         let nonce = [7u8; 32];

@@ -104,6 +104,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         &self,
         request: Request<Streaming<v1::BuilderMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer_ip = request.remote_addr().map(|a| a.ip());
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -129,7 +130,7 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         };
         let fp = fingerprint_ed25519(&key);
         let auth = self.auth.clone();
-        let enrolled = tokio::task::spawn_blocking(move || auth.enrolled(&key))
+        let enrolled = tokio::task::spawn_blocking(move || auth.enrolled(&key, peer_ip))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "checking builder enrolment");
@@ -166,9 +167,9 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
             let old_enrolled = match parse_ed25519_line(&other) {
                 Ok(old) => {
                     let auth = self.auth.clone();
-                    tokio::task::spawn_blocking(move || auth.enrolled(&old))
+                    tokio::task::spawn_blocking(move || auth.listed(&old))
                         .await
-                        .map(|r| !matches!(r, Ok(None)))
+                        .map(|r| !matches!(r, Ok(false)))
                         .unwrap_or(true)
                 }
                 Err(_) => false,

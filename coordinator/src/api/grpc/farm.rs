@@ -10,8 +10,9 @@ use farm_proto::v1::build_event::Event as Ev;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::Principal;
 use crate::api::grpc::BoxStream;
-use crate::api::grpc::auth::{Caller, CliAuth, Level};
+use crate::api::grpc::auth::{CliAuth, Level};
 use crate::api::grpc::convert::{event_to, machine_to, status_to};
 use crate::domain::coordinator::{Coordinator, now_ms};
 use crate::domain::follow::SubmissionUpdate;
@@ -31,12 +32,13 @@ impl FarmSvc {
         req: &Request<T>,
         method: &str,
         level: Level,
-    ) -> Result<Caller, Status> {
+    ) -> Result<Principal, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
         let caller = self
             .auth
-            .check(req.metadata(), method, level, now_ms() / 1000)
+            .check(req.metadata(), method, level, peer, now_ms() / 1000)
             .await?;
-        tracing::debug!(method, caller = ?caller, "CLI call");
+        tracing::debug!(method, key = %caller.fingerprint, level = %caller.level, "CLI call");
         Ok(caller)
     }
 
@@ -168,7 +170,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let caller = self
-            .authorize(&request, methods::SUBMIT, Level::Read)
+            .authorize(&request, methods::SUBMIT, Level::Build)
             .await?;
         let req = request.into_inner();
         let drvs = farm_proto::convert::parse_store_paths("drv_paths", &req.drv_paths, 100_000)?;
@@ -184,13 +186,11 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             priority: parse_priority(req.priority),
             max_silent_time_secs: req.max_silent_time_secs,
             build_timeout_secs: req.build_timeout_secs,
-            client: Some(match caller {
-                Caller::Local => "local".to_owned(),
-                Caller::Key {
-                    fingerprint,
-                    comment,
-                } => format!("{fingerprint} {comment}").trim_end().to_owned(),
-            }),
+            client: Some(
+                format!("{} {}", caller.fingerprint, caller.comment)
+                    .trim_end()
+                    .to_owned(),
+            ),
         };
         let sid = self
             .coord
@@ -289,7 +289,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<Streaming<v1::UploadNarRequest>>,
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
-        self.authorize(&request, methods::UPLOAD_NAR, Level::Read)
+        self.authorize(&request, methods::UPLOAD_NAR, Level::Build)
             .await?;
         crate::api::grpc::data::upload_nar(
             &self.coord,
