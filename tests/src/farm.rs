@@ -306,7 +306,7 @@ pub struct Farm {
     client_key: Option<PathBuf>,
     /// The admin key `farm` commands sign with when no key is given (a farm
     /// set up without client keys of its own).
-    operator_key: Option<PathBuf>,
+    pub operator_key: Option<PathBuf>,
     _operator: Option<SshAccess>,
     _keys: tempfile::TempDir,
 }
@@ -656,10 +656,12 @@ impl Farm {
             .with_context(|| format!("no builder {name}"))
     }
 
-    /// The farm's own client keys ([`FarmSetup::clients`]).
+    /// The farm's own client keys ([`FarmSetup::clients`]), else its operator
+    /// key's access (for its known_hosts and `NIX_SSHOPTS`).
     pub fn own_ssh(&self) -> anyhow::Result<&SshAccess> {
         self.ssh
             .as_ref()
+            .or(self._operator.as_ref())
             .context("this farm was set up without client keys (FarmSetup::clients)")
     }
 
