@@ -164,6 +164,43 @@ impl CliSigner {
     }
 }
 
+/// Learn the identity of the coordinator behind `client`, to sign for: its
+/// cache public key, which it must prove it holds by signing a fresh random
+/// challenge of ours (`FarmService.Identity`). A coordinator that merely
+/// repeats another's key fails here, so it cannot collect calls signed for
+/// that other one.
+pub async fn learn_identity(
+    client: &mut farm_proto::v1::farm_service_client::FarmServiceClient<tonic::transport::Channel>,
+) -> Result<String, tonic::Status> {
+    let challenge: [u8; farm_proto::auth::IDENTITY_CHALLENGE_LEN] = rand::random();
+    let resp = client
+        .identity(farm_proto::v1::IdentityRequest {
+            challenge: challenge.to_vec(),
+        })
+        .await?
+        .into_inner();
+    check_identity(&challenge, &resp).map_err(|e| tonic::Status::unauthenticated(e.to_string()))
+}
+
+/// The identity in `resp` if it proves the key for `challenge`.
+pub fn check_identity(
+    challenge: &[u8],
+    resp: &farm_proto::v1::IdentityResponse,
+) -> Result<String, Error> {
+    let bad = |why: &str| {
+        Error::Unauthenticated(format!(
+            "the coordinator did not prove its identity ({why}); is this the farm you meant?"
+        ))
+    };
+    let key = farm_nix::signing::VerifyingKey::parse(&resp.public_key)
+        .map_err(|_| bad("its public key is malformed"))?;
+    let message = farm_proto::auth::coordinator_identity_message(challenge);
+    if !key.verify(&message, &resp.signature) {
+        return Err(bad("bad signature over our challenge"));
+    }
+    Ok(key.to_string())
+}
+
 /// Verify an ed25519 signature made by `key` over `message`.
 pub fn verify_ed25519(key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
     let Ok(vk) = VerifyingKey::from_bytes(key) else {
@@ -527,6 +564,36 @@ mod tests {
             ..fourth
         };
         let _ = guard.remember(&odd, i64::MIN);
+    }
+
+    #[test]
+    fn an_identity_is_learnt_only_with_its_proof() {
+        let key = farm_nix::signing::SigningKey::generate("farm-a").unwrap();
+        let other = farm_nix::signing::SigningKey::generate("farm-b").unwrap();
+        let challenge = [5u8; 32];
+        let message = farm_proto::auth::coordinator_identity_message(&challenge);
+        let good = farm_proto::v1::IdentityResponse {
+            public_key: key.verifying_key().to_string(),
+            signature: key.sign(&message),
+        };
+        assert_eq!(
+            check_identity(&challenge, &good).unwrap(),
+            key.verifying_key().to_string()
+        );
+        // Another challenge (a replayed proof).
+        assert!(check_identity(&[6u8; 32], &good).is_err());
+        // Claiming another coordinator's key without holding it.
+        let claimed = farm_proto::v1::IdentityResponse {
+            public_key: key.verifying_key().to_string(),
+            signature: other.sign(&message),
+        };
+        let e = check_identity(&challenge, &claimed).unwrap_err();
+        assert!(e.to_string().contains("did not prove"), "{e}");
+        let junk = farm_proto::v1::IdentityResponse {
+            public_key: "nonsense".into(),
+            signature: String::new(),
+        };
+        assert!(check_identity(&challenge, &junk).is_err());
     }
 
     #[test]

@@ -63,9 +63,15 @@ impl ClientKey {
         })
     }
 
-    /// Adds the signature metadata of a call to `method` (its gRPC path) now.
-    pub fn sign<T>(&self, req: &mut tonic::Request<T>, method: &str) -> anyhow::Result<()> {
-        self.signer.sign(req, method, farm_common::sign::now_unix());
+    /// Adds the signature metadata of a call to `method` (its gRPC path) now,
+    /// for the coordinator `identity` (its cache public key).
+    pub fn sign<T: prost::Message>(
+        &self,
+        req: &mut tonic::Request<T>,
+        method: &str,
+        identity: &str,
+    ) -> anyhow::Result<()> {
+        self.signer.sign(req, method, identity);
         Ok(())
     }
 }

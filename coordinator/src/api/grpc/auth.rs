@@ -4,16 +4,22 @@
 //!   (`--builder-keys`, re-read on every connection, plus keys enrolled in-process),
 //!   and the builder must sign a fresh challenge (see `farm_proto::auth`).
 //! - CLI users ([`CliAuth`]): each `FarmService` call carries an OpenSSH public
-//!   key, a unix time and a signature over the time and the method path, in
-//!   metadata. Reading and submitting need a key from `--authorized-keys` or
+//!   key, a unix time, a nonce, the sha256 of its first request message and a
+//!   signature over those, the method path and this coordinator's identity, in
+//!   metadata (`farm_proto::auth`, scheme v2). [`CliAuth::authenticate`] checks
+//!   the signature, [`CliAuth::check`] the key files and
+//!   [`CliAuth::remember`] the nonce, all before the body is read (the
+//!   [`super::signed`] layer), then the layer checks the body digest. Reading and submitting need a key from `--authorized-keys` or
 //!   `--admin-keys`; drain and cancel need one from `--admin-keys`. When neither
 //!   file is configured and the gRPC listener is on loopback, every caller gets
 //!   both levels; once either file is configured, or beyond loopback, a level
 //!   without a file is closed to everybody.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use farm_common::keys::find_in_files;
+use farm_common::sign::{ReplayGuard, VerifiedCall};
 use farm_proto::auth::builder_auth_message;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
@@ -93,6 +99,17 @@ pub(crate) enum Caller {
     },
 }
 
+/// What the signature layer found on a CLI call (put in the request's
+/// extensions for the handler's [`CliAuth::check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Authenticated {
+    /// No key sent at all.
+    Unsigned,
+    /// A signature that checked out (its nonce and body are checked too by
+    /// the time a handler sees it).
+    Signed(VerifiedCall),
+}
+
 /// The CLI key policy.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CliAuth {
@@ -100,6 +117,11 @@ pub(crate) struct CliAuth {
     pub admin_keys: Option<PathBuf>,
     /// Whether the gRPC listener is loopback-only.
     pub loopback: bool,
+    /// This coordinator's identity as signed by callers: its cache public key
+    /// (`name:base64`), which it proves with `FarmService.Identity`.
+    pub identity: String,
+    /// Nonces of the calls accepted within the validity window.
+    pub replay: Arc<ReplayGuard>,
 }
 
 impl CliAuth {
@@ -109,21 +131,58 @@ impl CliAuth {
         self.loopback && self.authorized_keys.is_none() && self.admin_keys.is_none()
     }
 
-    /// Authorise a call to `method` (its gRPC path) at `level`, now being `now_unix`.
-    /// The signature is checked before any key file is looked at; the files are
-    /// read (when they changed) off the async runtime.
-    pub(crate) async fn check(
+    /// Check the signature on a call to `method` (its gRPC path), now being
+    /// `now_unix`, from its metadata alone: key, time, nonce format, and the
+    /// signature over them, the method, this coordinator's identity and the
+    /// claimed body digest. Neither the key files nor the nonce are looked at.
+    pub(crate) fn authenticate(
         &self,
         metadata: &MetadataMap,
         method: &str,
-        level: Level,
         now_unix: i64,
+    ) -> Result<Authenticated, Status> {
+        if !farm_common::sign::is_signed(metadata) {
+            return Ok(Authenticated::Unsigned);
+        }
+        farm_common::sign::verify_request(metadata, method, &self.identity, now_unix)
+            .map(Authenticated::Signed)
+            .map_err(|e| {
+                tracing::warn!(method, error = %e, "CLI call refused: bad or missing signature");
+                Status::unauthenticated(e.to_string())
+            })
+    }
+
+    /// Accept a signed call's nonce once (a replay is `UNAUTHENTICATED`).
+    /// Only for calls [`CliAuth::check`] let through, so that a key nobody
+    /// authorized cannot fill the memory.
+    pub(crate) fn remember(&self, call: &VerifiedCall, now_unix: i64) -> Result<(), Status> {
+        self.replay.remember(call, now_unix).map_err(|e| match e {
+            farm_common::Error::Busy(m) => {
+                tracing::warn!("CLI call refused: too many nonces to remember");
+                Status::resource_exhausted(m)
+            }
+            e => {
+                tracing::warn!(key = %fingerprint_ed25519(&call.key), error = %e, "CLI call refused: replayed");
+                Status::unauthenticated(e.to_string())
+            }
+        })
+    }
+
+    /// Authorise an [authenticated](CliAuth::authenticate) call to `method`
+    /// (its gRPC path) at `level`. The key files are read (when they changed)
+    /// off the async runtime.
+    pub(crate) async fn check(
+        &self,
+        authn: &Authenticated,
+        method: &str,
+        level: Level,
     ) -> Result<Caller, Status> {
         let open = self.open();
-        let has_key = farm_common::sign::is_signed(metadata);
-        if open && !has_key {
-            return Ok(Caller::Local);
-        }
+        let signed = match authn {
+            Authenticated::Unsigned if open => return Ok(Caller::Local),
+            Authenticated::Unsigned => None,
+            Authenticated::Signed(call) => Some(call.key),
+        };
         let files: Vec<PathBuf> = match level {
             Level::Read => self
                 .authorized_keys
@@ -139,9 +198,13 @@ impl CliAuth {
                 Level::Admin => "no --admin-keys configured on this coordinator",
             }));
         }
-        // A signed call on an open loopback listener is still verified, so a bad
-        // signature is never silently accepted.
-        let key = self.verify(metadata, method, now_unix)?;
+        // A signed call on an open loopback listener was still verified, so a
+        // bad signature is never silently accepted.
+        let Some(key) = signed else {
+            return Err(Status::unauthenticated(format!(
+                "{method} needs a signed call: pass --key (or FARM_KEY) with an authorized key"
+            )));
+        };
         if open {
             return Ok(Caller::Local);
         }
@@ -175,19 +238,6 @@ impl CliAuth {
             }
         }
     }
-
-    /// Check the signature; returns the key that made it.
-    fn verify(
-        &self,
-        metadata: &MetadataMap,
-        method: &str,
-        now_unix: i64,
-    ) -> Result<[u8; 32], Status> {
-        farm_common::sign::verify_request(metadata, method, now_unix).map_err(|e| {
-            tracing::warn!(method, error = %e, "CLI call refused: bad or missing signature");
-            Status::unauthenticated(e.to_string())
-        })
-    }
 }
 
 #[cfg(test)]
@@ -205,11 +255,43 @@ mod tests {
         (sk, pk.to_openssh().unwrap())
     }
 
+    const ID: &str = "farm-test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
     fn signed(seed: u8, method: &str, time: i64) -> MetadataMap {
         let (sk, line) = keypair(seed);
         let mut req = tonic::Request::new(());
-        farm_common::sign::CliSigner::new(sk, line).sign(&mut req, method, time);
+        farm_common::sign::CliSigner::new(sk, line).sign_parts(
+            &mut req,
+            method,
+            ID,
+            b"",
+            time,
+            rand::random(),
+        );
         req.metadata().clone()
+    }
+
+    /// What the signature layer and the handler do together, before the body.
+    async fn check_md(
+        auth: &CliAuth,
+        md: &MetadataMap,
+        method: &str,
+        level: Level,
+        now: i64,
+    ) -> Result<Caller, Status> {
+        let authn = auth.authenticate(md, method, now)?;
+        let caller = auth.check(&authn, method, level).await?;
+        if let Authenticated::Signed(call) = &authn {
+            auth.remember(call, now)?;
+        }
+        Ok(caller)
+    }
+
+    fn with_id(auth: CliAuth) -> CliAuth {
+        CliAuth {
+            identity: ID.into(),
+            ..auth
+        }
     }
 
     #[tokio::test]
@@ -219,15 +301,17 @@ mod tests {
         let admins = dir.path().join("admins");
         std::fs::write(&users, format!("{}\n", keypair(1).1)).unwrap();
         std::fs::write(&admins, format!("{}\n", keypair(2).1)).unwrap();
-        let auth = CliAuth {
+        let auth = with_id(CliAuth {
             authorized_keys: Some(users),
             admin_keys: Some(admins),
             loopback: true,
-        };
+            ..Default::default()
+        });
         let now = 1_700_000_000;
         // user: read yes, admin no
         assert!(matches!(
-            auth.check(
+            check_md(
+                &auth,
                 &signed(1, methods::STATUS, now),
                 methods::STATUS,
                 Level::Read,
@@ -236,19 +320,20 @@ mod tests {
             .await,
             Ok(Caller::Key { .. })
         ));
-        let e = auth
-            .check(
-                &signed(1, methods::CANCEL, now),
-                methods::CANCEL,
-                Level::Admin,
-                now,
-            )
-            .await
-            .unwrap_err();
+        let e = check_md(
+            &auth,
+            &signed(1, methods::CANCEL, now),
+            methods::CANCEL,
+            Level::Admin,
+            now,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         // admin: both
         assert!(
-            auth.check(
+            check_md(
+                &auth,
                 &signed(2, methods::STATUS, now),
                 methods::STATUS,
                 Level::Read,
@@ -258,7 +343,8 @@ mod tests {
             .is_ok()
         );
         assert!(
-            auth.check(
+            check_md(
+                &auth,
                 &signed(2, methods::CANCEL, now),
                 methods::CANCEL,
                 Level::Admin,
@@ -269,7 +355,8 @@ mod tests {
         );
         // unknown key
         assert_eq!(
-            auth.check(
+            check_md(
+                &auth,
                 &signed(3, methods::STATUS, now),
                 methods::STATUS,
                 Level::Read,
@@ -282,7 +369,8 @@ mod tests {
         );
         // signature for another method, stale time, no metadata
         assert_eq!(
-            auth.check(
+            check_md(
+                &auth,
                 &signed(1, methods::SUBMIT, now),
                 methods::STATUS,
                 Level::Read,
@@ -294,7 +382,8 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         assert_eq!(
-            auth.check(
+            check_md(
+                &auth,
                 &signed(1, methods::STATUS, now - 1000),
                 methods::STATUS,
                 Level::Read,
@@ -306,10 +395,16 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         assert_eq!(
-            auth.check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
-                .await
-                .unwrap_err()
-                .code(),
+            check_md(
+                &auth,
+                &MetadataMap::new(),
+                methods::STATUS,
+                Level::Read,
+                now
+            )
+            .await
+            .unwrap_err()
+            .code(),
             tonic::Code::Unauthenticated
         );
     }
@@ -317,19 +412,26 @@ mod tests {
     #[tokio::test]
     async fn open_loopback_and_closed_beyond() {
         let now = 1_700_000_000;
-        let open = CliAuth {
+        let open = with_id(CliAuth {
             loopback: true,
             ..Default::default()
-        };
+        });
         assert_eq!(
-            open.check(&MetadataMap::new(), methods::CANCEL, Level::Admin, now)
-                .await
-                .unwrap(),
+            check_md(
+                &open,
+                &MetadataMap::new(),
+                methods::CANCEL,
+                Level::Admin,
+                now
+            )
+            .await
+            .unwrap(),
             Caller::Local
         );
         // a bad signature is refused even there
         assert!(
-            open.check(
+            check_md(
+                &open,
                 &signed(1, methods::SUBMIT, now),
                 methods::CANCEL,
                 Level::Admin,
@@ -340,11 +442,16 @@ mod tests {
         );
         let closed = CliAuth::default();
         assert_eq!(
-            closed
-                .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
-                .await
-                .unwrap_err()
-                .code(),
+            check_md(
+                &closed,
+                &MetadataMap::new(),
+                methods::STATUS,
+                Level::Read,
+                now
+            )
+            .await
+            .unwrap_err()
+            .code(),
             tonic::Code::PermissionDenied
         );
     }
@@ -354,30 +461,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let users = dir.path().join("users");
         std::fs::write(&users, format!("{}\n", keypair(1).1)).unwrap();
-        let auth = CliAuth {
+        let auth = with_id(CliAuth {
             authorized_keys: Some(users),
             admin_keys: None,
             loopback: true,
-        };
+            ..Default::default()
+        });
         let now = 1_700_000_000;
         for m in [methods::CANCEL, methods::SET_DRAIN] {
-            let e = auth
-                .check(&MetadataMap::new(), m, Level::Admin, now)
+            let e = check_md(&auth, &MetadataMap::new(), m, Level::Admin, now)
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}: {e:?}");
             // nor with a valid signature by an authorized (non-admin) key
-            let e = auth
-                .check(&signed(1, m, now), m, Level::Admin, now)
+            let e = check_md(&auth, &signed(1, m, now), m, Level::Admin, now)
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}: {e:?}");
         }
         // reading still needs a key
-        let e = auth
-            .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
-            .await
-            .unwrap_err();
+        let e = check_md(
+            &auth,
+            &MetadataMap::new(),
+            methods::STATUS,
+            Level::Read,
+            now,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
 
@@ -386,56 +497,62 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A key file that cannot be read: a bad or missing signature must still
         // be refused as such, without touching it.
-        let auth = CliAuth {
+        let auth = with_id(CliAuth {
             authorized_keys: Some(dir.path().join("missing")),
             admin_keys: None,
             loopback: false,
-        };
+            ..Default::default()
+        });
         let now = 1_700_000_000;
-        let e = auth
-            .check(&MetadataMap::new(), methods::STATUS, Level::Read, now)
-            .await
-            .unwrap_err();
+        let e = check_md(
+            &auth,
+            &MetadataMap::new(),
+            methods::STATUS,
+            Level::Read,
+            now,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-        let e = auth
-            .check(
-                &signed(1, methods::SUBMIT, now),
-                methods::STATUS,
-                Level::Read,
-                now,
-            )
-            .await
-            .unwrap_err();
+        let e = check_md(
+            &auth,
+            &signed(1, methods::SUBMIT, now),
+            methods::STATUS,
+            Level::Read,
+            now,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         // A good signature reaches the file, which is unreadable.
-        let e = auth
-            .check(
-                &signed(1, methods::STATUS, now),
-                methods::STATUS,
-                Level::Read,
-                now,
-            )
-            .await
-            .unwrap_err();
+        let e = check_md(
+            &auth,
+            &signed(1, methods::STATUS, now),
+            methods::STATUS,
+            Level::Read,
+            now,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
     }
 
     #[tokio::test]
     async fn extreme_times_are_refused_without_overflow() {
-        let open = CliAuth {
+        let open = with_id(CliAuth {
             loopback: true,
             ..Default::default()
-        };
+        });
         for (time, now) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MIN, 0)] {
-            let e = open
-                .check(
-                    &signed(1, methods::STATUS, time),
-                    methods::STATUS,
-                    Level::Read,
-                    now,
-                )
-                .await
-                .unwrap_err();
+            let e = check_md(
+                &open,
+                &signed(1, methods::STATUS, time),
+                methods::STATUS,
+                Level::Read,
+                now,
+            )
+            .await
+            .unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated);
         }
     }

@@ -11,9 +11,9 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::grpc::BoxStream;
-use crate::api::grpc::auth::{Caller, CliAuth, Level};
+use crate::api::grpc::auth::{Authenticated, Caller, CliAuth, Level};
 use crate::api::grpc::convert::{event_to, machine_to, status_to};
-use crate::domain::coordinator::{Coordinator, now_ms};
+use crate::domain::coordinator::Coordinator;
 use crate::domain::follow::SubmissionUpdate;
 use crate::domain::graph::Root;
 use crate::domain::model::*;
@@ -23,6 +23,9 @@ use crate::domain::model::*;
 pub(crate) struct FarmSvc {
     pub coord: Coordinator,
     pub auth: CliAuth,
+    /// The cache signing key, to prove this coordinator's identity
+    /// (`Identity`; the identity callers sign for is its public half).
+    pub identity_key: farm_nix::signing::SigningKey,
 }
 
 impl FarmSvc {
@@ -32,10 +35,13 @@ impl FarmSvc {
         method: &str,
         level: Level,
     ) -> Result<Caller, Status> {
-        let caller = self
-            .auth
-            .check(req.metadata(), method, level, now_ms() / 1000)
-            .await?;
+        // Put there by the signature layer (`signed`), which checked the
+        // signature, nonce and body digest before the body was decoded.
+        let authn = req.extensions().get::<Authenticated>().ok_or_else(|| {
+            tracing::error!(method, "FarmService call without the signature layer");
+            Status::internal("the call was not authenticated")
+        })?;
+        let caller = self.auth.check(authn, method, level).await?;
         tracing::debug!(method, caller = ?caller, "CLI call");
         Ok(caller)
     }
@@ -327,5 +333,25 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             }
         };
         Ok(Response::new(machine_to(self.coord.machine(protocol))))
+    }
+
+    async fn identity(
+        &self,
+        request: Request<v1::IdentityRequest>,
+    ) -> Result<Response<v1::IdentityResponse>, Status> {
+        // No key needed: this is how a caller learns what to sign for.
+        let challenge = request.into_inner().challenge;
+        if challenge.len() != farm_proto::auth::IDENTITY_CHALLENGE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "the challenge must be {} bytes",
+                farm_proto::auth::IDENTITY_CHALLENGE_LEN
+            )));
+        }
+        // Domain-separated: never a narinfo fingerprint (those start "1;").
+        let message = farm_proto::auth::coordinator_identity_message(&challenge);
+        Ok(Response::new(v1::IdentityResponse {
+            public_key: self.identity_key.verifying_key().to_string(),
+            signature: self.identity_key.sign(&message),
+        }))
     }
 }
