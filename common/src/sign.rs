@@ -351,6 +351,21 @@ impl ReplayGuard {
         self.len() == 0
     }
 
+    /// Whether `call`'s nonce is unused so far (a cheap early refusal, before
+    /// the body is read; [`ReplayGuard::remember`] decides, atomically, once
+    /// the body has been checked: so a copy with a changed body, refused on
+    /// its digest, does not use up the nonce of the call it was copied from).
+    pub fn unused(&self, call: &VerifiedCall) -> Result<(), Error> {
+        let n = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if n.buckets
+            .get(&call.time.div_euclid(BUCKET_SECS))
+            .is_some_and(|s| s.contains(&call.nonce))
+        {
+            return Err(replayed());
+        }
+        Ok(())
+    }
+
     /// Accept `call`'s nonce once: a second use within the window is refused
     /// (`Unauthenticated`), and so is a call when `max` are remembered (`Busy`).
     /// Call it only for a call whose signature and key were accepted, so that
@@ -374,10 +389,7 @@ impl ReplayGuard {
             .get(&bucket)
             .is_some_and(|s| s.contains(&call.nonce))
         {
-            return Err(Error::Unauthenticated(
-                "this request was already made once (its nonce is used): replays are refused"
-                    .into(),
-            ));
+            return Err(replayed());
         }
         if n.len >= self.max {
             return Err(Error::Busy(format!(
@@ -390,6 +402,12 @@ impl ReplayGuard {
         n.len += 1;
         Ok(())
     }
+}
+
+fn replayed() -> Error {
+    Error::Unauthenticated(
+        "this request was already made once (its nonce is used): replays are refused".into(),
+    )
 }
 
 #[cfg(test)]
@@ -516,7 +534,9 @@ mod tests {
             NOW,
         )
         .unwrap();
+        guard.unused(&call).unwrap();
         guard.remember(&call, NOW).unwrap();
+        assert!(guard.unused(&call).is_err());
         let e = guard.remember(&call, NOW + 1).unwrap_err();
         assert!(e.to_string().contains("already made once"), "{e}");
         // Still refused at the very end of the window.

@@ -7,9 +7,10 @@
 //!   key, a unix time, a nonce, the sha256 of its first request message and a
 //!   signature over those, the method path and this coordinator's identity, in
 //!   metadata (`farm_proto::auth`, scheme v2). [`CliAuth::authenticate`] checks
-//!   the signature, [`CliAuth::check`] the key files and
-//!   [`CliAuth::remember`] the nonce, all before the body is read (the
-//!   [`super::signed`] layer), then the layer checks the body digest. Reading and submitting need a key from `--authorized-keys` or
+//!   the signature, [`CliAuth::check`] the key files and [`CliAuth::unused`]
+//!   the nonce, all before the body is read (the [`super::signed`] layer);
+//!   then the layer checks the body digest and [`CliAuth::remember`]s the
+//!   nonce (atomically: a second use is refused). Reading and submitting need a key from `--authorized-keys` or
 //!   `--admin-keys`; drain and cancel need one from `--admin-keys`. When neither
 //!   file is configured and the gRPC listener is on loopback, every caller gets
 //!   both levels; once either file is configured, or beyond loopback, a level
@@ -150,6 +151,15 @@ impl CliAuth {
                 tracing::warn!(method, error = %e, "CLI call refused: bad or missing signature");
                 Status::unauthenticated(e.to_string())
             })
+    }
+
+    /// Refuse a signed call whose nonce was used already (`UNAUTHENTICATED`),
+    /// before its body is read; [`CliAuth::remember`] uses it up after.
+    pub(crate) fn unused(&self, call: &VerifiedCall) -> Result<(), Status> {
+        self.replay.unused(call).map_err(|e| {
+            tracing::warn!(key = %fingerprint_ed25519(&call.key), error = %e, "CLI call refused: replayed");
+            Status::unauthenticated(e.to_string())
+        })
     }
 
     /// Accept a signed call's nonce once (a replay is `UNAUTHENTICATED`).

@@ -10,12 +10,15 @@
 //!    the headers alone.
 //! 3. [`CliAuth::check`] at [`Level::Read`]: the key is in a key file at all
 //!    (or the listener is open), so nobody unknown gets a message read.
-//! 4. [`CliAuth::remember`]: the nonce has not been used within the window.
+//! 4. [`CliAuth::unused`]: the nonce has not been used within the window.
 //! 5. The first gRPC message is read (at most [`MAX_MESSAGE_SIZE`], within
 //!    [`FIRST_MESSAGE_TIMEOUT`]) and its exact received bytes hashed against
-//!    the signed digest; then the call goes on to tonic with those bytes put
-//!    back in front of the rest of the body, and the [`Authenticated`] result
-//!    in its extensions for the handler's own level check.
+//!    the signed digest; [`CliAuth::remember`] then uses the nonce up
+//!    (atomically, so of two concurrent copies one is refused; a copy with a
+//!    changed body never gets here, so it cannot use up the honest call's
+//!    nonce). The call goes on to tonic with the bytes read put back in
+//!    front of the rest of the body, and the [`Authenticated`] result in its
+//!    extensions for the handler's own level check.
 //!
 //! For a client-streaming call (`UploadNar`) the digest covers the first
 //! message, the `info` header naming the NAR's hash and size; the cache
@@ -109,7 +112,7 @@ async fn admit(
     let body = match &authn {
         Authenticated::Unsigned => body,
         Authenticated::Signed(call) => {
-            auth.remember(call, now_unix)?;
+            auth.unused(call)?;
             let (read, message) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first_message(body))
                 .await
                 .map_err(|_| {
@@ -123,6 +126,7 @@ async fn admit(
                     tracing::warn!(%method, "CLI call refused: body differs from the signed one");
                     Status::unauthenticated(e.to_string())
                 })?;
+            auth.remember(call, now_unix)?;
             Body::new(Prefixed {
                 prefix: Some(read.buffered.freeze()),
                 rest: read.rest,
@@ -312,7 +316,7 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         assert!(e.message().contains("already made once"), "{e:?}");
 
-        // A changed body under a fresh nonce.
+        // A changed body.
         let other = farm_proto::v1::CancelRequest { id: "s2".into() }.encode_to_vec();
         let e = admit(
             &auth,
@@ -323,6 +327,14 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         assert!(e.message().contains("not the one that was signed"), "{e:?}");
+        // ... which did not use up the nonce of the call it was copied from.
+        admit(
+            &auth,
+            raw_request(&me, methods::CANCEL, &msg, framed(&msg), 2),
+            NOW,
+        )
+        .await
+        .unwrap();
 
         // Another method's signature.
         let mut req = raw_request(&me, methods::CANCEL, &msg, framed(&msg), 3);
