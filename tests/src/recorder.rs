@@ -262,7 +262,7 @@ pub fn replay(url: &str, rec: &Recorded, body: Bytes) -> anyhow::Result<Answer> 
                 message: h
                     .get("grpc-message")
                     .and_then(|m| m.to_str().ok())
-                    .map(|m| percent_decode(m))
+                    .map(percent_decode)
                     .unwrap_or_default(),
             })
         };

@@ -342,14 +342,12 @@ fn plaintext_to_a_non_loopback_host_is_refused_before_connecting() -> anyhow::Re
 fn in_netns(logs: &TestLogs, key: &Path, args: &[&str]) -> anyhow::Result<(String, u64, Duration)> {
     let home = tempfile::tempdir()?;
     let farm = farm_bin("farm")?;
-    let script = format!(
-        "set -e; ip link set lo up; ip addr add 192.0.2.1/32 dev lo; \
+    let script = "set -e; ip link set lo up; ip addr add 192.0.2.1/32 dev lo; \
          set +e; \"$0\" \"$@\" 2>&1; echo \"exit=$?\"; \
-         awk '/^Tcp:/ {{ if (h) print \"active_opens=\" $6; h = 1 }}' /proc/net/snmp"
-    );
+         awk '/^Tcp:/ { if (h) print \"active_opens=\" $6; h = 1 }' /proc/net/snmp";
     let started = Instant::now();
     let out = std::process::Command::new("unshare")
-        .args(["--net", "bash", "-c", &script])
+        .args(["--net", "bash", "-c", script])
         .arg(&farm)
         .arg("--key")
         .arg(key)
