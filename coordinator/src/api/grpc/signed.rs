@@ -4,7 +4,7 @@
 //!
 //! In order, on the raw HTTP/2 request:
 //! 1. `FarmService.Identity` passes (it needs no key: it is how a caller learns
-//!    what to sign for).
+//!    what to sign for), its message limited to [`MAX_IDENTITY_MESSAGE`] bytes.
 //! 2. [`CliAuth::authenticate`]: key, time, nonce format and the signature over
 //!    method, this coordinator's identity and the claimed body digest, from
 //!    the headers alone.
@@ -43,6 +43,8 @@ use crate::api::grpc::auth::{Authenticated, CliAuth, Level};
 
 /// Longest wait for a signed call's first message once its headers are in.
 pub(crate) const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest `IdentityRequest` read (its one field is a 32-byte challenge).
+pub(crate) const MAX_IDENTITY_MESSAGE: usize = 256;
 /// A gRPC message's frame header: compressed flag and big-endian length.
 const FRAME_HEADER: usize = 5;
 
@@ -103,7 +105,19 @@ async fn admit(
 ) -> Result<http::Request<Body>, Status> {
     let method = req.uri().path().to_owned();
     if method == methods::IDENTITY {
-        return Ok(req);
+        // Nobody is known yet: read no more than a challenge's worth.
+        let (parts, body) = req.into_parts();
+        let (read, _) = tokio::time::timeout(
+            FIRST_MESSAGE_TIMEOUT,
+            first_message(body, MAX_IDENTITY_MESSAGE),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("no request message"))??;
+        let body = Body::new(Prefixed {
+            prefix: Some(read.buffered.freeze()),
+            rest: read.rest,
+        });
+        return Ok(http::Request::from_parts(parts, body));
     }
     let metadata = MetadataMap::from_headers(req.headers().clone());
     let authn = auth.authenticate(&metadata, &method, now_unix)?;
@@ -113,14 +127,15 @@ async fn admit(
         Authenticated::Unsigned => body,
         Authenticated::Signed(call) => {
             auth.unused(call)?;
-            let (read, message) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first_message(body))
-                .await
-                .map_err(|_| {
-                    Status::deadline_exceeded(format!(
-                        "no request message within {} s",
-                        FIRST_MESSAGE_TIMEOUT.as_secs()
-                    ))
-                })??;
+            let (read, message) =
+                tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first_message(body, MAX_MESSAGE_SIZE))
+                    .await
+                    .map_err(|_| {
+                        Status::deadline_exceeded(format!(
+                            "no request message within {} s",
+                            FIRST_MESSAGE_TIMEOUT.as_secs()
+                        ))
+                    })??;
             call.check_body(&read.buffered[FRAME_HEADER..FRAME_HEADER + message])
                 .map_err(|e| {
                     tracing::warn!(%method, "CLI call refused: body differs from the signed one");
@@ -144,17 +159,18 @@ struct FirstMessage {
     rest: Body,
 }
 
-/// Read the body up to the end of its first gRPC message; returns what was
-/// read and the message's length (its bytes follow the frame header).
-async fn first_message(mut body: Body) -> Result<(FirstMessage, usize), Status> {
+/// Read the body up to the end of its first gRPC message, of at most `max`
+/// bytes; returns what was read and the message's length (its bytes follow
+/// the frame header).
+async fn first_message(mut body: Body, max: usize) -> Result<(FirstMessage, usize), Status> {
     let mut buffered = BytesMut::new();
     loop {
         if buffered.len() >= FRAME_HEADER {
             let len = u32::from_be_bytes([buffered[1], buffered[2], buffered[3], buffered[4]]);
             let len = usize::try_from(len).unwrap_or(usize::MAX);
-            if len > MAX_MESSAGE_SIZE {
+            if len > max {
                 return Err(Status::out_of_range(format!(
-                    "request message of {len} bytes, more than the {MAX_MESSAGE_SIZE} allowed"
+                    "request message of {len} bytes, more than the {max} allowed"
                 )));
             }
             if buffered.len() >= FRAME_HEADER + len {
@@ -413,9 +429,17 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
-        // Identity needs nothing.
-        let mut req = raw_request(&stranger, methods::IDENTITY, b"", vec![], 4);
+        // Identity needs nothing, but reads no more than a challenge's worth.
+        let challenge = framed(&[1; 34]);
+        let mut req = raw_request(&stranger, methods::IDENTITY, b"", challenge.clone(), 4);
         req.headers_mut().clear();
-        assert!(admit(&auth, req, NOW).await.is_ok());
+        let ok = admit(&auth, req, NOW).await.unwrap();
+        assert_eq!(body_bytes(ok).await, challenge);
+        let mut big = vec![0u8];
+        big.extend_from_slice(&(MAX_IDENTITY_MESSAGE as u32 + 1).to_be_bytes());
+        let mut req = raw_request(&stranger, methods::IDENTITY, b"", big, 5);
+        req.headers_mut().clear();
+        let e = admit(&auth, req, NOW).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
     }
 }
