@@ -1,11 +1,15 @@
 //! The connection to the coordinator's `FarmService`, every call signed with
 //! the user's SSH key.
 //!
-//! The signature (metadata `x-farm-key`, `x-farm-time`, `x-farm-sig`; the
-//! contract in `proto/farm.proto` and `farm_proto::auth`) is made by
-//! `farm_common::sign`, the channel (TLS rule, keep-alives) by
-//! `farm_common::channel`: the same code the coordinator checks with and the
-//! builder dials with.
+//! The signature (metadata `x-farm-key`, `x-farm-time`, `x-farm-nonce`,
+//! `x-farm-body-sha256`, `x-farm-sig`; the contract in `proto/farm.proto` and
+//! `farm_proto::auth`) is made by `farm_common::sign`, for the coordinator
+//! identity learnt once per connection with `farm_common::sign::learn_identity`
+//! (the coordinator proves it holds the cache key it names); the channel (TLS
+//! rule, keep-alives) by `farm_common::channel`: the same code the coordinator
+//! checks with and the builder dials with. The URL is checked against that
+//! rule before anything else, so no request (signed or not) is ever sent in
+//! plaintext beyond loopback unless `--insecure-plaintext` says so.
 
 use std::path::{Path, PathBuf};
 
@@ -82,9 +86,32 @@ impl UserKey {
         &self.path
     }
 
-    /// Add the signature metadata for a call to `method` at `unix_time`.
-    pub fn sign<T>(&self, req: &mut tonic::Request<T>, method: &str, unix_time: i64) {
-        self.signer.sign(req, method, unix_time);
+    /// Sign a call to `method` for the coordinator `identity`, now.
+    pub fn sign<T: prost::Message>(
+        &self,
+        req: &mut tonic::Request<T>,
+        method: &str,
+        identity: &str,
+    ) {
+        self.signer.sign(req, method, identity);
+    }
+
+    /// Sign a client-streaming call whose first message is `first`.
+    pub fn sign_stream<T>(
+        &self,
+        req: &mut tonic::Request<T>,
+        method: &str,
+        identity: &str,
+        first: &impl prost::Message,
+    ) {
+        self.signer.sign_parts(
+            req,
+            method,
+            identity,
+            &first.encode_to_vec(),
+            now_unix(),
+            rand::random(),
+        );
     }
 }
 
@@ -92,7 +119,8 @@ impl UserKey {
 #[derive(Clone)]
 pub struct Farm {
     client: FarmServiceClient<Channel>,
-    key: Option<UserKey>,
+    /// The key and the coordinator identity calls are signed for.
+    key: Option<(UserKey, String)>,
     addr: String,
     config_path: String,
 }
@@ -105,27 +133,47 @@ pub fn endpoint(url: &str, tls: ClientTls<'_>) -> Result<Endpoint, CliError> {
 
 impl Farm {
     /// Load the key and connect.
+    /// Check the URL (plaintext only to loopback unless forced: refused
+    /// here, before any connection is tried), load the key, connect, and
+    /// learn the coordinator's identity when calls are to be signed.
     pub async fn connect(settings: &Settings) -> Result<Farm, CliError> {
+        let tls = ClientTls {
+            ca_cert: settings.ca_cert.as_deref(),
+            insecure_plaintext: settings.insecure_plaintext,
+        };
+        farm_common::channel::check_url(&settings.coordinator, tls).map_err(|e| {
+            CliError::Config(format!("{e}\n  (nothing was sent: farm signs its calls with your key, and refuses to send them where anyone on the path could read them)"))
+        })?;
         let key = match &settings.key {
             Some(p) => Some(UserKey::load(p)?),
             None => None,
         };
-        let ep = endpoint(
-            &settings.coordinator,
-            ClientTls {
-                ca_cert: settings.ca_cert.as_deref(),
-                insecure_plaintext: settings.insecure_plaintext,
-            },
-        )?;
+        let ep = endpoint(&settings.coordinator, tls)?;
         let channel = ep.connect().await.map_err(|e| CliError::Unreachable {
             addr: settings.coordinator.clone(),
             message: error_chain(&e),
             config: settings.config_display(),
         })?;
+        let mut client = FarmServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let ctx = CallContext {
+            addr: settings.coordinator.clone(),
+            key: settings.key.clone(),
+            admin: false,
+            config_path: settings.config_display(),
+        };
+        let key = match key {
+            Some(k) => {
+                let identity = farm_common::sign::learn_identity(&mut client)
+                    .await
+                    .map_err(|s| ctx.status("learning the coordinator's identity", s))?;
+                Some((k, identity))
+            }
+            None => None,
+        };
         Ok(Farm {
-            client: FarmServiceClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            client,
             key,
             addr: settings.coordinator.clone(),
             config_path: settings.config_display(),
@@ -140,16 +188,16 @@ impl Farm {
     fn ctx(&self, admin: bool) -> CallContext {
         CallContext {
             addr: self.addr.clone(),
-            key: self.key.as_ref().map(|k| k.path().to_path_buf()),
+            key: self.key.as_ref().map(|(k, _)| k.path().to_path_buf()),
             admin,
             config_path: self.config_path.clone(),
         }
     }
 
-    fn request<T>(&self, msg: T, method: &str) -> tonic::Request<T> {
+    fn request<T: prost::Message>(&self, msg: T, method: &str) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
-        if let Some(k) = &self.key {
-            k.sign(&mut req, method, now_unix());
+        if let Some((k, identity)) = &self.key {
+            k.sign(&mut req, method, identity);
         }
         req
     }
@@ -257,14 +305,21 @@ impl Farm {
             .map_err(|s| self.status_error("querying the cache", false, s))
     }
 
+    /// Upload a NAR: `info` (the header message, signed: it names the NAR's
+    /// hash and size, which the cache checks `data` against), then `data`.
     pub async fn upload_nar(
         &self,
-        stream: impl tonic::IntoStreamingRequest<Message = UploadNarRequest>,
+        info: UploadNarRequest,
+        data: impl futures::Stream<Item = UploadNarRequest> + Send + 'static,
     ) -> Result<UploadNarResponse, tonic::Status> {
-        let mut req = stream.into_streaming_request();
-        if let Some(k) = &self.key {
-            k.sign(&mut req, methods::UPLOAD_NAR, now_unix());
+        use futures::StreamExt;
+        let mut req = tonic::Request::new(());
+        if let Some((k, identity)) = &self.key {
+            k.sign_stream(&mut req, methods::UPLOAD_NAR, identity, &info);
         }
+        let (metadata, extensions, ()) = req.into_parts();
+        let stream = futures::stream::once(std::future::ready(info)).chain(data);
+        let req = tonic::Request::from_parts(metadata, extensions, stream);
         self.client
             .clone()
             .upload_nar(req)
@@ -306,14 +361,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine;
-    use ed25519_dalek::Verifier;
-    use farm_proto::auth::{
-        CLI_KEY_METADATA, CLI_SIG_METADATA, CLI_TIME_METADATA, cli_auth_message,
-    };
+    use farm_common::sign::verify_request;
+    use farm_proto::auth::CLI_KEY_METADATA;
 
     #[test]
-    fn loads_openssh_key_and_signs_per_method() {
+    fn loads_openssh_key_and_signs_per_method_body_and_coordinator() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("id_ed25519");
         crate::keys::write_ssh_key(&path, "me@test").unwrap();
@@ -321,27 +373,64 @@ mod tests {
         let public_line = key.signer.public_line();
         assert!(public_line.starts_with("ssh-ed25519 "));
         assert!(public_line.ends_with(" me@test"));
-        let mut req = tonic::Request::new(());
-        key.sign(&mut req, methods::STATUS, 1_700_000_000);
+        let id = "farm-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let msg = CancelRequest { id: "s1".into() };
+        let mut req = tonic::Request::new(msg.clone());
+        key.sign(&mut req, methods::CANCEL, id);
         let md = req.metadata();
-        assert_eq!(md.get(CLI_TIME_METADATA).unwrap(), "1700000000");
         assert_eq!(
             md.get(CLI_KEY_METADATA).unwrap().to_str().unwrap(),
             public_line
         );
-        let sig = base64::engine::general_purpose::STANDARD
-            .decode(md.get(CLI_SIG_METADATA).unwrap().to_str().unwrap())
+        let now = now_unix();
+        let call = verify_request(md, methods::CANCEL, id, now).unwrap();
+        call.check_body(&prost::Message::encode_to_vec(&msg))
             .unwrap();
-        let sig = ed25519_dalek::Signature::from_slice(&sig).unwrap();
-        let vk = key.signer.verifying_key();
+        assert!(verify_request(md, methods::STATUS, id, now).is_err());
+        assert!(verify_request(md, methods::CANCEL, "farm-2:AAAA", now).is_err());
+        // A stream is signed over its header message.
+        let info = UploadNarRequest {
+            msg: Some(upload_nar_request::Msg::Info(PathInfo {
+                store_path: "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x".into(),
+                nar_size: 1,
+                ..Default::default()
+            })),
+        };
+        let mut req = tonic::Request::new(());
+        key.sign_stream(&mut req, methods::UPLOAD_NAR, id, &info);
+        let call = verify_request(req.metadata(), methods::UPLOAD_NAR, id, now).unwrap();
+        call.check_body(&prost::Message::encode_to_vec(&info))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn plaintext_beyond_loopback_is_refused_before_connecting() {
+        // TEST-NET-1: never routed; a connection attempt would hang until the
+        // 10 s connect timeout, a refusal comes back at once.
+        let args = crate::args::GlobalArgs {
+            coordinator: Some("http://192.0.2.1:1".into()),
+            ..Default::default()
+        };
+        let settings = crate::config::resolve_with(
+            &args,
+            Default::default(),
+            None,
+            &crate::config::Env::default(),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let e = match Farm::connect(&settings).await {
+            Err(e) => e,
+            Ok(_) => panic!("connected"),
+        };
+        assert!(matches!(e, CliError::Config(_)), "{e:?}");
+        let text = e.to_string();
         assert!(
-            vk.verify(&cli_auth_message(1_700_000_000, methods::STATUS), &sig)
-                .is_ok()
+            text.contains("--insecure-plaintext") && text.contains("https://"),
+            "{text}"
         );
-        assert!(
-            vk.verify(&cli_auth_message(1_700_000_000, methods::CANCEL), &sig)
-                .is_err()
-        );
+        assert!(text.contains("nothing was sent"), "{text}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

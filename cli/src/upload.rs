@@ -73,8 +73,7 @@ pub async fn upload_one(farm: &Farm, info: &LocalPathInfo) -> Result<(), CliErro
                 msg: Some(upload_nar_request::Msg::Data(b.to_vec())),
             }))
         });
-    let stream = futures::stream::once(std::future::ready(first)).chain(data);
-    let result = farm.upload_nar(stream).await;
+    let result = farm.upload_nar(first, data).await;
     let dumped = dump.await;
     match dumped {
         Ok(Ok(summary)) => {

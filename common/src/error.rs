@@ -33,6 +33,9 @@ pub enum Error {
     /// A signed call's proof is missing or wrong.
     #[error("{0}")]
     Unauthenticated(String),
+    /// Too many signed calls within one validity window to remember their nonces.
+    #[error("{0}")]
+    Busy(String),
 }
 
 fn file_prefix(path: &Option<PathBuf>) -> String {

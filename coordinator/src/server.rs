@@ -285,7 +285,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     config.keys.check_files()?;
     let cli_auth = CliAuth {
         keys: config.keys.clone(),
+        identity: signing_key.verifying_key().to_string(),
+        replay: Default::default(),
     };
+    let identity_key = signing_key.clone();
     let cache = crate::cache::Cache::open(config.cache.clone(), signing_key).await?;
     let coordinator = Coordinator::new(sched, store, cache, facts);
 
@@ -322,16 +325,20 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                 .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             )
-            .add_service(
+            // Signatures, nonces and body digests are checked before tonic
+            // decodes a message (api::grpc::signed).
+            .add_service(crate::api::grpc::signed::SignedCalls::new(
                 farm_proto::v1::farm_service_server::FarmServiceServer::new(
                     crate::api::grpc::farm::FarmSvc {
                         coord: coordinator.clone(),
-                        auth: cli_auth,
+                        auth: cli_auth.clone(),
+                        identity_key,
                     },
                 )
                 .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
-            );
+                cli_auth,
+            ));
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true));
         let done = stopped();
         tasks.spawn(async move {

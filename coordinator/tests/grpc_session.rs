@@ -105,7 +105,111 @@ async fn start(dir: &Path, enrolled: &[&Key]) -> RunningCoordinator {
     config.cache_key_name = Some("farm-test".into());
     config.builder_keys = Some(keys);
     config.builder_grace = Duration::from_secs(2);
+    authorize_operator(&mut config, dir);
     farm_coordinator::start(config).await.unwrap()
+}
+
+/// The operator key every test's FarmService calls sign with (an admin:
+/// a coordinator without key files accepts nobody).
+fn operator() -> farm_common::sign::CliSigner {
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let line = farm_common::keys::public_key_line_ed25519(&sk.verifying_key().to_bytes());
+    farm_common::sign::CliSigner::new(sk, line)
+}
+
+/// Authorizes [`operator`] as admin in `config` (its key file under `dir`).
+fn authorize_operator(config: &mut CoordinatorConfig, dir: &Path) {
+    let file = dir.join("admin_keys");
+    std::fs::write(&file, format!("{} operator\n", operator().public_line())).unwrap();
+    config.keys.admin = Some(file);
+}
+
+/// A FarmService client signing as [`operator`] for the coordinator it reached.
+struct Farm {
+    inner: FarmServiceClient<Channel>,
+    signer: farm_common::sign::CliSigner,
+    identity: String,
+}
+
+async fn farm(ch: Channel) -> Farm {
+    let mut inner = FarmServiceClient::new(ch);
+    let identity = farm_common::sign::learn_identity(&mut inner).await.unwrap();
+    Farm {
+        inner,
+        signer: operator(),
+        identity,
+    }
+}
+
+impl Farm {
+    fn signed<T: prost::Message>(&self, msg: T, method: &str) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        self.signer.sign(&mut req, method, &self.identity);
+        req
+    }
+
+    async fn status(
+        &mut self,
+        m: v1::StatusRequest,
+    ) -> Result<tonic::Response<v1::StatusResponse>, tonic::Status> {
+        let r = self.signed(m, farm_proto::auth::methods::STATUS);
+        self.inner.status(r).await
+    }
+
+    async fn submit(
+        &mut self,
+        m: v1::SubmitRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<v1::BuildEvent>>, tonic::Status> {
+        let r = self.signed(m, farm_proto::auth::methods::SUBMIT);
+        self.inner.submit(r).await
+    }
+
+    async fn logs(
+        &mut self,
+        m: v1::LogsRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<v1::LogChunk>>, tonic::Status> {
+        let r = self.signed(m, farm_proto::auth::methods::LOGS);
+        self.inner.logs(r).await
+    }
+
+    async fn watch(
+        &mut self,
+        m: v1::WatchRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<v1::BuildEvent>>, tonic::Status> {
+        let r = self.signed(m, farm_proto::auth::methods::WATCH);
+        self.inner.watch(r).await
+    }
+
+    async fn machines(
+        &mut self,
+        m: v1::MachinesRequest,
+    ) -> Result<tonic::Response<v1::MachinesResponse>, tonic::Status> {
+        let r = self.signed(m, farm_proto::auth::methods::MACHINES);
+        self.inner.machines(r).await
+    }
+
+    async fn query_valid_paths(
+        &mut self,
+        m: v1::QueryValidPathsRequest,
+    ) -> Result<tonic::Response<v1::QueryValidPathsResponse>, tonic::Status> {
+        let r = self.signed(m, farm_proto::auth::methods::QUERY_VALID_PATHS);
+        self.inner.query_valid_paths(r).await
+    }
+
+    async fn upload_nar(
+        &mut self,
+        msgs: Vec<v1::UploadNarRequest>,
+    ) -> Result<tonic::Response<v1::UploadNarResponse>, tonic::Status> {
+        let header = self.signed(msgs[0].clone(), farm_proto::auth::methods::UPLOAD_NAR);
+        let (md, ext, _) = header.into_parts();
+        self.inner
+            .upload_nar(tonic::Request::from_parts(
+                md,
+                ext,
+                tokio_stream::iter(msgs),
+            ))
+            .await
+    }
 }
 
 async fn channel(c: &RunningCoordinator) -> Channel {
@@ -246,10 +350,8 @@ async fn path_info_for(
 /// Upload through FarmService (what `farm build` does for .drv files and sources).
 async fn cli_upload(ch: Channel, path: &StorePath, contents: &[u8], refs: &[StorePath]) {
     let (info, nar) = path_info_for(path, contents, refs).await;
-    let mut farm = FarmServiceClient::new(ch);
-    farm.upload_nar(tokio_stream::iter(upload_requests(info, nar)))
-        .await
-        .unwrap();
+    let mut farm = farm(ch).await;
+    farm.upload_nar(upload_requests(info, nar)).await.unwrap();
 }
 
 /// A test derivation: one output `out`, depending on `deps` (their `out`) and `srcs`.
@@ -460,7 +562,8 @@ async fn builder_handshake_accepts_enrolled_refuses_others_body() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("not an output"), "{}", err.message());
-    let farm_check = FarmServiceClient::new(ch.clone())
+    let farm_check = farm(ch.clone())
+        .await
         .query_valid_paths(v1::QueryValidPathsRequest {
             store_paths: vec![sp("not-a-job-output").to_string()],
         })
@@ -495,7 +598,7 @@ async fn builder_handshake_accepts_enrolled_refuses_others_body() {
     ]));
 
     // the status shows the good builder online
-    let mut farm = FarmServiceClient::new(ch.clone());
+    let mut farm = farm(ch.clone()).await;
     let st = farm
         .status(v1::StatusRequest {})
         .await
@@ -528,7 +631,7 @@ async fn a_builder_name_stays_bound_to_its_key_body() {
         .unwrap();
     drop(b);
     // wait until it is offline
-    let mut farm = FarmServiceClient::new(ch.clone());
+    let mut farm = farm(ch.clone()).await;
     loop {
         let st = farm
             .status(v1::StatusRequest {})
@@ -589,7 +692,7 @@ async fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_ackn
     let mut b = connect(ch.clone(), "away", &k, &k, vec![]).await.unwrap();
     let d = test_drv("away-one", &[], &[]);
     upload_drv(ch.clone(), &d).await;
-    let mut farm = FarmServiceClient::new(ch.clone());
+    let mut farm = farm(ch.clone()).await;
     let events = farm
         .submit(v1::SubmitRequest {
             drv_paths: vec![d.drv_path.to_string()],
@@ -692,7 +795,7 @@ async fn submitted_graph_is_built_once_in_dependency_order_body() {
         upload_drv(ch.clone(), d).await;
     }
 
-    let mut farm = FarmServiceClient::new(ch.clone());
+    let mut farm = farm(ch.clone()).await;
     let events = farm
         .submit(v1::SubmitRequest {
             drv_paths: vec![top.drv_path.to_string()],
@@ -888,7 +991,7 @@ async fn restart_finishes_the_graph_without_rebuilding_body() {
         for d in [&first, &second, &third] {
             upload_drv(ch.clone(), d).await;
         }
-        let mut farm = FarmServiceClient::new(ch.clone());
+        let mut farm = farm(ch.clone()).await;
         let mut events = farm
             .submit(v1::SubmitRequest {
                 drv_paths: vec![third.drv_path.to_string()],
@@ -924,7 +1027,7 @@ async fn restart_finishes_the_graph_without_rebuilding_body() {
     }
     let c = start(dir.path(), &[&k]).await;
     let ch = channel(&c).await;
-    let mut farm = FarmServiceClient::new(ch.clone());
+    let mut farm = farm(ch.clone()).await;
     let events = farm
         .watch(v1::WatchRequest {
             submission_id: sid.clone(),
@@ -962,6 +1065,7 @@ async fn grpc_over_tls_with_the_pinned_certificate_body() {
     config.http = "127.0.0.1:0".into();
     config.ssh = "127.0.0.1:0".into();
     config.tls = farm_coordinator::config::TlsMode::On;
+    authorize_operator(&mut config, dir.path());
     let c = farm_coordinator::start(config).await.unwrap();
     let e = c.endpoints().clone();
     assert!(e.grpc_tls);
@@ -976,7 +1080,7 @@ async fn grpc_over_tls_with_the_pinned_certificate_body() {
         .connect()
         .await
         .unwrap();
-    let mut farm = FarmServiceClient::new(ch);
+    let mut farm = farm(ch).await;
     farm.status(v1::StatusRequest {}).await.unwrap();
     // plaintext to the TLS port fails
     let plain = Channel::from_shared(format!("http://{}", e.grpc))

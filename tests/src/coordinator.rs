@@ -131,17 +131,20 @@ pub(crate) fn block_on<T: Send + 'static>(
 /// (a coordinator with key files refuses unsigned calls).
 pub fn grpc_status(grpc_url: &str, key: Option<&ClientKey>) -> anyhow::Result<v1::StatusResponse> {
     let url = grpc_url.to_owned();
-    let mut req = tonic::Request::new(v1::StatusRequest {});
-    req.set_timeout(Duration::from_secs(10));
-    if let Some(k) = key {
-        k.sign(&mut req, farm_proto::auth::methods::STATUS)?;
-    }
+    let key = key.cloned();
     block_on(async move {
         let channel = tonic::transport::Endpoint::from_shared(url)?
             .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
             .connect()
             .await?;
         let mut client = v1::farm_service_client::FarmServiceClient::new(channel);
+        let mut req = tonic::Request::new(v1::StatusRequest {});
+        if let Some(k) = key {
+            // Signed for the coordinator that proves its identity, as `farm` does.
+            let identity = farm_common::sign::learn_identity(&mut client).await?;
+            k.sign(&mut req, farm_proto::auth::methods::STATUS, &identity)?;
+        }
         Ok(client.status(req).await?.into_inner())
     })
 }

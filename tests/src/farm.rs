@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use farm_nix::store_path::StorePath;
 use farm_proto::v1;
-use farm_proto::v1::farm_service_client::FarmServiceClient;
 use farm_testkit::{FarmProcess, TestLogs, tracked_output};
 
 use crate::LinkProxy;
@@ -33,7 +32,7 @@ use crate::bins::farm_bin;
 use crate::client::{EventStream, drv_path_infos, dump, http_get_blocking, topo_order};
 use crate::coordinator::Coordinator;
 use crate::graphs::graph_nix;
-use crate::keys::{SigningInterceptor, SshAccess, ssh_key};
+use crate::keys::{SignedClient, SshAccess, ssh_key};
 
 /// How long one graph may take before a test gives up (a hang is a failure,
 /// not a timing assertion).
@@ -589,28 +588,13 @@ impl Farm {
 
     /// A FarmService client signing with the fixture's own key (the operator
     /// key, or the first client key).
-    pub async fn farm_client(
-        &self,
-    ) -> anyhow::Result<
-        FarmServiceClient<
-            tonic::service::interceptor::InterceptedService<
-                tonic::transport::Channel,
-                SigningInterceptor,
-            >,
-        >,
-    > {
+    pub async fn farm_client(&self) -> anyhow::Result<SignedClient> {
         let key = self
             .coordinator
             .probe_key()
             .context("this farm's coordinator has no key to sign with")?
             .clone();
-        let channel = tonic::transport::Endpoint::from_shared(self.grpc_url())?
-            .connect()
-            .await?;
-        Ok(FarmServiceClient::with_interceptor(
-            channel,
-            key.interceptor(),
-        ))
+        SignedClient::connect(&self.grpc_url(), key).await
     }
 
     /// Submits `drvs` and returns the event stream.

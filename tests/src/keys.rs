@@ -63,15 +63,15 @@ impl ClientKey {
         })
     }
 
-    /// A tonic interceptor signing every call with this key (the method path
-    /// comes from the `GrpcMethod` the generated client attaches).
-    pub fn interceptor(&self) -> SigningInterceptor {
-        SigningInterceptor { key: self.clone() }
-    }
-
-    /// Adds the signature metadata of a call to `method` (its gRPC path) now.
-    pub fn sign<T>(&self, req: &mut tonic::Request<T>, method: &str) -> anyhow::Result<()> {
-        self.signer.sign(req, method, farm_common::sign::now_unix());
+    /// Adds the signature metadata of a call to `method` (its gRPC path) now,
+    /// for the coordinator `identity` (its cache public key).
+    pub fn sign<T: prost::Message>(
+        &self,
+        req: &mut tonic::Request<T>,
+        method: &str,
+        identity: &str,
+    ) -> anyhow::Result<()> {
+        self.signer.sign(req, method, identity);
         Ok(())
     }
 }
@@ -183,23 +183,88 @@ impl SshAccess {
     }
 }
 
-/// Signs each call of a generated client ([`ClientKey::interceptor`]).
-#[derive(Debug, Clone)]
-pub struct SigningInterceptor {
+/// A `FarmService` client that signs each call as `farm` does (the method,
+/// the first request message and the coordinator's identity, learnt once),
+/// for the calls the tests make directly.
+pub struct SignedClient {
     key: ClientKey,
+    identity: String,
+    inner: farm_proto::v1::farm_service_client::FarmServiceClient<tonic::transport::Channel>,
 }
 
-impl tonic::service::Interceptor for SigningInterceptor {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let Some(m) = req.extensions().get::<tonic::GrpcMethod>() else {
-            return Err(tonic::Status::internal(
-                "the test client's call has no GrpcMethod",
-            ));
-        };
-        let path = format!("/{}/{}", m.service(), m.method());
+impl SignedClient {
+    /// Connects to `url` and learns the coordinator's identity.
+    pub async fn connect(url: &str, key: ClientKey) -> anyhow::Result<SignedClient> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .connect()
+            .await?;
+        let mut inner = farm_proto::v1::farm_service_client::FarmServiceClient::new(channel);
+        let identity = farm_common::sign::learn_identity(&mut inner).await?;
+        Ok(SignedClient {
+            key,
+            identity,
+            inner,
+        })
+    }
+
+    fn signed<T: prost::Message>(
+        &self,
+        msg: T,
+        method: &str,
+    ) -> Result<tonic::Request<T>, tonic::Status> {
+        let mut req = tonic::Request::new(msg);
         self.key
-            .sign(&mut req, &path)
+            .sign(&mut req, method, &self.identity)
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(req)
+    }
+
+    pub async fn status(
+        &mut self,
+        msg: farm_proto::v1::StatusRequest,
+    ) -> Result<tonic::Response<farm_proto::v1::StatusResponse>, tonic::Status> {
+        let req = self.signed(msg, farm_proto::auth::methods::STATUS)?;
+        self.inner.status(req).await
+    }
+
+    pub async fn logs(
+        &mut self,
+        msg: farm_proto::v1::LogsRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<farm_proto::v1::LogChunk>>, tonic::Status> {
+        let req = self.signed(msg, farm_proto::auth::methods::LOGS)?;
+        self.inner.logs(req).await
+    }
+
+    pub async fn submit(
+        &mut self,
+        msg: farm_proto::v1::SubmitRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<farm_proto::v1::BuildEvent>>, tonic::Status> {
+        let req = self.signed(msg, farm_proto::auth::methods::SUBMIT)?;
+        self.inner.submit(req).await
+    }
+
+    pub async fn watch(
+        &mut self,
+        msg: farm_proto::v1::WatchRequest,
+    ) -> Result<tonic::Response<tonic::Streaming<farm_proto::v1::BuildEvent>>, tonic::Status> {
+        let req = self.signed(msg, farm_proto::auth::methods::WATCH)?;
+        self.inner.watch(req).await
+    }
+
+    /// `UploadNar` of `messages`: the first (the `info` header) is signed.
+    pub async fn upload_nar(
+        &mut self,
+        messages: impl futures::Stream<Item = farm_proto::v1::UploadNarRequest> + Send + 'static,
+    ) -> Result<tonic::Response<farm_proto::v1::UploadNarResponse>, tonic::Status> {
+        use futures::StreamExt;
+        let mut messages = Box::pin(messages);
+        let Some(first) = messages.next().await else {
+            return Err(tonic::Status::invalid_argument("no message to upload"));
+        };
+        let header = self.signed(first.clone(), farm_proto::auth::methods::UPLOAD_NAR)?;
+        let (metadata, extensions, _) = header.into_parts();
+        let stream = futures::stream::once(async move { first }).chain(messages);
+        let req = tonic::Request::from_parts(metadata, extensions, stream);
+        self.inner.upload_nar(req).await
     }
 }

@@ -12,6 +12,8 @@
 //!   key, made one way), the test graphs, the event stream, the cache GET.
 //! - [`farm_bin`]: the path of a farm binary, built on first use.
 //! - [`LinkProxy`]: a TCP link between two processes that a test cuts and restores.
+//! - [`recorder`]: a `FarmService` proxy that records `farm`'s calls as sent,
+//!   and replays them (attack tests).
 //!
 //! Needs root (mount namespaces), `unshare` and Nix (`nix-store`, `nix-build`)
 //! on PATH; see the README.
@@ -24,6 +26,7 @@ mod farm;
 mod graphs;
 mod keys;
 mod proxy;
+pub mod recorder;
 
 pub use actor::Actor;
 pub use bins::{FARM_BINARIES, FARM_PACKAGES, farm_bin};

@@ -4,12 +4,21 @@
 //!   (`--builder-keys`, re-read on every connection, plus keys enrolled in-process),
 //!   and the builder must sign a fresh challenge (see `farm_proto::auth`).
 //! - CLI users ([`CliAuth`]): each `FarmService` call carries an OpenSSH public
-//!   key, a unix time and a signature over the time and the method path, in
-//!   metadata. The key's level comes from the key files ([`crate::access`]):
-//!   read for status, logs and cache reads, build to submit and upload, admin
-//!   to drain and cancel. No key file: nobody, on loopback too.
+//!   key, a unix time, a nonce, the sha256 of its first request message and a
+//!   signature over those, the method path and this coordinator's identity, in
+//!   metadata (`farm_proto::auth`, scheme v2). [`CliAuth::authenticate`] checks
+//!   the signature, [`CliAuth::check`] the key files and [`CliAuth::unused`]
+//!   the nonce, all before the body is read (the [`super::signed`] layer);
+//!   then the layer checks the body digest and [`CliAuth::remember`]s the
+//!   nonce (atomically: a second use is refused). The key's level comes from
+//!   the key files ([`crate::access`]): read for status, logs and cache reads,
+//!   build to submit and upload, admin to drain and cancel. No key file:
+//!   nobody, on loopback too; an unsigned call: nobody.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use farm_common::sign::{ReplayGuard, VerifiedCall};
 
 use farm_proto::auth::builder_auth_message;
 use tonic::Status;
@@ -104,26 +113,94 @@ impl BuilderAuth {
     }
 }
 
-/// The CLI key policy: the level files ([`KeyPolicy`]).
+/// What the signature layer found on a CLI call (put in the request's
+/// extensions for the handler's [`CliAuth::check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Authenticated {
+    /// No key sent at all.
+    Unsigned,
+    /// A signature that checked out (its nonce and body are checked too by
+    /// the time a handler sees it).
+    Signed(VerifiedCall),
+}
+
+/// The CLI key policy: the level files ([`KeyPolicy`]), this coordinator's
+/// identity and the nonces seen.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CliAuth {
     pub keys: KeyPolicy,
+    /// This coordinator's identity as signed by callers: its cache public key
+    /// (`name:base64`), which it proves with `FarmService.Identity`.
+    pub identity: String,
+    /// Nonces of the calls accepted within the validity window.
+    pub replay: Arc<ReplayGuard>,
 }
 
 impl CliAuth {
-    /// Authorise a call to `method` (its gRPC path) needing `level`, from a
-    /// client at `peer`, now being `now_unix`. The signature is checked before
-    /// any key file is looked at; the files are read (when they changed) off
-    /// the async runtime.
-    pub(crate) async fn check(
+    /// Check the signature on a call to `method` (its gRPC path), now being
+    /// `now_unix`, from its metadata alone: key, time, nonce format, and the
+    /// signature over them, the method, this coordinator's identity and the
+    /// claimed body digest. Neither the key files nor the nonce are looked at.
+    pub(crate) fn authenticate(
         &self,
         metadata: &MetadataMap,
         method: &str,
+        now_unix: i64,
+    ) -> Result<Authenticated, Status> {
+        if !farm_common::sign::is_signed(metadata) {
+            return Ok(Authenticated::Unsigned);
+        }
+        farm_common::sign::verify_request(metadata, method, &self.identity, now_unix)
+            .map(Authenticated::Signed)
+            .map_err(|e| {
+                tracing::warn!(method, error = %e, "CLI call refused: bad or missing signature");
+                Status::unauthenticated(e.to_string())
+            })
+    }
+
+    /// Refuse a signed call whose nonce was used already (`UNAUTHENTICATED`),
+    /// before its body is read; [`CliAuth::remember`] uses it up after.
+    pub(crate) fn unused(&self, call: &VerifiedCall) -> Result<(), Status> {
+        self.replay.unused(call).map_err(|e| {
+            tracing::warn!(key = %fingerprint_ed25519(&call.key), error = %e, "CLI call refused: replayed");
+            Status::unauthenticated(e.to_string())
+        })
+    }
+
+    /// Accept a signed call's nonce once (a replay is `UNAUTHENTICATED`).
+    /// Only for calls [`CliAuth::check`] let through, so that a key nobody
+    /// authorized cannot fill the memory.
+    pub(crate) fn remember(&self, call: &VerifiedCall, now_unix: i64) -> Result<(), Status> {
+        self.replay.remember(call, now_unix).map_err(|e| match e {
+            farm_common::Error::Busy(m) => {
+                tracing::warn!("CLI call refused: too many nonces to remember");
+                Status::resource_exhausted(m)
+            }
+            e => {
+                tracing::warn!(key = %fingerprint_ed25519(&call.key), error = %e, "CLI call refused: replayed");
+                Status::unauthenticated(e.to_string())
+            }
+        })
+    }
+
+    /// Authorise an [authenticated](CliAuth::authenticate) call to `method`
+    /// (its gRPC path) needing `level`, from a client at `peer`. The key files
+    /// are read (when they changed) off the async runtime.
+    pub(crate) async fn check(
+        &self,
+        authn: &Authenticated,
+        method: &str,
         level: Level,
         peer: Option<IpAddr>,
-        now_unix: i64,
     ) -> Result<Principal, Status> {
-        let key = self.verify(metadata, method, now_unix)?;
+        let key = match authn {
+            Authenticated::Signed(call) => call.key,
+            Authenticated::Unsigned => {
+                return Err(Status::unauthenticated(format!(
+                    "{method} needs a signed call: pass --key (or FARM_KEY) with an authorized key"
+                )));
+            }
+        };
         if self.keys.is_empty() {
             return Err(Status::permission_denied(
                 "this coordinator authorizes no client keys: start it with --authorized-keys FILE (or --read-keys, --push-keys, --admin-keys), or use `farm up`, which authorizes its user's key",
@@ -177,18 +254,6 @@ impl CliAuth {
         }
         Ok(principal)
     }
-
-    fn verify(
-        &self,
-        metadata: &MetadataMap,
-        method: &str,
-        now_unix: i64,
-    ) -> Result<[u8; 32], Status> {
-        farm_common::sign::verify_request(metadata, method, now_unix).map_err(|e| {
-            tracing::warn!(method, error = %e, "CLI call refused: bad or missing signature");
-            Status::unauthenticated(e.to_string())
-        })
-    }
 }
 
 #[cfg(test)]
@@ -206,11 +271,37 @@ mod tests {
         (sk, pk.to_openssh().unwrap())
     }
 
+    const ID: &str = "farm-test:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
     fn signed(seed: u8, method: &str, time: i64) -> MetadataMap {
         let (sk, line) = keypair(seed);
         let mut req = tonic::Request::new(());
-        farm_common::sign::CliSigner::new(sk, line).sign(&mut req, method, time);
+        farm_common::sign::CliSigner::new(sk, line).sign_parts(
+            &mut req,
+            method,
+            ID,
+            b"",
+            time,
+            rand::random(),
+        );
         req.metadata().clone()
+    }
+
+    /// What the signature layer and the handler do together, before the body.
+    async fn check_md(
+        auth: &CliAuth,
+        md: &MetadataMap,
+        method: &str,
+        level: Level,
+        peer: Option<IpAddr>,
+        now: i64,
+    ) -> Result<Principal, Status> {
+        let authn = auth.authenticate(md, method, now)?;
+        let caller = auth.check(&authn, method, level, peer).await?;
+        if let Authenticated::Signed(call) = &authn {
+            auth.remember(call, now)?;
+        }
+        Ok(caller)
     }
 
     /// Key files for seeds 1 (read), 2 (build), 3 (push), 4 (admin).
@@ -227,12 +318,14 @@ mod tests {
                 push: file("push", 3),
                 admin: file("admin", 4),
             },
+            identity: ID.into(),
+            ..Default::default()
         }
     }
 
     async fn code(auth: &CliAuth, seed: u8, method: &str, level: Level) -> Option<tonic::Code> {
         let now = 1_700_000_000;
-        auth.check(&signed(seed, method, now), method, level, None, now)
+        check_md(&auth, &signed(seed, method, now), method, level, None, now)
             .await
             .err()
             .map(|e| e.code())
@@ -272,8 +365,7 @@ mod tests {
             signed(4, methods::STATUS, now - 1000),
             MetadataMap::new(),
         ] {
-            let e = auth
-                .check(&md, methods::STATUS, Level::Read, None, now)
+            let e = check_md(&auth, &md, methods::STATUS, Level::Read, None, now)
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
@@ -285,8 +377,7 @@ mod tests {
         let now = 1_700_000_000;
         let closed = CliAuth::default();
         for md in [MetadataMap::new(), signed(1, methods::STATUS, now)] {
-            let e = closed
-                .check(&md, methods::STATUS, Level::Read, None, now)
+            let e = check_md(&closed, &md, methods::STATUS, Level::Read, None, now)
                 .await
                 .unwrap_err();
             assert!(
@@ -317,23 +408,23 @@ mod tests {
                 admin: Some(file),
                 ..Default::default()
             },
+            identity: ID.into(),
+            ..Default::default()
         };
         let now = 1_700_000_000;
         let m = methods::STATUS;
         let lan = Some("10.2.3.4".parse().unwrap());
         let wan = Some("127.0.0.1".parse().unwrap());
         assert!(
-            auth.check(&signed(1, m, now), m, Level::Read, lan, now)
+            check_md(&auth, &signed(1, m, now), m, Level::Read, lan, now)
                 .await
                 .is_ok()
         );
-        let e = auth
-            .check(&signed(1, m, now), m, Level::Read, wan, now)
+        let e = check_md(&auth, &signed(1, m, now), m, Level::Read, wan, now)
             .await
             .unwrap_err();
         assert!(e.message().contains("from="), "{e:?}");
-        let e = auth
-            .check(&signed(2, m, now), m, Level::Read, wan, now)
+        let e = check_md(&auth, &signed(2, m, now), m, Level::Read, wan, now)
             .await
             .unwrap_err();
         assert!(e.message().contains("command="), "{e:?}");
@@ -349,22 +440,28 @@ mod tests {
                 build: Some(dir.path().join("missing")),
                 ..Default::default()
             },
+            identity: ID.into(),
+            ..Default::default()
         };
         let now = 1_700_000_000;
         let m = methods::STATUS;
-        let e = auth
-            .check(&MetadataMap::new(), m, Level::Read, None, now)
+        let e = check_md(&auth, &MetadataMap::new(), m, Level::Read, None, now)
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
-        let e = auth
-            .check(&signed(1, methods::SUBMIT, now), m, Level::Read, None, now)
-            .await
-            .unwrap_err();
+        let e = check_md(
+            &auth,
+            &signed(1, methods::SUBMIT, now),
+            m,
+            Level::Read,
+            None,
+            now,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         // A good signature reaches the file, which is unreadable.
-        let e = auth
-            .check(&signed(1, m, now), m, Level::Read, None, now)
+        let e = check_md(&auth, &signed(1, m, now), m, Level::Read, None, now)
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
@@ -375,16 +472,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = policy(dir.path());
         for (time, now) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (i64::MIN, 0)] {
-            let e = auth
-                .check(
-                    &signed(1, methods::STATUS, time),
-                    methods::STATUS,
-                    Level::Read,
-                    None,
-                    now,
-                )
-                .await
-                .unwrap_err();
+            let e = check_md(
+                &auth,
+                &signed(1, methods::STATUS, time),
+                methods::STATUS,
+                Level::Read,
+                None,
+                now,
+            )
+            .await
+            .unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated);
         }
     }

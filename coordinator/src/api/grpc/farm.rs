@@ -12,9 +12,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::Principal;
 use crate::api::grpc::BoxStream;
-use crate::api::grpc::auth::{CliAuth, Level};
+use crate::api::grpc::auth::{Authenticated, CliAuth, Level};
 use crate::api::grpc::convert::{event_to, machine_to, status_to};
-use crate::domain::coordinator::{Coordinator, now_ms};
+use crate::domain::coordinator::Coordinator;
 use crate::domain::follow::SubmissionUpdate;
 use crate::domain::graph::Root;
 use crate::domain::model::*;
@@ -24,6 +24,9 @@ use crate::domain::model::*;
 pub(crate) struct FarmSvc {
     pub coord: Coordinator,
     pub auth: CliAuth,
+    /// The cache signing key, to prove this coordinator's identity
+    /// (`Identity`; the identity callers sign for is its public half).
+    pub identity_key: farm_nix::signing::SigningKey,
 }
 
 impl FarmSvc {
@@ -33,11 +36,14 @@ impl FarmSvc {
         method: &str,
         level: Level,
     ) -> Result<Principal, Status> {
+        // Put there by the signature layer (`signed`), which checked the
+        // signature, nonce and body digest before the body was decoded.
+        let authn = req.extensions().get::<Authenticated>().ok_or_else(|| {
+            tracing::error!(method, "FarmService call without the signature layer");
+            Status::internal("the call was not authenticated")
+        })?;
         let peer = req.remote_addr().map(|a| a.ip());
-        let caller = self
-            .auth
-            .check(req.metadata(), method, level, peer, now_ms() / 1000)
-            .await?;
+        let caller = self.auth.check(authn, method, level, peer).await?;
         tracing::debug!(method, key = %caller.fingerprint, level = %caller.level, "CLI call");
         Ok(caller)
     }
@@ -327,5 +333,25 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             }
         };
         Ok(Response::new(machine_to(self.coord.machine(protocol))))
+    }
+
+    async fn identity(
+        &self,
+        request: Request<v1::IdentityRequest>,
+    ) -> Result<Response<v1::IdentityResponse>, Status> {
+        // No key needed: this is how a caller learns what to sign for.
+        let challenge = request.into_inner().challenge;
+        if challenge.len() != farm_proto::auth::IDENTITY_CHALLENGE_LEN {
+            return Err(Status::invalid_argument(format!(
+                "the challenge must be {} bytes",
+                farm_proto::auth::IDENTITY_CHALLENGE_LEN
+            )));
+        }
+        // Domain-separated: never a narinfo fingerprint (those start "1;").
+        let message = farm_proto::auth::coordinator_identity_message(&challenge);
+        Ok(Response::new(v1::IdentityResponse {
+            public_key: self.identity_key.verifying_key().to_string(),
+            signature: self.identity_key.sign(&message),
+        }))
     }
 }

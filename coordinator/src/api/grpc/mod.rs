@@ -1,6 +1,7 @@
 //! gRPC services: `BuilderService` ([`builder`]), `FarmService` ([`farm`]),
 //! the NAR data calls both share ([`data`]), build logs ([`logs`]), and how
-//! callers prove who they are ([`auth`]).
+//! callers prove who they are ([`auth`], checked before a body is read by
+//! [`signed`]).
 
 pub(crate) mod auth;
 pub(crate) mod builder;
@@ -9,6 +10,7 @@ pub(crate) mod data;
 pub(crate) mod error;
 pub(crate) mod farm;
 pub(crate) mod logs;
+pub(crate) mod signed;
 
 use std::pin::Pin;
 
