@@ -325,7 +325,7 @@ mod tests {
 
     async fn code(auth: &CliAuth, seed: u8, method: &str, level: Level) -> Option<tonic::Code> {
         let now = 1_700_000_000;
-        check_md(&auth, &signed(seed, method, now), method, level, None, now)
+        check_md(auth, &signed(seed, method, now), method, level, None, now)
             .await
             .err()
             .map(|e| e.code())
