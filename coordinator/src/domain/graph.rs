@@ -79,7 +79,7 @@ pub fn dependency_order(
 
 impl Coordinator {
     /// The text of a `.drv` file in the cache (its NAR holds one regular file).
-    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<String>, DomainError> {
+    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, DomainError> {
         let reader = self.cache().nar_reader(drv).await?;
         let Some(mut reader) = reader else {
             return Ok(None);
@@ -90,7 +90,7 @@ impl Coordinator {
             .map_err(|e| DomainError::Invalid(format!("{drv} is not a derivation file: {e}")))
     }
 
-    async fn parsed_drv(&self, drv: &StorePath) -> Result<(String, Derivation), DomainError> {
+    async fn parsed_drv(&self, drv: &StorePath) -> Result<(Vec<u8>, Derivation), DomainError> {
         let text = self.read_drv(drv).await?.ok_or_else(|| {
             DomainError::Invalid(format!("{drv} is not in the farm's cache; upload it first"))
         })?;
