@@ -142,7 +142,8 @@ mod tests {
         assert_eq!(format!("{b:?}"), r#""a\xffb""#);
         assert_eq!(b.to_str(), None);
         assert_eq!(ByteString::from("héllo"), "héllo");
-        assert!(ByteString::from("a") < ByteString::from(&b"\xff"[..]));
+        let (a, ff) = (ByteString::from("a"), ByteString::from(&b"\xff"[..]));
+        assert!(a < ff);
         let mut m = std::collections::BTreeMap::new();
         m.insert(ByteString::from("k"), 1);
         assert_eq!(m.get(b"k".as_slice()), Some(&1));
