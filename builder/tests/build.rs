@@ -43,7 +43,7 @@ impl Client {
     /// derivations built here and published, sources published).
     fn job(&self, fake: &Fake, id: &str, attr: &str) -> Job {
         let drv = self.instantiate(attr);
-        let aterm = std::fs::read_to_string(self.env.host_path(&drv).unwrap()).unwrap();
+        let aterm = std::fs::read(self.env.host_path(&drv).unwrap()).unwrap();
         let mut roots = Vec::new();
         for r in self
             .env

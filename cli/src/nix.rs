@@ -369,8 +369,8 @@ pub fn drv_outputs(drv: &StorePath) -> Result<BTreeMap<String, StorePath>, CliEr
     if meta.len() > farm_nix::derivation::MAX_DRV_SIZE as u64 {
         return Err(CliError::Usage(format!("{drv}: derivation file too large")));
     }
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| CliError::io_path("reading", &path, e))?;
+    // Bytes: a derivation's strings need not be UTF-8.
+    let text = std::fs::read(&path).map_err(|e| CliError::io_path("reading", &path, e))?;
     let d = farm_nix::derivation::Derivation::parse_aterm(&text)
         .map_err(|e| CliError::Usage(format!("{drv}: {e}")))?;
     Ok(d.output_paths())

@@ -36,13 +36,14 @@ fn sp(name: &str) -> StorePath {
     StorePath::from_digest(&digest, name).unwrap()
 }
 
-fn aterm(name: &str) -> Arc<str> {
+fn aterm(name: &str) -> Arc<[u8]> {
     // About the size of a small real .drv.
     format!(
         "Derive([(\"out\",\"/nix/store/{}-{name}\",\"\",\"\")],[],[],\"x86_64-linux\",\"/bin/sh\",[\"-c\",\"{}\"],[])",
         "a".repeat(32),
         "echo build step; ".repeat(110)
     )
+    .into_bytes()
     .into()
 }
 

@@ -356,6 +356,7 @@ async fn cli_upload(ch: Channel, path: &StorePath, contents: &[u8], refs: &[Stor
 
 /// A test derivation: one output `out`, depending on `deps` (their `out`) and `srcs`.
 struct TestDrv {
+    modulo: farm_nix::Hash,
     drv_path: StorePath,
     out: StorePath,
     drv: Derivation,
@@ -367,15 +368,20 @@ fn drv_path_of(name: &str, drv: &Derivation) -> StorePath {
 }
 
 fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
-    let out = sp(name);
+    test_drv_for("x86_64-linux", name, deps, srcs)
+}
+
+/// A derivation whose output path is the one Nix would compute (the farm
+/// checks it), for `system`.
+fn test_drv_for(system: &str, name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
     let mut env = BTreeMap::new();
-    env.insert("out".to_string(), out.to_string());
-    env.insert("name".to_string(), name.to_string());
-    let drv = Derivation {
+    env.insert("out".into(), "".into());
+    env.insert("name".into(), name.into());
+    let mut drv = Derivation {
         outputs: BTreeMap::from([(
             "out".to_string(),
             DerivationOutput {
-                path: Some(out.clone()),
+                path: Some(sp(name)),
                 hash_algo: String::new(),
                 hash: String::new(),
             },
@@ -385,12 +391,21 @@ fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
             .map(|d| (d.drv_path.clone(), BTreeSet::from(["out".to_string()])))
             .collect(),
         input_srcs: srcs.iter().cloned().collect(),
-        platform: "x86_64-linux".into(),
+        platform: system.into(),
         builder: "/bin/sh".into(),
         args: vec!["-c".into(), "echo".into()],
         env,
     };
+    let modulo = |p: &StorePath| {
+        deps.iter()
+            .find(|d| &d.drv_path == p)
+            .map(|d| d.modulo.clone())
+    };
+    let out = drv.computed_output_paths(name, &modulo).unwrap()["out"].clone();
+    drv.outputs.get_mut("out").unwrap().path = Some(out.clone());
+    drv.env.insert("out".into(), out.to_string().into());
     TestDrv {
+        modulo: farm_nix::derivation::hash_derivation_modulo(&drv, &modulo).unwrap(),
         drv_path: drv_path_of(name, &drv),
         out,
         drv,
@@ -400,7 +415,7 @@ fn test_drv(name: &str, deps: &[&TestDrv], srcs: &[StorePath]) -> TestDrv {
 async fn upload_drv(ch: Channel, d: &TestDrv) {
     let mut refs: Vec<StorePath> = d.drv.input_drvs.keys().cloned().collect();
     refs.extend(d.drv.input_srcs.iter().cloned());
-    cli_upload(ch, &d.drv_path, d.drv.to_aterm().as_bytes(), &refs).await;
+    cli_upload(ch, &d.drv_path, &d.drv.to_aterm(), &refs).await;
 }
 
 /// Serve jobs until `stop` jobs have been built: check the job, send a log
@@ -893,9 +908,7 @@ async fn submitted_graph_is_built_once_in_dependency_order_body() {
         Some(Ev::Finished(f)) if f.outcome == v1::BuildOutcome::Cached as i32 && f.outputs["out"] == top.out.to_string())));
 
     // a derivation the farm cannot build fails at once, naming what is missing
-    let mut mac = test_drv("mac-only", &[], &[]);
-    mac.drv.platform = "aarch64-darwin".into();
-    mac.drv_path = drv_path_of("mac-only", &mac.drv);
+    let mac = test_drv_for("aarch64-darwin", "mac-only", &[], &[]);
     upload_drv(ch.clone(), &mac).await;
     let events = farm
         .submit(v1::SubmitRequest {

@@ -183,9 +183,9 @@ pub(crate) fn verify(
                 fc.size
             ));
         };
-        let text = std::str::from_utf8(bytes).map_err(|_| "the .drv is not UTF-8".to_string())?;
+        // Any bytes: Nix accepts them in env values, args and the builder.
         let drv =
-            Derivation::parse_aterm(text).map_err(|e| format!("the .drv does not parse: {e}"))?;
+            Derivation::parse_aterm(bytes).map_err(|e| format!("the .drv does not parse: {e}"))?;
         let refs: BTreeSet<StorePath> = drv
             .input_srcs
             .iter()

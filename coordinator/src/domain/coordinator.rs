@@ -778,7 +778,7 @@ mod tests {
         };
         let nb = |n: &str, deps: &[&str]| crate::domain::scheduler::NewBuild {
             drv_path: path(&format!("{n}.drv")),
-            drv_aterm: format!("Derive-{n}").into(),
+            drv_aterm: format!("Derive-{n}").into_bytes().into(),
             system: "riscv64-linux".into(),
             required_features: Default::default(),
             outputs: [("out".to_string(), path(n))].into(),

@@ -1,12 +1,16 @@
 //! Submitted derivation graphs and the cache-facing side of builds: read the
 //! `.drv` closure from the cache (skipping every derivation whose outputs the
-//! cache has, and not descending below it), hand the rest to the scheduler;
+//! cache has, and not descending below it), check that every derivation's
+//! declared output paths are the ones Nix computes for it (hashDerivationModulo,
+//! bottom-up over the whole `.drv` closure, memoised per submission), hand
+//! the rest to the scheduler;
 //! resolve a runnable build's input closure in dependency order; check a
 //! reported build's outputs; store its log.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use farm_nix::derivation::{BasicDerivation, Derivation};
+use farm_nix::Hash;
+use farm_nix::derivation::{BasicDerivation, Derivation, hash_derivation_modulo};
 use farm_nix::store_path::StorePath;
 
 use crate::domain::coordinator::{Coordinator, Prepared};
@@ -30,6 +34,14 @@ pub enum Root {
         drv_path: StorePath,
         drv: BasicDerivation,
     },
+}
+
+/// The `.drv` files one submission read, and the modulo hashes of those
+/// whose output paths were checked.
+#[derive(Default)]
+struct DrvMemo {
+    read: HashMap<StorePath, (Vec<u8>, Derivation)>,
+    modulo: HashMap<StorePath, Hash>,
 }
 
 /// How a submission is to be built.
@@ -79,7 +91,7 @@ pub fn dependency_order(
 
 impl Coordinator {
     /// The text of a `.drv` file in the cache (its NAR holds one regular file).
-    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<String>, DomainError> {
+    pub async fn read_drv(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, DomainError> {
         let reader = self.cache().nar_reader(drv).await?;
         let Some(mut reader) = reader else {
             return Ok(None);
@@ -90,13 +102,74 @@ impl Coordinator {
             .map_err(|e| DomainError::Invalid(format!("{drv} is not a derivation file: {e}")))
     }
 
-    async fn parsed_drv(&self, drv: &StorePath) -> Result<(String, Derivation), DomainError> {
+    async fn parsed_drv(&self, drv: &StorePath) -> Result<(Vec<u8>, Derivation), DomainError> {
         let text = self.read_drv(drv).await?.ok_or_else(|| {
             DomainError::Invalid(format!("{drv} is not in the farm's cache; upload it first"))
         })?;
         let parsed = Derivation::parse_aterm(&text)
             .map_err(|e| DomainError::Invalid(format!("{drv}: {e}")))?;
         Ok((text, parsed))
+    }
+
+    /// `drv` parsed, after checking the output paths of every derivation in
+    /// its `.drv` closure (inputs first, each once per submission): a
+    /// derivation whose declared outputs are not the ones Nix computes is refused.
+    async fn checked_drv(
+        &self,
+        drv: &StorePath,
+        memo: &mut DrvMemo,
+    ) -> Result<(Vec<u8>, Derivation), DomainError> {
+        let mut stack: Vec<(StorePath, bool)> = vec![(drv.clone(), false)];
+        let mut on_stack: HashSet<StorePath> = HashSet::new();
+        while let Some((p, expanded)) = stack.pop() {
+            if memo.modulo.contains_key(&p) {
+                continue;
+            }
+            if !memo.read.contains_key(&p) {
+                let got = self.parsed_drv(&p).await?;
+                memo.read.insert(p.clone(), got);
+            }
+            let d = &memo.read[&p].1;
+            if !expanded {
+                if !on_stack.insert(p.clone()) {
+                    continue;
+                }
+                if on_stack.len() > MAX_GRAPH {
+                    return Err(DomainError::Invalid(format!(
+                        "the graph has more than {MAX_GRAPH} derivations"
+                    )));
+                }
+                let inputs: Vec<StorePath> = d
+                    .input_drvs
+                    .keys()
+                    .filter(|i| !memo.modulo.contains_key(*i))
+                    .cloned()
+                    .collect();
+                stack.push((p, true));
+                for i in inputs {
+                    if on_stack.contains(&i) {
+                        return Err(DomainError::Invalid(format!(
+                            "{i}: the derivation graph has a cycle"
+                        )));
+                    }
+                    stack.push((i, false));
+                }
+                continue;
+            }
+            on_stack.remove(&p);
+            let name = farm_nix::derivation::name_from_drv_path(&p)
+                .map_err(|e| DomainError::Invalid(format!("{p}: {e}")))?;
+            let known = |i: &StorePath| memo.modulo.get(i).cloned();
+            d.check_output_paths(&name, &known)
+                .map_err(|e| DomainError::Invalid(format!("{p}: {e}; refused")))?;
+            let h = hash_derivation_modulo(d, &known)
+                .map_err(|e| DomainError::Invalid(format!("{p}: {e}")))?;
+            memo.modulo.insert(p, h);
+        }
+        match memo.read.remove(drv) {
+            Some(got) => Ok(got),
+            None => self.parsed_drv(drv).await,
+        }
     }
 
     /// The one way work enters the farm (gRPC `Submit`, the SSH endpoint's
@@ -113,6 +186,7 @@ impl Coordinator {
         let mut root_paths: Vec<StorePath> = Vec::with_capacity(roots.len());
         let mut builds: Vec<NewBuild> = Vec::new();
         let mut cached: BTreeMap<StorePath, BTreeMap<String, StorePath>> = BTreeMap::new();
+        let mut memo = DrvMemo::default();
         for root in roots {
             match root {
                 Root::Drv(d) => {
@@ -158,7 +232,7 @@ impl Coordinator {
                 });
                 continue;
             }
-            let (text, drv) = self.parsed_drv(&d).await?;
+            let (text, drv) = self.checked_drv(&d, &mut memo).await?;
             let outputs = drv.output_paths();
             if outputs.len() != drv.outputs.len() || outputs.is_empty() {
                 return Err(DomainError::Invalid(format!(

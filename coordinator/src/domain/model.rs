@@ -78,8 +78,8 @@ pub struct BuildRecord {
     pub drv_path: StorePath,
     /// The `.drv` text, so a restart needs nothing from the cache to resume
     /// (shared, not copied, by views and jobs).
-    #[serde(with = "arc_str")]
-    pub drv_aterm: Arc<str>,
+    #[serde(with = "arc_bytes")]
+    pub drv_aterm: Arc<[u8]>,
     pub system: String,
     pub required_features: BTreeSet<String>,
     /// Output name → path.
@@ -135,7 +135,7 @@ pub struct SubmissionRecord {
 pub struct BuildView {
     pub id: BuildId,
     pub drv_path: StorePath,
-    pub drv_aterm: Arc<str>,
+    pub drv_aterm: Arc<[u8]>,
     pub system: String,
     pub required_features: BTreeSet<String>,
     pub outputs: BTreeMap<String, StorePath>,
@@ -169,17 +169,46 @@ impl From<&BuildRecord> for BuildView {
 }
 
 /// `Arc<str>` as a plain JSON string (the record format is unchanged).
-mod arc_str {
+/// The `.drv` text: a string when it is UTF-8 (as records were written before
+/// derivations could hold other bytes), else the list of its bytes.
+mod arc_bytes {
+    use std::fmt;
     use std::sync::Arc;
 
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(v)
+    pub(super) fn serialize<S: Serializer>(v: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(v) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => s.serialize_bytes(v),
+        }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
-        Ok(Arc::from(String::deserialize(d)?))
+    struct Text;
+
+    impl<'de> Visitor<'de> for Text {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or a list of bytes")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            Ok(v.as_bytes().to_vec())
+        }
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
+        Ok(Arc::from(d.deserialize_any(Text)?))
     }
 }
 
@@ -321,7 +350,7 @@ pub struct Assignment {
     pub build: BuildId,
     pub job_id: String,
     pub drv_path: StorePath,
-    pub drv_aterm: Arc<str>,
+    pub drv_aterm: Arc<[u8]>,
     /// The input closure, dependencies first (paths shared with the scheduler's).
     pub input_paths: Vec<Arc<StorePath>>,
     pub max_silent_time_secs: u64,

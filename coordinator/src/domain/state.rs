@@ -885,7 +885,7 @@ mod tests {
         BuildRecord {
             id,
             drv_path: sp(&format!("d{id}.drv")),
-            drv_aterm: "Derive()".into(),
+            drv_aterm: b"Derive()".as_slice().into(),
             system: "x86_64-linux".into(),
             required_features: Default::default(),
             outputs: Default::default(),

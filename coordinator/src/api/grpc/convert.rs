@@ -127,7 +127,7 @@ pub(crate) fn command_message(
         BuilderCommand::Job(job) => Down::Job(v1::Job {
             job_id: job.job_id,
             drv_path: job.drv_path.to_string(),
-            drv_aterm: job.drv_aterm.to_string(),
+            drv_aterm: job.drv_aterm.to_vec(),
             input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
             max_silent_time_secs: job.max_silent_time_secs,
             build_timeout_secs: job.build_timeout_secs,
@@ -312,7 +312,7 @@ mod tests {
             build: 1,
             job_id: "1.1".into(),
             drv_path: path("x.drv"),
-            drv_aterm: "D".repeat(4096).into(),
+            drv_aterm: "D".repeat(4096).into_bytes().into(),
             input_paths: (0..100)
                 .map(|i| Arc::new(path(&format!("in{i}"))))
                 .collect(),

@@ -75,6 +75,7 @@ impl Farm {
                     r#"Derive([("out","{}","","")],[],[],"x86_64-linux","/bin/sh",[],[])"#,
                     path(n)
                 )
+                .into_bytes()
                 .into(),
                 system: "x86_64-linux".into(),
                 required_features: Default::default(),

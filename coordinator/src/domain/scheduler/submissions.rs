@@ -8,7 +8,7 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct NewBuild {
     pub drv_path: StorePath,
-    pub drv_aterm: Arc<str>,
+    pub drv_aterm: Arc<[u8]>,
     pub system: String,
     pub required_features: BTreeSet<String>,
     pub outputs: BTreeMap<String, StorePath>,

@@ -48,7 +48,7 @@ pub(crate) fn drv(name: &str) -> StorePath {
 pub(crate) fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> NewBuild {
     NewBuild {
         drv_path: drv(name),
-        drv_aterm: format!("Derive-{name}").into(),
+        drv_aterm: format!("Derive-{name}").into_bytes().into(),
         system: system.into(),
         required_features: features.iter().map(|s| s.to_string()).collect(),
         outputs: BTreeMap::from([("out".to_string(), sp(name))]),

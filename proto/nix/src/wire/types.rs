@@ -8,9 +8,9 @@ use std::fmt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    Limits, WireError, read_bool, read_count, read_opt_store_path, read_opt_string,
-    read_store_path, read_store_paths, read_string, read_string_map, read_string_set, read_strings,
-    read_u64, write_bool, write_opt_store_path, write_opt_string, write_store_path,
+    Limits, WireError, read_bool, read_bytes, read_count, read_opt_store_path, read_opt_string,
+    read_store_path, read_store_paths, read_string, read_string_map, read_string_set, read_u64,
+    write_bool, write_bytes, write_opt_store_path, write_opt_string, write_store_path,
     write_store_paths, write_string, write_string_map, write_strings, write_u64,
 };
 use crate::derivation::{BasicDerivation, DerivationOutput, name_from_drv_path};
@@ -283,9 +283,20 @@ pub async fn read_basic_derivation<R: AsyncRead + Unpin + ?Sized>(
     }
     let input_srcs = read_store_paths(r, limits).await?;
     let platform = read_string(r, limits.max_string).await?;
-    let builder = read_string(r, limits.max_string).await?;
-    let args = read_strings(r, limits).await?;
-    let env = read_string_map(r, limits).await?;
+    // Wire strings are bytes: the builder, args and env may hold any.
+    let builder = read_bytes(r, limits.max_string).await?.into();
+    let n = read_count(r, limits).await?;
+    let mut args = Vec::with_capacity(n.min(1024) as usize);
+    for _ in 0..n {
+        args.push(read_bytes(r, limits.max_string).await?.into());
+    }
+    let n = read_count(r, limits).await?;
+    let mut env = BTreeMap::new();
+    for _ in 0..n {
+        let k = read_bytes(r, limits.max_string).await?;
+        let v = read_bytes(r, limits.max_string).await?;
+        env.insert(k.into(), v.into());
+    }
     Ok(BasicDerivation {
         name,
         outputs,
@@ -311,9 +322,17 @@ pub async fn write_basic_derivation<W: AsyncWrite + Unpin + ?Sized>(
     }
     write_store_paths(w, &drv.input_srcs).await?;
     write_string(w, &drv.platform).await?;
-    write_string(w, &drv.builder).await?;
-    write_strings(w, &drv.args).await?;
-    write_string_map(w, &drv.env).await
+    write_bytes(w, &drv.builder).await?;
+    write_u64(w, drv.args.len() as u64).await?;
+    for a in &drv.args {
+        write_bytes(w, a).await?;
+    }
+    write_u64(w, drv.env.len() as u64).await?;
+    for (k, v) in &drv.env {
+        write_bytes(w, k).await?;
+        write_bytes(w, v).await?;
+    }
+    Ok(())
 }
 
 /// Parse a NAR hash as the protocols send it: bare base16 (or nix32/base64) sha256, or prefixed.
@@ -510,9 +529,9 @@ pub(crate) mod tests {
             ],
             env: BTreeMap::from([
                 ("builder".into(), "/bin/sh".into()),
-                ("input".into(), input.to_string()),
-                ("name".into(), out.name().to_owned()),
-                ("out".into(), out.to_string()),
+                ("input".into(), input.to_string().into()),
+                ("name".into(), out.name().into()),
+                ("out".into(), out.to_string().into()),
                 ("system".into(), "x86_64-linux".into()),
                 ("text".into(), text.into()),
             ]),
@@ -583,7 +602,11 @@ pub(crate) mod tests {
             let mut res = BuildResult::new(BuildStatus::Built, "");
             for (name, out) in &drv.outputs {
                 let path = out.path.clone().unwrap();
-                let text = drv.env.get("text").map(|s| s.as_bytes()).unwrap_or(b"");
+                let text = drv
+                    .env
+                    .get(b"text".as_slice())
+                    .map(|s| s.as_bytes())
+                    .unwrap_or(b"");
                 let nar = nar_of_bytes(text);
                 let mut info = info_for_nar(&path, &nar);
                 info.references = drv.input_srcs.clone();
@@ -696,9 +719,15 @@ pub(crate) mod tests {
                             outputs,
                             input_srcs,
                             platform,
-                            builder,
-                            args,
-                            env,
+                            // bytes that are not UTF-8 travel too
+                            builder: [builder.as_bytes(), b"\xff"].concat().into(),
+                            args: args.into_iter().map(Into::into).collect(),
+                            env: env
+                                .into_iter()
+                                .map(|(k, v): (String, String)| {
+                                    (k.into(), [v.as_bytes(), b"\x80"].concat().into())
+                                })
+                                .collect(),
                         },
                     )
                 },
