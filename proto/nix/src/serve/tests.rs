@@ -726,7 +726,7 @@ fn oversized_messages_close_the_connection() {
         };
         let (drv_path, mut drv) = test_drv(&test_path("in"), &test_path("out"), "t");
         for i in 0..10 {
-            drv.args.push(format!("{i}{}", "z".repeat(1000)).into());
+            drv.args.push(format!("{i}{}", "z".repeat(1000)));
         }
         let mut v = handshake();
         ServeRequest::BuildDerivation {
