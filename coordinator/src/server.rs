@@ -358,12 +358,14 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     // SSH: the Nix endpoint (ssh:// and ssh-ng://), and the relay socket for
     // sites with OpenSSH in front.
     {
-        let endpoint = crate::nix_endpoint::Endpoint::for_coordinator(&coordinator);
+        let endpoint = crate::nix_endpoint::Endpoint::for_coordinator(&coordinator)
+            .with_limits(config.nix_limits);
         let keys = crate::nix_endpoint::access::AuthorizedKeysFiles::new(config.keys.clone());
         let ssh_config = crate::nix_endpoint::ssh::SshConfig {
             host_key: crate::nix_endpoint::ssh::load_host_key(&host_key_openssh)
                 .map_err(CoordinatorError::SshServerKey)?,
             inactivity_timeout: Duration::from_secs(24 * 3600),
+            limits: config.ssh_limits,
         };
         let done = stopped();
         let ep = endpoint.clone();
