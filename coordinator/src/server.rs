@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::api::grpc::auth::{BuilderAuth, CliAuth};
+use crate::api::grpc::limits;
 use crate::config::{CoordinatorConfig, host_for};
 use crate::domain::coordinator::{Coordinator, Facts, now_ms};
 use crate::domain::scheduler::{Scheduler, SchedulerConfig};
@@ -305,13 +306,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             // Bounds per HTTP/2 connection: open streams, and requests in flight.
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION);
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+            .http2_max_header_list_size(limits::MAX_HEADER_LIST);
         if let Some(t) = &tls {
             let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
             builder =
                 builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
         }
         let router = builder
+            .layer(limits::UnaryTimeoutLayer(limits::UNARY_TIMEOUT))
             .add_service(
                 farm_proto::v1::builder_service_server::BuilderServiceServer::new(
                     crate::api::grpc::builder::BuilderSvc {
@@ -319,7 +322,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         auth: builder_auth,
                     },
                 )
-                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(limits::BUILDER_MAX_DECODE)
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             )
             .add_service(
@@ -329,7 +332,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         auth: cli_auth,
                     },
                 )
-                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(limits::FARM_MAX_DECODE)
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             );
         let incoming = tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true));
