@@ -87,6 +87,9 @@ let
     ++ flag "--grpc" (address cfg.grpc)
     ++ flag "--http" (address cfg.http)
     ++ flag "--ssh" (address cfg.ssh)
+    ++ flag "--ssh-login-grace" (toString cfg.ssh.loginGraceTime)
+    ++ flag "--ssh-max-connections" (toString cfg.ssh.maxConnections)
+    ++ flag "--ssh-max-sessions-per-key" (toString cfg.ssh.maxSessionsPerKey)
     ++ optionals (cfg.publicHost != null) (flag "--public-host" cfg.publicHost)
     ++ flag "--cache-key-name" cfg.cacheKeyName
     ++ credentialFlag "--cache-key-file" "cache-key" cfg.cacheKeyFile
@@ -114,7 +117,32 @@ in
 
     grpc = listenOption "gRPC (builders and the `farm` CLI)" 7070;
     http = listenOption "HTTP (binary cache, `/metrics`, dashboard)" 7080;
-    ssh = listenOption "SSH (Nix's `ssh-ng://` and `ssh://` remote store endpoint)" 7022;
+    ssh = listenOption "SSH (Nix's `ssh-ng://` and `ssh://` remote store endpoint)" 7022 // {
+      loginGraceTime = mkOption {
+        type = types.ints.positive;
+        default = 30;
+        description = ''
+          Seconds an SSH client has from connecting to authenticating with its
+          key; then it is disconnected. Nix clients need well under a second.
+        '';
+      };
+      maxConnections = mkOption {
+        type = types.ints.positive;
+        default = 512;
+        description = ''
+          Open SSH connections at most, authenticated or not; past it a new
+          connection is told so and closed.
+        '';
+      };
+      maxSessionsPerKey = mkOption {
+        type = types.ints.positive;
+        default = 64;
+        description = ''
+          Nix sessions (remote builds, copies) one client key runs at once;
+          more are refused with a message.
+        '';
+      };
+    };
 
     openFirewall = mkOption {
       type = types.bool;

@@ -170,6 +170,25 @@ pub struct Args {
     /// names freed) [default: 30].
     #[arg(long, env = "FARM_RETAIN_BUILDERS_DAYS", value_name = "DAYS")]
     pub retain_builders_days: Option<u64>,
+    /// Seconds an SSH client has from connecting to authenticating; then it
+    /// is disconnected [default: 30].
+    #[arg(long, env = "FARM_SSH_LOGIN_GRACE", value_name = "SECS")]
+    pub ssh_login_grace: Option<u64>,
+    /// Open SSH connections at most, authenticated or not; more are refused [default: 512].
+    #[arg(long, env = "FARM_SSH_MAX_CONNECTIONS", value_name = "N")]
+    pub ssh_max_connections: Option<usize>,
+    /// Nix sessions one client key runs at once over SSH; more are refused [default: 64].
+    #[arg(long, env = "FARM_SSH_MAX_SESSIONS_PER_KEY", value_name = "N")]
+    pub ssh_max_sessions_per_key: Option<usize>,
+    /// Most bytes of strings one Nix protocol message (a BasicDerivation, a
+    /// path set, a path info…) may carry in all; a larger one closes its
+    /// connection [default: 67108864 = 64 MiB].
+    #[arg(long, env = "FARM_NIX_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub nix_max_message_bytes: Option<u64>,
+    /// Most list elements (paths, env entries…) one Nix protocol message may
+    /// carry in all [default: 524288].
+    #[arg(long, env = "FARM_NIX_MAX_MESSAGE_ITEMS", value_name = "N")]
+    pub nix_max_message_items: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, by their long names.
@@ -205,6 +224,11 @@ pub struct FileConfig {
     pub retain_finished: Option<usize>,
     pub retain_days: Option<u64>,
     pub retain_builders_days: Option<u64>,
+    pub ssh_login_grace: Option<u64>,
+    pub ssh_max_connections: Option<usize>,
+    pub ssh_max_sessions_per_key: Option<usize>,
+    pub nix_max_message_bytes: Option<u64>,
+    pub nix_max_message_items: Option<u64>,
     /// The cache's own `CacheConfig` (which refuses unknown keys too); its
     /// `storage` defaults to the local directory.
     pub cache: Option<toml::Table>,
@@ -265,6 +289,10 @@ pub struct CoordinatorConfig {
     pub shutdown_grace: Duration,
     /// How much finished history the state database keeps.
     pub retention: Retention,
+    /// Login grace time and connection limits of the SSH endpoint.
+    pub ssh_limits: crate::nix_endpoint::ssh::SshLimits,
+    /// Per-item and per-message bounds of the Nix protocols.
+    pub nix_limits: farm_nix::wire::Limits,
 }
 
 #[cfg(test)]
@@ -308,6 +336,8 @@ impl CoordinatorConfig {
             recent_builder_window: Duration::from_secs(86_400),
             shutdown_grace: Duration::from_secs(10),
             retention: Retention::default(),
+            ssh_limits: crate::nix_endpoint::ssh::SshLimits::default(),
+            nix_limits: farm_nix::wire::Limits::default(),
         }
     }
 
@@ -426,6 +456,32 @@ impl CoordinatorConfig {
                     .or(file.retain_builders_days)
                     .map(days_ms)
                     .unwrap_or(d.retention.builder_ms),
+            },
+            ssh_limits: crate::nix_endpoint::ssh::SshLimits {
+                login_grace: args
+                    .ssh_login_grace
+                    .or(file.ssh_login_grace)
+                    .map(Duration::from_secs)
+                    .unwrap_or(d.ssh_limits.login_grace),
+                max_connections: args
+                    .ssh_max_connections
+                    .or(file.ssh_max_connections)
+                    .unwrap_or(d.ssh_limits.max_connections),
+                max_sessions_per_key: args
+                    .ssh_max_sessions_per_key
+                    .or(file.ssh_max_sessions_per_key)
+                    .unwrap_or(d.ssh_limits.max_sessions_per_key),
+            },
+            nix_limits: farm_nix::wire::Limits {
+                max_message_bytes: args
+                    .nix_max_message_bytes
+                    .or(file.nix_max_message_bytes)
+                    .unwrap_or(d.nix_limits.max_message_bytes),
+                max_message_items: args
+                    .nix_max_message_items
+                    .or(file.nix_max_message_items)
+                    .unwrap_or(d.nix_limits.max_message_items),
+                ..d.nix_limits
             },
             state_dir: d.state_dir,
         })

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::api::grpc::auth::{BuilderAuth, CliAuth};
+use crate::api::grpc::limits;
 use crate::config::{CoordinatorConfig, host_for};
 use crate::domain::coordinator::{Coordinator, Facts, now_ms};
 use crate::domain::scheduler::{Scheduler, SchedulerConfig};
@@ -308,13 +309,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             // Bounds per HTTP/2 connection: open streams, and requests in flight.
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION);
+            .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+            .http2_max_header_list_size(limits::MAX_HEADER_LIST);
         if let Some(t) = &tls {
             let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
             builder =
                 builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
         }
         let router = builder
+            .layer(limits::UnaryTimeoutLayer(limits::UNARY_TIMEOUT))
             .add_service(
                 farm_proto::v1::builder_service_server::BuilderServiceServer::new(
                     crate::api::grpc::builder::BuilderSvc {
@@ -322,7 +325,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         auth: builder_auth,
                     },
                 )
-                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(limits::BUILDER_MAX_DECODE)
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
             )
             // Signatures, nonces and body digests are checked before tonic
@@ -335,7 +338,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         identity_key,
                     },
                 )
-                .max_decoding_message_size(farm_proto::MAX_MESSAGE_SIZE)
+                .max_decoding_message_size(limits::FARM_MAX_DECODE)
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
                 cli_auth,
             ));
@@ -365,12 +368,14 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     // SSH: the Nix endpoint (ssh:// and ssh-ng://), and the relay socket for
     // sites with OpenSSH in front.
     {
-        let endpoint = crate::nix_endpoint::Endpoint::for_coordinator(&coordinator);
+        let endpoint = crate::nix_endpoint::Endpoint::for_coordinator(&coordinator)
+            .with_limits(config.nix_limits);
         let keys = crate::nix_endpoint::access::AuthorizedKeysFiles::new(config.keys.clone());
         let ssh_config = crate::nix_endpoint::ssh::SshConfig {
             host_key: crate::nix_endpoint::ssh::load_host_key(&host_key_openssh)
                 .map_err(CoordinatorError::SshServerKey)?,
             inactivity_timeout: Duration::from_secs(24 * 3600),
+            limits: config.ssh_limits,
         };
         let done = stopped();
         let ep = endpoint.clone();

@@ -113,6 +113,7 @@ async fn real_ssh_client_runs_routed_commands_body() {
         ssh::SshConfig {
             host_key,
             inactivity_timeout: Duration::from_secs(30),
+            limits: ssh::SshLimits::default(),
         },
         Arc::new(OneKey(good_pub)),
         Arc::new(Echo),
@@ -300,6 +301,7 @@ async fn running_sessions_per_connection_are_capped_body() {
         ssh::SshConfig {
             host_key,
             inactivity_timeout: Duration::from_secs(30),
+            limits: ssh::SshLimits::default(),
         },
         Arc::new(OneKey(client_pub)),
         Arc::new(Echo),
@@ -352,6 +354,140 @@ async fn running_sessions_per_connection_are_capped_body() {
     }
     assert!(again.is_some(), "a slot is given back when a command ends");
     drop(running);
+    drop(h);
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[test]
+fn login_grace_and_connection_limits() -> anyhow::Result<()> {
+    let logs = farm_tests::TestLogs::new("login_grace_and_connection_limits")?;
+    farm_tests::deadline_async(DEADLINE, &logs, |_| async {
+        login_grace_and_connection_limits_body().await;
+        Ok(())
+    })
+}
+
+/// Read from `s` until the server closes it (or `limit` passes: `None`).
+async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+async fn login_grace_and_connection_limits_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let client_key = dir.path().join("client");
+    let client_pub = keygen(&client_key);
+    keygen(&dir.path().join("host"));
+    let host_key =
+        ssh::load_host_key(&std::fs::read_to_string(dir.path().join("host")).unwrap()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = Duration::from_secs(2);
+    let server = tokio::spawn(ssh::serve(
+        listener,
+        ssh::SshConfig {
+            host_key,
+            inactivity_timeout: Duration::from_secs(3600),
+            limits: ssh::SshLimits {
+                login_grace: grace,
+                max_connections: 6,
+                max_sessions_per_key: 2,
+            },
+        },
+        Arc::new(OneKey(client_pub)),
+        Arc::new(Echo),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // An authenticated connection, made first, outlives the grace time.
+    let config = Arc::new(russh::client::Config::default());
+    let mut h = russh::client::connect(config, addr, AnyHost).await.unwrap();
+    let key = russh::keys::load_secret_key(&client_key, None).unwrap();
+    let auth = h
+        .authenticate_publickey(
+            "anyone",
+            russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await
+        .unwrap();
+    assert!(auth.success());
+
+    // Five idle ones fill the limit: four send the banner and stop, one sends nothing.
+    let t0 = tokio::time::Instant::now();
+    let mut idle = Vec::new();
+    for i in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        if i > 0 {
+            s.write_all(b"SSH-2.0-idle\r\n").await.unwrap();
+        }
+        idle.push(s);
+    }
+    // Let the server accept them before the next ones come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Past the limit: one line saying why, then closed, before any SSH.
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let got = read_until_closed(&mut s, Duration::from_secs(10))
+            .await
+            .expect("a connection past the limit is closed at once");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("too many SSH connections"), "{text:?}");
+        assert!(!text.contains("SSH-2.0"), "{text:?}");
+    }
+    // The idle ones are dropped once the grace time has passed, not before.
+    for mut s in idle {
+        let got = read_until_closed(&mut s, Duration::from_secs(20))
+            .await
+            .expect("an unauthenticated connection is dropped after the grace time");
+        assert!(t0.elapsed() >= grace - Duration::from_millis(100));
+        assert!(
+            got.is_empty() || got.starts_with(b"SSH-2.0-"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert!(t0.elapsed() < grace + Duration::from_secs(10));
+    // Slots are free again: a real client gets in.
+    let out = tokio::task::spawn_blocking({
+        let client_key = client_key.clone();
+        move || {
+            let mut c = ssh_cmd(&client_key, addr.port(), "nix-daemon --stdio");
+            c.stdin(Stdio::null()).output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Daemon:");
+
+    // The first connection still works after the grace time, and one key
+    // runs at most two sessions at once, on any connections.
+    let _a = start_session(&h).await.unwrap();
+    let _b = start_session(&h).await.unwrap();
+    let out = tokio::task::spawn_blocking({
+        let client_key = client_key.clone();
+        move || {
+            let mut c = ssh_cmd(&client_key, addr.port(), "nix-daemon --stdio");
+            c.stdin(Stdio::null()).output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already runs 2 sessions"), "{err}");
+    assert_eq!(out.status.code(), Some(127));
+    drop((_a, _b));
     drop(h);
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();

@@ -33,6 +33,8 @@ const TIGHT: Limits = Limits {
     max_string: 4096,
     max_list: 64,
     max_frame: 4096,
+    max_message_bytes: 16384,
+    max_message_items: 256,
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -48,6 +48,8 @@ enum SessionError {
 pub struct Endpoint {
     store: FarmStore,
     builds: Option<Arc<dyn BuildBackend>>,
+    /// Bounds on what one client message may carry (both protocols).
+    limits: farm_nix::wire::Limits,
 }
 
 impl Endpoint {
@@ -57,7 +59,14 @@ impl Endpoint {
         Endpoint {
             store: FarmStore::new(cache),
             builds,
+            limits: farm_nix::wire::Limits::default(),
         }
+    }
+
+    /// The same endpoint with these protocol limits.
+    pub fn with_limits(mut self, limits: farm_nix::wire::Limits) -> Endpoint {
+        self.limits = limits;
+        self
     }
 
     /// The endpoint of a running coordinator: its cache, builds on its scheduler.
@@ -89,9 +98,14 @@ impl Endpoint {
                     stderr,
                     write,
                 };
-                let r = farm_nix::serve::run_server(stdin, stdout, &mut session)
-                    .await
-                    .map_err(SessionError::Serve);
+                let config = farm_nix::serve::ServeConfig {
+                    limits: self.limits,
+                    ..Default::default()
+                };
+                let r =
+                    farm_nix::serve::run_server_with_config(stdin, stdout, &mut session, &config)
+                        .await
+                        .map_err(SessionError::Serve);
                 (r, session.stderr)
             }
             NixProgram::Daemon => {

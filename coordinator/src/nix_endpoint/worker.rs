@@ -46,7 +46,11 @@ pub(crate) async fn run(
         settings: BuildSettings::default(),
         next_activity: 1,
     };
-    farm_nix::worker::run_server(stdin, stdout, &mut session).await
+    let config = farm_nix::worker::WorkerConfig {
+        limits: endpoint.limits,
+        ..Default::default()
+    };
+    farm_nix::worker::run_server_with_config(stdin, stdout, &mut session, &config).await
 }
 
 /// One worker session.

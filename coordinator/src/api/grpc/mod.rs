@@ -1,7 +1,7 @@
 //! gRPC services: `BuilderService` ([`builder`]), `FarmService` ([`farm`]),
-//! the NAR data calls both share ([`data`]), build logs ([`logs`]), and how
+//! the NAR data calls both share ([`data`]), build logs ([`logs`]), how
 //! callers prove who they are ([`auth`], checked before a body is read by
-//! [`signed`]).
+//! [`signed`]), and the size and time bounds on requests ([`limits`]).
 
 pub(crate) mod auth;
 pub(crate) mod builder;
@@ -9,6 +9,7 @@ pub(crate) mod convert;
 pub(crate) mod data;
 pub(crate) mod error;
 pub(crate) mod farm;
+pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod signed;
 

@@ -450,6 +450,7 @@ where
             }
             .into());
         }
+        wire::charge_items(1)?;
         write_u64(&mut w, 1).await?;
         let (entry, signature) = reader.read_entry(&mut w).await?;
         export::write_trailer(

@@ -179,7 +179,13 @@ where
     let version = client_version.min(config.version);
     tracing::debug!(%version, "serve handshake done");
 
-    while let Some(req) = ServeRequest::read(&mut r, version, &config.limits).await? {
+    // Each request within one message budget (a NAR that follows is not charged).
+    while let Some(req) = wire::within_message(
+        &config.limits,
+        ServeRequest::read(&mut r, version, &config.limits),
+    )
+    .await?
+    {
         tracing::debug!(command = ?req.command(), "serve request");
         handle(&mut r, &mut w, handler, req, version, config).await?;
         w.flush().await.map_err(WireError::from)?;
@@ -280,7 +286,10 @@ where
             let limits = &config.limits;
             let nar_limits = &config.nar_limits;
             let produce = async move {
-                let res = copy_export_stream(r, &mut tx, limits, nar_limits).await;
+                // The headers of the whole import (paths, references,
+                // signatures) share one message budget; the NARs do not count.
+                let copy = copy_export_stream(r, &mut tx, limits, nar_limits);
+                let res = wire::within_message(limits, copy).await;
                 drop(tx);
                 res
             };

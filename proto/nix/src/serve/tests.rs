@@ -695,3 +695,68 @@ fn our_client_against_real_nix_store_serve() {
         assert_eq!(hash, info.nar_hash.to_nix32_prefixed());
     });
 }
+
+/// A request over the message budget ends the connection with a clear error.
+#[test]
+fn oversized_messages_close_the_connection() {
+    rt().block_on(async {
+        let config = ServeConfig {
+            limits: Limits {
+                max_message_bytes: 8 << 10,
+                max_message_items: 64,
+                ..Limits::default()
+            },
+            ..ServeConfig::default()
+        };
+        let run = |input: Vec<u8>| {
+            let config = config.clone();
+            async move {
+                let (mut client, server) = tokio::io::duplex(1 << 20);
+                let (sr, sw) = tokio::io::split(server);
+                let task = tokio::spawn(async move {
+                    let mut store = MemStore::default();
+                    run_server_with_config(sr, sw, &mut store, &config).await
+                });
+                client.write_all(&input).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut sink = Vec::new();
+                let _ = client.read_to_end(&mut sink).await;
+                task.await.expect("server task must not panic")
+            }
+        };
+        let (drv_path, mut drv) = test_drv(&test_path("in"), &test_path("out"), "t");
+        for i in 0..10 {
+            drv.args.push(format!("{i}{}", "z".repeat(1000)).into());
+        }
+        let mut v = handshake();
+        ServeRequest::BuildDerivation {
+            drv_path,
+            drv,
+            options: BuildOptions::default(),
+        }
+        .write(&mut v, SERVE_PROTOCOL_VERSION)
+        .await
+        .unwrap();
+        let e = run(v).await.unwrap_err();
+        assert!(
+            matches!(e, ServeError::Wire(WireError::MessageTooLarge { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("protocol message too large"), "{e}");
+        let paths: BTreeSet<StorePath> = (0..65).map(|i| test_path(&format!("q{i}"))).collect();
+        let mut v = handshake();
+        ServeRequest::QueryValidPaths {
+            lock: false,
+            substitute: false,
+            paths,
+        }
+        .write(&mut v, SERVE_PROTOCOL_VERSION)
+        .await
+        .unwrap();
+        let e = run(v).await.unwrap_err();
+        assert!(
+            matches!(e, ServeError::Wire(WireError::MessageTooLarge { .. })),
+            "{e}"
+        );
+    });
+}

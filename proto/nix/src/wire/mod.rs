@@ -12,6 +12,16 @@
 //!
 //! Every reader checks a length against its [`Limits`] before allocating,
 //! rejects non-zero padding, and reports failures as [`WireError`].
+//!
+//! Each item is bounded, and so is each message as a whole: a server decodes
+//! one request inside [`within_message`], and while it runs every string read
+//! ([`read_bytes`]) and every list count ([`read_count`]) is charged to that
+//! message's budget (`Limits::max_message_bytes`, `Limits::max_message_items`)
+//! before anything is allocated, so no request can make the server hold more
+//! than about `max_message_bytes` plus ~100 bytes per element. The budget is a
+//! task-local of the decoding future, so the item readers keep their
+//! signatures; outside [`within_message`] (clients, tests) only the per-item
+//! limits apply. NAR contents are never charged (they are streamed).
 
 mod framed;
 pub mod pipe;
@@ -28,7 +38,9 @@ pub use types::{
 };
 pub use version::ProtocolVersion;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -46,7 +58,20 @@ pub struct Limits {
     pub max_list: u64,
     /// Largest single frame of a framed stream.
     pub max_frame: u64,
+    /// Most string bytes one message may carry in all (see [`within_message`]).
+    pub max_message_bytes: u64,
+    /// Most list, set and map elements one message may carry in all.
+    pub max_message_items: u64,
 }
+
+/// Default [`Limits::max_message_bytes`]: 64 MiB, far above any real
+/// derivation's environment (Linux passes at most 128 KiB per variable to a
+/// builder; larger values go through files with `passAsFile` or structured
+/// attributes, which still cross the wire, hence the headroom).
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 << 20;
+/// Default [`Limits::max_message_items`]: 512 Ki elements, e.g. a
+/// `QueryValidPaths` of a 500 000-path closure (all of nixpkgs is far less).
+pub const DEFAULT_MAX_MESSAGE_ITEMS: u64 = 1 << 19;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -54,8 +79,63 @@ impl Default for Limits {
             max_string: 64 << 20,
             max_list: 1 << 20,
             max_frame: 64 << 20,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_items: DEFAULT_MAX_MESSAGE_ITEMS,
         }
     }
+}
+
+/// What one message being decoded has used of its budget.
+struct MessageBudget {
+    bytes: Cell<u64>,
+    items: Cell<u64>,
+    max_bytes: u64,
+    max_items: u64,
+}
+
+tokio::task_local! {
+    static MESSAGE_BUDGET: MessageBudget;
+}
+
+/// Run `decode` (the reading of one protocol message) under a fresh budget of
+/// `limits.max_message_bytes` string bytes and `limits.max_message_items` list
+/// elements; past either, the read fails with [`WireError::MessageTooLarge`]
+/// before allocating.
+pub async fn within_message<F: Future>(limits: &Limits, decode: F) -> F::Output {
+    let budget = MessageBudget {
+        bytes: Cell::new(0),
+        items: Cell::new(0),
+        max_bytes: limits.max_message_bytes,
+        max_items: limits.max_message_items,
+    };
+    MESSAGE_BUDGET.scope(budget, decode).await
+}
+
+/// Charge `n` string bytes to the message being decoded, if any.
+pub(crate) fn charge_bytes(n: u64) -> Result<(), WireError> {
+    charge(n, |b| (&b.bytes, b.max_bytes, "string bytes"))
+}
+
+/// Charge `n` list elements to the message being decoded, if any.
+pub(crate) fn charge_items(n: u64) -> Result<(), WireError> {
+    charge(n, |b| (&b.items, b.max_items, "list elements"))
+}
+
+fn charge(
+    n: u64,
+    pick: impl FnOnce(&MessageBudget) -> (&Cell<u64>, u64, &'static str),
+) -> Result<(), WireError> {
+    MESSAGE_BUDGET
+        .try_with(|b| {
+            let (used, max, what) = pick(b);
+            let total = used.get().saturating_add(n);
+            if total > max {
+                return Err(WireError::MessageTooLarge { what, max });
+            }
+            used.set(total);
+            Ok(())
+        })
+        .unwrap_or(Ok(()))
 }
 
 /// Everything that can go wrong reading or writing the wire format.
@@ -71,6 +151,8 @@ pub enum WireError {
         len: u64,
         max: u64,
     },
+    #[error("protocol message too large: more than {max} {what} in one message")]
+    MessageTooLarge { what: &'static str, max: u64 },
     #[error("non-zero padding after a string")]
     NonZeroPadding,
     #[error("string is not valid UTF-8")]
@@ -215,6 +297,7 @@ pub async fn read_bytes<R: AsyncRead + Unpin + ?Sized>(
             max,
         });
     }
+    charge_bytes(len)?;
     let mut buf = vec![0u8; len as usize];
     r.read_exact(&mut buf).await.map_err(WireError::from_io)?;
     read_padding(r, len).await?;
@@ -242,6 +325,7 @@ pub async fn read_count<R: AsyncRead + Unpin + ?Sized>(
             max: limits.max_list,
         });
     }
+    charge_items(n)?;
     Ok(n)
 }
 
@@ -504,6 +588,107 @@ mod tests {
                 read_store_path(&mut &out[..]).await,
                 Err(WireError::StorePath(_))
             ));
+        });
+    }
+
+    fn tight(bytes: u64, items: u64) -> Limits {
+        Limits {
+            max_message_bytes: bytes,
+            max_message_items: items,
+            ..Limits::default()
+        }
+    }
+
+    /// A message's strings and elements are bounded as a whole, not only one
+    /// by one; the budget is per message and only where a server asks for it.
+    #[test]
+    fn message_budget_bounds_the_whole_message() {
+        use crate::wire::test_support::{test_drv, test_path};
+        rt().block_on(async {
+            let (drv_path, mut drv) = test_drv(&test_path("in"), &test_path("out"), "t");
+            // 20 values of 1000 bytes: each is far below max_string, together over 16 KiB.
+            for i in 0..20 {
+                drv.env.insert(format!("big{i}").into(), "x".repeat(1000).into());
+            }
+            let mut out = Vec::new();
+            write_basic_derivation(&mut out, &drv).await.unwrap();
+            let read = |lim: Limits| {
+                let out = out.clone();
+                let drv_path = drv_path.clone();
+                async move {
+                    let mut r = &out[..];
+                    within_message(&lim, read_basic_derivation(&mut r, &drv_path, &lim)).await
+                }
+            };
+            let err = read(tight(16 << 10, 1000)).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    WireError::MessageTooLarge {
+                        what: "string bytes",
+                        max: 16384
+                    }
+                ),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("protocol message too large"),
+                "{err}"
+            );
+            // Env entries are elements too.
+            let err = read(tight(1 << 20, 10)).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    WireError::MessageTooLarge {
+                        what: "list elements",
+                        max: 10
+                    }
+                ),
+                "{err}"
+            );
+            // Within budget it reads back whole.
+            assert_eq!(read(tight(1 << 20, 1000)).await.unwrap(), drv);
+            // Outside `within_message` only the per-item limits apply.
+            let lim = tight(16, 1);
+            assert_eq!(
+                read_basic_derivation(&mut &out[..], &drv_path, &lim)
+                    .await
+                    .unwrap(),
+                drv
+            );
+
+            // A path set: each message gets a fresh budget.
+            let paths: BTreeSet<StorePath> =
+                (0..100).map(|i| test_path(&format!("p{i}"))).collect();
+            let mut out = Vec::new();
+            write_store_paths(&mut out, &paths).await.unwrap();
+            let lim = tight(1 << 20, 150);
+            for _ in 0..3 {
+                let got = within_message(&lim, read_store_paths(&mut &out[..], &lim)).await;
+                assert_eq!(got.unwrap(), paths);
+            }
+            let lim = tight(1 << 20, 99);
+            let err = within_message(&lim, read_store_paths(&mut &out[..], &lim)).await;
+            assert!(matches!(err, Err(WireError::MessageTooLarge { .. })));
+            // A count over the budget fails before any element is read (or allocated).
+            let huge = 1_000_000u64.to_le_bytes();
+            let lim = tight(1 << 20, 1000);
+            let err = within_message(&lim, read_store_paths(&mut &huge[..], &lim)).await;
+            assert!(
+                matches!(err, Err(WireError::MessageTooLarge { .. })),
+                "{err:?}"
+            );
+            // So does a string length over what is left, with no bytes behind it.
+            let mut claim = Vec::new();
+            claim.extend_from_slice(&2u64.to_le_bytes());
+            claim.extend_from_slice(&(60u64 << 20).to_le_bytes());
+            let lim = tight(1 << 20, 1000);
+            let err = within_message(&lim, read_strings(&mut &claim[..], &lim)).await;
+            assert!(
+                matches!(err, Err(WireError::MessageTooLarge { .. })),
+                "{err:?}"
+            );
         });
     }
 

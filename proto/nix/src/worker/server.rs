@@ -390,7 +390,9 @@ where
     let mut w = BufWriter::new(writer);
     let version = handshake(&mut r, &mut w, config).await?;
     loop {
-        let req = match WorkerRequest::read(&mut r, version, &config.limits).await {
+        // One request (its arguments, not a NAR that follows) within one message budget.
+        let read = WorkerRequest::read(&mut r, version, &config.limits);
+        let req = match wire::within_message(&config.limits, read).await {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()),
             Err(e) => {
@@ -439,7 +441,8 @@ where
     }
     let version = client_version.min(config.version);
     if version.supports(feature::FEATURE_EXCHANGE) {
-        let _features = read_strings(r, &config.limits).await?;
+        let _features =
+            wire::within_message(&config.limits, read_strings(r, &config.limits)).await?;
         write_strings(w, Vec::<String>::new()).await?;
         w.flush().await.map_err(WireError::from)?;
     }
@@ -777,7 +780,8 @@ where
 {
     let n = wire::read_count(src, &config.limits).await?;
     for _ in 0..n {
-        let info = wire::read_path_info(src, &config.limits).await?;
+        let info =
+            wire::within_message(&config.limits, wire::read_path_info(src, &config.limits)).await?;
         if let Err(e) = add_one(
             src,
             handler,

@@ -1334,3 +1334,89 @@ fn our_client_against_real_nix_daemon() {
         let _ = child.wait().await.unwrap();
     });
 }
+
+/// A request over the message budget is refused with a clear error and the
+/// connection closes; the same server takes a request within it.
+#[test]
+fn oversized_messages_close_the_connection() {
+    rt().block_on(async {
+        let config = WorkerConfig {
+            limits: Limits {
+                max_message_bytes: 8 << 10,
+                max_message_items: 64,
+                ..Limits::default()
+            },
+            ..WorkerConfig::default()
+        };
+        let run = |input: Vec<u8>| {
+            let config = config.clone();
+            async move {
+                let (mut client, server) = tokio::io::duplex(1 << 20);
+                let (sr, sw) = tokio::io::split(server);
+                let task = tokio::spawn(async move {
+                    let mut store = MemStore::default();
+                    run_server_with_config(sr, sw, &mut store, &config).await
+                });
+                client.write_all(&input).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut out = Vec::new();
+                let _ = client.read_to_end(&mut out).await;
+                (out, task.await.expect("server task must not panic"))
+            }
+        };
+        // A BasicDerivation whose env values are each small but together too big.
+        let (drv_path, mut drv) = test_drv(&test_path("in"), &test_path("out"), "t");
+        for i in 0..10 {
+            drv.env.insert(format!("v{i}").into(), "y".repeat(1000).into());
+        }
+        let mut v = handshake();
+        WorkerRequest::BuildDerivation {
+            drv_path,
+            drv,
+            mode: BuildMode::Normal,
+        }
+        .write(&mut v, v1(34))
+        .await
+        .unwrap();
+        let (out, res) = run(v).await;
+        assert!(
+            matches!(
+                res,
+                Err(WorkerError::Wire(WireError::MessageTooLarge { .. }))
+            ),
+            "{res:?}"
+        );
+        let e = last_error(&out).await;
+        assert!(e.message.contains("protocol message too large"), "{e:?}");
+        // A QueryValidPaths of more paths than the budget's elements.
+        let paths: BTreeSet<StorePath> = (0..65).map(|i| test_path(&format!("q{i}"))).collect();
+        let mut v = handshake();
+        WorkerRequest::QueryValidPaths {
+            paths: paths.clone(),
+            substitute: false,
+        }
+        .write(&mut v, v1(34))
+        .await
+        .unwrap();
+        let (out, res) = run(v).await;
+        assert!(matches!(
+            res,
+            Err(WorkerError::Wire(WireError::MessageTooLarge { .. }))
+        ));
+        assert!(last_error(&out).await.message.contains("64 list elements"));
+        // Two requests of 40 paths each: the budget is per message.
+        let few: BTreeSet<StorePath> = paths.into_iter().take(40).collect();
+        let mut v = handshake();
+        for _ in 0..2 {
+            WorkerRequest::QueryValidPaths {
+                paths: few.clone(),
+                substitute: false,
+            }
+            .write(&mut v, v1(34))
+            .await
+            .unwrap();
+        }
+        let (_, res) = run(v).await;
+        res.unwrap();
+    });
+}
