@@ -31,6 +31,39 @@ pub(crate) fn sample_nar(seed: &str) -> Vec<u8> {
     nix_dump(&root)
 }
 
+/// As [`sample_nar`], with a file naming `refs`, so that the reference scan finds them.
+pub(crate) fn nar_with_refs(seed: &str, refs: &[&StorePath]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("data.txt"), format!("hello {seed}\n")).unwrap();
+    let mut text = String::new();
+    for r in refs {
+        text.push_str(&format!("{r}\n"));
+    }
+    std::fs::write(root.join("refs"), text).unwrap();
+    nix_dump(&root)
+}
+
+/// Put `paths` into the cache's index as if they were published (no
+/// objects): for tests that need many references present.
+fn pretend_published(cache: &Cache, paths: &BTreeSet<StorePath>) {
+    let mut index = cache.inner.index.write().unwrap();
+    for p in paths {
+        let info = ValidPathInfo::new(p.clone(), HashAlgo::Sha256.digest(b""), 1);
+        index.insert(
+            p.hash_part().to_string(),
+            Arc::new(NarInfo {
+                info,
+                url: "nar/none.nar.zst".into(),
+                compression: "zstd".into(),
+                file_hash: None,
+                file_size: None,
+            }),
+        );
+    }
+}
+
 /// Incompressible bytes, so that a NAR holding them stays larger than one
 /// upload chunk after zstd and goes up as a multipart upload.
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -95,17 +128,20 @@ async fn ingest_publishes_signed_narinfo_and_nar() {
     let dep = sp('1', "dep");
     let top = sp('2', "top");
     let dep_nar = sample_nar("dep");
-    let top_nar = sample_nar("top");
+    let top_nar = nar_with_refs("top", &[&dep]);
 
     let dep_info = cache
-        .ingest(claim(&dep, &dep_nar), &dep_nar[..])
+        .ingest(claim(&dep, &dep_nar), &dep_nar[..], Trust::Signed)
         .await
         .unwrap();
     let mut top_claim = claim(&top, &top_nar);
     top_claim.references = [dep.clone(), top.clone()].into();
     top_claim.deriver = Some(sp('3', "top.drv"));
     top_claim.sigs.insert("someone:bogus".into());
-    let top_info = cache.ingest(top_claim.clone(), &top_nar[..]).await.unwrap();
+    let top_info = cache
+        .ingest(top_claim.clone(), &top_nar[..], Trust::Signed)
+        .await
+        .unwrap();
 
     // Our signature replaces the uploader's, and verifies.
     assert_eq!(top_info.sigs.len(), 1);
@@ -225,7 +261,7 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     // Wrong hash (the NAR of something else, same size claim of that).
     let mut c = claim(&path, &nar);
     c.nar_hash = HashAlgo::Sha256.digest(&other);
-    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    let e = cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err();
     assert!(matches!(e, CacheError::HashMismatch { .. }), "{e}");
     assert!(e.is_client_error());
     assert_nothing_published(&cache, &empty).await;
@@ -233,20 +269,23 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     // Claimed size too small: the stream is cut at the claim.
     let mut c = claim(&path, &nar);
     c.nar_size -= 8;
-    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    let e = cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err();
     assert!(e.is_client_error(), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
     // Claimed size too large.
     let mut c = claim(&path, &nar);
     c.nar_size += 8;
-    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    let e = cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err();
     assert!(matches!(e, CacheError::SizeMismatch { .. }), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
     // Cut off halfway.
     let half = &nar[..nar.len() / 2];
-    let e = cache.ingest(claim(&path, &nar), half).await.unwrap_err();
+    let e = cache
+        .ingest(claim(&path, &nar), half, Trust::Signed)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
@@ -254,7 +293,7 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     let mut garbage = nar.clone();
     garbage[8..21].copy_from_slice(b"nix-archive-2");
     let e = cache
-        .ingest(claim(&path, &garbage), &garbage[..])
+        .ingest(claim(&path, &garbage), &garbage[..], Trust::Signed)
         .await
         .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
@@ -264,13 +303,13 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     let mut c = claim(&path, &nar);
     c.ca = Some("fixed:r:sha256:abc\nSig: evil".into());
     assert!(matches!(
-        cache.ingest(c, &nar[..]).await.unwrap_err(),
+        cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err(),
         CacheError::InvalidClaim { .. }
     ));
     let mut c = claim(&path, &nar);
     c.nar_hash = HashAlgo::Sha1.digest(&nar);
     assert!(matches!(
-        cache.ingest(c, &nar[..]).await.unwrap_err(),
+        cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err(),
         CacheError::InvalidClaim { .. }
     ));
     assert!(cache.is_empty());
@@ -283,14 +322,20 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     let big_nar = nix_dump(&big_file);
     let cut = &big_nar[..big_nar.len() - 100];
     let big = sp('6', "big");
-    let e = cache.ingest(claim(&big, &big_nar), cut).await.unwrap_err();
+    let e = cache
+        .ingest(claim(&big, &big_nar), cut, Trust::Signed)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
     // Now the correct uploads succeed.
-    cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
     cache
-        .ingest(claim(&big, &big_nar), &big_nar[..])
+        .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    cache
+        .ingest(claim(&big, &big_nar), &big_nar[..], Trust::Signed)
         .await
         .unwrap();
     assert_eq!(objects(&cache).await.len(), 4);
@@ -303,15 +348,21 @@ async fn same_path_twice_or_concurrently_is_stored_once() {
     let cache = memory_cache().await;
     let path = sp('7', "twice");
     let nar = sample_nar("twice");
-    let first = cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
-    let again = cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
+    let first = cache
+        .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    let again = cache
+        .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
     assert_eq!(first, again);
     assert_eq!(objects(&cache).await.len(), 2);
 
     // A second upload of a present path is still checked.
     let mut c = claim(&path, &nar);
     c.nar_size += 1;
-    assert!(cache.ingest(c, &nar[..]).await.is_err());
+    assert!(cache.ingest(c, &nar[..], Trust::Signed).await.is_err());
 
     // Sixteen concurrent uploads of a fresh path: all succeed with one result.
     let path = sp('8', "racy");
@@ -319,7 +370,11 @@ async fn same_path_twice_or_concurrently_is_stored_once() {
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let (cache, path, nar) = (cache.clone(), path.clone(), nar.clone());
-            tokio::spawn(async move { cache.ingest(claim(&path, &nar), &nar[..]).await })
+            tokio::spawn(async move {
+                cache
+                    .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+                    .await
+            })
         })
         .collect();
     let mut results = BTreeSet::new();
@@ -336,8 +391,14 @@ async fn identical_nars_of_two_paths_share_one_object() {
     let cache = memory_cache().await;
     let nar = sample_nar("same");
     let (a, b) = (sp('a', "a"), sp('b', "b"));
-    cache.ingest(claim(&a, &nar), &nar[..]).await.unwrap();
-    cache.ingest(claim(&b, &nar), &nar[..]).await.unwrap();
+    cache
+        .ingest(claim(&a, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    cache
+        .ingest(claim(&b, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
     assert_eq!(
         cache.narinfo(&a).unwrap().url,
         cache.narinfo(&b).unwrap().url
@@ -354,7 +415,10 @@ async fn local_store_reopens_with_its_index_and_sweeps_leftovers() {
     let nar = sample_nar("persist");
     let info = {
         let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
-        cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap()
+        cache
+            .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+            .await
+            .unwrap()
     };
     // An upload a crash interrupted.
     let leftover = dir.path().join("cache/tmp/xyz.nar.zst");
@@ -432,7 +496,10 @@ async fn storage_failures_are_server_errors_and_publish_nothing() {
     std::fs::write(big_dir.path().join("big"), &data).unwrap();
     let big = nix_dump(&big_dir.path().join("big"));
     for (path, nar) in [(sp('g', "small"), &small), (sp('h', "big"), &big)] {
-        let e = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap_err();
+        let e = cache
+            .ingest(claim(&path, nar), &nar[..], Trust::Signed)
+            .await
+            .unwrap_err();
         assert!(
             !e.is_client_error(),
             "{path}: storage failure blamed on the client: {e}"
@@ -444,7 +511,10 @@ async fn storage_failures_are_server_errors_and_publish_nothing() {
 
     std::fs::remove_file(root.join("tmp")).unwrap();
     let path = sp('h', "big");
-    cache.ingest(claim(&path, &big), &big[..]).await.unwrap();
+    cache
+        .ingest(claim(&path, &big), &big[..], Trust::Signed)
+        .await
+        .unwrap();
     assert!(cache.narinfo(&path).is_some());
 }
 
@@ -469,7 +539,7 @@ async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
     });
     let task = {
         let (cache, path, big) = (cache.clone(), path.clone(), big.clone());
-        tokio::spawn(async move { cache.ingest(claim(&path, &big), r).await })
+        tokio::spawn(async move { cache.ingest(claim(&path, &big), r, Trust::Signed).await })
     };
     let in_flight = |root: &Path| {
         files_on_disk(root)
@@ -495,7 +565,7 @@ async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
     // The path's lock was released with the cancelled ingest.
     tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        cache.ingest(claim(&path, &big), &big[..]),
+        cache.ingest(claim(&path, &big), &big[..], Trust::Signed),
     )
     .await
     .expect("the path stayed locked")
@@ -510,7 +580,7 @@ async fn exact_ingest_refuses_trailing_bytes() {
     let mut with_junk = nar.clone();
     with_junk.extend_from_slice(b"junk");
     let e = cache
-        .ingest_exact(claim(&path, &nar), &with_junk[..])
+        .ingest_exact(claim(&path, &nar), &with_junk[..], Trust::Signed)
         .await
         .unwrap_err();
     assert!(
@@ -531,16 +601,19 @@ async fn exact_ingest_refuses_trailing_bytes() {
     );
     // the streaming ingest (the SSH worker path) leaves what follows unread
     let mut rest = &with_junk[..];
-    cache.ingest(claim(&path, &nar), &mut rest).await.unwrap();
+    cache
+        .ingest(claim(&path, &nar), &mut rest, Trust::Signed)
+        .await
+        .unwrap();
     assert_eq!(rest, b"junk");
     // once stored, an exact re-upload with trailing bytes is still refused
     let e = cache
-        .ingest_exact(claim(&path, &nar), &with_junk[..])
+        .ingest_exact(claim(&path, &nar), &with_junk[..], Trust::Signed)
         .await
         .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e:?}");
     cache
-        .ingest_exact(claim(&path, &nar), &nar[..])
+        .ingest_exact(claim(&path, &nar), &nar[..], Trust::Signed)
         .await
         .unwrap();
 }
@@ -568,12 +641,14 @@ async fn a_narinfo_over_4_mib_survives_a_restart() {
     let config = CacheConfig::local(dir.path().join("cache"));
     let k = key();
     let path = sp('k', "many-refs");
-    let nar = sample_nar("many-refs");
+    let refs = many_paths(80_000, 60);
+    let nar = nar_with_refs("many-refs", &refs.iter().collect::<Vec<_>>());
     let mut c = claim(&path, &nar);
-    c.references = many_paths(80_000, 60);
+    c.references = refs.clone();
     let info = {
         let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
-        cache.ingest(c, &nar[..]).await.unwrap()
+        pretend_published(&cache, &refs);
+        cache.ingest(c, &nar[..], Trust::Signed).await.unwrap()
     };
     let on_disk = std::fs::metadata(
         dir.path()
@@ -608,7 +683,7 @@ async fn a_narinfo_the_index_could_not_load_is_refused_before_reading() {
     c.references = many_paths(140_000, farm_nix::store_path::MAX_NAME_LEN);
     // Nothing is read: the stream would fail if it were.
     let e = cache
-        .ingest(c, tokio::io::empty())
+        .ingest(c, tokio::io::empty(), Trust::Signed)
         .await
         .expect_err("a narinfo over the limit");
     let CacheError::InvalidClaim { reason, .. } = &e else {
@@ -705,7 +780,10 @@ async fn nar_then_narinfo_are_durable_before_the_upload_is_acknowledged() {
     for (path, nar) in [(sp('m', "durable"), &small), (sp('n', "durable-big"), &big)] {
         *fsync.watch.lock().unwrap() = Some((cache.clone(), path.clone()));
         fsync.take();
-        let info = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap();
+        let info = cache
+            .ingest(claim(&path, nar), &nar[..], Trust::Signed)
+            .await
+            .unwrap();
         // The acknowledgement: what the uploader (and verify_outputs) now sees.
         assert!(cache.narinfo(&path).is_some());
         let ni = cache.narinfo(&path).unwrap();
@@ -781,14 +859,14 @@ async fn a_trickling_upload_does_not_hold_the_path_and_times_out() {
     });
     let trickle = {
         let (cache, path, nar) = (cache.clone(), path.clone(), claimed_by_client.clone());
-        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r).await })
+        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r, Trust::Signed).await })
     };
     sent_rx.await.unwrap();
 
     // The builder's upload of the same path goes through at once.
     let info = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        cache.ingest(claim(&path, &built), &built[..]),
+        cache.ingest(claim(&path, &built), &built[..], Trust::Signed),
     )
     .await
     .expect("the builder's upload hangs")
@@ -857,11 +935,11 @@ async fn the_slower_of_two_uploads_discards_its_object() {
     });
     let slow = {
         let (cache, path, nar) = (cache.clone(), path.clone(), slow_nar.clone());
-        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r).await })
+        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r, Trust::Signed).await })
     };
     sent_rx.await.unwrap();
     let fast = cache
-        .ingest(claim(&path, &fast_nar), &fast_nar[..])
+        .ingest(claim(&path, &fast_nar), &fast_nar[..], Trust::Signed)
         .await
         .unwrap();
     assert!(!slow.is_finished(), "the slow upload was not overtaken");
@@ -881,11 +959,17 @@ async fn the_slower_of_two_uploads_discards_its_object() {
     // A superseded upload is still checked against its own claim.
     let path = sp('r', "checked");
     let good = sample_nar("good");
-    cache.ingest(claim(&path, &good), &good[..]).await.unwrap();
+    cache
+        .ingest(claim(&path, &good), &good[..], Trust::Signed)
+        .await
+        .unwrap();
     let mut bad = claim(&path, &good);
     bad.nar_hash = HashAlgo::Sha256.digest(b"something else");
     assert!(matches!(
-        cache.ingest(bad, &good[..]).await.unwrap_err(),
+        cache
+            .ingest(bad, &good[..], Trust::Signed)
+            .await
+            .unwrap_err(),
         CacheError::HashMismatch { .. }
     ));
 }

@@ -101,7 +101,7 @@ impl FarmStore {
         let path = info.path.clone();
         let stored = self
             .cache
-            .ingest(info, nar)
+            .ingest(info, nar, crate::cache::Trust::Signed)
             .await
             .map_err(|e| handler_error(&format!("adding {path}"), e))?;
         tracing::debug!(%path, "path uploaded into the cache");

@@ -89,7 +89,10 @@ pub(crate) async fn upload_nar(
     }
     let reader = nar_data(stream, UPLOAD_IDLE_TIMEOUT);
     // The whole stream must be this one NAR: trailing bytes are refused.
-    let published = coord.cache().ingest_exact(claimed, reader).await?;
+    let published = coord
+        .cache()
+        .ingest_exact(claimed, reader, crate::cache::Trust::Signed)
+        .await?;
     tracing::debug!(path = %path, size = published.nar_size, "NAR ingested");
     Ok(Response::new(v1::UploadNarResponse {
         store_path: published.path.to_string(),
