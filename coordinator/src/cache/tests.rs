@@ -985,3 +985,385 @@ fn upload_limits_have_defaults_and_read_from_toml() {
     .unwrap();
     assert_eq!((c.upload_grace_secs, c.upload_min_rate), (5, 1000));
 }
+
+fn alice() -> Trust {
+    Trust::Claim {
+        owner: "SHA256:alice/key+fingerprint".into(),
+    }
+}
+const ALICE: &str = "SHA256:alice/key+fingerprint";
+const BOB: &str = "SHA256:bob";
+
+async fn narinfo_object(cache: &Cache, hash_part: &str) -> Vec<u8> {
+    cache
+        .object_store()
+        .get(&ObjectPath::from(format!("{hash_part}.narinfo")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn another_name_under_a_published_hash_part_is_refused() {
+    let cache = memory_cache().await;
+    let foo = sp('5', "foo");
+    let bar = sp('5', "bar");
+    let foo_nar = sample_nar("foo");
+    cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    let before = objects(&cache).await;
+    let signed = narinfo_object(&cache, foo.hash_part()).await;
+
+    let bar_nar = sample_nar("bar");
+    for trust in [Trust::Signed, alice()] {
+        let e = cache
+            .ingest(claim(&bar, &bar_nar), &bar_nar[..], trust)
+            .await
+            .unwrap_err();
+        match &e {
+            CacheError::HashPartTaken { path, existing } => {
+                assert_eq!((path, existing), (&bar, &foo));
+            }
+            other => panic!("expected HashPartTaken, got {other:?}"),
+        }
+        assert!(e.is_client_error());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&bar.to_string()) && msg.contains(&foo.to_string()),
+            "{msg}"
+        );
+    }
+    // The same name again, other bytes: the first upload stays.
+    let other = sample_nar("foo, other bytes");
+    let kept = cache
+        .ingest(claim(&foo, &other), &other[..], Trust::Signed)
+        .await
+        .unwrap();
+    assert_eq!(kept.nar_hash, HashAlgo::Sha256.digest(&foo_nar));
+    assert_eq!(objects(&cache).await, before);
+    assert_eq!(narinfo_object(&cache, foo.hash_part()).await, signed);
+    assert!(cache.narinfo(&bar).is_none());
+    assert_eq!(cache.claims_len(), 0);
+}
+
+#[tokio::test]
+async fn of_two_racing_names_under_one_hash_part_exactly_one_publishes() {
+    for _ in 0..5 {
+        let cache = memory_cache().await;
+        let foo = sp('6', "foo");
+        let bar = sp('6', "bar");
+        // Large enough that both are streaming when the other publishes.
+        let foo_nar = nar_of_random_file(3 << 20);
+        let bar_nar = nar_of_random_file(3 << 20);
+        // Pipes, so both ingests pass the early check and stream side by
+        // side: the publish lock decides.
+        let feed = |nar: Vec<u8>| {
+            let (mut w, r) = tokio::io::duplex(64 << 10);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = w.write_all(&nar).await;
+            });
+            r
+        };
+        let (a, b) = tokio::join!(
+            cache.ingest(claim(&foo, &foo_nar), feed(foo_nar.clone()), Trust::Signed),
+            cache.ingest(claim(&bar, &bar_nar), feed(bar_nar.clone()), Trust::Signed),
+        );
+        let (winner, loser_err) = match (a, b) {
+            (Ok(w), Err(e)) | (Err(e), Ok(w)) => (w, e),
+            other => panic!("expected one winner, got {other:?}"),
+        };
+        assert!(
+            matches!(loser_err, CacheError::HashPartTaken { ref existing, .. } if *existing == winner.path),
+            "{loser_err:?}"
+        );
+        assert_eq!(cache.len(), 1);
+        let objs = objects(&cache).await;
+        assert_eq!(objs.len(), 2, "one narinfo and one NAR: {objs:?}");
+        assert_eq!(
+            cache.narinfo_by_hash(foo.hash_part()).unwrap().info.path,
+            winner.path
+        );
+    }
+}
+
+fn nar_of_random_file(n: usize) -> Vec<u8> {
+    farm_nix::nar::nar_of_bytes(&random_bytes(n))
+}
+
+#[tokio::test]
+async fn references_must_occur_in_the_nar_and_be_in_the_cache() {
+    let cache = memory_cache().await;
+    let dep = sp('7', "dep");
+    let dep_nar = sample_nar("dep");
+    cache
+        .ingest(claim(&dep, &dep_nar), &dep_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    let before = objects(&cache).await;
+    let top = sp('8', "top");
+    let absent = sp('9', "absent");
+
+    // In the cache, but the NAR never names it.
+    let plain = sample_nar("top");
+    let mut c = claim(&top, &plain);
+    c.references = [dep.clone()].into();
+    for trust in [Trust::Signed, alice()] {
+        match cache.ingest(c.clone(), &plain[..], trust).await {
+            Err(CacheError::BadReference {
+                reference, reason, ..
+            }) => {
+                assert_eq!(reference, dep);
+                assert!(reason.contains("does not occur in its NAR"), "{reason}");
+            }
+            other => panic!("expected BadReference, got {other:?}"),
+        }
+    }
+    // Named in the NAR, but not in the cache: refused before reading.
+    let naming = nar_with_refs("top", &[&dep, &absent]);
+    let mut c = claim(&top, &naming);
+    c.references = [dep.clone(), absent.clone()].into();
+    match cache.ingest(c, tokio::io::empty(), Trust::Signed).await {
+        Err(e @ CacheError::BadReference { .. }) => {
+            assert!(e.to_string().contains(&absent.to_string()), "{e}");
+            assert!(e.to_string().contains("not in the cache"), "{e}");
+        }
+        other => panic!("expected BadReference, got {other:?}"),
+    }
+    assert_eq!(objects(&cache).await, before);
+    assert!(cache.narinfo(&top).is_none());
+
+    // A self-reference needs neither; a reference found and present passes.
+    let good = nar_with_refs("top", &[&dep]);
+    let mut c = claim(&top, &good);
+    c.references = [dep.clone(), top.clone()].into();
+    let info = cache.ingest(c, &good[..], Trust::Signed).await.unwrap();
+    assert_eq!(info.references, [dep, top].into());
+}
+
+#[tokio::test]
+async fn a_claim_is_unsigned_and_seen_only_by_its_owner() {
+    let cache = memory_cache().await;
+    let p = sp('a', "claimed");
+    let nar = sample_nar("claimed");
+    let info = cache
+        .ingest(claim(&p, &nar), &nar[..], alice())
+        .await
+        .unwrap();
+    assert!(info.sigs.is_empty(), "never signed");
+    assert_eq!(cache.len(), 0);
+    assert_eq!(cache.claims_len(), 1);
+    // Not published: not for HTTP, not for anyone else.
+    assert!(cache.narinfo(&p).is_none());
+    assert!(cache.narinfo_by_hash(p.hash_part()).is_none());
+    assert!(
+        cache
+            .valid_paths(std::slice::from_ref(&p))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cache.path_info(&p).await.unwrap().is_none());
+    assert!(cache.nar_reader(&p).await.unwrap().is_none());
+    assert!(
+        cache
+            .closure(std::slice::from_ref(&p))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cache.path_info_for(BOB, &p).await.unwrap().is_none());
+    assert!(
+        cache
+            .valid_paths_for(BOB, std::slice::from_ref(&p))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cache.nar_reader_for(BOB, &p).await.unwrap().is_none());
+    // Its owner sees it.
+    assert_eq!(
+        cache
+            .valid_paths_for(ALICE, std::slice::from_ref(&p))
+            .await
+            .unwrap(),
+        [p.clone()].into()
+    );
+    assert_eq!(cache.path_info_for(ALICE, &p).await.unwrap(), Some(info));
+    let back = read_all(cache.nar_reader_for(ALICE, &p).await.unwrap().unwrap()).await;
+    assert_eq!(back, nar);
+    // Stored apart from the published objects.
+    let objs = objects(&cache).await;
+    assert_eq!(objs.len(), 2, "{objs:?}");
+    assert!(objs.iter().all(|o| o.starts_with("claims/")), "{objs:?}");
+
+    // The owner's later uploads may build on it, as claims too; a trusted
+    // upload, or another client's, may not reference it.
+    let top = sp('b', "top");
+    let top_nar = nar_with_refs("top", &[&p]);
+    let mut c = claim(&top, &top_nar);
+    c.references = [p.clone()].into();
+    let top_info = cache
+        .ingest(c.clone(), &top_nar[..], alice())
+        .await
+        .unwrap();
+    assert!(top_info.sigs.is_empty());
+    assert_eq!(
+        cache
+            .closure_for(ALICE, std::slice::from_ref(&top))
+            .await
+            .unwrap(),
+        [p.clone(), top.clone()].into()
+    );
+    for trust in [Trust::Signed, Trust::Claim { owner: BOB.into() }] {
+        let e = cache
+            .ingest(c.clone(), &top_nar[..], trust)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CacheError::BadReference { .. }), "{e:?}");
+    }
+    assert_eq!(cache.len(), 0);
+}
+
+#[tokio::test]
+async fn a_claim_never_blocks_or_replaces_a_signed_path() {
+    let cache = memory_cache().await;
+    let foo = sp('c', "foo");
+    let bar = sp('c', "bar");
+    let bar_nar = sample_nar("bar");
+    // A claim first, under the hash part a signed path will take.
+    cache
+        .ingest(claim(&bar, &bar_nar), &bar_nar[..], alice())
+        .await
+        .unwrap();
+    // The owner's own claims: first writer wins there too.
+    let foo_nar = sample_nar("foo");
+    let e = cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], alice())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CacheError::HashPartTaken { .. }), "{e:?}");
+    // A signed upload is not in its way.
+    let signed = cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    assert!(signed.verify_any(&[cache.public_key()]));
+    assert_eq!(cache.narinfo(&foo).unwrap().info, signed);
+    // The signed path now hides the claim, for its owner too.
+    assert!(cache.path_info_for(ALICE, &bar).await.unwrap().is_none());
+    assert_eq!(
+        cache.path_info_for(ALICE, &foo).await.unwrap(),
+        Some(signed.clone())
+    );
+    // Claiming a signed path returns the signed info; another name is refused.
+    let again = cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], alice())
+        .await
+        .unwrap();
+    assert_eq!(again, signed);
+    let e = cache
+        .ingest(claim(&bar, &bar_nar), &bar_nar[..], alice())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CacheError::HashPartTaken { .. }), "{e:?}");
+
+    // The same path, claimed then uploaded signed: published normally.
+    let same = sp('d', "same");
+    let same_nar = sample_nar("same");
+    cache
+        .ingest(claim(&same, &same_nar), &same_nar[..], alice())
+        .await
+        .unwrap();
+    let signed = cache
+        .ingest(claim(&same, &same_nar), &same_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    assert!(signed.verify_any(&[cache.public_key()]));
+    assert_eq!(cache.path_info(&same).await.unwrap(), Some(signed));
+}
+
+#[tokio::test]
+async fn verified_paths_are_signed_whoever_uploads_them() {
+    use farm_nix::content_address::{ContentAddress, make_fixed_output_path, make_text_path};
+    let cache = memory_cache().await;
+    // A flat fixed-output path, checked against its bytes.
+    let hash = HashAlgo::Sha256.digest(b"hello");
+    let fixed = make_fixed_output_path("hello", false, &hash, &BTreeSet::new(), None).unwrap();
+    let nar = farm_nix::nar::nar_of_bytes(b"hello");
+    let mut c = claim(&fixed, &nar);
+    c.ca = Some(
+        ContentAddress::Fixed {
+            recursive: false,
+            hash,
+        }
+        .to_string(),
+    );
+    let info = cache.ingest(c, &nar[..], alice()).await.unwrap();
+    assert!(info.verify_any(&[cache.public_key()]), "signed");
+    assert!(cache.narinfo(&fixed).is_some(), "published");
+
+    // A text path referencing a signed path: signed. Referencing the
+    // owner's claim: the owner's claim, as its closure is not all signed.
+    let claimed = sp('h', "claimed");
+    let claimed_nar = sample_nar("claimed");
+    cache
+        .ingest(claim(&claimed, &claimed_nar), &claimed_nar[..], alice())
+        .await
+        .unwrap();
+    for (dep, signed) in [(&fixed, true), (&claimed, false)] {
+        let text = format!("uses {dep}\n");
+        let h = HashAlgo::Sha256.digest(text.as_bytes());
+        let refs: BTreeSet<StorePath> = [dep.clone()].into();
+        let path = make_text_path("t", &h, &refs).unwrap();
+        let nar = farm_nix::nar::nar_of_bytes(text.as_bytes());
+        let mut c = claim(&path, &nar);
+        c.references = refs;
+        c.ca = Some(ContentAddress::Text(h).to_string());
+        let info = cache.ingest(c, &nar[..], alice()).await.unwrap();
+        assert_eq!(info.verify_any(&[cache.public_key()]), signed, "{dep}");
+        assert_eq!(cache.narinfo(&path).is_some(), signed);
+        assert!(cache.path_info_for(ALICE, &path).await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn claims_are_loaded_again_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig::local(dir.path().join("cache"));
+    let k = key();
+    let p = sp('f', "claimed");
+    let q = sp('g', "signed");
+    let nar = sample_nar("claimed");
+    let q_nar = sample_nar("signed");
+    let info = {
+        let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
+        cache
+            .ingest(claim(&q, &q_nar), &q_nar[..], Trust::Signed)
+            .await
+            .unwrap();
+        cache
+            .ingest(claim(&p, &nar), &nar[..], alice())
+            .await
+            .unwrap()
+    };
+    // Something that is not a claims directory is left alone.
+    std::fs::create_dir_all(dir.path().join("cache/claims/not-an-owner")).unwrap();
+    std::fs::write(
+        dir.path().join("cache/claims/not-an-owner/x.narinfo"),
+        "junk",
+    )
+    .unwrap();
+    let cache = Cache::open(config, k).await.unwrap();
+    assert_eq!((cache.len(), cache.claims_len()), (1, 1));
+    assert_eq!(cache.path_info_for(ALICE, &p).await.unwrap(), Some(info));
+    assert!(cache.path_info(&p).await.unwrap().is_none());
+    assert!(cache.path_info_for(BOB, &p).await.unwrap().is_none());
+    let back = read_all(cache.nar_reader_for(ALICE, &p).await.unwrap().unwrap()).await;
+    assert_eq!(back, nar);
+}
