@@ -325,8 +325,7 @@ fn an_unsupported_option_stops_the_coordinator() -> anyhow::Result<()> {
         .arg(&state)
         .arg("--authorized-keys")
         .arg(&file);
-        let out =
-            farm_tests::tracked_output(&logs, "farm-coordinator with permitopen", &mut cmd)?;
+        let out = farm_tests::tracked_output(&logs, "farm-coordinator with permitopen", &mut cmd)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(
             !out.status.success(),

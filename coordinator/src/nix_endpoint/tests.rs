@@ -43,7 +43,8 @@ pub(super) fn client() -> ClientIdentity {
         public_key: "ssh-ed25519 AAAAtest".into(),
         fingerprint: "SHA256:test".into(),
         comment: "test@client".into(),
-        level: crate::access::Level::Build,
+        // Uploads in these tests are published signed.
+        level: crate::access::Level::Push,
         forced_command: None,
     }
 }
