@@ -29,7 +29,7 @@ const DEADLINE: Duration = Duration::from_secs(300);
 fn the_cache_signs_only_what_it_may() -> anyhow::Result<()> {
     let logs = farm_tests::TestLogs::new("attack_cache")?;
     farm_tests::deadline(DEADLINE, &logs, |logs| {
-        let farm = Farm::setup(logs)
+        let farm = Farm::setup(&logs)
             .clients(1)
             .pushers(1)
             .start_without_builders()?;
