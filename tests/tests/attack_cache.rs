@@ -1,9 +1,9 @@
 //! Attacks on the farm's binary cache, with a real Nix 2.8 client copying
 //! crafted paths into the real farm (`nix copy --to ssh-ng://` and `ssh://`):
 //! - replace-by-hash-part: a path `H-bar` crafted under the hash part of a
-//!   published `H-foo` (registered valid in the client's own store with
+//!   published `H-honest` (registered valid in the client's own store with
 //!   `nix-store --register-validity`) is refused, whatever the key; the
-//!   narinfo of `H-foo` served over HTTP stays byte-identical;
+//!   narinfo of `H-honest` served over HTTP stays byte-identical;
 //! - unsigned-content-signed: an input-addressed path uploaded by a key
 //!   without the push right is that client's claim: not served over HTTP
 //!   (404), not signed, seen only by that client's own queries;
@@ -90,16 +90,14 @@ fn served(farm: &Farm) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
-/// A snapshot of what the cache publishes: objects and HTTP narinfos.
-fn snapshot(farm: &Farm) -> anyhow::Result<(BTreeSet<String>, Vec<(String, Vec<u8>)>)> {
+/// What the cache publishes: its objects, and the narinfos it serves.
+type Snapshot = (BTreeSet<String>, Vec<(String, Vec<u8>)>);
+
+fn snapshot(farm: &Farm) -> anyhow::Result<Snapshot> {
     Ok((published(farm), served(farm)?))
 }
 
-fn ensure_unchanged(
-    farm: &Farm,
-    before: &(BTreeSet<String>, Vec<(String, Vec<u8>)>),
-    what: &str,
-) -> anyhow::Result<()> {
+fn ensure_unchanged(farm: &Farm, before: &Snapshot, what: &str) -> anyhow::Result<()> {
     let now = snapshot(farm)?;
     ensure!(
         now.0 == before.0,
@@ -186,29 +184,29 @@ fn copy(farm: &Farm, push: bool, scheme: &str, args: &[&str]) -> anyhow::Result<
 }
 
 fn replace_by_hash_part(farm: &Farm) -> anyhow::Result<()> {
-    let foo = build_local(farm, "attack-foo", "echo foo > $out")?;
+    let honest = build_local(farm, "attack-honest", "echo foo > $out")?;
     farm.client
-        .run_command(copy(farm, true, "ssh-ng", &[&foo.to_string()])?)?;
-    let (status, signed) = narinfo(farm, &foo)?;
+        .run_command(copy(farm, true, "ssh-ng", &[&honest.to_string()])?)?;
+    let (status, signed) = narinfo(farm, &honest)?;
     ensure!(status == 200, "the honest path is not published ({status})");
-    ensure!(String::from_utf8_lossy(&signed).contains(&format!("StorePath: {foo}\n")));
+    ensure!(String::from_utf8_lossy(&signed).contains(&format!("StorePath: {honest}\n")));
     ensure!(String::from_utf8_lossy(&signed).contains("Sig: farm-e2e:"));
     let before = snapshot(farm)?;
 
-    let bar = same_hash(&foo, "attack-bar")?;
+    let bar = same_hash(&honest, "attack-bar")?;
     craft(farm, &bar, "other bytes\n", &[])?;
     for (push, scheme) in [(true, "ssh-ng"), (false, "ssh-ng"), (true, "ssh")] {
         refused(
             farm,
             copy(farm, push, scheme, &[&bar.to_string()])?,
-            &format!("its hash part is taken by {foo}"),
+            &format!("its hash part is taken by {honest}"),
             &format!("{bar} over {scheme} (push: {push})"),
         )?;
         ensure_unchanged(farm, &before, "replace-by-hash-part")?;
-        let (status, now) = narinfo(farm, &foo)?;
+        let (status, now) = narinfo(farm, &honest)?;
         ensure!(
             status == 200 && now == signed,
-            "the narinfo of {foo} changed"
+            "the narinfo of {honest} changed"
         );
     }
     Ok(())

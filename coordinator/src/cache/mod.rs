@@ -1,6 +1,7 @@
 //! The farm's binary cache: every output builders produce and every input a
-//! client pushes lands here, verified, zstd-compressed and signed, and every
-//! host can substitute from it over HTTP (see [`crate::api::http::cache`]).
+//! client pushes lands here, verified and zstd-compressed; what the farm may
+//! vouch for is signed, and every host can substitute that over HTTP (see
+//! [`crate::api::http::cache`]); the rest stays its uploader's claim (below).
 //!
 //! Ingest ([`Cache::ingest`]) parses and verifies one NAR while it streams
 //! (structure, sha256, size; the size claim bounds how much is read), compresses
