@@ -181,7 +181,7 @@ impl<'a> FarmSetup<'a> {
     }
 
     /// Also `n` keys of the farm's own with the push right (`pusher0` …, in
-    /// `--admin-keys`, the level that pushes signed paths for now), in
+    /// `--admin-keys`, a level that includes push), in
     /// [`SshAccess::admin_keys`] of [`Farm::ssh`].
     pub fn pushers(mut self, n: usize) -> Self {
         self.own_pushers = n;
