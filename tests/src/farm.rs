@@ -146,6 +146,7 @@ pub struct FarmSetup<'a> {
     proxied: Vec<String>,
     access: Option<&'a SshAccess>,
     own_access: usize,
+    own_pushers: usize,
 }
 
 impl<'a> FarmSetup<'a> {
@@ -175,6 +176,14 @@ impl<'a> FarmSetup<'a> {
     /// client actor logs in to the SSH endpoint with the first.
     pub fn clients(mut self, n: usize) -> Self {
         self.own_access = n;
+        self
+    }
+
+    /// Also `n` keys of the farm's own with the push right (`pusher0` …, in
+    /// `--admin-keys`, a level that includes push), in
+    /// [`SshAccess::admin_keys`] of [`Farm::ssh`].
+    pub fn pushers(mut self, n: usize) -> Self {
+        self.own_pushers = n;
         self
     }
 
@@ -217,7 +226,13 @@ impl<'a> FarmSetup<'a> {
             .collect();
         std::fs::write(&builder_keys, lines)?;
         let own = if self.own_access > 0 {
-            Some(SshAccess::new(self.own_access)?)
+            let users: Vec<String> = (0..self.own_access).map(|i| format!("client{i}")).collect();
+            let pushers: Vec<String> = (0..self.own_pushers)
+                .map(|i| format!("pusher{i}"))
+                .collect();
+            let users: Vec<&str> = users.iter().map(String::as_str).collect();
+            let pushers: Vec<&str> = pushers.iter().map(String::as_str).collect();
+            Some(SshAccess::named(&users, &pushers)?)
         } else {
             None
         };
@@ -320,13 +335,15 @@ impl Farm {
             proxied: Vec::new(),
             access: None,
             own_access: 0,
+            own_pushers: 0,
         }
     }
 
     /// The farm the Nix endpoint's tests talk to: [`X86_BUILDER`] and
     /// [`DARWIN_BUILDER`] (4 jobs each), the coordinator with `extra_args`,
     /// and one client key of the farm's own, authorized, for the client
-    /// actor's `ssh` ([`Farm::ssh_opts`]).
+    /// actor's `ssh` ([`Farm::ssh_opts`]), and one push key
+    /// ([`Farm::pusher_command`]).
     pub fn nix_endpoint<S: AsRef<std::ffi::OsStr>>(
         logs: &TestLogs,
         extra_args: &[S],
@@ -346,6 +363,7 @@ impl Farm {
             ])
             .args(extra_args)
             .clients(1)
+            .pushers(1)
             .start()
     }
 
@@ -685,6 +703,19 @@ impl Farm {
     pub fn client_command(&self, program: &str) -> anyhow::Result<Command> {
         let mut cmd = self.client.command(program);
         cmd.env("NIX_SSHOPTS", self.ssh_opts()?);
+        Ok(cmd)
+    }
+
+    /// As [`Farm::client_command`], logging in with the farm's first push key
+    /// ([`FarmSetup::pushers`]): its uploads are signed.
+    pub fn pusher_command(&self, program: &str) -> anyhow::Result<Command> {
+        let key = self
+            .own_ssh()?
+            .admin_keys
+            .first()
+            .context("this farm was set up without push keys (FarmSetup::pushers)")?;
+        let mut cmd = self.client.command(program);
+        cmd.env("NIX_SSHOPTS", self.ssh_opts_with_key(key)?);
         Ok(cmd)
     }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail, ensure};
-use farm_coordinator::cache::{Cache, CacheConfig};
+use farm_coordinator::cache::{Cache, CacheConfig, Trust};
 use farm_coordinator::cache_router;
 use farm_nix::hash::HashAlgo;
 use farm_nix::path_info::ValidPathInfo;
@@ -214,7 +214,7 @@ async fn run(logs: &TestLogs) -> anyhow::Result<()> {
     ];
     for (what, claim, bytes) in attempts {
         let path = claim.path.clone();
-        match cache.ingest(claim, bytes).await {
+        match cache.ingest(claim, bytes, Trust::Signed).await {
             Ok(_) => bail!("{what}: the bad upload was accepted"),
             Err(e) => ensure!(e.is_client_error(), "{what}: not a client error: {e}"),
         }
@@ -231,11 +231,25 @@ async fn run(logs: &TestLogs) -> anyhow::Result<()> {
         );
     }
 
-    // 4. The correct uploads, dependencies first (any order would do).
+    // 4. The correct uploads, dependencies first (the cache refuses a
+    // reference it does not hold yet).
+    let mut ordered: Vec<&ValidPathInfo> = Vec::new();
+    while ordered.len() < infos.len() {
+        let before = ordered.len();
+        for info in &infos {
+            let done = |p: &StorePath| p == &info.path || ordered.iter().any(|o| &o.path == p);
+            if !ordered.iter().any(|o| o.path == info.path) && info.references.iter().all(done) {
+                ordered.push(info);
+            }
+        }
+        ensure!(ordered.len() > before, "the references form a cycle");
+    }
     let t = std::time::Instant::now();
     let mut total = 0;
-    for info in &infos {
-        let published = cache.ingest(info.clone(), &nars[&info.path][..]).await?;
+    for info in ordered {
+        let published = cache
+            .ingest(info.clone(), &nars[&info.path][..], Trust::Signed)
+            .await?;
         ensure!(published.verify_any(&[key.verifying_key()]));
         total += info.nar_size;
     }
@@ -249,7 +263,7 @@ async fn run(logs: &TestLogs) -> anyhow::Result<()> {
     let again: Vec<_> = (0..4)
         .map(|_| {
             let (cache, info, nar) = (cache.clone(), dep_info.clone(), dep_nar.clone());
-            tokio::spawn(async move { cache.ingest(info, &nar[..]).await })
+            tokio::spawn(async move { cache.ingest(info, &nar[..], Trust::Signed).await })
         })
         .collect();
     for t in again {

@@ -191,7 +191,9 @@ fn store_ping_and_copy(farm: &mut Farm) -> anyhow::Result<()> {
         "let dep = derivation { name = \"copy-dep\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo dep > $out\" ]; }; in derivation { name = \"copy-top\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; args = [ \"-c\" \"echo ${dep} > $out\" ]; }\n",
     )?;
     let top = farm.client.nix_build(&expr, &[] as &[&str])?.remove(0);
-    let mut cmd = farm.client_command("nix")?;
+    // With the push right: input-addressed paths of a key without it would
+    // stay its unsigned claims, never served over HTTP (see attack_cache).
+    let mut cmd = farm.pusher_command("nix")?;
     cmd.args(["copy", "--to", &uri, &top.to_string()]);
     farm.client.run_command(cmd)?;
     let fresh = Actor::with_logs("fresh-substituter", &farm.logs)?;

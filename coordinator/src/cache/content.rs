@@ -8,6 +8,15 @@
 //!   derivations, and whose store path is the text path of its contents.
 //! - A `ca` claim must match the bytes (the single file's hash for `text:` and
 //!   flat `fixed:`, the NAR's hash for `fixed:r:`) and the path it gives.
+//! - Every claimed reference other than the path itself must occur in the NAR
+//!   (its hash part, found by farm-nix's [`RefScanner`] over the NAR stream, as
+//!   Nix's own scan after a build) and be in the cache already, visible to the
+//!   uploader ([`check_references`]): a narinfo never names a path it does not
+//!   contain, nor one nobody can fetch.
+//! - Which tier a path is published in ([`tier`]): a verified path (a `.drv`,
+//!   or a checked `ca`) is signed whoever uploads it, as long as everything it
+//!   references is signed; anything else is signed only for a trusted
+//!   uploader, and is otherwise the uploader's unsigned claim.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -18,6 +27,7 @@ use farm_nix::derivation::{Derivation, MAX_DRV_SIZE};
 use farm_nix::hash::{Hash, HashAlgo, Hasher};
 use farm_nix::nar::{NarError, NarEvent, NarLimits, NarReader, NarSummary, copy_nar};
 use farm_nix::path_info::ValidPathInfo;
+use farm_nix::references::RefScanner;
 use farm_nix::store_path::StorePath;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -32,6 +42,8 @@ pub(crate) struct ContentCheck {
     pub ca: Option<ContentAddress>,
     /// Hash the whole NAR with this algorithm too (a recursive non-sha256 `ca`).
     pub nar_algo: Option<HashAlgo>,
+    /// The claimed references to look for in the NAR (all but the path itself).
+    pub refs: BTreeSet<StorePath>,
 }
 
 impl ContentCheck {
@@ -60,12 +72,25 @@ impl ContentCheck {
             }) if hash.algo() != HashAlgo::Sha256 => Some(hash.algo()),
             _ => None,
         };
+        let refs = claimed
+            .references
+            .iter()
+            .filter(|r| **r != claimed.path)
+            .cloned()
+            .collect();
         Ok(ContentCheck {
             keep_bytes,
             algos,
             ca,
             nar_algo,
+            refs,
         })
+    }
+
+    /// Whether the checks prove the path's contents belong at its name (a
+    /// `.drv`, or a `ca` claim), so that it may be signed whoever uploads it.
+    pub(crate) fn verifies_content(&self) -> bool {
+        self.keep_bytes || self.ca.is_some()
     }
 
     fn needs_contents(&self) -> bool {
@@ -86,12 +111,15 @@ pub(crate) struct FileContents {
     pub hashes: Vec<Hash>,
     /// The whole NAR's hash in [`ContentCheck::nar_algo`], if asked for.
     pub nar_hash: Option<Hash>,
+    /// Which of [`ContentCheck::refs`] occur in the NAR.
+    pub found_refs: BTreeSet<StorePath>,
 }
 
-/// Forwards writes to `inner`, hashing what it accepted.
+/// Forwards writes to `inner`, hashing and scanning what it accepted.
 struct HashTee<'a, W> {
     inner: &'a mut W,
     hasher: Option<Hasher>,
+    scanner: Option<RefScanner>,
 }
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for HashTee<'_, W> {
@@ -103,6 +131,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for HashTee<'_, W> {
         let n = ready!(Pin::new(&mut *self.inner).poll_write(cx, buf))?;
         if let Some(h) = &mut self.hasher {
             h.update(&buf[..n]);
+        }
+        if let Some(s) = &mut self.scanner {
+            s.update(&buf[..n]);
         }
         Poll::Ready(Ok(n))
     }
@@ -126,11 +157,24 @@ pub(crate) async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut tee = HashTee {
         inner: w,
         hasher: check.nar_algo.map(Hasher::new),
+        scanner: (!check.refs.is_empty()).then(|| RefScanner::new(&check.refs)),
+    };
+    let found = |scanner: Option<RefScanner>| -> BTreeSet<StorePath> {
+        let Some(s) = scanner else {
+            return BTreeSet::new();
+        };
+        check
+            .refs
+            .iter()
+            .filter(|r| s.is_found(r))
+            .cloned()
+            .collect()
     };
     if !check.needs_contents() {
         let summary = copy_nar(r, &mut tee, limits).await?;
         let fc = FileContents {
             nar_hash: tee.hasher.map(Hasher::finish),
+            found_refs: found(tee.scanner),
             ..FileContents::default()
         };
         return Ok((summary, fc));
@@ -160,6 +204,7 @@ pub(crate) async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
     let summary = reader.finish().await?;
     fc.nar_hash = tee.hasher.map(Hasher::finish);
+    fc.found_refs = found(tee.scanner);
     Ok((summary, fc))
 }
 
@@ -264,6 +309,54 @@ pub(crate) fn verify(
     Ok(())
 }
 
+/// A claimed reference that is not in the NAR: the first, if any.
+pub(crate) fn unscanned_reference<'a>(
+    check: &'a ContentCheck,
+    fc: &FileContents,
+) -> Option<&'a StorePath> {
+    check.refs.iter().find(|r| !fc.found_refs.contains(*r))
+}
+
+/// How a path already in the cache looks to an uploader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Presence {
+    /// Published and signed.
+    Signed,
+    /// The uploader's own unsigned claim.
+    Claimed,
+}
+
+/// Check that every claimed reference but the path itself is in the cache,
+/// as `lookup` sees it for the uploader; returns whether all of them are
+/// signed. The error names the first missing reference.
+pub(crate) fn check_references(
+    check: &ContentCheck,
+    lookup: impl Fn(&StorePath) -> Option<Presence>,
+) -> Result<bool, (StorePath, String)> {
+    let mut all_signed = true;
+    for r in &check.refs {
+        match lookup(r) {
+            Some(Presence::Signed) => {}
+            Some(Presence::Claimed) => all_signed = false,
+            None => {
+                return Err((
+                    r.clone(),
+                    "is not in the cache (upload it first)".to_string(),
+                ));
+            }
+        }
+    }
+    Ok(all_signed)
+}
+
+/// Whether an upload is published signed: when its uploader is trusted or its
+/// content is verified, and only if every reference is signed too (a signed
+/// path's closure is signed). A trusted uploader sees only signed paths, so
+/// its references are always signed once [`check_references`] passed.
+pub(crate) fn signs(trusted: bool, check: &ContentCheck, refs_signed: bool) -> bool {
+    (trusted || check.verifies_content()) && refs_signed
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -273,7 +366,7 @@ mod tests {
 
     use super::*;
     use crate::cache::tests::nix_dump;
-    use crate::cache::{Cache, CacheConfig, CacheError};
+    use crate::cache::{Cache, CacheConfig, CacheError, Trust};
 
     const DRVS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/nix/testdata/drv");
 
@@ -335,20 +428,53 @@ mod tests {
     #[tokio::test]
     async fn real_drvs_are_accepted_and_forged_ones_refused() {
         let cache = cache().await;
-        for (path, bytes) in real_drvs() {
-            let nar = nar_of_file(&bytes);
-            let refs = refs_of(&bytes);
-            // with its Nix content address too
-            let mut c = claim(&path, &nar, refs.clone());
-            c.ca = Some(format!(
-                "text:{}",
-                HashAlgo::Sha256.digest(&bytes).to_nix32_prefixed()
-            ));
-            cache.ingest(c, &nar[..]).await.unwrap();
+        // Their input sources first (any content: a plain path's references
+        // are not checked against a derivation), then the .drvs in an order
+        // where each one's inputs are in the cache before it.
+        for (_, bytes) in real_drvs() {
+            let d = Derivation::parse_aterm(std::str::from_utf8(&bytes).unwrap()).unwrap();
+            for src in d.input_srcs {
+                let nar = nar_of_file(b"a source");
+                cache
+                    .ingest(claim(&src, &nar, BTreeSet::new()), &nar[..], Trust::Signed)
+                    .await
+                    .unwrap();
+            }
+        }
+        let mut todo = real_drvs();
+        while !todo.is_empty() {
+            let before = todo.len();
+            let mut later = Vec::new();
+            for (path, bytes) in todo {
+                let nar = nar_of_file(&bytes);
+                let refs = refs_of(&bytes);
+                // with its Nix content address too
+                let mut c = claim(&path, &nar, refs.clone());
+                c.ca = Some(format!(
+                    "text:{}",
+                    HashAlgo::Sha256.digest(&bytes).to_nix32_prefixed()
+                ));
+                match cache.ingest(c, &nar[..], Trust::Signed).await {
+                    Ok(_) => {}
+                    Err(CacheError::BadReference { reason, .. })
+                        if reason.contains("not in the cache") =>
+                    {
+                        later.push((path, bytes))
+                    }
+                    Err(e) => panic!("{path}: {e}"),
+                }
+            }
+            assert!(later.len() < before, "no .drv could be added: {later:?}");
+            todo = later;
         }
         let (path, bytes) = real_drvs().remove(0);
         let refs = refs_of(&bytes);
-        let other = StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv").unwrap();
+        let other = StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap();
+        let x = nar_of_file(b"x");
+        cache
+            .ingest(claim(&other, &x, BTreeSet::new()), &x[..], Trust::Signed)
+            .await
+            .unwrap();
 
         // other contents at a real .drv's path: a fresh path, so nothing is cached yet
         let fake =
@@ -356,7 +482,7 @@ mod tests {
         let nar = nar_of_file(&bytes);
         let why = invalid(
             cache
-                .ingest(claim(&fake, &nar, refs.clone()), &nar[..])
+                .ingest(claim(&fake, &nar, refs.clone()), &nar[..], Trust::Signed)
                 .await,
         );
         assert!(why.contains("belong at"), "{why}");
@@ -365,14 +491,18 @@ mod tests {
         // references that are not the derivation's inputs
         let mut more = refs.clone();
         more.insert(other.clone());
-        let why = invalid(cache.ingest(claim(&fake, &nar, more), &nar[..]).await);
+        let why = invalid(
+            cache
+                .ingest(claim(&fake, &nar, more), &nar[..], Trust::Signed)
+                .await,
+        );
         assert!(why.contains("references"), "{why}");
 
         // not ATerm
         let junk = nar_of_file(b"not a derivation");
         let why = invalid(
             cache
-                .ingest(claim(&fake, &junk, refs.clone()), &junk[..])
+                .ingest(claim(&fake, &junk, refs.clone()), &junk[..], Trust::Signed)
                 .await,
         );
         assert!(why.contains("does not parse"), "{why}");
@@ -383,7 +513,7 @@ mod tests {
         let dnar = nix_dump(&dir.path().join("d"));
         let why = invalid(
             cache
-                .ingest(claim(&fake, &dnar, refs.clone()), &dnar[..])
+                .ingest(claim(&fake, &dnar, refs.clone()), &dnar[..], Trust::Signed)
                 .await,
         );
         assert!(why.contains("single regular file"), "{why}");
@@ -429,19 +559,19 @@ mod tests {
             "fixed:{}",
             HashAlgo::Sha256.digest(b"bye").to_nix32_prefixed()
         ));
-        let why = invalid(cache.ingest(c, &hello[..]).await);
+        let why = invalid(cache.ingest(c, &hello[..], Trust::Signed).await);
         assert!(why.contains("flat content address"), "{why}");
         let mut c = claim(&rec, &rec_nar, BTreeSet::new());
         c.ca = Some(format!(
             "fixed:r:{}",
             HashAlgo::Sha256.digest(b"x").to_nix32_prefixed()
         ));
-        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        let why = invalid(cache.ingest(c, &rec_nar[..], Trust::Signed).await);
         assert!(why.contains("recursive content address"), "{why}");
         // the right hash at the wrong path
         let mut c = claim(&rec, &hello, BTreeSet::new());
         c.ca = Some(flat_ca.clone());
-        let why = invalid(cache.ingest(c, &hello[..]).await);
+        let why = invalid(cache.ingest(c, &hello[..], Trust::Signed).await);
         assert!(why.contains("gives the path"), "{why}");
         // a text address on a directory
         let mut c = claim(&rec, &rec_nar, BTreeSet::new());
@@ -449,7 +579,7 @@ mod tests {
             "text:{}",
             HashAlgo::Sha256.digest(b"x").to_nix32_prefixed()
         ));
-        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        let why = invalid(cache.ingest(c, &rec_nar[..], Trust::Signed).await);
         assert!(why.contains("single regular file"), "{why}");
         assert!(cache.is_empty(), "nothing published");
 
@@ -462,20 +592,20 @@ mod tests {
             "fixed:r:{}",
             HashAlgo::Sha1.digest(b"x").to_nix32_prefixed()
         ));
-        let why = invalid(cache.ingest(c, &rec_nar[..]).await);
+        let why = invalid(cache.ingest(c, &rec_nar[..], Trust::Signed).await);
         assert!(why.contains("recursive content address"), "{why}");
         let mut c = claim(&rec1, &rec_nar, BTreeSet::new());
         c.ca = Some(format!("fixed:r:{}", sha1.to_nix32_prefixed()));
-        cache.ingest(c, &rec_nar[..]).await.unwrap();
+        cache.ingest(c, &rec_nar[..], Trust::Signed).await.unwrap();
         assert!(cache.narinfo(&rec1).is_some());
 
         // what Nix produced is accepted
         let mut c = claim(&flat, &hello, BTreeSet::new());
         c.ca = Some(flat_ca);
-        cache.ingest(c, &hello[..]).await.unwrap();
+        cache.ingest(c, &hello[..], Trust::Signed).await.unwrap();
         let mut c = claim(&rec, &rec_nar, BTreeSet::new());
         c.ca = Some(rec_ca);
-        cache.ingest(c, &rec_nar[..]).await.unwrap();
+        cache.ingest(c, &rec_nar[..], Trust::Signed).await.unwrap();
         assert_eq!(cache.len(), 3);
     }
 }

@@ -12,6 +12,22 @@ pub enum CacheError {
     /// The claimed path info is unusable (wrong hash type, zero size, bad CA…).
     #[error("invalid path info for {path}: {reason}")]
     InvalidClaim { path: StorePath, reason: String },
+    /// Another path with the same hash part is published (or, for a claim,
+    /// claimed by the same owner) already: the first writer keeps it.
+    #[error(
+        "{path} is refused: its hash part is taken by {existing}, which the cache already holds"
+    )]
+    HashPartTaken {
+        path: StorePath,
+        existing: StorePath,
+    },
+    /// A claimed reference the NAR does not mention, or the cache lacks.
+    #[error("{path} is refused: its reference {reference} {reason}")]
+    BadReference {
+        path: StorePath,
+        reference: StorePath,
+        reason: String,
+    },
     #[error("NAR hash mismatch for {path}: claimed {claimed}, got {actual}")]
     HashMismatch {
         path: StorePath,
@@ -61,6 +77,8 @@ impl CacheError {
         matches!(
             self,
             CacheError::InvalidClaim { .. }
+                | CacheError::HashPartTaken { .. }
+                | CacheError::BadReference { .. }
                 | CacheError::HashMismatch { .. }
                 | CacheError::SizeMismatch { .. }
                 | CacheError::BadNar { .. }

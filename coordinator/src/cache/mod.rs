@@ -1,6 +1,7 @@
 //! The farm's binary cache: every output builders produce and every input a
-//! client pushes lands here, verified, zstd-compressed and signed, and every
-//! host can substitute from it over HTTP (see [`crate::api::http::cache`]).
+//! client pushes lands here, verified and zstd-compressed; what the farm may
+//! vouch for is signed, and every host can substitute that over HTTP (see
+//! [`crate::api::http::cache`]); the rest stays its uploader's claim (below).
 //!
 //! Ingest ([`Cache::ingest`]) parses and verifies one NAR while it streams
 //! (structure, sha256, size; the size claim bounds how much is read), compresses
@@ -24,6 +25,23 @@
 //! written, the narinfo before the path enters the index, and the index is
 //! what an upload is acknowledged from and what a build's outputs are checked
 //! against before the build counts as built.
+//!
+//! Trust ([`Trust`]): the cache signs only what it may. A trusted upload
+//! ([`Trust::Signed`]: a push key's, a builder's output of its job) and a
+//! verified one (a `.drv`, a checked content address) is published signed,
+//! once everything it references is signed. Any other upload is the
+//! uploader's claim ([`Trust::Claim`]): stored with an unsigned narinfo under
+//! `claims/<owner dir>/` (its NAR beside it, in that directory's `nar/`),
+//! never signed, never served over HTTP, visible only to that owner's
+//! queries (the `*_for` methods), and never in the way of a signed path.
+//!
+//! First writer wins per hash part: once a path is published, an upload of
+//! another name under the same hash part is refused
+//! ([`CacheError::HashPartTaken`]), decided under the per-hash-part publish
+//! lock, so two racing uploads cannot both win. Among one owner's claims the
+//! same holds. References ([`content::check_references`]): each one but the
+//! path itself must occur in the NAR (scanned while it streams) and be in
+//! the cache, as the uploader sees it.
 //!
 //! The narinfos are also kept in an in-memory index (hash part → narinfo),
 //! loaded from storage when the cache opens; this cache is the index's only
@@ -59,6 +77,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio_util::io::StreamReader;
 
+use self::content::Presence;
 use self::deadline::Deadline;
 pub use error::CacheError;
 pub use storage::StorageConfig;
@@ -141,6 +160,22 @@ impl CacheConfig {
     }
 }
 
+/// Who vouches for an upload, and so where it is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Published and signed: the caller decided the uploader may (a push key,
+    /// a builder's output of a job it was assigned).
+    Signed,
+    /// An unverified upload of a client without the push right: stored as
+    /// that client's claim, unsigned and visible only to `owner` (the client
+    /// key's fingerprint). A verified path (a `.drv`, a checked `ca`) whose
+    /// references are all signed is published signed all the same.
+    Claim { owner: String },
+}
+
+/// One owner's claims: hash part → unsigned narinfo.
+type Claims = HashMap<String, Arc<NarInfo>>;
+
 /// The binary cache. Cheap to clone (one `Arc` inside).
 #[derive(Clone)]
 pub struct Cache {
@@ -154,6 +189,9 @@ struct Inner {
     public_key: VerifyingKey,
     /// hash part → published narinfo.
     index: RwLock<HashMap<String, Arc<NarInfo>>>,
+    /// owner directory ([`owner_dir`]) → that owner's claims. Lock order:
+    /// `index` before `claims`.
+    claims: RwLock<HashMap<String, Claims>>,
     /// hash part → lock held while an upload of that path is published.
     publishing: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
 }
@@ -177,6 +215,21 @@ fn nar_key(file_hash: &Hash) -> ObjectPath {
 }
 fn log_key(drv: &StorePath) -> ObjectPath {
     ObjectPath::from(format!("log/{}", drv.base_name()))
+}
+/// Where an owner's claims live: `claims/<nix32 sha256 of the owner>`, so any
+/// fingerprint makes one safe, fixed-length directory name.
+fn owner_dir(owner: &str) -> String {
+    HashAlgo::Sha256.digest(owner.as_bytes()).to_nix32()
+}
+const CLAIMS: &str = "claims";
+fn claim_narinfo_key(dir: &str, hash_part: &str) -> ObjectPath {
+    ObjectPath::from(format!("{CLAIMS}/{dir}/{hash_part}.narinfo"))
+}
+fn claim_nar_key(dir: &str, file_hash: &Hash) -> ObjectPath {
+    ObjectPath::from(format!(
+        "{CLAIMS}/{dir}/nar/{}.nar.zst",
+        file_hash.to_nix32()
+    ))
 }
 
 impl Cache {
@@ -225,8 +278,13 @@ impl Cache {
             ignore_not_found(store.delete(&loc).await)?;
         }
 
-        let index = load_index(&store).await?;
-        tracing::info!(paths = index.len(), "binary cache opened");
+        let index = load_narinfos(&store, None).await?;
+        let claims = load_claims(&store).await?;
+        tracing::info!(
+            paths = index.len(),
+            claims = claims.values().map(HashMap::len).sum::<usize>(),
+            "binary cache opened"
+        );
         let public_key = signing_key.verifying_key();
         Ok(Cache {
             inner: Arc::new(Inner {
@@ -235,6 +293,7 @@ impl Cache {
                 key: signing_key,
                 public_key,
                 index: RwLock::new(index),
+                claims: RwLock::new(claims),
                 publishing: Mutex::new(HashMap::new()),
             }),
         })
@@ -280,21 +339,61 @@ impl Cache {
             .filter(|ni| &ni.info.path == path)
     }
 
-    /// Which of `paths` are present.
+    fn read_claims(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Claims>> {
+        self.inner.claims.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of claims, of all owners.
+    pub fn claims_len(&self) -> usize {
+        self.read_claims().values().map(HashMap::len).sum()
+    }
+
+    /// Run `f` with a lookup of what `owner` sees (`None`: everyone, the
+    /// signed paths alone; `Some`: those plus that owner's claims, a claim
+    /// only where no signed path holds its hash part).
+    fn with_view<T>(
+        &self,
+        owner: Option<&str>,
+        f: impl FnOnce(&dyn Fn(&StorePath) -> Option<(Arc<NarInfo>, Presence)>) -> T,
+    ) -> T {
+        let index = self.read_index();
+        let claims = self.read_claims();
+        let mine = owner.and_then(|o| claims.get(&owner_dir(o)));
+        let look = |p: &StorePath| match index.get(p.hash_part()) {
+            Some(ni) => (&ni.info.path == p).then(|| (ni.clone(), Presence::Signed)),
+            None => mine?
+                .get(p.hash_part())
+                .filter(|ni| &ni.info.path == p)
+                .map(|ni| (ni.clone(), Presence::Claimed)),
+        };
+        f(&look)
+    }
+
+    fn valid_paths_in(&self, owner: Option<&str>, paths: &[StorePath]) -> BTreeSet<StorePath> {
+        self.with_view(owner, |look| {
+            paths
+                .iter()
+                .filter(|p| look(p).is_some())
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Which of `paths` are published (signed).
     pub async fn valid_paths(
         &self,
         paths: &[StorePath],
     ) -> Result<BTreeSet<StorePath>, CacheError> {
-        let index = self.read_index();
-        Ok(paths
-            .iter()
-            .filter(|p| {
-                index
-                    .get(p.hash_part())
-                    .is_some_and(|ni| &ni.info.path == *p)
-            })
-            .cloned()
-            .collect())
+        Ok(self.valid_paths_in(None, paths))
+    }
+
+    /// Which of `paths` `owner` sees: published ones and its own claims.
+    pub async fn valid_paths_for(
+        &self,
+        owner: &str,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, CacheError> {
+        Ok(self.valid_paths_in(Some(owner), paths))
     }
 
     /// The published info of `path` (signed with the cache's key).
@@ -302,27 +401,53 @@ impl Cache {
         Ok(self.narinfo(path).map(|ni| ni.info.clone()))
     }
 
+    /// The info of `path` as `owner` sees it: signed if published, unsigned
+    /// if it is only `owner`'s claim.
+    pub async fn path_info_for(
+        &self,
+        owner: &str,
+        path: &StorePath,
+    ) -> Result<Option<ValidPathInfo>, CacheError> {
+        Ok(self.with_view(Some(owner), |look| {
+            look(path).map(|(ni, _)| ni.info.clone())
+        }))
+    }
+
+    fn closure_in(&self, owner: Option<&str>, paths: &[StorePath]) -> BTreeSet<StorePath> {
+        self.with_view(owner, |look| {
+            let mut seen = BTreeSet::new();
+            let mut queue: VecDeque<StorePath> = paths.iter().cloned().collect();
+            while let Some(p) = queue.pop_front() {
+                if seen.contains(&p) {
+                    continue;
+                }
+                let Some((ni, _)) = look(&p) else {
+                    continue;
+                };
+                for r in &ni.info.references {
+                    if !seen.contains(r) {
+                        queue.push_back(r.clone());
+                    }
+                }
+                seen.insert(p);
+            }
+            seen
+        })
+    }
+
     /// The closure of `paths` under references, restricted to present paths:
     /// absent roots and absent references are left out.
     pub async fn closure(&self, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, CacheError> {
-        let index = self.read_index();
-        let mut seen = BTreeSet::new();
-        let mut queue: VecDeque<&StorePath> = paths.iter().collect();
-        while let Some(p) = queue.pop_front() {
-            if seen.contains(p) {
-                continue;
-            }
-            let Some(ni) = index.get(p.hash_part()).filter(|ni| &ni.info.path == p) else {
-                continue;
-            };
-            seen.insert(p.clone());
-            for r in &ni.info.references {
-                if !seen.contains(r) {
-                    queue.push_back(r);
-                }
-            }
-        }
-        Ok(seen)
+        Ok(self.closure_in(None, paths))
+    }
+
+    /// As [`Cache::closure`], over what `owner` sees.
+    pub async fn closure_for(
+        &self,
+        owner: &str,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, CacheError> {
+        Ok(self.closure_in(Some(owner), paths))
     }
 
     /// The decompressed NAR of `path`, streaming; `None` if the path is absent.
@@ -330,9 +455,28 @@ impl Cache {
         &self,
         path: &StorePath,
     ) -> Result<Option<Box<dyn AsyncRead + Unpin + Send>>, CacheError> {
-        let Some(ni) = self.narinfo(path) else {
-            return Ok(None);
-        };
+        match self.narinfo(path) {
+            Some(ni) => self.open_nar(&ni).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// As [`Cache::nar_reader`], also for `owner`'s claims.
+    pub async fn nar_reader_for(
+        &self,
+        owner: &str,
+        path: &StorePath,
+    ) -> Result<Option<Box<dyn AsyncRead + Unpin + Send>>, CacheError> {
+        match self.with_view(Some(owner), |look| look(path).map(|(ni, _)| ni)) {
+            Some(ni) => self.open_nar(&ni).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn open_nar(
+        &self,
+        ni: &NarInfo,
+    ) -> Result<Box<dyn AsyncRead + Unpin + Send>, CacheError> {
         let key = ObjectPath::from(ni.url.as_str());
         let stream = self
             .inner
@@ -343,8 +487,8 @@ impl Cache {
             .map_err(std::io::Error::other);
         let reader = StreamReader::new(stream);
         match ni.compression.as_str() {
-            "zstd" => Ok(Some(Box::new(ZstdDecoder::new(reader)))),
-            "none" => Ok(Some(Box::new(reader))),
+            "zstd" => Ok(Box::new(ZstdDecoder::new(reader))),
+            "none" => Ok(Box::new(reader)),
             other => Err(CacheError::Corrupt {
                 key: key.to_string(),
                 reason: format!("unknown compression {other:?}"),
@@ -360,22 +504,28 @@ impl Cache {
 
     /// Verify and store one NAR for `claimed.path` (see the module docs). Reads
     /// exactly one NAR from `nar` (not a byte past its end) and returns the
-    /// published info: `claimed`'s path, deriver, references, CA and NAR hash/size,
-    /// with the uploader's signatures replaced by the cache's own.
+    /// stored info: `claimed`'s path, deriver, references, CA and NAR hash/size,
+    /// with the uploader's signatures replaced by the cache's own when it is
+    /// published signed, or none when it is stored as `trust`'s claim.
     ///
-    /// If the path is already present, the upload is still read and checked
-    /// against its own claim, and the info already published is returned (its
-    /// NAR hash may differ from the claim's if the path was built twice,
-    /// non-deterministically). The NAR is bounded by the claimed size while it
-    /// streams, and must arrive within the time that size allows
-    /// ([`CacheError::UploadTimedOut`]). Returns once NAR and narinfo are
-    /// durable. Cancel-safe: a dropped ingest deletes its temporary object.
+    /// Refused before a byte is read: a path whose hash part is taken by
+    /// another name ([`CacheError::HashPartTaken`]), a reference the uploader
+    /// cannot see in the cache ([`CacheError::BadReference`]). If the path is
+    /// already present, the upload is still read and checked against its own
+    /// claim, and the info already stored is returned (its NAR hash may differ
+    /// from the claim's if the path was built twice, non-deterministically). A
+    /// claim of a path published signed returns the signed info. The NAR is
+    /// bounded by the claimed size while it streams, and must arrive within
+    /// the time that size allows ([`CacheError::UploadTimedOut`]). Returns once
+    /// NAR and narinfo are durable. Cancel-safe: a dropped ingest deletes its
+    /// temporary object.
     pub async fn ingest(
         &self,
         claimed: ValidPathInfo,
         nar: impl AsyncRead + Unpin + Send,
+        trust: Trust,
     ) -> Result<ValidPathInfo, CacheError> {
-        self.ingest_inner(claimed, nar, false).await
+        self.ingest_inner(claimed, nar, trust, false).await
     }
 
     /// As [`Cache::ingest`], for a stream that must hold the NAR and nothing
@@ -384,17 +534,40 @@ impl Cache {
         &self,
         claimed: ValidPathInfo,
         nar: impl AsyncRead + Unpin + Send,
+        trust: Trust,
     ) -> Result<ValidPathInfo, CacheError> {
-        self.ingest_inner(claimed, nar, true).await
+        self.ingest_inner(claimed, nar, trust, true).await
     }
 
     async fn ingest_inner(
         &self,
         claimed: ValidPathInfo,
         nar: impl AsyncRead + Unpin + Send,
+        trust: Trust,
         exact: bool,
     ) -> Result<ValidPathInfo, CacheError> {
-        let (check, narinfo) = self.check_claim(&claimed)?;
+        let (check, mut narinfo) = self.check_claim(&claimed)?;
+        let owner = match &trust {
+            Trust::Signed => None,
+            Trust::Claim { owner } => Some(owner.as_str()),
+        };
+        let refs_signed = self
+            .with_view(owner, |look| {
+                content::check_references(&check, |r| look(r).map(|(_, p)| p))
+            })
+            .map_err(|(reference, reason)| CacheError::BadReference {
+                path: claimed.path.clone(),
+                reference,
+                reason,
+            })?;
+        // `None`: published signed; `Some(dir)`: stored as that owner's claim.
+        let dest = match owner {
+            Some(o) if !content::signs(false, &check, refs_signed) => {
+                narinfo.info.sigs.clear();
+                Some(owner_dir(o))
+            }
+            _ => None,
+        };
         let config = &self.inner.config;
         let mut nar = Deadline::new(
             nar,
@@ -405,7 +578,7 @@ impl Cache {
             ),
         );
         match self
-            .ingest_stream(&claimed, &check, narinfo, &mut nar, exact)
+            .ingest_stream(&claimed, &check, narinfo, dest.as_deref(), &mut nar, exact)
             .await
         {
             Err(e) if nar.expired() => {
@@ -420,14 +593,49 @@ impl Cache {
         }
     }
 
+    /// What an upload of `path` into `dest` (`None`: the signed paths;
+    /// `Some(dir)`: that owner's claims) meets: the info to return instead
+    /// of publishing it, or a refusal if its hash part is taken by another
+    /// name. A signed path decides for everyone; a claim only among its
+    /// owner's claims, and never for a signed upload.
+    fn existing(
+        &self,
+        path: &StorePath,
+        dest: Option<&str>,
+    ) -> Result<Option<ValidPathInfo>, CacheError> {
+        let decide = |ni: &NarInfo| {
+            if &ni.info.path == path {
+                Ok(Some(ni.info.clone()))
+            } else {
+                Err(CacheError::HashPartTaken {
+                    path: path.clone(),
+                    existing: ni.info.path.clone(),
+                })
+            }
+        };
+        if let Some(ni) = self.narinfo_by_hash(path.hash_part()) {
+            return decide(&ni);
+        }
+        if let Some(dir) = dest
+            && let Some(ni) = self
+                .read_claims()
+                .get(dir)
+                .and_then(|c| c.get(path.hash_part()))
+        {
+            return decide(ni);
+        }
+        Ok(None)
+    }
+
     /// Read, verify and (unless the path is there already) publish one NAR;
-    /// `narinfo` is the claim's signed narinfo, still without its NAR's URL,
-    /// file hash and file size.
+    /// `narinfo` is the claim's narinfo (signed unless `dest` names an
+    /// owner's claims), still without its NAR's URL, file hash and file size.
     async fn ingest_stream(
         &self,
         claimed: &ValidPathInfo,
         check: &content::ContentCheck,
         narinfo: NarInfo,
+        dest: Option<&str>,
         nar: &mut (impl AsyncRead + Unpin + Send),
         exact: bool,
     ) -> Result<ValidPathInfo, CacheError> {
@@ -435,7 +643,7 @@ impl Cache {
             max_total_size: claimed.nar_size,
             ..NarLimits::default()
         };
-        if let Some(existing) = self.narinfo(&claimed.path) {
+        if let Some(existing) = self.existing(&claimed.path, dest)? {
             // Stored already: still read and check the upload, so the caller's
             // stream stays in step and a bad upload is still refused.
             let (summary, contents) =
@@ -451,7 +659,7 @@ impl Cache {
             check_summary(claimed, &summary)?;
             check_content(claimed, check, &summary, &contents)?;
             tracing::debug!(path = %claimed.path, "already in the cache");
-            return Ok(existing.info.clone());
+            return Ok(existing);
         }
 
         // This upload's own object: no other upload of the path waits for it.
@@ -481,20 +689,28 @@ impl Cache {
             }
         };
 
-        // Publish: only this short step is serialised per path.
+        // Publish: only this short step is serialised per hash part, so of
+        // two racing uploads under one hash part exactly one publishes.
         let lock = self.path_lock(claimed.path.hash_part());
         let _publishing = lock.lock().await;
-        if let Some(existing) = self.narinfo(&claimed.path) {
-            // Another upload of this path finished first; ours is not needed.
+        let existing = self.existing(&claimed.path, dest);
+        if !matches!(existing, Ok(None)) {
+            // Another upload finished first: ours is not needed, or refused.
             guard.path = None;
             if let Err(de) = ignore_not_found(store.delete(&tmp).await) {
                 tracing::warn!(object = %tmp, error = %de, "cannot delete a superseded upload");
             }
             tracing::debug!(path = %claimed.path, "published meanwhile by another upload");
-            return Ok(existing.info.clone());
+            return existing.map(|e| e.expect("matched Some"));
         }
 
-        let nar_obj = nar_key(&file_hash);
+        let (nar_obj, narinfo_obj) = match dest {
+            None => (nar_key(&file_hash), narinfo_key(claimed.path.hash_part())),
+            Some(dir) => (
+                claim_nar_key(dir, &file_hash),
+                claim_narinfo_key(dir, claimed.path.hash_part()),
+            ),
+        };
         // Durable when it returns (see `durable`): the NAR is on disk before
         // the narinfo that names it is written.
         let renamed = store.rename(&tmp, &nar_obj).await;
@@ -512,15 +728,18 @@ impl Cache {
         };
         let text = narinfo.render();
         if let Err(e) = store
-            .put(
-                &narinfo_key(claimed.path.hash_part()),
-                PutPayload::from(text.into_bytes()),
-            )
+            .put(&narinfo_obj, PutPayload::from(text.into_bytes()))
             .await
         {
             // Unpublished: drop the NAR object unless another narinfo uses it
             // (identical NARs of different paths share one object).
-            let shared = self.read_index().values().any(|ni| ni.url == narinfo.url);
+            let shared = match dest {
+                None => self.read_index().values().any(|ni| ni.url == narinfo.url),
+                Some(dir) => self
+                    .read_claims()
+                    .get(dir)
+                    .is_some_and(|c| c.values().any(|ni| ni.url == narinfo.url)),
+            };
             if !shared {
                 let _ = ignore_not_found(store.delete(&nar_obj).await);
             }
@@ -530,16 +749,31 @@ impl Cache {
             path = %narinfo.info.path,
             nar_size = narinfo.info.nar_size,
             file_size,
+            signed = dest.is_none(),
             "stored in the cache"
         );
         let info = narinfo.info.clone();
+        let hash_part = claimed.path.hash_part().to_string();
         // Only now, with NAR and narinfo durable, is the path visible: to
         // queries, to the uploader's acknowledgement, to `verify_outputs`.
-        self.inner
-            .index
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(claimed.path.hash_part().to_string(), Arc::new(narinfo));
+        match dest {
+            None => {
+                self.inner
+                    .index
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(hash_part, Arc::new(narinfo));
+            }
+            Some(dir) => {
+                self.inner
+                    .claims
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(dir.to_string())
+                    .or_default()
+                    .insert(hash_part, Arc::new(narinfo));
+            }
+        }
         Ok(info)
     }
 
@@ -801,10 +1035,21 @@ fn check_content(
     summary: &NarSummary,
     contents: &content::FileContents,
 ) -> Result<(), CacheError> {
-    content::verify(claimed, check, summary, contents).map_err(|reason| CacheError::InvalidClaim {
-        path: claimed.path.clone(),
-        reason,
-    })
+    content::verify(claimed, check, summary, contents).map_err(|reason| {
+        CacheError::InvalidClaim {
+            path: claimed.path.clone(),
+            reason,
+        }
+    })?;
+    if let Some(r) = content::unscanned_reference(check, contents) {
+        return Err(CacheError::BadReference {
+            path: claimed.path.clone(),
+            reference: r.clone(),
+            reason: "does not occur in its NAR (no file, symlink or name holds its hash part)"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 fn ignore_not_found(r: object_store::Result<()>) -> object_store::Result<()> {
@@ -814,13 +1059,14 @@ fn ignore_not_found(r: object_store::Result<()>) -> object_store::Result<()> {
     }
 }
 
-/// Read every `<hash>.narinfo` at the top level of the store, up to
-/// [`MAX_NARINFO_SIZE`] bytes each: the bound ingest holds the narinfos it
-/// writes to, so only a narinfo some other writer left is skipped.
-async fn load_index(
+/// Read every `<hash>.narinfo` directly under `prefix` (the top level when
+/// `None`), up to [`MAX_NARINFO_SIZE`] bytes each: the bound ingest holds the
+/// narinfos it writes to, so only a narinfo some other writer left is skipped.
+async fn load_narinfos(
     store: &Arc<dyn ObjectStore>,
+    prefix: Option<&ObjectPath>,
 ) -> Result<HashMap<String, Arc<NarInfo>>, CacheError> {
-    let listing = store.list_with_delimiter(None).await?;
+    let listing = store.list_with_delimiter(prefix).await?;
     let keys: Vec<_> = listing
         .objects
         .into_iter()
@@ -841,7 +1087,10 @@ async fn load_index(
                 let bytes = store.get(&key).await?.bytes().await?;
                 let parsed = NarInfo::parse_bytes(&bytes);
                 match parsed {
-                    Ok(ni) if format!("{}.narinfo", ni.info.path.hash_part()) == key.as_ref() => {
+                    Ok(ni)
+                        if key.filename()
+                            == Some(&format!("{}.narinfo", ni.info.path.hash_part())) =>
+                    {
                         Ok::<_, CacheError>(Some((
                             ni.info.path.hash_part().to_string(),
                             Arc::new(ni),
@@ -862,6 +1111,40 @@ async fn load_index(
         .try_collect()
         .await?;
     Ok(loaded.into_iter().flatten().collect())
+}
+
+/// Every owner's claims under `claims/<owner dir>/`, bounded as the index.
+/// A claim never carries a signature, whatever the object holds.
+async fn load_claims(store: &Arc<dyn ObjectStore>) -> Result<HashMap<String, Claims>, CacheError> {
+    let owners = store
+        .list_with_delimiter(Some(&ObjectPath::from(CLAIMS)))
+        .await?
+        .common_prefixes;
+    let mut claims = HashMap::new();
+    for dir in owners {
+        let Some(name) = dir.filename().map(str::to_string) else {
+            continue;
+        };
+        // An owner directory is a nix32 sha256 (52 characters); skip anything else.
+        if name.len() != farm_nix::nixbase32::encoded_len(32)
+            || !name
+                .bytes()
+                .all(|b| farm_nix::nixbase32::ALPHABET.contains(&b))
+        {
+            tracing::warn!(object = %dir, "not a claims directory; ignored");
+            continue;
+        }
+        let mut mine = load_narinfos(store, Some(&dir)).await?;
+        for ni in mine.values_mut() {
+            if !ni.info.sigs.is_empty() {
+                Arc::make_mut(ni).info.sigs.clear();
+            }
+        }
+        if !mine.is_empty() {
+            claims.insert(name, mine);
+        }
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]

@@ -31,6 +31,39 @@ pub(crate) fn sample_nar(seed: &str) -> Vec<u8> {
     nix_dump(&root)
 }
 
+/// As [`sample_nar`], with a file naming `refs`, so that the reference scan finds them.
+pub(crate) fn nar_with_refs(seed: &str, refs: &[&StorePath]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("out");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("data.txt"), format!("hello {seed}\n")).unwrap();
+    let mut text = String::new();
+    for r in refs {
+        text.push_str(&format!("{r}\n"));
+    }
+    std::fs::write(root.join("refs"), text).unwrap();
+    nix_dump(&root)
+}
+
+/// Put `paths` into the cache's index as if they were published (no
+/// objects): for tests that need many references present.
+fn pretend_published(cache: &Cache, paths: &BTreeSet<StorePath>) {
+    let mut index = cache.inner.index.write().unwrap();
+    for p in paths {
+        let info = ValidPathInfo::new(p.clone(), HashAlgo::Sha256.digest(b""), 1);
+        index.insert(
+            p.hash_part().to_string(),
+            Arc::new(NarInfo {
+                info,
+                url: "nar/none.nar.zst".into(),
+                compression: "zstd".into(),
+                file_hash: None,
+                file_size: None,
+            }),
+        );
+    }
+}
+
 /// Incompressible bytes, so that a NAR holding them stays larger than one
 /// upload chunk after zstd and goes up as a multipart upload.
 fn random_bytes(n: usize) -> Vec<u8> {
@@ -95,17 +128,20 @@ async fn ingest_publishes_signed_narinfo_and_nar() {
     let dep = sp('1', "dep");
     let top = sp('2', "top");
     let dep_nar = sample_nar("dep");
-    let top_nar = sample_nar("top");
+    let top_nar = nar_with_refs("top", &[&dep]);
 
     let dep_info = cache
-        .ingest(claim(&dep, &dep_nar), &dep_nar[..])
+        .ingest(claim(&dep, &dep_nar), &dep_nar[..], Trust::Signed)
         .await
         .unwrap();
     let mut top_claim = claim(&top, &top_nar);
     top_claim.references = [dep.clone(), top.clone()].into();
     top_claim.deriver = Some(sp('3', "top.drv"));
     top_claim.sigs.insert("someone:bogus".into());
-    let top_info = cache.ingest(top_claim.clone(), &top_nar[..]).await.unwrap();
+    let top_info = cache
+        .ingest(top_claim.clone(), &top_nar[..], Trust::Signed)
+        .await
+        .unwrap();
 
     // Our signature replaces the uploader's, and verifies.
     assert_eq!(top_info.sigs.len(), 1);
@@ -225,7 +261,7 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     // Wrong hash (the NAR of something else, same size claim of that).
     let mut c = claim(&path, &nar);
     c.nar_hash = HashAlgo::Sha256.digest(&other);
-    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    let e = cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err();
     assert!(matches!(e, CacheError::HashMismatch { .. }), "{e}");
     assert!(e.is_client_error());
     assert_nothing_published(&cache, &empty).await;
@@ -233,20 +269,23 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     // Claimed size too small: the stream is cut at the claim.
     let mut c = claim(&path, &nar);
     c.nar_size -= 8;
-    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    let e = cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err();
     assert!(e.is_client_error(), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
     // Claimed size too large.
     let mut c = claim(&path, &nar);
     c.nar_size += 8;
-    let e = cache.ingest(c, &nar[..]).await.unwrap_err();
+    let e = cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err();
     assert!(matches!(e, CacheError::SizeMismatch { .. }), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
     // Cut off halfway.
     let half = &nar[..nar.len() / 2];
-    let e = cache.ingest(claim(&path, &nar), half).await.unwrap_err();
+    let e = cache
+        .ingest(claim(&path, &nar), half, Trust::Signed)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
@@ -254,7 +293,7 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     let mut garbage = nar.clone();
     garbage[8..21].copy_from_slice(b"nix-archive-2");
     let e = cache
-        .ingest(claim(&path, &garbage), &garbage[..])
+        .ingest(claim(&path, &garbage), &garbage[..], Trust::Signed)
         .await
         .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
@@ -264,13 +303,13 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     let mut c = claim(&path, &nar);
     c.ca = Some("fixed:r:sha256:abc\nSig: evil".into());
     assert!(matches!(
-        cache.ingest(c, &nar[..]).await.unwrap_err(),
+        cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err(),
         CacheError::InvalidClaim { .. }
     ));
     let mut c = claim(&path, &nar);
     c.nar_hash = HashAlgo::Sha1.digest(&nar);
     assert!(matches!(
-        cache.ingest(c, &nar[..]).await.unwrap_err(),
+        cache.ingest(c, &nar[..], Trust::Signed).await.unwrap_err(),
         CacheError::InvalidClaim { .. }
     ));
     assert!(cache.is_empty());
@@ -283,14 +322,20 @@ async fn bad_uploads_publish_nothing_and_a_good_one_follows(cache: Cache, disk: 
     let big_nar = nix_dump(&big_file);
     let cut = &big_nar[..big_nar.len() - 100];
     let big = sp('6', "big");
-    let e = cache.ingest(claim(&big, &big_nar), cut).await.unwrap_err();
+    let e = cache
+        .ingest(claim(&big, &big_nar), cut, Trust::Signed)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e}");
     assert_nothing_published(&cache, &empty).await;
 
     // Now the correct uploads succeed.
-    cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
     cache
-        .ingest(claim(&big, &big_nar), &big_nar[..])
+        .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    cache
+        .ingest(claim(&big, &big_nar), &big_nar[..], Trust::Signed)
         .await
         .unwrap();
     assert_eq!(objects(&cache).await.len(), 4);
@@ -303,15 +348,21 @@ async fn same_path_twice_or_concurrently_is_stored_once() {
     let cache = memory_cache().await;
     let path = sp('7', "twice");
     let nar = sample_nar("twice");
-    let first = cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
-    let again = cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap();
+    let first = cache
+        .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    let again = cache
+        .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
     assert_eq!(first, again);
     assert_eq!(objects(&cache).await.len(), 2);
 
     // A second upload of a present path is still checked.
     let mut c = claim(&path, &nar);
     c.nar_size += 1;
-    assert!(cache.ingest(c, &nar[..]).await.is_err());
+    assert!(cache.ingest(c, &nar[..], Trust::Signed).await.is_err());
 
     // Sixteen concurrent uploads of a fresh path: all succeed with one result.
     let path = sp('8', "racy");
@@ -319,7 +370,11 @@ async fn same_path_twice_or_concurrently_is_stored_once() {
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let (cache, path, nar) = (cache.clone(), path.clone(), nar.clone());
-            tokio::spawn(async move { cache.ingest(claim(&path, &nar), &nar[..]).await })
+            tokio::spawn(async move {
+                cache
+                    .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+                    .await
+            })
         })
         .collect();
     let mut results = BTreeSet::new();
@@ -336,8 +391,14 @@ async fn identical_nars_of_two_paths_share_one_object() {
     let cache = memory_cache().await;
     let nar = sample_nar("same");
     let (a, b) = (sp('a', "a"), sp('b', "b"));
-    cache.ingest(claim(&a, &nar), &nar[..]).await.unwrap();
-    cache.ingest(claim(&b, &nar), &nar[..]).await.unwrap();
+    cache
+        .ingest(claim(&a, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    cache
+        .ingest(claim(&b, &nar), &nar[..], Trust::Signed)
+        .await
+        .unwrap();
     assert_eq!(
         cache.narinfo(&a).unwrap().url,
         cache.narinfo(&b).unwrap().url
@@ -354,7 +415,10 @@ async fn local_store_reopens_with_its_index_and_sweeps_leftovers() {
     let nar = sample_nar("persist");
     let info = {
         let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
-        cache.ingest(claim(&path, &nar), &nar[..]).await.unwrap()
+        cache
+            .ingest(claim(&path, &nar), &nar[..], Trust::Signed)
+            .await
+            .unwrap()
     };
     // An upload a crash interrupted.
     let leftover = dir.path().join("cache/tmp/xyz.nar.zst");
@@ -432,7 +496,10 @@ async fn storage_failures_are_server_errors_and_publish_nothing() {
     std::fs::write(big_dir.path().join("big"), &data).unwrap();
     let big = nix_dump(&big_dir.path().join("big"));
     for (path, nar) in [(sp('g', "small"), &small), (sp('h', "big"), &big)] {
-        let e = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap_err();
+        let e = cache
+            .ingest(claim(&path, nar), &nar[..], Trust::Signed)
+            .await
+            .unwrap_err();
         assert!(
             !e.is_client_error(),
             "{path}: storage failure blamed on the client: {e}"
@@ -444,7 +511,10 @@ async fn storage_failures_are_server_errors_and_publish_nothing() {
 
     std::fs::remove_file(root.join("tmp")).unwrap();
     let path = sp('h', "big");
-    cache.ingest(claim(&path, &big), &big[..]).await.unwrap();
+    cache
+        .ingest(claim(&path, &big), &big[..], Trust::Signed)
+        .await
+        .unwrap();
     assert!(cache.narinfo(&path).is_some());
 }
 
@@ -469,7 +539,7 @@ async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
     });
     let task = {
         let (cache, path, big) = (cache.clone(), path.clone(), big.clone());
-        tokio::spawn(async move { cache.ingest(claim(&path, &big), r).await })
+        tokio::spawn(async move { cache.ingest(claim(&path, &big), r, Trust::Signed).await })
     };
     let in_flight = |root: &Path| {
         files_on_disk(root)
@@ -495,7 +565,7 @@ async fn a_cancelled_ingest_leaves_nothing_and_releases_the_path() {
     // The path's lock was released with the cancelled ingest.
     tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        cache.ingest(claim(&path, &big), &big[..]),
+        cache.ingest(claim(&path, &big), &big[..], Trust::Signed),
     )
     .await
     .expect("the path stayed locked")
@@ -510,7 +580,7 @@ async fn exact_ingest_refuses_trailing_bytes() {
     let mut with_junk = nar.clone();
     with_junk.extend_from_slice(b"junk");
     let e = cache
-        .ingest_exact(claim(&path, &nar), &with_junk[..])
+        .ingest_exact(claim(&path, &nar), &with_junk[..], Trust::Signed)
         .await
         .unwrap_err();
     assert!(
@@ -531,16 +601,19 @@ async fn exact_ingest_refuses_trailing_bytes() {
     );
     // the streaming ingest (the SSH worker path) leaves what follows unread
     let mut rest = &with_junk[..];
-    cache.ingest(claim(&path, &nar), &mut rest).await.unwrap();
+    cache
+        .ingest(claim(&path, &nar), &mut rest, Trust::Signed)
+        .await
+        .unwrap();
     assert_eq!(rest, b"junk");
     // once stored, an exact re-upload with trailing bytes is still refused
     let e = cache
-        .ingest_exact(claim(&path, &nar), &with_junk[..])
+        .ingest_exact(claim(&path, &nar), &with_junk[..], Trust::Signed)
         .await
         .unwrap_err();
     assert!(matches!(e, CacheError::BadNar { .. }), "{e:?}");
     cache
-        .ingest_exact(claim(&path, &nar), &nar[..])
+        .ingest_exact(claim(&path, &nar), &nar[..], Trust::Signed)
         .await
         .unwrap();
 }
@@ -568,12 +641,14 @@ async fn a_narinfo_over_4_mib_survives_a_restart() {
     let config = CacheConfig::local(dir.path().join("cache"));
     let k = key();
     let path = sp('k', "many-refs");
-    let nar = sample_nar("many-refs");
+    let refs = many_paths(80_000, 60);
+    let nar = nar_with_refs("many-refs", &refs.iter().collect::<Vec<_>>());
     let mut c = claim(&path, &nar);
-    c.references = many_paths(80_000, 60);
+    c.references = refs.clone();
     let info = {
         let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
-        cache.ingest(c, &nar[..]).await.unwrap()
+        pretend_published(&cache, &refs);
+        cache.ingest(c, &nar[..], Trust::Signed).await.unwrap()
     };
     let on_disk = std::fs::metadata(
         dir.path()
@@ -608,7 +683,7 @@ async fn a_narinfo_the_index_could_not_load_is_refused_before_reading() {
     c.references = many_paths(140_000, farm_nix::store_path::MAX_NAME_LEN);
     // Nothing is read: the stream would fail if it were.
     let e = cache
-        .ingest(c, tokio::io::empty())
+        .ingest(c, tokio::io::empty(), Trust::Signed)
         .await
         .expect_err("a narinfo over the limit");
     let CacheError::InvalidClaim { reason, .. } = &e else {
@@ -705,7 +780,10 @@ async fn nar_then_narinfo_are_durable_before_the_upload_is_acknowledged() {
     for (path, nar) in [(sp('m', "durable"), &small), (sp('n', "durable-big"), &big)] {
         *fsync.watch.lock().unwrap() = Some((cache.clone(), path.clone()));
         fsync.take();
-        let info = cache.ingest(claim(&path, nar), &nar[..]).await.unwrap();
+        let info = cache
+            .ingest(claim(&path, nar), &nar[..], Trust::Signed)
+            .await
+            .unwrap();
         // The acknowledgement: what the uploader (and verify_outputs) now sees.
         assert!(cache.narinfo(&path).is_some());
         let ni = cache.narinfo(&path).unwrap();
@@ -781,14 +859,14 @@ async fn a_trickling_upload_does_not_hold_the_path_and_times_out() {
     });
     let trickle = {
         let (cache, path, nar) = (cache.clone(), path.clone(), claimed_by_client.clone());
-        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r).await })
+        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r, Trust::Signed).await })
     };
     sent_rx.await.unwrap();
 
     // The builder's upload of the same path goes through at once.
     let info = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        cache.ingest(claim(&path, &built), &built[..]),
+        cache.ingest(claim(&path, &built), &built[..], Trust::Signed),
     )
     .await
     .expect("the builder's upload hangs")
@@ -857,11 +935,11 @@ async fn the_slower_of_two_uploads_discards_its_object() {
     });
     let slow = {
         let (cache, path, nar) = (cache.clone(), path.clone(), slow_nar.clone());
-        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r).await })
+        tokio::spawn(async move { cache.ingest(claim(&path, &nar), r, Trust::Signed).await })
     };
     sent_rx.await.unwrap();
     let fast = cache
-        .ingest(claim(&path, &fast_nar), &fast_nar[..])
+        .ingest(claim(&path, &fast_nar), &fast_nar[..], Trust::Signed)
         .await
         .unwrap();
     assert!(!slow.is_finished(), "the slow upload was not overtaken");
@@ -881,11 +959,17 @@ async fn the_slower_of_two_uploads_discards_its_object() {
     // A superseded upload is still checked against its own claim.
     let path = sp('r', "checked");
     let good = sample_nar("good");
-    cache.ingest(claim(&path, &good), &good[..]).await.unwrap();
+    cache
+        .ingest(claim(&path, &good), &good[..], Trust::Signed)
+        .await
+        .unwrap();
     let mut bad = claim(&path, &good);
     bad.nar_hash = HashAlgo::Sha256.digest(b"something else");
     assert!(matches!(
-        cache.ingest(bad, &good[..]).await.unwrap_err(),
+        cache
+            .ingest(bad, &good[..], Trust::Signed)
+            .await
+            .unwrap_err(),
         CacheError::HashMismatch { .. }
     ));
 }
@@ -900,4 +984,386 @@ fn upload_limits_have_defaults_and_read_from_toml() {
     )
     .unwrap();
     assert_eq!((c.upload_grace_secs, c.upload_min_rate), (5, 1000));
+}
+
+fn alice() -> Trust {
+    Trust::Claim {
+        owner: "SHA256:alice/key+fingerprint".into(),
+    }
+}
+const ALICE: &str = "SHA256:alice/key+fingerprint";
+const BOB: &str = "SHA256:bob";
+
+async fn narinfo_object(cache: &Cache, hash_part: &str) -> Vec<u8> {
+    cache
+        .object_store()
+        .get(&ObjectPath::from(format!("{hash_part}.narinfo")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn another_name_under_a_published_hash_part_is_refused() {
+    let cache = memory_cache().await;
+    let foo = sp('5', "foo");
+    let bar = sp('5', "bar");
+    let foo_nar = sample_nar("foo");
+    cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    let before = objects(&cache).await;
+    let signed = narinfo_object(&cache, foo.hash_part()).await;
+
+    let bar_nar = sample_nar("bar");
+    for trust in [Trust::Signed, alice()] {
+        let e = cache
+            .ingest(claim(&bar, &bar_nar), &bar_nar[..], trust)
+            .await
+            .unwrap_err();
+        match &e {
+            CacheError::HashPartTaken { path, existing } => {
+                assert_eq!((path, existing), (&bar, &foo));
+            }
+            other => panic!("expected HashPartTaken, got {other:?}"),
+        }
+        assert!(e.is_client_error());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&bar.to_string()) && msg.contains(&foo.to_string()),
+            "{msg}"
+        );
+    }
+    // The same name again, other bytes: the first upload stays.
+    let other = sample_nar("foo, other bytes");
+    let kept = cache
+        .ingest(claim(&foo, &other), &other[..], Trust::Signed)
+        .await
+        .unwrap();
+    assert_eq!(kept.nar_hash, HashAlgo::Sha256.digest(&foo_nar));
+    assert_eq!(objects(&cache).await, before);
+    assert_eq!(narinfo_object(&cache, foo.hash_part()).await, signed);
+    assert!(cache.narinfo(&bar).is_none());
+    assert_eq!(cache.claims_len(), 0);
+}
+
+#[tokio::test]
+async fn of_two_racing_names_under_one_hash_part_exactly_one_publishes() {
+    for _ in 0..5 {
+        let cache = memory_cache().await;
+        let foo = sp('6', "foo");
+        let bar = sp('6', "bar");
+        // Large enough that both are streaming when the other publishes.
+        let foo_nar = nar_of_random_file(3 << 20);
+        let bar_nar = nar_of_random_file(3 << 20);
+        // Pipes, so both ingests pass the early check and stream side by
+        // side: the publish lock decides.
+        let feed = |nar: Vec<u8>| {
+            let (mut w, r) = tokio::io::duplex(64 << 10);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = w.write_all(&nar).await;
+            });
+            r
+        };
+        let (a, b) = tokio::join!(
+            cache.ingest(claim(&foo, &foo_nar), feed(foo_nar.clone()), Trust::Signed),
+            cache.ingest(claim(&bar, &bar_nar), feed(bar_nar.clone()), Trust::Signed),
+        );
+        let (winner, loser_err) = match (a, b) {
+            (Ok(w), Err(e)) | (Err(e), Ok(w)) => (w, e),
+            other => panic!("expected one winner, got {other:?}"),
+        };
+        assert!(
+            matches!(loser_err, CacheError::HashPartTaken { ref existing, .. } if *existing == winner.path),
+            "{loser_err:?}"
+        );
+        assert_eq!(cache.len(), 1);
+        let objs = objects(&cache).await;
+        assert_eq!(objs.len(), 2, "one narinfo and one NAR: {objs:?}");
+        assert_eq!(
+            cache.narinfo_by_hash(foo.hash_part()).unwrap().info.path,
+            winner.path
+        );
+    }
+}
+
+fn nar_of_random_file(n: usize) -> Vec<u8> {
+    farm_nix::nar::nar_of_bytes(&random_bytes(n))
+}
+
+#[tokio::test]
+async fn references_must_occur_in_the_nar_and_be_in_the_cache() {
+    let cache = memory_cache().await;
+    let dep = sp('7', "dep");
+    let dep_nar = sample_nar("dep");
+    cache
+        .ingest(claim(&dep, &dep_nar), &dep_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    let before = objects(&cache).await;
+    let top = sp('8', "top");
+    let absent = sp('9', "absent");
+
+    // In the cache, but the NAR never names it.
+    let plain = sample_nar("top");
+    let mut c = claim(&top, &plain);
+    c.references = [dep.clone()].into();
+    for trust in [Trust::Signed, alice()] {
+        match cache.ingest(c.clone(), &plain[..], trust).await {
+            Err(CacheError::BadReference {
+                reference, reason, ..
+            }) => {
+                assert_eq!(reference, dep);
+                assert!(reason.contains("does not occur in its NAR"), "{reason}");
+            }
+            other => panic!("expected BadReference, got {other:?}"),
+        }
+    }
+    // Named in the NAR, but not in the cache: refused before reading.
+    let naming = nar_with_refs("top", &[&dep, &absent]);
+    let mut c = claim(&top, &naming);
+    c.references = [dep.clone(), absent.clone()].into();
+    match cache.ingest(c, tokio::io::empty(), Trust::Signed).await {
+        Err(e @ CacheError::BadReference { .. }) => {
+            assert!(e.to_string().contains(&absent.to_string()), "{e}");
+            assert!(e.to_string().contains("not in the cache"), "{e}");
+        }
+        other => panic!("expected BadReference, got {other:?}"),
+    }
+    assert_eq!(objects(&cache).await, before);
+    assert!(cache.narinfo(&top).is_none());
+
+    // A self-reference needs neither; a reference found and present passes.
+    let good = nar_with_refs("top", &[&dep]);
+    let mut c = claim(&top, &good);
+    c.references = [dep.clone(), top.clone()].into();
+    let info = cache.ingest(c, &good[..], Trust::Signed).await.unwrap();
+    assert_eq!(info.references, [dep, top].into());
+}
+
+#[tokio::test]
+async fn a_claim_is_unsigned_and_seen_only_by_its_owner() {
+    let cache = memory_cache().await;
+    let p = sp('a', "claimed");
+    let nar = sample_nar("claimed");
+    let info = cache
+        .ingest(claim(&p, &nar), &nar[..], alice())
+        .await
+        .unwrap();
+    assert!(info.sigs.is_empty(), "never signed");
+    assert_eq!(cache.len(), 0);
+    assert_eq!(cache.claims_len(), 1);
+    // Not published: not for HTTP, not for anyone else.
+    assert!(cache.narinfo(&p).is_none());
+    assert!(cache.narinfo_by_hash(p.hash_part()).is_none());
+    assert!(
+        cache
+            .valid_paths(std::slice::from_ref(&p))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cache.path_info(&p).await.unwrap().is_none());
+    assert!(cache.nar_reader(&p).await.unwrap().is_none());
+    assert!(
+        cache
+            .closure(std::slice::from_ref(&p))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cache.path_info_for(BOB, &p).await.unwrap().is_none());
+    assert!(
+        cache
+            .valid_paths_for(BOB, std::slice::from_ref(&p))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cache.nar_reader_for(BOB, &p).await.unwrap().is_none());
+    // Its owner sees it.
+    assert_eq!(
+        cache
+            .valid_paths_for(ALICE, std::slice::from_ref(&p))
+            .await
+            .unwrap(),
+        [p.clone()].into()
+    );
+    assert_eq!(cache.path_info_for(ALICE, &p).await.unwrap(), Some(info));
+    let back = read_all(cache.nar_reader_for(ALICE, &p).await.unwrap().unwrap()).await;
+    assert_eq!(back, nar);
+    // Stored apart from the published objects.
+    let objs = objects(&cache).await;
+    assert_eq!(objs.len(), 2, "{objs:?}");
+    assert!(objs.iter().all(|o| o.starts_with("claims/")), "{objs:?}");
+
+    // The owner's later uploads may build on it, as claims too; a trusted
+    // upload, or another client's, may not reference it.
+    let top = sp('b', "top");
+    let top_nar = nar_with_refs("top", &[&p]);
+    let mut c = claim(&top, &top_nar);
+    c.references = [p.clone()].into();
+    let top_info = cache
+        .ingest(c.clone(), &top_nar[..], alice())
+        .await
+        .unwrap();
+    assert!(top_info.sigs.is_empty());
+    assert_eq!(
+        cache
+            .closure_for(ALICE, std::slice::from_ref(&top))
+            .await
+            .unwrap(),
+        [p.clone(), top.clone()].into()
+    );
+    for trust in [Trust::Signed, Trust::Claim { owner: BOB.into() }] {
+        let e = cache
+            .ingest(c.clone(), &top_nar[..], trust)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CacheError::BadReference { .. }), "{e:?}");
+    }
+    assert_eq!(cache.len(), 0);
+}
+
+#[tokio::test]
+async fn a_claim_never_blocks_or_replaces_a_signed_path() {
+    let cache = memory_cache().await;
+    let foo = sp('c', "foo");
+    let bar = sp('c', "bar");
+    let bar_nar = sample_nar("bar");
+    // A claim first, under the hash part a signed path will take.
+    cache
+        .ingest(claim(&bar, &bar_nar), &bar_nar[..], alice())
+        .await
+        .unwrap();
+    // The owner's own claims: first writer wins there too.
+    let foo_nar = sample_nar("foo");
+    let e = cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], alice())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CacheError::HashPartTaken { .. }), "{e:?}");
+    // A signed upload is not in its way.
+    let signed = cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    assert!(signed.verify_any(&[cache.public_key()]));
+    assert_eq!(cache.narinfo(&foo).unwrap().info, signed);
+    // The signed path now hides the claim, for its owner too.
+    assert!(cache.path_info_for(ALICE, &bar).await.unwrap().is_none());
+    assert_eq!(
+        cache.path_info_for(ALICE, &foo).await.unwrap(),
+        Some(signed.clone())
+    );
+    // Claiming a signed path returns the signed info; another name is refused.
+    let again = cache
+        .ingest(claim(&foo, &foo_nar), &foo_nar[..], alice())
+        .await
+        .unwrap();
+    assert_eq!(again, signed);
+    let e = cache
+        .ingest(claim(&bar, &bar_nar), &bar_nar[..], alice())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CacheError::HashPartTaken { .. }), "{e:?}");
+
+    // The same path, claimed then uploaded signed: published normally.
+    let same = sp('d', "same");
+    let same_nar = sample_nar("same");
+    cache
+        .ingest(claim(&same, &same_nar), &same_nar[..], alice())
+        .await
+        .unwrap();
+    let signed = cache
+        .ingest(claim(&same, &same_nar), &same_nar[..], Trust::Signed)
+        .await
+        .unwrap();
+    assert!(signed.verify_any(&[cache.public_key()]));
+    assert_eq!(cache.path_info(&same).await.unwrap(), Some(signed));
+}
+
+#[tokio::test]
+async fn verified_paths_are_signed_whoever_uploads_them() {
+    use farm_nix::content_address::{ContentAddress, make_fixed_output_path, make_text_path};
+    let cache = memory_cache().await;
+    // A flat fixed-output path, checked against its bytes.
+    let hash = HashAlgo::Sha256.digest(b"hello");
+    let fixed = make_fixed_output_path("hello", false, &hash, &BTreeSet::new(), None).unwrap();
+    let nar = farm_nix::nar::nar_of_bytes(b"hello");
+    let mut c = claim(&fixed, &nar);
+    c.ca = Some(
+        ContentAddress::Fixed {
+            recursive: false,
+            hash,
+        }
+        .to_string(),
+    );
+    let info = cache.ingest(c, &nar[..], alice()).await.unwrap();
+    assert!(info.verify_any(&[cache.public_key()]), "signed");
+    assert!(cache.narinfo(&fixed).is_some(), "published");
+
+    // A text path referencing a signed path: signed. Referencing the
+    // owner's claim: the owner's claim, as its closure is not all signed.
+    let claimed = sp('h', "claimed");
+    let claimed_nar = sample_nar("claimed");
+    cache
+        .ingest(claim(&claimed, &claimed_nar), &claimed_nar[..], alice())
+        .await
+        .unwrap();
+    for (dep, signed) in [(&fixed, true), (&claimed, false)] {
+        let text = format!("uses {dep}\n");
+        let h = HashAlgo::Sha256.digest(text.as_bytes());
+        let refs: BTreeSet<StorePath> = [dep.clone()].into();
+        let path = make_text_path("t", &h, &refs).unwrap();
+        let nar = farm_nix::nar::nar_of_bytes(text.as_bytes());
+        let mut c = claim(&path, &nar);
+        c.references = refs;
+        c.ca = Some(ContentAddress::Text(h).to_string());
+        let info = cache.ingest(c, &nar[..], alice()).await.unwrap();
+        assert_eq!(info.verify_any(&[cache.public_key()]), signed, "{dep}");
+        assert_eq!(cache.narinfo(&path).is_some(), signed);
+        assert!(cache.path_info_for(ALICE, &path).await.unwrap().is_some());
+    }
+}
+
+#[tokio::test]
+async fn claims_are_loaded_again_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig::local(dir.path().join("cache"));
+    let k = key();
+    let p = sp('f', "claimed");
+    let q = sp('g', "signed");
+    let nar = sample_nar("claimed");
+    let q_nar = sample_nar("signed");
+    let info = {
+        let cache = Cache::open(config.clone(), k.clone()).await.unwrap();
+        cache
+            .ingest(claim(&q, &q_nar), &q_nar[..], Trust::Signed)
+            .await
+            .unwrap();
+        cache
+            .ingest(claim(&p, &nar), &nar[..], alice())
+            .await
+            .unwrap()
+    };
+    // Something that is not a claims directory is left alone.
+    std::fs::create_dir_all(dir.path().join("cache/claims/not-an-owner")).unwrap();
+    std::fs::write(
+        dir.path().join("cache/claims/not-an-owner/x.narinfo"),
+        "junk",
+    )
+    .unwrap();
+    let cache = Cache::open(config, k).await.unwrap();
+    assert_eq!((cache.len(), cache.claims_len()), (1, 1));
+    assert_eq!(cache.path_info_for(ALICE, &p).await.unwrap(), Some(info));
+    assert!(cache.path_info(&p).await.unwrap().is_none());
+    assert!(cache.path_info_for(BOB, &p).await.unwrap().is_none());
+    let back = read_all(cache.nar_reader_for(ALICE, &p).await.unwrap().unwrap()).await;
+    assert_eq!(back, nar);
 }

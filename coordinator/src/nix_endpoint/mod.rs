@@ -92,7 +92,7 @@ impl Endpoint {
         let (result, mut stderr) = match program {
             NixProgram::Serve { write } => {
                 let mut session = ServeSession {
-                    store: self.store.clone(),
+                    store: self.store.for_client(&client),
                     builds: self.builds.clone(),
                     client: client.clone(),
                     stderr,

@@ -3,6 +3,11 @@
 //! NARs are streamed back out of it. Both protocol handlers call this; it
 //! turns cache failures into the messages a Nix client prints (the details of
 //! internal failures stay in the coordinator's log).
+//!
+//! Each session sees the store as its client does ([`FarmStore::for_client`]):
+//! a client with the push right uploads signed paths and sees the signed ones;
+//! any other client's unverified uploads are its own claims, which only its
+//! own queries see (so `nix copy` does not send them again every time).
 
 use std::collections::BTreeSet;
 
@@ -16,18 +21,47 @@ use farm_nix::store_path::StorePath;
 use farm_nix::wire::HandlerError;
 use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Trust};
 use crate::nix_endpoint::error::handler_error;
+use crate::nix_endpoint::ssh::ClientIdentity;
 
 /// The cache as a Nix store.
 #[derive(Clone)]
 pub(crate) struct FarmStore {
     cache: Cache,
+    /// Whose store this is: uploads get this trust, queries see its claims.
+    who: Trust,
 }
 
 impl FarmStore {
+    /// The store as a client with the push right sees it.
     pub(crate) fn new(cache: Cache) -> FarmStore {
-        FarmStore { cache }
+        FarmStore {
+            cache,
+            who: Trust::Signed,
+        }
+    }
+
+    /// The store as `client` sees it: signed uploads if its level is push or
+    /// admin, its own claims otherwise (owned by its key's fingerprint).
+    pub(crate) fn for_client(&self, client: &ClientIdentity) -> FarmStore {
+        FarmStore {
+            cache: self.cache.clone(),
+            who: if client.level >= crate::access::Level::Push {
+                Trust::Signed
+            } else {
+                Trust::Claim {
+                    owner: client.fingerprint.clone(),
+                }
+            },
+        }
+    }
+
+    fn owner(&self) -> Option<&str> {
+        match &self.who {
+            Trust::Signed => None,
+            Trust::Claim { owner } => Some(owner),
+        }
     }
 
     /// Which of `paths` the cache holds.
@@ -36,25 +70,28 @@ impl FarmStore {
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, HandlerError> {
         let list: Vec<StorePath> = paths.iter().cloned().collect();
-        self.cache
-            .valid_paths(&list)
-            .await
-            .map_err(|e| handler_error("querying valid paths", e))
+        match self.owner() {
+            None => self.cache.valid_paths(&list).await,
+            Some(o) => self.cache.valid_paths_for(o, &list).await,
+        }
+        .map_err(|e| handler_error("querying valid paths", e))
     }
 
     pub(crate) async fn is_valid(&self, path: &StorePath) -> Result<bool, HandlerError> {
         Ok(self.path_info(path).await?.is_some())
     }
 
-    /// The published info of `path` (with the cache's signature).
+    /// The published info of `path` (with the cache's signature), or the
+    /// client's own unsigned claim of it.
     pub(crate) async fn path_info(
         &self,
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>, HandlerError> {
-        self.cache
-            .path_info(path)
-            .await
-            .map_err(|e| handler_error(&format!("querying {path}"), e))
+        match self.owner() {
+            None => self.cache.path_info(path).await,
+            Some(o) => self.cache.path_info_for(o, path).await,
+        }
+        .map_err(|e| handler_error(&format!("querying {path}"), e))
     }
 
     /// The closure of `paths` under references (paths the cache lacks are left out).
@@ -63,10 +100,11 @@ impl FarmStore {
         paths: &BTreeSet<StorePath>,
     ) -> Result<BTreeSet<StorePath>, HandlerError> {
         let list: Vec<StorePath> = paths.iter().cloned().collect();
-        self.cache
-            .closure(&list)
-            .await
-            .map_err(|e| handler_error("computing a closure", e))
+        match self.owner() {
+            None => self.cache.closure(&list).await,
+            Some(o) => self.cache.closure_for(o, &list).await,
+        }
+        .map_err(|e| handler_error("computing a closure", e))
     }
 
     /// Stream the NAR of `path` to `out`. A path the cache lacks is an error.
@@ -75,11 +113,11 @@ impl FarmStore {
         path: &StorePath,
         out: &mut (dyn AsyncWrite + Unpin + Send),
     ) -> Result<u64, HandlerError> {
-        let reader = self
-            .cache
-            .nar_reader(path)
-            .await
-            .map_err(|e| handler_error(&format!("reading {path}"), e))?;
+        let reader = match self.owner() {
+            None => self.cache.nar_reader(path).await,
+            Some(o) => self.cache.nar_reader_for(o, path).await,
+        }
+        .map_err(|e| handler_error(&format!("reading {path}"), e))?;
         let Some(mut reader) = reader else {
             return Err(HandlerError::new(format!(
                 "path '{path}' is not valid in the farm's store"
@@ -101,7 +139,7 @@ impl FarmStore {
         let path = info.path.clone();
         let stored = self
             .cache
-            .ingest(info, nar)
+            .ingest(info, nar, self.who.clone())
             .await
             .map_err(|e| handler_error(&format!("adding {path}"), e))?;
         tracing::debug!(%path, "path uploaded into the cache");
@@ -157,11 +195,11 @@ impl FarmStore {
         &self,
         drv: &StorePath,
     ) -> Result<Option<Derivation>, HandlerError> {
-        let reader = self
-            .cache
-            .nar_reader(drv)
-            .await
-            .map_err(|e| handler_error(&format!("reading {drv}"), e))?;
+        let reader = match self.owner() {
+            None => self.cache.nar_reader(drv).await,
+            Some(o) => self.cache.nar_reader_for(o, drv).await,
+        }
+        .map_err(|e| handler_error(&format!("reading {drv}"), e))?;
         let Some(mut reader) = reader else {
             return Ok(None);
         };

@@ -43,7 +43,8 @@ pub(super) fn client() -> ClientIdentity {
         public_key: "ssh-ed25519 AAAAtest".into(),
         fingerprint: "SHA256:test".into(),
         comment: "test@client".into(),
-        level: crate::access::Level::Build,
+        // Uploads in these tests are published signed.
+        level: crate::access::Level::Push,
         forced_command: None,
     }
 }
@@ -169,7 +170,10 @@ async fn serve_copy_from_replayed_gives_nix_the_same_nar() {
     );
     info.ca =
         Some("fixed:r:sha256:1b61svgx8jg341mpr2icr71ynvgazjx35fgl1xcs7im04a05l3f1".to_owned());
-    f.cache.ingest(info.clone(), &nar[..]).await.unwrap();
+    f.cache
+        .ingest(info.clone(), &nar[..], crate::cache::Trust::Signed)
+        .await
+        .unwrap();
 
     let (out, err, code) = replay(&f.endpoint, SERVE, &capture("serve-copy.1.c2s")).await;
     assert_eq!(code, 0, "{err}");
@@ -211,7 +215,8 @@ async fn serve_upload_query_download_round_trip() {
     let s = start(&f.endpoint, SERVE);
     let mut c = ServeClient::connect(s.stdout, s.stdin).await.unwrap();
     let (dep, dep_nar) = file_path("dep", b"a dependency\n").await;
-    let (mut top, top_nar) = file_path("top", b"refers to the dependency\n").await;
+    // It names the dependency in its contents, so the reference scan finds it.
+    let (mut top, top_nar) = file_path("top", format!("uses {}\n", dep.path).as_bytes()).await;
     top.references.insert(dep.path.clone());
     top.deriver =
         Some(StorePath::parse("/nix/store/0xfvc2ddwq53x0mcf3bwh5ckf8xya4sw-top.drv").unwrap());
@@ -261,7 +266,7 @@ async fn serve_upload_query_download_round_trip() {
 async fn serve_import_paths_ingests_an_export_stream() {
     let f = fixture().await;
     let (a, a_nar) = file_path("imported-a", b"first\n").await;
-    let (mut b, b_nar) = file_path("imported-b", b"second\n").await;
+    let (mut b, b_nar) = file_path("imported-b", format!("uses {}\n", a.path).as_bytes()).await;
     b.references.insert(a.path.clone());
     let mut stream = Vec::new();
     let limits = NarLimits::default();

@@ -40,7 +40,7 @@ pub(crate) async fn run(
     stdout: impl AsyncWrite + Unpin + Send,
 ) -> Result<(), farm_nix::worker::WorkerError> {
     let mut session = WorkerSession {
-        store: endpoint.store.clone(),
+        store: endpoint.store.for_client(client),
         builds: endpoint.builds.clone(),
         client: client.clone(),
         settings: BuildSettings::default(),

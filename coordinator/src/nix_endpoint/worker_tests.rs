@@ -83,7 +83,10 @@ async fn worker_copy_from_replayed_gives_nix_the_same_nar() {
         .position(|w| w == b"fixed:r:sha256:")
         .unwrap();
     info.ca = Some(String::from_utf8(s2c[ca_at..ca_at + 15 + 52].to_vec()).unwrap());
-    f.cache.ingest(info, &nar[..]).await.unwrap();
+    f.cache
+        .ingest(info, &nar[..], crate::cache::Trust::Signed)
+        .await
+        .unwrap();
     let (out, err, code) = replay(&f.endpoint, DAEMON, &capture("worker-copy.1.c2s")).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.ends_with(&nar));
@@ -128,7 +131,8 @@ async fn worker_client_operations_at_every_version() {
             .await
             .unwrap();
         let (dep, dep_nar) = file_path("w-dep", b"dependency\n").await;
-        let (mut top, top_nar) = file_path("w-top", b"top\n").await;
+        let (mut top, top_nar) =
+            file_path("w-top", format!("uses {}\n", dep.path).as_bytes()).await;
         top.references.insert(dep.path.clone());
         let (single, single_nar) = file_path("w-single", b"single\n").await;
         let all: BTreeSet<StorePath> =

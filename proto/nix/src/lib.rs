@@ -11,6 +11,7 @@ pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
 pub mod path_info;
+pub mod references;
 pub mod serve;
 pub mod signing;
 pub mod store_path;

@@ -6,10 +6,11 @@
 //! verifies hash, size and structure while the bytes stream and publishes
 //! nothing unless they match.
 //!
-//! Who may upload what (see [`Uploader`]): a builder only the outputs of the
-//! jobs it is running now; an authorized client (a key in `--authorized-keys` or
-//! `--admin-keys`) any path, like a Nix trusted-user, because the build hook
-//! pushes the input closure. The cache still verifies every NAR against its claim.
+//! Who may upload what (see [`Uploader`]): a builder only the declared outputs
+//! of the jobs assigned to it now, published signed; a client with the push
+//! right any path, signed; any other authorized client any path too, but as its
+//! own unsigned claim (see [`crate::cache::Trust`]). The cache still verifies
+//! every NAR against its claim.
 
 use farm_nix::path_info::ValidPathInfo;
 use farm_proto::convert::parse_store_paths;
@@ -52,12 +53,11 @@ pub(crate) async fn download_nar(
     Ok(Response::new(Box::pin(stream)))
 }
 
-/// Who is uploading: builders may publish only outputs of their running jobs;
-/// authorized clients (CLI, Nix) are trusted like Nix's trusted-users, since the
-/// build hook must push the input closure.
+/// Who is uploading: builders may publish only outputs of their running jobs
+/// (signed); clients (CLI, Nix) with the trust their key level gives.
 pub(crate) enum Uploader<'a> {
     Builder(&'a str),
-    Client,
+    Client(crate::cache::Trust),
 }
 
 pub(crate) async fn upload_nar(
@@ -79,17 +79,21 @@ pub(crate) async fn upload_nar(
     };
     let claimed = ValidPathInfo::try_from(info)?;
     let path = claimed.path.clone();
-    if let Uploader::Builder(builder) = uploader
-        && !coord.read_sched(|s| s.is_expected_output(builder, &path))
-    {
-        tracing::warn!(%builder, %path, "refused upload: not an output of a job running on this builder");
-        return Err(Status::permission_denied(format!(
-            "{path} is not an output of a job running on builder {builder}; builders may upload only their jobs' outputs"
-        )));
-    }
+    let trust = match uploader {
+        Uploader::Builder(builder) => {
+            if !coord.read_sched(|s| s.is_expected_output(builder, &path)) {
+                tracing::warn!(%builder, %path, "refused upload: not an output of a job running on this builder");
+                return Err(Status::permission_denied(format!(
+                    "{path} is not an output of a job running on builder {builder}; builders may upload only their jobs' outputs"
+                )));
+            }
+            crate::cache::Trust::Signed
+        }
+        Uploader::Client(trust) => trust,
+    };
     let reader = nar_data(stream, UPLOAD_IDLE_TIMEOUT);
     // The whole stream must be this one NAR: trailing bytes are refused.
-    let published = coord.cache().ingest_exact(claimed, reader).await?;
+    let published = coord.cache().ingest_exact(claimed, reader, trust).await?;
     tracing::debug!(path = %path, size = published.nar_size, "NAR ingested");
     Ok(Response::new(v1::UploadNarResponse {
         store_path: published.path.to_string(),

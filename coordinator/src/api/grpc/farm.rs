@@ -295,11 +295,20 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         &self,
         request: Request<Streaming<v1::UploadNarRequest>>,
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
-        self.authorize(&request, methods::UPLOAD_NAR, Level::Build)
+        let caller = self
+            .authorize(&request, methods::UPLOAD_NAR, Level::Build)
             .await?;
+        // Push: published signed. Build: the key's own unsigned claim.
+        let trust = if caller.may(Level::Push) {
+            crate::cache::Trust::Signed
+        } else {
+            crate::cache::Trust::Claim {
+                owner: caller.fingerprint,
+            }
+        };
         crate::api::grpc::data::upload_nar(
             &self.coord,
-            crate::api::grpc::data::Uploader::Client,
+            crate::api::grpc::data::Uploader::Client(trust),
             request.into_inner(),
         )
         .await

@@ -268,7 +268,10 @@ mod router_tests {
             HashAlgo::Sha256.digest(&nar),
             nar.len() as u64,
         );
-        cache.ingest(claim, &nar[..]).await.unwrap();
+        cache
+            .ingest(claim, &nar[..], crate::cache::Trust::Signed)
+            .await
+            .unwrap();
         (cache, path, nar)
     }
 
