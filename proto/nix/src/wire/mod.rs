@@ -608,7 +608,8 @@ mod tests {
             let (drv_path, mut drv) = test_drv(&test_path("in"), &test_path("out"), "t");
             // 20 values of 1000 bytes: each is far below max_string, together over 16 KiB.
             for i in 0..20 {
-                drv.env.insert(format!("big{i}").into(), "x".repeat(1000).into());
+                drv.env
+                    .insert(format!("big{i}").into(), "x".repeat(1000).into());
             }
             let mut out = Vec::new();
             write_basic_derivation(&mut out, &drv).await.unwrap();

@@ -1367,7 +1367,8 @@ fn oversized_messages_close_the_connection() {
         // A BasicDerivation whose env values are each small but together too big.
         let (drv_path, mut drv) = test_drv(&test_path("in"), &test_path("out"), "t");
         for i in 0..10 {
-            drv.env.insert(format!("v{i}").into(), "y".repeat(1000).into());
+            drv.env
+                .insert(format!("v{i}").into(), "y".repeat(1000).into());
         }
         let mut v = handshake();
         WorkerRequest::BuildDerivation {
