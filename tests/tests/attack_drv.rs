@@ -177,3 +177,135 @@ fn forged(logs: &TestLogs) -> anyhow::Result<()> {
     ensure!(content == b"x\xffy \xfe", "built {content:?}");
     Ok(())
 }
+
+/// A poisoned build-hook derivation: an attacker with a build key sends, over
+/// ssh:// (the serve protocol, as Nix's hook does), another recipe under the
+/// real path of a `.drv` the farm's cache holds. It is refused; the honest
+/// client's output stays the honest one, byte for byte, and the same
+/// derivation sent honestly is still accepted.
+#[test]
+fn a_poisoned_hook_derivation_is_refused() -> anyhow::Result<()> {
+    let logs = TestLogs::new("attack_drv_poisoned_hook")?;
+    deadline(DEADLINE, &logs, |logs| poisoned(&logs))
+}
+
+fn poisoned(logs: &TestLogs) -> anyhow::Result<()> {
+    let farm = Farm::setup(logs)
+        .builders(&[BuilderSpec {
+            name: "b1",
+            max_jobs: 1,
+            conf: &[],
+        }])
+        .clients(2)
+        .start()?;
+    let access = farm.own_ssh()?;
+    let (honest_key, attacker_key) = (&access.keys[0], &access.keys[1]);
+    let client = &farm.client;
+    let salt = client.root().display().to_string();
+    let expr = client.write_file(
+        "victim.nix",
+        &farm_tests::sh_derivation("poison-victim", &format!("echo honest {salt} > $out")),
+    )?;
+    let victim_drv = client.nix_instantiate(&expr, &[] as &[&str])?[0].clone();
+    let victim = Derivation::parse_aterm(std::fs::read(client.host_path_of(&victim_drv))?)?;
+    let victim_out = victim.output_paths()["out"].clone();
+    let name = name_from_drv_path(&victim_drv)?;
+
+    // The honest client builds it through the farm: the .drv is in the cache.
+    let out = farm.run(
+        Some(honest_key),
+        &["build", &victim_drv.to_string(), "--json"],
+    )?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let narinfo = format!("/{}.narinfo", victim_out.hash_part());
+    let (code, before) =
+        farm_tests::fixture::http_get_blocking(&farm.coordinator.endpoints.http, &narinfo)?;
+    ensure!(
+        code == 200,
+        "the honest output is not in the cache ({code})"
+    );
+
+    // The attacker's recipe under the victim's path and output.
+    let honest_basic = victim.resolve(&name, &|_, _| None)?;
+    let mut forged = honest_basic.clone();
+    forged.args = vec!["-c".into(), format!("echo pwned {salt} > $out").into()];
+    let ssh_opts = farm.ssh_opts_with_key(attacker_key)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let send = |drv: farm_nix::derivation::BasicDerivation| -> anyhow::Result<String> {
+        rt.block_on(async {
+            let mut child = tokio::process::Command::new("ssh")
+                .args(ssh_opts.split_whitespace())
+                .args(["nix@127.0.0.1", "nix-store --serve --write"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdin = anyhow::Context::context(child.stdin.take(), "stdin")?;
+            let stdout = anyhow::Context::context(child.stdout.take(), "stdout")?;
+            let mut serve = farm_nix::serve::ServeClient::connect(stdout, stdin).await?;
+            let result = serve
+                .build_derivation(&victim_drv, &drv, &Default::default())
+                .await;
+            drop(serve);
+            let out = child.wait_with_output().await?;
+            Ok(format!(
+                "{result:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    };
+    let said = send(forged)?;
+    ensure!(
+        said.contains("is not") && said.contains("as the farm's cache holds it"),
+        "the poisoned derivation was not refused as such:\n{said}"
+    );
+    let (_, after) =
+        farm_tests::fixture::http_get_blocking(&farm.coordinator.endpoints.http, &narinfo)?;
+    ensure!(after == before, "the honest output's narinfo changed");
+    ensure!(
+        farm.builds_run().len() == 1,
+        "the poisoned derivation ran: {:?}",
+        farm.builds_run()
+    );
+
+    // The honest recipe under its own path is the hook's normal case: accepted
+    // (already built, so nothing runs again).
+    let said = send(honest_basic)?;
+    ensure!(
+        !said.contains("as the farm's cache holds it"),
+        "the honest derivation was refused:\n{said}"
+    );
+    ensure!(
+        said.contains("Ok("),
+        "the honest derivation failed:\n{said}"
+    );
+
+    // The honest client's output, fetched by another host, is the honest build's.
+    let reader = farm_tests::Actor::with_logs("reader", logs)?;
+    reader.nix_conf_append(&format!(
+        "trusted-public-keys = {}",
+        farm.coordinator.endpoints.cache_public_key
+    ))?;
+    reader.run(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--from",
+            &farm.cache_url(),
+            &victim_out.to_string(),
+        ],
+    )?;
+    let content = std::fs::read_to_string(reader.host_path_of(&victim_out))?;
+    ensure!(
+        content == format!("honest {salt}\n"),
+        "the cache serves {content:?}"
+    );
+    Ok(())
+}

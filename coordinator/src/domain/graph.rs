@@ -304,6 +304,7 @@ impl Coordinator {
                 "{drv_path}: outputs without a known path (floating content-addressed derivations) are not supported"
             )));
         }
+        self.check_basic_against_drv(drv_path, &basic).await?;
         let out_paths: Vec<StorePath> = outputs.values().cloned().collect();
         let present = self.cache().valid_paths(&out_paths).await?;
         if present.len() == out_paths.len() {
@@ -333,6 +334,47 @@ impl Coordinator {
             outputs,
             input_drvs: Vec::new(),
         }))
+    }
+
+    /// When the cache holds the real `drv_path` (a `.drv` is a text path, so
+    /// its content is verified), a build-hook derivation sent under that path
+    /// must be exactly it with its input derivations resolved to their
+    /// outputs, as Nix's hook sends it: otherwise a client could have the
+    /// farm build (and share, and sign) other content under a real `.drv`'s
+    /// name and output paths.
+    async fn check_basic_against_drv(
+        &self,
+        drv_path: &StorePath,
+        basic: &BasicDerivation,
+    ) -> Result<(), DomainError> {
+        let have = self
+            .cache()
+            .valid_paths(std::slice::from_ref(drv_path))
+            .await?;
+        if have.is_empty() {
+            return Ok(());
+        }
+        let (_, drv) = self.parsed_drv(drv_path).await?;
+        let mut outputs: BTreeMap<StorePath, BTreeMap<String, StorePath>> = BTreeMap::new();
+        for input in drv.input_drvs.keys() {
+            outputs.insert(input.clone(), self.outputs_of(input).await?);
+        }
+        let name = farm_nix::derivation::name_from_drv_path(drv_path)
+            .map_err(|e| DomainError::Invalid(format!("{drv_path}: {e}")))?;
+        let mut resolved = drv
+            .resolve(&name, &|d, o| {
+                outputs.get(d).and_then(|m| m.get(o)).cloned()
+            })
+            .map_err(|e| DomainError::Invalid(format!("{drv_path}: {e}")))?;
+        // The wire form carries no name; the path gives the same one.
+        resolved.name.clone_from(&basic.name);
+        if resolved != *basic {
+            tracing::warn!(drv = %drv_path, "a build-hook derivation differs from the .drv of its path");
+            return Err(DomainError::Invalid(format!(
+                "the derivation sent for {drv_path} is not {drv_path} as the farm's cache holds it (with its inputs resolved); refusing to build it under that name"
+            )));
+        }
+        Ok(())
     }
 
     /// The output paths of an input derivation: from the scheduler, else from its `.drv`.
