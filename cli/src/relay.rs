@@ -62,6 +62,9 @@ pub fn run(args: &NixRelayArgs) -> ExitCode {
         tokio::io::stdout(),
         tokio::io::stderr(),
     ));
+    // tokio's stdin reads on a thread that cannot be cancelled: do not wait for
+    // it (Nix may keep our stdin open after the session ended).
+    runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(farm_coordinator::nix_endpoint::stdio::RelayError::Connect { path, source })
