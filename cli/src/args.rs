@@ -10,15 +10,16 @@ const MAIN_AFTER_HELP: &str = "\
 Settings: --coordinator, --key and --ca-cert come from the flag, else the
 environment (FARM_COORDINATOR, FARM_KEY, FARM_CA_CERT), else the config file
 ($XDG_CONFIG_HOME/nix-farm/config.toml or ~/.config/nix-farm/config.toml, or
---config / FARM_CONFIG), else the defaults (http://127.0.0.1:7070,
-~/.ssh/id_ed25519 when it exists). The config file takes the same names:
+--config / FARM_CONFIG), else the defaults (http://127.0.0.1:7070;
+~/.ssh/id_ed25519 when it exists, else the client key `farm up` generated in
+its default state directory). The config file takes the same names:
     coordinator = \"https://farm.example.org:7070\"
     key = \"/home/me/.ssh/id_ed25519\"
     ca-cert = \"/etc/nix-farm/ca.pem\"
 
 Authentication: each call is signed with the SSH ed25519 key (--key).
-Reading needs a key in the coordinator's --authorized-keys; drain, undrain and
-cancel need one in its --admin-keys.
+Reading needs a key in one of the coordinator's key files (--read-keys and up);
+building one in --authorized-keys; drain, undrain and cancel one in --admin-keys.
 
 Exit status: 0 success; 1 a build failed; 2 usage error (flags, config, key,
 an installable that does not evaluate); 3 the farm is unreachable or refused
@@ -96,6 +97,8 @@ pub struct GlobalArgs {
     pub config: Option<PathBuf>,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Builders, queue, running builds and recent failures.
@@ -118,7 +121,12 @@ pub enum Command {
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Run a coordinator and one builder using the local Nix, in one process.
+    #[command(after_long_help = UP_AFTER_HELP)]
     Up(UpArgs),
+    /// Relay a Nix session to a local farm's relay socket (what the machines
+    /// line `farm up` prints runs; Nix appends `--stdio` or `--serve --write`).
+    #[command(hide = true)]
+    NixRelay(NixRelayArgs),
     /// Show the settings in effect and where each comes from.
     Config,
     /// Print a shell completion script.
@@ -298,6 +306,34 @@ pub struct ManArgs {
     pub out: PathBuf,
 }
 
+/// Shown after `farm up --help`: who may use the farm it runs.
+const UP_AFTER_HELP: &str = "\
+Who may use it: farm up generates a client key (STATE/client/id_ed25519, 0600
+in a 0700 directory) and grants it admin, as it does the running user's own
+~/.ssh/id_*.pub keys; `farm` as that user finds the key with no settings.
+Nix reaches it through the relay socket STATE/relay.sock, which admits only the
+user who ran farm up and root (checked with SO_PEERCRED, and the directory is
+0700): the printed machines line (ssh-ng://localhost?remote-program=…) runs
+`farm nix-relay` locally, for that user's nix-build and for root's nix-daemon
+alike. Every other local user is refused; give them keys (--read-keys,
+--authorized-keys, --push-keys, --admin-keys) to use the gRPC and SSH endpoints.";
+
+/// `farm nix-relay`: one Nix session over the relay socket.
+#[derive(Debug, Clone, Args)]
+pub struct NixRelayArgs {
+    /// The relay socket (`farm up`: STATE/relay.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// What Nix asks the remote program for: `--stdio` (ssh-ng://) or
+    /// `--serve --write` (ssh://), as Nix appends them.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "NIX_ARGS"
+    )]
+    pub nix_args: Vec<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// State directory (coordinator state, cache, builder key) [default: $XDG_STATE_HOME/nix-farm, or ~/.local/state/nix-farm].
@@ -315,10 +351,17 @@ pub struct UpArgs {
     /// Host name clients are told to use [default: the listen address, or the host name].
     #[arg(long, env = "FARM_PUBLIC_HOST", value_name = "HOST")]
     pub public_host: Option<String>,
-    /// Nix clients and CLI users (OpenSSH authorized_keys format).
+    /// More clients that may only read: status, logs, the cache (OpenSSH
+    /// authorized_keys format; farm up's own keys are admin already).
+    #[arg(long, env = "FARM_READ_KEYS", value_name = "FILE")]
+    pub read_keys: Option<PathBuf>,
+    /// More clients that may build (Nix over SSH, `farm build`).
     #[arg(long, env = "FARM_AUTHORIZED_KEYS", value_name = "FILE")]
     pub authorized_keys: Option<PathBuf>,
-    /// CLI users who may change the farm: drain, cancel.
+    /// More clients whose uploads and hook-build outputs the farm signs.
+    #[arg(long, env = "FARM_PUSH_KEYS", value_name = "FILE")]
+    pub push_keys: Option<PathBuf>,
+    /// More clients who may also drain and cancel.
     #[arg(long, env = "FARM_ADMIN_KEYS", value_name = "FILE")]
     pub admin_keys: Option<PathBuf>,
     /// More builders' public keys (they may join this farm too).

@@ -9,6 +9,11 @@
 //! key = "/home/me/.ssh/id_ed25519"
 //! ca-cert = "/etc/nix-farm/ca.pem"
 //! ```
+//!
+//! The key, when none is configured: `~/.ssh/id_ed25519`, else the client key
+//! `farm up` generated in its default state directory
+//! (`STATE/client/id_ed25519`, see [`default_state_dir`]), so the CLI works
+//! right after `farm up` as the same user.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -41,6 +46,8 @@ pub enum Source {
     File,
     /// The built-in default.
     Default,
+    /// The client key `farm up` generated (its default state directory).
+    FarmUp,
 }
 
 impl fmt::Display for Source {
@@ -49,6 +56,7 @@ impl fmt::Display for Source {
             Source::FlagOrEnv => "flag or environment",
             Source::File => "config file",
             Source::Default => "default",
+            Source::FarmUp => "farm up's client key",
         })
     }
 }
@@ -59,8 +67,8 @@ pub struct Settings {
     /// Coordinator URL with its scheme.
     pub coordinator: String,
     pub coordinator_source: Source,
-    /// The key to sign with; `None` when no key was configured and the default
-    /// file does not exist (calls go unsigned, fine on an open loopback farm).
+    /// The key to sign with; `None` when no key was configured and neither
+    /// default file exists (calls go unsigned, and a coordinator refuses them).
     pub key: Option<PathBuf>,
     pub key_source: Source,
     pub ca_cert: Option<PathBuf>,
@@ -76,6 +84,7 @@ pub struct Settings {
 pub struct Env {
     pub home: Option<PathBuf>,
     pub xdg_config_home: Option<PathBuf>,
+    pub xdg_state_home: Option<PathBuf>,
 }
 
 impl Env {
@@ -86,6 +95,9 @@ impl Env {
                 .filter(|h| !h.is_empty())
                 .map(PathBuf::from),
             xdg_config_home: std::env::var_os("XDG_CONFIG_HOME")
+                .filter(|h| !h.is_empty())
+                .map(PathBuf::from),
+            xdg_state_home: std::env::var_os("XDG_STATE_HOME")
                 .filter(|h| !h.is_empty())
                 .map(PathBuf::from),
         }
@@ -105,6 +117,32 @@ impl Env {
             .as_ref()
             .map(|h| h.join(".ssh").join("id_ed25519"))
     }
+
+    /// The client key `farm up` generates in its default state directory.
+    pub fn farm_up_key_path(&self) -> Option<PathBuf> {
+        default_state_dir(self.xdg_state_home.clone(), self.home.clone())
+            .ok()
+            .map(|d| client_key_path(&d))
+    }
+}
+
+/// `farm up`'s default state directory: `$XDG_STATE_HOME/nix-farm`, else
+/// `~/.local/state/nix-farm`.
+pub fn default_state_dir(
+    xdg_state_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Result<PathBuf, CliError> {
+    xdg_state_home
+        .map(|d| d.join("nix-farm"))
+        .or_else(|| home.map(|h| h.join(".local/state/nix-farm")))
+        .ok_or_else(|| {
+            CliError::Usage("neither XDG_STATE_HOME nor HOME is set: pass --state-dir".into())
+        })
+}
+
+/// Where `farm up` keeps the client key it generates in `state_dir`.
+pub fn client_key_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("client").join("id_ed25519")
 }
 
 /// Read a config file. `required` = it was named explicitly (so missing is an error).
@@ -203,10 +241,13 @@ pub fn resolve_with(
     let (key, key_source) = match (&args.key, file.key) {
         (Some(k), _) => (Some(k.clone()), Source::FlagOrEnv),
         (None, Some(k)) => (Some(expand_tilde(&k, env)), Source::File),
-        (None, None) => (
-            env.default_key_path().filter(|p| p.exists()),
-            Source::Default,
-        ),
+        (None, None) => match env.default_key_path().filter(|p| p.exists()) {
+            Some(k) => (Some(k), Source::Default),
+            None => match env.farm_up_key_path().filter(|p| p.exists()) {
+                Some(k) => (Some(k), Source::FarmUp),
+                None => (None, Source::Default),
+            },
+        },
     };
     let (ca_cert, ca_cert_source) = match (&args.ca_cert, file.ca_cert) {
         (Some(c), _) => (Some(c.clone()), Source::FlagOrEnv),
@@ -274,6 +315,7 @@ mod tests {
         Env {
             home: Some(home.to_path_buf()),
             xdg_config_home: None,
+            xdg_state_home: None,
         }
     }
 
@@ -310,6 +352,27 @@ mod tests {
         let s = resolve_with(&GlobalArgs::default(), FileConfig::default(), None, &e).unwrap();
         assert_eq!(s.coordinator, DEFAULT_COORDINATOR);
         assert_eq!(s.key, None);
+        // then farm up's client key, when there is one
+        let up_key = dir.path().join(".local/state/nix-farm/client/id_ed25519");
+        std::fs::create_dir_all(up_key.parent().unwrap()).unwrap();
+        std::fs::write(&up_key, "x").unwrap();
+        let s = resolve_with(&GlobalArgs::default(), FileConfig::default(), None, &e).unwrap();
+        assert_eq!(s.key, Some(up_key.clone()));
+        assert_eq!(s.key_source, Source::FarmUp);
+        assert!(
+            s.render().contains("(farm up's client key)"),
+            "{}",
+            s.render()
+        );
+        let xdg = Env {
+            xdg_state_home: Some(dir.path().join("xdg")),
+            ..e.clone()
+        };
+        assert_eq!(
+            xdg.farm_up_key_path(),
+            Some(dir.path().join("xdg/nix-farm/client/id_ed25519"))
+        );
+        // ~/.ssh/id_ed25519 comes first
         std::fs::create_dir_all(dir.path().join(".ssh")).unwrap();
         std::fs::write(dir.path().join(".ssh/id_ed25519"), "x").unwrap();
         let s = resolve_with(&GlobalArgs::default(), FileConfig::default(), None, &e).unwrap();
@@ -337,10 +400,24 @@ mod tests {
     }
 
     #[test]
+    fn state_dir_defaults() {
+        assert_eq!(
+            default_state_dir(Some("/xdg".into()), Some("/home/u".into())).unwrap(),
+            PathBuf::from("/xdg/nix-farm")
+        );
+        assert_eq!(
+            default_state_dir(None, Some("/home/u".into())).unwrap(),
+            PathBuf::from("/home/u/.local/state/nix-farm")
+        );
+        assert!(default_state_dir(None, None).is_err());
+    }
+
+    #[test]
     fn default_paths_follow_xdg() {
         let e = Env {
             home: Some("/home/u".into()),
             xdg_config_home: Some("/xdg".into()),
+            xdg_state_home: None,
         };
         assert_eq!(
             e.default_config_path(),
@@ -349,6 +426,7 @@ mod tests {
         let e = Env {
             home: Some("/home/u".into()),
             xdg_config_home: None,
+            xdg_state_home: None,
         };
         assert_eq!(
             e.default_config_path(),

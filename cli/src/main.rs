@@ -11,6 +11,7 @@ mod keys;
 mod machines;
 mod nix;
 mod ops;
+mod relay;
 mod status;
 mod style;
 #[cfg(feature = "up")]
@@ -33,6 +34,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
         }
     };
+    // `farm nix-relay`: stdout and stderr belong to the Nix session (no logging).
+    if let Command::NixRelay(a) = &cli.command {
+        return relay::run(a);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if matches!(cli.command, Command::Up(_)) {
             "info"
@@ -114,6 +119,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         | Command::Man(_)
         | Command::Keys(_)
         | Command::Config
+        | Command::NixRelay(_)
         | Command::Up(_) => Ok(()),
     }
 }

@@ -12,7 +12,8 @@
 //! from admin down to read, so an admin entry limited to the LAN still lets
 //! the same key build from elsewhere when it is in `--authorized-keys` too.
 //! There is no open mode: a coordinator with no key files accepts no client,
-//! on loopback too (`farm up` generates and authorizes its user's key).
+//! on loopback too (`farm up` generates and authorizes its user's key, as an
+//! [`KeyPolicy::extra`] entry at admin level rather than a file).
 //!
 //! The files are re-read when they change (a `stat` per check), so keys are
 //! added and removed without a restart; a file that cannot be read or has a
@@ -86,13 +87,17 @@ impl Principal {
     }
 }
 
-/// The key files, one per level.
+/// The key files, one per level, and keys granted by the program itself.
 #[derive(Debug, Clone, Default)]
 pub struct KeyPolicy {
     pub read: Option<PathBuf>,
     pub build: Option<PathBuf>,
     pub push: Option<PathBuf>,
     pub admin: Option<PathBuf>,
+    /// Keys granted a level without a file (`farm up`: its generated client
+    /// key and its user's `~/.ssh` keys, at admin). Checked like a file's
+    /// entries at that level, before the files of the same level.
+    pub extra: Vec<(Level, AuthorizedKey)>,
 }
 
 /// Why a key was not granted anything.
@@ -107,7 +112,7 @@ pub enum Refusal {
 impl KeyPolicy {
     /// Whether no key file is configured (then nobody is accepted).
     pub fn is_empty(&self) -> bool {
-        self.files().next().is_none()
+        self.files().next().is_none() && self.extra.is_empty()
     }
 
     /// The configured files, highest level first.
@@ -133,18 +138,37 @@ impl KeyPolicy {
     ) -> Result<Result<Principal, Refusal>, CoordinatorError> {
         let mut listed = false;
         let mut found: Option<(Level, AuthorizedKey)> = None;
-        for (level, file) in self.files() {
-            let entries = cached_authorized_keys(file)?;
+        let mut consider = |level: Level, entries: &mut dyn Iterator<Item = &AuthorizedKey>| {
             if found.is_some() {
-                // Still read the rest: a broken file is an error whatever matched.
-                continue;
+                return;
             }
-            for e in entries.iter().filter(|e| e.matches(key)) {
+            for e in entries.filter(|e| e.matches(key)) {
                 listed = true;
                 if e.admits(peer) {
                     found = Some((level, e.clone()));
-                    break;
+                    return;
                 }
+            }
+        };
+        for level in [Level::Admin, Level::Push, Level::Build, Level::Read] {
+            consider(
+                level,
+                &mut self
+                    .extra
+                    .iter()
+                    .filter(|(l, _)| *l == level)
+                    .map(|(_, e)| e),
+            );
+            let file = match level {
+                Level::Admin => &self.admin,
+                Level::Push => &self.push,
+                Level::Build => &self.build,
+                Level::Read => &self.read,
+            };
+            if let Some(file) = file {
+                // Read even after a match: a broken file is an error whatever matched.
+                let entries = cached_authorized_keys(file)?;
+                consider(level, &mut entries.iter());
             }
         }
         Ok(match found {
@@ -208,6 +232,7 @@ mod tests {
             push: Some(w("push", &[&b_push])),
             build: Some(w("build", &[&a_build, &e_lan])),
             read: Some(w("read", &[&c_read])),
+            extra: Vec::new(),
         };
         let lan: IpAddr = "10.1.1.1".parse().unwrap();
         let wan: IpAddr = "203.0.113.9".parse().unwrap();
@@ -239,5 +264,40 @@ mod tests {
         assert!(policy.principal(&a, Some(lan)).is_err());
         assert!(policy.check_files().is_err());
         assert!(KeyPolicy::default().is_empty());
+    }
+
+    #[test]
+    fn extra_keys_count_like_a_file_at_their_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, a_line) = key(1, "alice-file", "");
+        let (b, _) = key(2, "bob", "");
+        let (c, _) = key(3, "carol", "");
+        let build = dir.path().join("build");
+        std::fs::write(&build, format!("{a_line}\n")).unwrap();
+        let policy = KeyPolicy {
+            build: Some(build.clone()),
+            extra: vec![
+                (Level::Admin, AuthorizedKey::new(a.clone(), "alice-up")),
+                (Level::Read, AuthorizedKey::new(b.clone(), "bob-up")),
+            ],
+            ..KeyPolicy::default()
+        };
+        assert!(!policy.is_empty());
+        assert!(
+            !KeyPolicy {
+                extra: policy.extra.clone(),
+                ..KeyPolicy::default()
+            }
+            .is_empty()
+        );
+        // The admin extra wins over the build file's entry for the same key.
+        let p = policy.principal(&a, None).unwrap().unwrap();
+        assert_eq!((p.level, p.comment.as_str()), (Level::Admin, "alice-up"));
+        let p = policy.principal(&b, None).unwrap().unwrap();
+        assert_eq!((p.level, p.comment.as_str()), (Level::Read, "bob-up"));
+        assert_eq!(policy.principal(&c, None).unwrap(), Err(Refusal::Unknown));
+        // A broken file is still an error, even when an extra key matched.
+        std::fs::write(&build, "junk\n").unwrap();
+        assert!(policy.principal(&a, None).is_err());
     }
 }

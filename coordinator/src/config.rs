@@ -128,6 +128,15 @@ pub struct Args {
     /// authorized_keys decides who they are) [default: build].
     #[arg(long, env = "FARM_RELAY_LEVEL", value_name = "LEVEL")]
     pub relay_level: Option<RelayLevel>,
+    /// Only these uids may use the relay socket (comma-separated; checked
+    /// with SO_PEERCRED) [default: whoever may open it].
+    #[arg(
+        long,
+        env = "FARM_RELAY_UIDS",
+        value_name = "UID,…",
+        value_delimiter = ','
+    )]
+    pub relay_uids: Option<Vec<u32>>,
     /// gRPC TLS [default: auto = TLS unless the gRPC address is loopback].
     #[arg(long, env = "FARM_TLS", value_name = "MODE")]
     pub tls: Option<TlsMode>,
@@ -212,6 +221,7 @@ pub struct FileConfig {
     pub builder_keys: Option<PathBuf>,
     pub relay_socket: Option<PathBuf>,
     pub relay_level: Option<RelayLevel>,
+    pub relay_uids: Option<Vec<u32>>,
     pub tls: Option<TlsMode>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -277,6 +287,9 @@ pub struct CoordinatorConfig {
     pub relay_socket: Option<PathBuf>,
     /// The level of the stdio relay's clients.
     pub relay_level: Level,
+    /// The uids the relay socket admits (`SO_PEERCRED`); `None`: whoever may
+    /// open the socket (the OpenSSH account in front decides).
+    pub relay_uids: Option<Vec<u32>>,
     pub tls: TlsMode,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -326,6 +339,7 @@ impl CoordinatorConfig {
             extra_builder_keys: Vec::new(),
             relay_socket: None,
             relay_level: Level::Build,
+            relay_uids: None,
             tls: TlsMode::Auto,
             tls_cert: None,
             tls_key: None,
@@ -405,6 +419,7 @@ impl CoordinatorConfig {
                 build: args.authorized_keys.or(file.authorized_keys),
                 push: args.push_keys.or(file.push_keys),
                 admin: args.admin_keys.or(file.admin_keys),
+                extra: Vec::new(),
             },
             builder_keys: args.builder_keys.or(file.builder_keys),
             extra_builder_keys: Vec::new(),
@@ -413,6 +428,7 @@ impl CoordinatorConfig {
                 .relay_level
                 .or(file.relay_level)
                 .map_or(Level::Build, RelayLevel::level),
+            relay_uids: args.relay_uids.or(file.relay_uids),
             tls: args.tls.or(file.tls).unwrap_or(d.tls),
             tls_cert,
             tls_key,
@@ -596,6 +612,12 @@ mod tests {
             crate::cache::StorageConfig::Local { root: "/c".into() }
         );
         // without a [cache] table: local, in the state dir
+        let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s"])).unwrap();
+        assert_eq!(c.relay_uids, None);
+        let c =
+            CoordinatorConfig::from_args(parse(&["--state-dir", "/s", "--relay-uids", "0,1000"]))
+                .unwrap();
+        assert_eq!(c.relay_uids, Some(vec![0, 1000]));
         let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s"])).unwrap();
         assert_eq!(
             c.cache.storage,

@@ -398,11 +398,13 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                 .map_err(io(format!("binding the relay socket {}", path.display())))?;
             let done = stopped();
             let relay_level = config.relay_level;
+            let relay_uids = config.relay_uids.clone();
             tasks.spawn(async move {
-                crate::nix_endpoint::stdio::serve(
+                crate::nix_endpoint::stdio::serve_with(
                     listener,
                     std::sync::Arc::new(endpoint),
                     relay_level,
+                    relay_uids,
                     done,
                 )
                 .await

@@ -1,68 +1,148 @@
 //! `farm up` end to end: one process runs a coordinator and a builder using
-//! the actor's own Nix; it prints how to point Nix at it, and `farm build`
-//! from another actor builds through it.
+//! the actor's own Nix. As the user who ran it, with no other step: the
+//! machines line it prints, as printed, makes a plain `nix-build --max-jobs 0
+//! --builders '…'` build on the farm (through `farm nix-relay` and the relay
+//! socket), `farm status` works with no key configured (it finds farm up's
+//! client key), and `farm build` from another store builds through it. A
+//! second local user is refused: by the state directory's permissions, and
+//! with those loosened, by the relay socket's uid check; their `farm status`
+//! (no key of theirs is authorized) is refused too.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::{Context as _, bail, ensure};
 use farm_tests::{Actor, TestLogs, deadline, farm_bin, wait_for_endpoints};
+
+/// The second local user the test creates when missing.
+const OTHER_USER: &str = "farm-e2e-other";
 
 #[test]
 fn farm_up_runs_a_farm_that_builds() -> anyhow::Result<()> {
     let logs = TestLogs::new("cli_up")?;
-    deadline(Duration::from_secs(300), &logs, |logs| farm_up(&logs))
+    deadline(Duration::from_secs(400), &logs, |logs| farm_up(&logs))
 }
 
 fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
     let host = Actor::with_logs("host", logs)?;
-    let state = host.state_dir("farm-up")?;
+    // No --state-dir: the default one under the user's HOME, where `farm`
+    // looks for farm up's client key.
+    let state = host.root().join("home/.local/state/nix-farm");
     let mut up = host.spawn(
         "farm-up",
         farm_bin("farm")?,
         &[
-            "up".to_owned(),
-            "--state-dir".to_owned(),
-            state.display().to_string(),
-            "--grpc".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--http".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--ssh".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--builder-name".to_owned(),
-            "local".to_owned(),
+            "up",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--ssh",
+            "127.0.0.1:0",
+            "--builder-name",
+            "local",
         ],
     )?;
     let endpoints = wait_for_endpoints(&state.join("coordinator"), Duration::from_secs(60))?;
     up.wait_for_log("# nix.conf", Duration::from_secs(60))?;
+    up.wait_for_log("ssh_config entry", Duration::from_secs(10))?;
     let printed = up.log();
-    assert!(
-        printed.contains(&format!(
-            "export FARM_COORDINATOR=http://{}",
-            endpoints.grpc
-        )),
+    let grpc_url = format!("http://{}", endpoints.grpc);
+    ensure!(
+        printed.contains(&format!("export FARM_COORDINATOR={grpc_url}")),
         "{printed}"
     );
-    let line = printed
-        .lines()
-        .find(|l| l.starts_with("ssh-ng://"))
-        .unwrap_or_else(|| panic!("no machines line in:\n{printed}"));
-    assert!(
-        line.contains("x86_64-linux") || line.contains("aarch64"),
-        "the builder's systems: {line}"
-    );
-    assert!(
+    ensure!(
         printed.contains(&format!(
             "extra-trusted-public-keys = {}",
             endpoints.cache_public_key
         )),
         "{printed}"
     );
-    assert!(
+    let client_key = state.join("client/id_ed25519");
+    ensure!(
+        printed.contains(&format!("client key: {}", client_key.display())),
+        "{printed}"
+    );
+    let line = printed
+        .lines()
+        .find(|l| l.starts_with("ssh-ng://localhost?remote-program="))
+        .with_context(|| format!("no local machines line in:\n{printed}"))?
+        .to_owned();
+    ensure!(
+        line.contains("x86_64-linux") || line.contains("aarch64"),
+        "the builder's systems: {line}"
+    );
+    // The SSH form for other hosts names the generated key, with its ssh_config.
+    let ssh_line = printed
+        .lines()
+        .find(|l| l.starts_with("ssh-ng://") && !l.starts_with("ssh-ng://localhost?"))
+        .with_context(|| format!("no SSH machines line in:\n{printed}"))?;
+    ensure!(
+        ssh_line.split_whitespace().nth(2) == Some(&client_key.display().to_string()),
+        "{ssh_line}"
+    );
+    ensure!(
         printed.contains(&format!("Port {}", endpoints.ssh_port()?)),
         "{printed}"
     );
+    // The key and the state are the user's alone.
+    let mode = |p: &Path| -> anyhow::Result<u32> {
+        use std::os::unix::fs::PermissionsExt;
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+    };
+    ensure!(mode(&client_key)? == 0o600, "the client key's mode");
+    ensure!(mode(&state)? == 0o700, "the state directory's mode");
 
-    // Another actor builds through it.
+    // The same user (root here, with a store of its own) builds with the line
+    // as printed: --max-jobs 0, so only the farm can build it.
+    let user = Actor::with_logs("user", logs)?;
+    let salt = user.root().display().to_string();
+    let file = user.write_file(
+        "two.nix",
+        &farm_tests::fixture::graph_expr(2, 0.0, &salt, None),
+    )?;
+    let built = user.nix_build(
+        &file,
+        &["-A", "d1", "--max-jobs", "0", "--builders", line.as_str()],
+    )?;
+    let [out] = built.as_slice() else {
+        bail!("nix-build printed {built:?}");
+    };
+    let text = std::fs::read_to_string(user.host_path_of(out))?;
+    ensure!(text.contains(&salt), "{text}");
+    ensure!(
+        host.is_valid_path(out)?,
+        "{out} was built by the local builder (in farm up's own store)"
+    );
+
+    // `farm status` and `farm config` as that user: no FARM_KEY, no config.
+    let farm_as_user = |args: &[&str]| -> anyhow::Result<String> {
+        let mut cmd = host.command(farm_bin("farm")?);
+        cmd.args(args)
+            .env("FARM_COORDINATOR", &grpc_url)
+            .env_remove("FARM_KEY")
+            .env_remove("FARM_CONFIG");
+        host.run_command(cmd)
+    };
+    let config = farm_as_user(&["config"])?;
+    ensure!(
+        config.contains(&format!(
+            "key         = {}  (farm up's client key)",
+            client_key.display()
+        )),
+        "{config}"
+    );
+    let status = farm_as_user(&["status", "--json"])?;
+    let doc: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(
+        doc["builders"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["name"] == "local")),
+        "{doc}"
+    );
+
+    // `farm build` from another store, with farm up's key.
     let client = Actor::with_logs("client", logs)?;
     let salt = client.root().display().to_string();
     let file = client.write_file(
@@ -71,46 +151,170 @@ fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
     )?;
     let mut cmd = client.command(farm_bin("farm")?);
     cmd.args(["build", &file.display().to_string(), "-A", "d1", "--json"])
-        .env("FARM_COORDINATOR", format!("http://{}", endpoints.grpc));
+        .env("FARM_COORDINATOR", &grpc_url)
+        .env("FARM_KEY", &client_key);
     let out = client.run_command(cmd)?;
     let doc: serde_json::Value = serde_json::from_str(&out)?;
-    assert_eq!(doc["success"], true, "{doc}");
-    for d in doc["derivations"].as_array().unwrap() {
-        assert_eq!(d["outcome"], "built", "{doc}");
-        assert_eq!(d["builder"], "local", "{doc}");
+    ensure!(doc["success"] == true, "{doc}");
+    for d in doc["derivations"].as_array().context("derivations")? {
+        ensure!(d["outcome"] == "built", "{doc}");
+        ensure!(d["builder"] == "local", "{doc}");
     }
 
-    // --out-link brings the outputs back into the client's store, signed by the farm.
-    let link = client.root().join("result");
-    let mut cmd = client.command(farm_bin("farm")?);
-    cmd.args([
-        "build",
-        &file.display().to_string(),
-        "-A",
-        "d1",
-        "--out-link",
-        &link.display().to_string(),
-    ])
-    .env("FARM_COORDINATOR", format!("http://{}", endpoints.grpc));
-    let printed = client.run_command(cmd)?;
-    let out_path = farm_nix::StorePath::parse(printed.trim())?;
-    assert!(
-        client.is_valid_path(&out_path)?,
-        "{out_path} was copied back"
-    );
-    assert_eq!(
-        std::fs::read_link(&link)?.display().to_string(),
-        out_path.to_string()
-    );
-    let text = client.run("cat", &[link.display().to_string()])?;
-    assert!(text.contains(&salt), "{text}");
+    other_user_is_refused(logs, &host, &state, &line, &grpc_url)?;
 
     // SIGTERM stops both cleanly.
     let status = up.stop(Duration::from_secs(30))?;
-    assert!(
+    ensure!(
         status.success(),
         "farm up exited with {status}:\n{}",
         up.log()
     );
+    Ok(())
+}
+
+/// `(uid, gid)` of the second local user, created when missing.
+fn other_user() -> anyhow::Result<(u32, u32)> {
+    let id = |flag: &str| -> anyhow::Result<Option<u32>> {
+        let out = std::process::Command::new("id")
+            .args([flag, OTHER_USER])
+            .output()?;
+        Ok(if out.status.success() {
+            Some(String::from_utf8(out.stdout)?.trim().parse()?)
+        } else {
+            None
+        })
+    };
+    if id("-u")?.is_none() {
+        let out = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--user-group", OTHER_USER])
+            .output()?;
+        // Another test may have created it meanwhile.
+        ensure!(
+            out.status.success() || id("-u")?.is_some(),
+            "useradd {OTHER_USER}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((
+        id("-u")?.context("the other user's uid")?,
+        id("-g")?.context("the other user's gid")?,
+    ))
+}
+
+/// A second local user, with a writable store of their own, uses the line as
+/// printed and `farm status`: both refused, saying so.
+fn other_user_is_refused(
+    logs: &TestLogs,
+    host: &Actor,
+    state: &Path,
+    line: &str,
+    grpc_url: &str,
+) -> anyhow::Result<()> {
+    let (uid, gid) = other_user()?;
+    let other = Actor::with_logs("other", logs)?;
+    let file = other.write_file(
+        "other.nix",
+        &farm_tests::fixture::graph_expr(1, 0.0, &other.root().display().to_string(), None),
+    )?;
+    let chown = std::process::Command::new("chown")
+        .args(["-R", &format!("{uid}:{gid}")])
+        .arg(other.root())
+        .output()?;
+    ensure!(
+        chown.status.success(),
+        "chown: {}",
+        String::from_utf8_lossy(&chown.stderr)
+    );
+    // As the other user, in their own store; `timeout` guards a Nix that
+    // would postpone forever.
+    let as_other = |program: &str, args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let mut argv: Vec<String> = [
+            "120",
+            "setpriv",
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &gid.to_string(),
+            "--clear-groups",
+            program,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(args.iter().map(|s| s.to_string()));
+        other.output("timeout", &argv)
+    };
+    let farm = farm_bin("farm")?.display().to_string();
+    let file = file.display().to_string();
+    let nix_build = |what: &str| -> anyhow::Result<String> {
+        let out = as_other(
+            "nix-build",
+            &[
+                &file,
+                "-A",
+                "d0",
+                "--no-out-link",
+                "--max-jobs",
+                "0",
+                "--builders",
+                line,
+            ],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            !out.status.success() && out.status.code() != Some(124),
+            "{what}: the other user's nix-build should fail at once: {}\n{stderr}",
+            out.status
+        );
+        Ok(stderr)
+    };
+
+    // As farm up left it: the 0700 state directory keeps them out.
+    let stderr = nix_build("state dir 0700")?;
+    ensure!(
+        stderr.contains("nix-farm: this farm refuses you"),
+        "the refusal is named:\n{stderr}"
+    );
+    // With every permission loosened, the relay socket's uid check refuses them.
+    loosen(host.root(), state)?;
+    let stderr = nix_build("permissions loosened")?;
+    ensure!(
+        stderr.contains(&format!("nix-farm: this farm refuses uid {uid}")),
+        "the uid check names them:\n{stderr}"
+    );
+    // `farm status`: they have no authorized key, and cannot read farm up's.
+    let out = as_other(&farm, &["status", "--coordinator", grpc_url])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(3),
+        "their farm status is refused ({}):\n{stderr}",
+        out.status
+    );
+    let key = state.join("client/id_ed25519").display().to_string();
+    let out = as_other(&farm, &["status", "--coordinator", grpc_url, "--key", &key])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("Permission denied"),
+        "farm up's key is not theirs to read ({}):\n{stderr}",
+        out.status
+    );
+    Ok(())
+}
+
+/// Let anyone traverse to the relay socket and open it (the client key stays 0600).
+fn loosen(root: &Path, state: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir: PathBuf = state.to_path_buf();
+    loop {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        if dir == root || !dir.pop() {
+            break;
+        }
+    }
+    std::fs::set_permissions(
+        state.join("relay.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )?;
     Ok(())
 }

@@ -12,6 +12,10 @@
 //! Coordinator → relay: frames `[u8 kind][u32 len LE][len bytes]`, kind 1 =
 //! stdout, 2 = stderr, 3 = exit status (4 bytes LE), after which the
 //! coordinator closes the connection.
+//!
+//! Who may connect: the socket's mode and directory, and optionally a list of
+//! uids checked with `SO_PEERCRED` ([`serve_with`]; `farm up` admits only its
+//! own user and root). A refused peer gets one stderr line and exit status 1.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -215,6 +219,54 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Tell a peer whose uid is not admitted so, in the relay's framing, after
+/// reading its preamble (so the message is not lost to a write error on its side).
+async fn refuse_peer(stream: UnixStream, why: String) -> Result<(), RelayError> {
+    let (mut rd, mut wr) = stream.into_split();
+    let len = rd.read_u32_le().await?;
+    if len <= MAX_PREAMBLE {
+        let mut buf = vec![0; len as usize];
+        rd.read_exact(&mut buf).await?;
+    }
+    let line = format!("error: nix-farm: {why}\n");
+    for (kind, data) in [
+        (KIND_STDERR, line.into_bytes()),
+        (KIND_EXIT, 1u32.to_le_bytes().to_vec()),
+    ] {
+        wr.write_u8(kind).await?;
+        wr.write_u32_le(data.len() as u32).await?;
+        wr.write_all(&data).await?;
+    }
+    wr.shutdown().await?;
+    // Let the relay read the frames before the connection goes: drain what it
+    // still sends (bounded) until it hangs up.
+    let mut sink = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Whether the peer of `stream` may relay: `Err` says why not.
+fn check_peer(stream: &UnixStream, allowed_uids: Option<&[u32]>) -> Result<(), String> {
+    let Some(allowed) = allowed_uids else {
+        return Ok(());
+    };
+    let uid = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot tell who connected to the relay socket: {e}"))?
+        .uid();
+    if allowed.contains(&uid) {
+        return Ok(());
+    }
+    let list: Vec<String> = allowed.iter().map(u32::to_string).collect();
+    Err(format!(
+        "this farm refuses uid {uid}: its relay socket admits only uid {} (the user who started it, and root); other users need a key and the SSH endpoint",
+        list.join(", ")
+    ))
+}
+
 /// Accept relay connections on `listener` until `shutdown` resolves; each runs
 /// on its own, its client at `level` (`--relay-level`: the OpenSSH account
 /// in front decides who reaches the socket). A failed `accept` (say, out of file descriptors) is logged and
@@ -225,6 +277,19 @@ pub async fn serve(
     level: Level,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_with(listener, handler, level, None, shutdown).await
+}
+
+/// [`serve`], admitting only peers whose uid (`SO_PEERCRED`) is in
+/// `allowed_uids` when that is given (`None`: whoever can open the socket).
+pub async fn serve_with(
+    listener: UnixListener,
+    handler: Arc<dyn NixSessionHandler>,
+    level: Level,
+    allowed_uids: Option<Vec<u32>>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let allowed_uids: Option<Arc<[u32]>> = allowed_uids.map(Into::into);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -240,6 +305,15 @@ pub async fn serve(
                         continue;
                     }
                 };
+                if let Err(why) = check_peer(&stream, allowed_uids.as_deref()) {
+                    tracing::warn!(%why, "relay socket: peer refused");
+                    tokio::spawn(async move {
+                        if let Err(error) = refuse_peer(stream, why).await {
+                            tracing::debug!(%error, "relay refusal not delivered");
+                        }
+                    });
+                    continue;
+                }
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     if let Err(error) = serve_one(stream, handler, level).await {
@@ -248,5 +322,95 @@ pub async fn serve(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix_endpoint::ssh::BoxFuture;
+    use crate::nix_endpoint::ssh::NixProgram;
+
+    /// Answers every session with "ok" on stdout.
+    struct Ok;
+
+    impl NixSessionHandler for Ok {
+        fn run(
+            &self,
+            _program: NixProgram,
+            _client: ClientIdentity,
+            mut io: SessionIo,
+        ) -> BoxFuture<'static, u32> {
+            Box::pin(async move {
+                let _ = io.stdout.write_all(b"ok").await;
+                0
+            })
+        }
+    }
+
+    async fn session(allowed: Option<Vec<u32>>) -> (u32, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("relay.sock");
+        let listener = bind(&sock).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            listener,
+            Arc::new(Ok),
+            Level::Admin,
+            allowed,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            relay(
+                &sock,
+                "nix-daemon --stdio",
+                "me",
+                tokio::io::empty(),
+                &mut out,
+                &mut err,
+            ),
+        )
+        .await
+        .expect("the relay ends")
+        .unwrap();
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn peer_uids_are_checked_when_listed() {
+        let me = my_uid();
+        assert_eq!(session(None).await, (0, "ok".into(), String::new()));
+        assert_eq!(
+            session(Some(vec![me])).await,
+            (0, "ok".into(), String::new())
+        );
+        let (code, out, err) = session(Some(vec![me.wrapping_add(1)])).await;
+        assert_eq!((code, out.as_str()), (1, ""));
+        assert!(
+            err.starts_with("error: nix-farm: this farm refuses uid ")
+                && err.contains(&format!("uid {me}:")),
+            "{err}"
+        );
+    }
+
+    /// This process's uid, as the peer credentials report it.
+    fn my_uid() -> u32 {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let b = UnixStream::from_std({
+            a.set_nonblocking(true).unwrap();
+            a
+        })
+        .unwrap();
+        b.peer_cred().unwrap().uid()
     }
 }

@@ -317,6 +317,7 @@ mod tests {
                 build: file("build", 2),
                 push: file("push", 3),
                 admin: file("admin", 4),
+                extra: Vec::new(),
             },
             identity: ID.into(),
             ..Default::default()
