@@ -476,9 +476,12 @@ async fn serve_jobs(b: &mut TestBuilder, stop: usize) -> Vec<(String, Vec<String
             .iter()
             .map(|p| StorePath::parse(p).unwrap())
             .collect();
+        // The output names its inputs, as real outputs do (the cache checks
+        // each reference occurs in the NAR).
+        let names: Vec<String> = refs.iter().map(|r| r.to_string()).collect();
         let (info, nar) = path_info_for(
             &out,
-            format!("output of {}", job.drv_path).as_bytes(),
+            format!("output of {} using {}", job.drv_path, names.join(" ")).as_bytes(),
             &refs,
         )
         .await;
