@@ -339,7 +339,8 @@ impl Coordinator {
     /// When the cache holds the real `drv_path` (a `.drv` is a text path, so
     /// its content is verified), a build-hook derivation sent under that path
     /// must be exactly it with its input derivations resolved to their
-    /// outputs, as Nix's hook sends it: otherwise a client could have the
+    /// outputs, as Nix's hook sends it (with the inputs' closure as its input
+    /// sources): otherwise a client could have the
     /// farm build (and share, and sign) other content under a real `.drv`'s
     /// name and output paths.
     async fn check_basic_against_drv(
@@ -368,7 +369,20 @@ impl Coordinator {
             .map_err(|e| DomainError::Invalid(format!("{drv_path}: {e}")))?;
         // The wire form carries no name; the path gives the same one.
         resolved.name.clone_from(&basic.name);
-        if resolved != *basic {
+        // Nix's hook sends the whole input closure as `inputSrcs`, not just
+        // the direct inputs: every resolved input must be there, and anything
+        // more must be in their closure (it changes what is available, not
+        // what is built).
+        let direct: Vec<StorePath> = resolved.input_srcs.iter().cloned().collect();
+        let srcs_ok = resolved.input_srcs.is_subset(&basic.input_srcs) && {
+            let closure = self.cache().closure(&direct).await?;
+            basic
+                .input_srcs
+                .iter()
+                .all(|p| resolved.input_srcs.contains(p) || closure.contains(p))
+        };
+        resolved.input_srcs.clone_from(&basic.input_srcs);
+        if !srcs_ok || resolved != *basic {
             tracing::warn!(drv = %drv_path, "a build-hook derivation differs from the .drv of its path");
             return Err(DomainError::Invalid(format!(
                 "the derivation sent for {drv_path} is not {drv_path} as the farm's cache holds it (with its inputs resolved); refusing to build it under that name"
