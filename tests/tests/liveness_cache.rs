@@ -240,10 +240,18 @@ fn nix_copy_of_a_path_over_max_nar_size_is_refused_with_the_reason() -> anyhow::
     deadline_async(TEST_DEADLINE, &logs, copy_test)
 }
 
-/// `nix copy --to ssh-ng://` as the client, killed if the test's deadline passes.
+/// `nix copy --to ssh-ng://` as the client with its push key (a build key's
+/// upload stays its own unsigned claim, not served over HTTP), killed if the
+/// test's deadline passes.
 async fn nix_copy_to(farm: &Farm, path: &StorePath) -> anyhow::Result<std::process::Output> {
+    let push_key = farm
+        .own_ssh()?
+        .admin_keys
+        .first()
+        .context("the farm has no push key")?
+        .clone();
     let mut cmd = farm.client.tokio_command("nix");
-    cmd.env("NIX_SSHOPTS", farm.ssh_opts()?)
+    cmd.env("NIX_SSHOPTS", farm.ssh_opts_with_key(&push_key)?)
         .args(["copy", "--to", &farm.store_uri("ssh-ng"), &path.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
