@@ -177,7 +177,11 @@ impl ServeHandler for MemStore {
                     "output without a path",
                 ));
             };
-            let contents = drv.env.get(b"text".as_slice()).map(|v| v.as_bytes()).unwrap_or(b"");
+            let contents = drv
+                .env
+                .get(b"text".as_slice())
+                .map(|v| v.as_bytes())
+                .unwrap_or(b"");
             let nar = nar_of_bytes(contents);
             let mut info = ValidPathInfo::new(
                 path.clone(),

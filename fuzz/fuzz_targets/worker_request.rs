@@ -138,7 +138,11 @@ impl MemStore {
             let Some(path) = out.path.clone() else {
                 return BuildResult::new(BuildStatus::MiscFailure, "output without a path");
             };
-            let contents = drv.env.get(b"text".as_slice()).map(|v| v.as_bytes()).unwrap_or(b"");
+            let contents = drv
+                .env
+                .get(b"text".as_slice())
+                .map(|v| v.as_bytes())
+                .unwrap_or(b"");
             let nar = nar_of_bytes(contents);
             let mut info = ValidPathInfo::new(
                 path.clone(),
