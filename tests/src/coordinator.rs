@@ -205,6 +205,39 @@ impl Coordinator {
     }
 
     /// The coordinator's state directory.
+    /// Every file of the cache on disk (relative to the cache's root) with its
+    /// size and modification time: what a refused request must leave as it was.
+    pub fn cache_files(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)>> {
+        let root = self.state_dir().join("cache");
+        let mut out = std::collections::BTreeMap::new();
+        let mut todo = vec![root.clone()];
+        while let Some(d) = todo.pop() {
+            let entries = match std::fs::read_dir(&d) {
+                Ok(e) => e,
+                // Files vanish under a live cache (a finished temporary upload).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("listing {}", d.display())));
+                }
+            };
+            for e in entries {
+                let e = e?;
+                let meta = e.metadata()?;
+                if meta.is_dir() {
+                    todo.push(e.path());
+                } else {
+                    out.insert(
+                        e.path().strip_prefix(&root)?.to_path_buf(),
+                        (meta.len(), meta.modified()?),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The key the readiness probe (and the fixture's own calls) sign with.
     pub fn probe_key(&self) -> Option<&ClientKey> {
         self.probe_key.as_ref()

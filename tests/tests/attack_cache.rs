@@ -42,22 +42,12 @@ fn the_cache_signs_only_what_it_may() -> anyhow::Result<()> {
 
 /// Every object of the cache on disk, relative to its root.
 fn objects(farm: &Farm) -> BTreeSet<String> {
-    let root = farm.coordinator.state_dir().join("cache");
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.insert(e.path().strip_prefix(&root).unwrap().display().to_string());
-            }
-        }
-    }
-    out
+    farm.coordinator
+        .cache_files()
+        .expect("listing the cache")
+        .into_keys()
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// The published objects: everything but the claims and temporary uploads.

@@ -157,23 +157,7 @@ fn forged(logs: &TestLogs) -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reader = farm_tests::Actor::with_logs("reader", logs)?;
-    reader.nix_conf_append(&format!(
-        "trusted-public-keys = {}",
-        farm.coordinator.endpoints.cache_public_key
-    ))?;
-    reader.run(
-        "nix",
-        &[
-            "--extra-experimental-features",
-            "nix-command",
-            "copy",
-            "--from",
-            &farm.cache_url(),
-            &raw_out.to_string(),
-        ],
-    )?;
-    let content = std::fs::read(reader.host_path_of(&raw_out))?;
+    let content = fetched_from_cache(&farm, logs, &raw_out)?;
     ensure!(content == b"x\xffy \xfe", "built {content:?}");
     Ok(())
 }
@@ -286,6 +270,17 @@ fn poisoned(logs: &TestLogs) -> anyhow::Result<()> {
     );
 
     // The honest client's output, fetched by another host, is the honest build's.
+    let content = String::from_utf8(fetched_from_cache(&farm, logs, &victim_out)?)?;
+    ensure!(
+        content == format!("honest {salt}\n"),
+        "the cache serves {content:?}"
+    );
+    Ok(())
+}
+
+/// `path` as another host substitutes it from the farm's cache (trusting the
+/// farm's key): its bytes.
+fn fetched_from_cache(farm: &Farm, logs: &TestLogs, path: &StorePath) -> anyhow::Result<Vec<u8>> {
     let reader = farm_tests::Actor::with_logs("reader", logs)?;
     reader.nix_conf_append(&format!(
         "trusted-public-keys = {}",
@@ -299,13 +294,8 @@ fn poisoned(logs: &TestLogs) -> anyhow::Result<()> {
             "copy",
             "--from",
             &farm.cache_url(),
-            &victim_out.to_string(),
+            &path.to_string(),
         ],
     )?;
-    let content = std::fs::read_to_string(reader.host_path_of(&victim_out))?;
-    ensure!(
-        content == format!("honest {salt}\n"),
-        "the cache serves {content:?}"
-    );
-    Ok(())
+    Ok(std::fs::read(reader.host_path_of(path))?)
 }

@@ -12,10 +12,9 @@
 //!   coordinator at startup with the file, line and option named.
 //!
 //! After the refusals the farm is checked unchanged: the cache directory's
-//! files, the queue, running builds and failures in `farm status`, and the
+//! files (names, sizes, times), the queue, running builds and failures in `farm status`, and the
 //! builder's state (not draining).
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
@@ -23,31 +22,10 @@ use farm_tests::fixture::*;
 
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(400);
 
-/// Every file under the cache directory (relative paths).
-fn cache_files(farm: &Farm) -> anyhow::Result<BTreeSet<String>> {
-    let root = farm.coordinator.state_dir().join("cache");
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.strip_prefix(&root)?.display().to_string());
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// What the refusals must leave as it was.
 #[derive(Debug, PartialEq)]
 struct Snapshot {
-    cache: BTreeSet<String>,
+    cache: std::collections::BTreeMap<PathBuf, (u64, std::time::SystemTime)>,
     queued: u64,
     running: usize,
     failures: usize,
@@ -57,7 +35,7 @@ struct Snapshot {
 fn snapshot(farm: &Farm) -> anyhow::Result<Snapshot> {
     let s = farm.status(None)?;
     Ok(Snapshot {
-        cache: cache_files(farm)?,
+        cache: farm.coordinator.cache_files()?,
         queued: s["queued_total"].as_u64().context("queued_total")?,
         running: s["running"].as_array().map_or(0, Vec::len),
         failures: s["recent_failures"].as_array().map_or(0, Vec::len),

@@ -33,27 +33,6 @@ fn replayed_calls_are_refused() -> anyhow::Result<()> {
     deadline(DEADLINE, &logs, |logs| replayed(&logs))
 }
 
-/// Every file under `dir` with its size and modification time.
-fn files(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, (u64, std::time::SystemTime)>> {
-    let mut out = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
-            let e = e?;
-            let meta = e.metadata()?;
-            if meta.is_dir() {
-                todo.push(e.path());
-            } else {
-                out.insert(
-                    e.path().strip_prefix(dir)?.to_path_buf(),
-                    (meta.len(), meta.modified()?),
-                );
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// What a replay could change: the status, the cache's files.
 type Snapshot = (
     serde_json::Value,
@@ -74,10 +53,7 @@ fn status(farm: &Farm, admin: &Path) -> anyhow::Result<serde_json::Value> {
 }
 
 fn snapshot_a(farm: &Farm, admin: &Path) -> anyhow::Result<Snapshot> {
-    Ok((
-        status(farm, admin)?,
-        files(&farm.coordinator.state_dir().join("cache"))?,
-    ))
+    Ok((status(farm, admin)?, farm.coordinator.cache_files()?))
 }
 
 fn snapshot_b(b: &Coordinator) -> anyhow::Result<Snapshot> {
@@ -88,7 +64,7 @@ fn snapshot_b(b: &Coordinator) -> anyhow::Result<Snapshot> {
             "queue": status.queue.iter().map(|q| q.queued).sum::<u32>(),
             "running": status.running.len(),
         }),
-        files(&b.state_dir().join("cache"))?,
+        b.cache_files()?,
     ))
 }
 
