@@ -41,7 +41,12 @@ pub struct BuilderConfig {
     pub load_interval: Duration,
     /// Directory holding `nix`, `nix-store`; None = `PATH`.
     pub nix_bin_dir: Option<PathBuf>,
-    /// The store directory whose free space is reported.
+    /// The Nix store to build in (a store URI, passed to every Nix command
+    /// as `--store`); None = Nix's default store. Set it with
+    /// [`BuilderConfig::set_store`], which also sets `store_dir`.
+    pub store: Option<String>,
+    /// The store directory whose free space is reported: `/nix/store`, or
+    /// the real directory of a local chroot store (`local?root=DIR`).
     pub store_dir: PathBuf,
     /// Parallel input downloads per job.
     pub download_parallelism: usize,
@@ -67,10 +72,21 @@ impl BuilderConfig {
             insecure_plaintext: false,
             load_interval: Duration::from_secs(5),
             nix_bin_dir: None,
+            store: None,
             store_dir: PathBuf::from(farm_nix::store_path::STORE_DIR),
             download_parallelism: 8,
             shutdown_grace: Duration::from_secs(10),
         }
+    }
+
+    /// Build in the store `uri` (None = Nix's default store); the free space
+    /// reported is then measured where that store keeps its files.
+    pub fn set_store(&mut self, uri: Option<String>) {
+        self.store_dir = uri
+            .as_deref()
+            .and_then(real_store_dir)
+            .unwrap_or_else(|| PathBuf::from(farm_nix::store_path::STORE_DIR));
+        self.store = uri;
     }
 
     /// How to dial the coordinator.
@@ -154,6 +170,13 @@ pub struct Args {
     /// Directory with the nix programs (default: PATH).
     #[arg(long, env = "FARM_NIX_BIN_DIR")]
     pub nix_bin_dir: Option<PathBuf>,
+    /// The Nix store to build in, as a store URI passed to every Nix
+    /// command as `--store` (default: Nix's own default, the local store or
+    /// its daemon). E.g. `local?root=/var/lib/farm-builder/store`, a chroot
+    /// store of the builder's own (store dir still /nix/store; Nix on Linux
+    /// then builds every derivation in its sandbox, see `sandbox-paths`).
+    #[arg(long, env = "FARM_STORE", value_name = "URI")]
+    pub store: Option<String>,
     /// Seconds a stop (SIGTERM, SIGINT) may take at most: running builds are
     /// stopped and reported to the coordinator; whatever is still in flight
     /// then is abandoned (a second signal exits at once) [default: 10].
@@ -197,6 +220,8 @@ pub(crate) struct FileConfig {
     pub load_interval: Option<u64>,
     /// See `--nix-bin-dir`.
     pub nix_bin_dir: Option<PathBuf>,
+    /// See `--store`.
+    pub store: Option<String>,
     /// See `--shutdown-grace`.
     pub shutdown_grace: Option<u64>,
 }
@@ -259,6 +284,7 @@ pub(crate) fn merge(args: Args, file: FileConfig) -> Result<BuilderConfig, Build
         c.load_interval = Duration::from_secs(secs.max(1));
     }
     c.nix_bin_dir = args.nix_bin_dir.or(file.nix_bin_dir);
+    c.set_store(args.store.or(file.store));
     if let Some(secs) = args.shutdown_grace.or(file.shutdown_grace) {
         c.shutdown_grace = Duration::from_secs(secs);
     }
@@ -278,9 +304,74 @@ pub(crate) fn validate(c: &BuilderConfig) -> Result<(), BuilderError> {
         return Err(BuilderError::Config("max-jobs must be at least 1".into()));
     }
     check_name(&c.resolved_name())?;
+    if let Some(store) = &c.store
+        && (store.is_empty() || store.chars().any(char::is_control))
+    {
+        return Err(BuilderError::Config(format!(
+            "invalid store URI {store:?}: give a Nix store URI such as local?root=/path"
+        )));
+    }
     farm_common::channel::check_url(&c.coordinator, c.client_tls())
         .map_err(|e| BuilderError::Config(e.to_string()))?;
     Ok(())
+}
+
+/// Where a local store URI keeps its files, when that is not `/nix/store`:
+/// `local?root=DIR` (also with `real=` or `store=`) and a bare absolute path
+/// (Nix's shorthand for `local?root=PATH`). None for any other store (the
+/// default one, a daemon, a remote store), whose files are measured at
+/// `/nix/store`.
+pub(crate) fn real_store_dir(uri: &str) -> Option<PathBuf> {
+    if uri.starts_with('/') && !uri.contains('?') {
+        return Some(Path::new(uri).join("nix/store"));
+    }
+    let (scheme, query) = uri.split_once('?')?;
+    if scheme != "local" {
+        return None;
+    }
+    let mut root = None;
+    let mut real = None;
+    let mut store = None;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match key {
+            "root" => root = Some(value),
+            "real" => real = Some(value),
+            "store" => store = Some(value),
+            _ => {}
+        }
+    }
+    if let Some(real) = real {
+        return Some(PathBuf::from(real));
+    }
+    let store = store.unwrap_or_else(|| farm_nix::store_path::STORE_DIR.to_owned());
+    let root = root?;
+    Some(Path::new(&root).join(store.trim_start_matches('/')))
+}
+
+/// `%XX` escapes decoded (a malformed escape is kept as written).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Builder names are 1–64 characters of `A-Z a-z 0-9 . _ -` (what the
@@ -363,6 +454,58 @@ mod tests {
             .into_config()
             .unwrap();
         assert_eq!(c.shutdown_grace, Duration::from_secs(7), "the flag wins");
+    }
+
+    #[test]
+    fn a_store_of_its_own() {
+        let c = parse(&[
+            "--coordinator",
+            "http://127.0.0.1:7070",
+            "--state-dir",
+            "/s",
+            "--store",
+            "local?root=/s/my%20store",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.store.as_deref(), Some("local?root=/s/my%20store"));
+        assert_eq!(c.store_dir, Path::new("/s/my store/nix/store"));
+        let c = parse(&[
+            "--coordinator",
+            "http://127.0.0.1:7070",
+            "--state-dir",
+            "/s",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.store, None);
+        assert_eq!(c.store_dir, Path::new("/nix/store"));
+        assert_eq!(
+            real_store_dir("/r").as_deref(),
+            Some(Path::new("/r/nix/store"))
+        );
+        assert_eq!(
+            real_store_dir("local?store=/gnu/store&root=/r").as_deref(),
+            Some(Path::new("/r/gnu/store"))
+        );
+        assert_eq!(
+            real_store_dir("local?real=/data/store").as_deref(),
+            Some(Path::new("/data/store"))
+        );
+        assert_eq!(real_store_dir("daemon"), None);
+        assert_eq!(real_store_dir("local"), None);
+        assert_eq!(real_store_dir("ssh-ng://host?root=/r"), None);
+        let err = parse(&[
+            "--coordinator",
+            "http://127.0.0.1:7070",
+            "--state-dir",
+            "/s",
+            "--store",
+            "",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("store URI"), "{err}");
     }
 
     #[test]

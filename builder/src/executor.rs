@@ -77,7 +77,7 @@ impl NixExecutor {
             );
         }
         Ok(NixExecutor {
-            bin: NixBin::new(config.nix_bin_dir.clone()),
+            bin: NixBin::new(config.nix_bin_dir.clone()).with_store(config.store.clone()),
             scratch,
             parallelism: config.download_parallelism.max(1),
             kill_grace: crate::local::kill_grace_for(config.shutdown_grace),

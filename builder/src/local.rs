@@ -1,5 +1,6 @@
 //! The local Nix, driven through `nix-store --serve --write` (the program Nix's
-//! own remote builds run): one process per job, in its own process group so a
+//! own remote builds run; `--store URI` when the builder has a store of its
+//! own, see `BuilderConfig::store`): one process per job, in its own process group so a
 //! cancelled or overdue build can be stopped whole. Its stderr is the build log.
 //!
 //! Stopping: SIGINT to the process group first (Nix then kills the builder's own
@@ -49,7 +50,7 @@ impl LocalServe {
         events: mpsc::Sender<Event>,
         kill_grace: Duration,
     ) -> Result<LocalServe, BuilderError> {
-        let mut cmd = bin.command("nix-store");
+        let mut cmd = bin.store_command("nix-store");
         cmd.args(["--serve", "--write"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

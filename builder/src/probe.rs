@@ -105,16 +105,25 @@ pub(crate) fn parse_version(text: &str) -> Option<String> {
         .then(|| word.to_owned())
 }
 
-/// Where the Nix programs are: a directory, or `None` to use `PATH`.
+/// Where the Nix programs are (a directory, or `None` to use `PATH`), and
+/// the store they build in (a store URI, or `None` for Nix's default).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NixBin {
     dir: Option<PathBuf>,
+    store: Option<String>,
 }
 
 impl NixBin {
-    /// Programs from `dir`, or from `PATH` when `None`.
+    /// Programs from `dir`, or from `PATH` when `None`, on Nix's default store.
     pub(crate) fn new(dir: Option<PathBuf>) -> Self {
-        NixBin { dir }
+        NixBin { dir, store: None }
+    }
+
+    /// The same programs on the store `store` (a Nix store URI; `None` for
+    /// Nix's default).
+    pub(crate) fn with_store(mut self, store: Option<String>) -> Self {
+        self.store = store;
+        self
     }
 
     /// The path (or bare name) of a Nix program.
@@ -129,6 +138,16 @@ impl NixBin {
     pub(crate) fn command(&self, name: &str) -> Command {
         let mut cmd = Command::new(self.program(name));
         cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// A `Command` for a Nix program that opens the store: the configured
+    /// store is passed as `--store URI`.
+    pub(crate) fn store_command(&self, name: &str) -> Command {
+        let mut cmd = self.command(name);
+        if let Some(store) = &self.store {
+            cmd.arg("--store").arg(store);
+        }
         cmd
     }
 }

@@ -385,6 +385,13 @@ pub struct UpArgs {
     /// Features the local builder supports [default: probed from Nix].
     #[arg(long = "feature", value_name = "FEATURE")]
     pub features: Vec<String>,
+    /// The Nix store the local builder builds in [default on Linux:
+    /// `local?root=STATE/builder-store`, a store of its own, so a
+    /// `nix-build` through the printed machines line on this machine's
+    /// store does not wait on its own output locks; on macOS, which has no
+    /// such stores: Nix's default store]. `auto` means Nix's default store.
+    #[arg(long, env = "FARM_BUILDER_STORE", value_name = "URI")]
+    pub builder_store: Option<String>,
     /// Run no builder, only the coordinator.
     #[arg(long)]
     pub no_builder: bool,

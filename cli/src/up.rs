@@ -2,8 +2,9 @@
 //! process, state in one directory (`--state-dir`, default
 //! `$XDG_STATE_HOME/nix-farm` or `~/.local/state/nix-farm`):
 //! `DIR/coordinator` (the coordinator's state, cache and `endpoints.json`) and
-//! `DIR/builder` (the builder's key, enrolled in-process). Prints how to point
-//! Nix and the CLI at it, then runs until Ctrl-C or SIGTERM.
+//! `DIR/builder` (the builder's key, enrolled in-process) and, on Linux,
+//! `DIR/builder-store` (the builder's own chroot store, see [`builder_store`]).
+//! Prints how to point Nix and the CLI at it, then runs until Ctrl-C or SIGTERM.
 //!
 //! Who may use it: `DIR/client/id_ed25519` (generated on first start, 0600 in
 //! a 0700 directory) and the user's own `~/.ssh/id_*.pub` keys are admitted at
@@ -77,7 +78,29 @@ pub fn builder_config(args: &UpArgs, state_dir: &Path) -> farm_builder::BuilderC
     if !args.features.is_empty() {
         c.features = Some(args.features.clone());
     }
+    c.set_store(builder_store(args.builder_store.as_deref(), state_dir));
     c
+}
+
+/// The store the local builder builds in: `--builder-store` (`auto` for
+/// Nix's default store), else on Linux a chroot store of its own under the
+/// state directory (store dir still `/nix/store`, files in
+/// `STATE/builder-store/nix/store`). Its own store is what lets a
+/// `nix-build --builders` on this machine's store use the farm: Nix holds
+/// the output locks in its store while its build hook waits, so a builder
+/// building the same outputs into that same store would wait on them
+/// forever. Nix on Linux builds every derivation of a chroot store in its
+/// sandbox. macOS has no chroot stores: there the builder uses the local store.
+pub fn builder_store(flag: Option<&str>, state_dir: &Path) -> Option<String> {
+    match flag {
+        Some("auto") => None,
+        Some(uri) => Some(uri.to_owned()),
+        None if cfg!(target_os = "linux") => Some(format!(
+            "local?root={}",
+            percent_encode(&state_dir.join("builder-store").to_string_lossy())
+        )),
+        None => None,
+    }
 }
 
 /// Run `farm up`.
@@ -133,6 +156,7 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
     // The builder's key, enrolled in-process.
     let mut bconf = builder_config(args, &state_dir);
     let builder_name = bconf.resolved_name();
+    let builder_store = bconf.store.clone();
     if !args.no_builder {
         // Loaded or generated here (not by `prepare_key`, which prints a new
         // key's line for manual enrolment: this one is enrolled in-process).
@@ -211,7 +235,13 @@ pub async fn run(args: &UpArgs) -> Result<(), CliError> {
         endpoints.ssh
     );
     if !args.no_builder {
-        intro.push_str(&format!("  builder: {builder_name} (the local Nix)\n"));
+        intro.push_str(&format!(
+            "  builder: {builder_name} (the local Nix, {})\n",
+            match &builder_store {
+                Some(store) => format!("store {store}"),
+                None => "the local store".to_owned(),
+            }
+        ));
     }
     intro.push_str(&format!(
         "\nexport FARM_COORDINATOR={grpc_url}{}\n\n",
@@ -480,6 +510,30 @@ mod tests {
         let b = builder_config(&a, Path::new("/s"));
         assert_eq!(b.systems, ["x86_64-linux"]);
         assert_eq!(b.state_dir, PathBuf::from("/s/builder"));
+        if cfg!(target_os = "linux") {
+            assert_eq!(b.store.as_deref(), Some("local?root=/s/builder-store"));
+            assert_eq!(b.store_dir, PathBuf::from("/s/builder-store/nix/store"));
+        } else {
+            assert_eq!(b.store, None);
+        }
+    }
+
+    #[test]
+    fn the_builders_store() {
+        assert_eq!(builder_store(Some("auto"), Path::new("/s")), None);
+        assert_eq!(
+            builder_store(Some("local?root=/x"), Path::new("/s")).as_deref(),
+            Some("local?root=/x")
+        );
+        let own = builder_store(None, Path::new("/home/me/my state"));
+        if cfg!(target_os = "linux") {
+            assert_eq!(
+                own.as_deref(),
+                Some("local?root=/home/me/my%20state/builder-store")
+            );
+        } else {
+            assert_eq!(own, None);
+        }
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `farm up` end to end: one process runs a coordinator and a builder using
-//! the actor's own Nix. As the user who ran it, with no other step: the
-//! machines line it prints, as printed, makes a plain `nix-build --max-jobs 0
-//! --builders '…'` build on the farm (through `farm nix-relay` and the relay
-//! socket), `farm status` works with no key configured (it finds farm up's
-//! client key), and `farm build` from another store builds through it. A
+//! the actor's own Nix, building in a chroot store of its own under the state
+//! directory. As the user who ran it, with no other step: the machines line it
+//! prints, as printed, makes a plain `nix-build --max-jobs 0 --builders '…'`
+//! build on the farm (through `farm nix-relay` and the relay socket), on the
+//! very store farm up runs on (whose output locks Nix holds while its hook
+//! waits) and from a store of its own; `farm status` works with no key
+//! configured (it finds farm up's client key), and `farm build` from another
+//! store builds through it. A
 //! second local user is refused: by the state directory's permissions, and
 //! with those loosened, by the relay socket's uid check; their `farm status`
 //! (no key of theirs is authorized) is refused too.
@@ -20,11 +23,16 @@ const OTHER_USER: &str = "farm-e2e-other";
 #[test]
 fn farm_up_runs_a_farm_that_builds() -> anyhow::Result<()> {
     let logs = TestLogs::new("cli_up")?;
-    deadline(Duration::from_secs(400), &logs, |logs| farm_up(&logs))
+    deadline(Duration::from_secs(500), &logs, |logs| farm_up(&logs))
 }
 
 fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
     let host = Actor::with_logs("host", logs)?;
+    // The builder's chroot store makes Nix build in its sandbox; the test
+    // derivations run the host's /bin/sh and /bin/sleep, so the sandbox
+    // needs them (Debian's Nix has no sandbox shell of its own). A real
+    // derivation brings its whole closure and needs none of this.
+    host.nix_conf_append("sandbox-paths = /bin /lib /lib64 /usr")?;
     // No --state-dir: the default one under the user's HOME, where `farm`
     // looks for farm up's client key.
     let state = host.root().join("home/.local/state/nix-farm");
@@ -93,6 +101,15 @@ fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
     };
     ensure!(mode(&client_key)? == 0o600, "the client key's mode");
     ensure!(mode(&state)? == 0o700, "the state directory's mode");
+    let builder_store = format!("local?root={}", state.join("builder-store").display());
+    ensure!(
+        printed.contains(&format!(
+            "builder: local (the local Nix, store {builder_store})"
+        )),
+        "{printed}"
+    );
+
+    same_store_build(&host, &up, &line, &builder_store)?;
 
     // The same user (root here, with a store of its own) builds with the line
     // as printed: --max-jobs 0, so only the farm can build it.
@@ -112,8 +129,12 @@ fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(user.host_path_of(out))?;
     ensure!(text.contains(&salt), "{text}");
     ensure!(
-        host.is_valid_path(out)?,
-        "{out} was built by the local builder (in farm up's own store)"
+        in_store(&host, &builder_store, &out.to_string())?,
+        "{out} was built by the local builder, in its own store"
+    );
+    ensure!(
+        !host.is_valid_path(out)?,
+        "{out} is not in the store farm up runs on (its builder has a store of its own)"
     );
 
     // `farm status` and `farm config` as that user: no FARM_KEY, no config.
@@ -171,6 +192,72 @@ fn farm_up(logs: &TestLogs) -> anyhow::Result<()> {
         up.log()
     );
     Ok(())
+}
+
+/// On the store farm up itself runs on, as the same user: the line as
+/// printed, `--max-jobs 0`, so only the farm can build. Nix holds the outputs'
+/// locks in this store while its hook waits; the builder builds them in its
+/// own store, and the hook copies them back through the relay.
+fn same_store_build(
+    host: &Actor,
+    up: &farm_tests::FarmProcess,
+    line: &str,
+    builder_store: &str,
+) -> anyhow::Result<()> {
+    let salt = format!("{} same store", host.root().display());
+    let file = host.write_file(
+        "same.nix",
+        &farm_tests::fixture::graph_expr(2, 0.0, &salt, None),
+    )?;
+    let drvs = host.nix_instantiate(&file, &["-A", "all"])?;
+    ensure!(drvs.len() == 2, "{drvs:?}");
+    let built = host.nix_build(&file, &["-A", "d1", "--max-jobs", "0", "--builders", line])?;
+    let [out] = built.as_slice() else {
+        bail!("nix-build printed {built:?}");
+    };
+    ensure!(
+        host.is_valid_path(out)?,
+        "{out} is valid in farm up's own store"
+    );
+    let text = std::fs::read_to_string(host.host_path_of(out))?;
+    ensure!(
+        text.starts_with(&format!("d1 {salt} /nix/store/")),
+        "{text}"
+    );
+    let dep = text.trim_end().rsplit(' ').next().unwrap_or_default();
+    let dep_text = std::fs::read_to_string(host.host_path(dep)?)?;
+    ensure!(dep_text.trim_end() == format!("d0 {salt}"), "{dep_text}");
+    // Both built by the farm's builder, in its own store.
+    let log = up.log();
+    for drv in &drvs {
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("job started") && l.contains(&drv.to_string())),
+            "the builder ran {drv}:\n{log}"
+        );
+    }
+    for path in [out.to_string(), dep.to_owned()] {
+        ensure!(
+            in_store(host, builder_store, &path)?,
+            "{path} was built in the builder's store"
+        );
+    }
+    Ok(())
+}
+
+/// Whether `path` is valid in the store `store` (a store URI) of `actor`.
+fn in_store(actor: &Actor, store: &str, path: &str) -> anyhow::Result<bool> {
+    let out = actor.run(
+        "nix-store",
+        &[
+            "--store",
+            store,
+            "--check-validity",
+            "--print-invalid",
+            path,
+        ],
+    )?;
+    Ok(out.trim().is_empty())
 }
 
 /// `(uid, gid)` of the second local user, created when missing.
