@@ -6,7 +6,8 @@
 //! very store farm up runs on (whose output locks Nix holds while its hook
 //! waits) and from a store of its own; `farm status` works with no key
 //! configured (it finds farm up's client key), and `farm build` from another
-//! store builds through it. A
+//! store builds through it; the same holds for an unprivileged user's farm up
+//! (their builder's store needs Nix's sandbox without root). A
 //! second local user is refused: by the state directory's permissions, and
 //! with those loosened, by the relay socket's uid check; their `farm status`
 //! (no key of theirs is authorized) is refused too.
@@ -304,33 +305,11 @@ fn other_user_is_refused(
         "other.nix",
         &farm_tests::fixture::graph_expr(1, 0.0, &other.root().display().to_string(), None),
     )?;
-    let chown = std::process::Command::new("chown")
-        .args(["-R", &format!("{uid}:{gid}")])
-        .arg(other.root())
-        .output()?;
-    ensure!(
-        chown.status.success(),
-        "chown: {}",
-        String::from_utf8_lossy(&chown.stderr)
-    );
+    chown(other.root(), uid, gid)?;
     // As the other user, in their own store; `timeout` guards a Nix that
     // would postpone forever.
     let as_other = |program: &str, args: &[&str]| -> anyhow::Result<std::process::Output> {
-        let mut argv: Vec<String> = [
-            "120",
-            "setpriv",
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &gid.to_string(),
-            "--clear-groups",
-            program,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        argv.extend(args.iter().map(|s| s.to_string()));
-        other.output("timeout", &argv)
+        other.output("timeout", &as_user_argv("120", uid, gid, program, args))
     };
     let farm = farm_bin("farm")?.display().to_string();
     let file = file.display().to_string();
@@ -385,6 +364,169 @@ fn other_user_is_refused(
         !out.status.success() && stderr.contains("Permission denied"),
         "farm up's key is not theirs to read ({}):\n{stderr}",
         out.status
+    );
+    Ok(())
+}
+
+/// The arguments of `timeout SECS setpriv … PROGRAM ARGS…`: `program` run
+/// as `uid:gid` with no supplementary groups.
+fn as_user_argv(secs: &str, uid: u32, gid: u32, program: &str, args: &[&str]) -> Vec<String> {
+    let mut argv = vec![secs.to_owned(), "setpriv".to_owned()];
+    argv.extend(setpriv_args(uid, gid, program, args));
+    argv
+}
+
+/// The arguments of `setpriv … PROGRAM ARGS…`.
+fn setpriv_args(uid: u32, gid: u32, program: &str, args: &[&str]) -> Vec<String> {
+    let (uid, gid) = (uid.to_string(), gid.to_string());
+    let mut argv: Vec<String> = ["--reuid", &uid, "--regid", &gid, "--clear-groups", program]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.extend(args.iter().map(|s| s.to_string()));
+    argv
+}
+
+/// `chown -R uid:gid dir`.
+fn chown(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
+    let out = std::process::Command::new("chown")
+        .args(["-R", &format!("{uid}:{gid}")])
+        .arg(dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "chown: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `farm up` run by an unprivileged user (a single-user Nix: their own store,
+/// no daemon): its builder's chroot store needs Nix's sandbox without root
+/// (user namespaces). The user's plain `nix-build --max-jobs 0 --builders
+/// '<printed line>'` on the store farm up runs on builds on the farm.
+#[test]
+fn farm_up_as_an_unprivileged_user_builds_on_its_own_store() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cli_up_unprivileged")?;
+    deadline(Duration::from_secs(400), &logs, |logs| unprivileged(&logs))
+}
+
+fn unprivileged(logs: &TestLogs) -> anyhow::Result<()> {
+    let (uid, gid) = other_user()?;
+    let me = Actor::with_logs("unprivileged", logs)?;
+    // As in farm_up: the test derivations run the host's /bin/sh.
+    me.nix_conf_append("sandbox-paths = /bin /lib /lib64 /usr")?;
+    let salt = format!("{} unprivileged", me.root().display());
+    let file = me.write_file(
+        "mine.nix",
+        &farm_tests::fixture::graph_expr(2, 0.0, &salt, None),
+    )?;
+    chown(me.root(), uid, gid)?;
+    let farm = farm_bin("farm")?.display().to_string();
+    let up_args = [
+        "up",
+        "--grpc",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--ssh",
+        "127.0.0.1:0",
+        "--builder-name",
+        "mine",
+    ];
+    // setpriv execs farm: the process the test stops (and kills on failure) is farm up.
+    let mut up = me.spawn(
+        "farm-up",
+        "setpriv",
+        &setpriv_args(uid, gid, &farm, &up_args),
+    )?;
+    let state = me.root().join("home/.local/state/nix-farm");
+    wait_for_endpoints(&state.join("coordinator"), Duration::from_secs(60))?;
+    ensure!(
+        std::os::unix::fs::MetadataExt::uid(&state.metadata()?) == uid,
+        "farm up ran as the unprivileged user"
+    );
+    up.wait_for_log("ssh_config entry", Duration::from_secs(60))?;
+    let printed = up.log();
+    let line = printed
+        .lines()
+        .find(|l| l.starts_with("ssh-ng://localhost?remote-program="))
+        .with_context(|| format!("no local machines line in:\n{printed}"))?
+        .to_owned();
+    let builder_store = format!("local?root={}", state.join("builder-store").display());
+    ensure!(
+        printed.contains(&format!(
+            "builder: mine (the local Nix, store {builder_store})"
+        )),
+        "{printed}"
+    );
+
+    let file = file.display().to_string();
+    let out = me.output(
+        "timeout",
+        &as_user_argv(
+            "300",
+            uid,
+            gid,
+            "nix-build",
+            &[
+                &file,
+                "-A",
+                "d1",
+                "--no-out-link",
+                "--max-jobs",
+                "0",
+                "--builders",
+                &line,
+            ],
+        ),
+    )?;
+    ensure!(
+        out.status.success(),
+        "the user's nix-build through the printed line ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout)?.trim().to_owned();
+    let text = std::fs::read_to_string(me.host_path(&path)?)?;
+    ensure!(
+        text.starts_with(&format!("d1 {salt} /nix/store/")),
+        "{text}"
+    );
+    ensure!(
+        me.root()
+            .join("nix/var/nix/db")
+            .metadata()
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))?
+            == uid,
+        "the store is the user's own"
+    );
+    let log = up.log();
+    ensure!(
+        log.matches("job started").count() == 2,
+        "the builder built d0 and d1:\n{log}"
+    );
+    // As the user (root would leave root-owned files in their store).
+    let check = me.output(
+        "timeout",
+        &as_user_argv(
+            "60",
+            uid,
+            gid,
+            "nix-store",
+            &["--store", &builder_store, "--check-validity", &path],
+        ),
+    )?;
+    ensure!(
+        check.status.success(),
+        "{path} was built in the builder's own store: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let status = up.stop(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "farm up exited with {status}:\n{}",
+        up.log()
     );
     Ok(())
 }
