@@ -41,8 +41,8 @@ pub struct BuilderConfig {
     pub load_interval: Duration,
     /// Directory holding `nix`, `nix-store`; None = `PATH`.
     pub nix_bin_dir: Option<PathBuf>,
-    /// The Nix store to build in (a store URI, passed to every Nix command
-    /// as `--store`); None = Nix's default store. Set it with
+    /// The Nix store to build in (a store URI, passed as `--store` to the
+    /// Nix commands that open the store); None = Nix's default store. Set it with
     /// [`BuilderConfig::set_store`], which also sets `store_dir`.
     pub store: Option<String>,
     /// The store directory whose free space is reported: `/nix/store`, or
@@ -170,8 +170,8 @@ pub struct Args {
     /// Directory with the nix programs (default: PATH).
     #[arg(long, env = "FARM_NIX_BIN_DIR")]
     pub nix_bin_dir: Option<PathBuf>,
-    /// The Nix store to build in, as a store URI passed to every Nix
-    /// command as `--store` (default: Nix's own default, the local store or
+    /// The Nix store to build in, as a store URI passed as `--store` to the
+    /// Nix commands that open the store (default: Nix's own default, the local store or
     /// its daemon). E.g. `local?root=/var/lib/farm-builder/store`, a chroot
     /// store of the builder's own (store dir still /nix/store; Nix on Linux
     /// then builds every derivation in its sandbox, see `sandbox-paths`).

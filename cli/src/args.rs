@@ -388,8 +388,9 @@ pub struct UpArgs {
     /// The Nix store the local builder builds in [default on Linux:
     /// `local?root=STATE/builder-store`, a store of its own, so a
     /// `nix-build` through the printed machines line on this machine's
-    /// store does not wait on its own output locks; on macOS, which has no
-    /// such stores: Nix's default store]. `auto` means Nix's default store.
+    /// store does not wait on its own output locks; on macOS, where Nix
+    /// cannot build in such a store: Nix's default store]. `auto` means
+    /// Nix's default store.
     #[arg(long, env = "FARM_BUILDER_STORE", value_name = "URI")]
     pub builder_store: Option<String>,
     /// Run no builder, only the coordinator.

@@ -90,7 +90,9 @@ pub fn builder_config(args: &UpArgs, state_dir: &Path) -> farm_builder::BuilderC
 /// the output locks in its store while its build hook waits, so a builder
 /// building the same outputs into that same store would wait on them
 /// forever. Nix on Linux builds every derivation of a chroot store in its
-/// sandbox. macOS has no chroot stores: there the builder uses the local store.
+/// sandbox; on macOS it cannot build in a diverted store at all, so there
+/// the builder uses the local store (and the line works from a client with
+/// its own store).
 pub fn builder_store(flag: Option<&str>, state_dir: &Path) -> Option<String> {
     match flag {
         Some("auto") => None,
