@@ -10,7 +10,8 @@
 // The public API is what `farm-coordinator`, `farm up`, the benchmark and the
 // tests use: starting a coordinator (`start`, `run`, `config`), the domain
 // (for `farm up`'s status and `restart_bench`), the cache (served alone in
-// the cache tests) and the SSH transport (its own tests). The rest is
+// the cache tests), the metrics (their names, read by the Grafana board's
+// test) and the SSH transport (its own tests). The rest is
 // crate-private, and `unreachable_pub` keeps it so.
 pub mod access;
 mod api;
@@ -18,6 +19,7 @@ pub mod cache;
 pub mod config;
 pub mod domain;
 mod keys;
+pub mod metrics;
 pub mod nix_endpoint;
 mod server;
 

@@ -342,7 +342,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                 .max_encoding_message_size(farm_proto::MAX_MESSAGE_SIZE),
                 cli_auth,
             ));
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true));
+        // Each accepted connection counts in `farm_connections{kind="grpc"}` while open.
+        let conns = coordinator.metrics().grpc_connections.clone();
+        let incoming = futures::StreamExt::map(
+            tonic::transport::server::TcpIncoming::from(grpc_l).with_nodelay(Some(true)),
+            move |r| r.map(|tcp| crate::metrics::CountedIo::new(tcp, &conns)),
+        );
         let done = stopped();
         tasks.spawn(async move {
             router
@@ -379,13 +384,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         };
         let done = stopped();
         let ep = endpoint.clone();
+        let conns = coordinator.metrics().ssh_connections.clone();
         tasks.spawn(async move {
-            crate::nix_endpoint::ssh::serve(
+            crate::nix_endpoint::ssh::serve_counted(
                 ssh_l,
                 ssh_config,
                 std::sync::Arc::new(keys),
                 std::sync::Arc::new(ep),
                 done,
+                Some(conns),
             )
             .await
             .map_err(|source| CoordinatorError::Io {
@@ -472,4 +479,14 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         tasks,
         grace: config.shutdown_grace,
     })
+}
+
+/// A gRPC connection that counts while open keeps the connection info tonic
+/// gives handlers (the peer's address).
+impl tonic::transport::server::Connected for crate::metrics::CountedIo<tokio::net::TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
 }

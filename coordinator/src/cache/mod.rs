@@ -79,6 +79,7 @@ use tokio_util::io::StreamReader;
 
 use self::content::Presence;
 use self::deadline::Deadline;
+use crate::metrics::{CacheMetrics, UploadResult};
 pub use error::CacheError;
 pub use storage::StorageConfig;
 
@@ -194,6 +195,8 @@ struct Inner {
     claims: RwLock<HashMap<String, Claims>>,
     /// hash part → lock held while an upload of that path is published.
     publishing: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// Uploads, ingests and what is served (the coordinator exposes them).
+    metrics: CacheMetrics,
 }
 
 /// Size of the buffer in front of the object store; larger NARs go up as a
@@ -295,6 +298,7 @@ impl Cache {
                 index: RwLock::new(index),
                 claims: RwLock::new(claims),
                 publishing: Mutex::new(HashMap::new()),
+                metrics: CacheMetrics::default(),
             }),
         })
     }
@@ -311,6 +315,18 @@ impl Cache {
     /// The object store behind the cache (tests list it to check nothing leaked).
     pub fn object_store(&self) -> Arc<dyn ObjectStore> {
         self.inner.store.clone()
+    }
+
+    /// Its counters (uploads, ingests, what is served).
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.inner.metrics
+    }
+
+    /// NAR bytes and stored (compressed) bytes of the published paths.
+    pub fn sizes(&self) -> (u64, u64) {
+        self.read_index().values().fold((0, 0), |(nar, file), ni| {
+            (nar + ni.info.nar_size, file + ni.file_size.unwrap_or(0))
+        })
     }
 
     /// Number of published paths.
@@ -546,6 +562,24 @@ impl Cache {
         trust: Trust,
         exact: bool,
     ) -> Result<ValidPathInfo, CacheError> {
+        let started = std::time::Instant::now();
+        let nar_size = claimed.nar_size;
+        let r = self.ingest_checked(claimed, nar, trust, exact).await;
+        let result = match r {
+            Ok(_) => UploadResult::Accepted,
+            Err(_) => UploadResult::Refused,
+        };
+        self.inner.metrics.upload_ended(result, nar_size, started);
+        r
+    }
+
+    async fn ingest_checked(
+        &self,
+        claimed: ValidPathInfo,
+        nar: impl AsyncRead + Unpin + Send,
+        trust: Trust,
+        exact: bool,
+    ) -> Result<ValidPathInfo, CacheError> {
         let (check, mut narinfo) = self.check_claim(&claimed)?;
         let owner = match &trust {
             Trust::Signed => None,
@@ -752,6 +786,9 @@ impl Cache {
             signed = dest.is_none(),
             "stored in the cache"
         );
+        self.inner
+            .metrics
+            .ingested(narinfo.info.nar_size, file_size);
         let info = narinfo.info.clone();
         let hash_part = claimed.path.hash_part().to_string();
         // Only now, with NAR and narinfo durable, is the path visible: to

@@ -15,6 +15,7 @@ use crate::domain::lock::lock;
 use crate::domain::model::*;
 use crate::domain::scheduler::{GraphSubmission, JobEnd, PlanQuery, Scheduler, SubmissionSnapshot};
 use crate::domain::state::{KeepNothing, Retention, StateError, Store};
+use crate::metrics::Metrics;
 
 /// Finished submissions pruned per batch (each batch is its own few sled
 /// writes; nothing holds the scheduler lock meanwhile).
@@ -218,6 +219,9 @@ pub(crate) struct Inner {
     /// The scheduler's decisions in the order it made them, to the task that
     /// carries them out ([`run_outbox`]).
     outbox_tx: mpsc::UnboundedSender<Batch>,
+    /// Prometheus metrics: counted here and where things happen; the state
+    /// gauges are read at scrape time ([`crate::domain::observe`]).
+    pub(crate) metrics: Metrics,
 }
 
 /// One `with_sched` call's decisions.
@@ -239,18 +243,27 @@ impl Coordinator {
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let _ = store.apply_all(&sched.take_writes());
         let coord = Coordinator {
-            inner: Arc::new(Inner {
-                sched: Mutex::new(sched),
-                store,
-                sessions: Mutex::new(Sessions::default()),
-                events: Mutex::new(HashMap::new()),
-                logs: Mutex::new(HashMap::new()),
-                log_notify: Notify::new(),
-                kick: Notify::new(),
-                facts,
-                cache,
-                stopping: tokio_util::sync::CancellationToken::new(),
-                outbox_tx,
+            inner: Arc::new_cyclic(|weak| {
+                let weak = weak.clone();
+                let metrics = Metrics::new(
+                    cache.metrics(),
+                    Box::new(move |enc| crate::domain::observe::encode_state(&weak, enc)),
+                );
+                store.observe_flushes(metrics.flush_histogram());
+                Inner {
+                    sched: Mutex::new(sched),
+                    store,
+                    sessions: Mutex::new(Sessions::default()),
+                    events: Mutex::new(HashMap::new()),
+                    logs: Mutex::new(HashMap::new()),
+                    log_notify: Notify::new(),
+                    kick: Notify::new(),
+                    facts,
+                    cache,
+                    stopping: tokio_util::sync::CancellationToken::new(),
+                    outbox_tx,
+                    metrics,
+                }
             }),
         };
         tokio::spawn(run_outbox(Arc::downgrade(&coord.inner), outbox_rx));
@@ -268,6 +281,11 @@ impl Coordinator {
 
     pub fn cache(&self) -> &Cache {
         &self.inner.cache
+    }
+
+    /// The coordinator's metrics (rendered by `GET /metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Cancelled once the coordinator is stopping.
@@ -303,6 +321,7 @@ impl Coordinator {
     ) -> (R, Result<(), StateError>) {
         let now = now_ms();
         let mut s = lock(&self.inner.sched);
+        let held = std::time::Instant::now();
         let r = f(&mut s, now);
         let own = s.take_writes();
         s.dispatch(now);
@@ -311,10 +330,12 @@ impl Coordinator {
         let notices = s.take_notices();
         let persisted = self.inner.store.apply_all(&own);
         let _ = self.inner.store.apply_all(&dispatched);
+        crate::domain::observe::count_decisions(&self.inner.metrics, &actions, &notices);
         if !actions.is_empty() || !notices.is_empty() {
             let _ = self.inner.outbox_tx.send(Batch { actions, notices });
         }
         drop(s);
+        self.inner.metrics.lock_held(held.elapsed().as_secs_f64());
         // The records written are freed after the lock.
         drop((own, dispatched));
         (r, persisted)
@@ -351,6 +372,7 @@ impl Coordinator {
         // (The insert's scratch, `ins.leftovers`, is freed here, after the lock.)
         let (ins, persisted) =
             self.with_sched_persisted(|s, now| s.insert_submission(prepared, now));
+        self.inner.metrics.submitted();
         if !ins.discard.is_empty() {
             let discard = ins.discard;
             tokio::task::spawn_blocking(move || ahead.discard(&store, &discard))
@@ -639,6 +661,13 @@ impl Coordinator {
     /// A load report.
     pub fn builder_load(&self, name: &str, load: Load) {
         self.with_sched(|s, now| s.builder_load(name, load, now));
+    }
+
+    /// A builder reports it started a job: the dispatch latency is observed.
+    pub fn job_started(&self, builder: &str, job: &str) {
+        if let Some(waited) = self.with_sched(|s, _| s.job_started(builder, job)) {
+            self.inner.metrics.job_started(waited.as_secs_f64());
+        }
     }
 
     /// Log bytes of a running job.

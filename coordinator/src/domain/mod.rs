@@ -4,7 +4,8 @@
 //! [`model`]; [`persist`] writes a submission's new builds ahead of the
 //! scheduler lock; [`graph`] turns a derivation graph into a submission;
 //! [`status`] is the farm as its APIs show it; [`follow`] streams a
-//! submission's events and a build's log to whoever follows them.
+//! submission's events and a build's log to whoever follows them;
+//! [`observe`] is the farm as Prometheus metrics see it.
 //! Nothing here names tonic, axum or russh (a test in
 //! `tests/tests/layering.rs` checks it).
 
@@ -14,6 +15,7 @@ pub mod follow;
 pub mod graph;
 pub(crate) mod lock;
 pub mod model;
+pub(crate) mod observe;
 pub mod persist;
 pub mod scheduler;
 pub mod state;

@@ -672,6 +672,12 @@ impl Store {
         self.flusher.stats()
     }
 
+    /// From now on, every flush's duration is observed in `histogram` (the
+    /// coordinator's metrics; the first one set stays).
+    pub fn observe_flushes(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.flusher.observer.set(histogram);
+    }
+
     /// Make every write so far durable, blocking.
     pub fn flush_blocking(&self) -> Result<(), StateError> {
         self.db.flush()?;
@@ -705,6 +711,8 @@ type FlushReply = tokio::sync::oneshot::Sender<Result<(), String>>;
 pub struct Flusher {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<FlushReply>>,
     stats: std::sync::Arc<std::sync::Mutex<FlushStats>>,
+    /// Where each flush's duration goes, once metrics are attached.
+    observer: std::sync::Arc<std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>>,
 }
 
 impl Flusher {
@@ -716,6 +724,10 @@ impl Flusher {
         let (tx, rx) = std::sync::mpsc::channel::<FlushReply>();
         let stats = std::sync::Arc::new(std::sync::Mutex::new(FlushStats::default()));
         let thread_stats = stats.clone();
+        let observer = std::sync::Arc::new(std::sync::OnceLock::<
+            prometheus_client::metrics::histogram::Histogram,
+        >::new());
+        let thread_observer = observer.clone();
         std::thread::Builder::new()
             .name("state-flusher".into())
             .spawn(move || {
@@ -734,6 +746,9 @@ impl Flusher {
                         s.busy_micros += took;
                         s.max_micros = s.max_micros.max(took);
                     }
+                    if let Some(h) = thread_observer.get() {
+                        h.observe(took as f64 / 1e6);
+                    }
                     if took > 1_000_000 {
                         tracing::warn!(millis = took / 1000, "state flush was slow");
                     }
@@ -745,6 +760,7 @@ impl Flusher {
         Ok(Flusher {
             tx: std::sync::Mutex::new(tx),
             stats,
+            observer,
         })
     }
 

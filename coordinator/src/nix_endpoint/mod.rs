@@ -30,6 +30,7 @@ use self::build::BuildBackend;
 use self::serve::ServeSession;
 use self::store::FarmStore;
 use crate::cache::Cache;
+use crate::metrics::ConnTracker;
 use crate::nix_endpoint::ssh::{
     BoxFuture, ClientIdentity, NixProgram, NixSessionHandler, SessionIo,
 };
@@ -50,6 +51,8 @@ pub struct Endpoint {
     builds: Option<Arc<dyn BuildBackend>>,
     /// Bounds on what one client message may carry (both protocols).
     limits: farm_nix::wire::Limits,
+    /// Sessions by protocol, when serving a coordinator (`farm_nix_sessions`).
+    sessions: Option<(ConnTracker, ConnTracker)>,
 }
 
 impl Endpoint {
@@ -60,6 +63,7 @@ impl Endpoint {
             store: FarmStore::new(cache),
             builds,
             limits: farm_nix::wire::Limits::default(),
+            sessions: None,
         }
     }
 
@@ -71,10 +75,13 @@ impl Endpoint {
 
     /// The endpoint of a running coordinator: its cache, builds on its scheduler.
     pub fn for_coordinator(coord: &crate::domain::coordinator::Coordinator) -> Endpoint {
-        Endpoint::new(
+        let mut e = Endpoint::new(
             coord.cache().clone(),
             Some(Arc::new(farm::FarmBuilds::new(coord.clone()))),
-        )
+        );
+        let m = coord.metrics();
+        e.sessions = Some((m.serve_sessions.clone(), m.daemon_sessions.clone()));
+        e
     }
 
     /// Run one session to its end; returns the exit status.
@@ -89,6 +96,10 @@ impl Endpoint {
             stdout,
             stderr,
         } = io;
+        let _counted = self.sessions.as_ref().map(|(serve, daemon)| match program {
+            NixProgram::Serve { .. } => serve.open(),
+            NixProgram::Daemon => daemon.open(),
+        });
         let (result, mut stderr) = match program {
             NixProgram::Serve { write } => {
                 let mut session = ServeSession {

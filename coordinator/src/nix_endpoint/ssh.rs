@@ -453,6 +453,18 @@ pub async fn serve(
     handler: Arc<dyn NixSessionHandler>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_counted(listener, config, authorizer, handler, shutdown, None).await
+}
+
+/// [`serve`], each accepted connection counting in `counter` while it is open.
+pub async fn serve_counted(
+    listener: TcpListener,
+    config: SshConfig,
+    authorizer: Arc<dyn KeyAuthorizer>,
+    handler: Arc<dyn NixSessionHandler>,
+    shutdown: impl Future<Output = ()> + Send,
+    counter: Option<crate::metrics::ConnTracker>,
+) -> std::io::Result<()> {
     let limits = config.limits;
     let russh_config = Arc::new(russh::server::Config {
         inactivity_timeout: Some(config.inactivity_timeout),
@@ -499,8 +511,10 @@ pub async fn serve(
         let handler = server.new_client(Some(peer));
         let config = russh_config.clone();
         let stop = stop_rx.clone();
+        let counted = counter.as_ref().map(|c| c.open());
         tokio::spawn(async move {
             let _slot = slot;
+            let _counted = counted;
             run_connection(config, socket, handler, peer, limits.login_grace, stop).await;
         });
     }

@@ -118,11 +118,15 @@ impl FarmStore {
             Some(o) => self.cache.nar_reader_for(o, path).await,
         }
         .map_err(|e| handler_error(&format!("reading {path}"), e))?;
-        let Some(mut reader) = reader else {
+        let Some(reader) = reader else {
             return Err(HandlerError::new(format!(
                 "path '{path}' is not valid in the farm's store"
             )));
         };
+        let mut reader = self
+            .cache
+            .metrics()
+            .meter_reader(crate::metrics::Via::Nix, reader);
         let n = tokio::io::copy(&mut reader, out).await.map_err(|e| {
             tracing::error!(%path, error = %e, "streaming a NAR out of the cache");
             HandlerError::new(format!("reading {path} from the farm's cache failed"))

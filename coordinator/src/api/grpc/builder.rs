@@ -346,7 +346,10 @@ async fn run_session(
         match msg {
             Up::Load(l) => coord.builder_load(&name, load_from(l)),
             Up::Log(l) => coord.job_log(&name, &l.job_id, &l.data),
-            Up::Started(s) => tracing::debug!(builder = %name, job = %s.job_id, "job started"),
+            Up::Started(s) => {
+                tracing::debug!(builder = %name, job = %s.job_id, "job started");
+                coord.job_started(&name, &s.job_id);
+            }
             Up::Result(r) => {
                 let coord = coord.clone();
                 let name = name.clone();

@@ -41,6 +41,10 @@ pub(crate) async fn download_nar(
         .nar_reader(&path)
         .await?
         .ok_or_else(|| Status::not_found(format!("{path} is not in the cache")))?;
+    let reader = coord
+        .cache()
+        .metrics()
+        .meter_reader(crate::metrics::Via::Grpc, reader);
     let stream = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK).map(move |r| match r {
         Ok(data) => Ok(v1::NarChunk {
             data: data.to_vec(),

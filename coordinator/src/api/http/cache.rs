@@ -53,7 +53,9 @@ async fn narinfo(State(cache): State<Cache>, Path(file): Path<String>) -> Respon
     let Some(hash) = file.strip_suffix(".narinfo").filter(|h| is_nix32(h, 32)) else {
         return not_found();
     };
-    match cache.narinfo_by_hash(hash) {
+    let found = cache.narinfo_by_hash(hash);
+    cache.metrics().narinfo(found.is_some());
+    match found {
         Some(ni) => text(StatusCode::OK, "text/x-nix-narinfo", ni.render()),
         None => not_found(),
     }
@@ -158,7 +160,13 @@ async fn nar(State(cache): State<Cache>, Path(file): Path<String>, headers: Head
         Err(object_store::Error::NotFound { .. }) => return not_found(),
         Err(e) => return HttpError(e.into()).into_response(),
     };
-    let body = Body::from_stream(result.into_stream().map_err(std::io::Error::other));
+    let meter = cache.metrics().serving(crate::metrics::Via::Http);
+    let body = Body::from_stream(
+        result
+            .into_stream()
+            .inspect_ok(move |chunk| meter.sent(chunk.len()))
+            .map_err(std::io::Error::other),
+    );
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(

@@ -17,15 +17,7 @@ pub(crate) fn router(coord: &Coordinator) -> axum::Router {
             "/metrics",
             axum::routing::get(move || {
                 let c = c.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        metrics::metrics_text(&c),
-                    )
-                }
+                async move { metrics::response(&c) }
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));

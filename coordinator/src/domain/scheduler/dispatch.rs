@@ -222,6 +222,7 @@ impl Scheduler {
             return;
         }
         tracing::info!(build = %format!("b{id}"), retries = b.rec.retries, why, "build requeued");
+        self.requeues += 1;
         if b.inputs.is_some() {
             self.set_state(id, BuildState::Queued);
         } else {
@@ -405,6 +406,14 @@ impl Scheduler {
             } if b == builder && job_id == job => Some(id),
             _ => None,
         }
+    }
+
+    /// `builder` reports it started `job`: how long ago its build became
+    /// runnable (once per attempt; `None` for a job not running there).
+    pub fn job_started(&mut self, builder: &str, job: &str) -> Option<std::time::Duration> {
+        let id = self.running_job(builder, job)?;
+        let at = self.builds.get_mut(&id)?.runnable_at.take()?;
+        Some(at.elapsed())
     }
 
     /// Whether `path` is an output of a build `builder` is running now: the only

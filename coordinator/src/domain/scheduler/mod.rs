@@ -56,7 +56,7 @@ use crate::domain::model::*;
 
 pub use builders::NameTaken;
 pub use dispatch::JobEnd;
-pub use queries::{BuilderView, FailureView, SubmissionSnapshot};
+pub use queries::{BuilderView, FailureView, QueueClass, SubmissionSnapshot};
 pub use submissions::{
     GraphSubmission, Inserted, Leftovers, NewBuild, PlanQuery, PreparedSubmission, SharePlan,
 };
@@ -118,6 +118,9 @@ struct Build {
     /// The input closure with NAR sizes while the build is queued (resolved
     /// by `Prepare`; taken by the dispatch, dropped when it ends).
     inputs: Option<Closure>,
+    /// When it last became runnable, until its builder reports the job
+    /// started (the dispatch latency metric; not persisted).
+    runnable_at: Option<std::time::Instant>,
 }
 
 /// An input closure with NAR sizes, dependencies first, paths interned.
@@ -132,6 +135,7 @@ impl Build {
             pending: BTreeSet::new(),
             chain: 1,
             inputs: None,
+            runnable_at: None,
         }
     }
 
@@ -182,6 +186,8 @@ pub struct Scheduler {
     actions: Vec<Action>,
     notices: Vec<Notice>,
     recent_failures: VecDeque<FailureView>,
+    /// Builds put back in the queue so far (a metric).
+    requeues: u64,
 }
 
 impl Scheduler {
@@ -203,6 +209,7 @@ impl Scheduler {
             actions: Vec::new(),
             notices: Vec::new(),
             recent_failures: VecDeque::new(),
+            requeues: 0,
         }
     }
 
@@ -361,6 +368,7 @@ impl Scheduler {
         }
         b.rec.state = state;
         if b.rec.state == BuildState::Queued {
+            b.runnable_at = Some(std::time::Instant::now());
             self.ready.entry(class).or_default().insert(key);
         }
         self.persist_build(id);

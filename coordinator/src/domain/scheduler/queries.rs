@@ -22,6 +22,14 @@ pub struct FailureView {
     pub finished_ms: i64,
 }
 
+/// One class of the queue (see [`Scheduler::queue_classes`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueClass {
+    pub runnable: u32,
+    pub waiting: u32,
+    pub oldest_runnable_secs: f64,
+}
+
 /// A submission as followers see it: its record and a view of each build.
 pub type SubmissionSnapshot = (Arc<SubmissionRecord>, Vec<Arc<BuildView>>);
 
@@ -102,6 +110,33 @@ impl Scheduler {
         m
     }
 
+    /// The queue by class (system, required features): per class, the
+    /// runnable builds, the builds waiting for dependencies or inputs, and
+    /// how long the oldest runnable one has waited (seconds).
+    pub fn queue_classes(&self) -> BTreeMap<(String, BTreeSet<String>), QueueClass> {
+        let mut m: BTreeMap<(String, BTreeSet<String>), QueueClass> = BTreeMap::new();
+        for (class, q) in &self.ready {
+            let oldest = q
+                .iter()
+                .filter_map(|k| self.builds.get(&k.id)?.runnable_at)
+                .map(|t| t.elapsed().as_secs_f64())
+                .fold(0.0, f64::max);
+            let e = m
+                .entry((class.system.clone(), class.features.clone()))
+                .or_default();
+            e.runnable = q.len() as u32;
+            e.oldest_runnable_secs = oldest;
+        }
+        for b in self.builds.values() {
+            if b.rec.state == BuildState::Waiting {
+                m.entry((b.rec.system.clone(), b.rec.required_features.clone()))
+                    .or_default()
+                    .waiting += 1;
+            }
+        }
+        m
+    }
+
     /// Running builds.
     pub fn running(&self) -> Vec<Arc<BuildView>> {
         let mut v: Vec<Arc<BuildView>> = self
@@ -115,6 +150,11 @@ impl Scheduler {
         v.sort_by_key(|b| b.id);
         v.dedup_by_key(|b| b.id);
         v
+    }
+
+    /// Builds put back in the queue since this scheduler started.
+    pub fn requeues(&self) -> u64 {
+        self.requeues
     }
 
     /// The most recent failures, newest first.
