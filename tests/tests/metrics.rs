@@ -306,9 +306,9 @@ fn metrics_during_a_graph_match_what_happened() -> anyhow::Result<()> {
 }
 
 async fn during_a_graph(logs: &TestLogs) -> anyhow::Result<()> {
-    let farm = Farm::start(
-        logs,
-        &[
+    // One client key of the farm's own, for a Nix client over SSH.
+    let farm = Farm::setup(logs)
+        .builders(&[
             BuilderSpec {
                 name: "m-one",
                 max_jobs: 2,
@@ -319,9 +319,9 @@ async fn during_a_graph(logs: &TestLogs) -> anyhow::Result<()> {
                 max_jobs: 2,
                 conf: &["system-features ="],
             },
-        ],
-        &[],
-    )?;
+        ])
+        .clients(1)
+        .start()?;
     let http = farm.coordinator.endpoints.http.clone();
     let status = farm.coordinator.status()?;
     let system = status
@@ -576,6 +576,20 @@ async fn during_a_graph(logs: &TestLogs) -> anyhow::Result<()> {
     ensure!(after.get("farm_submissions_active", &[])? == 0.0);
     ensure!(after.get("farm_jobs_dispatched_total", &[])? == 6.0);
     ensure!(after.get("farm_build_requeues_total", &[])? == 0.0);
+
+    // A Nix client over the SSH endpoint: one connection, one daemon session,
+    // both closed again once it is done.
+    let mut ping = farm.client_command("nix")?;
+    ping.args(["store", "ping", "--store", &farm.store_uri("ssh-ng")]);
+    farm.client.run_command(ping)?;
+    let ssh = scrape_until(&http, "the SSH connection closed", |e| {
+        e.sum("farm_connections", &[("kind", "ssh")]) == Some(0.0)
+            && e.sum("farm_nix_sessions", &[("protocol", "daemon")]) == Some(0.0)
+    })?;
+    ensure!(ssh.get("farm_connections_opened_total", &[("kind", "ssh")])? >= 1.0);
+    ensure!(ssh.get("farm_nix_sessions_started_total", &[("protocol", "daemon")])? == 1.0);
+    ensure!(ssh.get("farm_nix_sessions_started_total", &[("protocol", "serve")])? == 0.0);
+
     let status = farm.coordinator.status()?;
     ensure!(status.running.is_empty(), "Status: {status:?}");
     ensure!(
@@ -765,7 +779,7 @@ fn unknown_metrics(queries: &[(String, String)], exported: &BTreeSet<String>) ->
 #[test]
 fn every_grafana_panel_queries_an_exported_metric() -> anyhow::Result<()> {
     let logs = TestLogs::new("metrics_grafana")?;
-    deadline(Duration::from_secs(120), &logs, |logs| {
+    deadline(DEADLINE, &logs, |logs| {
         // A coordinator alone, as a fresh farm has it: every family is
         // declared before anything happened.
         let farm = Farm::setup(&logs).start()?;

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use crate::cache::Cache;
 use crate::domain::lock::lock;
 use crate::domain::model::*;
+use crate::domain::observe::{self, StateSnapshot};
 use crate::domain::scheduler::{GraphSubmission, JobEnd, PlanQuery, Scheduler, SubmissionSnapshot};
 use crate::domain::state::{KeepNothing, Retention, StateError, Store};
 use crate::metrics::Metrics;
@@ -244,10 +245,20 @@ impl Coordinator {
         let _ = store.apply_all(&sched.take_writes());
         let coord = Coordinator {
             inner: Arc::new_cyclic(|weak| {
-                let weak = weak.clone();
+                let weak: std::sync::Weak<Inner> = weak.clone();
+                // The state gauges, read at each scrape.
                 let metrics = Metrics::new(
                     cache.metrics(),
-                    Box::new(move |enc| crate::domain::observe::encode_state(&weak, enc)),
+                    Box::new(move |enc| {
+                        let Some(inner) = weak.upgrade() else {
+                            return Ok(());
+                        };
+                        let c = Coordinator { inner };
+                        let snap = c.read_sched(StateSnapshot::of);
+                        let (cache, flush) = (c.cache().clone(), c.store().flush_stats());
+                        drop(c);
+                        observe::encode_state(snap, &cache, flush, enc)
+                    }),
                 );
                 store.observe_flushes(metrics.flush_histogram());
                 Inner {
@@ -330,7 +341,7 @@ impl Coordinator {
         let notices = s.take_notices();
         let persisted = self.inner.store.apply_all(&own);
         let _ = self.inner.store.apply_all(&dispatched);
-        crate::domain::observe::count_decisions(&self.inner.metrics, &actions, &notices);
+        observe::count_decisions(&self.inner.metrics, &actions, &notices);
         if !actions.is_empty() || !notices.is_empty() {
             let _ = self.inner.outbox_tx.send(Batch { actions, notices });
         }

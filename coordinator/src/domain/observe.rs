@@ -6,12 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Weak;
 
 use prometheus_client::encoding::DescriptorEncoder;
 
-use crate::domain::coordinator::{Coordinator, Inner};
+use crate::cache::Cache;
 use crate::domain::model::{Action, Event, Outcome};
+use crate::domain::scheduler::{BuilderView, QueueClass, Scheduler};
+use crate::domain::state::FlushStats;
 use crate::metrics::{Gauges, Metrics};
 
 /// An outcome as a label value.
@@ -69,32 +70,49 @@ fn features_label(f: &BTreeSet<String>) -> String {
     f.iter().cloned().collect::<Vec<_>>().join(",")
 }
 
-/// The scheduler's, the cache's and the state's gauges, now.
-pub(crate) fn encode_state(inner: &Weak<Inner>, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
-    let Some(inner) = inner.upgrade() else {
-        return Ok(());
-    };
-    let coord = Coordinator { inner };
-    let (builders, running_systems, classes, depths, requeues, active) = coord.read_sched(|s| {
-        (
-            s.builders(),
-            s.running()
-                .iter()
-                .map(|b| b.system.clone())
-                .collect::<Vec<_>>(),
-            s.queue_classes(),
-            s.queue_depths(),
-            s.requeues(),
-            s.memory_counts().1,
-        )
-    });
-    let cache = coord.cache().clone();
-    let flush = coord.store().flush_stats();
-    drop(coord);
+/// What a scrape reads of the scheduler, in one short look under its lock.
+pub(crate) struct StateSnapshot {
+    builders: Vec<BuilderView>,
+    running_systems: Vec<String>,
+    classes: BTreeMap<(String, BTreeSet<String>), QueueClass>,
+    depths: BTreeMap<String, u32>,
+    requeues: u64,
+    active: usize,
+}
+
+impl StateSnapshot {
+    pub(crate) fn of(s: &Scheduler) -> StateSnapshot {
+        StateSnapshot {
+            builders: s.builders(),
+            running_systems: s.running().iter().map(|b| b.system.clone()).collect(),
+            classes: s.queue_classes(),
+            depths: s.queue_depths(),
+            requeues: s.requeues(),
+            active: s.memory_counts().1,
+        }
+    }
+}
+
+/// The scheduler's, the cache's and the state's gauges, now (encoded after
+/// the scheduler lock is let go).
+pub(crate) fn encode_state(
+    snap: StateSnapshot,
+    cache: &Cache,
+    flush: FlushStats,
+    enc: &mut DescriptorEncoder<'_>,
+) -> fmt::Result {
+    let StateSnapshot {
+        builders,
+        running_systems,
+        classes,
+        depths,
+        requeues,
+        active,
+    } = snap;
     let mut g = Gauges::new(enc);
 
     // Builders by state, as `farm status` names them (every state, zeros too).
-    let state_of = |b: &crate::domain::scheduler::BuilderView| {
+    let state_of = |b: &BuilderView| {
         if !b.online {
             "offline"
         } else if b.record.draining {
@@ -118,13 +136,13 @@ pub(crate) fn encode_state(inner: &Weak<Inner>, enc: &mut DescriptorEncoder<'_>)
         by_state.into_iter().map(|(s, n)| ([("state", s)], n)),
     )?;
 
-    let per = |f: &dyn Fn(&crate::domain::scheduler::BuilderView) -> Option<f64>| {
+    let per = |f: &dyn Fn(&BuilderView) -> Option<f64>| {
         builders
             .iter()
             .filter_map(|b| f(b).map(|v| ([("builder", b.record.name.clone())], v)))
             .collect::<Vec<_>>()
     };
-    let online = |b: &crate::domain::scheduler::BuilderView| b.online;
+    let online = |b: &BuilderView| b.online;
     g.family(
         "farm_builder_up",
         "Whether a builder is connected (1) or not (0)",
