@@ -25,7 +25,9 @@
 //! By concern: [`submissions`] (a graph in, shared builds, a submission's
 //! end), [`dispatch`] (a build from runnable to running to ended, retries,
 //! the periodic tick), [`builders`] (joining, leaving, draining, forgetting),
-//! [`queries`] (what handlers read), [`select`] (the builder score).
+//! [`queries`] (what handlers read), [`select`] (the builder score); `sim`
+//! (with the `sim` feature, and in tests) simulates farms under this policy and
+//! under Nix's and Hydra's.
 //!
 //! Lock discipline (the caller's mutex): queries hand out shared views
 //! (`Arc<BuildView>`, `Arc<SubmissionRecord>`), never copies of whole records;
@@ -44,6 +46,8 @@ mod builders;
 mod dispatch;
 mod queries;
 pub(crate) mod select;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 mod submissions;
 
 use std::cmp::Reverse;
