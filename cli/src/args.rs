@@ -19,7 +19,7 @@ its default state directory). The config file takes the same names:
 
 Authentication: each call is signed with the SSH ed25519 key (--key).
 Reading needs a key in one of the coordinator's key files (--read-keys and up);
-building one in --authorized-keys; drain, undrain and cancel one in --admin-keys.
+building (and recording a build under a job: build --job) one in --authorized-keys; drain, undrain and cancel one in --admin-keys.
 
 Exit status: 0 success; 1 a build failed; 2 usage error (flags, config, key,
 an installable that does not evaluate); 3 the farm is unreachable or refused
@@ -37,6 +37,28 @@ JSON (--json; with --watch one document per line):
    \"queue\": [{\"system\", \"queued\"}], \"queued_total\",
    \"running\": [{\"build_id\", \"drv_path\", \"builder\", \"started\" (unix seconds), \"elapsed_secs\"}],
    \"recent_failures\": [{\"build_id\", \"drv_path\", \"builder\", \"error\", \"finished\"}]}";
+
+const JOBS_AFTER_HELP: &str = "\
+A named job is what `farm build --job NAME ...` records: each such build is a
+run of NAME, with its state (building, succeeded, failed, cancelled), when it
+started and ended and the outputs of what it was asked to build. The farm
+keeps the last runs of each job (farm-coordinator --job-history, default 50)
+and up to --max-jobs jobs (default 1000; a new name past it forgets the job
+least recently run). Recording under a job needs a key that may build
+(--authorized-keys and up); reading them, one that may read.
+
+Badges: the coordinator's HTTP listener (the cache's URL) serves
+/badge/NAME.svg and /badge/NAME.json (a shields.io endpoint) without a key:
+passing, failing, building or unknown.
+
+JSON (--json):
+  farm jobs:      {\"jobs\": [{\"name\", \"state\", \"submission_id\",
+                   \"started\", \"finished\" (unix seconds or null),
+                   \"duration_secs\" (or null), \"outputs\" (how many), \"runs\"}]}
+  farm jobs NAME: {\"name\", \"runs\": [{\"submission_id\", \"state\", \"started\",
+                   \"finished\", \"duration_secs\", \"drv_paths\": [..],
+                   \"outputs\": [..], \"built\", \"cached\", \"failed\"}]} (newest first)
+An unknown NAME is an error (exit 2).";
 
 const BUILD_AFTER_HELP: &str = "\
 INSTALLABLES: a store derivation (/nix/store/…-x.drv), a Nix file (with -A,
@@ -107,6 +129,9 @@ pub enum Command {
     /// Build installables on the farm (the CI entry point).
     #[command(after_long_help = BUILD_AFTER_HELP)]
     Build(BuildArgs),
+    /// Named jobs (`farm build --job NAME`): each one's last run, or one's history.
+    #[command(after_long_help = JOBS_AFTER_HELP)]
+    Jobs(JobsArgs),
     /// Print a build's log (by build id or derivation path).
     Logs(LogsArgs),
     /// Cancel a build or a whole submission (admin).
@@ -193,6 +218,30 @@ pub struct BuildArgs {
     /// Progress as plain lines even on a terminal.
     #[arg(long)]
     pub no_progress_bar: bool,
+    /// Record this build under the named job NAME (see `farm jobs --help`):
+    /// 1-128 characters of letters, digits and . _ - / : + @, starting with
+    /// a letter or digit, no empty, `.` or `..` segment between slashes.
+    #[arg(long, value_name = "NAME", value_parser = parse_job_name)]
+    pub job: Option<String>,
+}
+
+/// `--job NAME`: the shared rule (`farm_proto::job`), checked before anything
+/// is evaluated or sent.
+fn parse_job_name(s: &str) -> Result<String, String> {
+    farm_proto::job::check_job_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// `farm jobs`.
+#[derive(Debug, Clone, Args)]
+pub struct JobsArgs {
+    /// A job's name: print its history instead of the list.
+    #[arg(value_name = "NAME", value_parser = parse_job_name)]
+    pub name: Option<String>,
+    /// Print JSON for programs (format below).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -238,6 +238,7 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         } as i32,
         max_silent_time_secs: args.max_silent_time.unwrap_or(0),
         build_timeout_secs: args.timeout.unwrap_or(0),
+        job: args.job.clone().unwrap_or_default(),
     };
     let mut events = Some(farm.submit(request.clone()).await?);
     let mut tracker = Tracker {

@@ -327,6 +327,21 @@ impl Farm {
             .map(|r| r.into_inner())
     }
 
+    pub async fn jobs(&self, name: &str) -> Result<farm_proto::v1::JobsResponse, CliError> {
+        let req = self.request(
+            farm_proto::v1::JobsRequest {
+                name: name.to_owned(),
+            },
+            methods::JOBS,
+        );
+        self.client
+            .clone()
+            .jobs(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error("jobs", false, s))
+    }
+
     pub async fn machines(&self, protocol: &str) -> Result<MachinesResponse, CliError> {
         let req = self.request(
             MachinesRequest {

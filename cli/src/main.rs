@@ -7,6 +7,7 @@ mod build;
 mod client;
 mod config;
 mod error;
+mod jobs;
 mod keys;
 mod machines;
 mod nix;
@@ -110,6 +111,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Status(a) => status::run(&farm, a).await,
         Command::Build(a) => build::run(&farm, a).await,
+        Command::Jobs(a) => jobs::run(&farm, a).await,
         Command::Logs(a) => ops::logs(&farm, a).await,
         Command::Cancel(a) => ops::cancel(&farm, a).await,
         Command::Drain(a) => ops::drain(&farm, a, true).await,

@@ -179,6 +179,13 @@ pub struct Args {
     /// names freed) [default: 30].
     #[arg(long, env = "FARM_RETAIN_BUILDERS_DAYS", value_name = "DAYS")]
     pub retain_builders_days: Option<u64>,
+    /// Runs kept per named job (`farm build --job`), newest first [default: 50].
+    #[arg(long, env = "FARM_JOB_HISTORY", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub job_history: Option<u32>,
+    /// Named jobs kept; a new name past this forgets the job least recently
+    /// run [default: 1000].
+    #[arg(long, env = "FARM_MAX_JOBS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_jobs: Option<u32>,
     /// Seconds an SSH client has from connecting to authenticating; then it
     /// is disconnected [default: 30].
     #[arg(long, env = "FARM_SSH_LOGIN_GRACE", value_name = "SECS")]
@@ -234,6 +241,8 @@ pub struct FileConfig {
     pub retain_finished: Option<usize>,
     pub retain_days: Option<u64>,
     pub retain_builders_days: Option<u64>,
+    pub job_history: Option<u32>,
+    pub max_jobs: Option<u32>,
     pub ssh_login_grace: Option<u64>,
     pub ssh_max_connections: Option<usize>,
     pub ssh_max_sessions_per_key: Option<usize>,
@@ -302,6 +311,8 @@ pub struct CoordinatorConfig {
     pub shutdown_grace: Duration,
     /// How much finished history the state database keeps.
     pub retention: Retention,
+    /// How much named-job history it keeps.
+    pub jobs: crate::domain::jobs::JobLimits,
     /// Login grace time and connection limits of the SSH endpoint.
     pub ssh_limits: crate::nix_endpoint::ssh::SshLimits,
     /// Per-item and per-message bounds of the Nix protocols.
@@ -350,6 +361,7 @@ impl CoordinatorConfig {
             recent_builder_window: Duration::from_secs(86_400),
             shutdown_grace: Duration::from_secs(10),
             retention: Retention::default(),
+            jobs: Default::default(),
             ssh_limits: crate::nix_endpoint::ssh::SshLimits::default(),
             nix_limits: farm_nix::wire::Limits::default(),
         }
@@ -472,6 +484,16 @@ impl CoordinatorConfig {
                     .or(file.retain_builders_days)
                     .map(days_ms)
                     .unwrap_or(d.retention.builder_ms),
+            },
+            jobs: crate::domain::jobs::JobLimits {
+                history: args
+                    .job_history
+                    .or(file.job_history)
+                    .map_or(d.jobs.history, |n| n.max(1) as usize),
+                max_jobs: args
+                    .max_jobs
+                    .or(file.max_jobs)
+                    .map_or(d.jobs.max_jobs, |n| n.max(1) as usize),
             },
             ssh_limits: crate::nix_endpoint::ssh::SshLimits {
                 login_grace: args

@@ -245,12 +245,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     };
 
     let db_path = config.db_path();
-    let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
-        .await
-        .map_err(|e| CoordinatorError::Io {
-            context: "opening the state database".into(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+    let job_limits = config.jobs;
+    let store = tokio::task::spawn_blocking(move || {
+        Store::open(&db_path).map(|s| s.with_job_limits(job_limits))
+    })
+    .await
+    .map_err(|e| CoordinatorError::Io {
+        context: "opening the state database".into(),
+        source: std::io::Error::other(e.to_string()),
+    })??;
     let sched_cfg = SchedulerConfig {
         grace_ms: config.builder_grace.as_millis() as i64,
         max_retries: config.max_retries,

@@ -717,6 +717,7 @@ async fn a_job_that_ended_while_its_builder_was_away_is_kept_and_its_result_ackn
             priority: v1::Priority::Interactive as i32,
             max_silent_time_secs: 0,
             build_timeout_secs: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -820,6 +821,7 @@ async fn submitted_graph_is_built_once_in_dependency_order_body() {
             priority: v1::Priority::Interactive as i32,
             max_silent_time_secs: 0,
             build_timeout_secs: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -624,6 +624,7 @@ impl Farm {
                 priority: v1::Priority::Ci as i32,
                 max_silent_time_secs: 0,
                 build_timeout_secs: 0,
+                ..Default::default()
             })
             .await
             .context("Submit")?

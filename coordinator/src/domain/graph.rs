@@ -52,6 +52,8 @@ pub struct SubmitOptions {
     pub build_timeout_secs: u64,
     /// Who asks (key fingerprint and comment, or `local`); recorded with the builds.
     pub client: Option<String>,
+    /// The named job to record it under (a valid name: `farm_proto::job`).
+    pub job: Option<String>,
 }
 
 /// Dependencies first: each path after every path it references (within `infos`).
@@ -285,6 +287,7 @@ impl Coordinator {
             max_silent_time_secs: opts.max_silent_time_secs,
             build_timeout_secs: opts.build_timeout_secs,
             client: opts.client,
+            job: opts.job,
         };
         let sid = self.submit_graph(g).await.map_err(DomainError::from)?;
         let store = self.store();

@@ -5,7 +5,8 @@
 //! scheduler lock; [`graph`] turns a derivation graph into a submission;
 //! [`status`] is the farm as its APIs show it; [`follow`] streams a
 //! submission's events and a build's log to whoever follows them;
-//! [`observe`] is the farm as Prometheus metrics see it.
+//! [`observe`] is the farm as Prometheus metrics see it; [`jobs`] keeps the
+//! history of named jobs (`farm build --job`).
 //! Nothing here names tonic, axum or russh (a test in
 //! `tests/tests/layering.rs` checks it).
 
@@ -13,6 +14,7 @@ pub mod coordinator;
 pub mod error;
 pub mod follow;
 pub mod graph;
+pub mod jobs;
 pub(crate) mod lock;
 pub mod model;
 pub(crate) mod observe;

@@ -125,6 +125,9 @@ pub struct SubmissionRecord {
     /// When it was marked done (retention counts from here).
     #[serde(default)]
     pub finished_ms: Option<i64>,
+    /// The named job it runs under (`farm build --job`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// What followers, queries and jobs read of a build: its record without the
@@ -303,6 +306,8 @@ pub enum Write {
     Builder(Box<BuilderRecord>),
     /// Forget a builder's record.
     ForgetBuilder(String),
+    /// A named job's run (see `domain::jobs`).
+    Job(Box<crate::domain::jobs::JobUpdate>),
 }
 
 /// Something that happened to a build or submission, for the submissions that include it.

@@ -2,7 +2,8 @@
 //! submissions, builders, and the log index (derivation → its latest build).
 //!
 //! Layout: one sled tree per kind, keys big-endian `u64` ids (names for
-//! builders, derivation base names for the log index), values JSON records
+//! builders, derivation base names for the log index, job names for named
+//! jobs' histories: `crate::domain::jobs`), values JSON records
 //! ([`crate::domain::model`]). Finished outputs are not here: the cache is the truth
 //! for those. Writes that must survive a `kill -9` are followed by [`Store::flush`].
 //!
@@ -73,6 +74,9 @@ pub struct Store {
     active: sled::Tree,
     finished: sled::Tree,
     meta: sled::Tree,
+    /// Named jobs' histories (`domain::jobs`), bounded by `job_limits`.
+    jobs: sled::Tree,
+    job_limits: crate::domain::jobs::JobLimits,
 }
 
 /// How much finished history the state keeps. Defaults a homelab never has to
@@ -211,6 +215,8 @@ impl Store {
             active: db.open_tree("active")?,
             finished: db.open_tree("finished")?,
             meta: db.open_tree("meta")?,
+            jobs: db.open_tree("jobs")?,
+            job_limits: Default::default(),
             db,
         };
         store.migrate()?;
@@ -261,6 +267,19 @@ impl Store {
             );
         }
         Ok(())
+    }
+
+    /// This store with named jobs bounded by `limits` (default: [`JobLimits::default`]).
+    ///
+    /// [`JobLimits::default`]: crate::domain::jobs::JobLimits
+    pub fn with_job_limits(mut self, limits: crate::domain::jobs::JobLimits) -> Store {
+        self.job_limits = limits;
+        self
+    }
+
+    /// The named jobs' tree (read by `domain::jobs`).
+    pub fn jobs_tree(&self) -> &sled::Tree {
+        &self.jobs
     }
 
     /// A fresh id, unique across restarts.
@@ -421,6 +440,10 @@ impl Store {
             Write::ForgetBuilder(name) => self.delete_builder(name).inspect_err(|e| {
                 tracing::error!(builder = %name, error = %e, "cannot delete builder record");
             }),
+            Write::Job(u) => crate::domain::jobs::apply(&self.jobs, &self.job_limits, u)
+                .inspect_err(|e| {
+                    tracing::error!(job = %u.job, error = %e, "cannot persist job run");
+                }),
         }
     }
 
@@ -934,6 +957,7 @@ mod tests {
             cancelled: false,
             client: None,
             finished_ms: done.then_some(id as i64 + 1),
+            job: None,
         }
     }
 

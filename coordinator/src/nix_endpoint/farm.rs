@@ -118,6 +118,7 @@ fn submit_options(client: &ClientIdentity, settings: &BuildSettings) -> SubmitOp
         max_silent_time_secs: settings.max_silent_time,
         build_timeout_secs: settings.build_timeout,
         client: Some(client_name(client)),
+        job: None,
     }
 }
 

@@ -98,6 +98,7 @@ pub mod methods {
     pub const DOWNLOAD_NAR: &str = "/farm.v1.FarmService/DownloadNar";
     pub const MACHINES: &str = "/farm.v1.FarmService/Machines";
     pub const IDENTITY: &str = "/farm.v1.FarmService/Identity";
+    pub const JOBS: &str = "/farm.v1.FarmService/Jobs";
 }
 
 #[cfg(test)]

@@ -4,9 +4,12 @@
 //! - [`convert`]: `From`/`TryFrom` between messages and `farm-nix` domain types.
 //! - [`auth`]: the exact bytes builders and CLI users sign, and the metadata keys
 //!   that carry session tokens and signatures, shared by every side.
+//! - [`job`]: what a named job's name may be (the CLI and the coordinator
+//!   check the same rule).
 
 pub mod auth;
 pub mod convert;
+pub mod job;
 
 /// The generated `farm.v1` package.
 #[allow(clippy::all, missing_docs)]

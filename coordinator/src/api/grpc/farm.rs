@@ -188,6 +188,8 @@ impl v1::farm_service_server::FarmService for FarmSvc {
                 "{bad} is not a .drv path"
             )));
         }
+        // Recording under a job is the submitter's: the build level, no more.
+        let job = crate::api::grpc::jobs::submit_job(&req.job)?;
         let opts = crate::domain::graph::SubmitOptions {
             priority: parse_priority(req.priority),
             max_silent_time_secs: req.max_silent_time_secs,
@@ -197,6 +199,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
                     .trim_end()
                     .to_owned(),
             ),
+            job,
         };
         let sid = self
             .coord
@@ -342,6 +345,15 @@ impl v1::farm_service_server::FarmService for FarmSvc {
             }
         };
         Ok(Response::new(machine_to(self.coord.machine(protocol))))
+    }
+
+    async fn jobs(
+        &self,
+        request: Request<v1::JobsRequest>,
+    ) -> Result<Response<v1::JobsResponse>, Status> {
+        self.authorize(&request, methods::JOBS, Level::Read).await?;
+        let resp = crate::api::grpc::jobs::jobs(&self.coord, request.into_inner()).await?;
+        Ok(Response::new(resp))
     }
 
     async fn identity(

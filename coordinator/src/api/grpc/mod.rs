@@ -1,6 +1,6 @@
 //! gRPC services: `BuilderService` ([`builder`]), `FarmService` ([`farm`]),
 //! the NAR data calls both share ([`data`]), build logs ([`logs`]), how
-//! callers prove who they are ([`auth`], checked before a body is read by
+//! named jobs ([`jobs`]), how callers prove who they are ([`auth`], checked before a body is read by
 //! [`signed`]), and the size and time bounds on requests ([`limits`]).
 
 pub(crate) mod auth;
@@ -9,6 +9,7 @@ pub(crate) mod convert;
 pub(crate) mod data;
 pub(crate) mod error;
 pub(crate) mod farm;
+pub(crate) mod jobs;
 pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod signed;

@@ -1,7 +1,9 @@
 //! HTTP routes, one module per family: the binary cache in Nix's layout
 //! ([`cache`]), stored build logs ([`log`]), Prometheus metrics
-//! ([`metrics`]); [`error`] is how every route reports a failure.
+//! ([`metrics`]), named jobs' status badges ([`badge`]); [`error`] is how
+//! every route reports a failure.
 
+pub(crate) mod badge;
 pub(crate) mod cache;
 pub(crate) mod error;
 pub(crate) mod log;
@@ -21,5 +23,7 @@ pub(crate) fn router(coord: &Coordinator) -> axum::Router {
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    metrics.merge(cache::cache_router(coord.cache().clone()))
+    metrics
+        .merge(badge::badge_router(coord.clone()))
+        .merge(cache::cache_router(coord.cache().clone()))
 }

@@ -25,6 +25,7 @@
 //! By concern: [`submissions`] (a graph in, shared builds, a submission's
 //! end), [`dispatch`] (a build from runnable to running to ended, retries,
 //! the periodic tick), [`builders`] (joining, leaving, draining, forgetting),
+//! [`jobs`] (a named job's run as its submission starts and ends),
 //! [`queries`] (what handlers read), [`select`] (the builder score); `sim`
 //! (with the `sim` feature, and in tests) simulates farms under this policy and
 //! under Nix's and Hydra's.
@@ -44,6 +45,7 @@
 
 mod builders;
 mod dispatch;
+mod jobs;
 mod queries;
 pub(crate) mod select;
 #[cfg(any(test, feature = "sim"))]

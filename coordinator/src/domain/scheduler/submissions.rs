@@ -29,6 +29,8 @@ pub struct GraphSubmission {
     pub build_timeout_secs: u64,
     /// Who asked (recorded on the submission and on each of its builds).
     pub client: Option<String>,
+    /// The named job it runs under (checked by the caller: `farm_proto::job`).
+    pub job: Option<String>,
 }
 
 /// The derivations of a graph the scheduler is to be asked about: the graph's
@@ -398,6 +400,7 @@ impl Scheduler {
             cancelled: false,
             client: g.client,
             finished_ms: None,
+            job: g.job,
         };
         Ok(PreparedSubmission {
             sid,
@@ -429,6 +432,7 @@ impl Scheduler {
             cached,
             priority,
             client,
+            job,
             ..
         } = p.record;
         // What each member shares now, and whether that is still the plan.
@@ -625,6 +629,7 @@ impl Scheduler {
             cancelled: false,
             client,
             finished_ms: None,
+            job,
         };
         let n_builds = sub.builds.len();
         let n_cached = sub.cached.len();
@@ -633,6 +638,7 @@ impl Scheduler {
             Some(encoded) if !drift => self.writes.push(Write::NewSubmission { id: sid, encoded }),
             _ => self.persist_submission(sid),
         }
+        self.record_job_run(sid, None);
         tracing::info!(
             submission = %format!("s{sid}"),
             builds = n_builds,
@@ -731,6 +737,8 @@ impl Scheduler {
         sub.done = true;
         sub.finished_ms = Some(now);
         tracing::info!(submission = %format!("s{sid}"), success, built, cached, failed, "submission done");
+        // Before the submission's own record: see `domain::jobs`.
+        self.record_job_run(sid, Some((success, built, cached, failed)));
         self.persist_submission(sid);
         self.notices.push(Notice {
             submissions: vec![sid],
