@@ -397,3 +397,62 @@ fn builders_not_seen_within_the_retention_are_removed() {
     )
     .unwrap();
 }
+
+/// A named job's run is `building` from the insert, stays so across a
+/// restart (the submission resumes), and ends with the resumed submission:
+/// its outputs, and nothing left `building`.
+#[test]
+fn a_jobs_run_ends_after_a_restart() {
+    use crate::domain::jobs::{Badge, JobState, get};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let sid;
+    {
+        let store = Store::open(&path).unwrap();
+        let mut s = Scheduler::new(cfg());
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+        let mut g = graph(vec![nb("only", "x86_64-linux", &[], &[])], &["only"]);
+        g.job = Some("ci/app".into());
+        sid = persist::submit(&mut s, &store, g, 0).unwrap();
+        settle(&mut s, 0);
+        save(&mut s, &store);
+        let job = get(store.jobs_tree(), "ci/app")
+            .unwrap()
+            .expect("recorded at once");
+        assert_eq!(job.runs.len(), 1);
+        assert_eq!(
+            (job.runs[0].submission, job.runs[0].state),
+            (sid, JobState::Building)
+        );
+        assert_eq!(job.badge(), Badge::Building);
+        store.flush_blocking().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let mut s = start(&store, 10_000);
+    assert_eq!(
+        get(store.jobs_tree(), "ci/app").unwrap().unwrap().badge(),
+        Badge::Building
+    );
+    s.builder_connected(
+        "b",
+        "k",
+        caps(&["x86_64-linux"], &[], &[], 1, 1.0),
+        &[],
+        11_000,
+    );
+    let j = settle(&mut s, 11_000);
+    s.job_ended("b", &j[0].job_id, JobEnd::Built, 12_000);
+    settle(&mut s, 12_000);
+    save(&mut s, &store);
+    assert!(s.submission_done(sid));
+    let job = get(store.jobs_tree(), "ci/app").unwrap().unwrap();
+    assert_eq!(job.runs.len(), 1, "the same run, ended: {job:?}");
+    let run = &job.runs[0];
+    assert_eq!(
+        (run.state, run.built, run.failed),
+        (JobState::Succeeded, 1, 0)
+    );
+    assert_eq!(run.finished_ms, Some(12_000));
+    assert_eq!(run.outputs.len(), 1, "{run:?}");
+    assert_eq!(job.badge(), Badge::Passing);
+}
