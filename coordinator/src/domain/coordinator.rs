@@ -393,6 +393,25 @@ impl Coordinator {
         persisted.map(|()| ins.sid)
     }
 
+    /// Every named job, by name (read off the runtime).
+    pub async fn jobs(&self) -> Result<Vec<crate::domain::jobs::JobRecord>, StateError> {
+        let store = self.store();
+        tokio::task::spawn_blocking(move || store.jobs())
+            .await
+            .map_err(|e| StateError::Task(format!("reading the jobs: {e}")))?
+    }
+
+    /// One named job, if recorded (read off the runtime).
+    pub async fn job(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::domain::jobs::JobRecord>, StateError> {
+        let (store, name) = (self.store(), name.to_owned());
+        tokio::task::spawn_blocking(move || store.get_job(&name))
+            .await
+            .map_err(|e| StateError::Task(format!("reading a job: {e}")))?
+    }
+
     /// A build's view: from the scheduler, else (a finished build no longer
     /// in memory) from the store, read after the lock is released.
     pub fn build_view(&self, id: BuildId) -> Option<Arc<BuildView>> {

@@ -1,8 +1,10 @@
 //! Named jobs: `farm build --job NAME` records each submission under NAME
 //! with its outcome and outputs, for `farm jobs` and the badges.
 //!
-//! A job is one record in the state's `jobs` tree (key: the name, value: JSON
-//! [`JobRecord`]) holding its last runs, newest first. A run is written when
+//! This module is the words (records, what a badge says, how a run goes into
+//! a history); the state stores them (`Store::put_job_run`, one record per job
+//! in its `jobs` tree, key the name, value JSON [`JobRecord`], runs newest
+//! first) and the coordinator reads them (`Coordinator::jobs`, `job`). A run is written when
 //! its submission is inserted (`building`) and again when it ends
 //! (`succeeded` / `failed` / `cancelled`): the scheduler hands both back as a
 //! [`Write::Job`](crate::domain::model::Write::Job), applied under its lock
@@ -19,8 +21,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::model::SubmissionId;
-use crate::domain::state::StateError;
+/// A submission's id (`domain::model::SubmissionId`; not imported, so the
+/// model may name these records without a cycle).
+type SubmissionId = u64;
 
 /// How much job history the state keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,11 +120,6 @@ impl JobRecord {
         self.runs.first()
     }
 
-    /// When it last ran (its newest run's start).
-    fn last_started(&self) -> i64 {
-        self.last().map_or(i64::MIN, |r| r.started_ms)
-    }
-
     /// The badge: `building` while its newest run builds, else the verdict of
     /// its newest run that has one (a cancelled run has none), else `unknown`.
     pub fn badge(&self) -> Badge {
@@ -139,101 +137,30 @@ impl JobRecord {
     }
 }
 
-fn decode(bytes: &[u8]) -> Result<JobRecord, StateError> {
-    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
-        tree: "jobs",
-        source,
-    })
-}
+impl JobRecord {
+    /// When it last ran (its newest run's start; never: the minimum).
+    pub fn last_started(&self) -> i64 {
+        self.last().map_or(i64::MIN, |r| r.started_ms)
+    }
 
-/// Record `u` in `tree`: its run replaces the one of the same submission
-/// (an end never goes back to `building`) or becomes the newest; the history
-/// is cut to the limit; a new job past the job limit evicts the one least
-/// recently run. Blocking (sled), under the scheduler lock.
-pub(crate) fn apply(
-    tree: &sled::Tree,
-    limits: &JobLimits,
-    u: &JobUpdate,
-) -> Result<(), StateError> {
-    let key = u.job.as_bytes();
-    let mut rec = match tree.get(key)? {
-        Some(v) => decode(&v)?,
-        None => {
-            if limits.max_jobs > 0 && tree.len() >= limits.max_jobs {
-                evict_least_recent(tree, tree.len() + 1 - limits.max_jobs)?;
-            }
-            JobRecord {
-                name: u.job.clone(),
-                runs: Vec::new(),
+    /// Put `run` in the history: it replaces the run of the same submission
+    /// (an end never goes back to `building`) or joins it, newest first; the
+    /// history is then cut to `limits.history`.
+    pub fn record(&mut self, run: &JobRun, limits: &JobLimits) {
+        match self
+            .runs
+            .iter_mut()
+            .find(|r| r.submission == run.submission)
+        {
+            Some(r) if r.state != JobState::Building && run.state == JobState::Building => {}
+            Some(r) => *r = run.clone(),
+            None => {
+                self.runs.insert(0, run.clone());
+                self.runs.sort_by_key(|r| std::cmp::Reverse(r.started_ms));
             }
         }
-    };
-    match rec
-        .runs
-        .iter_mut()
-        .find(|r| r.submission == u.run.submission)
-    {
-        Some(r) if r.state != JobState::Building && u.run.state == JobState::Building => {}
-        Some(r) => *r = u.run.clone(),
-        None => {
-            rec.runs.insert(0, u.run.clone());
-            rec.runs.sort_by_key(|r| std::cmp::Reverse(r.started_ms));
-        }
+        self.runs.truncate(limits.history.max(1));
     }
-    rec.runs.truncate(limits.history.max(1));
-    let bytes = serde_json::to_vec(&rec).map_err(StateError::Encode)?;
-    tree.insert(key, bytes)?;
-    Ok(())
-}
-
-/// Remove the `n` jobs least recently run.
-fn evict_least_recent(tree: &sled::Tree, n: usize) -> Result<(), StateError> {
-    let mut all: Vec<(i64, sled::IVec)> = Vec::new();
-    for item in tree.iter() {
-        let (k, v) = item?;
-        let started = decode(&v).map(|r| r.last_started()).unwrap_or(i64::MIN);
-        all.push((started, k));
-    }
-    all.sort();
-    for (_, k) in all.into_iter().take(n) {
-        tracing::info!(job = %String::from_utf8_lossy(&k), "forgetting the job least recently run (the job limit is reached)");
-        tree.remove(k)?;
-    }
-    Ok(())
-}
-
-impl crate::domain::coordinator::Coordinator {
-    /// Every named job, by name (read off the runtime).
-    pub async fn jobs(&self) -> Result<Vec<JobRecord>, StateError> {
-        let store = self.store();
-        tokio::task::spawn_blocking(move || list(store.jobs_tree()))
-            .await
-            .map_err(|e| StateError::Task(format!("reading the jobs: {e}")))?
-    }
-
-    /// One named job, if recorded (read off the runtime).
-    pub async fn job(&self, name: &str) -> Result<Option<JobRecord>, StateError> {
-        let store = self.store();
-        let name = name.to_owned();
-        tokio::task::spawn_blocking(move || get(store.jobs_tree(), &name))
-            .await
-            .map_err(|e| StateError::Task(format!("reading a job: {e}")))?
-    }
-}
-
-/// A job's record.
-pub fn get(tree: &sled::Tree, name: &str) -> Result<Option<JobRecord>, StateError> {
-    tree.get(name.as_bytes())?.map(|v| decode(&v)).transpose()
-}
-
-/// Every job, by name.
-pub fn list(tree: &sled::Tree) -> Result<Vec<JobRecord>, StateError> {
-    tree.iter()
-        .map(|item| {
-            let (_, v) = item?;
-            decode(&v)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -254,49 +181,31 @@ mod tests {
         }
     }
 
-    fn put(tree: &sled::Tree, limits: &JobLimits, job: &str, r: JobRun) {
-        apply(
-            tree,
-            limits,
-            &JobUpdate {
-                job: job.into(),
-                run: r,
-            },
-        )
-        .unwrap();
-    }
-
     #[test]
-    fn runs_are_replaced_bounded_and_jobs_evicted() {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let tree = db.open_tree("jobs").unwrap();
+    fn runs_are_replaced_bounded_and_judged() {
         let limits = JobLimits {
             history: 3,
             max_jobs: 2,
         };
-        put(&tree, &limits, "a", run(1, JobState::Building));
-        assert_eq!(get(&tree, "a").unwrap().unwrap().badge(), Badge::Building);
-        put(&tree, &limits, "a", run(1, JobState::Succeeded));
+        let mut a = JobRecord {
+            name: "a".into(),
+            runs: Vec::new(),
+        };
+        assert_eq!(a.badge(), Badge::Unknown);
+        a.record(&run(1, JobState::Building), &limits);
+        assert_eq!(a.badge(), Badge::Building);
+        a.record(&run(1, JobState::Succeeded), &limits);
         // A late `building` never undoes an end.
-        put(&tree, &limits, "a", run(1, JobState::Building));
-        let a = get(&tree, "a").unwrap().unwrap();
+        a.record(&run(1, JobState::Building), &limits);
         assert_eq!((a.runs.len(), a.badge()), (1, Badge::Passing));
-        put(&tree, &limits, "a", run(2, JobState::Failed));
-        assert_eq!(get(&tree, "a").unwrap().unwrap().badge(), Badge::Failing);
+        a.record(&run(2, JobState::Failed), &limits);
+        assert_eq!(a.badge(), Badge::Failing);
         // A cancelled run has no verdict: the one before it counts.
-        put(&tree, &limits, "a", run(3, JobState::Cancelled));
-        assert_eq!(get(&tree, "a").unwrap().unwrap().badge(), Badge::Failing);
-        put(&tree, &limits, "a", run(4, JobState::Succeeded));
-        let a = get(&tree, "a").unwrap().unwrap();
+        a.record(&run(3, JobState::Cancelled), &limits);
+        assert_eq!(a.badge(), Badge::Failing);
+        a.record(&run(4, JobState::Succeeded), &limits);
         let subs: Vec<_> = a.runs.iter().map(|r| r.submission).collect();
         assert_eq!(subs, [4, 3, 2], "newest first, bounded");
-        // Two jobs at most: a third evicts the one least recently run.
-        put(&tree, &limits, "b", run(5, JobState::Succeeded));
-        put(&tree, &limits, "a", run(6, JobState::Building));
-        put(&tree, &limits, "c", run(7, JobState::Failed));
-        let names: Vec<String> = list(&tree).unwrap().into_iter().map(|j| j.name).collect();
-        assert_eq!(names, ["a", "c"]);
-        assert!(get(&tree, "b").unwrap().is_none());
         let only_cancelled = JobRecord {
             name: "x".into(),
             runs: vec![run(1, JobState::Cancelled)],

@@ -403,7 +403,7 @@ fn builders_not_seen_within_the_retention_are_removed() {
 /// its outputs, and nothing left `building`.
 #[test]
 fn a_jobs_run_ends_after_a_restart() {
-    use crate::domain::jobs::{Badge, JobState, get};
+    use crate::domain::jobs::{Badge, JobState};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let sid;
@@ -416,9 +416,7 @@ fn a_jobs_run_ends_after_a_restart() {
         sid = persist::submit(&mut s, &store, g, 0).unwrap();
         settle(&mut s, 0);
         save(&mut s, &store);
-        let job = get(store.jobs_tree(), "ci/app")
-            .unwrap()
-            .expect("recorded at once");
+        let job = store.get_job("ci/app").unwrap().expect("recorded at once");
         assert_eq!(job.runs.len(), 1);
         assert_eq!(
             (job.runs[0].submission, job.runs[0].state),
@@ -430,7 +428,7 @@ fn a_jobs_run_ends_after_a_restart() {
     let store = Store::open(&path).unwrap();
     let mut s = start(&store, 10_000);
     assert_eq!(
-        get(store.jobs_tree(), "ci/app").unwrap().unwrap().badge(),
+        store.get_job("ci/app").unwrap().unwrap().badge(),
         Badge::Building
     );
     s.builder_connected(
@@ -445,7 +443,7 @@ fn a_jobs_run_ends_after_a_restart() {
     settle(&mut s, 12_000);
     save(&mut s, &store);
     assert!(s.submission_done(sid));
-    let job = get(store.jobs_tree(), "ci/app").unwrap().unwrap();
+    let job = store.get_job("ci/app").unwrap().unwrap();
     assert_eq!(job.runs.len(), 1, "the same run, ended: {job:?}");
     let run = &job.runs[0];
     assert_eq!(

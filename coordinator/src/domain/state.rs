@@ -32,6 +32,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::domain::jobs::{JobRecord, JobUpdate};
 use crate::domain::lock::lock;
 use crate::domain::model::{
     BuildId, BuildRecord, BuilderRecord, Loaded, SubmissionId, SubmissionRecord, Write,
@@ -277,9 +278,55 @@ impl Store {
         self
     }
 
-    /// The named jobs' tree (read by `domain::jobs`).
-    pub fn jobs_tree(&self) -> &sled::Tree {
-        &self.jobs
+    /// Record a named job's run ([`JobRecord::record`]); a new job past the
+    /// job limit first evicts the jobs least recently run. Under the
+    /// scheduler lock (it is one of its writes), so nothing races it.
+    pub fn put_job_run(&self, u: &JobUpdate) -> Result<(), StateError> {
+        let key = u.job.as_bytes();
+        let mut rec = match self.jobs.get(key)? {
+            Some(v) => decode::<JobRecord>(&v, "jobs")?,
+            None => {
+                let n = self.jobs.len();
+                if n >= self.job_limits.max_jobs {
+                    self.evict_jobs(n + 1 - self.job_limits.max_jobs)?;
+                }
+                JobRecord {
+                    name: u.job.clone(),
+                    runs: Vec::new(),
+                }
+            }
+        };
+        rec.record(&u.run, &self.job_limits);
+        Store::put(&self.jobs, key, &rec)
+    }
+
+    /// Remove the `n` jobs least recently run.
+    fn evict_jobs(&self, n: usize) -> Result<(), StateError> {
+        let mut all: Vec<(i64, sled::IVec)> = Vec::new();
+        for item in self.jobs.iter() {
+            let (k, v) = item?;
+            let started = decode::<JobRecord>(&v, "jobs").map_or(i64::MIN, |r| r.last_started());
+            all.push((started, k));
+        }
+        all.sort();
+        for (_, k) in all.into_iter().take(n) {
+            tracing::info!(job = %String::from_utf8_lossy(&k), "forgetting the job least recently run (the job limit is reached)");
+            self.jobs.remove(k)?;
+        }
+        Ok(())
+    }
+
+    /// A named job's record.
+    pub fn get_job(&self, name: &str) -> Result<Option<JobRecord>, StateError> {
+        self.jobs
+            .get(name.as_bytes())?
+            .map(|v| decode(&v, "jobs"))
+            .transpose()
+    }
+
+    /// Every named job, by name.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StateError> {
+        Store::all(&self.jobs, "jobs")
     }
 
     /// A fresh id, unique across restarts.
@@ -440,10 +487,9 @@ impl Store {
             Write::ForgetBuilder(name) => self.delete_builder(name).inspect_err(|e| {
                 tracing::error!(builder = %name, error = %e, "cannot delete builder record");
             }),
-            Write::Job(u) => crate::domain::jobs::apply(&self.jobs, &self.job_limits, u)
-                .inspect_err(|e| {
-                    tracing::error!(job = %u.job, error = %e, "cannot persist job run");
-                }),
+            Write::Job(u) => self.put_job_run(u).inspect_err(|e| {
+                tracing::error!(job = %u.job, error = %e, "cannot persist job run");
+            }),
         }
     }
 
@@ -1028,6 +1074,50 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(loaded.submissions.is_empty() && loaded.builds.is_empty());
         assert_eq!(store.counts().active, 0);
+    }
+
+    /// Named jobs: bounded in number (the least recently run goes), kept
+    /// across a reopen.
+    #[test]
+    fn named_jobs_are_bounded_and_durable() {
+        use crate::domain::jobs::{JobLimits, JobRun, JobState};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let run = |sub: u64| JobRun {
+            submission: sub,
+            state: JobState::Succeeded,
+            started_ms: sub as i64,
+            finished_ms: Some(sub as i64 + 1),
+            drv_paths: vec![],
+            outputs: vec![],
+            built: 1,
+            cached: 0,
+            failed: 0,
+        };
+        let put = |store: &Store, job: &str, sub: u64| {
+            store
+                .put_job_run(&JobUpdate {
+                    job: job.into(),
+                    run: run(sub),
+                })
+                .unwrap()
+        };
+        {
+            let store = Store::open(&path).unwrap().with_job_limits(JobLimits {
+                history: 5,
+                max_jobs: 2,
+            });
+            put(&store, "a", 1);
+            put(&store, "b", 2);
+            put(&store, "a", 3);
+            put(&store, "c", 4);
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let names: Vec<String> = store.jobs().unwrap().into_iter().map(|j| j.name).collect();
+        assert_eq!(names, ["a", "c"], "b ran least recently");
+        assert_eq!(store.get_job("a").unwrap().unwrap().runs.len(), 2);
+        assert!(store.get_job("b").unwrap().is_none());
     }
 
     #[test]
