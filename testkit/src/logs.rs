@@ -254,6 +254,13 @@ impl TestLogs {
         pids.into_iter().collect()
     }
 
+    /// Marks the logs as shown: dropping the last handle prints nothing. For
+    /// a program that is not a test (the benchmark harness): it prints
+    /// [`TestLogs::render`] itself when a run fails, and nothing when it passes.
+    pub fn quiet(&self) {
+        self.mark_printed();
+    }
+
     /// The registry processes of this test register with.
     pub(crate) fn registry(&self) -> SharedRegistry {
         self.inner.registry.clone()

@@ -119,25 +119,33 @@ struct BuildLayout {
 
 impl BuildLayout {
     fn from_test_exe(exe: &Path) -> anyhow::Result<BuildLayout> {
-        let deps = exe
+        let parent = exe
             .parent()
             .with_context(|| format!("{} has no parent", exe.display()))?;
-        if deps.file_name().is_none_or(|n| n != "deps") {
-            bail!(
-                "the test executable {} is not in a cargo `deps` directory; \
-                 set FARM_BIN_DIR to the directory holding the farm binaries",
-                exe.display()
-            );
-        }
-        let profile_dir = deps.parent().context("deps has no parent")?.to_path_buf();
-        let profile = name_of(&profile_dir)?;
-        let above = profile_dir.parent().context("profile dir has no parent")?;
         // Cargo marks the target dir itself with CACHEDIR.TAG and keeps its
         // `.rustc_info.json` there (a target dir copied without the tag still
         // has the latter); with `--target TRIPLE` the profile dir sits one
         // level further down.
         let is_target_dir =
             |d: &Path| d.join("CACHEDIR.TAG").exists() || d.join(".rustc_info.json").exists();
+        // A test runs from `PROFILE/deps/`; a binary (the benchmark harness,
+        // `cargo run -p farm-bench`) from `PROFILE/` itself.
+        let in_profile_dir = parent
+            .parent()
+            .is_some_and(|a| is_target_dir(a) || a.parent().is_some_and(is_target_dir));
+        let profile_dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().context("deps has no parent")?.to_path_buf()
+        } else if in_profile_dir {
+            parent.to_path_buf()
+        } else {
+            bail!(
+                "the executable {} is not in a cargo `deps` or profile directory; \
+                 set FARM_BIN_DIR to the directory holding the farm binaries",
+                exe.display()
+            );
+        };
+        let profile = name_of(&profile_dir)?;
+        let above = profile_dir.parent().context("profile dir has no parent")?;
         let (target_dir, triple) = if is_target_dir(above) {
             (above.to_path_buf(), None)
         } else {
@@ -202,6 +210,20 @@ mod tests {
         )?;
         assert_eq!(layout.target_dir, target);
         assert_eq!(layout.triple.as_deref(), Some("x86_64-unknown-linux-gnu"));
+        assert_eq!(layout.profile_args(), vec!["--release".to_owned()]);
+        Ok(())
+    }
+
+    #[test]
+    fn layout_of_a_binary_in_the_profile_dir() -> anyhow::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let target = tmp.path().join("target");
+        std::fs::create_dir_all(target.join("release"))?;
+        std::fs::write(target.join("CACHEDIR.TAG"), "")?;
+        let layout = BuildLayout::from_test_exe(&target.join("release/farm-bench"))?;
+        assert_eq!(layout.target_dir, target);
+        assert_eq!(layout.triple, None);
+        assert_eq!(layout.profile_dir, target.join("release"));
         assert_eq!(layout.profile_args(), vec!["--release".to_owned()]);
         Ok(())
     }
