@@ -133,9 +133,9 @@ impl CaseReport {
                 let _ = writeln!(
                     out,
                     "| {}: {} | {}: {} | {:.2}× | {} |",
-                    r.figure.what,
+                    cell(&r.figure.what),
                     r.figure.shown(),
-                    r.baseline.what,
+                    cell(&r.baseline.what),
                     r.baseline.shown(),
                     r.ratio,
                     r.goal.as_deref().unwrap_or("—")
@@ -151,6 +151,11 @@ impl CaseReport {
         }
         out
     }
+}
+
+/// Text for a Markdown table cell (a `|` in a command line escaped).
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
 }
 
 /// Percentile `p` (0–100) of `values` (nearest rank), `NaN` when empty.
