@@ -31,6 +31,7 @@ use farm_proto::v1::{Job, JobResult, JobStatus};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::claims::StoreGuard;
 use crate::config::BuilderConfig;
 use crate::error::BuilderError;
 use crate::jobs::{Execute, JobContext, cancel_message, failure, now_unix, status_for};
@@ -60,6 +61,8 @@ pub(crate) struct NixExecutor {
     scratch: PathBuf,
     parallelism: usize,
     kill_grace: Duration,
+    /// Keeps claim jobs apart from the others (see [`crate::claims`]).
+    claims: StoreGuard,
 }
 
 impl NixExecutor {
@@ -76,8 +79,10 @@ impl NixExecutor {
                 "removed scratch directories left by an earlier run"
             );
         }
+        let bin = NixBin::new(config.nix_bin_dir.clone()).with_store(config.store.clone());
         Ok(NixExecutor {
-            bin: NixBin::new(config.nix_bin_dir.clone()).with_store(config.store.clone()),
+            bin: bin.clone(),
+            claims: StoreGuard::new(&config.state_dir, bin),
             scratch,
             parallelism: config.download_parallelism.max(1),
             kill_grace: crate::local::kill_grace_for(config.shutdown_grace),
@@ -92,6 +97,8 @@ impl NixExecutor {
         let serve = LocalServe::spawn(&self.bin, "store-check", events, self.kill_grace).await?;
         serve.finish().await;
         let _ = drain.await;
+        // What a claim job cut short left in the store goes now.
+        self.claims.recover().await;
         Ok(())
     }
 }
@@ -131,6 +138,8 @@ struct Plan {
     inputs: Vec<StorePath>,
     outputs: BTreeMap<String, StorePath>,
     options: BuildOptions,
+    /// A claim job (of this owner): see [`crate::claims`].
+    claim: Option<String>,
 }
 
 fn plan(job: &Job) -> Result<Plan, Fail> {
@@ -182,6 +191,7 @@ fn plan(job: &Job) -> Result<Plan, Fail> {
             build_timeout: job.build_timeout_secs,
             ..BuildOptions::default()
         },
+        claim: (!job.claim_owner.is_empty()).then(|| job.claim_owner.clone()),
     })
 }
 
@@ -207,12 +217,41 @@ impl Execute for NixExecutor {
 }
 
 impl NixExecutor {
+    /// Run a job in its section of the store: a claim job alone, and what it
+    /// brought into the store deleted before the section ends.
     async fn run(&self, job: &Job, ctx: &JobContext, stats: &mut Stats) -> Result<Built, Fail> {
         let plan = plan(job)?;
+        let section = tokio::select! {
+            s = self.claims.enter(plan.claim.is_some()) => {
+                s.map_err(|why| fail(JobStatus::MiscFailure, why))?
+            }
+            () = ctx.cancel.cancelled() => {
+                return Err(fail(status_for(ctx.cancel.reason()), cancel_message(ctx.cancel.reason())));
+            }
+        };
+        if let Some(owner) = &plan.claim {
+            tracing::info!(job = %job.job_id, %owner, "claim job: the store is its alone");
+        }
+        let outcome = self.run_in(job, &plan, ctx, stats).await;
+        if plan.claim.is_some() {
+            self.claims.purge().await;
+        }
+        drop(section);
+        outcome
+    }
+
+    async fn run_in(
+        &self,
+        job: &Job,
+        plan: &Plan,
+        ctx: &JobContext,
+        stats: &mut Stats,
+    ) -> Result<Built, Fail> {
         let mut link_rx = ctx.link.clone();
         let link = current_link(&mut link_rx, LINK_WAIT)
             .await
-            .ok_or_else(|| fail(JobStatus::MiscFailure, "no connection to the coordinator"))?;
+            .ok_or_else(|| fail(JobStatus::MiscFailure, "no connection to the coordinator"))?
+            .for_job(&job.job_id);
         let scratch = tempfile::Builder::new()
             .prefix(SCRATCH_PREFIX)
             .tempdir_in(&self.scratch)
@@ -223,7 +262,7 @@ impl NixExecutor {
                 .map_err(|e| fail(JobStatus::MiscFailure, e.to_string()))?;
 
         let outcome = tokio::select! {
-            r = self.steps(&job.job_id, &plan, &link, &mut serve, scratch.path(), ctx, stats) => r,
+            r = self.steps(&job.job_id, plan, &link, &mut serve, scratch.path(), ctx, stats) => r,
             () = ctx.cancel.cancelled() => Err(Fail {
                 status: status_for(ctx.cancel.reason()),
                 message: cancel_message(ctx.cancel.reason()).to_owned(),
@@ -251,6 +290,24 @@ impl NixExecutor {
         ctx: &JobContext,
         stats: &mut Stats,
     ) -> Result<Built, Fail> {
+        if plan.claim.is_some() {
+            // Its outputs not valid yet will be unverified bytes: noted first.
+            let outs: BTreeSet<StorePath> = plan.outputs.values().cloned().collect();
+            let valid = serve
+                .client
+                .query_valid_paths(&outs, false, false)
+                .await
+                .map_err(|e| {
+                    fail(
+                        JobStatus::MiscFailure,
+                        format!("querying the local store: {e}"),
+                    )
+                })?;
+            self.claims
+                .record(outs.into_iter().filter(|p| !valid.contains(p)))
+                .await
+                .map_err(|e| fail(JobStatus::MiscFailure, e))?;
+        }
         stats.downloaded = self.fetch_inputs(plan, link, serve, scratch).await?;
 
         serve.log.touch();
@@ -346,9 +403,17 @@ impl NixExecutor {
             return Ok(0);
         }
         tracing::info!(drv = %plan.drv_path, missing = missing.len(), of = plan.inputs.len(), "fetching inputs");
-        let infos = transfer::query_infos(link, &missing)
+        let (infos, unsigned) = transfer::query_infos(link, &missing, plan.claim.is_some())
             .await
             .map_err(|e| input_err(e.to_string()))?;
+        if !unsigned.is_empty() {
+            // The owner's claims: imported as they are (the job says whose
+            // they are), noted first so they leave the store with the job.
+            self.claims
+                .record(unsigned)
+                .await
+                .map_err(|e| fail(JobStatus::MiscFailure, e))?;
+        }
         let jobs: Vec<(ValidPathInfo, PathBuf)> = missing
             .iter()
             .map(|p| (infos[p].clone(), scratch.join(p.base_name())))
@@ -426,7 +491,8 @@ async fn upload_output(
             drop(w);
             summary
         };
-        let (sent, dumped) = tokio::join!(transfer::upload(&link, info, r), dump);
+        let job_link = link.for_job(job_id);
+        let (sent, dumped) = tokio::join!(transfer::upload(&job_link, info, r), dump);
         if let Err(e) = sent {
             // A lost session also breaks the dump (its reader is gone): look
             // at the upload first.

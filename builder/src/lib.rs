@@ -15,6 +15,7 @@
 
 #![deny(unreachable_pub)]
 
+mod claims;
 mod config;
 mod error;
 mod executor;

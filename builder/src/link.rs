@@ -7,23 +7,27 @@
 use std::time::Duration;
 
 use farm_common::channel::MAX_MESSAGE_SIZE;
-use farm_proto::auth::SESSION_METADATA;
+use farm_proto::auth::{JOB_METADATA, SESSION_METADATA};
 use farm_proto::v1::builder_service_client::BuilderServiceClient;
 use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// Adds the session token to every data call.
+/// Adds the session token to every data call, and the job it is for (if any).
 #[derive(Clone)]
 pub(crate) struct SessionAuth {
     token: MetadataValue<Ascii>,
+    job: Option<MetadataValue<Ascii>>,
 }
 
 impl tonic::service::Interceptor for SessionAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut()
             .insert(SESSION_METADATA, self.token.clone());
+        if let Some(job) = &self.job {
+            req.metadata_mut().insert(JOB_METADATA, job.clone());
+        }
         Ok(req)
     }
 }
@@ -49,7 +53,7 @@ impl Link {
     ) -> Self {
         Link {
             channel,
-            auth: SessionAuth { token },
+            auth: SessionAuth { token, job: None },
             cache_public_key,
         }
     }
@@ -64,6 +68,17 @@ impl Link {
         BuilderServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    /// This link for the data calls of job `job_id` (`x-farm-job`): the
+    /// coordinator then takes uploads as that job's outputs and, for a claim
+    /// job, lets its fetches see the job's owner's claims.
+    pub(crate) fn for_job(&self, job_id: &str) -> Link {
+        let mut l = self.clone();
+        // Job ids are the coordinator's (`b<n>.<attempt>`): ASCII; any other
+        // id is sent without the header (and so sees signed paths only).
+        l.auth.job = job_id.parse().ok();
+        l
     }
 }
 

@@ -1,7 +1,9 @@
 //! Moving NARs between the cache and the local store, over the coordinator's
 //! data calls: `QueryPathInfos` + `DownloadNar` for inputs (verified: NAR
-//! structure, size and sha256 against the cache's signed info), `UploadNar` for
-//! outputs (streamed as the local Nix dumps them).
+//! structure, size and sha256 against the cache's signed info; a claim job's
+//! inputs may also be its owner's unsigned claims, which the coordinator
+//! serves to that job alone), `UploadNar` for outputs (streamed as the local
+//! Nix dumps them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -35,11 +37,14 @@ pub fn info_from_proto(p: v1::PathInfo) -> Result<ValidPathInfo, BuilderError> {
 }
 
 /// The cache's infos for `paths`; every one must be there and, when the
-/// coordinator named a cache key, carry a valid signature by it.
+/// coordinator named a cache key, carry a valid signature by it, unless
+/// `claim` (a claim job's fetch, on its job's link): then the unsigned ones
+/// are the job owner's claims, returned apart (every one, with no cache key).
 pub(crate) async fn query_infos(
     link: &Link,
     paths: &[StorePath],
-) -> Result<BTreeMap<StorePath, ValidPathInfo>, BuilderError> {
+    claim: bool,
+) -> Result<(BTreeMap<StorePath, ValidPathInfo>, BTreeSet<StorePath>), BuilderError> {
     let key = cache_key(link)?;
     let mut client = link.client();
     let mut out = BTreeMap::new();
@@ -56,12 +61,18 @@ pub(crate) async fn query_infos(
             out.insert(info.path.clone(), info);
         }
     }
+    let mut unsigned = BTreeSet::new();
     for p in paths {
         let Some(info) = out.get(p) else {
             return Err(terr(format!("input {p} is not in the cache")));
         };
-        if let Some(key) = &key
-            && !info.verify_any(std::slice::from_ref(key))
+        let signed = key
+            .as_ref()
+            .is_some_and(|k| info.verify_any(std::slice::from_ref(k)));
+        if claim && !signed {
+            unsigned.insert(p.clone());
+        } else if let Some(key) = &key
+            && !signed
         {
             return Err(terr(format!(
                 "input {p}: no valid signature by the cache key {}",
@@ -69,7 +80,7 @@ pub(crate) async fn query_infos(
             )));
         }
     }
-    Ok(out)
+    Ok((out, unsigned))
 }
 
 fn cache_key(link: &Link) -> Result<Option<VerifyingKey>, BuilderError> {

@@ -55,6 +55,7 @@ fn nb(name: &str, deps: &[String]) -> NewBuild {
         required_features: BTreeSet::new(),
         outputs: BTreeMap::from([("out".to_string(), sp(name))]),
         input_drvs: deps.iter().map(|d| sp(&format!("{d}.drv"))).collect(),
+        claim: None,
     }
 }
 

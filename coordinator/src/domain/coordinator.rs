@@ -804,13 +804,18 @@ impl Coordinator {
             let outputs = self.read_sched(|s| {
                 s.running_job(builder, job_id)
                     .and_then(|id| s.build_record(id))
-                    .map(|b| b.outputs.values().cloned().collect::<Vec<_>>())
+                    .map(|b| {
+                        (
+                            b.claim.clone(),
+                            b.outputs.values().cloned().collect::<Vec<_>>(),
+                        )
+                    })
             });
-            let Some(outputs) = outputs else {
+            let Some((claim, outputs)) = outputs else {
                 tracing::info!(builder, job = %job_id, "result for a job that is not running there; ignored");
                 return;
             };
-            if let Err(e) = self.verify_outputs(&outputs).await {
+            if let Err(e) = self.verify_outputs(claim.as_deref(), &outputs).await {
                 end = JobEnd::Transient(e.to_string());
             }
         }
@@ -842,6 +847,7 @@ mod tests {
             required_features: Default::default(),
             outputs: [("out".to_string(), path(n))].into(),
             input_drvs: deps.iter().map(|d| path(&format!("{d}.drv"))).collect(),
+            claim: None,
         };
         // No builder can take it: it ends at once, unschedulable.
         let g = GraphSubmission {

@@ -30,9 +30,17 @@ pub enum Root {
     /// A build hook's derivation (Nix's `BuildDerivation`): no `.drv` in the
     /// cache, no input derivations; its sources are the whole input closure,
     /// which must be in the cache. Its `.drv` text is rebuilt from it.
+    ///
+    /// `owner`: `None` when the client has the push right (its build is
+    /// signed and shared, as Nix trusts its trusted users); else the client's
+    /// key fingerprint, and then, unless the farm verified the derivation
+    /// (the real `.drv` is in the cache, this is it with its inputs resolved,
+    /// and every input is signed), it is a claim build of that owner
+    /// ([`crate::domain::model::BuildRecord::claim`]).
     Basic {
         drv_path: StorePath,
         drv: BasicDerivation,
+        owner: Option<String>,
     },
 }
 
@@ -195,10 +203,14 @@ impl Coordinator {
                     root_paths.push(d.clone());
                     queue.push(d);
                 }
-                Root::Basic { drv_path, drv } => {
+                Root::Basic {
+                    drv_path,
+                    drv,
+                    owner,
+                } => {
                     root_paths.push(drv_path.clone());
                     seen.insert(drv_path.clone());
-                    match self.basic_build(&drv_path, drv).await? {
+                    match self.basic_build(&drv_path, drv, owner).await? {
                         Ok(b) => builds.push(b),
                         Err(outputs) => {
                             cached.insert(drv_path, outputs);
@@ -231,6 +243,7 @@ impl Coordinator {
                     required_features: rec.required_features.clone(),
                     outputs: rec.outputs.clone(),
                     input_drvs,
+                    claim: None,
                 });
                 continue;
             }
@@ -274,6 +287,7 @@ impl Coordinator {
                 required_features: drv.required_system_features(),
                 outputs,
                 input_drvs,
+                claim: None,
             });
         }
         for b in &mut builds {
@@ -295,11 +309,13 @@ impl Coordinator {
         Ok(sid)
     }
 
-    /// The build of a [`Root::Basic`], or its outputs when the cache has them all.
+    /// The build of a [`Root::Basic`], or its outputs when the cache has them
+    /// all (as its owner sees it, for a claim build).
     async fn basic_build(
         &self,
         drv_path: &StorePath,
         basic: BasicDerivation,
+        owner: Option<String>,
     ) -> Result<Result<NewBuild, BTreeMap<String, StorePath>>, DomainError> {
         let outputs = basic.output_paths();
         if outputs.len() != basic.outputs.len() || outputs.is_empty() {
@@ -307,14 +323,24 @@ impl Coordinator {
                 "{drv_path}: outputs without a known path (floating content-addressed derivations) are not supported"
             )));
         }
-        self.check_basic_against_drv(drv_path, &basic).await?;
+        let verified = self.check_basic_against_drv(drv_path, &basic).await?;
+        let srcs: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
+        let signed_srcs = self.cache().valid_paths(&srcs).await?;
+        // Verified, with a signed input closure: the real `.drv`'s build,
+        // signed and shared whoever asks. Else a client without push gets a
+        // build of its own, whose outputs are its claims.
+        let claim = owner.filter(|_| !(verified && signed_srcs.len() == srcs.len()));
         let out_paths: Vec<StorePath> = outputs.values().cloned().collect();
-        let present = self.cache().valid_paths(&out_paths).await?;
+        let (present, have) = match &claim {
+            None => (self.cache().valid_paths(&out_paths).await?, signed_srcs),
+            Some(o) => (
+                self.cache().valid_paths_for(o, &out_paths).await?,
+                self.cache().valid_paths_for(o, &srcs).await?,
+            ),
+        };
         if present.len() == out_paths.len() {
             return Ok(Err(outputs));
         }
-        let srcs: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
-        let have = self.cache().valid_paths(&srcs).await?;
         if let Some(missing) = srcs.iter().find(|s| !have.contains(*s)) {
             return Err(DomainError::Invalid(format!(
                 "input '{missing}' of '{drv_path}' is not in the farm's store; copy it first"
@@ -336,6 +362,7 @@ impl Coordinator {
             required_features: basic.required_system_features(),
             outputs,
             input_drvs: Vec::new(),
+            claim,
         }))
     }
 
@@ -345,18 +372,19 @@ impl Coordinator {
     /// outputs, as Nix's hook sends it (with the inputs' closure as its input
     /// sources): otherwise a client could have the
     /// farm build (and share, and sign) other content under a real `.drv`'s
-    /// name and output paths.
+    /// name and output paths. Whether it was checked so (`false`: the cache
+    /// lacks the `.drv`, the derivation is unverified).
     async fn check_basic_against_drv(
         &self,
         drv_path: &StorePath,
         basic: &BasicDerivation,
-    ) -> Result<(), DomainError> {
+    ) -> Result<bool, DomainError> {
         let have = self
             .cache()
             .valid_paths(std::slice::from_ref(drv_path))
             .await?;
         if have.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let (_, drv) = self.parsed_drv(drv_path).await?;
         let mut outputs: BTreeMap<StorePath, BTreeMap<String, StorePath>> = BTreeMap::new();
@@ -391,7 +419,7 @@ impl Coordinator {
                 "the derivation sent for {drv_path} is not {drv_path} as the farm's cache holds it (with its inputs resolved); refusing to build it under that name"
             )));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The output paths of an input derivation: from the scheduler, else from its `.drv`.
@@ -412,8 +440,10 @@ impl Coordinator {
         let rec = self
             .build_view(build)
             .ok_or_else(|| DomainError::NotFound(format!("unknown build b{build}")))?;
+        // A claim build sees its owner's claims too (inputs and outputs alike).
+        let owner = rec.claim.as_deref();
         let outs: Vec<StorePath> = rec.outputs.values().cloned().collect();
-        let present = self.cache().valid_paths(&outs).await?;
+        let present = self.valid_paths_as(owner, &outs).await?;
         if !outs.is_empty() && present.len() == outs.len() {
             return Ok(Prepared::Cached);
         }
@@ -429,7 +459,10 @@ impl Coordinator {
                 wanted.push(p.clone());
             }
         }
-        let closure = self.cache().closure(&wanted).await?;
+        let closure = match owner {
+            None => self.cache().closure(&wanted).await?,
+            Some(o) => self.cache().closure_for(o, &wanted).await?,
+        };
         if let Some(missing) = wanted.iter().find(|p| !closure.contains(*p)) {
             return Err(DomainError::Invalid(format!(
                 "input {missing} of {} is not in the farm's cache",
@@ -438,19 +471,36 @@ impl Coordinator {
         }
         let mut infos = BTreeMap::new();
         for p in &closure {
-            let info = self
-                .cache()
-                .path_info(p)
-                .await?
-                .ok_or_else(|| DomainError::Corrupt(format!("{p} vanished from the cache")))?;
+            let info = match owner {
+                None => self.cache().path_info(p).await?,
+                Some(o) => self.cache().path_info_for(o, p).await?,
+            }
+            .ok_or_else(|| DomainError::Corrupt(format!("{p} vanished from the cache")))?;
             infos.insert(p.clone(), (info.references, info.nar_size));
         }
         Ok(Prepared::Ready(dependency_order(&infos)))
     }
 
-    /// Whether every output is in the cache now.
-    pub(crate) async fn verify_outputs(&self, outputs: &[StorePath]) -> Result<(), DomainError> {
-        let present = self.cache().valid_paths(outputs).await?;
+    /// Which of `paths` the cache holds as `owner` sees it (`None`: signed only).
+    async fn valid_paths_as(
+        &self,
+        owner: Option<&str>,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, DomainError> {
+        Ok(match owner {
+            None => self.cache().valid_paths(paths).await?,
+            Some(o) => self.cache().valid_paths_for(o, paths).await?,
+        })
+    }
+
+    /// Whether every output is in the cache now: signed, or for a claim
+    /// build (`owner`), as its owner sees it.
+    pub(crate) async fn verify_outputs(
+        &self,
+        owner: Option<&str>,
+        outputs: &[StorePath],
+    ) -> Result<(), DomainError> {
+        let present = self.valid_paths_as(owner, outputs).await?;
         match outputs.iter().find(|o| !present.contains(*o)) {
             None => Ok(()),
             Some(missing) => Err(DomainError::Invalid(format!(
@@ -465,6 +515,12 @@ impl Coordinator {
         let Some(rec) = self.build_view(build) else {
             return false;
         };
+        if rec.claim.is_some() {
+            // The cache's logs are everyone's (served over HTTP by derivation
+            // path): a claim build's log must not replace the real `.drv`'s.
+            // Its owner followed it live.
+            return false;
+        }
         let limit = self.cache().config().max_log_size as usize;
         let data = if data.len() > limit {
             data[data.len() - limit..].to_vec()

@@ -105,6 +105,13 @@ pub struct BuildRecord {
     /// or `local`) of every submission that included it.
     #[serde(default)]
     pub requested_by: BTreeSet<String>,
+    /// `Some(owner)`: a build-hook derivation the farm could not verify,
+    /// asked for by a client without the push right (`owner` is its key's
+    /// fingerprint). Built for that client alone: never shared with another
+    /// build, its inputs may be the owner's claims, and its outputs become
+    /// the owner's claims (never signed, never served to anyone else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
 }
 
 /// A set of derivations somebody asked for, as persisted.
@@ -149,6 +156,8 @@ pub struct BuildView {
     pub builder: Option<String>,
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
+    /// [`BuildRecord::claim`].
+    pub claim: Option<String>,
 }
 
 impl From<&BuildRecord> for BuildView {
@@ -167,6 +176,7 @@ impl From<&BuildRecord> for BuildView {
             builder: r.builder.clone(),
             started_ms: r.started_ms,
             finished_ms: r.finished_ms,
+            claim: r.claim.clone(),
         }
     }
 }
@@ -360,6 +370,9 @@ pub struct Assignment {
     pub input_paths: Vec<Arc<StorePath>>,
     pub max_silent_time_secs: u64,
     pub build_timeout_secs: u64,
+    /// [`BuildRecord::claim`]: the builder fetches the owner's claims among
+    /// the inputs and keeps the job apart from signed ones.
+    pub claim: Option<String>,
 }
 
 /// What the scheduler wants done outside itself.

@@ -988,6 +988,7 @@ mod tests {
             started_ms: None,
             finished_ms: None,
             requested_by: Default::default(),
+            claim: None,
         }
     }
 

@@ -1,7 +1,10 @@
 //! [`BuildBackend`] on the coordinator's scheduler: a build hook's
 //! `BasicDerivation` becomes a one-derivation submission (its `.drv` text is
 //! rebuilt from it, with no input derivations and the whole input closure as
-//! sources, which is what a builder needs); a derivation graph goes through
+//! sources, which is what a builder needs; from a client without push, unless
+//! the farm verified it, it is that client's claim build: see `Root::Basic`;
+//! its outputs come back to it through its own view of the store,
+//! [`super::store::FarmStore::for_client`]); a derivation graph goes through
 //! [`Coordinator::submit`]. Then the submission is followed: each build that
 //! runs gets its live log streamed (or the stored one, if it was over before
 //! we looked), and each ends with a [`BuildOutcome`].
@@ -54,9 +57,14 @@ impl BuildBackend for FarmBuilds {
         let this = self.clone();
         Box::pin(async move {
             let outputs = drv.output_paths();
+            // A client without push gets its unverified derivations built
+            // as its own claims (see `Root::Basic`).
+            let owner =
+                (client.level < crate::access::Level::Push).then(|| client.fingerprint.clone());
             let root = Root::Basic {
                 drv_path: drv_path.clone(),
                 drv,
+                owner,
             };
             let sid = this
                 .coord

@@ -29,6 +29,10 @@
 
 /// Metadata key carrying the builder's session token on data calls.
 pub const SESSION_METADATA: &str = "x-farm-session";
+/// Metadata key naming the job a builder's data call is for: its fetches then
+/// see what that job may use (a claim job's owner's claims too), and its
+/// uploads are published as that job's outputs.
+pub const JOB_METADATA: &str = "x-farm-job";
 /// Metadata key carrying the CLI user's OpenSSH public key line.
 pub const CLI_KEY_METADATA: &str = "x-farm-key";
 /// Metadata key carrying the CLI call's unix time in seconds.

@@ -71,6 +71,33 @@ pub(crate) struct BuilderSvc {
 }
 
 impl BuilderSvc {
+    /// The job a data call names (`x-farm-job`), if it names one: it must be
+    /// running on `builder`. Returns the job's id and, for a claim job, its
+    /// owner (whose claims the call may see).
+    pub(crate) fn job_of<T>(
+        &self,
+        req: &Request<T>,
+        builder: &str,
+    ) -> Result<Option<(String, Option<String>)>, Status> {
+        let Some(v) = req.metadata().get(farm_proto::auth::JOB_METADATA) else {
+            return Ok(None);
+        };
+        let job = v
+            .to_str()
+            .map_err(|_| Status::invalid_argument("x-farm-job is not a job id"))?;
+        let claim = self.coord.read_sched(|s| {
+            s.running_job(builder, job)
+                .and_then(|id| s.build_record(id))
+                .map(|b| b.claim.clone())
+        });
+        match claim {
+            Some(claim) => Ok(Some((job.to_owned(), claim))),
+            None => Err(Status::permission_denied(format!(
+                "job {job} is not running on builder {builder}"
+            ))),
+        }
+    }
+
     /// The builder a data call's session token belongs to.
     pub(crate) fn session_of<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let token = req
@@ -205,8 +232,10 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         &self,
         request: Request<v1::DownloadNarRequest>,
     ) -> Result<Response<Self::DownloadNarStream>, Status> {
-        self.session_of(&request)?;
-        crate::api::grpc::data::download_nar(&self.coord, request.into_inner()).await
+        let builder = self.session_of(&request)?;
+        let owner = self.job_of(&request, &builder)?.and_then(|(_, o)| o);
+        crate::api::grpc::data::download_nar(&self.coord, owner.as_deref(), request.into_inner())
+            .await
     }
 
     async fn upload_nar(
@@ -214,10 +243,14 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         request: Request<Streaming<v1::UploadNarRequest>>,
     ) -> Result<Response<v1::UploadNarResponse>, Status> {
         let builder = self.session_of(&request)?;
-        tracing::debug!(%builder, "builder upload");
+        let job = self.job_of(&request, &builder)?.map(|(j, _)| j);
+        tracing::debug!(%builder, job = job.as_deref().unwrap_or(""), "builder upload");
         crate::api::grpc::data::upload_nar(
             &self.coord,
-            crate::api::grpc::data::Uploader::Builder(&builder),
+            crate::api::grpc::data::Uploader::Builder {
+                builder: &builder,
+                job: job.as_deref(),
+            },
             request.into_inner(),
         )
         .await
@@ -227,8 +260,14 @@ impl v1::builder_service_server::BuilderService for BuilderSvc {
         &self,
         request: Request<v1::QueryPathInfosRequest>,
     ) -> Result<Response<v1::QueryPathInfosResponse>, Status> {
-        self.session_of(&request)?;
-        crate::api::grpc::data::query_path_infos(&self.coord, request.into_inner()).await
+        let builder = self.session_of(&request)?;
+        let owner = self.job_of(&request, &builder)?.and_then(|(_, o)| o);
+        crate::api::grpc::data::query_path_infos(
+            &self.coord,
+            owner.as_deref(),
+            request.into_inner(),
+        )
+        .await
     }
 }
 

@@ -131,6 +131,7 @@ pub(crate) fn command_message(
             input_paths: job.input_paths.iter().map(|p| p.to_string()).collect(),
             max_silent_time_secs: job.max_silent_time_secs,
             build_timeout_secs: job.build_timeout_secs,
+            claim_owner: job.claim.unwrap_or_default(),
         }),
         BuilderCommand::Cancel { job_id } => Down::Cancel(v1::CancelJob { job_id }),
         BuilderCommand::Drain { draining } => Down::Drain(v1::Drain { draining }),
@@ -318,6 +319,7 @@ mod tests {
                 .collect(),
             max_silent_time_secs: 0,
             build_timeout_secs: 0,
+            claim: None,
         };
         let Err(LinkError::TooLarge { len, .. }) =
             command_message(BuilderCommand::Job(job.clone()), 4096)

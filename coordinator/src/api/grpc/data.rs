@@ -7,7 +7,8 @@
 //! nothing unless they match.
 //!
 //! Who may upload what (see [`Uploader`]): a builder only the declared outputs
-//! of the jobs assigned to it now, published signed; a client with the push
+//! of the jobs assigned to it now, published signed (a claim job's as its
+//! owner's claims); a client with the push
 //! right any path, signed; any other authorized client any path too, but as its
 //! own unsigned claim (see [`crate::cache::Trust`]). The cache still verifies
 //! every NAR against its claim.
@@ -31,16 +32,19 @@ const MAX_QUERY: usize = 100_000;
 /// Longest wait for the next chunk of an upload.
 pub(crate) const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The NAR of a path the cache holds: a signed one, or (`owner`: for a claim
+/// job's builder) also that owner's claim.
 pub(crate) async fn download_nar(
     coord: &Coordinator,
+    owner: Option<&str>,
     req: v1::DownloadNarRequest,
 ) -> Result<Response<BoxStream<v1::NarChunk>>, Status> {
     let path = farm_proto::convert::parse_store_path("store_path", &req.store_path)?;
-    let reader = coord
-        .cache()
-        .nar_reader(&path)
-        .await?
-        .ok_or_else(|| Status::not_found(format!("{path} is not in the cache")))?;
+    let reader = match owner {
+        None => coord.cache().nar_reader(&path).await?,
+        Some(o) => coord.cache().nar_reader_for(o, &path).await?,
+    }
+    .ok_or_else(|| Status::not_found(format!("{path} is not in the cache")))?;
     let reader = coord
         .cache()
         .metrics()
@@ -58,9 +62,13 @@ pub(crate) async fn download_nar(
 }
 
 /// Who is uploading: builders may publish only outputs of their running jobs
-/// (signed); clients (CLI, Nix) with the trust their key level gives.
+/// (of the job named, when it is: signed, or a claim job's owner's claims);
+/// clients (CLI, Nix) with the trust their key level gives.
 pub(crate) enum Uploader<'a> {
-    Builder(&'a str),
+    Builder {
+        builder: &'a str,
+        job: Option<&'a str>,
+    },
     Client(crate::cache::Trust),
 }
 
@@ -84,14 +92,18 @@ pub(crate) async fn upload_nar(
     let claimed = ValidPathInfo::try_from(info)?;
     let path = claimed.path.clone();
     let trust = match uploader {
-        Uploader::Builder(builder) => {
-            if !coord.read_sched(|s| s.is_expected_output(builder, &path)) {
-                tracing::warn!(%builder, %path, "refused upload: not an output of a job running on this builder");
-                return Err(Status::permission_denied(format!(
-                    "{path} is not an output of a job running on builder {builder}; builders may upload only their jobs' outputs"
-                )));
+        Uploader::Builder { builder, job } => {
+            match coord.read_sched(|s| s.output_upload(builder, job, &path)) {
+                Some(None) => crate::cache::Trust::Signed,
+                // A claim job's output: its owner's, never signed.
+                Some(Some(owner)) => crate::cache::Trust::Claim { owner },
+                None => {
+                    tracing::warn!(%builder, %path, "refused upload: not an output of a job running on this builder");
+                    return Err(Status::permission_denied(format!(
+                        "{path} is not an output of a job running on builder {builder}; builders may upload only their jobs' outputs"
+                    )));
+                }
             }
-            crate::cache::Trust::Signed
         }
         Uploader::Client(trust) => trust,
     };
@@ -138,14 +150,21 @@ where
     tokio_util::io::StreamReader::new(Box::pin(data))
 }
 
+/// The infos of the paths the cache holds (as `owner` sees it, when given:
+/// a claim's info is unsigned).
 pub(crate) async fn query_path_infos(
     coord: &Coordinator,
+    owner: Option<&str>,
     req: v1::QueryPathInfosRequest,
 ) -> Result<Response<v1::QueryPathInfosResponse>, Status> {
     let paths = parse_store_paths("store_paths", &req.store_paths, MAX_QUERY)?;
     let mut infos = Vec::new();
     for p in &paths {
-        if let Some(info) = coord.cache().path_info(p).await? {
+        let info = match owner {
+            None => coord.cache().path_info(p).await?,
+            Some(o) => coord.cache().path_info_for(o, p).await?,
+        };
+        if let Some(info) = info {
             infos.push(v1::PathInfo::from(&info));
         }
     }

@@ -325,7 +325,7 @@ impl v1::farm_service_server::FarmService for FarmSvc {
     ) -> Result<Response<Self::DownloadNarStream>, Status> {
         self.authorize(&request, methods::DOWNLOAD_NAR, Level::Read)
             .await?;
-        crate::api::grpc::data::download_nar(&self.coord, request.into_inner()).await
+        crate::api::grpc::data::download_nar(&self.coord, None, request.into_inner()).await
     }
 
     async fn machines(

@@ -81,6 +81,7 @@ impl Farm {
                 required_features: Default::default(),
                 outputs: [("out".to_string(), path(n))].into(),
                 input_drvs: Vec::new(),
+                claim: None,
             })
             .collect();
         let drvs: Vec<StorePath> = builds.iter().map(|b| b.drv_path.clone()).collect();

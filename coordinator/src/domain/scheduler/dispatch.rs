@@ -367,6 +367,7 @@ impl Scheduler {
             input_paths: inputs.clone(),
             max_silent_time_secs: b.rec.max_silent_time_secs,
             build_timeout_secs: b.rec.build_timeout_secs,
+            claim: b.rec.claim.clone(),
         };
         let drv = b.rec.drv_path.clone();
         self.set_state(
@@ -420,15 +421,54 @@ impl Scheduler {
     /// paths a builder may upload (anything else it could publish, signed by the
     /// farm, would later be taken as a cached build result).
     pub fn is_expected_output(&self, builder: &str, path: &StorePath) -> bool {
-        let Some(e) = self.builders.get(builder) else {
-            return false;
-        };
-        e.running.iter().any(|id| {
-            self.builds.get(id).is_some_and(|b| {
-                matches!(&b.rec.state, BuildState::Running { builder: on, .. } if on == builder)
-                    && b.rec.outputs.values().any(|o| o == path)
-            })
-        })
+        self.output_upload(builder, None, path).is_some()
+    }
+
+    /// Whose an upload of `path` by `builder` is, when it is an output of a
+    /// job running there (of job `job` when the builder names it):
+    /// `Some(None)` published signed, `Some(Some(owner))` that owner's claim
+    /// (an output of a claim job), `None` refused. Without a job named, any
+    /// claim job's output is a claim (an upload is never signed on the
+    /// strength of a guess), and one claimed by two owners is refused.
+    pub fn output_upload(
+        &self,
+        builder: &str,
+        job: Option<&str>,
+        path: &StorePath,
+    ) -> Option<Option<String>> {
+        let e = self.builders.get(builder)?;
+        let mut signed = false;
+        let mut owners: BTreeSet<&String> = BTreeSet::new();
+        for id in &e.running {
+            let Some(b) = self.builds.get(id) else {
+                continue;
+            };
+            let BuildState::Running {
+                builder: on,
+                job_id,
+                ..
+            } = &b.rec.state
+            else {
+                continue;
+            };
+            if on != builder
+                || job.is_some_and(|j| j != job_id)
+                || !b.rec.outputs.values().any(|o| o == path)
+            {
+                continue;
+            }
+            match &b.rec.claim {
+                None => signed = true,
+                Some(o) => {
+                    owners.insert(o);
+                }
+            }
+        }
+        match owners.len() {
+            0 if signed => Some(None),
+            1 => owners.pop_first().map(|o| Some(o.clone())),
+            _ => None,
+        }
     }
 
     /// A builder reported how a job ended (a `Built` already checked against the cache).

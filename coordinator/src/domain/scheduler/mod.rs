@@ -16,7 +16,9 @@
 //!   work waiting on the build, then age; a dispatch looks at each class's head
 //!   and at the builders indexed under its system only;
 //! - among capable builders with a free slot the lowest [`select::score`] wins;
-//! - a derivation is built once however many submissions ask for it;
+//! - a derivation is built once however many submissions ask for it,
+//!   except a claim build ([`BuildRecord::claim`]: a client's unverified
+//!   build-hook derivation), which is that client's alone and shares nothing;
 //! - a builder that vanishes keeps its jobs for a grace period, then they are
 //!   requeued (each time counts as a retry; past the limit the build fails);
 //! - work no builder can take fails at once with a message naming what is
@@ -241,7 +243,10 @@ impl Scheduler {
             );
         }
         for rec in loaded.builds {
-            s.by_drv.insert(rec.drv_path.clone(), rec.id);
+            // A claim build is nobody else's to share.
+            if rec.claim.is_none() {
+                s.by_drv.insert(rec.drv_path.clone(), rec.id);
+            }
             s.builds.insert(rec.id, Build::new(rec));
         }
         for sub in loaded.submissions {

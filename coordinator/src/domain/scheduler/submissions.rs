@@ -15,6 +15,9 @@ pub struct NewBuild {
     /// Input derivations that are not in the cache (each one is in the graph too,
     /// or already known to the scheduler).
     pub input_drvs: Vec<StorePath>,
+    /// [`BuildRecord::claim`]: such a build is never shared, in either
+    /// direction (it stays out of the derivation index).
+    pub claim: Option<String>,
 }
 
 /// A submitted derivation graph, cached parts already removed.
@@ -48,7 +51,13 @@ impl PlanQuery {
             outside.extend(nb.input_drvs.iter().filter(|i| !members.contains(i)));
         }
         PlanQuery {
-            members: g.builds.iter().map(|b| b.drv_path.clone()).collect(),
+            // A claim build shares nothing: it is not asked about.
+            members: g
+                .builds
+                .iter()
+                .filter(|b| b.claim.is_none())
+                .map(|b| b.drv_path.clone())
+                .collect(),
             outside: outside.into_iter().cloned().collect(),
         }
     }
@@ -89,6 +98,14 @@ impl Member {
         match self {
             Member::Shared { nb, .. } => &nb.drv_path,
             Member::Fresh { build, .. } => &build.rec.drv_path,
+        }
+    }
+
+    /// Whether it is a claim build (shared with nothing, not indexed).
+    fn is_claim(&self) -> bool {
+        match self {
+            Member::Shared { nb, .. } => nb.claim.is_some(),
+            Member::Fresh { build, .. } => build.rec.claim.is_some(),
         }
     }
 }
@@ -295,7 +312,10 @@ impl Scheduler {
                 continue;
             }
             let spare = next_id()?;
-            let existing = plan.existing.get(&nb.drv_path).copied();
+            let existing = match nb.claim {
+                None => plan.existing.get(&nb.drv_path).copied(),
+                Some(_) => None,
+            };
             ids.insert(nb.drv_path.clone(), existing.unwrap_or(spare));
             planned.push((nb, spare, existing));
         }
@@ -354,6 +374,7 @@ impl Scheduler {
                 started_ms: None,
                 finished_ms: None,
                 requested_by: g.client.iter().cloned().collect(),
+                claim: nb.claim,
             };
             members.push(Member::Fresh {
                 build: Box::new(Build::new(rec)),
@@ -366,8 +387,10 @@ impl Scheduler {
         let keys: Vec<(StorePath, BuildId)> = members
             .iter()
             .filter_map(|m| match m {
-                Member::Fresh { build, .. } => Some((build.rec.drv_path.clone(), build.rec.id)),
-                Member::Shared { .. } => None,
+                Member::Fresh { build, .. } if build.rec.claim.is_none() => {
+                    Some((build.rec.drv_path.clone(), build.rec.id))
+                }
+                Member::Fresh { .. } | Member::Shared { .. } => None,
             })
             .collect();
         let notices = members
@@ -436,8 +459,17 @@ impl Scheduler {
             ..
         } = p.record;
         // What each member shares now, and whether that is still the plan.
-        let now_shared: Vec<Option<BuildId>> =
-            p.members.iter().map(|m| self.shareable(m.drv())).collect();
+        let now_shared: Vec<Option<BuildId>> = p
+            .members
+            .iter()
+            .map(|m| {
+                if m.is_claim() {
+                    None
+                } else {
+                    self.shareable(m.drv())
+                }
+            })
+            .collect();
         let mut drift = p.members.iter().zip(&now_shared).any(|(m, s)| match m {
             Member::Shared { planned, .. } => *s != Some(*planned),
             Member::Fresh { .. } => s.is_some(),
@@ -488,8 +520,11 @@ impl Scheduler {
                         started_ms: None,
                         finished_ms: None,
                         requested_by: client.iter().cloned().collect(),
+                        claim: nb.claim.clone(),
                     };
-                    self.by_drv.insert(nb.drv_path.clone(), spare);
+                    if nb.claim.is_none() {
+                        self.by_drv.insert(nb.drv_path.clone(), spare);
+                    }
                     self.builds.insert(spare, Build::new(rec));
                     ids.insert(nb.drv_path, spare);
                     fresh.push(spare);
@@ -517,7 +552,7 @@ impl Scheduler {
                     None,
                 ) => {
                     let own = build.rec.id;
-                    if drift {
+                    if drift && build.rec.claim.is_none() {
                         self.by_drv.insert(build.rec.drv_path.clone(), own);
                     }
                     self.builds.insert(own, *build);

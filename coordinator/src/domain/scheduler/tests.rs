@@ -53,6 +53,7 @@ pub(crate) fn nb(name: &str, system: &str, features: &[&str], deps: &[&str]) -> 
         required_features: features.iter().map(|s| s.to_string()).collect(),
         outputs: BTreeMap::from([("out".to_string(), sp(name))]),
         input_drvs: deps.iter().map(|d| drv(d)).collect(),
+        claim: None,
     }
 }
 
@@ -1150,4 +1151,76 @@ fn what_must_persist_comes_back_as_writes() {
     s.take_writes();
     assert_eq!(s.forget_builders(100, 10), ["b".to_string()]);
     assert_eq!(s.take_writes(), [Write::ForgetBuilder("b".into())]);
+}
+
+/// A claim build (a client's unverified hook derivation) shares nothing:
+/// not with an honest build of the same `.drv` path submitted after it, nor
+/// with another claim, nor the other way round; its job says whose it is, and
+/// its outputs are uploaded as that owner's claims, the honest job's signed.
+#[test]
+fn claim_builds_are_never_shared_and_their_outputs_are_claims() {
+    let mut s = sched();
+    s.builder_connected(
+        "b1",
+        "k1",
+        caps(&["x86_64-linux"], &[], &[], 4, 1.0),
+        &[],
+        0,
+    );
+    let claim = |owner: &str| NewBuild {
+        claim: Some(owner.to_owned()),
+        ..nb("x", "x86_64-linux", &[], &[])
+    };
+    // The attacker goes first, under the honest `.drv`'s path and outputs.
+    s.submit_test(graph(vec![claim("mallory")], &["x"]), 0)
+        .unwrap();
+    assert_eq!(s.build_of_drv(&drv("x")), None, "a claim build is indexed");
+    let jobs = settle(&mut s, 0);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].claim.as_deref(), Some("mallory"));
+    let rec = s.build_record(jobs[0].build).unwrap().clone();
+    assert_eq!(rec.claim.as_deref(), Some("mallory"));
+    // The honest client, then a second claimant: a build each.
+    s.submit_test(graph(vec![nb("x", "x86_64-linux", &[], &[])], &["x"]), 1)
+        .unwrap();
+    s.submit_test(graph(vec![claim("trudy")], &["x"]), 2)
+        .unwrap();
+    let more = settle(&mut s, 2);
+    assert_eq!(more.len(), 2, "{more:?}");
+    let honest = more.iter().find(|j| j.claim.is_none()).expect("honest job");
+    let trudy = more
+        .iter()
+        .find(|j| j.claim.is_some())
+        .expect("trudy's job");
+    assert_eq!(s.build_of_drv(&drv("x")), Some(honest.build));
+    let out = sp("x");
+    // Named by job: exactly that job's trust.
+    assert_eq!(
+        s.output_upload("b1", Some(&jobs[0].job_id), &out),
+        Some(Some("mallory".into()))
+    );
+    assert_eq!(
+        s.output_upload("b1", Some(&honest.job_id), &out),
+        Some(None)
+    );
+    assert_eq!(
+        s.output_upload("b1", Some(&trudy.job_id), &out),
+        Some(Some("trudy".into()))
+    );
+    assert_eq!(s.output_upload("b2", Some(&honest.job_id), &out), None);
+    assert_eq!(s.output_upload("b1", Some(&honest.job_id), &sp("y")), None);
+    // Unnamed: never signed while a claim job has it; two owners: refused.
+    assert_eq!(s.output_upload("b1", None, &out), None);
+    s.job_ended("b1", &trudy.job_id, JobEnd::Built, 3);
+    assert_eq!(
+        s.output_upload("b1", None, &out),
+        Some(Some("mallory".into()))
+    );
+    s.job_ended("b1", &jobs[0].job_id, JobEnd::Built, 4);
+    assert_eq!(s.output_upload("b1", None, &out), Some(None));
+    assert!(s.is_expected_output("b1", &out));
+    // Its record keeps whose it is through the state's encoding.
+    let json = serde_json::to_string(&rec).unwrap();
+    let back: BuildRecord = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, rec);
 }
