@@ -77,10 +77,13 @@ impl ClientKey {
 }
 
 /// Client keys authorized on a coordinator: `keys` in its `--authorized-keys`
-/// file, `admin_keys` in its `--admin-keys` file (when there are any).
+/// file (`--push-keys` when made by [`SshAccess::pushing`]), `admin_keys` in
+/// its `--admin-keys` file (when there are any).
 #[derive(Debug)]
 pub struct SshAccess {
     dir: tempfile::TempDir,
+    /// The flag that authorizes `keys`.
+    keys_flag: &'static str,
     /// One private key per client (read access).
     pub keys: Vec<PathBuf>,
     /// Admin keys (may drain and cancel).
@@ -93,6 +96,14 @@ impl SshAccess {
         let names: Vec<String> = (0..n).map(|i| format!("client{i}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         SshAccess::named(&names, &[])
+    }
+
+    /// As [`SshAccess::new`], the keys with the push right (`--push-keys`):
+    /// their hook builds are signed and shared, as a trusted host's.
+    pub fn pushing(n: usize) -> anyhow::Result<SshAccess> {
+        let mut a = SshAccess::new(n)?;
+        a.keys_flag = "--push-keys";
+        Ok(a)
     }
 
     /// Keys named `users` (authorized) and `admins` (in `--admin-keys`).
@@ -116,6 +127,7 @@ impl SshAccess {
         let admin_keys = make(admins, "admin_keys")?;
         Ok(SshAccess {
             dir,
+            keys_flag: "--authorized-keys",
             keys,
             admin_keys,
         })
@@ -132,7 +144,7 @@ impl SshAccess {
     pub fn coordinator_args(&self) -> Vec<String> {
         let mut args = Vec::new();
         for (flag, file, keys) in [
-            ("--authorized-keys", "authorized_keys", &self.keys),
+            (self.keys_flag, "authorized_keys", &self.keys),
             ("--admin-keys", "admin_keys", &self.admin_keys),
         ] {
             if !keys.is_empty() {

@@ -7,7 +7,9 @@
 //!
 //! OpenSSH finds `~/.ssh` through the password database, not `HOME`, so the
 //! client's builds run with its home bind-mounted on root's home inside its
-//! own mount namespace (the host's is never touched).
+//! own mount namespace (the host's is never touched). The client's
+//! `~/.ssh/id_ed25519` is the farm's push key: a host whose hook builds fill
+//! the cache (a build key's hook builds are its own claims, see `attack_hook`).
 
 use std::process::Command;
 
@@ -28,6 +30,10 @@ fn the_printed_machines_line_builds_through_the_farm() -> anyhow::Result<()> {
 }
 
 fn run(farm: &mut Farm) -> anyhow::Result<()> {
+    let pusher = farm.own_ssh()?.admin_keys[0].clone();
+    let home_key = farm.client_key()?.to_path_buf();
+    std::fs::copy(&pusher, &home_key)?;
+    std::fs::copy(pusher.with_extension("pub"), home_key.with_extension("pub"))?;
     for (protocol, salt) in [(None, "machines-ng"), (Some("ssh"), "machines-ssh")] {
         let (line, ssh_config) = farm_machines(farm, protocol)?;
         eprintln!("farm machines {protocol:?}:\n{line}\n{ssh_config}");

@@ -6,7 +6,10 @@
 //! more with a neighbour (on another path). Checked: every client succeeds,
 //! every derivation — shared ones above all — was built exactly once (the
 //! witness file the builds append to, independent of the farm's own word),
-//! each client got its result, and nothing is left running or queued.
+//! each client got its result, and nothing is left running or queued. The
+//! clients' keys have the push right: hook builds are shared and fill the
+//! cache only for such hosts (a build key's are its own claims, see
+//! `attack_hook`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,7 +42,7 @@ fn builders() -> Vec<BuilderSpec<'static>> {
 }
 
 fn run(logs: &TestLogs) -> anyhow::Result<()> {
-    let ssh = SshAccess::new(CLIENTS)?;
+    let ssh = SshAccess::pushing(CLIENTS)?;
     let farm = Farm::setup(logs)
         .builders(&builders())
         .access(&ssh)

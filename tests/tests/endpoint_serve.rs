@@ -2,7 +2,9 @@
 //! --write` over the coordinator's own SSH server), end to end with a real
 //! Nix 2.8 client that may not build anything itself (`--max-jobs 0`): a
 //! layered graph of 25 derivations is built on the farm's two builders and
-//! comes back right; every output is in the farm's cache; a failing build
+//! comes back right; every output is in the farm's cache (the client logs in
+//! with a push key: a build key's hook builds are its own claims, see
+//! `attack_hook`); a failing build
 //! shows the farm's log; an `aarch64-darwin` derivation runs on the builder
 //! that has that platform.
 
@@ -30,8 +32,8 @@ fn run(farm: &mut Farm) -> anyhow::Result<()> {
         .client
         .write_file("graph.nix", &layered_graph_nix(salt, WIDTH, DEPTH))?;
 
-    // The graph, built remotely only.
-    let mut cmd = farm.client_command("nix-build")?;
+    // The graph, built remotely only, by a host whose hook builds fill the cache.
+    let mut cmd = farm.pusher_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh"))
         .arg(&expr);

@@ -40,13 +40,15 @@ fn run(farm: &mut Farm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `nix-build --max-jobs 0 --builders 'ssh-ng://…'`.
+/// `nix-build --max-jobs 0 --builders 'ssh-ng://…'`, by a host with a push
+/// key (its hook builds fill the cache; a build key's are its own claims,
+/// see `attack_hook`).
 fn build_hook(farm: &mut Farm) -> anyhow::Result<()> {
     let salt = "worker-hook";
     let expr = farm
         .client
         .write_file("hook.nix", &layered_graph_nix(salt, WIDTH, DEPTH))?;
-    let mut cmd = farm.client_command("nix-build")?;
+    let mut cmd = farm.pusher_command("nix-build")?;
     cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
         .arg(farm.machines("ssh-ng"))
         .arg(&expr);
