@@ -3,7 +3,7 @@
 //! | level | key file            | may                                                          |
 //! |-------|---------------------|--------------------------------------------------------------|
 //! | read  | `--read-keys`       | status, logs, watch, machines; query and fetch from the cache |
-//! | build | `--authorized-keys` | also submit `.drv` builds and build-hook builds; upload inputs as its own unsigned claims |
+//! | build | `--authorized-keys` | also submit `.drv` builds and build-hook builds (unverified ones as its own claim builds); upload inputs as its own unsigned claims |
 //! | push  | `--push-keys`       | also uploads the farm signs, and signed hook-build outputs   |
 //! | admin | `--admin-keys`      | also drain, cancel; includes push                             |
 //!

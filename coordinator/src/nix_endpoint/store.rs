@@ -7,7 +7,8 @@
 //! Each session sees the store as its client does ([`FarmStore::for_client`]):
 //! a client with the push right uploads signed paths and sees the signed ones;
 //! any other client's unverified uploads are its own claims, which only its
-//! own queries see (so `nix copy` does not send them again every time).
+//! own queries see (so `nix copy` does not send them again every time), and so
+//! are the outputs of its claim builds, which its build hook copies back.
 
 use std::collections::BTreeSet;
 
