@@ -162,6 +162,7 @@ impl Policy for FarmPolicy {
                 required_features: BTreeSet::new(),
                 outputs: BTreeMap::from([("out".to_string(), outs[i].clone())]),
                 input_drvs: t.deps.iter().map(|&d| drvs[d].clone()).collect(),
+                claim: None,
             })
             .collect();
         self.inputs = g

@@ -233,6 +233,7 @@ pub fn decision_rate(queued: usize, builders: usize, slots: u32, steady: usize) 
             required_features: BTreeSet::new(),
             outputs: BTreeMap::from([("out".to_string(), sim_path(&format!("q{i}")))]),
             input_drvs: Vec::new(),
+            claim: None,
         })
         .collect();
     let mut next = 0u64;
