@@ -91,9 +91,13 @@ impl Endpoint {
         client: ClientIdentity,
         io: SessionIo,
     ) -> u32 {
+        // stdout stays open until a failure's line is on stderr: Nix's
+        // legacy ssh:// client kills its ssh as soon as stdout ends, so a
+        // line sent after stdout's EOF is lost (it then reports only
+        // "unexpected end-of-file").
         let SessionIo {
             stdin,
-            stdout,
+            mut stdout,
             stderr,
         } = io;
         let _counted = self.sessions.as_ref().map(|(serve, daemon)| match program {
@@ -113,14 +117,18 @@ impl Endpoint {
                     limits: self.limits,
                     ..Default::default()
                 };
-                let r =
-                    farm_nix::serve::run_server_with_config(stdin, stdout, &mut session, &config)
-                        .await
-                        .map_err(SessionError::Serve);
+                let r = farm_nix::serve::run_server_with_config(
+                    stdin,
+                    &mut stdout,
+                    &mut session,
+                    &config,
+                )
+                .await
+                .map_err(SessionError::Serve);
                 (r, session.stderr)
             }
             NixProgram::Daemon => {
-                let r = worker::run(self, &client, stdin, stdout)
+                let r = worker::run(self, &client, stdin, &mut stdout)
                     .await
                     .map_err(SessionError::Worker);
                 (r, stderr)
