@@ -352,6 +352,9 @@ fn store(logs: &TestLogs) -> anyhow::Result<()> {
     let (honest_key, attacker_key) = (&access.keys[0], &access.keys[1]);
     let salt = farm.client.root().display().to_string();
     let started = farm.witness_dir().join("claim-started");
+    // The claim job holds the store until the test has seen the honest job
+    // reach the builder (released then; at most 300 s, so no hang).
+    let release = farm.witness_dir().join("claim-release");
     let expr = farm.client.write_file(
         "store.nix",
         &format!(
@@ -375,8 +378,9 @@ fn store(logs: &TestLogs) -> anyhow::Result<()> {
     forged.args = vec![
         "-c".into(),
         format!(
-            "echo started > {}; /bin/sleep 6; echo pwned {salt} > $out",
-            started.display()
+            "echo started > {}; i=0; while [ ! -e {} ] && [ $i -lt 3000 ]; do /bin/sleep 0.1; i=$((i+1)); done; echo pwned {salt} > $out",
+            started.display(),
+            release.display()
         )
         .into(),
     ];
@@ -385,10 +389,43 @@ fn store(logs: &TestLogs) -> anyhow::Result<()> {
         let attack = scope.spawn(|| serve_build(&farm, attacker_key, &victim_drv, &forged));
         // While the claim job runs: the honest graph that needs the victim's output.
         wait_for_file(&started, Duration::from_secs(120))?;
-        let out = farm.run(
-            Some(honest_key),
-            &["build", &user_drv.to_string(), "--json"],
-        )?;
+        let honest = scope.spawn(|| {
+            farm.run(
+                Some(honest_key),
+                &["build", &user_drv.to_string(), "--json"],
+            )
+        });
+        // Release the claim job once the honest job of the victim has
+        // reached the builder (its second "job started" for that .drv).
+        let builder_log = || {
+            farm.builders[0]
+                .process
+                .as_ref()
+                .map(|p| p.log())
+                .unwrap_or_default()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(240);
+        let reached = loop {
+            let starts = builder_log()
+                .lines()
+                .filter(|l| l.contains("job started") && l.contains(&victim_drv.to_string()))
+                .count();
+            if starts >= 2 {
+                break true;
+            }
+            if std::time::Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Released either way, so the claim job ends and the threads join.
+        std::fs::write(&release, "go\n")?;
+        ensure!(
+            reached,
+            "the honest job never reached the builder:\n{}",
+            builder_log()
+        );
+        let out = honest.join().expect("honest thread")?;
         ensure!(
             out.status.success(),
             "{}",
