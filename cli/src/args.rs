@@ -19,7 +19,7 @@ its default state directory). The config file takes the same names:
 
 Authentication: each call is signed with the SSH ed25519 key (--key).
 Reading needs a key in one of the coordinator's key files (--read-keys and up);
-building (and recording a build under a job: build --job) one in --authorized-keys; drain, undrain and cancel one in --admin-keys.
+building one in --authorized-keys; recording a build under a job (build --job) one in --push-keys; drain, undrain and cancel one in --admin-keys.
 
 Exit status: 0 success; 1 a build failed; 2 usage error (flags, config, key,
 an installable that does not evaluate); 3 the farm is unreachable or refused
@@ -44,8 +44,8 @@ run of NAME, with its state (building, succeeded, failed, cancelled), when it
 started and ended and the outputs of what it was asked to build. The farm
 keeps the last runs of each job (farm-coordinator --job-history, default 50)
 and up to --max-jobs jobs (default 1000; a new name past it forgets the job
-least recently run). Recording under a job needs a key that may build
-(--authorized-keys and up); reading them, one that may read.
+least recently run). Recording under a job needs a key with the push level
+(--push-keys and up: a job's badge is public); reading them, one that may read.
 
 Badges: the coordinator's HTTP listener (the cache's URL) serves
 /badge/NAME.svg and /badge/NAME.json (a shields.io endpoint) without a key:

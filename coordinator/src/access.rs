@@ -4,7 +4,7 @@
 //! |-------|---------------------|--------------------------------------------------------------|
 //! | read  | `--read-keys`       | status, logs, watch, machines; query and fetch from the cache |
 //! | build | `--authorized-keys` | also submit `.drv` builds and build-hook builds (unverified ones as its own claim builds); upload inputs as its own unsigned claims |
-//! | push  | `--push-keys`       | also uploads the farm signs, and signed hook-build outputs   |
+//! | push  | `--push-keys`       | also signed uploads, signed hook outputs, named jobs        |
 //! | admin | `--admin-keys`      | also drain, cancel; includes push                             |
 //!
 //! A key's level is the highest file whose entry for it admits the client's

@@ -256,6 +256,25 @@ fn run(farm: &Farm, k: &Keys) -> anyhow::Result<()> {
         snapshot(farm)? == before,
         "a refused request changed the farm"
     );
+    // A build key may build, but not speak for a named job (its public
+    // badge); the .drv it uploads first is verified content, so the check
+    // here is that no job and no build was recorded.
+    farm_refused(
+        farm,
+        &k.dev,
+        &["build", &drv, "--job", "ci/app"],
+        &["build level", "naming a job (--job) needs push"],
+    )?;
+    let jobs = farm.run(Some(&k.dev), &["jobs", "--json"])?;
+    ensure!(
+        jobs.status.success() && !String::from_utf8_lossy(&jobs.stdout).contains("ci/app"),
+        "a refused job name was recorded: {}",
+        String::from_utf8_lossy(&jobs.stdout)
+    );
+    ensure!(
+        !farm.builds_run().keys().any(|d| d == &drv),
+        "the refused --job build ran"
+    );
 
     // restrict (and no-pty) change nothing the farm offers: it builds.
     let mut hook = farm.client.command("nix-build");

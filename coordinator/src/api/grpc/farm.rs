@@ -188,8 +188,20 @@ impl v1::farm_service_server::FarmService for FarmSvc {
                 "{bad} is not a .drv path"
             )));
         }
-        // Recording under a job is the submitter's: the build level, no more.
+        // A job's history and badge are public statements about a name, so
+        // naming a job needs the push level: a build key could otherwise
+        // turn another team's badge red or green with any derivation.
         let job = crate::api::grpc::jobs::submit_job(&req.job)?;
+        if job.is_some() && !caller.may(Level::Push) {
+            tracing::warn!(key = %caller.fingerprint, "submit under a job name refused: needs push");
+            return Err(Status::permission_denied(format!(
+                "key {} ({}) has the {} level; naming a job (--job) needs push (a key in {}): a job's history and badge are public",
+                caller.fingerprint,
+                caller.comment,
+                caller.level,
+                Level::Push.flag()
+            )));
+        }
         let opts = crate::domain::graph::SubmitOptions {
             priority: parse_priority(req.priority),
             max_silent_time_secs: req.max_silent_time_secs,
