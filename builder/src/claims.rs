@@ -26,6 +26,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use farm_nix::store_path::StorePath;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -52,6 +53,10 @@ struct State {
 /// Keeps claim jobs' unverified paths out of every other job's way.
 pub(crate) struct StoreGuard {
     lock: RwLock<()>,
+    /// Set when a claim job's section ended without its cleanup (its task
+    /// panicked or was dropped): no job may use the store until a restart
+    /// runs [`StoreGuard::recover`] on the file.
+    abandoned: AtomicBool,
     state: Mutex<State>,
     file: PathBuf,
     bin: NixBin,
@@ -61,6 +66,7 @@ impl StoreGuard {
     pub(crate) fn new(state_dir: &Path, bin: NixBin) -> StoreGuard {
         StoreGuard {
             lock: RwLock::new(()),
+            abandoned: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             file: state_dir.join(CLAIM_PATHS),
             bin,
@@ -109,9 +115,25 @@ impl StoreGuard {
         } else {
             Section::Shared(self.lock.read().await)
         };
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Err(format!(
+                "a claim job ended without deleting what it brought into the store; restart the builder (it deletes the paths listed in {} at start)",
+                self.file.display()
+            ));
+        }
         match &self.state.lock().await.tainted {
             Some(why) => Err(why.clone()),
             None => Ok(section),
+        }
+    }
+
+    /// The cleanup a claim job owes before its section ends: run it with
+    /// [`ClaimCleanup::purge`]; dropped without that (a panic, a dropped
+    /// task), it marks the store abandoned.
+    pub(crate) fn cleanup(&self) -> ClaimCleanup<'_> {
+        ClaimCleanup {
+            guard: self,
+            done: false,
         }
     }
 
@@ -221,6 +243,31 @@ impl StoreGuard {
     }
 }
 
+/// A claim job's pending cleanup (see [`StoreGuard::cleanup`]).
+pub(crate) struct ClaimCleanup<'a> {
+    guard: &'a StoreGuard,
+    done: bool,
+}
+
+impl ClaimCleanup<'_> {
+    /// Delete what the claim job brought into the store (or taint it).
+    pub(crate) async fn purge(mut self) {
+        self.guard.purge().await;
+        self.done = true;
+    }
+}
+
+impl Drop for ClaimCleanup<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::error!(
+                "a claim job ended without its cleanup; the builder takes no jobs until it is restarted"
+            );
+            self.guard.abandoned.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Write `data` to `path` through a temporary file, synced before and after the rename.
 fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -298,6 +345,29 @@ mod tests {
         {
             let _ex = fresh.enter(true).await.unwrap();
             fresh.purge().await;
+        }
+        fresh.enter(false).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_claim_job_dropped_before_its_cleanup_leaves_the_store_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = StoreGuard::new(dir.path(), NixBin::new(None));
+        {
+            let _ex = g.enter(true).await.unwrap();
+            let _cleanup = g.cleanup();
+            g.record([sp("y")]).await.unwrap();
+            // The job's task ends here without purge (a panic, a drop).
+        }
+        let why = g.enter(false).await.err().expect("abandoned");
+        assert!(why.contains("restart the builder"), "{why}");
+        assert!(g.enter(true).await.is_err());
+        // A cleanup that ran leaves the store usable.
+        let clean = tempfile::tempdir().unwrap();
+        let fresh = StoreGuard::new(clean.path(), NixBin::new(None));
+        {
+            let _ex = fresh.enter(true).await.unwrap();
+            fresh.cleanup().purge().await;
         }
         fresh.enter(false).await.unwrap();
     }

@@ -232,9 +232,12 @@ impl NixExecutor {
         if let Some(owner) = &plan.claim {
             tracing::info!(job = %job.job_id, %owner, "claim job: the store is its alone");
         }
+        // Made after `section`, so dropped before it: a claim job that ends
+        // without its cleanup marks the store before releasing it.
+        let cleanup = plan.claim.as_ref().map(|_| self.claims.cleanup());
         let outcome = self.run_in(job, &plan, ctx, stats).await;
-        if plan.claim.is_some() {
-            self.claims.purge().await;
+        if let Some(cleanup) = cleanup {
+            cleanup.purge().await;
         }
         drop(section);
         outcome

@@ -142,8 +142,13 @@ impl Endpoint {
             Err(e) => {
                 tracing::info!(client = %client.fingerprint, error = %e, "nix session failed");
                 let line = format!("error: nix-farm: {}\n", e.to_string().replace('\n', " "));
-                let _ = stderr.write_all(line.as_bytes()).await;
-                let _ = stderr.flush().await;
+                // Bounded: a client that stopped reading stderr does not
+                // hold the session (and its stdout) open.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    let _ = stderr.write_all(line.as_bytes()).await;
+                    let _ = stderr.flush().await;
+                })
+                .await;
                 1
             }
         }
