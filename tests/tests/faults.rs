@@ -28,7 +28,9 @@ fn graphs_survive_a_cut_link_a_dead_builder_and_a_dead_coordinator() -> anyhow::
 }
 
 fn run(logs: &TestLogs) -> anyhow::Result<()> {
-    let ssh = SshAccess::new(CLIENTS)?;
+    // Push keys: the hook client's outputs are to be signed and shared (a
+    // build key's hook build is its own claim build, see attack_hook.rs).
+    let ssh = SshAccess::pushing(CLIENTS)?;
     let mut farm = start_farm(logs, &ssh)?;
     let clients: Vec<Actor> = (0..CLIENTS)
         .map(|i| Actor::with_logs(&format!("client{i}"), logs))
