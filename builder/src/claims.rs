@@ -33,6 +33,11 @@ use tokio::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::probe::NixBin;
 
+/// Extra attempts at deleting a claim job's paths, and the pause between
+/// them (30 s in all: enough for a killed job's Nix to exit).
+const PURGE_RETRIES: u32 = 60;
+const PURGE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The file listing what a running (or crashed) claim job may have left.
 const CLAIM_PATHS: &str = "claim-paths";
 
@@ -164,7 +169,18 @@ impl StoreGuard {
     pub(crate) async fn purge(&self) {
         let paths: Vec<StorePath> = self.state.lock().await.recorded.iter().cloned().collect();
         if !paths.is_empty() {
-            match self.delete(&paths).await {
+            // The claim job's Nix may still be exiting (a cancelled or cut-off
+            // job's `nix-store --serve` holds temporary roots on the paths
+            // until it is gone): retry for a while before tainting the store.
+            let mut result = self.delete(&paths).await;
+            for _ in 0..PURGE_RETRIES {
+                if result.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(PURGE_RETRY_PAUSE).await;
+                result = self.delete(&paths).await;
+            }
+            match result {
                 Ok(()) => {
                     tracing::info!(
                         paths = paths.len(),
