@@ -87,7 +87,7 @@ fn soak_for(logs: &TestLogs, length: Duration, seed: u64) -> anyhow::Result<()> 
         length.as_secs_f64() / 60.0
     );
     let mut rng = Rng::new(seed);
-    let ssh = SshAccess::new(MAX_CLIENTS)?;
+    let ssh = SshAccess::pushing(MAX_CLIENTS)?;
     let mut farm = start_farm(logs, &ssh)?;
     let actors: Vec<Actor> = (0..MAX_CLIENTS)
         .map(|i| Actor::with_logs(&format!("client{i}"), logs))
