@@ -12,13 +12,19 @@
 //! - before it imports or builds anything, the paths it may leave (the
 //!   unsigned inputs the store lacks, its outputs not valid yet) are written
 //!   to `STATE_DIR/claim-paths` ([`StoreGuard::record`]);
-//! - before it lets go of the store it deletes them (`nix-store --delete`),
-//!   checks with Nix that none is valid any more, and removes the file
-//!   ([`StoreGuard::purge`]);
+//! - before it lets go of the store its local Nix is stopped, with every
+//!   build it started, and gone (the executor kills the process tree: a
+//!   process whose environment or open files name a path keeps it alive for
+//!   Nix's GC); then it deletes the paths (`nix-store --delete`), checks with
+//!   Nix that none is valid any more, and removes the file
+//!   ([`StoreGuard::purge`]; a few retries, holding the store);
 //! - if that fails, or a crash left the file behind (its paths are deleted
 //!   when the builder starts), the builder is tainted: it refuses every job,
-//!   naming the paths, until an operator deletes them and the file and
-//!   restarts it. The coordinator sees each refusal as a failed attempt.
+//!   naming the paths, and keeps trying to delete them in the background
+//!   (every [`BACKGROUND_PAUSE`] at most); once that works it takes jobs
+//!   again. A taint that deleting cannot cure (the file unreadable) lasts
+//!   until an operator acts. The coordinator sees each refusal as a failed
+//!   attempt, and the taint in the builder's load reports (`farm status`).
 //!
 //! This holds as long as a build cannot write to the store itself (Nix's
 //! build users or sandbox): a builder that runs builds as root without a
@@ -26,17 +32,24 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use farm_nix::store_path::StorePath;
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::probe::NixBin;
 
-/// Extra attempts at deleting a claim job's paths, and the pause between
-/// them (30 s in all: enough for a killed job's Nix to exit).
-const PURGE_RETRIES: u32 = 60;
-const PURGE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+/// Extra attempts at deleting a claim job's paths while holding the store,
+/// and the pause between them (10 s in all: the job's processes are gone by
+/// then, this covers a slow exit of something outside the job's tree).
+const PURGE_RETRIES: u32 = 20;
+const PURGE_RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Once tainted: the first pause before deleting again in the background,
+/// and the longest (the pause doubles up to it).
+const BACKGROUND_FIRST: Duration = Duration::from_secs(2);
+pub(crate) const BACKGROUND_PAUSE: Duration = Duration::from_secs(30);
 
 /// The file listing what a running (or crashed) claim job may have left.
 const CLAIM_PATHS: &str = "claim-paths";
@@ -53,29 +66,89 @@ struct State {
     recorded: BTreeSet<StorePath>,
     /// Why the store is not to be used, once it is not.
     tainted: Option<String>,
+    /// A background task is deleting the recorded paths again.
+    retrying: bool,
 }
 
-/// Keeps claim jobs' unverified paths out of every other job's way.
+/// How often and how soon purges are tried (shorter in tests).
+#[derive(Debug, Clone, Copy)]
+struct Pauses {
+    retries: u32,
+    retry: Duration,
+    background_first: Duration,
+    background_max: Duration,
+}
+
+const PAUSES: Pauses = Pauses {
+    retries: PURGE_RETRIES,
+    retry: PURGE_RETRY_PAUSE,
+    background_first: BACKGROUND_FIRST,
+    background_max: BACKGROUND_PAUSE,
+};
+
+/// Keeps claim jobs' unverified paths out of every other job's way (cheap
+/// to clone: one guard per store).
+#[derive(Clone)]
 pub(crate) struct StoreGuard {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
     lock: RwLock<()>,
     /// Set when a claim job's section ended without its cleanup (its task
     /// panicked or was dropped): no job may use the store until a restart
     /// runs [`StoreGuard::recover`] on the file.
     abandoned: AtomicBool,
     state: Mutex<State>,
+    /// The taint, readable without the async lock (for load reports).
+    problem: std::sync::Mutex<Option<String>>,
     file: PathBuf,
     bin: NixBin,
+    pauses: Pauses,
+}
+
+impl std::ops::Deref for StoreGuard {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
 }
 
 impl StoreGuard {
     pub(crate) fn new(state_dir: &Path, bin: NixBin) -> StoreGuard {
+        Self::with_pauses(state_dir, bin, PAUSES)
+    }
+
+    fn with_pauses(state_dir: &Path, bin: NixBin, pauses: Pauses) -> StoreGuard {
         StoreGuard {
-            lock: RwLock::new(()),
-            abandoned: AtomicBool::new(false),
-            state: Mutex::new(State::default()),
-            file: state_dir.join(CLAIM_PATHS),
-            bin,
+            inner: Arc::new(Inner {
+                lock: RwLock::new(()),
+                abandoned: AtomicBool::new(false),
+                state: Mutex::new(State::default()),
+                problem: std::sync::Mutex::new(None),
+                file: state_dir.join(CLAIM_PATHS),
+                bin,
+                pauses,
+            }),
         }
+    }
+
+    /// Why the store takes no jobs now, if it does not.
+    pub(crate) fn problem(&self) -> Option<String> {
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Some(self.abandoned_message());
+        }
+        self.problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn abandoned_message(&self) -> String {
+        format!(
+            "a claim job ended without deleting what it brought into the store; restart the builder (it deletes the paths listed in {} at start)",
+            self.file.display()
+        )
     }
 
     /// At start: delete what a claim job that did not finish left (listed in
@@ -121,10 +194,7 @@ impl StoreGuard {
             Section::Shared(self.lock.read().await)
         };
         if self.abandoned.load(Ordering::SeqCst) {
-            return Err(format!(
-                "a claim job ended without deleting what it brought into the store; restart the builder (it deletes the paths listed in {} at start)",
-                self.file.display()
-            ));
+            return Err(self.abandoned_message());
         }
         match &self.state.lock().await.tainted {
             Some(why) => Err(why.clone()),
@@ -164,20 +234,19 @@ impl StoreGuard {
     }
 
     /// Delete the recorded paths from the store (the claim job holding it is
-    /// over, its Nix stopped) and check that none is valid any more; then
-    /// forget them. Otherwise the store is tainted.
+    /// over, its Nix stopped and gone) and check that none is valid any more;
+    /// then forget them. Otherwise the store is tainted, and deleting goes
+    /// on in the background until it works.
     pub(crate) async fn purge(&self) {
         let paths: Vec<StorePath> = self.state.lock().await.recorded.iter().cloned().collect();
         if !paths.is_empty() {
-            // The claim job's Nix may still be exiting (a cancelled or cut-off
-            // job's `nix-store --serve` holds temporary roots on the paths
-            // until it is gone): retry for a while before tainting the store.
+            // Something may still be exiting: retry a little before tainting.
             let mut result = self.delete(&paths).await;
-            for _ in 0..PURGE_RETRIES {
+            for _ in 0..self.pauses.retries {
                 if result.is_ok() {
                     break;
                 }
-                tokio::time::sleep(PURGE_RETRY_PAUSE).await;
+                tokio::time::sleep(self.pauses.retry).await;
                 result = self.delete(&paths).await;
             }
             match result {
@@ -190,15 +259,21 @@ impl StoreGuard {
                 Err(why) => {
                     let list: Vec<String> = paths.iter().map(ToString::to_string).collect();
                     self.taint(format!(
-                        "the store may still hold unverified paths of a claim job ({why}); this builder takes no jobs until they are deleted (nix-store --delete {}) and {} is removed, then restarted",
+                        "the store may still hold unverified paths of a claim job ({why}); this builder takes no jobs until they are deleted (it keeps trying; by hand: nix-store --delete {}, then remove {} and restart it)",
                         list.join(" "),
                         self.file.display()
                     ))
                     .await;
+                    self.retry_in_background().await;
                     return;
                 }
             }
         }
+        self.forget().await;
+    }
+
+    /// The paths are gone: forget them and remove the file (or taint).
+    async fn forget(&self) {
         self.state.lock().await.recorded.clear();
         if let Err(e) = std::fs::remove_file(&self.file)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -206,6 +281,59 @@ impl StoreGuard {
             self.taint(format!("cannot remove {}: {e}", self.file.display()))
                 .await;
         }
+    }
+
+    /// Start (once) a task deleting the recorded paths until that works,
+    /// then lifting the taint. The store stays tainted meanwhile, so no
+    /// job enters it while any of the paths may remain.
+    async fn retry_in_background(&self) {
+        {
+            let mut st = self.state.lock().await;
+            if st.retrying {
+                return;
+            }
+            st.retrying = true;
+        }
+        let guard = self.clone();
+        tokio::spawn(async move {
+            let mut pause = guard.pauses.background_first;
+            let mut attempts = 0u32;
+            loop {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(guard.pauses.background_max);
+                attempts += 1;
+                let paths: Vec<StorePath> =
+                    guard.state.lock().await.recorded.iter().cloned().collect();
+                match guard.delete(&paths).await {
+                    Ok(()) => {
+                        guard.forget().await;
+                        let mut st = guard.state.lock().await;
+                        st.retrying = false;
+                        if st.recorded.is_empty() && !guard.file.exists() {
+                            st.tainted = None;
+                            *guard
+                                .problem
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                            tracing::warn!(
+                                paths = paths.len(),
+                                attempts,
+                                "deleted the claim job's paths at last: the builder's store is clean, taking jobs again"
+                            );
+                        }
+                        return;
+                    }
+                    Err(why) => {
+                        tracing::warn!(
+                            attempts,
+                            error = %why,
+                            next_in_secs = pause.as_secs(),
+                            "the builder's store still holds a claim job's paths; trying again"
+                        );
+                    }
+                }
+            }
+        });
     }
 
     async fn delete(&self, paths: &[StorePath]) -> Result<(), String> {
@@ -255,6 +383,10 @@ impl StoreGuard {
 
     async fn taint(&self, why: String) {
         tracing::error!(reason = %why, "the builder's store is not safe to build in");
+        *self
+            .problem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.clone());
         self.state.lock().await.tainted = Some(why);
     }
 }
@@ -335,10 +467,73 @@ mod tests {
         g.enter(false).await.unwrap();
     }
 
+    const QUICK: Pauses = Pauses {
+        retries: 2,
+        retry: Duration::from_millis(10),
+        background_first: Duration::from_millis(20),
+        background_max: Duration::from_millis(50),
+    };
+
+    /// A `nix-store` that cannot delete until `DIR/deletable` exists (as
+    /// when a process still holds the paths), and then does.
+    fn nix_deleting_once(dir: &Path) -> NixBin {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let prog = bin.join("nix-store");
+        let gate = dir.join("deletable");
+        std::fs::write(
+            &prog,
+            format!(
+                r#"#!/bin/sh
+case "$1" in
+--delete) [ -e {gate} ] && exit 0; echo "error: cannot delete path '$2' since it is still alive" >&2; exit 1;;
+--check-validity) [ -e {gate} ] || exit 0; shift 2; for p in "$@"; do echo "$p"; done; exit 0;;
+esac
+exit 1
+"#,
+                gate = gate.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+        NixBin::new(Some(bin))
+    }
+
+    #[tokio::test]
+    async fn a_tainted_store_is_cleaned_in_the_background_and_used_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = StoreGuard::with_pauses(dir.path(), nix_deleting_once(dir.path()), QUICK);
+        {
+            let _ex = g.enter(true).await.unwrap();
+            let cleanup = g.cleanup();
+            g.record([sp("z")]).await.unwrap();
+            cleanup.purge().await;
+        }
+        let why = g.enter(false).await.err().expect("tainted");
+        assert!(why.contains("still alive") && why.contains(&sp("z").to_string()), "{why}");
+        assert_eq!(g.problem().as_deref(), Some(why.as_str()));
+        // Still failing: still tainted, the file kept.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(g.enter(true).await.is_err());
+        assert!(dir.path().join(CLAIM_PATHS).exists());
+        // What held the paths is gone: the background delete works, the
+        // taint is lifted, the file removed.
+        std::fs::write(dir.path().join("deletable"), "").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while g.problem().is_some() {
+            assert!(std::time::Instant::now() < deadline, "still tainted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!dir.path().join(CLAIM_PATHS).exists());
+        drop(g.enter(true).await.unwrap());
+        g.enter(false).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_failed_delete_taints_the_store_and_a_crash_is_recovered_from() {
         let dir = tempfile::tempdir().unwrap();
-        let g = StoreGuard::new(dir.path(), failing_nix(dir.path()));
+        let g = StoreGuard::with_pauses(dir.path(), failing_nix(dir.path()), QUICK);
         {
             let _ex = g.enter(true).await.unwrap();
             g.record([sp("x")]).await.unwrap();
@@ -351,12 +546,12 @@ mod tests {
         assert!(g.enter(true).await.is_err());
         // The file stays: a restart tries again, and stays tainted while it fails.
         assert!(dir.path().join(CLAIM_PATHS).exists());
-        let again = StoreGuard::new(dir.path(), failing_nix(dir.path()));
+        let again = StoreGuard::with_pauses(dir.path(), failing_nix(dir.path()), QUICK);
         again.recover().await;
         assert!(again.enter(false).await.is_err());
         // Nothing recorded: nothing to delete, no file, not tainted.
         let clean = tempfile::tempdir().unwrap();
-        let fresh = StoreGuard::new(clean.path(), failing_nix(clean.path()));
+        let fresh = StoreGuard::with_pauses(clean.path(), failing_nix(clean.path()), QUICK);
         fresh.recover().await;
         {
             let _ex = fresh.enter(true).await.unwrap();

@@ -196,6 +196,10 @@ fn plan(job: &Job) -> Result<Plan, Fail> {
 }
 
 impl Execute for NixExecutor {
+    fn store_problem(&self) -> Option<String> {
+        self.claims.problem()
+    }
+
     async fn execute(&self, job: Job, ctx: JobContext) -> JobResult {
         let mut stats = Stats::default();
         let outcome = self.run(&job, &ctx, &mut stats).await;
@@ -277,6 +281,13 @@ impl NixExecutor {
         {
             tracing::info!(job = %job.job_id, "stopping the local nix");
             serve.stop().await;
+        }
+        if plan.claim.is_some() {
+            // Nothing of the job may hold its paths when they are deleted:
+            // its Nix and every build it started go now, and are waited for.
+            if let Err(e) = serve.kill_tree().await {
+                tracing::warn!(job = %job.job_id, error = %e, "a claim job's processes outlived the kill");
+            }
         }
         serve.finish().await;
         outcome

@@ -81,6 +81,12 @@ pub struct JobContext {
 pub trait Execute: Send + Sync + 'static {
     /// Run `job`; must return promptly once `ctx.cancel` fires.
     fn execute(&self, job: Job, ctx: JobContext) -> impl Future<Output = JobResult> + Send;
+
+    /// Why this backend refuses every job now (its store is tainted), if it
+    /// does; reported to the coordinator with the load.
+    fn store_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 struct Inner<E> {

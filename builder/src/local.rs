@@ -4,12 +4,19 @@
 //! cancelled or overdue build can be stopped whole. Its stderr is the build log.
 //!
 //! Stopping: SIGINT to the process group first (Nix then kills the builder's own
-//! process group and cleans up), SIGKILL to the group after a grace period
-//! ([`KILL_GRACE`], shorter when the builder's own shutdown grace is).
+//! process group and cleans up), then, after a grace period ([`KILL_GRACE`],
+//! shorter when the builder's own shutdown grace is), SIGKILL to the whole
+//! process tree: Nix starts each build in a session of its own, so the
+//! group alone would leave the builds running, orphaned, with their
+//! environment naming the outputs (Nix's GC counts that as a root). The tree
+//! is frozen (SIGSTOP) top-down before it is killed, so nothing in it forks
+//! or is orphaned meanwhile, and the kill waits (bounded) until every member
+//! is gone ([`LocalServe::kill_tree`]; a claim job's cleanup needs that).
 
+use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
@@ -22,6 +29,8 @@ use farm_nix::serve::ServeClient;
 
 /// How long Nix gets to wind down after SIGINT before SIGKILL (at most).
 pub(crate) const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long a killed process tree may take to be gone.
+pub(crate) const GONE_WAIT: Duration = Duration::from_secs(10);
 
 /// The kill grace that fits in a builder shutdown grace: SIGKILL comes at
 /// half of it at the latest, so a stopping builder never leaves a build behind.
@@ -116,10 +125,19 @@ impl LocalServe {
         let _ = tokio::time::timeout(kill_grace.max(Duration::from_millis(500)), pump).await;
     }
 
-    /// Stop the process group now (SIGINT, then SIGKILL after the grace period).
+    /// Stop the process group now (SIGINT, then SIGKILL of the whole tree
+    /// after the grace period).
     pub(crate) async fn stop(&mut self) {
         let killer = self.killer();
         killer.stop(&mut self.child).await;
+    }
+
+    /// SIGKILL the whole process tree now (the serve process and every
+    /// build it started, frozen first) and wait, at most [`GONE_WAIT`],
+    /// until all of it is gone. Err names what is still alive.
+    pub(crate) async fn kill_tree(&mut self) -> Result<(), String> {
+        let killer = self.killer();
+        killer.kill_tree(&mut self.child, GONE_WAIT).await
     }
 }
 
@@ -143,15 +161,156 @@ impl Killer {
         }
     }
 
-    /// SIGINT, wait for `child` up to the grace period, then SIGKILL.
+    /// SIGINT, wait for `child` up to the grace period, then SIGKILL its tree.
     pub(crate) async fn stop(&self, child: &mut Child) {
         self.signal(rustix::process::Signal::INT);
         if tokio::time::timeout(self.grace, child.wait())
             .await
             .is_err()
+            && let Err(e) = self.kill_tree(child, GONE_WAIT).await
         {
-            self.signal(rustix::process::Signal::KILL);
-            let _ = child.wait().await;
+            tracing::warn!(error = %e, "a stopped local nix left processes behind");
         }
+    }
+
+    /// Freeze `child`'s process tree top-down, SIGKILL all of it, reap
+    /// `child`, and wait up to `bound` for the rest to be gone.
+    pub(crate) async fn kill_tree(&self, child: &mut Child, bound: Duration) -> Result<(), String> {
+        let Some(root) = self.pid else {
+            return Ok(());
+        };
+        let mut frozen: BTreeSet<u32> = BTreeSet::new();
+        // Each pass stops what the last one found; a stopped process forks
+        // no more, so this ends (bounded all the same).
+        for _ in 0..100 {
+            let tree = process_tree(root);
+            let new: Vec<u32> = tree.difference(&frozen).copied().collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                signal_pid(pid, rustix::process::Signal::STOP);
+                frozen.insert(pid);
+            }
+        }
+        for &pid in &frozen {
+            signal_pid(pid, rustix::process::Signal::KILL);
+        }
+        self.signal(rustix::process::Signal::KILL);
+        let _ = tokio::time::timeout(bound, child.wait()).await;
+        let deadline = Instant::now() + bound;
+        loop {
+            let alive: Vec<u32> = frozen.iter().copied().filter(|p| is_alive(*p)).collect();
+            if alive.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "processes {alive:?} of the local nix still alive {} s after SIGKILL",
+                    bound.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn signal_pid(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// `(parent, state)` of a process from `/proc/PID/stat` (its name may hold
+/// spaces and parentheses: the fields start after the last `)`).
+fn stat_of(pid: u32) -> Option<(u32, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((parent, state))
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+fn is_alive(pid: u32) -> bool {
+    stat_of(pid).is_some_and(|(_, state)| state != 'Z' && state != 'X')
+}
+
+/// `root` and its living descendants, by their parent links in `/proc`.
+fn process_tree(root: u32) -> BTreeSet<u32> {
+    let mut children: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((parent, state)) = stat_of(pid)
+                && state != 'Z'
+                && state != 'X'
+            {
+                children.entry(parent).or_default().push(pid);
+            }
+        }
+    }
+    let mut tree = BTreeSet::new();
+    if is_alive(root) {
+        tree.insert(root);
+    }
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).into_iter().flatten() {
+            if tree.insert(c) {
+                todo.push(c);
+            }
+        }
+    }
+    tree
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process tree where a child runs in a session of its own (as Nix's
+    /// builds do) is killed whole, and the kill waits until it is gone.
+    #[tokio::test]
+    async fn the_whole_tree_goes_even_a_child_in_its_own_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild");
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "setsid /bin/sh -c 'echo $$ > {}; exec sleep 300' & sleep 300",
+                pidfile.display()
+            ))
+            .process_group(0);
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let grandchild: u32 = loop {
+            if let Some(p) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "the grandchild never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let root = child.id().unwrap();
+        assert!(process_tree(root).contains(&grandchild));
+        let killer = Killer {
+            pid: Some(root),
+            grace: Duration::from_millis(10),
+        };
+        killer
+            .kill_tree(&mut child, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!is_alive(grandchild), "the grandchild outlived the kill");
+        assert!(!is_alive(root));
     }
 }
