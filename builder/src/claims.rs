@@ -511,7 +511,10 @@ exit 1
             cleanup.purge().await;
         }
         let why = g.enter(false).await.err().expect("tainted");
-        assert!(why.contains("still alive") && why.contains(&sp("z").to_string()), "{why}");
+        assert!(
+            why.contains("still alive") && why.contains(&sp("z").to_string()),
+            "{why}"
+        );
         assert_eq!(g.problem().as_deref(), Some(why.as_str()));
         // Still failing: still tainted, the file kept.
         tokio::time::sleep(Duration::from_millis(200)).await;

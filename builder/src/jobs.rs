@@ -166,6 +166,11 @@ impl<E: Execute> JobManager<E> {
         ids
     }
 
+    /// Why every job is refused now, if it is (see [`Execute::store_problem`]).
+    pub(crate) fn store_problem(&self) -> Option<String> {
+        self.inner.exec.store_problem()
+    }
+
     /// How many jobs are accepted and not yet finished.
     pub(crate) fn running_count(&self) -> u32 {
         u32::try_from(self.running().len()).unwrap_or(u32::MAX)

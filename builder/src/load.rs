@@ -63,6 +63,8 @@ pub(crate) async fn current(running_jobs: u32, store: &Path) -> LoadReport {
         cpu_pressure: psi("cpu").await,
         memory_pressure: psi("memory").await,
         io_pressure: psi("io").await,
+        // Filled in by the session (it knows the job backend).
+        store_problem: String::new(),
     }
 }
 

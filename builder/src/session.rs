@@ -483,7 +483,8 @@ async fn session_once<E: Execute>(
                 Err(_) => lost = Some("session stream closed".into()),
             },
             _ = ticker.tick() => {
-                let load = crate::load::current(jobs.running_count(), &p.store_dir).await;
+                let mut load = crate::load::current(jobs.running_count(), &p.store_dir).await;
+                load.store_problem = jobs.store_problem().unwrap_or_default();
                 // Load reports are best effort: skip one rather than block.
                 let _ = tx.try_send(BuilderMessage { msg: Some(Up::Load(load)) });
             }

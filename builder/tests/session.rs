@@ -84,7 +84,7 @@ async fn connects_proves_its_key_reports_load_and_reconnects_body() {
     assert!(hello.running_jobs.is_empty());
 
     fake.wait("load reports", |s| s.loads.len() >= 2).await;
-    let load = fake.with(|s| s.loads[0]);
+    let load = fake.with(|s| s.loads[0].clone());
     assert_eq!(load.running_jobs, 0);
     assert!(load.disk_free_bytes > 0);
 

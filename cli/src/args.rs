@@ -33,6 +33,7 @@ JSON (--json; with --watch one document per line):
                  \"load\" (1-minute load average), \"load_5\",
                  \"memory_bytes\", \"memory_available_bytes\", \"disk_free_bytes\",
                  \"cpu_pressure\", \"memory_pressure\", \"io_pressure\" (percent, null when unknown),
+                 \"store_problem\" (why it takes no jobs: its store is tainted; null when none),
                  \"last_seen\" (unix seconds, null if never), \"nix_version\", \"public_key\"}],
    \"queue\": [{\"system\", \"queued\"}], \"queued_total\",
    \"running\": [{\"build_id\", \"drv_path\", \"builder\", \"started\" (unix seconds), \"elapsed_secs\"}],

@@ -33,6 +33,8 @@ pub struct BuilderJson {
     pub cpu_pressure: Option<f64>,
     pub memory_pressure: Option<f64>,
     pub io_pressure: Option<f64>,
+    /// Why the builder refuses every job (its store is tainted), if it does.
+    pub store_problem: Option<String>,
     pub last_seen: Option<i64>,
     pub nix_version: String,
     pub public_key: String,
@@ -93,7 +95,7 @@ pub fn to_json(s: &StatusResponse, now: i64) -> StatusJson {
         .iter()
         .map(|b| {
             let caps = b.capabilities.clone().unwrap_or_default();
-            let load = b.load.unwrap_or_default();
+            let load = b.load.clone().unwrap_or_default();
             BuilderJson {
                 name: b.name.clone(),
                 state: state_name(b.state),
@@ -109,9 +111,11 @@ pub fn to_json(s: &StatusResponse, now: i64) -> StatusJson {
                 memory_bytes: caps.memory_bytes,
                 memory_available_bytes: load.memory_available_bytes,
                 disk_free_bytes: load.disk_free_bytes,
-                cpu_pressure: b.load.and_then(|l| pressure(l.cpu_pressure)),
-                memory_pressure: b.load.and_then(|l| pressure(l.memory_pressure)),
-                io_pressure: b.load.and_then(|l| pressure(l.io_pressure)),
+                cpu_pressure: b.load.as_ref().and_then(|l| pressure(l.cpu_pressure)),
+                memory_pressure: b.load.as_ref().and_then(|l| pressure(l.memory_pressure)),
+                io_pressure: b.load.as_ref().and_then(|l| pressure(l.io_pressure)),
+                store_problem: (!load.store_problem.is_empty())
+                    .then(|| style::sanitize(&load.store_problem)),
                 last_seen: (b.last_seen_unix > 0).then_some(b.last_seen_unix),
                 nix_version: caps.nix_version,
                 public_key: b.public_key.clone(),
@@ -215,6 +219,15 @@ pub fn render_table(s: &StatusJson, now: i64, p: &Painter) -> String {
             ]);
         }
         out.push_str(&t.render(p));
+        for b in s.builders.iter() {
+            if let Some(why) = &b.store_problem {
+                out.push_str(&format!(
+                    "{} {}: {why}\n",
+                    p.paint(Colour::Red, "TAINTED STORE, TAKES NO JOBS:"),
+                    b.name
+                ));
+            }
+        }
     }
 
     out.push('\n');
@@ -344,6 +357,7 @@ mod tests {
                         cpu_pressure: -1.0,
                         memory_pressure: 0.5,
                         io_pressure: -1.0,
+                        store_problem: "the store may still hold unverified paths".into(),
                     }),
                     last_seen_unix: 995,
                     public_key: "ssh-ed25519 AAAA b1".into(),
@@ -408,8 +422,18 @@ mod tests {
         assert_eq!(b["last_seen"], 995);
         assert!(b["cpu_pressure"].is_null());
         assert_eq!(b["memory_pressure"], 0.5);
+        assert_eq!(
+            b["store_problem"],
+            "the store may still hold unverified paths"
+        );
         assert_eq!(j["builders"][1]["state"], "draining");
         assert!(j["builders"][1]["last_seen"].is_null());
+        assert!(j["builders"][1]["store_problem"].is_null());
+        let table = render_table(&to_json(&sample(), 1000), 1000, &Painter { enabled: false });
+        assert!(
+            table.contains("TAINTED STORE, TAKES NO JOBS: b1: the store may still hold"),
+            "{table}"
+        );
         assert_eq!(j["queued_total"], 4);
         assert_eq!(j["queue"][0]["system"], "x86_64-linux");
         assert_eq!(j["running"][0]["elapsed_secs"], 100);

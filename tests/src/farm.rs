@@ -531,6 +531,62 @@ impl Farm {
         }
     }
 
+    /// `path` as another host substitutes it from the farm's cache (a fresh
+    /// actor trusting the farm's key, so only signed paths come): its bytes.
+    pub fn fetched_from_cache(&self, logs: &TestLogs, path: &StorePath) -> anyhow::Result<Vec<u8>> {
+        let reader = Actor::with_logs(&format!("reader-{}", path.name()), logs)?;
+        reader.nix_conf_append(&format!(
+            "trusted-public-keys = {}",
+            self.coordinator.endpoints.cache_public_key
+        ))?;
+        reader.run(
+            "nix",
+            &[
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--from",
+                &self.cache_url(),
+                &path.to_string(),
+            ],
+        )?;
+        Ok(std::fs::read(reader.host_path_of(path))?)
+    }
+
+    /// Build `drv` under `drv_path` over ssh:// (the serve protocol, as Nix's
+    /// hook does) logged in with `key`: the result and ssh's stderr, as text.
+    pub fn serve_build(
+        &self,
+        key: &Path,
+        drv_path: &StorePath,
+        drv: &farm_nix::derivation::BasicDerivation,
+    ) -> anyhow::Result<String> {
+        let ssh_opts = self.ssh_opts_with_key(key)?;
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async {
+            let mut child = tokio::process::Command::new("ssh")
+                .args(ssh_opts.split_whitespace())
+                .args(["nix@127.0.0.1", "nix-store --serve --write"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdin = child.stdin.take().context("stdin")?;
+            let stdout = child.stdout.take().context("stdout")?;
+            let mut serve = farm_nix::serve::ServeClient::connect(stdout, stdin).await?;
+            let result = serve
+                .build_derivation(drv_path, drv, &Default::default())
+                .await;
+            drop(serve);
+            let out = child.wait_with_output().await?;
+            Ok(format!(
+                "{result:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+    }
+
     /// The witness dir's path (also valid inside every actor).
     pub fn witness_dir(&self) -> &Path {
         self.witness.path()

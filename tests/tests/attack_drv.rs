@@ -157,7 +157,7 @@ fn forged(logs: &TestLogs) -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let content = fetched_from_cache(&farm, logs, &raw_out)?;
+    let content = farm.fetched_from_cache(logs, &raw_out)?;
     ensure!(content == b"x\xffy \xfe", "built {content:?}");
     Ok(())
 }
@@ -217,31 +217,8 @@ fn poisoned(logs: &TestLogs) -> anyhow::Result<()> {
     let honest_basic = victim.resolve(&name, &|_, _| None)?;
     let mut forged = honest_basic.clone();
     forged.args = vec!["-c".into(), format!("echo pwned {salt} > $out").into()];
-    let ssh_opts = farm.ssh_opts_with_key(attacker_key)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let send = |drv: farm_nix::derivation::BasicDerivation| -> anyhow::Result<String> {
-        rt.block_on(async {
-            let mut child = tokio::process::Command::new("ssh")
-                .args(ssh_opts.split_whitespace())
-                .args(["nix@127.0.0.1", "nix-store --serve --write"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let stdin = anyhow::Context::context(child.stdin.take(), "stdin")?;
-            let stdout = anyhow::Context::context(child.stdout.take(), "stdout")?;
-            let mut serve = farm_nix::serve::ServeClient::connect(stdout, stdin).await?;
-            let result = serve
-                .build_derivation(&victim_drv, &drv, &Default::default())
-                .await;
-            drop(serve);
-            let out = child.wait_with_output().await?;
-            Ok(format!(
-                "{result:?}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        })
+    let send = |drv: farm_nix::derivation::BasicDerivation| {
+        farm.serve_build(attacker_key, &victim_drv, &drv)
     };
     let said = send(forged)?;
     ensure!(
@@ -270,32 +247,10 @@ fn poisoned(logs: &TestLogs) -> anyhow::Result<()> {
     );
 
     // The honest client's output, fetched by another host, is the honest build's.
-    let content = String::from_utf8(fetched_from_cache(&farm, logs, &victim_out)?)?;
+    let content = String::from_utf8(farm.fetched_from_cache(logs, &victim_out)?)?;
     ensure!(
         content == format!("honest {salt}\n"),
         "the cache serves {content:?}"
     );
     Ok(())
-}
-
-/// `path` as another host substitutes it from the farm's cache (trusting the
-/// farm's key): its bytes.
-fn fetched_from_cache(farm: &Farm, logs: &TestLogs, path: &StorePath) -> anyhow::Result<Vec<u8>> {
-    let reader = farm_tests::Actor::with_logs("reader", logs)?;
-    reader.nix_conf_append(&format!(
-        "trusted-public-keys = {}",
-        farm.coordinator.endpoints.cache_public_key
-    ))?;
-    reader.run(
-        "nix",
-        &[
-            "--extra-experimental-features",
-            "nix-command",
-            "copy",
-            "--from",
-            &farm.cache_url(),
-            &path.to_string(),
-        ],
-    )?;
-    Ok(std::fs::read(reader.host_path_of(path))?)
 }

@@ -138,62 +138,6 @@ fn claimed(logs: &TestLogs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Build `drv` under `drv_path` over ssh:// (the serve protocol, as Nix's
-/// hook does) logged in with `key`: the result and ssh's stderr, as text.
-fn serve_build(
-    farm: &Farm,
-    key: &Path,
-    drv_path: &StorePath,
-    drv: &BasicDerivation,
-) -> anyhow::Result<String> {
-    let ssh_opts = farm.ssh_opts_with_key(key)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let mut child = tokio::process::Command::new("ssh")
-            .args(ssh_opts.split_whitespace())
-            .args(["nix@127.0.0.1", "nix-store --serve --write"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdin = child.stdin.take().context("stdin")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut serve = farm_nix::serve::ServeClient::connect(stdout, stdin).await?;
-        let result = serve
-            .build_derivation(drv_path, drv, &Default::default())
-            .await;
-        drop(serve);
-        let out = child.wait_with_output().await?;
-        Ok(format!(
-            "{result:?}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    })
-}
-
-/// `path` as another host substitutes it from the farm's cache (trusting the
-/// farm's key: only signed paths come): its bytes.
-fn fetched_from_cache(farm: &Farm, logs: &TestLogs, path: &StorePath) -> anyhow::Result<Vec<u8>> {
-    let reader = farm_tests::Actor::with_logs(&format!("reader-{}", path.name()), logs)?;
-    reader.nix_conf_append(&format!(
-        "trusted-public-keys = {}",
-        farm.coordinator.endpoints.cache_public_key
-    ))?;
-    reader.run(
-        "nix",
-        &[
-            "--extra-experimental-features",
-            "nix-command",
-            "copy",
-            "--from",
-            &farm.cache_url(),
-            &path.to_string(),
-        ],
-    )?;
-    Ok(std::fs::read(reader.host_path_of(path))?)
-}
-
 /// How many times the coordinator ran a build of `drv`.
 fn runs_of(farm: &Farm, drv: &StorePath) -> usize {
     let needle = format!("drv={drv}");
@@ -237,7 +181,7 @@ fn first(logs: &TestLogs) -> anyhow::Result<()> {
     // (the farm has not seen the real `.drv`). It gets a build of its own.
     let mut forged = honest_basic.clone();
     forged.args = vec!["-c".into(), format!("echo pwned {salt} > $out").into()];
-    let said = serve_build(&farm, attacker_key, &victim_drv, &forged)?;
+    let said = farm.serve_build(attacker_key, &victim_drv, &forged)?;
     ensure!(said.contains("Ok("), "the attacker's build failed:\n{said}");
     only_claimed(&farm, &victim_out)?;
     ensure!(
@@ -261,16 +205,16 @@ fn first(logs: &TestLogs) -> anyhow::Result<()> {
         "the honest build joined the attacker's"
     );
     signed_narinfo(&farm, &victim_out)?;
-    let content = String::from_utf8(fetched_from_cache(&farm, logs, &victim_out)?)?;
+    let content = String::from_utf8(farm.fetched_from_cache(logs, &victim_out)?)?;
     ensure!(
         content == format!("honest {salt}\n"),
         "the cache serves {content:?}"
     );
     // The attacker asking again is refused now that the farm knows the real
     // `.drv`; the honest recipe gets the signed honest path.
-    let said = serve_build(&farm, attacker_key, &victim_drv, &forged)?;
+    let said = farm.serve_build(attacker_key, &victim_drv, &forged)?;
     ensure!(said.contains("as the farm's cache holds it"), "{said}");
-    let said = serve_build(&farm, attacker_key, &victim_drv, &honest_basic)?;
+    let said = farm.serve_build(attacker_key, &victim_drv, &honest_basic)?;
     ensure!(said.contains("Ok("), "{said}");
     ensure!(runs_of(&farm, &victim_drv) == 2, "built a third time");
     Ok(())
@@ -386,7 +330,7 @@ fn store(logs: &TestLogs) -> anyhow::Result<()> {
     ];
 
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let attack = scope.spawn(|| serve_build(&farm, attacker_key, &victim_drv, &forged));
+        let attack = scope.spawn(|| farm.serve_build(attacker_key, &victim_drv, &forged));
         // While the claim job runs: the honest graph that needs the victim's output.
         wait_for_file(&started, Duration::from_secs(120))?;
         let honest = scope.spawn(|| {
@@ -441,12 +385,12 @@ fn store(logs: &TestLogs) -> anyhow::Result<()> {
     );
     signed_narinfo(&farm, &victim_out)?;
     signed_narinfo(&farm, &user_out)?;
-    let victim_bytes = String::from_utf8(fetched_from_cache(&farm, logs, &victim_out)?)?;
+    let victim_bytes = String::from_utf8(farm.fetched_from_cache(logs, &victim_out)?)?;
     ensure!(
         victim_bytes == format!("honest {salt}\n"),
         "{victim_bytes:?}"
     );
-    let user_bytes = String::from_utf8(fetched_from_cache(&farm, logs, &user_out)?)?;
+    let user_bytes = String::from_utf8(farm.fetched_from_cache(logs, &user_out)?)?;
     ensure!(
         user_bytes == format!("honest {salt}\nused\n"),
         "{user_bytes:?}"

@@ -33,8 +33,7 @@ const VICTIM: usize = 1;
 const TAINTED: &str = "the builder's store is not safe to build in";
 
 #[test]
-fn claim_builds_survive_a_cut_link_a_dead_builder_and_a_dead_coordinator() -> anyhow::Result<()>
-{
+fn claim_builds_survive_a_cut_link_a_dead_builder_and_a_dead_coordinator() -> anyhow::Result<()> {
     let logs = TestLogs::new("faults_claims")?;
     deadline(DEADLINE, &logs, |logs| run(&logs))
 }
@@ -163,7 +162,12 @@ fn wait_tops_running(farm: &Farm, ssh: &SshAccess, min: &[usize]) -> anyhow::Res
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|r| Some((r["drv_path"].as_str()?.to_owned(), r["builder"].as_str()?.to_owned())))
+            .filter_map(|r| {
+                Some((
+                    r["drv_path"].as_str()?.to_owned(),
+                    r["builder"].as_str()?.to_owned(),
+                ))
+            })
             .collect();
         let starts = top_starts(farm, "c");
         let all = (0..NAMES.len()).all(|i| {
@@ -326,7 +330,11 @@ fn run(logs: &TestLogs) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(logs.dir())? {
         let path = entry?.path();
         if let Ok(text) = std::fs::read_to_string(&path) {
-            ensure!(!text.contains(TAINTED), "tainted, says {}:\n{text}", path.display());
+            ensure!(
+                !text.contains(TAINTED),
+                "tainted, says {}:\n{text}",
+                path.display()
+            );
         }
     }
     eprintln!(

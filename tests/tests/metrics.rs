@@ -430,7 +430,10 @@ async fn during_a_graph(logs: &TestLogs) -> anyhow::Result<()> {
             b.name,
             during.text
         );
-        let load = b.load.context("a connected builder reports its load")?;
+        let load = b
+            .load
+            .clone()
+            .context("a connected builder reports its load")?;
         ensure!(
             during.get(
                 "farm_builder_memory_available_bytes",

@@ -264,6 +264,9 @@ pub struct Load {
     pub cpu_pressure: f64,
     pub memory_pressure: f64,
     pub io_pressure: f64,
+    /// Why the builder refuses every job (its store is tainted); empty: none.
+    #[serde(default)]
+    pub store_problem: String,
 }
 
 impl Default for Load {
@@ -277,6 +280,7 @@ impl Default for Load {
             cpu_pressure: -1.0,
             memory_pressure: -1.0,
             io_pressure: -1.0,
+            store_problem: String::new(),
         }
     }
 }

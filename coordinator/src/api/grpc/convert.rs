@@ -79,7 +79,23 @@ pub(crate) fn load_from(l: v1::LoadReport) -> Load {
         cpu_pressure: finite(l.cpu_pressure),
         memory_pressure: finite(l.memory_pressure),
         io_pressure: finite(l.io_pressure),
+        store_problem: bounded(l.store_problem, MAX_STORE_PROBLEM),
     }
+}
+
+/// Longest store problem kept from a load report, in bytes.
+const MAX_STORE_PROBLEM: usize = 2000;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 /// A load report as `farm status` shows it.
@@ -93,6 +109,7 @@ pub(crate) fn load_to(l: &Load) -> v1::LoadReport {
         cpu_pressure: l.cpu_pressure,
         memory_pressure: l.memory_pressure,
         io_pressure: l.io_pressure,
+        store_problem: l.store_problem.clone(),
     }
 }
 
