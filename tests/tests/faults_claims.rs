@@ -215,8 +215,7 @@ fn run(logs: &TestLogs) -> anyhow::Result<()> {
         .start()?;
     let salt = farm.witness_dir().display().to_string();
 
-    // Client i's top is pinned to builder i; the names must not collide
-    // across clients: each gets its own name prefix.
+    // Client i's top is pinned to builder i (its feature).
     let clients: Vec<Client> = (0..NAMES.len())
         .map(|i| Client::new(&farm, logs, &salt, i, "c"))
         .collect::<anyhow::Result<_>>()?;
