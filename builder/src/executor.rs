@@ -1,5 +1,6 @@
 //! Runs one job with the local Nix, the way Nix's own remote builds do:
-//! start `nix-store --serve --write`, ask which inputs the store lacks, fetch
+//! take a `nix-store --serve --write` (one kept from an earlier job, see
+//! [`crate::local::ServePool`]; a claim job's own), ask which inputs the store lacks, fetch
 //! those from the cache (in parallel, verified) and add them in dependency order,
 //! send the derivation as a BasicDerivation (inputSrcs = the whole input
 //! closure, so no `.drv` files are needed locally), stream its stderr as the
@@ -13,6 +14,9 @@
 //! upload waits for the next session and starts again there (the coordinator
 //! keeps the job running on this builder meanwhile), rather than failing the
 //! job and having the build run again.
+//!
+//! Each job's phases (taking the local Nix, querying and fetching inputs, the
+//! build, the upload) are timed and logged with its end ("job phases").
 //!
 //! Scratch space is `STATE_DIR/tmp/job-*`, one directory per job, removed when
 //! the job ends; what a crash left there is removed when the executor starts.
@@ -36,7 +40,7 @@ use crate::config::BuilderConfig;
 use crate::error::BuilderError;
 use crate::jobs::{Execute, JobContext, cancel_message, failure, now_unix, status_for};
 use crate::link::{Link, current_link};
-use crate::local::LocalServe;
+use crate::local::{LocalServe, ServePool};
 use crate::logs::LogState;
 use crate::probe::NixBin;
 use crate::transfer;
@@ -63,6 +67,8 @@ pub(crate) struct NixExecutor {
     kill_grace: Duration,
     /// Keeps claim jobs apart from the others (see [`crate::claims`]).
     claims: StoreGuard,
+    /// Local Nix processes kept between (signed) jobs.
+    pool: Arc<ServePool>,
 }
 
 impl NixExecutor {
@@ -80,12 +86,14 @@ impl NixExecutor {
             );
         }
         let bin = NixBin::new(config.nix_bin_dir.clone()).with_store(config.store.clone());
+        let kill_grace = crate::local::kill_grace_for(config.shutdown_grace);
         Ok(NixExecutor {
             bin: bin.clone(),
-            claims: StoreGuard::new(&config.state_dir, bin),
+            claims: StoreGuard::new(&config.state_dir, bin.clone()),
+            pool: ServePool::new(bin, kill_grace),
             scratch,
             parallelism: config.download_parallelism.max(1),
-            kill_grace: crate::local::kill_grace_for(config.shutdown_grace),
+            kill_grace,
         })
     }
 
@@ -123,6 +131,46 @@ fn fail(status: JobStatus, message: impl Into<String>) -> Fail {
 struct Stats {
     downloaded: u64,
     uploaded: u64,
+}
+
+/// Where a job's time went, logged when it ends.
+#[derive(Default)]
+struct Phases {
+    /// Taking the local Nix (a new process or a kept one).
+    setup: Duration,
+    /// Asking the local store which inputs it has.
+    query: Duration,
+    /// Fetching and adding the missing ones.
+    fetch: Duration,
+    build: Duration,
+    /// Dumping and uploading the outputs.
+    upload: Duration,
+    reused: bool,
+}
+
+impl Phases {
+    fn log(&self, job_id: &str, total: Duration) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            job = %job_id,
+            total_ms = format_args!("{:.1}", ms(total)),
+            setup_ms = format_args!("{:.1}", ms(self.setup)),
+            query_ms = format_args!("{:.1}", ms(self.query)),
+            fetch_ms = format_args!("{:.1}", ms(self.fetch)),
+            build_ms = format_args!("{:.1}", ms(self.build)),
+            upload_ms = format_args!("{:.1}", ms(self.upload)),
+            reused = self.reused,
+            "job phases"
+        );
+    }
+}
+
+/// Time `f` into `slot`.
+async fn timed<T>(slot: &mut Duration, f: impl std::future::Future<Output = T>) -> T {
+    let t = Instant::now();
+    let r = f.await;
+    *slot += t.elapsed();
+    r
 }
 
 struct Built {
@@ -235,6 +283,8 @@ impl NixExecutor {
         };
         if let Some(owner) = &plan.claim {
             tracing::info!(job = %job.job_id, %owner, "claim job: the store is its alone");
+            // No kept process may hold temporary roots on what it will delete.
+            self.pool.drain().await;
         }
         // Made after `section`, so dropped before it: a claim job that ends
         // without its cleanup marks the store before releasing it.
@@ -263,13 +313,22 @@ impl NixExecutor {
             .prefix(SCRATCH_PREFIX)
             .tempdir_in(&self.scratch)
             .map_err(|e| fail(JobStatus::MiscFailure, format!("scratch directory: {e}")))?;
-        let mut serve =
+        let began = Instant::now();
+        let mut phases = Phases::default();
+        let taken = if plan.claim.is_some() {
+            // Its own process, stopped before its cleanup.
             LocalServe::spawn(&self.bin, &job.job_id, ctx.events.clone(), self.kill_grace)
                 .await
-                .map_err(|e| fail(JobStatus::MiscFailure, e.to_string()))?;
+                .map(|s| (s, false))
+        } else {
+            self.pool.acquire(&job.job_id, ctx.events.clone()).await
+        };
+        let (mut serve, reused) = taken.map_err(|e| fail(JobStatus::MiscFailure, e.to_string()))?;
+        phases.setup = began.elapsed();
+        phases.reused = reused;
 
         let outcome = tokio::select! {
-            r = self.steps(&job.job_id, plan, &link, &mut serve, scratch.path(), ctx, stats) => r,
+            r = self.steps(&job.job_id, plan, &link, &mut serve, scratch.path(), ctx, stats, &mut phases) => r,
             () = ctx.cancel.cancelled() => Err(Fail {
                 status: status_for(ctx.cancel.reason()),
                 message: cancel_message(ctx.cancel.reason()).to_owned(),
@@ -288,8 +347,13 @@ impl NixExecutor {
             if let Err(e) = serve.kill_tree().await {
                 tracing::warn!(job = %job.job_id, error = %e, "a claim job's processes outlived the kill");
             }
+            serve.finish().await;
+        } else if outcome.is_ok() {
+            self.pool.release(serve).await;
+        } else {
+            serve.finish().await;
         }
-        serve.finish().await;
+        phases.log(&job.job_id, began.elapsed());
         outcome
     }
 
@@ -303,6 +367,7 @@ impl NixExecutor {
         scratch: &std::path::Path,
         ctx: &JobContext,
         stats: &mut Stats,
+        phases: &mut Phases,
     ) -> Result<Built, Fail> {
         if plan.claim.is_some() {
             // Its outputs not valid yet will be unverified bytes: noted first.
@@ -322,9 +387,12 @@ impl NixExecutor {
                 .await
                 .map_err(|e| fail(JobStatus::MiscFailure, e))?;
         }
-        stats.downloaded = self.fetch_inputs(plan, link, serve, scratch).await?;
+        stats.downloaded = self
+            .fetch_inputs(plan, link, serve, scratch, phases)
+            .await?;
 
         serve.log.touch();
+        let build_began = Instant::now();
         let started = now_unix_u64();
         let build = serve
             .client
@@ -339,6 +407,8 @@ impl NixExecutor {
             }
         };
         let stopped = now_unix_u64();
+        phases.build = build_began.elapsed();
+        let upload_began = Instant::now();
         let status = match result.status {
             BuildStatus::Built | BuildStatus::Substituted | BuildStatus::AlreadyValid => None,
             BuildStatus::TimedOut => Some(JobStatus::TimedOut),
@@ -368,6 +438,7 @@ impl NixExecutor {
         for info in transfer::references_first(infos) {
             stats.uploaded += upload_output(job_id, &info, serve, ctx).await?;
         }
+        phases.upload = upload_began.elapsed();
         Ok(Built {
             outputs: plan
                 .outputs
@@ -394,19 +465,21 @@ impl NixExecutor {
         link: &Link,
         serve: &mut LocalServe,
         scratch: &std::path::Path,
+        phases: &mut Phases,
     ) -> Result<u64, Fail> {
         let input_err = |m: String| fail(JobStatus::InputError, m);
         let all: BTreeSet<StorePath> = plan.inputs.iter().cloned().collect();
-        let valid = serve
-            .client
-            .query_valid_paths(&all, false, false)
-            .await
-            .map_err(|e| {
-                input_err(format!(
-                    "querying the local store: {e}: {}",
-                    serve.log.tail()
-                ))
-            })?;
+        let valid = timed(
+            &mut phases.query,
+            serve.client.query_valid_paths(&all, false, false),
+        )
+        .await
+        .map_err(|e| {
+            input_err(format!(
+                "querying the local store: {e}: {}",
+                serve.log.tail()
+            ))
+        })?;
         let missing: Vec<StorePath> = plan
             .inputs
             .iter()
@@ -416,6 +489,7 @@ impl NixExecutor {
         if missing.is_empty() {
             return Ok(0);
         }
+        let fetch_began = Instant::now();
         tracing::info!(drv = %plan.drv_path, missing = missing.len(), of = plan.inputs.len(), "fetching inputs");
         let (infos, unsigned) = transfer::query_infos(link, &missing, plan.claim.is_some())
             .await
@@ -465,6 +539,7 @@ impl NixExecutor {
             drop(file);
             let _ = tokio::fs::remove_file(&dest).await;
         }
+        phases.fetch = fetch_began.elapsed();
         Ok(total)
     }
 }

@@ -1,7 +1,16 @@
 //! The local Nix, driven through `nix-store --serve --write` (the program Nix's
 //! own remote builds run; `--store URI` when the builder has a store of its
-//! own, see `BuilderConfig::store`): one process per job, in its own process group so a
+//! own, see `BuilderConfig::store`), each in its own process group so a
 //! cancelled or overdue build can be stopped whole. Its stderr is the build log.
+//!
+//! A process is reused by later jobs ([`ServePool`]: a Nix 2.8 start costs
+//! ~30 ms, more than a trivial build): a job that went well gives it back,
+//! its stderr moved to the next job's log. Claim jobs never use the pool, and
+//! it is emptied (each idle process exited, its temporary roots gone) before
+//! one starts: see [`crate::claims`]. An idle process is retired after
+//! [`POOL_IDLE`], and any after [`POOL_JOBS`] jobs or [`POOL_AGE`], so its
+//! temporary roots (which keep paths from the garbage collector) and Nix's
+//! in-process path-info cache never live long.
 //!
 //! Stopping: SIGINT to the process group first (Nix then kills the builder's own
 //! process group and cleans up), then, after a grace period ([`KILL_GRACE`],
@@ -23,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::error::BuilderError;
 use crate::jobs::Event;
-use crate::logs::{LogState, spawn_pump};
+use crate::logs::{LogPump, LogState, spawn_pump};
 use crate::probe::NixBin;
 use farm_nix::serve::ServeClient;
 
@@ -46,8 +55,11 @@ pub(crate) struct LocalServe {
     pub client: ServeClient<ChildStdout, ChildStdin>,
     /// Its stderr, forwarded as the job's log.
     pub log: Arc<LogState>,
-    pump: tokio::task::JoinHandle<()>,
+    pump: LogPump,
     kill_grace: Duration,
+    /// When it started, and how many jobs it has served.
+    born: std::time::Instant,
+    jobs: u32,
 }
 
 impl LocalServe {
@@ -79,7 +91,7 @@ impl LocalServe {
             Ok(c) => c,
             Err(e) => {
                 let _ = child.kill().await;
-                let _ = tokio::time::timeout(KILL_GRACE, pump).await;
+                let _ = tokio::time::timeout(KILL_GRACE, pump.task).await;
                 return Err(BuilderError::Nix(format!(
                     "nix-store --serve handshake: {e}: {}",
                     log.tail()
@@ -93,6 +105,8 @@ impl LocalServe {
             log,
             pump,
             kill_grace,
+            born: std::time::Instant::now(),
+            jobs: 1,
         })
     }
 
@@ -122,7 +136,7 @@ impl LocalServe {
         {
             killer.stop(&mut child).await;
         }
-        let _ = tokio::time::timeout(kill_grace.max(Duration::from_millis(500)), pump).await;
+        let _ = tokio::time::timeout(kill_grace.max(Duration::from_millis(500)), pump.task).await;
     }
 
     /// Stop the process group now (SIGINT, then SIGKILL of the whole tree
@@ -212,6 +226,148 @@ impl Killer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// An idle pooled process is retired after this long unused.
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(30);
+/// A pooled process is retired after this long in all.
+pub(crate) const POOL_AGE: Duration = Duration::from_secs(600);
+/// A pooled process is retired after this many jobs.
+pub(crate) const POOL_JOBS: u32 = 1000;
+/// How often idle processes are looked at.
+const POOL_SWEEP: Duration = Duration::from_secs(10);
+
+/// Local Nix processes kept between jobs (see the module's documentation).
+pub(crate) struct ServePool {
+    bin: NixBin,
+    kill_grace: Duration,
+    /// Idle processes, each with the time it was given back.
+    idle: std::sync::Mutex<Vec<(LocalServe, std::time::Instant)>>,
+    /// Retired processes still exiting.
+    retiring: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    sweeper: std::sync::Once,
+}
+
+impl ServePool {
+    pub(crate) fn new(bin: NixBin, kill_grace: Duration) -> Arc<ServePool> {
+        Arc::new(ServePool {
+            bin,
+            kill_grace,
+            idle: std::sync::Mutex::new(Vec::new()),
+            retiring: std::sync::Mutex::new(Vec::new()),
+            sweeper: std::sync::Once::new(),
+        })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(LocalServe, std::time::Instant)>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A local Nix for `job_id`, its stderr that job's log: an idle one if
+    /// there is one still fit for use, else a new one. Says whether it was reused.
+    pub(crate) async fn acquire(
+        &self,
+        job_id: &str,
+        events: mpsc::Sender<Event>,
+    ) -> Result<(LocalServe, bool), BuilderError> {
+        loop {
+            let next = self.idle().pop();
+            let Some((mut serve, since)) = next else {
+                let serve = LocalServe::spawn(&self.bin, job_id, events, self.kill_grace).await?;
+                return Ok((serve, false));
+            };
+            let exited = !matches!(serve.child.try_wait(), Ok(None));
+            if exited || since.elapsed() > POOL_IDLE || serve.worn() {
+                self.retire(serve);
+                continue;
+            }
+            serve.log = serve.pump.retarget(Some((job_id.to_owned(), events))).await;
+            serve.jobs += 1;
+            return Ok((serve, true));
+        }
+    }
+
+    /// Take back a process whose job went well (no request left half-done):
+    /// the log it wrote so far goes to that job before this returns.
+    pub(crate) async fn release(self: &Arc<Self>, mut serve: LocalServe) {
+        serve.log = serve.pump.retarget(None).await;
+        if serve.worn() {
+            self.retire(serve);
+            return;
+        }
+        self.idle().push((serve, std::time::Instant::now()));
+        self.sweeper.call_once(|| {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POOL_SWEEP).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    pool.sweep();
+                }
+            });
+        });
+    }
+
+    /// Retire the processes idle for too long.
+    fn sweep(&self) {
+        let stale: Vec<LocalServe> = {
+            let mut idle = self.idle();
+            let (stale, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|(s, since)| since.elapsed() > POOL_IDLE || s.worn());
+            *idle = keep;
+            stale.into_iter().map(|(s, _)| s).collect()
+        };
+        for serve in stale {
+            self.retire(serve);
+        }
+        self.retiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|h| !h.is_finished());
+    }
+
+    fn retire(&self, serve: LocalServe) {
+        let handle = tokio::spawn(serve.finish());
+        self.retiring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(handle);
+    }
+
+    /// Stop every idle process and wait until each has exited (and with it
+    /// its temporary roots): done before a claim job, which deletes paths.
+    pub(crate) async fn drain(&self) {
+        let idle: Vec<LocalServe> = std::mem::take(&mut *self.idle())
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let retiring = std::mem::take(
+            &mut *self
+                .retiring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if !idle.is_empty() {
+            tracing::info!(
+                processes = idle.len(),
+                "stopping the idle local nix processes before a claim job"
+            );
+        }
+        futures::future::join_all(idle.into_iter().map(LocalServe::finish)).await;
+        for h in retiring {
+            let _ = h.await;
+        }
+    }
+}
+
+impl LocalServe {
+    /// Due for retirement (by age or jobs served).
+    fn worn(&self) -> bool {
+        self.jobs >= POOL_JOBS || self.born.elapsed() > POOL_AGE
     }
 }
 
