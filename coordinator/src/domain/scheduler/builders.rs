@@ -11,19 +11,6 @@ pub struct NameTaken {
 }
 
 impl Scheduler {
-    /// Index a builder under each system it builds for (and nowhere else).
-    pub(super) fn index_builder(&mut self, rec: &BuilderRecord) {
-        for names in self.by_system.values_mut() {
-            names.remove(&rec.name);
-        }
-        for s in &rec.capabilities.systems {
-            self.by_system
-                .entry(s.clone())
-                .or_default()
-                .insert(rec.name.clone());
-        }
-    }
-
     /// An authenticated builder joins under `name` if the name is free, is
     /// bound to `public_key` already, or is bound to `replaces` (a key the
     /// caller found no longer enrolled): the check and the binding are one
@@ -37,7 +24,7 @@ impl Scheduler {
         running_jobs: &[String],
         now: i64,
     ) -> Result<(u64, bool), NameTaken> {
-        if let Some(e) = self.builders.get(name) {
+        if let Some(e) = self.entry(name) {
             let bound = e.rec.public_key.as_str();
             if bound != public_key && Some(bound) != replaces {
                 tracing::warn!(
@@ -56,18 +43,16 @@ impl Scheduler {
     /// running): their records and their names' bindings. Returns their names.
     pub fn forget_builders(&mut self, now: i64, older_than_ms: i64) -> Vec<String> {
         let cutoff = now.saturating_sub(older_than_ms);
-        let gone: Vec<String> = self
-            .builders
-            .iter()
-            .filter(|(_, e)| !e.online && e.running.is_empty() && e.rec.last_seen_ms < cutoff)
-            .map(|(n, _)| n.clone())
+        let mut gone: Vec<String> = self
+            .entries()
+            .filter(|e| !e.online && e.running.is_empty() && e.rec.last_seen_ms < cutoff)
+            .map(|e| e.rec.name.clone())
             .collect();
+        gone.sort();
         for name in &gone {
-            self.builders.remove(name);
-            for names in self.by_system.values_mut() {
-                names.remove(name);
+            if let Some(bx) = self.bx(name) {
+                self.remove_builder(bx);
             }
-            self.by_system.retain(|_, names| !names.is_empty());
             self.writes.push(Write::ForgetBuilder(name.clone()));
             tracing::info!(builder = %name, "builder record removed: not seen within the retention");
         }
@@ -91,7 +76,7 @@ impl Scheduler {
     ) -> (u64, bool) {
         let conn = self.next_conn;
         self.next_conn += 1;
-        let draining = self.builders.get(name).is_some_and(|e| e.rec.draining);
+        let draining = self.entry(name).is_some_and(|e| e.rec.draining);
         let rec = BuilderRecord {
             name: name.to_owned(),
             public_key: public_key.to_owned(),
@@ -99,24 +84,19 @@ impl Scheduler {
             last_seen_ms: now,
             draining,
         };
-        self.index_builder(&rec);
-        let entry = self
-            .builders
-            .entry(name.to_owned())
-            .or_insert_with(|| BuilderEntry {
-                rec: rec.clone(),
-                load: Load::default(),
-                online: true,
-                conn,
-                disconnected_ms: None,
-                running: BTreeSet::new(),
-                held: HashSet::new(),
-            });
+        let bx = match self.bx(name) {
+            Some(bx) => bx,
+            None => self.add_builder(BuilderEntry::new(rec.clone(), true, conn, None)),
+        };
+        let entry = self.builders[bx as usize]
+            .as_mut()
+            .expect("the slot of a known name is taken");
         entry.rec = rec;
         entry.online = true;
         entry.conn = conn;
         entry.disconnected_ms = None;
         let ours: Vec<BuildId> = entry.running.iter().copied().collect();
+        self.regroup(bx);
         self.persist_builder(name);
         tracing::info!(builder = name, conn, draining, "builder online");
         let reported: HashSet<&str> = running_jobs.iter().map(String::as_str).collect();
@@ -146,7 +126,10 @@ impl Scheduler {
 
     /// A builder's stream ended. Its jobs wait `grace_ms` for it to come back.
     pub fn builder_disconnected(&mut self, name: &str, conn: u64, now: i64) {
-        let Some(e) = self.builders.get_mut(name) else {
+        let Some(bx) = self.bx(name) else {
+            return;
+        };
+        let Some(e) = self.builders[bx as usize].as_mut() else {
             return;
         };
         if e.conn != conn || !e.online {
@@ -156,24 +139,33 @@ impl Scheduler {
         e.disconnected_ms = Some(now);
         e.rec.last_seen_ms = now;
         tracing::info!(builder = name, running = e.running.len(), "builder offline");
+        self.relist(bx);
         self.persist_builder(name);
     }
 
     /// A load report.
     pub fn builder_load(&mut self, name: &str, load: Load, now: i64) {
-        if let Some(e) = self.builders.get_mut(name) {
+        let Some(bx) = self.bx(name) else {
+            return;
+        };
+        if let Some(e) = self.builders[bx as usize].as_mut() {
             e.load = load;
             e.rec.last_seen_ms = now;
+            self.relist(bx);
         }
     }
 
     /// Drain (or undrain) a builder; false when unknown.
     pub fn set_drain(&mut self, name: &str, draining: bool) -> bool {
-        let Some(e) = self.builders.get_mut(name) else {
+        let Some(bx) = self.bx(name) else {
+            return false;
+        };
+        let Some(e) = self.builders[bx as usize].as_mut() else {
             return false;
         };
         e.rec.draining = draining;
         let online = e.online;
+        self.relist(bx);
         tracing::info!(builder = name, draining, "builder drain changed");
         self.persist_builder(name);
         if online {

@@ -38,11 +38,12 @@ impl Scheduler {
         required: &BTreeSet<String>,
         now: i64,
     ) -> bool {
-        self.by_system.get(system).is_some_and(|names| {
-            names.iter().any(|n| {
-                let e = &self.builders[n];
-                e.rec.capabilities.can_build(system, required)
-                    && (e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
+        self.by_system.get(system).is_some_and(|slots| {
+            slots.iter().any(|&bx| {
+                self.builders[bx as usize].as_ref().is_some_and(|e| {
+                    e.rec.capabilities.can_build(system, required)
+                        && (e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
+                })
             })
         })
     }
@@ -54,20 +55,15 @@ impl Scheduler {
         required: &BTreeSet<String>,
         now: i64,
     ) -> String {
-        let mut names: Vec<&String> = self
-            .builders
-            .iter()
-            .filter(|(_, e)| e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
-            .map(|(n, _)| n)
-            .collect();
-        names.sort();
-        let known: Vec<select::Known<'_>> = names
-            .iter()
-            .map(|n| select::Known {
-                name: n,
-                caps: &self.builders[*n].rec.capabilities,
+        let mut known: Vec<select::Known<'_>> = self
+            .entries()
+            .filter(|e| e.online || e.rec.last_seen_ms >= now - self.cfg.recent_window_ms)
+            .map(|e| select::Known {
+                name: &e.rec.name,
+                caps: &e.rec.capabilities,
             })
             .collect();
+        known.sort_by(|a, b| a.name.cmp(b.name));
         select::unschedulable_message(drv, system, required, &known)
     }
 
@@ -130,12 +126,15 @@ impl Scheduler {
             if b.rec.state.is_terminal() {
                 continue;
             }
-            if let BuildState::Running { builder, .. } = &b.rec.state {
-                let builder = builder.clone();
-                if let Some(e) = self.builders.get_mut(&builder) {
+            if let BuildState::Running { builder, .. } = &b.rec.state
+                && let Some(bx) = self.by_name.get(builder.as_str()).copied()
+            {
+                if let Some(e) = self.builders[bx as usize].as_mut() {
                     e.running.remove(&id);
                 }
+                self.relist(bx);
             }
+            let b = self.builds.get_mut(&id).expect("checked above");
             ended += 1;
             b.rec.error = error.clone();
             b.rec.finished_ms = Some(now);
@@ -206,11 +205,13 @@ impl Scheduler {
         if b.rec.state.is_terminal() {
             return;
         }
-        if let BuildState::Running { builder, .. } = &b.rec.state {
-            let builder = builder.clone();
-            if let Some(e) = self.builders.get_mut(&builder) {
+        if let BuildState::Running { builder, .. } = &b.rec.state
+            && let Some(bx) = self.by_name.get(builder.as_str()).copied()
+        {
+            if let Some(e) = self.builders[bx as usize].as_mut() {
                 e.running.remove(&id);
             }
+            self.relist(bx);
         }
         let b = self.builds.get_mut(&id).expect("checked above");
         if counts {
@@ -241,17 +242,17 @@ impl Scheduler {
     /// Periodic work: requeue the jobs of builders gone past their grace period,
     /// and fail runnable work whose wait for a matching builder ran out.
     pub fn tick(&mut self, now: i64) {
-        let expired: Vec<(String, Vec<BuildId>)> = self
-            .builders
-            .iter()
-            .filter(|(_, e)| {
+        let mut expired: Vec<(String, Vec<BuildId>)> = self
+            .entries()
+            .filter(|e| {
                 !e.online
                     && !e.running.is_empty()
                     && e.disconnected_ms
                         .is_some_and(|t| now - t >= self.cfg.grace_ms)
             })
-            .map(|(n, e)| (n.clone(), e.running.iter().copied().collect()))
+            .map(|e| (e.rec.name.clone(), e.running.iter().copied().collect()))
             .collect();
+        expired.sort();
         for (name, ids) in expired {
             for id in ids {
                 self.requeue(id, now, &format!("builder {name} vanished"), true);
@@ -260,10 +261,11 @@ impl Scheduler {
         let classes: Vec<Class> = self.ready.keys().cloned().collect();
         self.unmatched_since.retain(|c, _| classes.contains(c));
         for class in classes {
-            let online_capable = self.by_system.get(&class.system).is_some_and(|names| {
-                names.iter().any(|n| {
-                    let e = &self.builders[n];
-                    e.online && e.rec.capabilities.can_build(&class.system, &class.features)
+            let online_capable = self.by_system.get(&class.system).is_some_and(|slots| {
+                slots.iter().any(|&bx| {
+                    self.builders[bx as usize].as_ref().is_some_and(|e| {
+                        e.online && e.rec.capabilities.can_build(&class.system, &class.features)
+                    })
                 })
             });
             if online_capable {
@@ -292,61 +294,53 @@ impl Scheduler {
         }
     }
 
-    /// Match runnable builds to builders with free slots, best first.
+    /// Match runnable builds to builders with free slots, best first: the
+    /// best head among the classes some free, capable builder can take, on
+    /// the builder with the lowest score (ties to the lower name; see
+    /// [`free::choose`], which finds it without walking every builder).
     pub fn dispatch(&mut self, now: i64) {
+        let mut capable: Vec<usize> = Vec::new();
         loop {
-            // The best head among classes that some free, capable builder can take.
-            let mut best: Option<(ReadyKey, Class, Vec<String>)> = None;
+            let mut best: Option<(ReadyKey, &Class)> = None;
             for (class, queue) in &self.ready {
                 let Some(head) = queue.first() else { continue };
-                if best.as_ref().is_some_and(|(k, _, _)| k <= head) {
+                if best.as_ref().is_some_and(|(k, _)| k <= head) {
                     continue;
                 }
-                let Some(names) = self.by_system.get(&class.system) else {
-                    continue;
-                };
-                let candidates: Vec<String> = names
+                if self
+                    .groups
                     .iter()
-                    .filter(|n| {
-                        let e = &self.builders[*n];
-                        e.online
-                            && !e.rec.draining
-                            && (e.running.len() as u32) < e.rec.capabilities.max_jobs.max(1)
-                            && e.rec.capabilities.can_build(&class.system, &class.features)
-                    })
-                    .cloned()
-                    .collect();
-                if !candidates.is_empty() {
-                    best = Some((*head, class.clone(), candidates));
+                    .any(|g| g.has_free() && g.can_build(class))
+                {
+                    best = Some((*head, class));
                 }
             }
-            let Some((key, _class, candidates)) = best else {
+            let Some((key, class)) = best else {
                 break;
             };
+            self.free_groups(class, &mut capable);
             let id = key.id;
-            let b = &self.builds[&id];
-            let inputs = b.inputs.as_deref().unwrap_or(&[]);
-            let chosen = candidates
-                .iter()
-                .map(|n| {
-                    let e = &self.builders[n];
-                    let s = select::score(
-                        &e.rec.capabilities,
-                        &e.load,
-                        e.running.len(),
-                        &e.held,
-                        inputs,
-                    );
-                    (s, n)
-                })
-                .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)))
-                .map(|(_, n)| n.clone())
-                .expect("candidates is not empty");
-            self.start(id, &chosen, now);
+            let inputs = self.builds[&id].inputs.as_deref().unwrap_or(&[]);
+            let chosen = free::choose(
+                &self.builders,
+                &self.groups,
+                &capable,
+                &self.holders,
+                &mut self.marks,
+                inputs,
+            )
+            .expect("a capable group has a free builder");
+            self.start(id, chosen, now);
         }
     }
 
-    fn start(&mut self, id: BuildId, builder: &str, now: i64) {
+    fn start(&mut self, id: BuildId, bx: free::Bx, now: i64) {
+        let name: Arc<str> = self.builders[bx as usize]
+            .as_ref()
+            .expect("a chosen builder exists")
+            .name
+            .clone();
+        let builder: &str = &name;
         let b = self.builds.get_mut(&id).expect("queued build exists");
         b.rec.attempt += 1;
         b.rec.builder = Some(builder.to_owned());
@@ -378,15 +372,15 @@ impl Scheduler {
                 started_ms: now,
             },
         );
-        let e = self
-            .builders
-            .get_mut(builder)
-            .expect("candidate builder exists");
+        let e = self.builders[bx as usize]
+            .as_mut()
+            .expect("a chosen builder exists");
         e.running.insert(id);
         if e.held.len() + inputs.len() > MAX_HELD_PATHS {
-            e.held.clear();
+            self.forget_held(bx);
         }
-        e.held.extend(inputs);
+        self.hold(bx, inputs);
+        self.relist(bx);
         self.actions.push(Action::Dispatch(assignment));
         self.notify(
             id,
@@ -436,7 +430,7 @@ impl Scheduler {
         job: Option<&str>,
         path: &StorePath,
     ) -> Option<Option<String>> {
-        let e = self.builders.get(builder)?;
+        let e = self.entry(builder)?;
         let mut signed = false;
         let mut owners: BTreeSet<&String> = BTreeSet::new();
         for id in &e.running {
@@ -492,8 +486,8 @@ impl Scheduler {
                     .into_iter()
                     .map(|p| self.intern(p))
                     .collect();
-                if let Some(e) = self.builders.get_mut(builder) {
-                    e.held.extend(outputs);
+                if let Some(bx) = self.bx(builder) {
+                    self.hold(bx, outputs);
                 }
                 self.sweep_paths();
                 self.finish(id, Outcome::Built, None, now);

@@ -14,8 +14,10 @@
 //! - runnable builds wait in per-class queues (class = system + required
 //!   features), each ordered by priority, then the longest chain of unfinished
 //!   work waiting on the build, then age; a dispatch looks at each class's head
-//!   and at the builders indexed under its system only;
-//! - among capable builders with a free slot the lowest [`select::score`] wins;
+//!   and at the builders free now in the groups that can build it ([`free`]);
+//! - among capable builders with a free slot the lowest [`select::score`] wins
+//!   (ties to the lower name), found through the free-slot index's score
+//!   orders and the index of which builders hold which paths ([`free::choose`]);
 //! - a derivation is built once however many submissions ask for it,
 //!   except a claim build ([`BuildRecord::claim`]: a client's unverified
 //!   build-hook derivation), which is that client's alone and shares nothing;
@@ -27,6 +29,7 @@
 //! By concern: [`submissions`] (a graph in, shared builds, a submission's
 //! end), [`dispatch`] (a build from runnable to running to ended, retries,
 //! the periodic tick), [`builders`] (joining, leaving, draining, forgetting),
+//! [`free`] (builder slots, the free-slot index, who holds which path),
 //! [`jobs`] (a named job's run as its submission starts and ends),
 //! [`queries`] (what handlers read), [`select`] (the builder score); `sim`
 //! (with the `sim` feature, and in tests) simulates farms under this policy and
@@ -47,6 +50,7 @@
 
 mod builders;
 mod dispatch;
+mod free;
 mod jobs;
 mod queries;
 pub(crate) mod select;
@@ -61,6 +65,7 @@ use std::sync::Arc;
 use farm_nix::store_path::StorePath;
 
 use crate::domain::model::*;
+use free::{BuilderEntry, Bx};
 
 pub use builders::NameTaken;
 pub use dispatch::JobEnd;
@@ -163,16 +168,6 @@ impl Build {
     }
 }
 
-struct BuilderEntry {
-    rec: BuilderRecord,
-    load: Load,
-    online: bool,
-    conn: u64,
-    disconnected_ms: Option<i64>,
-    running: BTreeSet<BuildId>,
-    held: HashSet<Arc<StorePath>>,
-}
-
 /// The scheduler state.
 pub struct Scheduler {
     cfg: SchedulerConfig,
@@ -186,8 +181,21 @@ pub struct Scheduler {
     ready: BTreeMap<Class, BTreeSet<ReadyKey>>,
     /// Since when a class with runnable work has had no capable builder online.
     unmatched_since: HashMap<Class, i64>,
-    builders: HashMap<String, BuilderEntry>,
-    by_system: HashMap<String, BTreeSet<String>>,
+    /// Builders by slot ([`free::Bx`]); a forgotten one's slot is reused.
+    builders: Vec<Option<BuilderEntry>>,
+    by_name: HashMap<String, Bx>,
+    spare_slots: Vec<Bx>,
+    by_system: HashMap<String, BTreeSet<Bx>>,
+    /// Builders by what they can build, with the free ones in score order.
+    groups: Vec<free::Group>,
+    /// Which builders hold each path (by the interned path's address).
+    holders: free::AddrMap<Vec<Bx>>,
+    /// Scratch for [`free::choose`].
+    marks: free::Marks,
+    /// Per unfinished submission, its first build that may still be
+    /// unfinished (builds before it have ended: a submission's end is
+    /// checked from there, not from its first build).
+    open_from: HashMap<SubmissionId, BuildId>,
     next_conn: u64,
     /// Changed records not yet taken ([`Scheduler::take_writes`]).
     writes: Vec<Write>,
@@ -208,8 +216,14 @@ impl Scheduler {
             submissions: HashMap::new(),
             ready: BTreeMap::new(),
             unmatched_since: HashMap::new(),
-            builders: HashMap::new(),
+            builders: Vec::new(),
+            by_name: HashMap::new(),
+            spare_slots: Vec::new(),
             by_system: HashMap::new(),
+            groups: Vec::new(),
+            holders: free::AddrMap::default(),
+            marks: free::Marks::default(),
+            open_from: HashMap::new(),
             next_conn: 1,
             paths: HashSet::new(),
             paths_swept: 0,
@@ -228,19 +242,7 @@ impl Scheduler {
     pub fn load(cfg: SchedulerConfig, loaded: Loaded, now: i64) -> Scheduler {
         let mut s = Scheduler::new(cfg);
         for rec in loaded.builders {
-            s.index_builder(&rec);
-            s.builders.insert(
-                rec.name.clone(),
-                BuilderEntry {
-                    rec,
-                    load: Load::default(),
-                    online: false,
-                    conn: 0,
-                    disconnected_ms: Some(now),
-                    running: BTreeSet::new(),
-                    held: HashSet::new(),
-                },
-            );
+            s.add_builder(BuilderEntry::new(rec, false, 0, Some(now)));
         }
         for rec in loaded.builds {
             // A claim build is nobody else's to share.
@@ -273,7 +275,7 @@ impl Scheduler {
             let b = &s.builds[id];
             match b.rec.state.clone() {
                 BuildState::Running { builder, .. } => {
-                    if let Some(e) = s.builders.get_mut(&builder) {
+                    if let Some(e) = s.entry_mut(&builder) {
                         e.running.insert(*id);
                     } else {
                         // Its builder is unknown: requeue it straight away.
@@ -329,7 +331,7 @@ impl Scheduler {
 
     /// A builder's record changed: write it.
     fn persist_builder(&mut self, name: &str) {
-        if let Some(b) = self.builders.get(name) {
+        if let Some(b) = self.entry(name) {
             self.writes.push(Write::Builder(Box::new(b.rec.clone())));
         }
     }

@@ -79,8 +79,7 @@ impl Scheduler {
     /// Every known builder.
     pub fn builders(&self) -> Vec<BuilderView> {
         let mut v: Vec<BuilderView> = self
-            .builders
-            .values()
+            .entries()
             .map(|e| BuilderView {
                 record: e.rec.clone(),
                 load: e.load.clone(),
@@ -94,8 +93,7 @@ impl Scheduler {
 
     /// The online builders' public keys by name.
     pub fn builder_key(&self, name: &str) -> Option<(String, bool)> {
-        self.builders
-            .get(name)
+        self.entry(name)
             .map(|e| (e.rec.public_key.clone(), e.online))
     }
 
@@ -140,8 +138,7 @@ impl Scheduler {
     /// Running builds.
     pub fn running(&self) -> Vec<Arc<BuildView>> {
         let mut v: Vec<Arc<BuildView>> = self
-            .builders
-            .values()
+            .entries()
             .flat_map(|e| e.running.iter())
             .filter_map(|id| self.builds.get(id))
             .filter(|b| matches!(b.rec.state, BuildState::Running { .. }))

@@ -18,6 +18,7 @@ use crate::domain::model::{Capabilities, Load};
 /// of the input closure's bytes it does not hold.
 /// (Paths are anything that borrows as a [`StorePath`]: the scheduler passes
 /// its interned `Arc<StorePath>`s.)
+#[cfg_attr(not(test), allow(dead_code))] // the scheduler scores through `score_with`
 pub(crate) fn score<H, P>(
     caps: &Capabilities,
     load: &Load,
@@ -29,6 +30,35 @@ where
     H: Borrow<StorePath> + Hash + Eq,
     P: Borrow<StorePath>,
 {
+    score_with(base(caps, load, running), inputs, |p| {
+        held.contains(p.borrow())
+    })
+}
+
+/// The part of [`score`] that does not depend on the build: the first factor
+/// `1 + busy + load/2 + pressure` and the speed factor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Base {
+    pub(crate) factor: f64,
+    pub(crate) speed: f64,
+}
+
+impl Base {
+    /// The score when the builder holds every input byte (or there are none):
+    /// a lower bound of its score for any build.
+    pub(crate) fn warm(&self) -> f64 {
+        combine(*self, 0.0)
+    }
+
+    /// The score when it holds none of the input bytes: an upper bound, and
+    /// its exact score for a build whose inputs it holds none of.
+    pub(crate) fn cold(&self) -> f64 {
+        combine(*self, 1.0)
+    }
+}
+
+/// [`Base`] of a builder with `running` jobs.
+pub(crate) fn base(caps: &Capabilities, load: &Load, running: usize) -> Base {
     let slots = caps.max_jobs.max(1) as f64;
     let busy = running as f64 / slots;
     let cores = caps.cores.max(1) as f64;
@@ -48,18 +78,35 @@ where
     } else {
         1.0
     };
-    let total: u64 = inputs.iter().map(|(_, s)| *s).sum();
-    let missing: u64 = inputs
-        .iter()
-        .filter(|(p, _)| !held.contains(p.borrow()))
-        .map(|(_, s)| *s)
-        .sum();
+    Base {
+        factor: 1.0 + busy + 0.5 * per_core + pressure,
+        speed,
+    }
+}
+
+/// [`score`] from a builder's [`Base`] and whether it holds each input.
+/// Exactly [`Base::warm`] when there are no input bytes and exactly
+/// [`Base::cold`] when it holds none of them (the same operations in the
+/// same order), and never below `warm` (rounding is monotonic).
+pub(crate) fn score_with<P>(base: Base, inputs: &[(P, u64)], holds: impl Fn(&P) -> bool) -> f64 {
+    let mut total: u64 = 0;
+    let mut missing: u64 = 0;
+    for (p, s) in inputs {
+        total += *s;
+        if !holds(p) {
+            missing += *s;
+        }
+    }
     let transfer = if total > 0 {
         missing as f64 / total as f64
     } else {
         0.0
     };
-    (1.0 + busy + 0.5 * per_core + pressure) * (1.0 + 0.5 * transfer) / speed
+    combine(base, transfer)
+}
+
+fn combine(base: Base, transfer: f64) -> f64 {
+    base.factor * (1.0 + 0.5 * transfer) / base.speed
 }
 
 /// A builder as the unschedulable message describes it.

@@ -754,6 +754,21 @@ impl Scheduler {
         if sub.done {
             return;
         }
+        // Builds end for good, so the first unfinished one only moves
+        // forward: each check starts where the last one stopped (linear in
+        // the submission's size over its whole life, not per check).
+        if !sub.cancelled {
+            let from = self.open_from.get(&sid).copied().unwrap_or(0);
+            let open = sub.builds.range(from..).find(|id| {
+                self.builds
+                    .get(id)
+                    .is_some_and(|b| !b.rec.state.is_terminal())
+            });
+            if let Some(&open) = open {
+                self.open_from.insert(sid, open);
+                return;
+            }
+        }
         let mut built = 0u32;
         let mut cached = sub.cached.len() as u32;
         let mut failed = 0u32;
@@ -820,6 +835,7 @@ impl Scheduler {
             }
         }
         self.submissions.remove(&sid);
+        self.open_from.remove(&sid);
     }
 
     /// Cancel a submission: builds only it needs are cancelled; shared builds go

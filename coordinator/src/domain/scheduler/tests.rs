@@ -1224,3 +1224,140 @@ fn claim_builds_are_never_shared_and_their_outputs_are_claims() {
     let back: BuildRecord = serde_json::from_str(&json).unwrap();
     assert_eq!(back, rec);
 }
+
+/// The free-slot index (`free::choose`) picks the builder a walk over every
+/// capable builder with a free slot picks (lowest `select::score`, ties to
+/// the lower name), on a farm with equal speed factors (ties), loads,
+/// features, busy builders and paths held by few and by many builders (both
+/// of `choose`'s ways).
+#[test]
+fn free_slot_index_picks_what_a_walk_over_every_builder_picks() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut s = sched();
+    for i in 0..150 {
+        let systems: &[&str] = if i % 7 == 0 {
+            &["x86_64-linux", "aarch64-linux"]
+        } else {
+            &["x86_64-linux"]
+        };
+        let supported: &[&str] = if i % 3 == 0 { &["kvm"] } else { &[] };
+        let mandatory: &[&str] = if i % 11 == 0 { &["big"] } else { &[] };
+        let c = caps(
+            systems,
+            supported,
+            mandatory,
+            1 + (i % 3) as u32,
+            [1.0, 2.0, 4.0][i % 3],
+        );
+        let name = format!("b{:03}", rnd(1000));
+        s.builder_connected(&name, &format!("ssh-ed25519 k{i}"), c, &[], 1);
+        if i % 5 == 0 {
+            let load = Load {
+                load_avg_1: rnd(8) as f64,
+                ..Load::default()
+            };
+            s.builder_load(&name, load, 1);
+        }
+    }
+    let pool: Vec<Arc<StorePath>> = (0..40).map(|i| s.intern(sp(&format!("in{i}")))).collect();
+    let n_slots = s.builders.len() as u32;
+    for bx in 0..n_slots {
+        // Path 0 and 1 are held by most builders (more than choose's "few").
+        let mut held: Vec<Arc<StorePath>> = pool[..2].to_vec();
+        for _ in 0..rnd(6) {
+            held.push(pool[rnd(40) as usize].clone());
+        }
+        if rnd(4) != 0 {
+            s.hold(bx, held);
+        }
+    }
+    let features: [&[&str]; 3] = [&[], &["kvm"], &["big"]];
+    let builds: Vec<NewBuild> = (0..400)
+        .map(|i| {
+            let system = if i % 9 == 0 {
+                "aarch64-linux"
+            } else {
+                "x86_64-linux"
+            };
+            nb(&format!("fsi{i}"), system, features[i % 3], &[])
+        })
+        .collect();
+    s.submit_test(graph(builds, &[]), 1).unwrap();
+    let mut checked = (0, 0);
+    for round in 0..4 {
+        for a in s.take_actions() {
+            if let Action::Prepare { build } = a {
+                let k = 1 + rnd(4);
+                let inputs = (0..k)
+                    .map(|_| {
+                        let p = rnd(40) as usize;
+                        ((*pool[p]).clone(), [0, 1, 1 << 20, 3 << 10][p % 4])
+                    })
+                    .collect();
+                s.set_ready(build, inputs);
+            }
+        }
+        let queued: Vec<(Class, BuildId)> = s
+            .ready
+            .iter()
+            .flat_map(|(c, q)| q.iter().map(move |k| (c.clone(), k.id)))
+            .collect();
+        for (class, id) in queued {
+            let inputs = s.builds[&id].inputs.as_deref().unwrap_or(&[]);
+            let walk = s
+                .entries()
+                .filter(|e| {
+                    e.online
+                        && !e.rec.draining
+                        && (e.running.len() as u32) < e.rec.capabilities.max_jobs.max(1)
+                        && e.rec.capabilities.can_build(&class.system, &class.features)
+                })
+                .map(|e| {
+                    let held: HashSet<Arc<StorePath>> = e.held.values().cloned().collect();
+                    let score =
+                        select::score(&e.rec.capabilities, &e.load, e.running.len(), &held, inputs);
+                    (score, e.rec.name.clone())
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)))
+                .map(|(_, n)| n);
+            let mut capable = Vec::new();
+            s.free_groups(&class, &mut capable);
+            let mut marks = free::Marks::default();
+            let chosen = free::choose(
+                &s.builders,
+                &s.groups,
+                &capable,
+                &s.holders,
+                &mut marks,
+                inputs,
+            )
+            .map(|bx| s.builders[bx as usize].as_ref().unwrap().rec.name.clone());
+            assert_eq!(chosen, walk, "round {round}, build b{id} of {class:?}");
+            if chosen.is_some() {
+                checked.0 += 1;
+            } else {
+                checked.1 += 1;
+            }
+        }
+        // Fill some slots, so later rounds see busy builders.
+        s.dispatch(2 + round);
+        let started: Vec<Assignment> = s
+            .take_actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Dispatch(j) => Some(j),
+                _ => None,
+            })
+            .collect();
+        for j in started.iter().step_by(2) {
+            s.job_ended(&j.builder, &j.job_id, JobEnd::Built, 3 + round);
+        }
+    }
+    assert!(checked.0 > 300, "too few decisions checked: {checked:?}");
+}
