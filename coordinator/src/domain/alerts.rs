@@ -725,7 +725,7 @@ mod tests {
             kinds(&r),
             [(AlertKind::BuilderMemoryLow, AlertState::Resolved, "b1")]
         );
-        assert!(a.evaluate(&with(1000, 1000), 4 * MIN + 1).len() == 0);
+        assert!(a.evaluate(&with(1000, 1000), 4 * MIN + 1).is_empty());
         let r = a.evaluate(&with(1000, 1000), 5 * MIN + 1);
         assert_eq!(
             kinds(&r),
