@@ -77,10 +77,12 @@ fn receiver(rt: &tokio::runtime::Runtime) -> anyhow::Result<(String, Log)> {
 
 /// An alert as either target delivered it: (kind, state, subject).
 type Seen = (String, String, String);
+/// The ntfy messages and the webhook calls, each with what it announced.
+type Delivered = (Vec<(Received, Seen)>, Vec<(serde_json::Value, Seen)>);
 
 /// What the receiver got so far: the ntfy messages (by their tags and
 /// title) and the webhook calls (by their JSON), each checked for shape.
-fn seen(log: &Log) -> anyhow::Result<(Vec<(Received, Seen)>, Vec<(serde_json::Value, Seen)>)> {
+fn seen(log: &Log) -> anyhow::Result<Delivered> {
     let all = log.lock().unwrap().clone();
     let (mut ntfy, mut hook) = (Vec::new(), Vec::new());
     for r in all {
