@@ -101,6 +101,18 @@ let
     ++ flag "--tls" cfg.tls.mode
     ++ fileFlag "--tls-cert" cfg.tls.certificateFile
     ++ credentialFlag "--tls-key" "tls-key" cfg.tls.keyFile
+    ++ optionals (cfg.alerts.ntfyUrl != null) (flag "--alert-ntfy" cfg.alerts.ntfyUrl)
+    ++ credentialFlag "--alert-ntfy-file" "alert-ntfy" cfg.alerts.ntfyUrlFile
+    ++ optionals (cfg.alerts.webhookUrl != null) (flag "--alert-webhook" cfg.alerts.webhookUrl)
+    ++ credentialFlag "--alert-webhook-file" "alert-webhook" cfg.alerts.webhookUrlFile
+    ++ flag "--alert-builder-offline" (toString cfg.alerts.builderOfflineSeconds)
+    ++ flag "--alert-disk-free" (toString cfg.alerts.diskFreeBytes)
+    ++ flag "--alert-memory-available" (toString cfg.alerts.memoryAvailableBytes)
+    ++ flag "--alert-load-hold" (toString cfg.alerts.loadHoldSeconds)
+    ++ optionals (cfg.alerts.jobs != [ ]) (flag "--alert-jobs" (lib.concatStringsSep "," cfg.alerts.jobs))
+    ++ flag "--alert-cache-bytes" (toString cfg.alerts.cacheMaxBytes)
+    ++ flag "--alert-flush-slow-ms" (toString cfg.alerts.flushSlowMs)
+    ++ flag "--alert-flush-window" (toString cfg.alerts.flushWindowSeconds)
     ++ fileFlag "--config" settingsFile;
 
   privilegedPort = builtins.any (l: l.port != 0 && l.port < 1024) [
@@ -254,6 +266,94 @@ in
       };
     };
 
+    alerts = {
+      ntfyUrl = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://ntfy.sh/my-farm-alerts";
+        description = ''
+          ntfy topic URL alerts are published to (message body, with Title,
+          Priority and Tags headers). It lands in the world-readable Nix
+          store: a topic that is its own secret belongs in
+          {option}`alerts.ntfyUrlFile`. With neither target set, no alerts
+          are evaluated.
+        '';
+      };
+      ntfyUrlFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/run/secrets/nix-farm-ntfy-url";
+        description = ''
+          File whose first line is the ntfy topic URL, passed as a systemd
+          credential (sops-nix, agenix). Not a Nix path literal: it would be
+          copied to the store.
+        '';
+      };
+      webhookUrl = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://hooks.example.org/farm";
+        description = ''
+          URL each alert is POSTed to as JSON: `{"alert", "state":
+          "firing"|"resolved", "subject", "message", "title", "at"}`. A URL
+          carrying a token belongs in {option}`alerts.webhookUrlFile`.
+        '';
+      };
+      webhookUrlFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/run/secrets/nix-farm-webhook-url";
+        description = "File whose first line is the webhook URL, passed as a systemd credential.";
+      };
+      builderOfflineSeconds = mkOption {
+        type = types.ints.positive;
+        default = 300;
+        description = "A builder (not drained) offline this many seconds alerts.";
+      };
+      diskFreeBytes = mkOption {
+        type = types.ints.unsigned;
+        default = 5368709120;
+        description = "A connected builder reporting less free disk in its Nix store alerts; 0: never.";
+      };
+      memoryAvailableBytes = mkOption {
+        type = types.ints.unsigned;
+        default = 1073741824;
+        description = "A connected builder reporting less available memory alerts; 0: never.";
+      };
+      loadHoldSeconds = mkOption {
+        type = types.ints.unsigned;
+        default = 120;
+        description = "How long low disk or memory must last before it alerts, and be over before it recovers.";
+      };
+      jobs = mkOption {
+        type = types.listOf (types.strMatching "[A-Za-z0-9._/+-]+");
+        default = [ ];
+        example = [ "ci/app" ];
+        description = ''
+          Named jobs (`farm build --job NAME`) to watch: one alert when one
+          goes from passing to failing, one when it passes again.
+        '';
+      };
+      cacheMaxBytes = mkOption {
+        type = types.ints.unsigned;
+        default = 0;
+        description = "The binary cache storing more than this many (compressed) bytes alerts; 0: never.";
+      };
+      flushSlowMs = mkOption {
+        type = types.ints.unsigned;
+        default = 1000;
+        description = ''
+          State database flushes taking longer than this many milliseconds on
+          average over {option}`alerts.flushWindowSeconds` alert; 0: never.
+        '';
+      };
+      flushWindowSeconds = mkOption {
+        type = types.ints.positive;
+        default = 60;
+        description = "The window the flush average is taken over.";
+      };
+    };
+
     settings = mkOption {
       type = types.submodule { freeformType = farmLib.toml.type; };
       default = { };
@@ -279,6 +379,14 @@ in
       {
         assertion = (cfg.tls.certificateFile == null) == (cfg.tls.keyFile == null);
         message = "services.nix-farm.coordinator: set both tls.certificateFile and tls.keyFile, or neither.";
+      }
+      {
+        assertion = cfg.alerts.ntfyUrl == null || cfg.alerts.ntfyUrlFile == null;
+        message = "services.nix-farm.coordinator: set alerts.ntfyUrl or alerts.ntfyUrlFile, not both.";
+      }
+      {
+        assertion = cfg.alerts.webhookUrl == null || cfg.alerts.webhookUrlFile == null;
+        message = "services.nix-farm.coordinator: set alerts.webhookUrl or alerts.webhookUrlFile, not both.";
       }
     ];
 
@@ -312,7 +420,9 @@ in
         WorkingDirectory = cfg.stateDir;
         LoadCredential =
           optional (cfg.cacheKeyFile != null) "cache-key:${cfg.cacheKeyFile}"
-          ++ optional (cfg.tls.keyFile != null) "tls-key:${cfg.tls.keyFile}";
+          ++ optional (cfg.tls.keyFile != null) "tls-key:${cfg.tls.keyFile}"
+          ++ optional (cfg.alerts.ntfyUrlFile != null) "alert-ntfy:${cfg.alerts.ntfyUrlFile}"
+          ++ optional (cfg.alerts.webhookUrlFile != null) "alert-webhook:${cfg.alerts.webhookUrlFile}";
         Restart = "on-failure";
         RestartSec = 5;
         UMask = "0077";

@@ -205,6 +205,70 @@ pub struct Args {
     /// carry in all [default: 524288].
     #[arg(long, env = "FARM_NIX_MAX_MESSAGE_ITEMS", value_name = "N")]
     pub nix_max_message_items: Option<u64>,
+    /// Send alerts to this ntfy topic (`https://ntfy.sh/TOPIC`): each is
+    /// POSTed as the message body with Title, Priority and Tags headers.
+    /// Logs name it by scheme and host only [default: none].
+    #[arg(
+        long,
+        env = "FARM_ALERT_NTFY",
+        value_name = "URL",
+        conflicts_with = "alert_ntfy_file"
+    )]
+    pub alert_ntfy: Option<String>,
+    /// Read the ntfy topic URL from this file (a secret: keeps it off the
+    /// command line).
+    #[arg(long, env = "FARM_ALERT_NTFY_FILE", value_name = "FILE")]
+    pub alert_ntfy_file: Option<PathBuf>,
+    /// Send alerts to this URL as JSON: POST {"alert", "state":
+    /// "firing"|"resolved", "subject", "message", "title", "at"}
+    /// [default: none].
+    #[arg(
+        long,
+        env = "FARM_ALERT_WEBHOOK",
+        value_name = "URL",
+        conflicts_with = "alert_webhook_file"
+    )]
+    pub alert_webhook: Option<String>,
+    /// Read the webhook URL from this file (a secret).
+    #[arg(long, env = "FARM_ALERT_WEBHOOK_FILE", value_name = "FILE")]
+    pub alert_webhook_file: Option<PathBuf>,
+    /// Alert when a builder (not drained) is offline this many seconds
+    /// [default: 300].
+    #[arg(long, env = "FARM_ALERT_BUILDER_OFFLINE", value_name = "SECS")]
+    pub alert_builder_offline: Option<u64>,
+    /// Alert when a connected builder reports less free disk in its Nix
+    /// store than this; 0: never [default: 5368709120 = 5 GiB].
+    #[arg(long, env = "FARM_ALERT_DISK_FREE", value_name = "BYTES")]
+    pub alert_disk_free: Option<u64>,
+    /// Alert when a connected builder reports less available memory than
+    /// this; 0: never [default: 1073741824 = 1 GiB].
+    #[arg(long, env = "FARM_ALERT_MEMORY_AVAILABLE", value_name = "BYTES")]
+    pub alert_memory_available: Option<u64>,
+    /// Seconds low disk or memory must last before it alerts, and be over
+    /// before it recovers [default: 120].
+    #[arg(long, env = "FARM_ALERT_LOAD_HOLD", value_name = "SECS")]
+    pub alert_load_hold: Option<u64>,
+    /// Named jobs (`farm build --job`) to watch: one alert when one goes
+    /// from passing to failing, one when it passes again (comma-separated)
+    /// [default: none].
+    #[arg(
+        long,
+        env = "FARM_ALERT_JOBS",
+        value_name = "NAME,…",
+        value_delimiter = ','
+    )]
+    pub alert_jobs: Option<Vec<String>>,
+    /// Alert when the binary cache stores more than this many (compressed)
+    /// bytes; 0: never [default: 0].
+    #[arg(long, env = "FARM_ALERT_CACHE_BYTES", value_name = "BYTES")]
+    pub alert_cache_bytes: Option<u64>,
+    /// Alert when state database flushes take longer than this on average
+    /// over --alert-flush-window; 0: never [default: 1000].
+    #[arg(long, env = "FARM_ALERT_FLUSH_SLOW_MS", value_name = "MS")]
+    pub alert_flush_slow_ms: Option<u64>,
+    /// Seconds the flush average is taken over [default: 60].
+    #[arg(long, env = "FARM_ALERT_FLUSH_WINDOW", value_name = "SECS")]
+    pub alert_flush_window: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, by their long names.
@@ -248,6 +312,18 @@ pub struct FileConfig {
     pub ssh_max_sessions_per_key: Option<usize>,
     pub nix_max_message_bytes: Option<u64>,
     pub nix_max_message_items: Option<u64>,
+    pub alert_ntfy: Option<String>,
+    pub alert_ntfy_file: Option<PathBuf>,
+    pub alert_webhook: Option<String>,
+    pub alert_webhook_file: Option<PathBuf>,
+    pub alert_builder_offline: Option<u64>,
+    pub alert_disk_free: Option<u64>,
+    pub alert_memory_available: Option<u64>,
+    pub alert_load_hold: Option<u64>,
+    pub alert_jobs: Option<Vec<String>>,
+    pub alert_cache_bytes: Option<u64>,
+    pub alert_flush_slow_ms: Option<u64>,
+    pub alert_flush_window: Option<u64>,
     /// The cache's own `CacheConfig` (which refuses unknown keys too); its
     /// `storage` defaults to the local directory.
     pub cache: Option<toml::Table>,
@@ -317,6 +393,10 @@ pub struct CoordinatorConfig {
     pub ssh_limits: crate::nix_endpoint::ssh::SshLimits,
     /// Per-item and per-message bounds of the Nix protocols.
     pub nix_limits: farm_nix::wire::Limits,
+    /// Where alerts go (none: no alerts are evaluated).
+    pub alert_targets: crate::alerting::AlertTargets,
+    /// What alerts, and when.
+    pub alerts: crate::domain::alerts::AlertConfig,
 }
 
 #[cfg(test)]
@@ -364,6 +444,8 @@ impl CoordinatorConfig {
             jobs: Default::default(),
             ssh_limits: crate::nix_endpoint::ssh::SshLimits::default(),
             nix_limits: farm_nix::wire::Limits::default(),
+            alert_targets: Default::default(),
+            alerts: Default::default(),
         }
     }
 
@@ -418,7 +500,66 @@ impl CoordinatorConfig {
         if let Some(p) = args.cache_priority.or(file.cache_priority) {
             cache.priority = p;
         }
+        let target = |url: Option<String>, file: Option<PathBuf>, what: &str| match (url, file) {
+            (Some(u), _) => Ok(Some(u)),
+            (None, Some(path)) => read_secret(&path, what).map(Some),
+            (None, None) => Ok(None),
+        };
+        let alert_targets = crate::alerting::AlertTargets {
+            ntfy: target(
+                args.alert_ntfy.or(file.alert_ntfy),
+                args.alert_ntfy_file.or(file.alert_ntfy_file),
+                "alert-ntfy-file",
+            )?,
+            webhook: target(
+                args.alert_webhook.or(file.alert_webhook),
+                args.alert_webhook_file.or(file.alert_webhook_file),
+                "alert-webhook-file",
+            )?,
+        };
+        let da = d.alerts.clone();
+        let secs_ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let alerts = crate::domain::alerts::AlertConfig {
+            builder_offline_ms: args
+                .alert_builder_offline
+                .or(file.alert_builder_offline)
+                .map_or(da.builder_offline_ms, secs_ms),
+            disk_free_min_bytes: args
+                .alert_disk_free
+                .or(file.alert_disk_free)
+                .unwrap_or(da.disk_free_min_bytes),
+            memory_available_min_bytes: args
+                .alert_memory_available
+                .or(file.alert_memory_available)
+                .unwrap_or(da.memory_available_min_bytes),
+            load_hold_ms: args
+                .alert_load_hold
+                .or(file.alert_load_hold)
+                .map_or(da.load_hold_ms, secs_ms),
+            watched_jobs: args
+                .alert_jobs
+                .or(file.alert_jobs)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|j| j.trim().to_owned())
+                .filter(|j| !j.is_empty())
+                .collect(),
+            cache_max_bytes: args
+                .alert_cache_bytes
+                .or(file.alert_cache_bytes)
+                .unwrap_or(da.cache_max_bytes),
+            flush_slow_ms: args
+                .alert_flush_slow_ms
+                .or(file.alert_flush_slow_ms)
+                .unwrap_or(da.flush_slow_ms),
+            flush_window_ms: args
+                .alert_flush_window
+                .or(file.alert_flush_window)
+                .map_or(da.flush_window_ms, |s| secs_ms(s.max(1))),
+        };
         Ok(CoordinatorConfig {
+            alert_targets,
+            alerts,
             grpc: args.grpc.or(file.grpc).unwrap_or(d.grpc),
             http: args.http.or(file.http).unwrap_or(d.http),
             ssh: args.ssh.or(file.ssh).unwrap_or(d.ssh),
@@ -588,6 +729,21 @@ pub fn host_for(ip: IpAddr) -> String {
 /// Most bytes a config file may have.
 const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
+/// A secret held in a file (a URL with a token): its first line.
+fn read_secret(path: &Path, what: &str) -> Result<String, CoordinatorError> {
+    let bad = |why: String| CoordinatorError::Config(format!("{what} {}: {why}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.len() > 64 * 1024 {
+        return Err(bad("file too large".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    Ok(line.to_owned())
+}
+
 fn read_file_config(path: &Path) -> Result<FileConfig, CoordinatorError> {
     let bad = |why: String| CoordinatorError::Config(format!("{}: {why}", path.display()));
     let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
@@ -688,6 +844,50 @@ mod tests {
         let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s", "--retain-days", "3"]))
             .unwrap();
         assert_eq!(c.retention.max_age_ms, Some(3 * 86_400_000));
+    }
+
+    #[test]
+    fn alert_settings() {
+        let c = CoordinatorConfig::from_args(parse(&["--state-dir", "/s"])).unwrap();
+        assert!(c.alert_targets.is_empty());
+        assert_eq!(c.alerts, crate::domain::alerts::AlertConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("hook");
+        std::fs::write(&secret, "http://127.0.0.1:9/hook/tok\n").unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "state-dir = \"/s\"\nalert-webhook-file = {:?}\nalert-jobs = [\"ci/a\"]\nalert-disk-free = 7\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let c = CoordinatorConfig::from_args(parse(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--alert-ntfy",
+            "https://ntfy.example.org/t",
+            "--alert-builder-offline",
+            "3",
+            "--alert-jobs",
+            "x,y",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.alert_targets.ntfy.as_deref(),
+            Some("https://ntfy.example.org/t")
+        );
+        assert_eq!(
+            c.alert_targets.webhook.as_deref(),
+            Some("http://127.0.0.1:9/hook/tok")
+        );
+        assert_eq!(c.alerts.builder_offline_ms, 3000);
+        assert_eq!(c.alerts.disk_free_min_bytes, 7);
+        assert_eq!(
+            c.alerts.watched_jobs,
+            ["x".to_string(), "y".to_string()].into()
+        );
     }
 
     #[test]

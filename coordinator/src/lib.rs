@@ -14,6 +14,7 @@
 // test) and the SSH transport (its own tests). The rest is
 // crate-private, and `unreachable_pub` keeps it so.
 pub mod access;
+pub mod alerting;
 mod api;
 pub mod cache;
 pub mod config;

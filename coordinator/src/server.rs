@@ -438,6 +438,21 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
             Ok(())
         });
     }
+    // Alerts: evaluated only when they have somewhere to go.
+    if !config.alert_targets.is_empty() {
+        let senders = crate::alerting::Senders::start(&config.alert_targets)
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        let done = stopped();
+        let c = coordinator.clone();
+        let alerts = config.alerts.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = done => {}
+                _ = crate::alerting::run(c, alerts, senders, Duration::from_secs(1)) => {}
+            }
+            Ok(())
+        });
+    }
     // Scheduler ticks
     {
         let done = stopped();

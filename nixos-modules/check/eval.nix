@@ -346,6 +346,16 @@ let
             certificateFile = "/var/lib/acme/farm 100%/fullchain.pem";
             keyFile = "/var/lib/acme/farm/key.pem";
           };
+          alerts = {
+            ntfyUrlFile = "/run/secrets/nix-farm-ntfy-url";
+            webhookUrl = "https://hooks.example.test/farm";
+            builderOfflineSeconds = 600;
+            jobs = [
+              "ci/app"
+              "ci/docs"
+            ];
+            cacheMaxBytes = 1099511627776;
+          };
           settings = {
             zstd-level = 9;
             builder-grace = 120;

@@ -445,3 +445,88 @@ async fn run(logs: &TestLogs) -> anyhow::Result<()> {
     server.abort();
     Ok(())
 }
+
+/// `nix log` of a build that failed on the farm: a derivation that writes to
+/// stderr and exits 1, built with `farm build` by the client, whose Nix then
+/// uses the farm's cache as its substituter. Plain `nix log <drv>` and
+/// `nix log --store <cache URL> <drv>` both print what the build wrote.
+#[test]
+fn nix_log_shows_a_failed_farm_build() -> anyhow::Result<()> {
+    let logs = TestLogs::new("cache_failed_log")?;
+    farm_tests::deadline(std::time::Duration::from_secs(300), &logs, |logs| {
+        failed_log(&logs)
+    })
+}
+
+fn failed_log(logs: &TestLogs) -> anyhow::Result<()> {
+    use farm_tests::fixture::{BuilderSpec, Farm};
+    let farm = Farm::start(
+        logs,
+        &[BuilderSpec {
+            name: "b1",
+            max_jobs: 1,
+            conf: &[],
+        }],
+        &[],
+    )?;
+    farm.wait_for_builders(None, 1)?;
+    let salt = farm.client.root().display().to_string();
+    let said = format!("the doomed build complains on stderr ({salt})");
+    let expr = format!(
+        "derivation {{ name = \"doomed\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [ \"-c\" {} ]; }}\n",
+        farm_tests::nix_string(&format!("echo stdout line; echo '{said}' >&2; exit 1"))
+    );
+    let file = farm.client.write_file("doomed.nix", &expr)?;
+    let drvs = farm.client.nix_instantiate(&file, &[] as &[&str])?;
+    ensure!(drvs.len() == 1, "{drvs:?}");
+    let drv = drvs[0].to_string();
+    let out = farm.run(None, &["build", &drv])?;
+    ensure!(
+        out.status.code() == Some(1),
+        "the doomed build did not fail: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The log is stored when the build ends: wait until the cache serves it.
+    let url = farm.cache_url();
+    let http = farm.coordinator.endpoints.http.clone();
+    let target = format!("/log/{}", drvs[0].base_name());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let body = {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(&http)?;
+            write!(
+                s,
+                "GET {target} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw)?;
+            raw
+        };
+        if body.starts_with("HTTP/1.1 200") {
+            ensure!(body.contains(&said), "the stored log lacks stderr: {body}");
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < until,
+            "the failed build's log was never served: {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // The client's Nix, with the farm's cache as its substituter.
+    farm.client
+        .nix_conf_append(&format!("extra-substituters = {url}"))?;
+    farm.client.nix_conf_append(&format!(
+        "extra-trusted-public-keys = {}",
+        farm.coordinator.endpoints.cache_public_key
+    ))?;
+    let log = farm.client.run("nix", &["log", &drv])?;
+    ensure!(log.contains(&said), "nix log printed {log:?}");
+    ensure!(log.contains("stdout line"), "nix log printed {log:?}");
+    let log = farm.client.run("nix", &["log", "--store", &url, &drv])?;
+    ensure!(log.contains(&said), "nix log --store printed {log:?}");
+    Ok(())
+}

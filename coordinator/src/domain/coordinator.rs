@@ -412,6 +412,72 @@ impl Coordinator {
             .map_err(|e| StateError::Task(format!("reading a job: {e}")))?
     }
 
+    /// What the alerts look at now: the builders (one short look under the
+    /// scheduler lock), the watched jobs (read off the runtime), the cache's
+    /// size and the state's flush counters.
+    pub async fn alert_observation(
+        &self,
+        watched: &std::collections::BTreeSet<String>,
+    ) -> crate::domain::alerts::Observation {
+        use crate::domain::alerts::{BuilderObs, JobObs, Observation, Verdict};
+        use crate::domain::jobs::JobState;
+        let builders = self.read_sched(|s| s.builders());
+        let builders = builders
+            .into_iter()
+            .map(|b| {
+                // A builder that has not reported its load yet reports zeros.
+                let reported =
+                    b.online && (b.load.disk_free_bytes > 0 || b.load.memory_available_bytes > 0);
+                BuilderObs {
+                    online: b.online,
+                    draining: b.record.draining,
+                    last_seen_ms: b.record.last_seen_ms,
+                    disk_free_bytes: reported.then_some(b.load.disk_free_bytes),
+                    memory_available_bytes: reported.then_some(b.load.memory_available_bytes),
+                    name: b.record.name,
+                }
+            })
+            .collect();
+        let store = self.store();
+        let names: Vec<String> = watched.iter().cloned().collect();
+        let jobs = tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .map(|name| {
+                    let rec = match store.get_job(&name) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::warn!(job = %name, error = %e, "cannot read a watched job");
+                            None
+                        }
+                    };
+                    let runs = rec.map(|r| r.runs).unwrap_or_default();
+                    let mut judged = runs
+                        .iter()
+                        .filter(|r| matches!(r.state, JobState::Succeeded | JobState::Failed));
+                    let newest = judged.next();
+                    JobObs {
+                        verdict: newest.map(|r| match r.state {
+                            JobState::Succeeded => Verdict::Passing,
+                            _ => Verdict::Failing,
+                        }),
+                        submission: newest.map(|r| r.submission),
+                        passed_before: judged.any(|r| r.state == JobState::Succeeded),
+                        name,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        Observation {
+            builders,
+            jobs,
+            cache_stored_bytes: self.cache().sizes().1,
+            flush: self.store().flush_stats(),
+        }
+    }
+
     /// A build's view: from the scheduler, else (a finished build no longer
     /// in memory) from the store, read after the lock is released.
     pub fn build_view(&self, id: BuildId) -> Option<Arc<BuildView>> {

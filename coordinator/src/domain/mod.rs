@@ -6,10 +6,12 @@
 //! [`status`] is the farm as its APIs show it; [`follow`] streams a
 //! submission's events and a build's log to whoever follows them;
 //! [`observe`] is the farm as Prometheus metrics see it; [`jobs`] keeps the
-//! history of named jobs (`farm build --job`).
+//! history of named jobs (`farm build --job`); [`alerts`] decides which
+//! alerts to send (episodes, once each), from what the coordinator observes.
 //! Nothing here names tonic, axum or russh (a test in
 //! `tests/tests/layering.rs` checks it).
 
+pub mod alerts;
 pub mod coordinator;
 pub mod error;
 pub mod follow;
