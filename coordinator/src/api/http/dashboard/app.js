@@ -142,6 +142,17 @@ function summary(o) {
     tile("cache", bytes(o.cache.nar_bytes), o.cache.paths + " paths · " + bytes(o.cache.stored_bytes) + " stored · hit rate " + hit));
 }
 
+// "SHA256:… alice@host" → "alice@host" (the fingerprint is in the tooltip).
+function clientName(c) {
+  if (!c) return "–";
+  const i = c.indexOf(" ");
+  return i > 0 ? c.slice(i + 1) : c;
+}
+
+function counts(pairs) {
+  return pairs.filter(([n]) => n > 0).map(([n, l]) => n + " " + l).join(" · ");
+}
+
 function builderRows(o) {
   return o.builders.map((b) => {
     const feats = b.supported_features.concat(b.mandatory_features.map((f) => f + "!"));
@@ -158,7 +169,8 @@ function builderRows(o) {
     return h("tr", { "data-builder": b.name, class: "b-" + b.state },
       h("td", { class: "name" }, b.name, h("div", { class: "sub" }, b.nix_version)),
       h("td", {}, pill(b.state)),
-      h("td", {}, b.systems.join(", ")),
+      h("td", { title: b.systems.join(", ") }, b.systems[0] || "–",
+        b.systems.length > 1 ? h("span", { class: "muted" }, " +" + (b.systems.length - 1)) : null),
       h("td", { class: "feats" }, feats.length ? feats.join(", ") : "–"),
       h("td", { class: "slots" }, b.used + " / " + b.slots, bar(b.used, b.slots)),
       h("td", {}, b.load1.toFixed(2), h("span", { class: "muted" }, " · " + b.load5.toFixed(2)),
@@ -195,11 +207,11 @@ function renderOverview(view) {
     const done = s.built + s.cached + s.failed;
     return h("tr", {},
       h("td", {}, s.id, s.job ? h("div", { class: "sub" }, "job " + s.job) : null),
-      h("td", { class: "client" }, s.client || "–"),
+      h("td", { class: "client", title: s.client || "" }, clientName(s.client)),
       h("td", { class: "progress" }, bar(done, s.total, s.failed ? "bad" : ""),
         h("span", {}, " " + done + " / " + s.total)),
-      h("td", {}, s.built + " built · " + s.cached + " cached · " + s.running + " running · " + s.pending + " pending",
-        s.failed ? h("span", { class: "badtext" }, " · " + s.failed + " failed") : null),
+      h("td", {}, counts([[s.built, "built"], [s.cached, "cached"], [s.running, "running"], [s.pending, "pending"]]),
+        s.failed ? h("span", { class: "badtext" }, (done > s.failed || s.running || s.pending ? " · " : "") + s.failed + " failed") : null),
       h("td", {}, ago(s.created_ms)));
   });
   const fails = o.failures.map((f) =>
@@ -233,7 +245,7 @@ function renderBuild(view) {
       h("dt", {}, b.finished_ms ? "took" : "elapsed"),
       h("dd", {}, b.finished_ms && b.started_ms ? dur(b.finished_ms - b.started_ms) : b.state === "running" ? elapsed(b.started_ms) : "–"),
       b.error ? [h("dt", {}, "error"), h("dd", { class: "err" }, b.error)] : null,
-      h("dt", {}, "outputs"),
+      h("dt", {}, b.state === "built" || b.state === "cached" ? "outputs" : "outputs (once built)"),
       h("dd", { id: "outputs", class: "mono" },
         Object.keys(b.outputs).length
           ? Object.entries(b.outputs).map(([k, v]) => h("div", {}, h("span", { class: "muted" }, k + ": "), v))
