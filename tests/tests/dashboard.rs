@@ -37,9 +37,8 @@ const PAGE_WAIT: Duration = Duration::from_secs(30);
 
 // ───────────────────────────── DevTools protocol ─────────────────────────────
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Headless Chromium and one page of it, attached over the DevTools protocol.
 struct Browser {
@@ -444,7 +443,8 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         .await?;
 
     // ── the running build's page: the log grows in the same document ──
-    b.eval("window.__farmMarker = 'same document'; true").await?;
+    b.eval("window.__farmMarker = 'same document'; true")
+        .await?;
     let navigations = b
         .eval("performance.getEntriesByType('navigation').length")
         .await?;
@@ -463,11 +463,8 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     .await?;
     let lines = "document.getElementById('log').innerText.split('\\n').filter(l => l.startsWith('tick-line-')).length";
     let first = b.eval(lines).await?.as_u64().context("line count")?;
-    b.wait_for(
-        "the log growing",
-        &format!("{lines} >= {} ", first + 5),
-    )
-    .await?;
+    b.wait_for("the log growing", &format!("{lines} >= {} ", first + 5))
+        .await?;
     let later = b.eval(lines).await?.as_u64().context("line count")?;
     ensure!(later > first, "the log did not grow: {first} then {later}");
     ensure!(
@@ -528,7 +525,14 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     let drain_body = json!({ "draining": true }).to_string();
     let drain_path = "/api/builders/d-one/drain";
     // A read-only viewer (no session): refused.
-    let a = request(&http, "POST", drain_path, &[("Origin", &origin)], &drain_body).await?;
+    let a = request(
+        &http,
+        "POST",
+        drain_path,
+        &[("Origin", &origin)],
+        &drain_body,
+    )
+    .await?;
     ensure!(a.status == 403, "a viewer's drain: {} {}", a.status, a.body);
     ensure_not_drained(&farm, &viewer, "a viewer's drain")?;
     let s = request(&http, "GET", "/api/session", &[], "").await?;
@@ -570,7 +574,11 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     let (_, short) = login_link(&farm, &admin, 1)?;
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let expired = exchange(&http, &origin, &short).await?;
-    ensure!(expired.status == 403, "an expired token: {}", expired.status);
+    ensure!(
+        expired.status == 403,
+        "an expired token: {}",
+        expired.status
+    );
     // A made-up token: refused.
     let forged = exchange(&http, &origin, &"0".repeat(64)).await?;
     ensure!(forged.status == 403, "a forged token: {}", forged.status);
@@ -578,7 +586,10 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     // The session without its CSRF token, with a wrong one, from another
     // origin, with no origin: refused.
     let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
-        ("no CSRF token", vec![("Cookie", &cookie), ("Origin", &origin)]),
+        (
+            "no CSRF token",
+            vec![("Cookie", &cookie), ("Origin", &origin)],
+        ),
         (
             "a wrong CSRF token",
             vec![
@@ -622,7 +633,12 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         &drain_body,
     )
     .await?;
-    ensure!(a.status == 200, "the admin's drain: {} {}", a.status, a.body);
+    ensure!(
+        a.status == 200,
+        "the admin's drain: {} {}",
+        a.status,
+        a.body
+    );
     wait_state(&farm, &viewer, "d-one", "draining")?;
 
     // Done: let the held build through and the graph finish.

@@ -171,17 +171,18 @@ fn session_of(d: &Dash, headers: &HeaderMap) -> Option<(String, Session)> {
     Some((id, s))
 }
 
-/// An admin action's checks, in order: same origin, a session, its CSRF token.
-fn admin(d: &Dash, headers: &HeaderMap) -> Result<Session, Response> {
+/// An admin action's checks, in order: same origin, a session, its CSRF
+/// token. The session, or why not.
+fn admin(d: &Dash, headers: &HeaderMap) -> Result<Session, &'static str> {
     if !same_origin(headers) {
-        return Err(refused("not from this dashboard (Origin)"));
+        return Err("not from this dashboard (Origin)");
     }
     let Some((_, s)) = session_of(d, headers) else {
-        return Err(refused("not logged in as admin (run `farm dashboard`)"));
+        return Err("not logged in as admin (run `farm dashboard`)");
     };
     let token = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
     if !token.is_some_and(|t| session::same(t, &s.csrf)) {
-        return Err(refused("no valid CSRF token"));
+        return Err("no valid CSRF token");
     }
     Ok(s)
 }
@@ -201,7 +202,9 @@ async fn login(
         return refused("login not from this dashboard (Origin)");
     }
     let Some((id, s)) = d.sessions.exchange(&body.token) else {
-        return refused("this login link is used up, expired or unknown (run `farm dashboard` again)");
+        return refused(
+            "this login link is used up, expired or unknown (run `farm dashboard` again)",
+        );
     };
     tracing::info!(who = %s.who, "dashboard admin login");
     let cookie = format!(
@@ -270,7 +273,7 @@ async fn drain(
 ) -> Response {
     let s = match admin(&d, &headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(why) => return refused(why),
     };
     let draining = body.draining;
     if !d.coord.with_sched(|sc, _| sc.set_drain(&name, draining)) {
@@ -536,7 +539,11 @@ struct Stamped<'a, T: Serialize> {
 }
 
 fn stamped<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(&Stamped { now_ms: now_ms(), v }).unwrap_or_else(|_| "{}".into())
+    serde_json::to_string(&Stamped {
+        now_ms: now_ms(),
+        v,
+    })
+    .unwrap_or_else(|_| "{}".into())
 }
 
 async fn overview(State(d): State<Dash>) -> Response {
@@ -647,11 +654,7 @@ async fn build_events(State(d): State<Dash>, Path(id): Path<String>) -> Response
     let Some(b) = find_build(&d.coord, &id) else {
         return super::error::not_found();
     };
-    let log = match d
-        .coord
-        .follow_log(Some(b.id), &b.drv_path, 0, true)
-        .await
-    {
+    let log = match d.coord.follow_log(Some(b.id), &b.drv_path, 0, true).await {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::debug!(build = b.id, error = %e, "no log to follow");
@@ -690,13 +693,12 @@ async fn build_events(State(d): State<Dash>, Path(id): Path<String>) -> Response
             let changed = coord.farm_changed();
             let view = s.coord.build_view(s.id);
             let now = view.as_deref().map(build_json);
-            let over = view.as_deref().is_none_or(|v| matches!(v.state, BuildState::Done(_)));
-            if now.is_some() && s.last != now {
-                s.out.push_back(
-                    Event::default()
-                        .event("build")
-                        .data(stamped(now.as_ref().expect("checked"))),
-                );
+            let over = view
+                .as_deref()
+                .is_none_or(|v| matches!(v.state, BuildState::Done(_)));
+            if let Some(j) = now.as_ref().filter(|j| s.last.as_ref() != Some(*j)) {
+                s.out
+                    .push_back(Event::default().event("build").data(stamped(j)));
                 s.last = now;
                 continue;
             }
