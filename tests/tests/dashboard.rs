@@ -15,7 +15,8 @@
 //! nothing (the builder stays undrained): a viewer's drain, a login token
 //! used twice, an expired one, a GET of the login link (which logs nobody
 //! in and leaves the token usable), a drain without the CSRF token, with a
-//! foreign or no `Origin`, and a login POST from a foreign `Origin`.
+//! foreign or no `Origin`, and a login POST from a foreign `Origin`; and
+//! `farm dashboard` with a non-admin key gets no link.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -336,6 +337,8 @@ fn dashboard_in_headless_chromium() -> anyhow::Result<()> {
 }
 
 async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("dashboard: {what} at {:.1?}", t0.elapsed());
     // `viewer` may read and build; `admin` may also drain.
     let access = SshAccess::named(&["viewer"], &["admin"])?;
     let (viewer, admin) = (access.keys[0].clone(), access.admin_keys[0].clone());
@@ -355,6 +358,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         .access(&access)
         .start()?;
     farm.wait_for_builders(Some(&viewer), 2)?;
+    step("farm up");
     let http = farm.coordinator.endpoints.http.clone();
     let origin = format!("http://{http}");
 
@@ -398,6 +402,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
             .await?;
     };
 
+    step("graph running");
     // ── the browser, logged in as admin with `farm dashboard`'s link ──
     let mut b = Browser::launch(logs).await?;
     let (link, _) = login_link(&farm, &admin, 120)?;
@@ -437,6 +442,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         "document.getElementById('submissions') !== null && document.getElementById('submissions').innerText.includes('1 failed')",
     )
     .await?;
+    step("overview seen");
     // Let the elapsed times and the load tick once before the picture.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     b.screenshot(&docs_dir().join("dashboard-overview.png"))
@@ -482,6 +488,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         "document.querySelector('h1 .pill') !== null && document.querySelector('h1 .pill').innerText === 'running'",
     )
     .await?;
+    step("log grew");
     b.screenshot(&docs_dir().join("dashboard-build.png"))
         .await?;
 
@@ -502,6 +509,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         "the log lost its start: {log}"
     );
 
+    step("build done in the page");
     // ── the admin's drain toggle, from the page ──
     b.eval("location.hash = '#/'; true").await?;
     b.wait_for(
@@ -521,7 +529,21 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
         .await?;
     wait_state(&farm, &viewer, "d-two", "")?;
 
+    step("page drain toggled");
     // ── refusals, each changing nothing ──
+    // A non-admin key gets no login link.
+    let out = farm.run(Some(&viewer), &["dashboard"])?;
+    ensure!(
+        out.status.code() == Some(3) && out.stdout.is_empty(),
+        "a viewer's farm dashboard: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("--admin-keys"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let drain_body = json!({ "draining": true }).to_string();
     let drain_path = "/api/builders/d-one/drain";
     // A read-only viewer (no session): refused.
@@ -641,6 +663,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     );
     wait_state(&farm, &viewer, "d-one", "draining")?;
 
+    step("refusals checked");
     // Done: let the held build through and the graph finish.
     std::fs::write(farm.witness_dir().join("go-held"), "")?;
     let done = events.done(GRAPH_TIMEOUT).await?;
