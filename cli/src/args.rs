@@ -143,6 +143,9 @@ pub enum Command {
     Undrain(DrainArgs),
     /// The /etc/nix/machines line and nix.conf lines that point Nix at this farm.
     Machines(MachinesArgs),
+    /// Print a single-use admin login link for the web dashboard (admin).
+    #[command(after_long_help = DASHBOARD_AFTER_HELP)]
+    Dashboard(DashboardArgs),
     /// Generate and rotate keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -260,6 +263,27 @@ pub struct CancelArgs {
     /// A build id or a submission id.
     #[arg(value_name = "BUILD")]
     pub id: String,
+}
+
+const DASHBOARD_AFTER_HELP: &str = "\
+The dashboard is served by the coordinator's HTTP listener (the cache's URL) at
+/: builders, the queue and why it waits, running builds with their live logs,
+submissions, recent failures and the cache. Anyone who reaches it may look;
+draining a builder from it needs an admin session.
+
+This command (signed with an --admin-keys key) asks the coordinator for a
+random login token and prints the link http://HOST:PORT/login?token=... Open it
+in a browser within the given time: the page exchanges the token (once; a second
+use fails) for a session cookie (HttpOnly, SameSite=Strict) that lasts 12 hours
+or until the coordinator restarts. Admin actions also carry a per-session CSRF
+token and must come from the dashboard's own origin.";
+
+#[derive(Debug, Clone, Args)]
+pub struct DashboardArgs {
+    /// Seconds the link may wait before it is used (1 to 120).
+    #[arg(long, value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u32).range(1..=120))]
+    pub expires_in: u32,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -342,6 +342,23 @@ impl Farm {
             .map_err(|s| self.status_error("jobs", false, s))
     }
 
+    /// A single-use admin login link for the web dashboard.
+    pub async fn dashboard_login(
+        &self,
+        expires_in_secs: u32,
+    ) -> Result<farm_proto::v1::DashboardLoginResponse, CliError> {
+        let req = self.request(
+            farm_proto::v1::DashboardLoginRequest { expires_in_secs },
+            methods::DASHBOARD_LOGIN,
+        );
+        self.client
+            .clone()
+            .dashboard_login(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.status_error("dashboard login", true, s))
+    }
+
     pub async fn machines(&self, protocol: &str) -> Result<MachinesResponse, CliError> {
         let req = self.request(
             MachinesRequest {

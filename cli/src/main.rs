@@ -117,6 +117,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Drain(a) => ops::drain(&farm, a, true).await,
         Command::Undrain(a) => ops::drain(&farm, a, false).await,
         Command::Machines(a) => machines::run(&farm, a).await,
+        Command::Dashboard(a) => ops::dashboard(&farm, a).await,
         Command::Completions(_)
         | Command::Man(_)
         | Command::Keys(_)

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use futures::StreamExt;
 
-use crate::args::{CancelArgs, DrainArgs, LogsArgs};
+use crate::args::{CancelArgs, DashboardArgs, DrainArgs, LogsArgs};
 use crate::client::Farm;
 use crate::error::CliError;
 
@@ -41,6 +41,17 @@ pub async fn cancel(farm: &Farm, args: &CancelArgs) -> Result<(), CliError> {
 }
 
 /// `farm drain|undrain BUILDER`.
+/// `farm dashboard`: an admin login link for the web dashboard.
+pub async fn dashboard(farm: &Farm, args: &DashboardArgs) -> Result<(), CliError> {
+    let r = farm.dashboard_login(args.expires_in).await?;
+    eprintln!(
+        "Open this link within {} s (it works once) to use the dashboard as admin:",
+        r.expires_in_secs
+    );
+    println!("{}", r.url);
+    Ok(())
+}
+
 pub async fn drain(farm: &Farm, args: &DrainArgs, draining: bool) -> Result<(), CliError> {
     farm.set_drain(&args.builder, draining).await?;
     if draining {

@@ -318,6 +318,12 @@ impl CacheMetrics {
         self.narinfo.get_or_create(&[("result", result)]).inc();
     }
 
+    /// narinfo requests over HTTP so far: (hits, misses).
+    pub fn narinfo_counts(&self) -> (u64, u64) {
+        let get = |r: &'static str| self.narinfo.get_or_create(&[("result", r)]).get();
+        (get("hit"), get("miss"))
+    }
+
     /// A NAR starts leaving the cache `via`: bytes are counted as they go,
     /// the transfer's duration when the meter is dropped.
     pub fn serving(&self, via: Via) -> ServeMeter {

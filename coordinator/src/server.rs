@@ -304,6 +304,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         }
     };
     let mut tasks: JoinSet<Result<(), CoordinatorError>> = JoinSet::new();
+    // The dashboard's admin sessions: minted over gRPC, used over HTTP.
+    let sessions = crate::api::http::dashboard::session::Sessions::default();
 
     // gRPC
     {
@@ -339,6 +341,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
                         coord: coordinator.clone(),
                         auth: cli_auth.clone(),
                         identity_key,
+                        sessions: sessions.clone(),
                     },
                 )
                 .max_decoding_message_size(limits::FARM_MAX_DECODE)
@@ -361,7 +364,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
     }
     // HTTP
     {
-        let app = crate::api::http::router(&coordinator);
+        let app = crate::api::http::router(&coordinator, sessions);
         let done = stopped();
         tasks.spawn(async move {
             axum::serve(http_l, app)

@@ -283,6 +283,24 @@ impl Coordinator {
     }
 }
 
+impl Coordinator {
+    /// Resolves at the next change of a build (dispatched, its log grew, it
+    /// ended, its log was stored) or when the coordinator stops: what a
+    /// follower of the whole farm (the dashboard) waits on between looks.
+    /// Armed when called, before it is first polled: call it, then look,
+    /// then await it, and no change after the call is missed.
+    pub fn farm_changed(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let notified = self.inner.log_notify.notified();
+        let stop = self.stopping().cancelled();
+        async move {
+            tokio::select! {
+                _ = notified => {}
+                _ = stop => {}
+            }
+        }
+    }
+}
+
 // ─────────────────────────────── submissions ───────────────────────────────
 
 /// What a submission follower gets.

@@ -1,13 +1,15 @@
 //! What the farm looks like from outside, as plain data every API shows its
-//! own way: [`FarmStatus`] (`farm status`, the dashboard, metrics) and
-//! [`FarmMachine`] (the farm as one Nix remote builder, `farm machines`).
+//! own way: [`FarmStatus`] (`farm status`, the dashboard, metrics),
+//! [`Overview`] (the dashboard: the status, the queue by class with why it
+//! waits, submissions' progress, the cache) and [`FarmMachine`] (the farm as
+//! one Nix remote builder, `farm machines`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::domain::coordinator::{Coordinator, Facts};
 use crate::domain::model::BuildView;
-use crate::domain::scheduler::{BuilderView, FailureView};
+use crate::domain::scheduler::{BuilderView, FailureView, QueueClass, SubmissionProgress};
 
 /// The farm now, read in one look at the scheduler.
 #[derive(Debug, Clone)]
@@ -17,6 +19,35 @@ pub struct FarmStatus {
     pub queue: BTreeMap<String, u32>,
     pub running: Vec<Arc<BuildView>>,
     pub recent_failures: Vec<FailureView>,
+}
+
+/// One class of the queue (system and required features), and why its head waits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassView {
+    pub system: String,
+    pub features: BTreeSet<String>,
+    pub queue: QueueClass,
+    /// Why the builds at the head of this class are not running.
+    pub why: String,
+}
+
+/// The cache at a glance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheView {
+    pub paths: usize,
+    pub nar_bytes: u64,
+    pub stored_bytes: u64,
+    pub narinfo_hits: u64,
+    pub narinfo_misses: u64,
+}
+
+/// Everything the dashboard's overview shows.
+#[derive(Debug, Clone)]
+pub struct Overview {
+    pub status: FarmStatus,
+    pub classes: Vec<ClassView>,
+    pub submissions: Vec<SubmissionProgress>,
+    pub cache: CacheView,
 }
 
 /// The farm as one remote builder for Nix.
@@ -41,11 +72,106 @@ impl Coordinator {
         })
     }
 
+    /// What the dashboard's overview shows, read in one look at the scheduler.
+    pub fn overview(&self) -> Overview {
+        let (status, classes, submissions) = self.read_sched(|s| {
+            (
+                FarmStatus {
+                    builders: s.builders(),
+                    queue: s.queue_depths(),
+                    running: s.running(),
+                    recent_failures: s.recent_failures(),
+                },
+                s.queue_classes(),
+                s.submissions_progress(),
+            )
+        });
+        let classes = classes
+            .into_iter()
+            .map(|((system, features), queue)| ClassView {
+                why: why_waiting(&system, &features, &queue, &status.builders),
+                system,
+                features,
+                queue,
+            })
+            .collect();
+        let cache = self.cache();
+        let (nar_bytes, stored_bytes) = cache.sizes();
+        let (narinfo_hits, narinfo_misses) = cache.metrics().narinfo_counts();
+        Overview {
+            status,
+            classes,
+            submissions,
+            cache: CacheView {
+                paths: cache.len(),
+                nar_bytes,
+                stored_bytes,
+                narinfo_hits,
+                narinfo_misses,
+            },
+        }
+    }
+
     /// The farm as one remote builder, over `protocol` (`ssh-ng` or `ssh`).
     pub fn machine(&self, protocol: &str) -> FarmMachine {
         let builders = self.read_sched(|s| s.builders());
         machines(self.facts(), protocol, &builders)
     }
+}
+
+/// Why the head of a queue class is not running, in words for an operator.
+fn why_waiting(
+    system: &str,
+    features: &BTreeSet<String>,
+    q: &QueueClass,
+    builders: &[BuilderView],
+) -> String {
+    if q.runnable == 0 {
+        return if q.waiting == 1 {
+            "waiting for its dependencies".into()
+        } else {
+            format!("all {} waiting for their dependencies", q.waiting)
+        };
+    }
+    let able: Vec<&BuilderView> = builders
+        .iter()
+        .filter(|b| b.record.capabilities.can_build(system, features))
+        .collect();
+    if able.is_empty() {
+        return if features.is_empty() {
+            format!("no builder can build {system}")
+        } else {
+            format!(
+                "no builder can build {system} with {}",
+                features.iter().cloned().collect::<Vec<_>>().join(",")
+            )
+        };
+    }
+    let online: Vec<&&BuilderView> = able.iter().filter(|b| b.online).collect();
+    if online.is_empty() {
+        return format!("every able builder is offline ({})", names(&able));
+    }
+    let open: Vec<&&&BuilderView> = online.iter().filter(|b| !b.record.draining).collect();
+    if open.is_empty() {
+        return format!("every able builder is draining ({})", names(&able));
+    }
+    let slots: u64 = open
+        .iter()
+        .map(|b| u64::from(b.record.capabilities.max_jobs))
+        .sum();
+    let used: u64 = open.iter().map(|b| b.running as u64).sum();
+    if used >= slots {
+        format!("all {slots} slots of the able builders are busy")
+    } else {
+        "being dispatched".into()
+    }
+}
+
+fn names(bs: &[&BuilderView]) -> String {
+    bs.iter()
+        .map(|b| b.record.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The machines line, nix.conf lines and ssh_config for using the farm as one

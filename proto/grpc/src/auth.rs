@@ -103,6 +103,7 @@ pub mod methods {
     pub const MACHINES: &str = "/farm.v1.FarmService/Machines";
     pub const IDENTITY: &str = "/farm.v1.FarmService/Identity";
     pub const JOBS: &str = "/farm.v1.FarmService/Jobs";
+    pub const DASHBOARD_LOGIN: &str = "/farm.v1.FarmService/DashboardLogin";
 }
 
 #[cfg(test)]

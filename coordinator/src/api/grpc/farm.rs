@@ -27,6 +27,8 @@ pub(crate) struct FarmSvc {
     /// The cache signing key, to prove this coordinator's identity
     /// (`Identity`; the identity callers sign for is its public half).
     pub identity_key: farm_nix::signing::SigningKey,
+    /// The dashboard's admin sessions (`DashboardLogin` mints their login tokens).
+    pub sessions: crate::api::http::dashboard::session::Sessions,
 }
 
 impl FarmSvc {
@@ -366,6 +368,31 @@ impl v1::farm_service_server::FarmService for FarmSvc {
         self.authorize(&request, methods::JOBS, Level::Read).await?;
         let resp = crate::api::grpc::jobs::jobs(&self.coord, request.into_inner()).await?;
         Ok(Response::new(resp))
+    }
+
+    async fn dashboard_login(
+        &self,
+        request: Request<v1::DashboardLoginRequest>,
+    ) -> Result<Response<v1::DashboardLoginResponse>, Status> {
+        let caller = self
+            .authorize(&request, methods::DASHBOARD_LOGIN, Level::Admin)
+            .await?;
+        use crate::api::http::dashboard::session::MAX_TOKEN_TTL;
+        let asked = request.into_inner().expires_in_secs;
+        let ttl = match asked {
+            0 => MAX_TOKEN_TTL,
+            n => std::time::Duration::from_secs(u64::from(n)).min(MAX_TOKEN_TTL),
+        };
+        let who = format!("{} {}", caller.fingerprint, caller.comment)
+            .trim_end()
+            .to_owned();
+        let token = self.sessions.mint(who, ttl);
+        tracing::info!(key = %caller.fingerprint, ttl_secs = ttl.as_secs(), "dashboard login link made");
+        let base = self.coord.facts().http_url.trim_end_matches('/').to_owned();
+        Ok(Response::new(v1::DashboardLoginResponse {
+            url: format!("{base}/login?token={token}"),
+            expires_in_secs: ttl.as_secs() as u32,
+        }))
     }
 
     async fn identity(

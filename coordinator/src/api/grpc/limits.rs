@@ -38,6 +38,7 @@ const SINGLE_REQUEST_CALLS: &[&str] = &[
     "/farm.v1.FarmService/DownloadNar",
     "/farm.v1.FarmService/Machines",
     "/farm.v1.FarmService/Jobs",
+    "/farm.v1.FarmService/DashboardLogin",
     "/farm.v1.BuilderService/DownloadNar",
     "/farm.v1.BuilderService/QueryPathInfos",
 ];

@@ -69,7 +69,7 @@ use free::{BuilderEntry, Bx};
 
 pub use builders::NameTaken;
 pub use dispatch::JobEnd;
-pub use queries::{BuilderView, FailureView, QueueClass, SubmissionSnapshot};
+pub use queries::{BuilderView, FailureView, QueueClass, SubmissionProgress, SubmissionSnapshot};
 pub use submissions::{
     GraphSubmission, Inserted, Leftovers, NewBuild, PlanQuery, PreparedSubmission, SharePlan,
 };

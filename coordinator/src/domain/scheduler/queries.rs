@@ -30,6 +30,23 @@ pub struct QueueClass {
     pub oldest_runnable_secs: f64,
 }
 
+/// An unfinished submission's progress (the dashboard).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubmissionProgress {
+    pub id: SubmissionId,
+    pub job: Option<String>,
+    pub client: Option<String>,
+    pub created_ms: i64,
+    /// Derivations in its graph (builds and those already cached).
+    pub total: u32,
+    pub built: u32,
+    pub cached: u32,
+    pub failed: u32,
+    pub running: u32,
+    /// Waiting or queued.
+    pub pending: u32,
+}
+
 /// A submission as followers see it: its record and a view of each build.
 pub type SubmissionSnapshot = (Arc<SubmissionRecord>, Vec<Arc<BuildView>>);
 
@@ -69,6 +86,39 @@ impl Scheduler {
             }
         }
         Some(((sub, views), missing))
+    }
+
+    /// The unfinished submissions' progress, oldest first.
+    pub fn submissions_progress(&self) -> Vec<SubmissionProgress> {
+        let mut v: Vec<SubmissionProgress> = self
+            .submissions
+            .values()
+            .filter(|s| !s.done)
+            .map(|s| {
+                let mut p = SubmissionProgress {
+                    id: s.id,
+                    job: s.job.clone(),
+                    client: s.client.clone(),
+                    created_ms: s.created_ms,
+                    total: (s.builds.len() + s.cached.len()) as u32,
+                    cached: s.cached.len() as u32,
+                    ..Default::default()
+                };
+                for id in &s.builds {
+                    match self.builds.get(id).map(|b| &b.rec.state) {
+                        Some(BuildState::Waiting | BuildState::Queued) => p.pending += 1,
+                        Some(BuildState::Running { .. }) => p.running += 1,
+                        Some(BuildState::Done(Outcome::Built)) => p.built += 1,
+                        Some(BuildState::Done(Outcome::Cached)) => p.cached += 1,
+                        Some(BuildState::Done(_)) => p.failed += 1,
+                        None => {}
+                    }
+                }
+                p
+            })
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
     }
 
     /// Whether the submission is finished (or unknown).
