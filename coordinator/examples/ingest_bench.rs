@@ -135,15 +135,10 @@ async fn main() -> anyhow::Result<()> {
             ca: None,
         };
         let t = Instant::now();
-        cache
-            .ingest_exact(claimed, &nar[..], Trust::Signed)
-            .await?;
+        cache.ingest_exact(claimed, &nar[..], Trust::Signed).await?;
         let (_, file) = cache.sizes();
         report(
-            &format!(
-                "ingest, zstd level {level} (→ {:.1} MB)",
-                file as f64 / 1e6
-            ),
+            &format!("ingest, zstd level {level} (→ {:.1} MB)", file as f64 / 1e6),
             n,
             t,
         );

@@ -794,10 +794,7 @@ impl Cache {
             // Unpublished: drop the NAR object unless another narinfo uses it
             // (identical NARs of different paths share one object).
             let shared = match dest {
-                None => self
-                    .read_index()
-                    .values()
-                    .any(|p| p.ni.url == narinfo.url),
+                None => self.read_index().values().any(|p| p.ni.url == narinfo.url),
                 Some(dir) => self
                     .read_claims()
                     .get(dir)

@@ -264,7 +264,8 @@ fn read_chunks(
             }
         }
         if got == 0 {
-            let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "shorter than its size");
+            let eof =
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "shorter than its size");
             let _ = tx.blocking_send(Err(fail(eof)));
             return;
         }
