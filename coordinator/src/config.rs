@@ -14,7 +14,7 @@
 //! retain-days = 90          # …and none older (0: by count only)
 //! retain-builders-days = 30 # builder records not seen for longer are removed
 //! [cache]                # optional: the cache's own settings (`cache::CacheConfig`)
-//! zstd_level = 3
+//! zstd_level = 1
 //! [cache.storage]        # optional; default: a local directory in the state dir
 //! type = "s3"
 //! bucket = "nix-farm"
@@ -93,7 +93,7 @@ pub struct Args {
     /// Directory of the local cache [default: STATE_DIR/cache].
     #[arg(long, env = "FARM_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// zstd level for stored NARs and logs [default: 3].
+    /// zstd level for stored NARs and logs [default: 1].
     #[arg(long, env = "FARM_ZSTD_LEVEL", value_name = "N")]
     pub zstd_level: Option<i32>,
     /// Priority advertised in nix-cache-info; lower is preferred [default: 30].

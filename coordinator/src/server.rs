@@ -367,6 +367,13 @@ pub async fn start(config: CoordinatorConfig) -> Result<RunningCoordinator, Coor
         let app = crate::api::http::router(&coordinator, sessions);
         let done = stopped();
         tasks.spawn(async move {
+            // No Nagle delay on keep-alive connections: a narinfo answer is
+            // one small write that must not wait for the client's ACK.
+            let http_l = axum::serve::ListenerExt::tap_io(http_l, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
             axum::serve(http_l, app)
                 .with_graceful_shutdown(done)
                 .await

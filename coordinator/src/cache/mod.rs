@@ -55,14 +55,13 @@ mod deadline;
 pub(crate) mod durable;
 mod error;
 mod hashing;
+mod pipeline;
 mod storage;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use async_compression::Level;
 use async_compression::tokio::bufread::ZstdDecoder;
-use async_compression::tokio::write::ZstdEncoder;
 use farm_nix::hash::{Hash, HashAlgo};
 use farm_nix::nar::{NarError, NarLimits, NarSummary};
 use farm_nix::narinfo::{MAX_NARINFO_SIZE, NarInfo};
@@ -86,7 +85,7 @@ pub use storage::StorageConfig;
 /// The cache's settings. TOML (inside the coordinator's config):
 /// ```toml
 /// [cache]
-/// zstd_level = 3
+/// zstd_level = 1
 /// priority = 30
 /// [cache.storage]
 /// type = "local"
@@ -123,7 +122,9 @@ pub struct CacheConfig {
 }
 
 fn default_zstd_level() -> i32 {
-    3
+    // The fastest level: ingest keeps pace with a fast uplink (see
+    // docs/performance.md, "Cache ingest and reads", for its size cost).
+    1
 }
 fn default_priority() -> u32 {
     30
@@ -177,6 +178,20 @@ pub enum Trust {
 /// One owner's claims: hash part → unsigned narinfo.
 type Claims = HashMap<String, Arc<NarInfo>>;
 
+/// A published narinfo with its text as served, rendered once when it enters
+/// the index, so an HTTP lookup copies nothing.
+struct Published {
+    ni: Arc<NarInfo>,
+    text: bytes::Bytes,
+}
+
+impl Published {
+    fn new(ni: Arc<NarInfo>) -> Published {
+        let text = bytes::Bytes::from(ni.render());
+        Published { ni, text }
+    }
+}
+
 /// The binary cache. Cheap to clone (one `Arc` inside).
 #[derive(Clone)]
 pub struct Cache {
@@ -189,7 +204,7 @@ struct Inner {
     key: SigningKey,
     public_key: VerifyingKey,
     /// hash part → published narinfo.
-    index: RwLock<HashMap<String, Arc<NarInfo>>>,
+    index: RwLock<HashMap<String, Published>>,
     /// owner directory ([`owner_dir`]) → that owner's claims. Lock order:
     /// `index` before `claims`.
     claims: RwLock<HashMap<String, Claims>>,
@@ -281,7 +296,11 @@ impl Cache {
             ignore_not_found(store.delete(&loc).await)?;
         }
 
-        let index = load_narinfos(&store, None).await?;
+        let index: HashMap<String, Published> = load_narinfos(&store, None)
+            .await?
+            .into_iter()
+            .map(|(h, ni)| (h, Published::new(ni)))
+            .collect();
         let claims = load_claims(&store).await?;
         tracing::info!(
             paths = index.len(),
@@ -324,7 +343,8 @@ impl Cache {
 
     /// NAR bytes and stored (compressed) bytes of the published paths.
     pub fn sizes(&self) -> (u64, u64) {
-        self.read_index().values().fold((0, 0), |(nar, file), ni| {
+        self.read_index().values().fold((0, 0), |(nar, file), p| {
+            let ni = &p.ni;
             (nar + ni.info.nar_size, file + ni.file_size.unwrap_or(0))
         })
     }
@@ -338,14 +358,20 @@ impl Cache {
         self.len() == 0
     }
 
-    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<NarInfo>>> {
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Published>> {
         // A poisoned lock only means a panic elsewhere mid-insert of a whole value.
         self.inner.index.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The published narinfo of the path whose hash part is `hash_part`.
     pub fn narinfo_by_hash(&self, hash_part: &str) -> Option<Arc<NarInfo>> {
-        self.read_index().get(hash_part).cloned()
+        self.read_index().get(hash_part).map(|p| p.ni.clone())
+    }
+
+    /// The text of the published narinfo whose hash part is `hash_part`, as
+    /// served over HTTP (rendered when it was published or loaded).
+    pub fn narinfo_text(&self, hash_part: &str) -> Option<bytes::Bytes> {
+        self.read_index().get(hash_part).map(|p| p.text.clone())
     }
 
     /// The published narinfo of `path` (`None` if absent, or if only another
@@ -375,7 +401,7 @@ impl Cache {
         let index = self.read_index();
         let claims = self.read_claims();
         let mine = owner.and_then(|o| claims.get(&owner_dir(o)));
-        let look = |p: &StorePath| match index.get(p.hash_part()) {
+        let look = |p: &StorePath| match index.get(p.hash_part()).map(|e| &e.ni) {
             Some(ni) => (&ni.info.path == p).then(|| (ni.clone(), Presence::Signed)),
             None => mine?
                 .get(p.hash_part())
@@ -760,15 +786,15 @@ impl Cache {
             file_size: Some(file_size),
             ..narinfo
         };
-        let text = narinfo.render();
+        let text = bytes::Bytes::from(narinfo.render());
         if let Err(e) = store
-            .put(&narinfo_obj, PutPayload::from(text.into_bytes()))
+            .put(&narinfo_obj, PutPayload::from(text.clone()))
             .await
         {
             // Unpublished: drop the NAR object unless another narinfo uses it
             // (identical NARs of different paths share one object).
             let shared = match dest {
-                None => self.read_index().values().any(|ni| ni.url == narinfo.url),
+                None => self.read_index().values().any(|p| p.ni.url == narinfo.url),
                 Some(dir) => self
                     .read_claims()
                     .get(dir)
@@ -799,7 +825,13 @@ impl Cache {
                     .index
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(hash_part, Arc::new(narinfo));
+                    .insert(
+                        hash_part,
+                        Published {
+                            ni: Arc::new(narinfo),
+                            text,
+                        },
+                    );
             }
             Some(dir) => {
                 self.inner
@@ -814,8 +846,11 @@ impl Cache {
         Ok(info)
     }
 
-    /// Stream, verify and compress the NAR into `tmp`. On error the multipart
-    /// upload (if any) is aborted; the caller deletes `tmp`.
+    /// Stream, verify and compress the NAR into `tmp`. Two stages at once
+    /// (see [`pipeline`]): this task parses, hashes and scans the NAR and
+    /// writes the compressed bytes to storage (hashing them), a blocking
+    /// thread compresses. On error the multipart upload (if any) is aborted;
+    /// the caller deletes `tmp`.
     async fn upload_nar(
         &self,
         claimed: &ValidPathInfo,
@@ -825,30 +860,66 @@ impl Cache {
         tmp: &ObjectPath,
         exact: bool,
     ) -> Result<(Hash, u64), CacheError> {
-        let upload = BufWriter::with_capacity(self.inner.store.clone(), tmp.clone(), UPLOAD_CHUNK)
-            .with_max_concurrency(UPLOAD_CONCURRENCY);
-        let mut zstd = ZstdEncoder::with_quality(
-            hashing::HashingWriter::new(upload),
-            Level::Precise(self.inner.config.zstd_level),
+        let mut upload = hashing::HashingWriter::new(
+            BufWriter::with_capacity(self.inner.store.clone(), tmp.clone(), UPLOAD_CHUNK)
+                .with_max_concurrency(UPLOAD_CONCURRENCY),
         );
-        let mut copied = content::copy_inspect(nar, &mut zstd, limits, check).await;
-        if exact
-            && copied.is_ok()
-            && let Err(e) = farm_nix::nar::expect_eof(nar).await
-        {
-            copied = Err(e);
-        }
+        let (nar_tx, nar_rx) = tokio::sync::mpsc::channel(pipeline::DEPTH);
+        let (zst_tx, zst_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(pipeline::DEPTH);
+        let level = self.inner.config.zstd_level;
+        // Ends when its input closes (the parse ended, or this future was
+        // dropped) or its output does (storage failed).
+        let compressor =
+            tokio::task::spawn_blocking(move || pipeline::compress(nar_rx, zst_tx, level));
+        let parse = async {
+            let mut sink = pipeline::ChunkSender::new(nar_tx);
+            let mut copied = content::copy_inspect(nar, &mut sink, limits, check).await;
+            if exact
+                && copied.is_ok()
+                && let Err(e) = farm_nix::nar::expect_eof(nar).await
+            {
+                copied = Err(e);
+            }
+            // Only a whole NAR is sent to its end; a failed one is dropped
+            // (closing the channel) and its output discarded below.
+            if copied.is_ok()
+                && let Err(e) = sink.shutdown().await
+            {
+                copied = Err(NarError::Io(e));
+            }
+            (copied, sink.downstream_failed())
+        };
+        let store = async {
+            // Moved in: dropped as soon as storage fails, which stops the
+            // compressor and then the parse.
+            let mut zst_rx = zst_rx;
+            while let Some(chunk) = zst_rx.recv().await {
+                upload.write_all(&chunk).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        let ((copied, downstream_failed), stored) = tokio::join!(parse, store);
+        let compressed = match compressor.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        let storage_err = stored.err().or_else(|| compressed.err());
         let checked = match copied {
-            Ok((summary, contents)) => check_summary(claimed, &summary)
-                .and_then(|()| check_content(claimed, check, &summary, &contents)),
-            Err(NarError::Io(e)) if zstd.get_ref().failed() => Err(CacheError::StorageIo(e)),
+            Ok((summary, contents)) => match storage_err {
+                Some(e) => Err(CacheError::StorageIo(e)),
+                None => check_summary(claimed, &summary)
+                    .and_then(|()| check_content(claimed, check, &summary, &contents)),
+            },
+            Err(NarError::Io(e)) if downstream_failed || upload.failed() => {
+                Err(CacheError::StorageIo(storage_err.unwrap_or(e)))
+            }
             Err(source) => Err(CacheError::BadNar {
                 path: claimed.path.clone(),
                 source,
             }),
         };
         if let Err(e) = checked {
-            if let Err(ae) = zstd.get_mut().inner_mut().abort().await {
+            if let Err(ae) = upload.inner_mut().abort().await {
                 tracing::warn!(object = %tmp, error = %ae, "cannot abort upload");
             }
             return Err(e);
@@ -856,10 +927,10 @@ impl Cache {
         // Completes the upload. On failure the writer cleans up after itself
         // (and must not be aborted: `BufWriter::abort` panics once shut down);
         // the caller still deletes `tmp`.
-        if let Err(e) = zstd.shutdown().await {
+        if let Err(e) = upload.shutdown().await {
             return Err(CacheError::StorageIo(e));
         }
-        Ok(zstd.into_inner().finish())
+        Ok(upload.finish())
     }
 
     /// Check the claim alone; returns what must be checked in its NAR and the

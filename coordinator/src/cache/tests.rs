@@ -53,13 +53,13 @@ fn pretend_published(cache: &Cache, paths: &BTreeSet<StorePath>) {
         let info = ValidPathInfo::new(p.clone(), HashAlgo::Sha256.digest(b""), 1);
         index.insert(
             p.hash_part().to_string(),
-            Arc::new(NarInfo {
+            super::Published::new(Arc::new(NarInfo {
                 info,
                 url: "nar/none.nar.zst".into(),
                 compression: "zstd".into(),
                 file_hash: None,
                 file_size: None,
-            }),
+            })),
         );
     }
 }

@@ -53,10 +53,18 @@ async fn narinfo(State(cache): State<Cache>, Path(file): Path<String>) -> Respon
     let Some(hash) = file.strip_suffix(".narinfo").filter(|h| is_nix32(h, 32)) else {
         return not_found();
     };
-    let found = cache.narinfo_by_hash(hash);
+    let found = cache.narinfo_text(hash);
     cache.metrics().narinfo(found.is_some());
     match found {
-        Some(ni) => text(StatusCode::OK, "text/x-nix-narinfo", ni.render()),
+        // Rendered when it was published: the answer copies nothing.
+        Some(t) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/x-nix-narinfo"),
+            )],
+            t,
+        )
+            .into_response(),
         None => not_found(),
     }
 }
@@ -162,8 +170,7 @@ async fn nar(State(cache): State<Cache>, Path(file): Path<String>, headers: Head
     };
     let meter = cache.metrics().serving(crate::metrics::Via::Http);
     let body = Body::from_stream(
-        result
-            .into_stream()
+        object_stream(result)
             .inspect_ok(move |chunk| meter.sent(chunk.len()))
             .map_err(std::io::Error::other),
     );
@@ -193,6 +200,81 @@ async fn nar(State(cache): State<Cache>, Path(file): Path<String>, headers: Head
         }
     }
     response
+}
+
+/// Bytes read from a local object per chunk sent.
+const FILE_CHUNK: usize = 1 << 20;
+/// Chunks read ahead of the connection.
+const FILE_AHEAD: usize = 4;
+
+/// The bytes of `result`. A local file (object_store's `LocalFileSystem`
+/// hands it over open) is read by one blocking thread in chunks of
+/// [`FILE_CHUNK`], a few ahead of the connection, instead of object_store's
+/// own stream of 8 KiB chunks, each a blocking task of its own; any other
+/// storage streams as it comes.
+fn object_stream(
+    result: object_store::GetResult,
+) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, object_store::Error>> {
+    use futures::StreamExt;
+    let range = result.range.clone();
+    match result.payload {
+        object_store::GetResultPayload::File(file, path) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(FILE_AHEAD);
+            tokio::task::spawn_blocking(move || read_chunks(file, &path, range, &tx));
+            futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|chunk| (chunk, rx))
+            })
+            .boxed()
+        }
+        _ => result.into_stream(),
+    }
+}
+
+/// Sends `range` of `file` on `tx` (an error ends it); stops when the
+/// receiver is gone (the connection closed).
+fn read_chunks(
+    mut file: std::fs::File,
+    path: &std::path::Path,
+    range: std::ops::Range<u64>,
+    tx: &tokio::sync::mpsc::Sender<Result<bytes::Bytes, object_store::Error>>,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    let fail = |e: std::io::Error| object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: format!("reading {}: {e}", path.display()).into(),
+    };
+    if let Err(e) = file.seek(SeekFrom::Start(range.start)) {
+        let _ = tx.blocking_send(Err(fail(e)));
+        return;
+    }
+    let mut left = range.end - range.start;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(FILE_CHUNK);
+        let mut buf = bytes::BytesMut::zeroed(want);
+        let mut got = 0;
+        while got < want {
+            match file.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(fail(e)));
+                    return;
+                }
+            }
+        }
+        if got == 0 {
+            let eof =
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "shorter than its size");
+            let _ = tx.blocking_send(Err(fail(eof)));
+            return;
+        }
+        buf.truncate(got);
+        left -= got as u64;
+        if tx.blocking_send(Ok(buf.freeze())).is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
