@@ -162,20 +162,29 @@ impl Browser {
     }
 
     /// Evaluates `expr` until it is `true`; fails after [`PAGE_WAIT`] with
-    /// `show` evaluated (what the page showed).
+    /// what the page showed and the last evaluation error, if any. An error
+    /// is "not yet": while a navigation loads, `document.body` is null and
+    /// the old execution context is gone.
     async fn wait_for(&mut self, what: &str, expr: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + PAGE_WAIT;
+        let mut last_error = None;
         loop {
-            if self.eval(expr).await? == json!(true) {
-                return Ok(());
+            match self.eval(expr).await {
+                Ok(v) if v == json!(true) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => last_error = Some(e),
             }
             if Instant::now() >= deadline {
                 let shown = self
                     .eval("document.body ? document.body.innerText : ''")
-                    .await?;
+                    .await
+                    .unwrap_or_default();
                 bail!(
-                    "the page did not show {what} within {PAGE_WAIT:?}; it shows:\n{}",
-                    shown.as_str().unwrap_or_default()
+                    "the page did not show {what} within {PAGE_WAIT:?}; it shows:\n{}{}",
+                    shown.as_str().unwrap_or_default(),
+                    last_error
+                        .map(|e| format!("\nlast evaluation error: {e:#}"))
+                        .unwrap_or_default()
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -322,8 +331,15 @@ fn ensure_not_drained(farm: &Farm, key: &Path, after: &str) -> anyhow::Result<()
     Ok(())
 }
 
-fn docs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+/// Where the screenshots go: the test's log directory (printed with the
+/// logs), or the repository's `docs/` when `FARM_UPDATE_SCREENSHOTS=1`, so an
+/// ordinary run never rewrites tracked files.
+fn screenshot_dir(logs: &TestLogs) -> PathBuf {
+    if std::env::var_os("FARM_UPDATE_SCREENSHOTS").is_some_and(|v| v == "1") {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+    } else {
+        logs.dir().to_path_buf()
+    }
 }
 
 // ───────────────────────────── the test ─────────────────────────────
@@ -445,7 +461,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     step("overview seen");
     // Let the elapsed times and the load tick once before the picture.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    b.screenshot(&docs_dir().join("dashboard-overview.png"))
+    b.screenshot(&screenshot_dir(logs).join("dashboard-overview.png"))
         .await?;
 
     // ── the running build's page: the log grows in the same document ──
@@ -489,7 +505,7 @@ async fn dashboard(logs: &TestLogs) -> anyhow::Result<()> {
     )
     .await?;
     step("log grew");
-    b.screenshot(&docs_dir().join("dashboard-build.png"))
+    b.screenshot(&screenshot_dir(logs).join("dashboard-build.png"))
         .await?;
 
     // Let it through: the page shows it built, with its output, still the same document.
