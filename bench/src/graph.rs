@@ -387,3 +387,94 @@ fn log_stamps(log: &str, message: &str) -> BTreeMap<String, f64> {
     }
     out
 }
+
+/// The cached case: a `width` × (`depth`+1) + 1 graph built locally in the
+/// client (`nix-build --max-jobs 2`, the machine's cores) and pushed, its
+/// `.drv` files and outputs, into the farm's cache with the push key (`nix
+/// copy --to ssh-ng://`, as the push case: the farm signs what a push key
+/// uploads), on a farm without builders (a build that is not cached cannot
+/// run and fails the case); then `farm build` of the same file, all cached,
+/// against `nix-instantiate` of it alone.
+pub fn cached(
+    case: &str,
+    width: usize,
+    depth: usize,
+    logs: &TestLogs,
+) -> anyhow::Result<CaseReport> {
+    require(&[("nix-build", "nix-bin"), ("ssh", "openssh-client")])?;
+    let shape = Shape {
+        width,
+        depth,
+        sleep: 0.0,
+        nix_remote: false,
+        cached: true,
+    };
+    let mut report = CaseReport::new(
+        case,
+        format!(
+            "{} derivations ({width}×{}+1 layered DAG, trivial derivations) built in the client with nix-build --max-jobs 2, \
+             their .drv files and outputs pushed with nix copy --to ssh-ng:// (push key); a farm without builders",
+            shape.nodes(),
+            depth + 1
+        ),
+    );
+    let n = nonce();
+    let farm = Farm::setup(logs).clients(1).pushers(1).start()?;
+    let key = farm.client_key()?.to_owned();
+    let nix = layered_graph_nix_sleeping(&format!("{case}c{n}"), width, depth, 0.0);
+    let file = farm.client.write_file("cached.nix", &nix)?;
+    let drvs = farm.client.nix_instantiate(&file, &[] as &[&str])?;
+    let top_drv = drvs.first().context("the graph has no derivation")?.clone();
+    let top = outputs_of(&farm.client, &drvs)?
+        .into_iter()
+        .next()
+        .context("the graph has no output")?;
+
+    let mut cmd = farm.client.command("nix-build");
+    cmd.args(["--no-out-link", "--max-jobs", "2"]).arg(&file);
+    let t = timed(logs, "[client] nix-build --max-jobs 2 (filling)", cmd)?;
+    let built = t.time;
+
+    let push_key = farm
+        .own_ssh()?
+        .admin_keys
+        .first()
+        .context("no push key")?
+        .clone();
+    let mut cmd = farm.client.command("nix");
+    cmd.args(["copy", "--to", &farm.store_uri("ssh-ng")])
+        .arg(top_drv.to_string())
+        .arg(top.to_string())
+        .env(
+            "NIX_SSHOPTS",
+            format!(
+                "{} -o Ciphers={}",
+                farm.ssh_opts_with_key(&push_key)?,
+                sshd::CIPHER
+            ),
+        );
+    let t = timed(logs, "[client] nix copy --to ssh-ng://farm (filling)", cmd)?;
+    let pushed = t.time;
+    ensure!(farm.cache_has(&top)?, "the cache lacks {top}");
+    ensure!(farm.cache_has(&top_drv)?, "the cache lacks {top_drv}");
+
+    let cmd = farm.farm_command(
+        &farm.client,
+        Some(&key),
+        &["build", "--json", file.to_str().context("path")?],
+    )?;
+    let t = timed(logs, "[client] farm build --json (all cached)", cmd)?;
+    let cached_f = Figure::secs("farm build, all cached", t.time);
+    let mut cmd = farm.client.command("nix-instantiate");
+    cmd.arg(&file);
+    let t = timed(logs, "[client] nix-instantiate", cmd)?;
+    let eval_f = Figure::secs("nix-instantiate alone", t.time);
+    report.row(&cached_f, &eval_f, Some("≤ 1.3×"));
+    report.note(format!(
+        "filling the cache (not measured against anything): nix-build {:.1} s, nix copy of {} paths {:.1} s",
+        built.as_secs_f64(),
+        2 * shape.nodes(),
+        pushed.as_secs_f64()
+    ));
+    Ok(report)
+}

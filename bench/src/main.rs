@@ -13,6 +13,7 @@
 mod cache;
 mod graph;
 mod push;
+mod queue;
 mod report;
 mod run;
 mod sshd;
@@ -45,11 +46,19 @@ const CASES: &[(&str, &str)] = &[
     ),
     (
         "push",
-        "a ~485 MB mixed path: nix copy --to ssh-ng:// vs nix-store --dump | zstd -1, and through OpenSSH",
+        "a ~485 MB mixed path: nix copy --to ssh-ng:// and the builder's UploadNar vs nix-store --dump | zstd -1, and through OpenSSH",
     ),
     (
         "cache-reads",
         "narinfo lookups p50 (keep-alive, 16 concurrent) and NAR download, farm vs nginx on the same files",
+    ),
+    (
+        "cached10k",
+        "10001 trivial derivations (100×100+1) built locally and pushed: farm build, all cached, vs nix-instantiate",
+    ),
+    (
+        "queue100k",
+        "coordinator RSS and submit time with 100 000 queued derivations and 1 000 simulated builders (goal ≤ 100 MB)",
     ),
 ];
 
@@ -67,8 +76,10 @@ const CASES: &[(&str, &str)] = &[
         sleep21    21 derivations sleeping 0.3 s: the same vs the makespan bound and Nix remote building\n  \
         graph1001  1001 trivial derivations, then all cached vs nix-instantiate\n  \
         dispatch   a 41-derivation chain: input end → build start p50/p99 vs local\n  \
-        push       a ~485 MB path: nix copy --to ssh-ng:// vs nix-store --dump | zstd -1 (and | ssh)\n  \
-        cache-reads  narinfo p50 (keep-alive, 16 concurrent), NAR download: farm vs nginx"
+        push       a ~485 MB path: nix copy --to ssh-ng://, the builder's UploadNar vs nix-store --dump | zstd -1 (and | ssh)\n  \
+        cache-reads  narinfo p50 (keep-alive, 16 concurrent), NAR download: farm vs nginx\n  \
+        cached10k  10001 derivations built locally, pushed, then farm build all cached vs nix-instantiate\n  \
+        queue100k  coordinator RSS with 100 000 queued and 1 000 simulated gRPC builders, submit time"
 )]
 struct Args {
     /// Print one JSON document (every case's rows) instead of tables.
@@ -119,6 +130,8 @@ fn run_case(name: &str, logs: &TestLogs) -> anyhow::Result<CaseReport> {
         "dispatch" => graph::dispatch(logs, 41),
         "push" => push::run(logs),
         "cache-reads" => cache::run(logs),
+        "cached10k" => graph::cached(name, 100, 99, logs),
+        "queue100k" => queue::run(logs),
         other => bail!("no case {other}"),
     }
 }

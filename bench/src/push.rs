@@ -59,7 +59,16 @@ pub fn run(logs: &TestLogs) -> anyhow::Result<CaseReport> {
         ("/usr/sbin/sshd", "openssh-server"),
         ("ssh", "openssh-client"),
     ])?;
-    let farm = Farm::setup(logs).clients(1).pushers(1).start()?;
+    // One builder, for the builder's upload path (one job: a copy of the path).
+    let farm = Farm::setup(logs)
+        .builders(&[BuilderSpec {
+            name: "b-1",
+            max_jobs: 1,
+            conf: &[],
+        }])
+        .clients(1)
+        .pushers(1)
+        .start()?;
     let client = &farm.client;
     let tree = client.root().join("push-tree");
     make_tree(&tree)?;
@@ -131,5 +140,61 @@ pub fn run(logs: &TestLogs) -> anyhow::Result<CaseReport> {
     report.row(&copy_f, &zstd_f, Some("≥ 0.9×"));
     report.row(&copy_f, &ssh_f, None);
     report.note(format!("farm ingest took {:.2} s", t.time.as_secs_f64()));
+
+    // The builder's upload path (`BuilderService.UploadNar`, no SSH): a
+    // derivation whose output is a copy of the path (the same files, so the
+    // same NAR bytes under another name), built by the farm's builder; the
+    // builder fetches the input from the cache, copies it, then dumps the
+    // output from its store and uploads it: its `job phases` log line has the
+    // upload's time (the dump through `nix-store --serve` and `UploadNar`,
+    // until the coordinator acknowledged the ingest).
+    let file = client.write_file(
+        "copy.nix",
+        &format!(
+            "derivation {{\n  name = \"push-copy-{}\";\n  system = \"x86_64-linux\";\n  builder = \"/bin/sh\";\n  \
+             args = [ \"-c\" \"/bin/cp -r ${{builtins.storePath {p}}} $out\" ];\n}}\n",
+            crate::run::nonce()
+        ),
+    )?;
+    let cmd = farm.farm_command(
+        client,
+        Some(&key),
+        &["build", "--json", file.to_str().context("path")?],
+    )?;
+    let t = timed(logs, "[client] farm build (a copy of the path)", cmd)?;
+    let log = farm.builders[0]
+        .process
+        .as_ref()
+        .context("the builder is not running")?
+        .log();
+    let phases = log
+        .lines()
+        .rfind(|l| l.contains("job phases"))
+        .context("the builder logged no `job phases` line")?;
+    let field = |name: &str| -> anyhow::Result<f64> {
+        let v = phases
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .with_context(|| format!("no {name} in {phases:?}"))?;
+        Ok(v.trim_matches('"').parse()?)
+    };
+    let upload_ms = field("upload_ms=")?;
+    let fetch_ms = field("fetch_ms=")?;
+    let build_ms = field("build_ms=")?;
+    let up_f = Figure::throughput(
+        "builder upload (dump + BuilderService.UploadNar, farm ingest)",
+        nar_size,
+        std::time::Duration::from_secs_f64(upload_ms / 1000.0),
+    );
+    report.row(&up_f, &zstd_f, Some("≥ 0.9×"));
+    report.note(format!(
+        "builder job (farm build of a copy of the path, {:.1} s in all): fetch of the input {:.0} ms ({:.0} MB/s), \
+         cp -r {:.0} ms, upload {:.0} ms",
+        t.time.as_secs_f64(),
+        fetch_ms,
+        nar_size as f64 / 1e3 / fetch_ms.max(1e-3),
+        build_ms,
+        upload_ms
+    ));
     Ok(report)
 }

@@ -39,6 +39,16 @@ impl Figure {
         }
     }
 
+    /// A size in MB (10^6 bytes), from bytes.
+    pub fn megabytes(what: impl Into<String>, bytes: f64) -> Figure {
+        Figure {
+            what: what.into(),
+            value: bytes / 1e6,
+            unit: "MB",
+            lower_is_better: true,
+        }
+    }
+
     /// A throughput of `bytes` in `d`, in MB/s (10^6 bytes).
     pub fn throughput(what: impl Into<String>, bytes: u64, d: Duration) -> Figure {
         Figure {
@@ -56,6 +66,7 @@ impl Figure {
             "s" => format!("{v:.1}"),
             "ms" if v < 10.0 => format!("{v:.2}"),
             "ms" => format!("{v:.1}"),
+            "MB" => format!("{v:.1}"),
             _ => format!("{v:.0}"),
         };
         format!("{num} {}", self.unit)

@@ -38,7 +38,7 @@ pub use farm_testkit::{
     BASE_NIX_CONF, FarmProcess, TAIL_LINES, TestLogs, deadline, deadline_async, keep_temp_dirs,
     nix_string, sh_derivation, tracked_output,
 };
-pub use keys::{ClientKey, SshAccess, ssh_key};
+pub use keys::{ClientKey, SignedClient, SshAccess, ssh_key};
 pub use proxy::LinkProxy;
 
 /// Everything an end-to-end test file needs of the farm fixture, for one glob import.
