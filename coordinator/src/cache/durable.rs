@@ -12,22 +12,18 @@
 //! cache's `tmp/`) are not synced when written: they only become something
 //! when renamed out of it, and the rename syncs the destination (its data
 //! too, since it is the same file). That leaves four fsyncs per published
-//! path: NAR file, NAR directory, narinfo file, root directory. The two
-//! directory fsyncs are shared by the writers whose changes are done when
-//! one starts (group commit, [`DirGroup`]): uploads finishing together wait
-//! for one fsync of `nar/` and one of the root rather than one each in turn.
-//! S3-compatible stores are durable by contract and are not wrapped.
+//! path: NAR file, NAR directory, narinfo file, root directory. S3-compatible
+//! stores are durable by contract and are not wrapped.
 //!
 //! The cache relies on this order: the NAR's `rename` returns only once the
 //! NAR is durable, the narinfo's `put` only once the narinfo is, and only then
 //! does the cache publish the path in its index (what uploads are acknowledged
 //! with and what `verify_outputs` checks before a build counts as built).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -72,8 +68,6 @@ pub(crate) struct DurableLocal {
     fsync: Arc<dyn Fsync>,
     /// Directories under `root` whose own entry is known to be durable.
     synced_dirs: Arc<Mutex<HashSet<PathBuf>>>,
-    /// Each directory's group commit (see [`DirGroup`]).
-    groups: Arc<Mutex<HashMap<PathBuf, Arc<DirGroup>>>>,
     /// Keys under this prefix are scratch: written without syncing.
     scratch: ObjectPath,
 }
@@ -113,7 +107,6 @@ impl DurableLocal {
             root,
             fsync,
             synced_dirs: Arc::new(Mutex::new(HashSet::new())),
-            groups: Arc::new(Mutex::new(HashMap::new())),
             scratch: ObjectPath::from(scratch),
         })
     }
@@ -123,21 +116,11 @@ impl DurableLocal {
         if location.prefix_matches(&self.scratch) {
             return Ok(None);
         }
-        let file = self.layout.path_to_filesystem(location)?;
-        let group = file.parent().map(|dir| {
-            self.groups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(dir.to_path_buf())
-                .or_default()
-                .clone()
-        });
         Ok(Some(Syncer {
-            file,
+            file: self.layout.path_to_filesystem(location)?,
             root: self.root.clone(),
             fsync: self.fsync.clone(),
             synced_dirs: self.synced_dirs.clone(),
-            group,
         }))
     }
 }
@@ -150,41 +133,6 @@ struct Syncer {
     root: PathBuf,
     fsync: Arc<dyn Fsync>,
     synced_dirs: Arc<Mutex<HashSet<PathBuf>>>,
-    /// The group commit of the file's directory.
-    group: Option<Arc<DirGroup>>,
-}
-
-/// Group commit of one directory's fsyncs: an fsync of a directory that
-/// starts after a change to it (a rename into it returned) makes that change
-/// durable, so writers whose changes are all done when one writer's fsync
-/// starts share that fsync instead of each making its own, one after the
-/// other. Every writer still returns only after an fsync that started after
-/// its own change; a failed fsync covers nobody (each waiting writer then
-/// makes its own).
-#[derive(Debug, Default)]
-struct DirGroup {
-    /// Changes done so far (each writer counts its own before its sync).
-    done: AtomicU64,
-    /// How many of them a finished fsync covers.
-    synced: AtomicU64,
-    /// Held while an fsync of the directory runs (by a blocking thread).
-    running: Mutex<()>,
-}
-
-impl DirGroup {
-    /// Make `dir` durable for a change to it that is done (blocking).
-    fn sync(&self, dir: &Path, fsync: &dyn Fsync) -> std::io::Result<()> {
-        let mine = self.done.fetch_add(1, Ordering::SeqCst) + 1;
-        let _turn = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if self.synced.load(Ordering::SeqCst) >= mine {
-            return Ok(());
-        }
-        // Every change counted by now is done: this fsync covers them all.
-        let upto = self.done.load(Ordering::SeqCst);
-        fsync.dir(dir)?;
-        self.synced.fetch_max(upto, Ordering::SeqCst);
-        Ok(())
-    }
 }
 
 /// Run the syncer, if there is one.
@@ -198,56 +146,24 @@ async fn sync(syncer: Option<Syncer>) -> object_store::Result<()> {
 impl Syncer {
     async fn run(self) -> object_store::Result<()> {
         let path = self.file.clone();
-        self.durable()
+        tokio::task::spawn_blocking(move || self.blocking())
             .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
             .map_err(|e| object_store::Error::Generic {
                 store: "DurableLocal",
                 source: format!("fsync {}: {e}", path.display()).into(),
             })
     }
 
-    /// The file and the directory naming it at once (both are written by
-    /// now; two fsyncs in flight together share the filesystem's journal
-    /// commit where one after the other each waits for its own), the
-    /// directory's fsync shared with other writers' (see [`DirGroup`]); then
-    /// each directory up to the root whose entry has not been synced yet (a
-    /// write may have just created it).
-    async fn durable(self) -> std::io::Result<()> {
-        let this = Arc::new(self);
-        let blocking = |f: Box<dyn FnOnce() -> std::io::Result<()> + Send>| async move {
-            tokio::task::spawn_blocking(f)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?
-        };
-        let Some(dir) = this.file.parent().map(Path::to_path_buf) else {
-            let s = this.clone();
-            return blocking(Box::new(move || s.fsync.file(&s.file))).await;
-        };
-        let (s, d) = (this.clone(), dir.clone());
-        let file = blocking(Box::new(move || s.fsync.file(&s.file)));
-        let (s, d2) = (this.clone(), dir.clone());
-        let entry = blocking(Box::new(move || match &s.group {
-            Some(g) => g.sync(&d2, s.fsync.as_ref()),
-            None => s.fsync.dir(&d2),
-        }));
-        let (file, entry) = tokio::join!(file, entry);
-        file?;
-        entry?;
-        let known = |d: &Path| {
-            this.synced_dirs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(d)
-        };
-        if d == this.root || !d.starts_with(&this.root) || known(&d) {
+    /// The file, the directory naming it, then each directory up to the root
+    /// whose entry has not been synced yet (a write may have just created it).
+    fn blocking(&self) -> std::io::Result<()> {
+        self.fsync.file(&self.file)?;
+        let Some(mut dir) = self.file.parent().map(Path::to_path_buf) else {
             return Ok(());
-        }
-        blocking(Box::new(move || this.ancestors(dir))).await
-    }
-
-    /// Each directory from `dir` up to the root whose entry has not been
-    /// synced yet: its parent is synced.
-    fn ancestors(&self, mut dir: PathBuf) -> std::io::Result<()> {
+        };
+        self.fsync.dir(&dir)?;
         while dir != self.root && dir.starts_with(&self.root) {
             let known = self
                 .synced_dirs
@@ -409,61 +325,5 @@ impl ObjectStore for DurableLocal {
         let syncer = self.syncer(to)?;
         self.inner.rename_if_not_exists(from, to).await?;
         sync(syncer).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
-
-    /// Counts directory fsyncs; each takes a while, as on a busy disk.
-    #[derive(Debug, Default)]
-    struct SlowFsync {
-        dirs: AtomicUsize,
-        /// Fsyncs started so far, read by writers before their change.
-        started: AtomicUsize,
-    }
-
-    impl Fsync for SlowFsync {
-        fn file(&self, _: &Path) -> std::io::Result<()> {
-            Ok(())
-        }
-
-        fn dir(&self, _: &Path) -> std::io::Result<()> {
-            self.started.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(20));
-            self.dirs.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn writers_finishing_together_share_a_directory_fsync_started_after_their_change() {
-        let group = Arc::new(DirGroup::default());
-        let fsync = Arc::new(SlowFsync::default());
-        let writers: Vec<_> = (0..8)
-            .map(|_| {
-                let (group, fsync) = (group.clone(), fsync.clone());
-                std::thread::spawn(move || {
-                    // The change is done now: a covering fsync starts later.
-                    let before = fsync.started.load(Ordering::SeqCst);
-                    group.sync(Path::new("/nowhere"), fsync.as_ref()).unwrap();
-                    assert!(
-                        fsync.started.load(Ordering::SeqCst) > before,
-                        "returned without an fsync started after its change"
-                    );
-                })
-            })
-            .collect();
-        for w in writers {
-            w.join().unwrap();
-        }
-        let n = fsync.dirs.load(Ordering::SeqCst);
-        assert!((1..8).contains(&n), "{n} fsyncs for 8 writers at once");
-        // Alone, each writer makes its own.
-        group.sync(Path::new("/nowhere"), fsync.as_ref()).unwrap();
-        assert_eq!(fsync.dirs.load(Ordering::SeqCst), n + 1);
     }
 }
