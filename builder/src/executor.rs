@@ -510,34 +510,42 @@ impl NixExecutor {
         let downloads = jobs.into_iter().map(move |(info, dest)| {
             let link = link.clone();
             AbortOnDrop(tokio::spawn(async move {
-                transfer::download(&link, &info, &dest)
+                transfer::fetch(&link, &info, dest)
                     .await
-                    .map(|n| (info, dest, n))
+                    .map(|(fetched, n)| (info, fetched, n))
             }))
         });
         let mut stream = futures::stream::iter(downloads).buffered(self.parallelism);
         let mut total = 0u64;
         while let Some(joined) = stream.next().await {
-            let (info, dest, n) = joined
+            let (info, fetched, n) = joined
                 .map_err(|e| input_err(format!("download task: {e}")))?
                 .map_err(|e| input_err(e.to_string()))?;
             total += n;
-            let mut file = tokio::fs::File::open(&dest)
-                .await
-                .map_err(|e| input_err(format!("{}: {e}", dest.display())))?;
-            serve
-                .client
-                .add_to_store_nar(&info, &mut file)
-                .await
-                .map_err(|e| {
-                    input_err(format!(
-                        "adding {} to the local store: {e}: {}",
-                        info.path,
-                        serve.log.tail()
-                    ))
-                })?;
-            drop(file);
-            let _ = tokio::fs::remove_file(&dest).await;
+            let added = match &fetched {
+                transfer::Fetched::Memory(nar) => {
+                    serve
+                        .client
+                        .add_to_store_nar(&info, &mut nar.as_slice())
+                        .await
+                }
+                transfer::Fetched::File(dest) => {
+                    let mut file = tokio::fs::File::open(dest)
+                        .await
+                        .map_err(|e| input_err(format!("{}: {e}", dest.display())))?;
+                    let added = serve.client.add_to_store_nar(&info, &mut file).await;
+                    drop(file);
+                    let _ = tokio::fs::remove_file(dest).await;
+                    added
+                }
+            };
+            added.map_err(|e| {
+                input_err(format!(
+                    "adding {} to the local store: {e}: {}",
+                    info.path,
+                    serve.log.tail()
+                ))
+            })?;
         }
         phases.fetch = fetch_began.elapsed();
         Ok(total)

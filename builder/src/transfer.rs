@@ -97,11 +97,54 @@ fn cache_key(link: &Link) -> Result<Option<VerifyingKey>, BuilderError> {
         })
 }
 
+/// NARs up to this size are fetched into memory, larger ones into a scratch
+/// file (at most `download_parallelism` of them are held at once).
+pub(crate) const IN_MEMORY_NAR: u64 = 4 * 1024 * 1024;
+
+/// A downloaded, verified NAR.
+pub(crate) enum Fetched {
+    /// Small ones ([`IN_MEMORY_NAR`]): no scratch file.
+    Memory(Vec<u8>),
+    /// In this scratch file.
+    File(std::path::PathBuf),
+}
+
+/// Download `info.path`'s NAR, checking its structure, size and hash: into
+/// memory when it is small, else into `dest`.
+pub(crate) async fn fetch(
+    link: &Link,
+    info: &ValidPathInfo,
+    dest: std::path::PathBuf,
+) -> Result<(Fetched, u64), BuilderError> {
+    if info.nar_size <= IN_MEMORY_NAR {
+        let mut buf = Vec::with_capacity(usize::try_from(info.nar_size).unwrap_or(0));
+        let n = download_into(link, info, &mut buf, "memory").await?;
+        return Ok((Fetched::Memory(buf), n));
+    }
+    let n = download(link, info, &dest).await?;
+    Ok((Fetched::File(dest), n))
+}
+
 /// Download `info.path`'s NAR into `dest`, checking its structure, size and hash.
 pub(crate) async fn download(
     link: &Link,
     info: &ValidPathInfo,
     dest: &Path,
+) -> Result<u64, BuilderError> {
+    let file = tokio::fs::File::create(dest)
+        .await
+        .map_err(|e| terr(format!("creating {}: {e}", dest.display())))?;
+    let mut file = tokio::io::BufWriter::new(file);
+    download_into(link, info, &mut file, &dest.display().to_string()).await
+}
+
+/// Download `info.path`'s NAR into `file` (named `what` in errors), checking
+/// its structure, size and hash; flushed when it returns.
+async fn download_into<W: tokio::io::AsyncWrite + Unpin + Send>(
+    link: &Link,
+    info: &ValidPathInfo,
+    file: &mut W,
+    what: &str,
 ) -> Result<u64, BuilderError> {
     let path = &info.path;
     let stream = link
@@ -117,15 +160,11 @@ pub(crate) async fn download(
             .map_err(|s| std::io::Error::other(format!("{}: {}", s.code(), s.message())))
     });
     let mut reader = tokio_util::io::StreamReader::new(stream);
-    let file = tokio::fs::File::create(dest)
-        .await
-        .map_err(|e| terr(format!("creating {}: {e}", dest.display())))?;
-    let mut file = tokio::io::BufWriter::new(file);
     let limits = NarLimits {
         max_total_size: info.nar_size,
         ..NarLimits::default()
     };
-    let summary = copy_nar(&mut reader, &mut file, &limits)
+    let summary = copy_nar(&mut reader, file, &limits)
         .await
         .map_err(|e| terr(format!("downloading {path}: {}", error_chain(&e))))?;
     expect_eof(&mut reader)
@@ -133,7 +172,7 @@ pub(crate) async fn download(
         .map_err(|e| terr(format!("downloading {path}: {e}")))?;
     file.flush()
         .await
-        .map_err(|e| terr(format!("writing {}: {e}", dest.display())))?;
+        .map_err(|e| terr(format!("writing {what}: {e}")))?;
     if summary.nar_size != info.nar_size || summary.nar_hash != info.nar_hash {
         return Err(terr(format!(
             "{path}: downloaded NAR has size {} and hash {}, the cache says {} and {}",

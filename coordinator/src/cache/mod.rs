@@ -722,6 +722,7 @@ impl Cache {
             return Ok(existing);
         }
 
+        let began = std::time::Instant::now();
         // This upload's own object: no other upload of the path waits for it.
         let tmp = ObjectPath::from(format!(
             "tmp/{}-{:016x}.nar.zst",
@@ -749,10 +750,12 @@ impl Cache {
             }
         };
 
+        let streamed = began.elapsed();
         // Publish: only this short step is serialised per hash part, so of
         // two racing uploads under one hash part exactly one publishes.
         let lock = self.path_lock(claimed.path.hash_part());
         let _publishing = lock.lock().await;
+        let publishing = std::time::Instant::now();
         let existing = self.existing(&claimed.path, dest);
         if !matches!(existing, Ok(None)) {
             // Another upload finished first: ours is not needed, or refused.
@@ -774,6 +777,7 @@ impl Cache {
         // Durable when it returns (see `durable`): the NAR is on disk before
         // the narinfo that names it is written.
         let renamed = store.rename(&tmp, &nar_obj).await;
+        let nar_durable = publishing.elapsed();
         guard.path = None;
         if let Err(e) = renamed {
             let _ = ignore_not_found(store.delete(&tmp).await);
@@ -805,11 +809,15 @@ impl Cache {
             }
             return Err(e.into());
         }
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         tracing::info!(
             path = %narinfo.info.path,
             nar_size = narinfo.info.nar_size,
             file_size,
             signed = dest.is_none(),
+            stream_ms = format_args!("{:.1}", ms(streamed)),
+            nar_ms = format_args!("{:.1}", ms(nar_durable)),
+            publish_ms = format_args!("{:.1}", ms(publishing.elapsed())),
             "stored in the cache"
         );
         self.inner
