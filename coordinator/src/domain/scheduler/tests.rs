@@ -1361,3 +1361,65 @@ fn free_slot_index_picks_what_a_walk_over_every_builder_picks() {
     }
     assert!(checked.0 > 300, "too few decisions checked: {checked:?}");
 }
+
+#[test]
+fn the_speed_factor_counts_squared_against_busy_slots_and_locality() {
+    // Known answer: a speed-2 builder with half its slots busy that holds
+    // none of the input scores 1.5 * 1.5 / 2² = 0.5625; an idle speed-1
+    // builder that holds all of it scores 1.0. With the speed factor counted
+    // once (1.125 against 1.0) the slow one won.
+    let inputs = vec![(sp("big-input"), 1_000_000u64)];
+    let idle = Load::default();
+    let none: HashSet<StorePath> = HashSet::new();
+    let all: HashSet<StorePath> = [sp("big-input")].into();
+    let fast = caps(&["x86_64-linux"], &[], &[], 4, 2.0);
+    let slow = caps(&["x86_64-linux"], &[], &[], 4, 1.0);
+    let f = select::score(&fast, &idle, 2, &none, &inputs);
+    let s1 = select::score(&slow, &idle, 0, &all, &inputs);
+    assert_eq!(f, 0.5625);
+    assert_eq!(s1, 1.0);
+    // Through dispatch: the slow builder holds the input, the fast one has
+    // two of its four slots busy; the fast one gets the build.
+    let mut s = sched();
+    s.builder_connected("fast", "k1", fast, &[], 0);
+    s.builder_connected("slow", "k2", slow, &[], 0);
+    s.submit_test(
+        graph(
+            vec![
+                nb("busy1", "x86_64-linux", &[], &[]),
+                nb("busy2", "x86_64-linux", &[], &[]),
+            ],
+            &["busy1", "busy2"],
+        ),
+        0,
+    )
+    .unwrap();
+    let jobs = settle(&mut s, 0);
+    assert!(jobs.iter().all(|j| j.builder == "fast"), "{jobs:?}");
+    assert_eq!(jobs.len(), 2);
+    let big = s.intern(sp("big-input"));
+    let slow_bx = s.bx("slow").unwrap();
+    s.hold(slow_bx, [big]);
+    s.submit_test(
+        graph(
+            vec![nb("wants-big", "x86_64-linux", &[], &[])],
+            &["wants-big"],
+        ),
+        1,
+    )
+    .unwrap();
+    s.dispatch(1);
+    let mut started = Vec::new();
+    for a in s.take_actions() {
+        if let Action::Prepare { build } = a {
+            s.set_ready(build, vec![(sp("big-input"), 1_000_000)]);
+        }
+    }
+    s.dispatch(1);
+    for a in s.take_actions() {
+        if let Action::Dispatch(j) = a {
+            started.push((j.drv_path, j.builder));
+        }
+    }
+    assert_eq!(started, vec![(drv("wants-big"), "fast".to_string())]);
+}
