@@ -170,7 +170,7 @@ impl Browser {
         let mut last_error = None;
         loop {
             match self.eval(expr).await {
-                Ok(v) if v == json!(true) => return Ok(()),
+                Ok(Value::Bool(true)) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => last_error = Some(e),
             }
