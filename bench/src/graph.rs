@@ -441,20 +441,30 @@ pub fn cached(
         .first()
         .context("no push key")?
         .clone();
-    let mut cmd = farm.client.command("nix");
-    cmd.args(["copy", "--to", &farm.store_uri("ssh-ng")])
-        .arg(top_drv.to_string())
-        .arg(top.to_string())
-        .env(
-            "NIX_SSHOPTS",
-            format!(
-                "{} -o Ciphers={}",
-                farm.ssh_opts_with_key(&push_key)?,
-                sshd::CIPHER
-            ),
-        );
-    let t = timed(logs, "[client] nix copy --to ssh-ng://farm (filling)", cmd)?;
-    let pushed = t.time;
+    // Two copies: `nix copy X.drv` means X's outputs (Nix 2.8); the `.drv`
+    // closure itself needs `--derivation`.
+    let sshopts = format!(
+        "{} -o Ciphers={}",
+        farm.ssh_opts_with_key(&push_key)?,
+        sshd::CIPHER
+    );
+    let mut pushed = std::time::Duration::ZERO;
+    for (what, flag, path) in [
+        (
+            "the .drv closure",
+            Some("--derivation"),
+            top_drv.to_string(),
+        ),
+        ("the outputs", None, top.to_string()),
+    ] {
+        let mut cmd = farm.client.command("nix");
+        cmd.args(["copy", "--to", &farm.store_uri("ssh-ng")])
+            .args(flag)
+            .arg(path)
+            .env("NIX_SSHOPTS", &sshopts);
+        let title = format!("[client] nix copy --to ssh-ng://farm of {what} (filling)");
+        pushed += timed(logs, &title, cmd)?.time;
+    }
     ensure!(farm.cache_has(&top)?, "the cache lacks {top}");
     ensure!(farm.cache_has(&top_drv)?, "the cache lacks {top_drv}");
 
