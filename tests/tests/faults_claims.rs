@@ -140,18 +140,6 @@ impl Client {
     }
 }
 
-/// How many times client `name`'s top started, and where.
-fn top_starts(farm: &Farm, name: &str) -> Vec<String> {
-    std::fs::read_to_string(farm.witness_dir().join(format!("{name}.started")))
-        .unwrap_or_default()
-        .lines()
-        .map(|top| {
-            farm.builder_of_build_top(top)
-                .unwrap_or_else(|| top.to_owned())
-        })
-        .collect()
-}
-
 /// Waits until every client's top runs, per the coordinator (after `min`
 /// starts each, so a rerun after a fault is counted).
 fn wait_tops_running(farm: &Farm, ssh: &SshAccess, min: &[usize]) -> anyhow::Result<()> {
@@ -169,7 +157,7 @@ fn wait_tops_running(farm: &Farm, ssh: &SshAccess, min: &[usize]) -> anyhow::Res
                 ))
             })
             .collect();
-        let starts = top_starts(farm, "c");
+        let starts = gate_starts(farm, "c");
         let all = (0..NAMES.len()).all(|i| {
             running
                 .iter()
@@ -182,7 +170,7 @@ fn wait_tops_running(farm: &Farm, ssh: &SshAccess, min: &[usize]) -> anyhow::Res
         ensure!(
             Instant::now() < deadline,
             "the tops never all ran (starts {:?}): {s}",
-            top_starts(farm, "c")
+            gate_starts(farm, "c")
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -287,7 +275,7 @@ fn run(logs: &TestLogs) -> anyhow::Result<()> {
             p.output()
         );
         c.check()?;
-        let starts = top_starts(&farm, "p");
+        let starts = gate_starts(&farm, "p");
         ensure!(
             starts.iter().filter(|b| **b == NAMES[i]).count() == 1,
             "the probe of {} ran on {starts:?}",
@@ -338,8 +326,8 @@ fn run(logs: &TestLogs) -> anyhow::Result<()> {
     }
     eprintln!(
         "top starts: {:?}; probe starts: {:?}",
-        top_starts(&farm, "c"),
-        top_starts(&farm, "p")
+        gate_starts(&farm, "c"),
+        gate_starts(&farm, "p")
     );
     Ok(())
 }
