@@ -6,7 +6,9 @@
 //!    queue runner: makespan, the speed-weighted lower bound, their ratio,
 //!    and each policy's makespan over the farm's.
 //! 2. The real scheduler's decisions per second with 100 000 queued builds
-//!    and 1 000 builders (`FARM_SIM_QUEUED`, `FARM_SIM_BUILDERS` change them).
+//!    and 1 000 builders (`FARM_SIM_QUEUED`, `FARM_SIM_BUILDERS` change them;
+//!    `FARM_SIM_STEADY` the steady rounds, 2 000; `FARM_SIM_DECISIONS_ONLY=1`
+//!    skips part 1, e.g. to profile the decisions alone).
 
 use std::time::Instant;
 
@@ -20,19 +22,22 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    let t = Instant::now();
-    let rows = report::run_all();
-    print!("{}", report::table(&rows));
-    println!(
-        "\n({} runs simulated in {:.1} s of wall time)\n",
-        rows.len(),
-        t.elapsed().as_secs_f64()
-    );
+    if std::env::var_os("FARM_SIM_DECISIONS_ONLY").is_none() {
+        let t = Instant::now();
+        let rows = report::run_all();
+        print!("{}", report::table(&rows));
+        println!(
+            "\n({} runs simulated in {:.1} s of wall time)\n",
+            rows.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     let queued = env("FARM_SIM_QUEUED", 100_000);
     let builders = env("FARM_SIM_BUILDERS", 1000);
     let t = Instant::now();
-    let d = report::decision_rate(queued, builders, 2, 2000);
+    let steady = env("FARM_SIM_STEADY", 2000);
+    let d = report::decision_rate(queued, builders, 2, steady);
     println!(
         "decisions with {} queued, {} builders x {} slots (set up in {:.1} s):",
         d.queued,

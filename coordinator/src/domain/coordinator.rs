@@ -26,7 +26,7 @@ const PRUNE_BATCH: usize = 256;
 fn read_builds(store: &Store, ids: &[BuildId]) -> Vec<Arc<BuildView>> {
     ids.iter()
         .filter_map(|id| store.get_build(*id).ok().flatten())
-        .map(|r| Arc::new(BuildView::from(&r)))
+        .map(Arc::new)
         .collect()
 }
 
@@ -483,13 +483,7 @@ impl Coordinator {
     pub fn build_view(&self, id: BuildId) -> Option<Arc<BuildView>> {
         let view = self.read_sched(|s| s.build_view(id));
         let store = self.store();
-        view.or_else(|| {
-            store
-                .get_build(id)
-                .ok()
-                .flatten()
-                .map(|r| Arc::new(BuildView::from(&r)))
-        })
+        view.or_else(|| store.get_build(id).ok().flatten().map(Arc::new))
     }
 
     /// The latest build of a derivation, in memory or in the store's log index.

@@ -137,49 +137,12 @@ pub struct SubmissionRecord {
     pub job: Option<String>,
 }
 
-/// What followers, queries and jobs read of a build: its record without the
-/// parts that grow (dependencies, submissions, clients). The scheduler keeps
-/// one per build behind an `Arc`, refreshed on every change, so a snapshot of a
-/// submission costs a reference count per build, not a copy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BuildView {
-    pub id: BuildId,
-    pub drv_path: StorePath,
-    pub drv_aterm: Arc<[u8]>,
-    pub system: String,
-    pub required_features: BTreeSet<String>,
-    pub outputs: BTreeMap<String, StorePath>,
-    pub state: BuildState,
-    pub retries: u32,
-    pub attempt: u32,
-    pub error: Option<String>,
-    pub builder: Option<String>,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    /// [`BuildRecord::claim`].
-    pub claim: Option<String>,
-}
-
-impl From<&BuildRecord> for BuildView {
-    fn from(r: &BuildRecord) -> BuildView {
-        BuildView {
-            id: r.id,
-            drv_path: r.drv_path.clone(),
-            drv_aterm: r.drv_aterm.clone(),
-            system: r.system.clone(),
-            required_features: r.required_features.clone(),
-            outputs: r.outputs.clone(),
-            state: r.state.clone(),
-            retries: r.retries,
-            attempt: r.attempt,
-            error: r.error.clone(),
-            builder: r.builder.clone(),
-            started_ms: r.started_ms,
-            finished_ms: r.finished_ms,
-            claim: r.claim.clone(),
-        }
-    }
-}
+/// A build as queries and followers see it: the record itself. The
+/// scheduler keeps each record in an `Arc` and changes it copy-on-write, so
+/// a view and the write of a state change share the record instead of each
+/// copying its strings (one clone per change, made by the next change, not
+/// two per change).
+pub type BuildView = BuildRecord;
 
 /// `Arc<str>` as a plain JSON string (the record format is unchanged).
 /// The `.drv` text: a string when it is UTF-8 (as records were written before
@@ -309,8 +272,9 @@ pub struct Loaded {
 /// taken with them (see `Coordinator::with_sched`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    /// A build's record (and its `active` and log index entries).
-    Build(Box<BuildRecord>),
+    /// A build's record (and its `active` and log index entries), shared
+    /// with the scheduler's copy of it.
+    Build(Arc<BuildRecord>),
     /// A submission's record (and its `active` or `finished` entry).
     Submission(Arc<SubmissionRecord>),
     /// A new, unfinished submission's record, already encoded by the caller

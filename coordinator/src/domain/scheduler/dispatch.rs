@@ -136,8 +136,8 @@ impl Scheduler {
             }
             let b = self.builds.get_mut(&id).expect("checked above");
             ended += 1;
-            b.rec.error = error.clone();
-            b.rec.finished_ms = Some(now);
+            b.rec_mut().error = error.clone();
+            b.rec_mut().finished_ms = Some(now);
             b.inputs = None;
             touched_subs.extend(b.rec.submissions.iter().copied());
             self.set_state(id, BuildState::Done(outcome));
@@ -215,7 +215,7 @@ impl Scheduler {
         }
         let b = self.builds.get_mut(&id).expect("checked above");
         if counts {
-            b.rec.retries += 1;
+            b.rec_mut().retries += 1;
         }
         if b.rec.retries > self.cfg.max_retries {
             let msg = format!("gave up after {} attempts; last: {why}", b.rec.retries);
@@ -342,9 +342,10 @@ impl Scheduler {
             .clone();
         let builder: &str = &name;
         let b = self.builds.get_mut(&id).expect("queued build exists");
-        b.rec.attempt += 1;
-        b.rec.builder = Some(builder.to_owned());
-        b.rec.started_ms = Some(now);
+        let rec = b.rec_mut();
+        rec.attempt += 1;
+        rec.builder = Some(builder.to_owned());
+        rec.started_ms = Some(now);
         let job = job_id(id, b.rec.attempt);
         // The closure goes with the job; a requeue resolves it again.
         let inputs: Vec<Arc<StorePath>> = b
@@ -500,7 +501,7 @@ impl Scheduler {
             }
             JobEnd::Transient(msg) => {
                 if let Some(b) = self.builds.get_mut(&id) {
-                    b.rec.error = Some(msg.clone());
+                    b.rec_mut().error = Some(msg.clone());
                 }
                 self.requeue(id, now, &msg, true);
             }

@@ -120,8 +120,10 @@ struct Class {
 }
 
 struct Build {
-    rec: BuildRecord,
-    /// What queries hand out; refreshed whenever `rec` is written.
+    /// Changed copy-on-write through [`Build::rec_mut`]: the view and the
+    /// pending write share it until the next change.
+    rec: Arc<BuildRecord>,
+    /// What queries hand out: `rec` as it was last written.
     view: Arc<BuildView>,
     dependents: BTreeSet<BuildId>,
     /// Unfinished dependencies.
@@ -141,8 +143,9 @@ type Closure = Box<[(Arc<StorePath>, u64)]>;
 
 impl Build {
     fn new(rec: BuildRecord) -> Build {
+        let rec = Arc::new(rec);
         Build {
-            view: Arc::new(BuildView::from(&rec)),
+            view: rec.clone(),
             rec,
             dependents: BTreeSet::new(),
             pending: BTreeSet::new(),
@@ -150,6 +153,11 @@ impl Build {
             inputs: None,
             runnable_at: None,
         }
+    }
+
+    /// The record, to change it (copied first if a view or a write holds it).
+    fn rec_mut(&mut self) -> &mut BuildRecord {
+        Arc::make_mut(&mut self.rec)
     }
 
     fn class(&self) -> Class {
@@ -317,8 +325,8 @@ impl Scheduler {
     /// A build's record changed: refresh its view, and write it.
     fn persist_build(&mut self, id: BuildId) {
         if let Some(b) = self.builds.get_mut(&id) {
-            b.view = Arc::new(BuildView::from(&b.rec));
-            self.writes.push(Write::Build(Box::new(b.rec.clone())));
+            b.view = b.rec.clone();
+            self.writes.push(Write::Build(b.rec.clone()));
         }
     }
 
@@ -379,7 +387,7 @@ impl Scheduler {
                 "build finished"
             ),
         }
-        b.rec.state = state;
+        b.rec_mut().state = state;
         if b.rec.state == BuildState::Queued {
             b.runnable_at = Some(std::time::Instant::now());
             self.ready.entry(class).or_default().insert(key);

@@ -53,7 +53,7 @@ pub type SubmissionSnapshot = (Arc<SubmissionRecord>, Vec<Arc<BuildView>>);
 impl Scheduler {
     /// A build's record, if it is in memory.
     pub fn build_record(&self, id: BuildId) -> Option<&BuildRecord> {
-        self.builds.get(&id).map(|b| &b.rec)
+        self.builds.get(&id).map(|b| &*b.rec)
     }
 
     /// A build's view, if it is in memory (a reference count, not a copy).

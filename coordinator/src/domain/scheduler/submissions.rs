@@ -145,7 +145,7 @@ impl PreparedSubmission {
     /// The records of the builds it brings (to write ahead, outside the lock).
     pub fn new_builds(&self) -> impl Iterator<Item = &BuildRecord> {
         self.members.iter().filter_map(|m| match m {
-            Member::Fresh { build, .. } => Some(&build.rec),
+            Member::Fresh { build, .. } => Some(&*build.rec),
             Member::Shared { .. } => None,
         })
     }
@@ -577,8 +577,8 @@ impl Scheduler {
             let Some(b) = self.builds.get_mut(&id) else {
                 continue;
             };
-            b.rec.submissions.insert(sid);
-            b.rec.requested_by.extend(client.iter().cloned());
+            b.rec_mut().submissions.insert(sid);
+            b.rec_mut().requested_by.extend(client.iter().cloned());
             if priority > b.rec.priority {
                 let queued = b.rec.state == BuildState::Queued;
                 if queued {
@@ -586,11 +586,11 @@ impl Scheduler {
                     if let Some(q) = self.ready.get_mut(&class) {
                         q.remove(&key);
                     }
-                    b.rec.priority = priority;
+                    b.rec_mut().priority = priority;
                     let key = b.key();
                     self.ready.entry(class).or_default().insert(key);
                 } else {
-                    b.rec.priority = priority;
+                    b.rec_mut().priority = priority;
                 }
             }
             self.persist_build(id);
@@ -636,14 +636,14 @@ impl Scheduler {
             b.pending.extend(pending);
             if drift {
                 if b.rec.deps != linked {
-                    b.rec.deps = linked;
+                    b.rec_mut().deps = linked;
                     rewrite.insert(*id);
                 }
             } else if linked.len() != deps.len() {
                 // A dependency went meanwhile (it counts as done).
                 for d in deps {
                     if !linked.contains(d) {
-                        b.rec.deps.remove(d);
+                        b.rec_mut().deps.remove(d);
                     }
                 }
                 rewrite.insert(*id);

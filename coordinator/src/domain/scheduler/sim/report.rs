@@ -276,7 +276,10 @@ pub fn decision_rate(queued: usize, builders: usize, slots: u32, steady: usize) 
     let mut dispatch_secs = 0.0;
     let mut steady_decisions = 0u64;
     let total = Instant::now();
-    for k in 0..steady.min(running.len()) {
+    // `running` grows by each round's dispatch, so rounds beyond the burst's
+    // jobs end jobs the steady state itself started.
+    let mut k = 0;
+    while k < steady && k < running.len() {
         let (builder, job) = running[k].clone();
         s.job_ended(&builder, &job, JobEnd::Built, now + 1 + k as i64);
         let t = Instant::now();
@@ -290,6 +293,7 @@ pub fn decision_rate(queued: usize, builders: usize, slots: u32, steady: usize) 
         }
         drop(s.take_writes());
         drop(s.take_notices());
+        k += 1;
     }
     DecisionRate {
         queued,
