@@ -57,6 +57,10 @@ const CASES: &[(&str, &str)] = &[
         "10001 trivial derivations (100×100+1) built locally and pushed: farm build, all cached, vs nix-instantiate",
     ),
     (
+        "cached1k",
+        "cached10k's measurement on 1001 derivations (40×25+1), quicker to fill",
+    ),
+    (
         "queue100k",
         "coordinator RSS and submit time with 100 000 queued derivations and 1 000 simulated builders (goal ≤ 100 MB)",
     ),
@@ -79,6 +83,7 @@ const CASES: &[(&str, &str)] = &[
         push       a ~485 MB path: nix copy --to ssh-ng://, the builder's UploadNar vs nix-store --dump | zstd -1 (and | ssh)\n  \
         cache-reads  narinfo p50 (keep-alive, 16 concurrent), NAR download: farm vs nginx\n  \
         cached10k  10001 derivations built locally, pushed, then farm build all cached vs nix-instantiate\n  \
+        cached1k   the same on 1001 derivations (quicker, for iterating)\n  \
         queue100k  coordinator RSS with 100 000 queued and 1 000 simulated gRPC builders, submit time"
 )]
 struct Args {
@@ -131,6 +136,7 @@ fn run_case(name: &str, logs: &TestLogs) -> anyhow::Result<CaseReport> {
         "push" => push::run(logs),
         "cache-reads" => cache::run(logs),
         "cached10k" => graph::cached(name, 100, 99, logs),
+        "cached1k" => graph::cached(name, 40, 24, logs),
         "queue100k" => queue::run(logs),
         other => bail!("no case {other}"),
     }

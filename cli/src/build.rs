@@ -206,13 +206,37 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
     if let Some(b) = &out.bar {
         b.set_message("evaluating");
     }
+    let started = Instant::now();
+    let phase = |what: &str, since: &mut Instant| {
+        tracing::debug!(
+            phase = what,
+            ms = since.elapsed().as_millis() as u64,
+            "farm build phase"
+        );
+        *since = Instant::now();
+    };
+    let mut since = started;
     let roots = nix::instantiate(&installables, &eval).await?;
+    phase("evaluate", &mut since);
 
     // 2. Upload what the farm lacks.
     let closure = nix::closure(&roots).await?;
-    let infos = nix::path_infos(&closure).await?;
-    let order = nix::dependency_order(&closure, &infos);
-    let stats = upload::upload_missing(farm, &order, &infos, |info, i, n| {
+    phase("closure", &mut since);
+    // The results need every local `.drv`'s outputs: read them on a blocking
+    // thread while the farm is asked, the submission made and followed.
+    let local_outputs = {
+        let drvs: Vec<StorePath> = closure
+            .iter()
+            .filter(|p| p.name().ends_with(".drv"))
+            .cloned()
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            drvs.into_iter()
+                .map(|d| nix::drv_outputs(&d).map(|o| (d, o)))
+                .collect::<Result<Vec<_>, CliError>>()
+        })
+    };
+    let stats = upload::upload_missing(farm, &closure, |info, i, n| {
         if let Some(b) = &out.bar {
             b.set_message(format!(
                 "uploading {}/{n}: {}",
@@ -222,6 +246,7 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         }
     })
     .await?;
+    phase("upload", &mut since);
     out.line(&format!(
         "uploaded {} of {} paths ({}) the farm lacked",
         stats.paths,
@@ -241,6 +266,7 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         job: args.job.clone().unwrap_or_default(),
     };
     let mut events = Some(farm.submit(request.clone()).await?);
+    phase("submit call", &mut since);
     let mut tracker = Tracker {
         out: out.clone(),
         total: 0,
@@ -327,7 +353,12 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
     }
 
     // 4. Results.
-    let results = collect_results(farm, &closure, &roots, &tracker.finished).await?;
+    phase("follow until done", &mut since);
+    let local_outputs = local_outputs
+        .await
+        .map_err(|e| CliError::Usage(format!("reading the derivations' outputs: {e}")))??;
+    let results = collect_results(farm, local_outputs, &roots, &tracker.finished).await?;
+    phase("results", &mut since);
     let failed: Vec<&DrvResult> = results
         .iter()
         .filter(|r| r.requested && !is_success(r.outcome))
@@ -386,6 +417,11 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
             }
         }
     }
+    phase("report", &mut since);
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "farm build total"
+    );
     if success {
         Ok(())
     } else {
@@ -671,21 +707,20 @@ fn spawn_log_follower(
     })
 }
 
-/// Every derivation of the closure with its outcome and outputs: the farm's
-/// report where it sent one, else "cached" when the cache holds all its
-/// outputs, else "not_built".
+/// Every derivation of the closure (each with its outputs, read locally)
+/// with its outcome and outputs: the farm's report where it sent one, else
+/// "cached" when the cache holds all its outputs, else "not_built".
 async fn collect_results(
     farm: &Farm,
-    closure: &[StorePath],
+    local_outputs: Vec<(StorePath, BTreeMap<String, StorePath>)>,
     roots: &[StorePath],
     finished: &BTreeMap<String, BuildFinished>,
 ) -> Result<Vec<DrvResult>, CliError> {
     let mut results = Vec::new();
     let mut unreported: Vec<(usize, Vec<StorePath>)> = Vec::new();
-    for drv in closure.iter().filter(|p| p.name().ends_with(".drv")) {
-        let outputs = nix::drv_outputs(drv)?;
+    for (drv, outputs) in local_outputs {
         let key = drv.to_string();
-        let requested = roots.contains(drv);
+        let requested = roots.contains(&drv);
         let r = match finished.get(&key) {
             Some(f) => {
                 let mut outs: BTreeMap<String, String> = outputs

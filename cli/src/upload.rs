@@ -3,7 +3,7 @@
 //! `UploadNar` (first message the path info, then the NAR in chunks, dumped
 //! from the local store as it streams).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use farm_nix::store_path::StorePath;
@@ -20,15 +20,23 @@ pub const QUERY_BATCH: usize = 1000;
 /// Bytes per NAR chunk message.
 const CHUNK: usize = 256 * 1024;
 
+/// `QueryValidPaths` calls in flight at once.
+const QUERY_CONCURRENCY: usize = 4;
+
 /// The subset of `paths` the farm's cache holds.
 pub async fn farm_has(farm: &Farm, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, CliError> {
     let mut valid = BTreeSet::new();
-    for chunk in paths.chunks(QUERY_BATCH) {
+    let mut answers = futures::stream::iter(paths.chunks(QUERY_BATCH))
+        .map(|chunk| async move {
+            let r = farm
+                .query_valid_paths(chunk.iter().map(|p| p.to_string()).collect())
+                .await;
+            (chunk, r)
+        })
+        .buffered(QUERY_CONCURRENCY);
+    while let Some((chunk, answer)) = answers.next().await {
         let asked: BTreeSet<&StorePath> = chunk.iter().collect();
-        for p in farm
-            .query_valid_paths(chunk.iter().map(|p| p.to_string()).collect())
-            .await?
-        {
+        for p in answer? {
             // Only what we asked about counts.
             if let Ok(sp) = StorePath::parse(&p)
                 && asked.contains(&sp)
@@ -119,22 +127,32 @@ pub struct UploadStats {
     pub bytes: u64,
 }
 
-/// Upload whatever of `order` (dependency-ordered) the farm lacks; `on_path`
-/// hears of each path before its upload.
+/// Upload whatever of `closure` the farm lacks, in dependency order; the
+/// local store is asked about (`nix path-info`) only the paths the farm
+/// lacks, so a wholly cached closure costs one batched query and no Nix
+/// process. `on_path` hears of each path before its upload.
 pub async fn upload_missing(
     farm: &Farm,
-    order: &[StorePath],
-    infos: &BTreeMap<StorePath, LocalPathInfo>,
+    closure: &[StorePath],
     mut on_path: impl FnMut(&LocalPathInfo, usize, usize),
 ) -> Result<UploadStats, CliError> {
-    let present = farm_has(farm, order).await?;
-    let missing: Vec<&StorePath> = order.iter().filter(|p| !present.contains(*p)).collect();
+    let present = farm_has(farm, closure).await?;
+    let lacking: Vec<StorePath> = closure
+        .iter()
+        .filter(|p| !present.contains(*p))
+        .cloned()
+        .collect();
     let mut stats = UploadStats {
-        closure: order.len(),
+        closure: closure.len(),
         ..Default::default()
     };
+    if lacking.is_empty() {
+        return Ok(stats);
+    }
+    let infos = crate::nix::path_infos(&lacking).await?;
+    let missing = crate::nix::dependency_order(&lacking, &infos);
     for (i, p) in missing.iter().enumerate() {
-        let info = infos.get(*p).ok_or_else(|| CliError::Nix {
+        let info = infos.get(p).ok_or_else(|| CliError::Nix {
             command: "nix path-info".into(),
             message: format!("no information about {p}"),
         })?;

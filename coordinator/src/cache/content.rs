@@ -209,14 +209,15 @@ pub(crate) async fn copy_inspect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 }
 
 /// Check the path's name and `ca` claim against what the NAR held; the reason
-/// when they do not match.
+/// when they do not match. A `.drv` comes back parsed.
 pub(crate) fn verify(
     claimed: &ValidPathInfo,
     check: &ContentCheck,
     summary: &NarSummary,
     fc: &FileContents,
-) -> Result<(), String> {
+) -> Result<Option<Derivation>, String> {
     let path = &claimed.path;
+    let mut parsed = None;
     let file_hash = |algo: HashAlgo| fc.hashes.iter().find(|h| h.algo() == algo).cloned();
     if check.keep_bytes {
         if !fc.regular {
@@ -250,6 +251,7 @@ pub(crate) fn verify(
                 "the .drv's contents belong at {expected}, not at this path"
             ));
         }
+        parsed = Some(drv);
     }
     match &check.ca {
         None => {}
@@ -306,7 +308,7 @@ pub(crate) fn verify(
             }
         }
     }
-    Ok(())
+    Ok(parsed)
 }
 
 /// A claimed reference that is not in the NAR: the first, if any.
@@ -467,6 +469,19 @@ mod tests {
             assert!(later.len() < before, "no .drv could be added: {later:?}");
             todo = later;
         }
+        // Each one's hash modulo was learnt at its upload (inputs came first),
+        // the one a submission computes from the texts.
+        let texts: std::collections::HashMap<StorePath, Derivation> = real_drvs()
+            .into_iter()
+            .map(|(p, b)| (p, Derivation::parse_aterm(&b).unwrap()))
+            .collect();
+        fn modulo(p: &StorePath, texts: &std::collections::HashMap<StorePath, Derivation>) -> Hash {
+            farm_nix::derivation::hash_derivation_modulo(&texts[p], &|i| Some(modulo(i, texts)))
+                .unwrap()
+        }
+        for p in texts.keys() {
+            assert_eq!(cache.drv_hashes().get(p), Some(modulo(p, &texts)), "{p}");
+        }
         let (path, bytes) = real_drvs().remove(0);
         let refs = refs_of(&bytes);
         let other = StorePath::parse("/nix/store/00000000000000000000000000000000-x").unwrap();
@@ -518,6 +533,30 @@ mod tests {
         );
         assert!(why.contains("single regular file"), "{why}");
         assert!(cache.narinfo(&fake).is_none());
+
+        // A .drv at its own text path whose declared output is another's: admitted
+        // (its path is its text's), but not learnt, so a submission checks it.
+        let (simple, text) = real_drvs()
+            .into_iter()
+            .find(|(p, _)| p.name() == "simple.drv")
+            .unwrap();
+        let mut forged = Derivation::parse_aterm(&text).unwrap();
+        let taken = StorePath::parse(&format!("/nix/store/{}-simple", "2".repeat(32))).unwrap();
+        forged.outputs.get_mut("out").unwrap().path = Some(taken.clone());
+        forged.env.insert("out".into(), taken.to_string().into());
+        let ftext = forged.to_aterm();
+        let fpath = forged.drv_path("simple").unwrap();
+        assert_ne!(fpath, simple);
+        let fnar = nar_of_file(&ftext);
+        cache
+            .ingest(
+                claim(&fpath, &fnar, refs_of(&ftext)),
+                &fnar[..],
+                Trust::Signed,
+            )
+            .await
+            .unwrap();
+        assert_eq!(cache.drv_hashes().get(&fpath), None);
     }
 
     #[tokio::test]

@@ -51,7 +51,9 @@
 //! again after a restart.
 
 pub(crate) mod content;
+pub use drv_hashes::DrvHashes;
 mod deadline;
+mod drv_hashes;
 pub(crate) mod durable;
 mod error;
 mod hashing;
@@ -212,6 +214,8 @@ struct Inner {
     publishing: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
     /// Uploads, ingests and what is served (the coordinator exposes them).
     metrics: CacheMetrics,
+    /// Checked derivations' hashes modulo, learnt at ingest and at submit.
+    drv_hashes: DrvHashes,
 }
 
 /// Size of the buffer in front of the object store; larger NARs go up as a
@@ -318,6 +322,7 @@ impl Cache {
                 claims: RwLock::new(claims),
                 publishing: Mutex::new(HashMap::new()),
                 metrics: CacheMetrics::default(),
+                drv_hashes: DrvHashes::default(),
             }),
         })
     }
@@ -436,6 +441,11 @@ impl Cache {
         paths: &[StorePath],
     ) -> Result<BTreeSet<StorePath>, CacheError> {
         Ok(self.valid_paths_in(Some(owner), paths))
+    }
+
+    /// The hashes modulo of the derivations checked so far (see [`DrvHashes`]).
+    pub fn drv_hashes(&self) -> &DrvHashes {
+        &self.inner.drv_hashes
     }
 
     /// The published info of `path` (signed with the cache's key).
@@ -717,7 +727,7 @@ impl Cache {
                 expect_end(claimed, nar).await?;
             }
             check_summary(claimed, &summary)?;
-            check_content(claimed, check, &summary, &contents)?;
+            check_content(claimed, check, &summary, &contents, &self.inner.drv_hashes)?;
             tracing::debug!(path = %claimed.path, "already in the cache");
             return Ok(existing);
         }
@@ -915,8 +925,9 @@ impl Cache {
         let checked = match copied {
             Ok((summary, contents)) => match storage_err {
                 Some(e) => Err(CacheError::StorageIo(e)),
-                None => check_summary(claimed, &summary)
-                    .and_then(|()| check_content(claimed, check, &summary, &contents)),
+                None => check_summary(claimed, &summary).and_then(|()| {
+                    check_content(claimed, check, &summary, &contents, &self.inner.drv_hashes)
+                }),
             },
             Err(NarError::Io(e)) if downstream_failed || upload.failed() => {
                 Err(CacheError::StorageIo(storage_err.unwrap_or(e)))
@@ -1145,13 +1156,17 @@ async fn expect_end(
         })
 }
 
+/// Check the NAR's contents against the claim; a `.drv` that passes is also
+/// checked for the memo of hashes modulo (`drv_hashes`; its outcome changes
+/// nothing here: a submission checks what the memo does not know).
 fn check_content(
     claimed: &ValidPathInfo,
     check: &content::ContentCheck,
     summary: &NarSummary,
     contents: &content::FileContents,
+    drv_hashes: &DrvHashes,
 ) -> Result<(), CacheError> {
-    content::verify(claimed, check, summary, contents).map_err(|reason| {
+    let drv = content::verify(claimed, check, summary, contents).map_err(|reason| {
         CacheError::InvalidClaim {
             path: claimed.path.clone(),
             reason,
@@ -1164,6 +1179,9 @@ fn check_content(
             reason: "does not occur in its NAR (no file, symlink or name holds its hash part)"
                 .into(),
         });
+    }
+    if let Some(drv) = drv {
+        drv_hashes.learn(&claimed.path, &drv);
     }
     Ok(())
 }

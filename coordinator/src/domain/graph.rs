@@ -123,16 +123,24 @@ impl Coordinator {
 
     /// `drv` parsed, after checking the output paths of every derivation in
     /// its `.drv` closure (inputs first, each once per submission): a
-    /// derivation whose declared outputs are not the ones Nix computes is refused.
+    /// derivation whose declared outputs are not the ones Nix computes is
+    /// refused. What the cache's memo knows was checked already (at its
+    /// upload, or by an earlier submission: [`crate::cache::DrvHashes`]) and
+    /// is neither read nor checked again, nor are its inputs.
     async fn checked_drv(
         &self,
         drv: &StorePath,
         memo: &mut DrvMemo,
     ) -> Result<(Vec<u8>, Derivation), DomainError> {
+        let hashes = self.cache().drv_hashes();
         let mut stack: Vec<(StorePath, bool)> = vec![(drv.clone(), false)];
         let mut on_stack: HashSet<StorePath> = HashSet::new();
         while let Some((p, expanded)) = stack.pop() {
             if memo.modulo.contains_key(&p) {
+                continue;
+            }
+            if !expanded && let Some(h) = hashes.get(&p) {
+                memo.modulo.insert(p, h);
                 continue;
             }
             if !memo.read.contains_key(&p) {
@@ -174,6 +182,7 @@ impl Coordinator {
                 .map_err(|e| DomainError::Invalid(format!("{p}: {e}; refused")))?;
             let h = hash_derivation_modulo(d, &known)
                 .map_err(|e| DomainError::Invalid(format!("{p}: {e}")))?;
+            hashes.insert(&p, &h);
             memo.modulo.insert(p, h);
         }
         match memo.read.remove(drv) {
@@ -197,6 +206,7 @@ impl Coordinator {
         let mut builds: Vec<NewBuild> = Vec::new();
         let mut cached: BTreeMap<StorePath, BTreeMap<String, StorePath>> = BTreeMap::new();
         let mut memo = DrvMemo::default();
+        let started = std::time::Instant::now();
         for root in roots {
             match root {
                 Root::Drv(d) => {
@@ -303,9 +313,22 @@ impl Coordinator {
             client: opts.client,
             job: opts.job,
         };
+        let walked = started.elapsed();
+        let (n_builds, n_cached, n_checked) = (g.builds.len(), g.cached.len(), memo.modulo.len());
         let sid = self.submit_graph(g).await.map_err(DomainError::from)?;
+        let planned = started.elapsed();
         let store = self.store();
         store.flush().await.map_err(DomainError::from)?;
+        tracing::debug!(
+            submission = sid,
+            builds = n_builds,
+            cached = n_cached,
+            checked = n_checked,
+            walk_ms = walked.as_millis() as u64,
+            insert_ms = (planned - walked).as_millis() as u64,
+            flush_ms = (started.elapsed() - planned).as_millis() as u64,
+            "submission accepted"
+        );
         Ok(sid)
     }
 

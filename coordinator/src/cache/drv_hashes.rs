@@ -1,0 +1,157 @@
+//! The hashes modulo ([`hash_derivation_modulo`]) of derivations whose output
+//! paths this coordinator has checked itself ([`Derivation::check_output_paths`]),
+//! by the `.drv`'s hash part: what a submission needs of every derivation in
+//! its `.drv` closure, so that a graph whose `.drv` files arrived before (or
+//! were checked by an earlier submission) is not read from storage again.
+//!
+//! Sound without any trust in the uploader: a `.drv` is admitted to the cache
+//! only when its path is the text path of its contents (`content::verify`),
+//! so a `.drv`'s hash part fixes its contents (as Nix's store assumes), and a
+//! hash is remembered only after the check passed, from the bytes the
+//! coordinator read and the remembered hashes of its inputs. Ingest fills it
+//! (a `.drv` arrives after its input derivations, which must be in the cache
+//! first); a submission fills it for what it had to read (after a restart
+//! the memo starts empty).
+//!
+//! Bounded: two generations of [`GENERATION`] entries each (about 64 bytes
+//! an entry); a hit in the older one moves to the newer, and when the newer
+//! is full the older is dropped, so what is used stays.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use farm_nix::derivation::{Derivation, hash_derivation_modulo, name_from_drv_path};
+use farm_nix::hash::{Hash, HashAlgo};
+use farm_nix::store_path::StorePath;
+
+/// Entries per generation.
+pub(crate) const GENERATION: usize = 200_000;
+
+/// A printed hash part (32 nix32 characters), inline.
+type Key = [u8; 32];
+/// A sha256 digest (every hash modulo is one).
+type Digest = [u8; 32];
+
+fn key(p: &StorePath) -> Option<Key> {
+    p.hash_part().as_bytes().try_into().ok()
+}
+
+#[derive(Default)]
+struct Gens {
+    current: HashMap<Key, Digest>,
+    previous: HashMap<Key, Digest>,
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub struct DrvHashes {
+    gens: Mutex<Gens>,
+}
+
+impl DrvHashes {
+    /// The remembered hash modulo of the derivation at `drv`.
+    pub fn get(&self, drv: &StorePath) -> Option<Hash> {
+        let k = key(drv)?;
+        let mut g = crate::domain::lock::lock(&self.gens);
+        let d = match g.current.get(&k) {
+            Some(d) => *d,
+            None => {
+                let d = g.previous.remove(&k)?;
+                Self::put(&mut g, k, d);
+                d
+            }
+        };
+        Hash::from_bytes(HashAlgo::Sha256, &d).ok()
+    }
+
+    /// Remember `hash` for `drv`: only for a derivation whose output paths
+    /// were checked, with the hashes of its inputs.
+    pub fn insert(&self, drv: &StorePath, hash: &Hash) {
+        let (Some(k), Ok(d)) = (key(drv), Digest::try_from(hash.digest())) else {
+            return;
+        };
+        if hash.algo() != HashAlgo::Sha256 {
+            return;
+        }
+        Self::put(&mut crate::domain::lock::lock(&self.gens), k, d);
+    }
+
+    fn put(g: &mut Gens, k: Key, d: Digest) {
+        if g.current.len() >= GENERATION && !g.current.contains_key(&k) {
+            g.previous = std::mem::take(&mut g.current);
+        }
+        g.current.insert(k, d);
+    }
+
+    /// Check `drv` (the verified contents at `path`) against the remembered
+    /// hashes of its inputs and remember its own: `false` (nothing
+    /// remembered) when an input is not known here or the check fails, which
+    /// a submission then finds out by reading the graph.
+    pub fn learn(&self, path: &StorePath, drv: &Derivation) -> bool {
+        let Ok(name) = name_from_drv_path(path) else {
+            return false;
+        };
+        // Looked up once each, outside the lock the lookups take.
+        let mut inputs: HashMap<&StorePath, Hash> = HashMap::new();
+        for i in drv.input_drvs.keys() {
+            match self.get(i) {
+                Some(h) => {
+                    inputs.insert(i, h);
+                }
+                None => return false,
+            }
+        }
+        let known = |i: &StorePath| inputs.get(i).cloned();
+        if drv.check_output_paths(&name, &known).is_err() {
+            return false;
+        }
+        match hash_derivation_modulo(drv, &known) {
+            Ok(h) => {
+                self.insert(path, &h);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Entries held (both generations).
+    pub fn entries(&self) -> usize {
+        let g = crate::domain::lock::lock(&self.gens);
+        g.current.len() + g.previous.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(s: &str) -> StorePath {
+        StorePath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn remembers_and_moves_hits_to_the_newer_generation() {
+        let m = DrvHashes::default();
+        let a = sp("/nix/store/fpfzx999brqs5x1w0n2dpyya4v8d43lh-a.drv");
+        let h = HashAlgo::Sha256.digest(b"a");
+        assert_eq!(m.get(&a), None);
+        m.insert(&a, &h);
+        assert_eq!(m.get(&a), Some(h.clone()));
+        // Fill a generation: `a` moves to the older one, a hit brings it back.
+        for i in 0..GENERATION {
+            let mut k = [b'0'; 32];
+            k[..8].copy_from_slice(format!("{i:08}").as_bytes());
+            fill_one(&m, k);
+        }
+        assert_eq!(m.get(&a), Some(h.clone()));
+        assert!(m.entries() <= 2 * GENERATION);
+        // Not sha256: not remembered.
+        let b = sp("/nix/store/clvrfiq699vwn0pddcx6b2ilqh8i102y-b.drv");
+        m.insert(&b, &HashAlgo::Sha1.digest(b"b"));
+        assert_eq!(m.get(&b), None);
+    }
+
+    fn fill_one(m: &DrvHashes, k: Key) {
+        DrvHashes::put(&mut crate::domain::lock::lock(&m.gens), k, [0; 32]);
+    }
+}
