@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use crate::domain::model::*;
 use crate::domain::persist;
 use crate::domain::scheduler::tests::{caps, cfg, drv, graph, id_of, nb, settle};
-use crate::domain::scheduler::{JobEnd, PlanQuery, Scheduler};
+use crate::domain::scheduler::{GraphSubmission, JobEnd, PlanQuery, Scheduler};
 use crate::domain::state::{KeepNothing, Retention, Store};
 
 /// Apply every write the scheduler holds, in order.
@@ -261,34 +261,82 @@ fn ten_thousand_finished_submissions_pruned_to_the_retention_after_a_restart() {
     );
 }
 
+/// A chain of `n` new derivations `{prefix}0` ← `{prefix}1` ← …, rooted at the last.
+fn chain(prefix: &str, n: usize) -> GraphSubmission {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    let builds = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let deps: Vec<&str> = names[..i].last().map(|d| d.as_str()).into_iter().collect();
+            nb(name, "x86_64-linux", &[], &deps)
+        })
+        .collect();
+    graph(builds, &[names[n - 1].as_str()])
+}
+
 /// Records written by a submission that a crash interrupted before it was
-/// recorded are dropped at the next start, not built.
+/// recorded are dropped at the next start, not built: also when it wrote
+/// them in several batches (`persist::NEW_BUILDS_BATCH`), and without
+/// touching a recorded submission's builds.
 #[test]
 fn an_interrupted_submission_leaves_nothing_to_build() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
+    let n = 2 * persist::NEW_BUILDS_BATCH + 1;
+    let kept;
     {
         let store = Store::open(&path).unwrap();
         let mut s = Scheduler::new(cfg());
-        let g = graph(
-            vec![
-                nb("a", "x86_64-linux", &[], &[]),
-                nb("b", "x86_64-linux", &[], &["a"]),
-            ],
-            &["b"],
-        );
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+        kept = persist::submit(&mut s, &store, chain("kept", 2), 0).unwrap();
+        let g = chain("lost", n);
         let plan = s.share_plan(&PlanQuery::new(&g));
         let p = persist::prepare_submission(&store, g, &plan, 0).unwrap();
-        assert_eq!(store.counts().builds, 2);
+        assert_eq!(store.counts().builds, 2 + n);
         drop(p);
         save(&mut s, &store);
         store.flush_blocking().unwrap();
     }
     let store = Store::open(&path).unwrap();
     let s = start(&store, 1);
-    assert_eq!(s.memory_counts().0, 0);
+    assert_eq!(s.memory_counts().0, 2);
+    assert!(!s.submission_done(kept));
     let c = store.counts();
-    assert_eq!((c.builds, c.active, c.log_index), (0, 0, 0), "{c:?}");
+    // the kept submission: 2 builds, their 2 log entries, 3 active entries
+    assert_eq!((c.builds, c.active, c.log_index), (2, 3, 2), "{c:?}");
+}
+
+/// A submission bigger than one batch of new builds is written whole: after
+/// a restart every build is back, linked as submitted.
+#[test]
+fn a_submission_written_in_batches_resumes_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let n = 2 * persist::NEW_BUILDS_BATCH + 1;
+    let sid;
+    {
+        let store = Store::open(&path).unwrap();
+        let mut s = Scheduler::new(cfg());
+        s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 1, 1.0), &[], 0);
+        sid = persist::submit(&mut s, &store, chain("big", n), 0).unwrap();
+        save(&mut s, &store);
+        store.flush_blocking().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let mut s = start(&store, 1);
+    assert_eq!(s.memory_counts().0, n);
+    assert!(!s.submission_done(sid));
+    let c = store.counts();
+    assert_eq!((c.builds, c.active, c.log_index), (n, n + 1, n), "{c:?}");
+    let last = id_of(&s, &format!("big{}", n - 1));
+    let before = id_of(&s, &format!("big{}", n - 2));
+    assert_eq!(s.build_record(last).unwrap().deps, BTreeSet::from([before]));
+    // only the first of the chain can start
+    s.builder_connected("b", "k", caps(&["x86_64-linux"], &[], &[], 4, 1.0), &[], 2);
+    let jobs = settle(&mut s, 2);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].build, id_of(&s, "big0"));
 }
 
 /// Two submissions of the same new derivation prepared at once: the one

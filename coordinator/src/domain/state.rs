@@ -41,6 +41,14 @@ use crate::domain::model::{
 /// The layout version this code writes (`meta` tree, key `layout`).
 const LAYOUT: u64 = 2;
 
+/// sled's page cache, in bytes (sled 0.34's default is 1 GiB). The scheduler
+/// holds everything unfinished in memory and a start reads the `active`
+/// builds once, so the state is mostly written, rarely read: sled's cache
+/// only keeps what was written lately, and with its default a queue of
+/// 100 000 builds kept all their records resident (docs/performance.md,
+/// "Coordinator memory with 100k queued").
+const CACHE_CAPACITY: u64 = 32 << 20;
+
 /// A state database failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -185,7 +193,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StateError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
-            match sled::Config::new().path(path).open() {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_CAPACITY)
+                .open()
+            {
                 Ok(db) => return Store::from_db(db),
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")
@@ -369,10 +381,19 @@ impl Store {
         Ok(())
     }
 
-    /// Write the records of new, unfinished builds in batches (what a big
-    /// submission does outside the scheduler lock): their `active` entries
-    /// first, then the records, then the log index. Returns what each log
-    /// index entry pointed to before, for [`Store::discard_new_builds`].
+    /// Write the records of new, unfinished builds (what a big submission
+    /// does outside the scheduler lock, a bounded number at a time:
+    /// `persist::prepare_submission`): their `active` entries first, in one
+    /// batch, then the records, in one batch, then the log index. Returns
+    /// what each log index entry pointed to before, for
+    /// [`Store::discard_new_builds`].
+    ///
+    /// Not atomic with the submission that lists them: a crash before that
+    /// submission is recorded leaves records no recorded submission lists
+    /// (and `active` entries with or without a record), which [`Store::load`]
+    /// drops. sled 0.34 holds a batch's nodes and write buffers in memory
+    /// well past its cache capacity, so callers keep batches small (a batch
+    /// of 100 000 records held over a gigabyte).
     pub fn put_new_builds(
         &self,
         records: &[(BuildId, String, Vec<u8>)],
@@ -1075,6 +1096,54 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(loaded.submissions.is_empty() && loaded.builds.is_empty());
         assert_eq!(store.counts().active, 0);
+    }
+
+    /// A crash in the middle of a submission's batches of new builds (its
+    /// record not written yet): one batch written whole, the next one's
+    /// `active` entries without their records. The next load drops both and
+    /// their log index entries, and keeps a recorded submission's builds.
+    #[test]
+    fn a_crash_between_batches_of_new_builds_leaves_nothing() {
+        use crate::domain::model::BuildState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path).unwrap();
+            // a recorded, unfinished submission
+            store.put_build(&build(1, 10, BuildState::Queued)).unwrap();
+            store.put_submission(&submission(10, &[1], false)).unwrap();
+            // submission 20's first batch (builds 100..110), whole
+            let records: Vec<(BuildId, String, Vec<u8>)> = (100..110)
+                .map(|id| {
+                    let b = build(id, 20, BuildState::Waiting);
+                    (id, b.drv_path.base_name(), Store::encode(&b).unwrap())
+                })
+                .collect();
+            let written = store.put_new_builds(&records).unwrap();
+            assert_eq!(written.len(), 10);
+            // its second batch's active entries, then the crash
+            for id in 110..120 {
+                store.active.insert(active_key(b'b', id), &[]).unwrap();
+            }
+            store.db.flush().unwrap();
+            let c = store.counts();
+            assert_eq!((c.builds, c.active, c.log_index), (11, 22, 11), "{c:?}");
+        }
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.submissions.len(), 1);
+        let ids: Vec<BuildId> = loaded.builds.iter().map(|b| b.id).collect();
+        assert_eq!(ids, vec![1]);
+        let c = store.counts();
+        assert_eq!((c.builds, c.active, c.log_index), (1, 2, 1), "{c:?}");
+        assert_eq!(
+            store.build_of_drv(&sp("d1.drv").base_name()).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            store.build_of_drv(&sp("d100.drv").base_name()).unwrap(),
+            None
+        );
     }
 
     /// Named jobs: bounded in number (the least recently run goes), kept
