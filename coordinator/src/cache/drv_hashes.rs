@@ -42,6 +42,12 @@ struct Gens {
     previous: HashMap<Key, Digest>,
 }
 
+/// The memo's lock; a panic while it was held leaves whole entries only.
+/// (The cache does not use `domain::lock`: it sits below the domain.)
+fn lock(m: &Mutex<Gens>) -> std::sync::MutexGuard<'_, Gens> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// See the module docs.
 #[derive(Default)]
 pub struct DrvHashes {
@@ -52,7 +58,7 @@ impl DrvHashes {
     /// The remembered hash modulo of the derivation at `drv`.
     pub fn get(&self, drv: &StorePath) -> Option<Hash> {
         let k = key(drv)?;
-        let mut g = crate::domain::lock::lock(&self.gens);
+        let mut g = lock(&self.gens);
         let d = match g.current.get(&k) {
             Some(d) => *d,
             None => {
@@ -73,7 +79,7 @@ impl DrvHashes {
         if hash.algo() != HashAlgo::Sha256 {
             return;
         }
-        Self::put(&mut crate::domain::lock::lock(&self.gens), k, d);
+        Self::put(&mut lock(&self.gens), k, d);
     }
 
     fn put(g: &mut Gens, k: Key, d: Digest) {
@@ -116,7 +122,7 @@ impl DrvHashes {
 
     /// Entries held (both generations).
     pub fn entries(&self) -> usize {
-        let g = crate::domain::lock::lock(&self.gens);
+        let g = lock(&self.gens);
         g.current.len() + g.previous.len()
     }
 }
@@ -152,6 +158,6 @@ mod tests {
     }
 
     fn fill_one(m: &DrvHashes, k: Key) {
-        DrvHashes::put(&mut crate::domain::lock::lock(&m.gens), k, [0; 32]);
+        DrvHashes::put(&mut lock(&m.gens), k, [0; 32]);
     }
 }
