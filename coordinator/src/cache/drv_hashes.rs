@@ -94,9 +94,6 @@ impl DrvHashes {
     /// remembered) when an input is not known here or the check fails, which
     /// a submission then finds out by reading the graph.
     pub fn learn(&self, path: &StorePath, drv: &Derivation) -> bool {
-        let Ok(name) = name_from_drv_path(path) else {
-            return false;
-        };
         // Looked up once each, outside the lock the lookups take.
         let mut inputs: HashMap<&StorePath, Hash> = HashMap::new();
         for i in drv.input_drvs.keys() {
@@ -107,11 +104,7 @@ impl DrvHashes {
                 None => return false,
             }
         }
-        let known = |i: &StorePath| inputs.get(i).cloned();
-        if drv.check_output_paths(&name, &known).is_err() {
-            return false;
-        }
-        match hash_derivation_modulo(drv, &known) {
+        match checked_modulo(path, drv, &|i| inputs.get(i).cloned()) {
             Ok(h) => {
                 self.insert(path, &h);
                 true
@@ -121,10 +114,26 @@ impl DrvHashes {
     }
 
     /// Entries held (both generations).
-    pub fn entries(&self) -> usize {
+    #[cfg(test)]
+    fn entries(&self) -> usize {
         let g = lock(&self.gens);
         g.current.len() + g.previous.len()
     }
+}
+
+/// The hash modulo of `drv`, the contents at `path`, after checking that
+/// its declared output paths are the ones its contents and its inputs'
+/// hashes (`known`) give; why not, as a message naming `path`. The one check
+/// both the memo ([`DrvHashes::learn`]) and a submission's walk make.
+pub fn checked_modulo(
+    path: &StorePath,
+    drv: &Derivation,
+    known: &dyn Fn(&StorePath) -> Option<Hash>,
+) -> Result<Hash, String> {
+    let name = name_from_drv_path(path).map_err(|e| format!("{path}: {e}"))?;
+    drv.check_output_paths(&name, known)
+        .map_err(|e| format!("{path}: {e}; refused"))?;
+    hash_derivation_modulo(drv, known).map_err(|e| format!("{path}: {e}"))
 }
 
 #[cfg(test)]

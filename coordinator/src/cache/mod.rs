@@ -51,7 +51,7 @@
 //! again after a restart.
 
 pub(crate) mod content;
-pub use drv_hashes::DrvHashes;
+pub use drv_hashes::{DrvHashes, checked_modulo};
 mod deadline;
 mod drv_hashes;
 pub(crate) mod durable;

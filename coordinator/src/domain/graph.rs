@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use farm_nix::Hash;
-use farm_nix::derivation::{BasicDerivation, Derivation, hash_derivation_modulo};
+use farm_nix::derivation::{BasicDerivation, Derivation};
 use farm_nix::store_path::StorePath;
 
 use crate::domain::coordinator::{Coordinator, Prepared};
@@ -175,13 +175,8 @@ impl Coordinator {
                 continue;
             }
             on_stack.remove(&p);
-            let name = farm_nix::derivation::name_from_drv_path(&p)
-                .map_err(|e| DomainError::Invalid(format!("{p}: {e}")))?;
-            let known = |i: &StorePath| memo.modulo.get(i).cloned();
-            d.check_output_paths(&name, &known)
-                .map_err(|e| DomainError::Invalid(format!("{p}: {e}; refused")))?;
-            let h = hash_derivation_modulo(d, &known)
-                .map_err(|e| DomainError::Invalid(format!("{p}: {e}")))?;
+            let h = crate::cache::checked_modulo(&p, d, &|i| memo.modulo.get(i).cloned())
+                .map_err(DomainError::Invalid)?;
             hashes.insert(&p, &h);
             memo.modulo.insert(p, h);
         }
