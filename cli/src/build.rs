@@ -6,7 +6,7 @@
 //! coordinator (restarted, or the network cut) does not end the follow: the
 //! submission is followed again (`Watch`) for up to [`RECONNECT_WINDOW`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -220,23 +220,21 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
     phase("evaluate", &mut since);
 
     // 2. Upload what the farm lacks.
-    let closure = nix::closure(&roots).await?;
+    // The closure, from the `.drv` files themselves (each read once: the
+    // results need their outputs too).
+    let (closure, local_outputs) = nix::drv_closure(&roots).await?;
     phase("closure", &mut since);
-    // The results need every local `.drv`'s outputs: read them on a blocking
-    // thread while the farm is asked, the submission made and followed.
-    let local_outputs = {
-        let drvs: Vec<StorePath> = closure
-            .iter()
-            .filter(|p| p.name().ends_with(".drv"))
-            .cloned()
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            drvs.into_iter()
-                .map(|d| nix::drv_outputs(&d).map(|o| (d, o)))
-                .collect::<Result<Vec<_>, CliError>>()
-        })
-    };
-    let stats = upload::upload_missing(farm, &closure, |info, i, n| {
+    // One batched question for the closure and every output it names: the
+    // upload needs the first, the results the second (a derivation nobody
+    // reports on is "cached" when its outputs were already there).
+    let asked: Vec<StorePath> = closure
+        .iter()
+        .cloned()
+        .chain(local_outputs.iter().flat_map(|(_, o)| o.values().cloned()))
+        .collect();
+    let present = upload::farm_has(farm, &asked).await?;
+    phase("ask the farm", &mut since);
+    let stats = upload::upload_missing(farm, &closure, &present, |info, i, n| {
         if let Some(b) = &out.bar {
             b.set_message(format!(
                 "uploading {}/{n}: {}",
@@ -354,10 +352,7 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
 
     // 4. Results.
     phase("follow until done", &mut since);
-    let local_outputs = local_outputs
-        .await
-        .map_err(|e| CliError::Usage(format!("reading the derivations' outputs: {e}")))??;
-    let results = collect_results(farm, local_outputs, &roots, &tracker.finished).await?;
+    let results = collect_results(farm, local_outputs, &roots, &tracker.finished, &present).await?;
     phase("results", &mut since);
     let failed: Vec<&DrvResult> = results
         .iter()
@@ -709,12 +704,14 @@ fn spawn_log_follower(
 
 /// Every derivation of the closure (each with its outputs, read locally)
 /// with its outcome and outputs: the farm's report where it sent one, else
-/// "cached" when the cache holds all its outputs, else "not_built".
+/// "cached" when the cache holds all its outputs (`present`: what it held
+/// before the submission; the rest is asked again), else "not_built".
 async fn collect_results(
     farm: &Farm,
     local_outputs: Vec<(StorePath, BTreeMap<String, StorePath>)>,
     roots: &[StorePath],
     finished: &BTreeMap<String, BuildFinished>,
+    present: &BTreeSet<StorePath>,
 ) -> Result<Vec<DrvResult>, CliError> {
     let mut results = Vec::new();
     let mut unreported: Vec<(usize, Vec<StorePath>)> = Vec::new();
@@ -758,13 +755,20 @@ async fn collect_results(
         };
         results.push(r);
     }
-    let ask: Vec<StorePath> = unreported.iter().flat_map(|(_, o)| o.clone()).collect();
-    if !ask.is_empty() {
-        let have = upload::farm_has(farm, &ask).await?;
-        for (i, outs) in unreported {
-            if !outs.is_empty() && outs.iter().all(|o| have.contains(o)) {
-                results[i].outcome = "cached";
-            }
+    let ask: Vec<StorePath> = unreported
+        .iter()
+        .flat_map(|(_, o)| o.iter())
+        .filter(|o| !present.contains(*o))
+        .cloned()
+        .collect();
+    let have = if ask.is_empty() {
+        BTreeSet::new()
+    } else {
+        upload::farm_has(farm, &ask).await?
+    };
+    for (i, outs) in unreported {
+        if !outs.is_empty() && outs.iter().all(|o| present.contains(o) || have.contains(o)) {
+            results[i].outcome = "cached";
         }
     }
     Ok(results)

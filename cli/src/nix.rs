@@ -203,6 +203,118 @@ pub async fn closure(paths: &[StorePath]) -> Result<Vec<StorePath>, CliError> {
     Ok(all)
 }
 
+/// A local derivation's outputs (`name → path`), as [`drv_outputs`] reads them.
+pub type DrvOutputs = BTreeMap<String, StorePath>;
+/// A local `.drv` with its outputs.
+pub type LocalDrv = (StorePath, DrvOutputs);
+
+/// The closure of the derivations `roots`, found by reading their `.drv`
+/// files instead of asking Nix: a `.drv`'s references are exactly its input
+/// derivations and its input sources (Nix writes them so), so the walk
+/// follows the input derivations itself and asks `nix-store --query
+/// --requisites` only about the input sources (none, for many graphs).
+/// Returns the closure (sorted, no duplicates) and every `.drv` of it with
+/// its outputs, which the results need anyway: one read of each file.
+pub async fn drv_closure(roots: &[StorePath]) -> Result<(Vec<StorePath>, Vec<LocalDrv>), CliError> {
+    let roots = roots.to_vec();
+    let (mut drvs, srcs) = tokio::task::spawn_blocking(move || walk_drvs(&roots))
+        .await
+        .map_err(|e| CliError::Usage(format!("reading the derivations: {e}")))??;
+    let mut all: Vec<StorePath> = drvs.iter().map(|(d, _)| d.clone()).collect();
+    if !srcs.is_empty() {
+        let src_closure = closure(&srcs).await?;
+        // A source may itself be a `.drv` (`builtins.storePath`): Nix gave
+        // its closure, the results still want its outputs.
+        let seen: std::collections::HashSet<StorePath> = all.iter().cloned().collect();
+        let extra: Vec<StorePath> = src_closure
+            .iter()
+            .filter(|p| p.name().ends_with(".drv") && !seen.contains(*p))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            let more = tokio::task::spawn_blocking(move || {
+                extra
+                    .into_iter()
+                    .map(|d| drv_outputs(&d).map(|o| (d, o)))
+                    .collect::<Result<Vec<_>, CliError>>()
+            })
+            .await
+            .map_err(|e| CliError::Usage(format!("reading the derivations: {e}")))??;
+            drvs.extend(more);
+        }
+        all.extend(src_closure);
+    }
+    all.sort();
+    all.dedup();
+    drvs.sort_by(|a, b| a.0.cmp(&b.0));
+    drvs.dedup_by(|a, b| a.0 == b.0);
+    Ok((all, drvs))
+}
+
+/// Most threads reading `.drv` files at once.
+const WALK_THREADS: usize = 4;
+/// Fewest files per reading thread (below it one thread reads them all).
+const WALK_CHUNK: usize = 64;
+
+/// Read `roots` and every derivation they need, a layer at a time, each layer
+/// read by up to [`WALK_THREADS`] threads. Returns every `.drv` with its
+/// outputs, and the input sources (not derivations) met on the way.
+fn walk_drvs(roots: &[StorePath]) -> Result<(Vec<LocalDrv>, Vec<StorePath>), CliError> {
+    use std::collections::{BTreeSet, HashSet};
+    let mut seen: HashSet<StorePath> = roots.iter().cloned().collect();
+    let mut frontier: Vec<StorePath> = roots.to_vec();
+    let mut drvs = Vec::new();
+    let mut srcs: BTreeSet<StorePath> = BTreeSet::new();
+    while !frontier.is_empty() {
+        let read: Vec<Result<Vec<_>, CliError>> = if frontier.len() < 2 * WALK_CHUNK {
+            vec![frontier.iter().map(read_drv).collect()]
+        } else {
+            let per = frontier.len().div_ceil(WALK_THREADS).max(WALK_CHUNK);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = frontier
+                    .chunks(per)
+                    .map(|c| s.spawn(move || c.iter().map(read_drv).collect()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a .drv reader panicked"))
+                    .collect()
+            })
+        };
+        let mut next = Vec::new();
+        for chunk in read {
+            for (drv, d) in chunk? {
+                for input in d.input_drvs.keys() {
+                    if seen.insert(input.clone()) {
+                        next.push(input.clone());
+                    }
+                }
+                srcs.extend(d.input_srcs.iter().cloned());
+                drvs.push((drv, d.output_paths()));
+            }
+        }
+        frontier = next;
+    }
+    Ok((drvs, srcs.into_iter().collect()))
+}
+
+/// Read and parse a local `.drv` file.
+fn read_drv(drv: &StorePath) -> Result<(StorePath, farm_nix::derivation::Derivation), CliError> {
+    use std::io::Read;
+    let path = PathBuf::from(drv.to_string());
+    let max = farm_nix::derivation::MAX_DRV_SIZE;
+    let mut text = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut text))
+        .map_err(|e| CliError::io_path("reading", &path, e))?;
+    if text.len() > max {
+        return Err(CliError::Usage(format!("{drv}: derivation file too large")));
+    }
+    let d = farm_nix::derivation::Derivation::parse_aterm(&text)
+        .map_err(|e| CliError::Usage(format!("{drv}: {e}")))?;
+    Ok((drv.clone(), d))
+}
+
 /// What `nix path-info --json` says about a path.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -363,17 +475,8 @@ pub fn dependency_order(
 }
 
 /// Read a local derivation's outputs (`name → path`).
-pub fn drv_outputs(drv: &StorePath) -> Result<BTreeMap<String, StorePath>, CliError> {
-    let path = PathBuf::from(drv.to_string());
-    let meta = std::fs::metadata(&path).map_err(|e| CliError::io_path("reading", &path, e))?;
-    if meta.len() > farm_nix::derivation::MAX_DRV_SIZE as u64 {
-        return Err(CliError::Usage(format!("{drv}: derivation file too large")));
-    }
-    // Bytes: a derivation's strings need not be UTF-8.
-    let text = std::fs::read(&path).map_err(|e| CliError::io_path("reading", &path, e))?;
-    let d = farm_nix::derivation::Derivation::parse_aterm(&text)
-        .map_err(|e| CliError::Usage(format!("{drv}: {e}")))?;
-    Ok(d.output_paths())
+pub fn drv_outputs(drv: &StorePath) -> Result<DrvOutputs, CliError> {
+    read_drv(drv).map(|(_, d)| d.output_paths())
 }
 
 /// Copy `paths` (and their closures) from a binary cache into the local store.

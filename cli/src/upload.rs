@@ -127,16 +127,17 @@ pub struct UploadStats {
     pub bytes: u64,
 }
 
-/// Upload whatever of `closure` the farm lacks, in dependency order; the
-/// local store is asked about (`nix path-info`) only the paths the farm
-/// lacks, so a wholly cached closure costs one batched query and no Nix
-/// process. `on_path` hears of each path before its upload.
+/// Upload whatever of `closure` the farm lacks (`present`: what
+/// [`farm_has`] said it holds), in dependency order; the local store is
+/// asked about (`nix path-info`) only the paths the farm lacks, so a wholly
+/// cached closure costs no Nix process. `on_path` hears of each path before
+/// its upload.
 pub async fn upload_missing(
     farm: &Farm,
     closure: &[StorePath],
+    present: &BTreeSet<StorePath>,
     mut on_path: impl FnMut(&LocalPathInfo, usize, usize),
 ) -> Result<UploadStats, CliError> {
-    let present = farm_has(farm, closure).await?;
     let lacking: Vec<StorePath> = closure
         .iter()
         .filter(|p| !present.contains(*p))

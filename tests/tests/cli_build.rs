@@ -2,7 +2,8 @@
 //! builders from a client without a terminal (exit 0, every output in the
 //! JSON and in the cache, `farm status --json` showing the builders and the
 //! running builds meanwhile), and a graph with a failing derivation (exit 1,
-//! its log printed).
+//! its log printed); input sources that reference other sources reach the
+//! builders.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -146,6 +147,55 @@ fn graph(logs: &TestLogs) -> anyhow::Result<()> {
             .all(|d| d["outcome"] == "cached"),
         "{doc}"
     );
+
+    // Input sources travel with their own references: `farm build` walks
+    // the `.drv` files itself and asks Nix only about the sources' closure
+    // (`outer` names `inner`, which no `.drv` names).
+    let src_file = farm.client.write_file(
+        "sources.nix",
+        &format!(
+            r#"let
+  inner = builtins.toFile "inner" "inner {salt}";
+  outer = builtins.toFile "outer" "points at ${{inner}}";
+  mk = name: script: derivation {{
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  }};
+  a = mk "src-a" "read -r _ _ p < ${{outer}}; /bin/cat $p > $out";
+in mk "src-b" "/bin/cat ${{a}} > $out; echo ${{outer}} >> $out"
+"#
+        ),
+    )?;
+    let out = farm.run(None, &["build", &src_file.display().to_string(), "--json"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // src-a.drv, src-b.drv, outer and inner: the whole closure, uploaded.
+    assert_eq!(doc["uploaded"]["paths"], 4, "{doc}");
+    let drvs = doc["derivations"].as_array().expect("derivations");
+    assert_eq!(drvs.len(), 2, "{doc}");
+    assert!(drvs.iter().all(|d| d["outcome"] == "built"), "{doc}");
+    let b = drvs
+        .iter()
+        .find(|d| d["requested"] == true)
+        .and_then(|d| d["outputs"]["out"].as_str())
+        .expect("src-b's output")
+        .to_owned();
+    reader.run(
+        "nix",
+        &[
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--from",
+            &cache,
+            &b,
+        ],
+    )?;
+    let text = reader.run("cat", &[&b])?;
+    assert!(text.starts_with(&format!("inner {salt}")), "{b}: {text}");
     Ok(())
 }
 
