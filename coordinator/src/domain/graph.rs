@@ -44,6 +44,9 @@ pub enum Root {
     },
 }
 
+/// `.drv` reads in flight while a submission reads what it must check.
+const PREFETCH: usize = 16;
+
 /// The `.drv` files one submission read, and the modulo hashes of those
 /// whose output paths were checked.
 #[derive(Default)]
@@ -133,6 +136,7 @@ impl Coordinator {
         memo: &mut DrvMemo,
     ) -> Result<(Vec<u8>, Derivation), DomainError> {
         let hashes = self.cache().drv_hashes();
+        self.prefetch_unchecked(drv, memo).await?;
         let mut stack: Vec<(StorePath, bool)> = vec![(drv.clone(), false)];
         let mut on_stack: HashSet<StorePath> = HashSet::new();
         while let Some((p, expanded)) = stack.pop() {
@@ -184,6 +188,49 @@ impl Coordinator {
             Some(got) => Ok(got),
             None => self.parsed_drv(drv).await,
         }
+    }
+
+    /// Read, [`PREFETCH`] at a time, every `.drv` of `drv`'s closure that the
+    /// check will need (not remembered: after a restart, all of them), a
+    /// layer at a time, into `memo.read`; one after another, each read's
+    /// hand-off to the blocking pool is the walk's whole time.
+    async fn prefetch_unchecked(
+        &self,
+        drv: &StorePath,
+        memo: &mut DrvMemo,
+    ) -> Result<(), DomainError> {
+        use futures::StreamExt;
+        let hashes = self.cache().drv_hashes();
+        let unknown = |p: &StorePath, memo: &DrvMemo| {
+            !memo.modulo.contains_key(p) && !memo.read.contains_key(p) && hashes.get(p).is_none()
+        };
+        if !unknown(drv, memo) {
+            return Ok(());
+        }
+        let mut seen: HashSet<StorePath> = HashSet::from([drv.clone()]);
+        let mut frontier = vec![drv.clone()];
+        while !frontier.is_empty() {
+            let mut reads = futures::stream::iter(std::mem::take(&mut frontier))
+                .map(|p| async move { self.parsed_drv(&p).await.map(|got| (p, got)) })
+                .buffer_unordered(PREFETCH);
+            let mut next = Vec::new();
+            while let Some(got) = reads.next().await {
+                let (p, got) = got?;
+                for i in got.1.input_drvs.keys() {
+                    if unknown(i, memo) && seen.insert(i.clone()) {
+                        next.push(i.clone());
+                    }
+                }
+                if seen.len() > MAX_GRAPH {
+                    return Err(DomainError::Invalid(format!(
+                        "the graph has more than {MAX_GRAPH} derivations"
+                    )));
+                }
+                memo.read.insert(p, got);
+            }
+            frontier = next;
+        }
+        Ok(())
     }
 
     /// The one way work enters the farm (gRPC `Submit`, the SSH endpoint's
