@@ -162,7 +162,12 @@ impl Tracker {
 }
 
 /// Run `farm build`.
-pub async fn run(farm: &Farm, args: &BuildArgs) -> Result<(), CliError> {
+/// Run `farm build`; `connect` (the connection to the farm) is awaited while
+/// Nix evaluates.
+pub async fn run(
+    connect: impl std::future::Future<Output = Result<Farm, CliError>>,
+    args: &BuildArgs,
+) -> Result<(), CliError> {
     let painter = Painter {
         enabled: style::stderr_colour(),
     };
@@ -177,7 +182,7 @@ pub async fn run(farm: &Farm, args: &BuildArgs) -> Result<(), CliError> {
         b
     });
     let out = Out { bar, painter };
-    let result = run_inner(farm, args, &out).await;
+    let result = run_inner(connect, args, &out).await;
     if let Some(b) = &out.bar {
         b.finish_and_clear();
     }
@@ -191,7 +196,11 @@ fn pairs(v: &[String]) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliError> {
+async fn run_inner(
+    connect: impl std::future::Future<Output = Result<Farm, CliError>>,
+    args: &BuildArgs,
+    out: &Out,
+) -> Result<(), CliError> {
     // 1. Evaluate.
     let installables = args
         .installables
@@ -216,7 +225,8 @@ async fn run_inner(farm: &Farm, args: &BuildArgs, out: &Out) -> Result<(), CliEr
         *since = Instant::now();
     };
     let mut since = started;
-    let roots = nix::instantiate(&installables, &eval).await?;
+    let (roots, farm) = tokio::try_join!(nix::instantiate(&installables, &eval), connect)?;
+    let farm = &farm;
     phase("evaluate", &mut since);
 
     // 2. Upload what the farm lacks.

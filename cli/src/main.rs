@@ -107,10 +107,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         _ => {}
     }
     let settings = config::resolve(&cli.global, &env)?;
+    // `farm build` connects while Nix evaluates.
+    if let Command::Build(a) = &cli.command {
+        return build::run(Farm::connect(&settings), a).await;
+    }
     let farm = Farm::connect(&settings).await?;
     match &cli.command {
         Command::Status(a) => status::run(&farm, a).await,
-        Command::Build(a) => build::run(&farm, a).await,
         Command::Jobs(a) => jobs::run(&farm, a).await,
         Command::Logs(a) => ops::logs(&farm, a).await,
         Command::Cancel(a) => ops::cancel(&farm, a).await,
@@ -118,7 +121,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Undrain(a) => ops::drain(&farm, a, false).await,
         Command::Machines(a) => machines::run(&farm, a).await,
         Command::Dashboard(a) => ops::dashboard(&farm, a).await,
-        Command::Completions(_)
+        Command::Build(_)
+        | Command::Completions(_)
         | Command::Man(_)
         | Command::Keys(_)
         | Command::Config

@@ -251,51 +251,81 @@ pub async fn drv_closure(roots: &[StorePath]) -> Result<(Vec<StorePath>, Vec<Loc
     Ok((all, drvs))
 }
 
-/// Most threads reading `.drv` files at once.
+/// Threads reading `.drv` files at once.
 const WALK_THREADS: usize = 4;
-/// Fewest files per reading thread (below it one thread reads them all).
-const WALK_CHUNK: usize = 64;
 
-/// Read `roots` and every derivation they need, a layer at a time, each layer
-/// read by up to [`WALK_THREADS`] threads. Returns every `.drv` with its
-/// outputs, and the input sources (not derivations) met on the way.
+/// The walk's shared state: what is to be read, what was, what it needs.
+#[derive(Default)]
+struct Walk {
+    todo: Vec<StorePath>,
+    seen: std::collections::HashSet<StorePath>,
+    /// Files being read now.
+    reading: usize,
+    drvs: Vec<LocalDrv>,
+    srcs: std::collections::BTreeSet<StorePath>,
+    error: Option<CliError>,
+}
+
+/// Read `roots` and every derivation they need, [`WALK_THREADS`] threads
+/// taking files from one list (a graph's layers are often narrow, its
+/// closure wide). Returns every `.drv` with its outputs, and the input
+/// sources (not derivations) met on the way.
 fn walk_drvs(roots: &[StorePath]) -> Result<(Vec<LocalDrv>, Vec<StorePath>), CliError> {
-    use std::collections::{BTreeSet, HashSet};
-    let mut seen: HashSet<StorePath> = roots.iter().cloned().collect();
-    let mut frontier: Vec<StorePath> = roots.to_vec();
-    let mut drvs = Vec::new();
-    let mut srcs: BTreeSet<StorePath> = BTreeSet::new();
-    while !frontier.is_empty() {
-        let read: Vec<Result<Vec<_>, CliError>> = if frontier.len() < 2 * WALK_CHUNK {
-            vec![frontier.iter().map(read_drv).collect()]
-        } else {
-            let per = frontier.len().div_ceil(WALK_THREADS).max(WALK_CHUNK);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = frontier
-                    .chunks(per)
-                    .map(|c| s.spawn(move || c.iter().map(read_drv).collect()))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a .drv reader panicked"))
-                    .collect()
-            })
-        };
-        let mut next = Vec::new();
-        for chunk in read {
-            for (drv, d) in chunk? {
-                for input in d.input_drvs.keys() {
-                    if seen.insert(input.clone()) {
-                        next.push(input.clone());
-                    }
-                }
-                srcs.extend(d.input_srcs.iter().cloned());
-                drvs.push((drv, d.output_paths()));
+    use std::sync::{Condvar, Mutex};
+    let walk = Mutex::new(Walk {
+        todo: roots.to_vec(),
+        seen: roots.iter().cloned().collect(),
+        ..Walk::default()
+    });
+    let more = Condvar::new();
+    let lock = || walk.lock().unwrap_or_else(|e| e.into_inner());
+    let worker = || {
+        let mut w = lock();
+        loop {
+            if w.error.is_some() {
+                return;
             }
+            let Some(p) = w.todo.pop() else {
+                if w.reading == 0 {
+                    more.notify_all();
+                    return;
+                }
+                w = more.wait(w).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            w.reading += 1;
+            drop(w);
+            let got = read_drv(&p);
+            w = lock();
+            w.reading -= 1;
+            match got {
+                Ok((drv, d)) => {
+                    for input in d.input_drvs.keys() {
+                        if w.seen.insert(input.clone()) {
+                            w.todo.push(input.clone());
+                        }
+                    }
+                    w.srcs.extend(d.input_srcs.iter().cloned());
+                    w.drvs.push((drv, d.output_paths()));
+                }
+                Err(e) => {
+                    w.error.get_or_insert(e);
+                }
+            }
+            more.notify_all();
         }
-        frontier = next;
+    };
+    std::thread::scope(|s| {
+        for _ in 1..WALK_THREADS {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    let w = walk.into_inner().unwrap_or_else(|e| e.into_inner());
+    match w.error {
+        Some(e) => Err(e),
+        None => Ok((w.drvs, w.srcs.into_iter().collect())),
     }
-    Ok((drvs, srcs.into_iter().collect()))
 }
 
 /// Read and parse a local `.drv` file.
