@@ -154,11 +154,46 @@ pub fn run(case: &str, shape: &Shape, logs: &TestLogs) -> anyhow::Result<CaseRep
         "the client lacks {hook_top}"
     );
     let hook_f = Figure::secs(
-        format!("build hook (farm its one builder, {jobs} jobs)"),
+        format!("build hook, client key (claims; farm its one builder, {jobs} jobs)"),
         t.time,
     );
 
-    let paths = [&farm_f, &store_f, &hook_f];
+    // The hook again with the push key: the farm trusts a push client's
+    // derivations as it trusts its uploads, so they are signed jobs, shared
+    // and cached, not claims built in a builder's store alone.
+    let push_key = farm
+        .own_ssh()?
+        .admin_keys
+        .first()
+        .context("no push key")?
+        .clone();
+    let push_opts = format!(
+        "{} -o Ciphers={}",
+        farm.ssh_opts_with_key(&push_key)?,
+        sshd::CIPHER
+    );
+    let (file, push_top) = graph_file(&farm.client, shape, &format!("{case}p{n}"))?;
+    let mut cmd = farm.client.command("nix-build");
+    cmd.args(["--no-out-link", "--max-jobs", "0", "--builders"])
+        .arg(farm_machine())
+        .arg(&file)
+        .env("NIX_SSHOPTS", &push_opts);
+    let t = timed(
+        logs,
+        "[client] nix-build, the farm as build hook, push key",
+        cmd,
+    )?;
+    ensure!(
+        farm.client.is_valid_path(&push_top)?,
+        "the client lacks {push_top}"
+    );
+    ensure!(farm.cache_has(&push_top)?, "the cache lacks {push_top}");
+    let hook_push_f = Figure::secs(
+        format!("build hook, push key (signed jobs, no claims; {jobs} jobs)"),
+        t.time,
+    );
+
+    let paths = [&farm_f, &store_f, &hook_f, &hook_push_f];
     let goal_local = (shape.sleep == 0.0).then_some("≤ 1.5×");
     for f in paths {
         report.row(
@@ -226,6 +261,11 @@ pub fn run(case: &str, shape: &Shape, logs: &TestLogs) -> anyhow::Result<CaseRep
         report.row(&farm_f, &nix_f, (shape.sleep == 0.0).then_some("≤ 1/40×"));
         report.row(&store_f, &nix_f, None);
         report.row(&hook_f, &nix_f, (shape.sleep == 0.0).then_some("≤ 1/6×"));
+        report.row(
+            &hook_push_f,
+            &nix_f,
+            (shape.sleep == 0.0).then_some("≤ 1/6×"),
+        );
         report.note(format!(
             "Nix remote building vs local {jobs} jobs: {:.2}×",
             nix_f.value / local_f.value
@@ -502,6 +542,23 @@ pub fn cached(
         let t = timed(logs, title, cmd)?;
         report.row(&Figure::secs(figure, t.time), &eval_f, None);
     }
+    // Once more with the CLI's phase log, for where the time goes.
+    let mut cmd = farm.farm_command(
+        &farm.client,
+        Some(&key),
+        &["build", "--json", file.to_str().context("path")?],
+    )?;
+    cmd.env("RUST_LOG", "farm=debug");
+    let t = timed(
+        logs,
+        "[client] farm build --json (all cached, phases logged)",
+        cmd,
+    )?;
+    report.note(format!(
+        "a fourth farm build with its phases logged (RUST_LOG=farm=debug): {} of {:.0} ms in all",
+        phases(&t.stderr),
+        t.time.as_secs_f64() * 1e3
+    ));
     report.note(format!(
         "filling the cache (not measured against anything): nix-build {:.1} s, nix copy of {} paths {:.1} s",
         built.as_secs_f64(),
@@ -509,4 +566,35 @@ pub fn cached(
         pushed.as_secs_f64()
     ));
     Ok(report)
+}
+
+/// `farm build`'s debug lines `farm build phase phase="…" ms=N` (and its
+/// `farm build total`) as `phase N ms, …`.
+fn phases(stderr: &str) -> String {
+    let field = |line: &str, name: &str| {
+        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        let rest = &line[at..];
+        if let Some(quoted) = rest.strip_prefix('"') {
+            return quoted.split('"').next().map(str::to_owned);
+        }
+        let end = rest.find(' ').unwrap_or(rest.len());
+        Some(rest[..end].to_owned())
+    };
+    let mut out = Vec::new();
+    for line in stderr.lines() {
+        if line.contains("farm build phase") {
+            if let (Some(p), Some(ms)) = (field(line, "phase"), field(line, "ms")) {
+                out.push(format!("{p} {ms} ms"));
+            }
+        } else if line.contains("farm build total")
+            && let Some(ms) = field(line, "ms")
+        {
+            out.push(format!("inside farm build {ms} ms"));
+        }
+    }
+    if out.is_empty() {
+        "no phase lines".into()
+    } else {
+        out.join(", ")
+    }
 }

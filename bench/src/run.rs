@@ -22,6 +22,8 @@ const MARK: &str = "farm-bench-ns ";
 /// What a timed command did: its wall time.
 pub struct Timed {
     pub time: Duration,
+    /// What the command wrote to stderr (the timer's line taken out).
+    pub stderr: String,
 }
 
 /// Runs `cmd` (made by an actor's `command`, so `unshare --mount sh -c
@@ -84,6 +86,7 @@ pub fn timed(logs: &TestLogs, title: &str, cmd: Command) -> anyhow::Result<Timed
     ensure!(ns > 0, "{title}: no time printed (stderr: {rest})");
     Ok(Timed {
         time: Duration::from_nanos(ns),
+        stderr: rest,
     })
 }
 
