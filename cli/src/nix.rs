@@ -504,6 +504,37 @@ pub fn dependency_order(
     out
 }
 
+/// `paths` in dependency order ([`dependency_order`]) cut into levels: a
+/// path's level is one more than the highest of its references in `paths`
+/// (0 without any), so the paths of one level need only earlier levels and
+/// can be uploaded at once.
+pub fn dependency_levels(
+    paths: &[StorePath],
+    infos: &BTreeMap<StorePath, LocalPathInfo>,
+) -> Vec<Vec<StorePath>> {
+    use std::collections::HashMap;
+    let ordered = dependency_order(paths, infos);
+    let mut level: HashMap<&StorePath, usize> = HashMap::new();
+    let mut levels: Vec<Vec<StorePath>> = Vec::new();
+    for p in &ordered {
+        let l = infos
+            .get(p)
+            .into_iter()
+            .flat_map(|i| i.references.iter())
+            .filter(|r| *r != p)
+            .filter_map(|r| level.get(r))
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0);
+        level.insert(p, l);
+        if levels.len() <= l {
+            levels.resize_with(l + 1, Vec::new);
+        }
+        levels[l].push(p.clone());
+    }
+    levels
+}
+
 /// Read a local derivation's outputs (`name → path`).
 pub fn drv_outputs(drv: &StorePath) -> Result<DrvOutputs, CliError> {
     read_drv(drv).map(|(_, d)| d.output_paths())
@@ -628,7 +659,31 @@ mod tests {
             vec![s.clone(), a.clone(), b.clone()]
         );
         // a reference outside the set is ignored
-        assert_eq!(dependency_order(std::slice::from_ref(&b), &infos), vec![b]);
+        assert_eq!(
+            dependency_order(std::slice::from_ref(&b), &infos),
+            vec![b.clone()]
+        );
+
+        // Levels (each in path order): s, then a (needs s), then b (needs
+        // a); c needs only s, so it shares a's level; d needs nothing in the
+        // set, so it shares s's.
+        let c = sp("/nix/store/1pfzx999brqs5x1w0n2dpyya4v8d43lh-c.drv");
+        let d = sp("/nix/store/2pfzx999brqs5x1w0n2dpyya4v8d43lh-d.drv");
+        infos.insert(c.clone(), info(&c, vec![s.clone()]));
+        infos.insert(d.clone(), info(&d, vec![]));
+        let all = [b.clone(), d.clone(), c.clone(), a.clone(), s.clone()];
+        assert_eq!(
+            dependency_levels(&all, &infos),
+            vec![
+                vec![d.clone(), s.clone()],
+                vec![c.clone(), a.clone()],
+                vec![b.clone()]
+            ]
+        );
+        assert_eq!(
+            dependency_levels(std::slice::from_ref(&b), &infos),
+            vec![vec![b]]
+        );
     }
 
     #[test]

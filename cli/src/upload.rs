@@ -1,7 +1,7 @@
 //! Pushing what the farm lacks: ask the farm which paths of a closure it has
-//! (batched `QueryValidPaths`), then upload the rest in dependency order with
-//! `UploadNar` (first message the path info, then the NAR in chunks, dumped
-//! from the local store as it streams).
+//! (batched `QueryValidPaths`), then upload the rest a dependency level at a
+//! time, several at once, with `UploadNar` (first message the path info, then
+//! the NAR in chunks, dumped from the local store as it streams).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -19,6 +19,9 @@ use crate::nix::LocalPathInfo;
 pub const QUERY_BATCH: usize = 1000;
 /// Bytes per NAR chunk message.
 const CHUNK: usize = 256 * 1024;
+
+/// `UploadNar` calls in flight at once (paths of one dependency level).
+const UPLOAD_CONCURRENCY: usize = 8;
 
 /// `QueryValidPaths` calls in flight at once.
 const QUERY_CONCURRENCY: usize = 4;
@@ -151,16 +154,31 @@ pub async fn upload_missing(
         return Ok(stats);
     }
     let infos = crate::nix::path_infos(&lacking).await?;
-    let missing = crate::nix::dependency_order(&lacking, &infos);
-    for (i, p) in missing.iter().enumerate() {
-        let info = infos.get(p).ok_or_else(|| CliError::Nix {
-            command: "nix path-info".into(),
-            message: format!("no information about {p}"),
-        })?;
-        on_path(info, i, missing.len());
-        upload_one(farm, info).await?;
-        stats.paths += 1;
-        stats.bytes += info.nar_size;
+    let levels = crate::nix::dependency_levels(&lacking, &infos);
+    let n = lacking.len();
+    let mut i = 0;
+    for level in levels {
+        let level = level
+            .iter()
+            .map(|p| {
+                infos.get(p).ok_or_else(|| CliError::Nix {
+                    command: "nix path-info".into(),
+                    message: format!("no information about {p}"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for info in &level {
+            on_path(info, i, n);
+            i += 1;
+        }
+        // A level's references are all uploaded: its paths go at once.
+        let mut uploads = futures::stream::iter(level.iter().map(|info| upload_one(farm, info)))
+            .buffer_unordered(UPLOAD_CONCURRENCY);
+        while let Some(done) = uploads.next().await {
+            done?;
+        }
+        stats.paths += level.len();
+        stats.bytes += level.iter().map(|info| info.nar_size).sum::<u64>();
     }
     Ok(stats)
 }
